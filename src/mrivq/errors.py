@@ -1,0 +1,23 @@
+"""Errors a user can act on.
+
+Anything raised as a :class:`UserError` is reported by the CLI as one line on stderr
+with exit status 2 and no traceback. Its message says what was wrong, which file or
+key, and what to do. Every other exception is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """Bad input from the user: a config key, a file, a folder, a checkpoint."""
+
+
+class ConfigError(UserError):
+    """A config file or ``--set`` override that does not validate."""
+
+
+class BadFileError(UserError):
+    """One input file that cannot be used; ``path`` names it."""
+
+    def __init__(self, path, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
