@@ -61,3 +61,11 @@ def codebook_usage(counts: torch.Tensor) -> tuple[int, float]:
     probs = counts[counts > 0] / total
     entropy = -(probs * probs.log()).sum().item()
     return int((counts > 0).sum().item()), float(math.exp(entropy))
+
+
+def raw_bits_per_pixel(image_size: tuple[int, int], top_shape: tuple[int, int],
+                       bottom_shape: tuple[int, int], n_embed_top: int, n_embed_bottom: int) -> float:
+    """Bits per pixel of the codes stored as fixed-width indices (log2 of each codebook size)."""
+    bits = (math.prod(top_shape) * math.log2(n_embed_top)
+            + math.prod(bottom_shape) * math.log2(n_embed_bottom))
+    return bits / math.prod(image_size)

@@ -1,0 +1,113 @@
+"""Checkpoints: atomic saves, weights-only loads, and the model they describe.
+
+A checkpoint is a dict of tensors and plain containers (numbers, strings, lists, dicts),
+so it loads with ``torch.load(weights_only=True)``: a file carrying pickled objects is
+refused before any of its code could run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from .config import Config, config_from_dict
+from .errors import UserError
+from .models import VQVAE2
+
+FORMAT = "mrivq-vqvae2"
+FORMAT_VERSION = 1
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(file_object)`` on a temporary file next to ``path``, fsync, then rename.
+
+    A crash or a full disk leaves the previous ``path`` untouched.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror}; check the folder is writable") from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {exc.strerror}; the previous file is kept") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """Write a checkpoint dict atomically; ``payload`` holds tensors and plain containers."""
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **payload}
+    atomic_write(path, lambda fh: torch.save(payload, fh))
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint with ``weights_only=True``; clear :class:`UserError` for bad files."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path} (train first with `mrivq train`, "
+                        "or pass --checkpoint FILE)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
+        raise UserError(f"{path}: refused to load: the file carries pickled objects that could run "
+                        f"code ({first[:160]}); only mrivq checkpoints are accepted") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt: "
+                        f"{str(exc).splitlines()[0][:120]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise UserError(f"{path}: not an mrivq checkpoint")
+    return ckpt
+
+
+def checkpoint_config(ckpt: dict, path: str | Path = "checkpoint") -> Config:
+    try:
+        return config_from_dict(ckpt["config"])
+    except (KeyError, UserError) as exc:
+        raise UserError(f"{path}: its stored config is missing or invalid ({exc})") from None
+
+
+def model_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> VQVAE2:
+    """Build the VQ-VAE-2 described by a checkpoint's config and load its weights."""
+    config = checkpoint_config(ckpt, path)
+    model = VQVAE2(**config.model.model_dump())
+    load_model_state(model, ckpt["model"], path)
+    return model
+
+
+def load_model_state(model: torch.nn.Module, state: dict, path: str | Path = "checkpoint") -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:200]
+        raise UserError(f"{path}: weights do not fit the model config ({detail}); "
+                        "use the config the checkpoint was trained with") from None
+
+
+def export_safetensors(model: torch.nn.Module, config: Config, path: Path) -> None:
+    """Model weights as safetensors, with the config as JSON in the metadata, for sharing."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    blob = save(state, metadata={"format": FORMAT, "config": json.dumps(config.to_dict())})
+    atomic_write(path, lambda fh: fh.write(blob))

@@ -1,0 +1,89 @@
+"""``mrivq <command>``: argument parsing only; each command calls one library function.
+
+Exit status: 0 on success, 2 for a usage, config or input error (one line on stderr, no
+traceback), 130/143 when interrupted, 1 for anything unexpected (a bug: traceback kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import UserError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML config (default: the built-in phantom setup)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.epochs=3 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mrivq", description="Hierarchical VQ-VAE-2 for MRI slices.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a VQ-VAE-2 (default: on the built-in phantom set)")
+    _add_config_args(p)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from models/last.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run already in output.dir instead of refusing")
+
+    p = sub.add_parser("predict", help="score a trained model on the test split")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", metavar="FILE", help="checkpoint to load (default: output.dir/models/best.pt)")
+
+    p = sub.add_parser("synth", help="write a synthetic HipMRI-layout pelvis phantom dataset")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("--cases", type=int, default=16, help="number of case volumes (default 16)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--slices", type=int, default=60, help="slices per volume (default 60)")
+    p.add_argument("--hipmri-counts", action="store_true",
+                   help="reproduce HipMRI's 11,460 / 660 / 540 slices (ignores --cases)")
+    return parser
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "synth":
+        from .data.phantom import synthesize
+
+        if args.cases < 3 and not args.hipmri_counts:
+            raise UserError("--cases must be at least 3 (one case per split)")
+        summary = synthesize(args.out_dir, cases=args.cases, seed=args.seed,
+                             slices_per_volume=args.slices, hipmri_counts=args.hipmri_counts,
+                             progress=sys.stderr.isatty())
+        print(_describe_synth(summary))
+        return 0
+
+    from .config import load_config
+
+    config = load_config(args.config, args.overrides)
+    if args.command == "train":
+        from .train import train
+
+        if args.resume and (args.config or args.overrides):
+            raise UserError("--resume continues a run with its own saved config; "
+                            "drop --config/--set, or start a new run")
+        train(config, resume=args.resume, overwrite=args.overwrite)
+    elif args.command == "predict":
+        from .evaluate import predict
+
+        predict(config, checkpoint=args.checkpoint)
+    return 0
+
+
+def _describe_synth(summary: dict) -> str:
+    parts = [f"{k}: {v}" for k, v in summary.items() if k not in ("out_dir", "montage")]
+    return f"wrote {summary.get('out_dir')} ({'; '.join(parts)})"
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = run(argv)
+    except UserError as exc:
+        print(f"mrivq: error: {exc}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("mrivq: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)

@@ -1,0 +1,292 @@
+"""Typed configuration: YAML loading, ``--set a.b=value`` overrides, validation.
+
+The config is validated once here, at the boundary; the rest of mrivq trusts it.
+Unknown keys and wrong types are :class:`~mrivq.errors.ConfigError` naming the key.
+
+Two layouts load:
+
+* mrivq's own: sections ``data``, ``model``, ``train``, ``predict``, ``output`` and ``seed``;
+* the report's: ``input.{train_dir,validate_dir,test_dir,load_model_dir}``,
+  ``output.{log_dir,sample_dir,visual_dir,model_dir}``,
+  ``training.{epochs,batch_size,lr,latent_loss_weight,sample_size,interval}``,
+  ``predict.{batch_size,sample_size,samples}`` — translated to mrivq's layout first.
+
+Paths: ``~`` is expanded and relative paths are taken from the current working
+directory, the folder the command is run from (as in the report's instructions).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    root: Path | None = None
+    train_dir: Path | None = None
+    validate_dir: Path | None = None
+    test_dir: Path | None = None
+    image_size: tuple[int, int] = (256, 128)
+    fit: Literal["pad_crop", "resize"] = "pad_crop"
+    normalize: Literal["minmax", "percentile", "zscore"] = "minmax"
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    on_bad_file: Literal["error", "skip"] = "error"
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    cache_dir: Path | None = None
+    workers: int | None = Field(default=None, ge=1)
+    phantom_cases: int = Field(default=16, ge=3)
+
+    @field_validator("image_size")
+    @classmethod
+    def _size_positive(cls, v):
+        if min(v) < 8:
+            raise ValueError("both sides must be at least 8 pixels")
+        return v
+
+    @field_validator("percentiles")
+    @classmethod
+    def _percentiles_ordered(cls, v):
+        lo, hi = v
+        if not 0 <= lo < hi <= 100:
+            raise ValueError("expected [low, high] with 0 <= low < high <= 100")
+        return v
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _fractions_sum(cls, v):
+        if min(v) < 0 or abs(sum(v) - 1) > 1e-6:
+            raise ValueError("expected three non-negative fractions summing to 1")
+        return v
+
+    @property
+    def uses_phantom(self) -> bool:
+        return self.root is None and not (self.train_dir or self.validate_dir or self.test_dir)
+
+
+class ModelConfig(_Section):
+    in_channel: int = Field(default=1, ge=1)
+    channel: int = Field(default=128, ge=1)
+    n_res_block: int = Field(default=2, ge=0)
+    n_res_channel: int = Field(default=32, ge=1)
+    embed_dim: int = Field(default=64, ge=1)
+    n_embed: int = Field(default=512, ge=2)
+    decay: float = Field(default=0.99, gt=0, lt=1)
+    eps: float = Field(default=1e-5, gt=0)
+    init_from_data: bool = True
+    restart_dead_codes: bool = True
+    dead_code_threshold: float = Field(default=1.0, ge=0)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(default=4, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=10, ge=1)
+    lr: float = Field(default=2e-3, gt=0)
+    optimizer: Literal["adam", "adamw"] = "adam"
+    weight_decay: float = Field(default=0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = Field(default=50, ge=0)
+    min_lr_ratio: float = Field(default=0.05, ge=0, le=1)
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    latent_loss_weight: float = Field(default=0.25, ge=0)
+    interval: int = Field(default=200, ge=1)
+    checkpoint_every: int = Field(default=200, ge=1)
+    sample_size: int = Field(default=8, ge=1)
+    val_batch_size: int | None = Field(default=None, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    compile: Literal["auto", "true", "false"] = "auto"
+    num_threads: int | None = Field(default=None, ge=1)
+    tensorboard: bool = False
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_bool(cls, v):
+        return str(v).lower() if isinstance(v, bool) else v
+
+
+class PredictConfig(_Section):
+    batch_size: int = Field(default=10, ge=1)
+    sample_sets: int = Field(default=3, ge=0)
+    sample_size: int = Field(default=10, ge=1)
+    checkpoint: Path | None = None
+
+
+class OutputConfig(_Section):
+    dir: Path = Path("runs/default")
+    log_dir: Path | None = None
+    sample_dir: Path | None = None
+    visual_dir: Path | None = None
+    model_dir: Path | None = None
+
+
+class Config(_Section):
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    predict: PredictConfig = Field(default_factory=PredictConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _resolve_paths(self):
+        for section in (self.data, self.predict, self.output):
+            for name, value in section:
+                if isinstance(value, Path):
+                    object.__setattr__(section, name, _resolve(value))
+        return self
+
+    # -- run directory layout (the report's four folders are children of output.dir) --
+    @property
+    def run_dir(self) -> Path:
+        return self.output.dir
+
+    @property
+    def log_dir(self) -> Path:
+        return self.output.log_dir or self.output.dir / "logging"
+
+    @property
+    def sample_dir(self) -> Path:
+        return self.output.sample_dir or self.output.dir / "samples"
+
+    @property
+    def visual_dir(self) -> Path:
+        return self.output.visual_dir or self.output.dir / "visuals"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.output.model_dir or self.output.dir / "models"
+
+    def to_dict(self) -> dict:
+        """Plain, YAML/JSON-friendly dict (paths as strings, tuples as lists)."""
+        return _plain(self.model_dump())
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _resolve(path: Path) -> Path:
+    return Path(path).expanduser().absolute()
+
+
+def _plain(obj):
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------
+
+_REPORT_SECTIONS = {"input", "training"}
+
+
+def from_report_layout(raw: dict) -> dict:
+    """Translate a config in the report's layout (input/output/training/predict) to mrivq's."""
+    raw = copy.deepcopy(raw)
+    out: dict[str, Any] = {k: v for k, v in raw.items() if k not in ("input", "training", "output", "predict")}
+    data = out.setdefault("data", {})
+    inp = raw.get("input") or {}
+    for key in ("train_dir", "validate_dir", "test_dir"):
+        if key in inp:
+            data[key] = inp.pop(key)
+    predict = dict(raw.get("predict") or {})
+    if "load_model_dir" in inp:
+        model_dir = inp.pop("load_model_dir")
+        predict.setdefault("checkpoint", str(Path(str(model_dir)) / "best.pt"))
+    if inp:
+        raise ConfigError(f"unknown config key input.{next(iter(inp))} (the report's layout has "
+                          "input.train_dir, validate_dir, test_dir, load_model_dir)")
+    if "samples" in predict:
+        predict["sample_sets"] = predict.pop("samples")
+    if predict:
+        out["predict"] = predict
+    if raw.get("training"):
+        out["train"] = dict(raw["training"])
+    output = dict(raw.get("output") or {})
+    if output:
+        subdirs = [Path(str(output[k])).expanduser() for k in ("log_dir", "sample_dir", "visual_dir", "model_dir")
+                   if output.get(k)]
+        if "dir" not in output and subdirs:
+            # The report's folders sat side by side; their common parent is the run directory.
+            parents = {p.parent for p in subdirs}
+            output["dir"] = str(parents.pop()) if len(parents) == 1 else "."
+        out["output"] = output
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or the defaults when ``path`` is None), apply ``--set`` overrides, validate."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path} (give an existing YAML file to --config)")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}: not valid YAML{where}; fix the file's syntax") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (data, model, train, ...), "
+                              f"got a {type(raw).__name__}")
+        if _REPORT_SECTIONS & raw.keys():
+            raw = from_report_layout(raw)
+    for item in overrides:
+        apply_override(raw, item)
+    return validate(raw, source=str(path) if path else "defaults")
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one ``section.key=value`` override in place; the value is parsed as YAML."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.epochs=3")
+    parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {item!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def validate(raw: dict, source: str = "config") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            raise ConfigError(f"{source}: unknown config key {key!r}; check the spelling "
+                              "(see config/example_config.yaml for every key)") from None
+        given = err.get("input")
+        given_text = "" if isinstance(given, dict) else f" (got {given!r})"
+        raise ConfigError(f"{source}: config key {key!r}: {err['msg']}{given_text}") from None
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Rebuild a Config from the plain dict stored in a run directory or checkpoint."""
+    return validate(raw, source="stored config")

@@ -1,0 +1,86 @@
+"""Pictures of a run: sample grids (inputs over reconstructions) and training curves.
+
+Everything is drawn with matplotlib's Agg backend and written atomically, so a plot
+interrupted half-way never replaces a good one.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .checkpoint import atomic_write  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write(Path(path), lambda fh: fh.write(buf.getvalue()))
+
+
+def display(slice2d: np.ndarray) -> np.ndarray:
+    """A slice as a radiologist views it: HipMRI arrays are (256 left-right, 128 anterior-
+    posterior) in nibabel's order, so the display is the transpose, flipped to put anterior up."""
+    return np.flipud(np.asarray(slice2d).T)
+
+
+def save_sample_grid(inputs: np.ndarray, reconstructions: np.ndarray, path: Path,
+                     title: str | None = None, labels: list[str] | None = None) -> None:
+    """Inputs (top row) over reconstructions (bottom row). Arrays ``(N, H, W)`` in [0, 1]."""
+    n = len(inputs)
+    h, w = display(inputs[0]).shape
+    fig, axes = plt.subplots(2, n, figsize=(max(2.0, 1.6 * n * w / h), 3.6), squeeze=False)
+    for i in range(n):
+        for row, arr in enumerate((inputs, reconstructions)):
+            ax = axes[row, i]
+            ax.imshow(display(np.clip(arr[i], 0, 1)), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        if labels:
+            axes[1, i].set_xlabel(labels[i], fontsize=7)
+    axes[0, 0].set_ylabel("input")
+    axes[1, 0].set_ylabel("reconstruction")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _curve(ax, rows: list[dict], key: str, label: str, style: str) -> None:
+    pts = [(r["step"], r[key]) for r in rows if r.get(key) not in (None, "")]
+    if pts:
+        steps, values = zip(*pts)
+        ax.plot(steps, [float(v) for v in values], style, label=label)
+
+
+def plot_curves(rows: list[dict], visual_dir: Path) -> None:
+    """visuals/losses.png and visuals/ssims.png: training and validation curves against step."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    _curve(ax, rows, "train_loss", "train loss", "-")
+    _curve(ax, rows, "val_loss", "validation loss", "o-")
+    _curve(ax, rows, "train_recon_loss", "train reconstruction MSE", "--")
+    _curve(ax, rows, "val_recon_loss", "validation reconstruction MSE", "s--")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("Loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, Path(visual_dir) / "losses.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    _curve(ax, rows, "train_ssim", "train SSIM", "-")
+    _curve(ax, rows, "val_ssim", "validation SSIM", "o-")
+    ax.set_xlabel("step")
+    ax.set_ylabel("SSIM")
+    ax.set_title("SSIM (per slice, data range 1)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, Path(visual_dir) / "ssims.png")
