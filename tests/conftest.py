@@ -1,0 +1,28 @@
+"""Shared fixtures: one tiny phantom dataset per test session, tiny model configs."""
+
+from __future__ import annotations
+
+import pytest
+
+TINY_MODEL = {"channel": 16, "n_res_block": 1, "n_res_channel": 8, "embed_dim": 8, "n_embed": 32}
+
+
+@pytest.fixture(scope="session")
+def tiny_phantom(tmp_path_factory):
+    """A HipMRI-layout phantom of 64x32 slices: 6 cases of 6 slices each."""
+    from mrivq.data.phantom import synthesize
+
+    root = tmp_path_factory.mktemp("phantom") / "hipmri"
+    synthesize(root, cases=6, seed=0, slices_per_volume=6, shape=(64, 32), montage=False)
+    return root
+
+
+@pytest.fixture
+def tiny_overrides(tiny_phantom, tmp_path):
+    """``--set`` overrides for a few-step training run of a tiny model on the tiny phantom."""
+    sets = [f"data.root={tiny_phantom}", "data.image_size=[64,32]", f"data.cache_dir={tmp_path / 'cache'}",
+            "data.workers=1", "train.epochs=2", "train.batch_size=4", "train.interval=4",
+            "train.warmup_steps=2", "train.sample_size=3", "predict.sample_sets=2",
+            "predict.sample_size=3", f"output.dir={tmp_path / 'run'}", "train.num_threads=1"]
+    sets += [f"model.{k}={v}" for k, v in TINY_MODEL.items()]
+    return sets
