@@ -1,0 +1,172 @@
+"""Read NIfTI slices and volumes into float32 arrays, and reject files that cannot be used.
+
+This is the edge of the data flow: every file is validated here, so the stages after it
+(``preprocess``, ``cache``) can trust their input. A file that cannot be used raises
+:class:`mrivq.errors.BadFileError` with a short problem phrase ("not a NIfTI file",
+"contains NaN or Inf values", ...); folders that cannot be used raise
+:class:`mrivq.errors.UserError`.
+
+Example::
+
+    >>> slice2d, meta = read_slice("keras_slices_train/case_004_week_0_slice_12.nii.gz")
+    >>> slice2d.shape, slice2d.dtype, meta.shape
+    ((256, 128), dtype('float32'), (256, 128, 1))
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from mrivq.errors import BadFileError, UserError
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+@dataclass(frozen=True)
+class SliceMeta:
+    """What a NIfTI file said about itself, kept so outputs can be written back alike.
+
+    ``shape`` and ``dtype`` are the on-disk ones (before squeezing and the float32 cast).
+    """
+
+    path: str
+    affine: np.ndarray  # (4, 4)
+    header: nib.Nifti1Header
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def is_nifti(path) -> bool:
+    """True for a name ending in ``.nii`` or ``.nii.gz`` (case-insensitive)."""
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def list_nifti(folder) -> list[Path]:
+    """The ``*.nii`` and ``*.nii.gz`` files directly inside ``folder``, sorted by name.
+
+    Raises :class:`UserError` for a folder that is missing, empty or holds no NIfTI files.
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise UserError(
+            f"data folder {folder} {what}; check the path in the config (data.root or data.*_dir)"
+        )
+    entries = sorted(folder.iterdir())
+    if not entries:
+        raise UserError(
+            f"data folder {folder} is empty; put the .nii/.nii.gz slices there or point the config at the right folder"
+        )
+    files = [p for p in entries if is_nifti(p.name) and p.is_file()]
+    if not files:
+        raise UserError(
+            f"data folder {folder} has no .nii or .nii.gz files ({len(entries)} other entries); "
+            "point the config at the folder that holds the slices"
+        )
+    return files
+
+
+def read_slice(path) -> tuple[np.ndarray, SliceMeta]:
+    """Read one 2-D slice: float32 ``(H, W)``, singleton axes squeezed (``256×128×1`` → ``256×128``).
+
+    Raises :class:`BadFileError` for anything that is not one finite 2-D image.
+    """
+    data, meta = _read_nifti(path)
+    if data.ndim > 2:
+        kept = [n for n in data.shape if n != 1]
+        if len(kept) == 2:
+            data = data.reshape(kept)
+        elif len(kept) < 2:
+            raise BadFileError(
+                path,
+                f"image of shape {meta.shape} has fewer than 2 non-singleton axes; expected a 2-D slice",
+            )
+    if data.ndim != 2:
+        raise BadFileError(path, f"{data.ndim}-D image {meta.shape}; expected a 2-D slice")
+    return data, meta
+
+
+def read_volume(path, axis: int = 2) -> tuple[np.ndarray, SliceMeta]:
+    """Read a 3-D volume as a stack of slices: float32 ``(S, H, W)``, slices taken along ``axis``.
+
+    A 2-D file (or 3-D with a singleton ``axis``) gives ``S = 1``. Trailing singleton axes
+    beyond the third are dropped; a true 4-D image raises :class:`BadFileError`.
+    """
+    if axis not in (0, 1, 2, -1, -2, -3):
+        raise ValueError(f"axis must be 0, 1 or 2, got {axis}")
+    data, meta = _read_nifti(path)
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim > 3:
+        raise BadFileError(
+            path, f"{data.ndim}-D image {meta.shape}; expected a 2-D slice or a 3-D volume"
+        )
+    if data.ndim < 2:
+        raise BadFileError(
+            path, f"{data.ndim}-D image {meta.shape}; expected a 2-D slice or a 3-D volume"
+        )
+    if data.ndim == 2:
+        return data[None], meta
+    return np.ascontiguousarray(np.moveaxis(data, axis, 0)), meta
+
+
+def _read_nifti(path) -> tuple[np.ndarray, SliceMeta]:
+    """Decode a NIfTI-1/2 file fully into float32, translating every failure into BadFileError."""
+    path = str(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise BadFileError(path, "file not found") from None
+    except PermissionError:
+        raise BadFileError(path, "cannot be read (permission denied)") from None
+    except IsADirectoryError:
+        raise BadFileError(path, "is a folder, not a file") from None
+    except OSError as e:
+        raise BadFileError(path, f"cannot be read ({e.strerror or e})") from None
+    if not raw:
+        raise BadFileError(path, "empty file (0 bytes)")
+
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, zlib.error, gzip.BadGzipFile, OSError):
+            raise BadFileError(path, "truncated or corrupt gzip data") from None
+    # A file named .nii.gz that is not gzip-compressed is still accepted if it parses as NIfTI.
+    image = _parse_nifti(raw)
+    if image is None:
+        raise BadFileError(path, "not a NIfTI file")
+
+    try:
+        data = np.asarray(image.dataobj, dtype=np.float32)
+    except (ValueError, EOFError, OSError):
+        raise BadFileError(path, "truncated file (less data than the header says)") from None
+    except Exception as e:  # noqa: BLE001 -- nibabel raises assorted errors for odd headers
+        raise BadFileError(path, f"unreadable image data ({type(e).__name__}: {e})") from None
+    if not np.isfinite(data).all():
+        raise BadFileError(path, "contains NaN or Inf values")
+
+    meta = SliceMeta(
+        path=path,
+        affine=np.asarray(image.affine, dtype=np.float64),
+        header=image.header,
+        shape=tuple(int(n) for n in image.shape),
+        dtype=str(image.get_data_dtype()),
+    )
+    return data, meta
+
+
+def _parse_nifti(raw: bytes):
+    """A nibabel image from the bytes of an uncompressed single-file NIfTI, or None."""
+    for image_class in (nib.Nifti1Image, nib.Nifti2Image):
+        try:
+            return image_class.from_bytes(raw)
+        except Exception:  # noqa: BLE001, S112 -- wrong magic, short header, bad dims: "not this format"
+            continue
+    return None
