@@ -313,9 +313,9 @@ def train(config: Config, *, resume: str | Path | None = None, overwrite: bool =
     else:
         _claim_run_dir(config, overwrite)
         ckpt = None
-    atomic_write(config.run_dir / "config.yaml", lambda fh: fh.write(config.to_yaml().encode()))
     with run_logger(config.log_dir / "training.log"):
         trainer = Trainer(config)
+        atomic_write(config.run_dir / "config.yaml", lambda fh: fh.write(config.to_yaml().encode()))
         if ckpt is not None:
             trainer.load_state_dict(ckpt, config.model_dir / "last.pt")
             log.info("resumed %s at epoch %d, step %d", config.run_dir, trainer.epoch, trainer.step)
@@ -334,7 +334,6 @@ def _claim_run_dir(config: Config, overwrite: bool) -> None:
         for name in ("metrics.csv", "config.yaml"):
             (config.run_dir / name).unlink(missing_ok=True)
         (config.log_dir / "training.log").unlink(missing_ok=True)
-    config.run_dir.mkdir(parents=True, exist_ok=True)
 
 
 def append_metrics(path: Path, row: dict) -> None:
