@@ -26,9 +26,10 @@ def _save(fig, path: Path) -> None:
 
 
 def display(slice2d: np.ndarray) -> np.ndarray:
-    """A slice as a radiologist views it: HipMRI arrays are (256 left-right, 128 anterior-
-    posterior) in nibabel's order, so the display is the transpose, flipped to put anterior up."""
-    return np.flipud(np.asarray(slice2d).T)
+    """A slice as a radiologist views it. HipMRI arrays are (256 right-to-left, 128 anterior-to-
+    posterior) in nibabel's order, so the transpose puts anterior up and the patient's right on
+    the viewer's left."""
+    return np.asarray(slice2d).T
 
 
 def save_sample_grid(inputs: np.ndarray, reconstructions: np.ndarray, path: Path,
