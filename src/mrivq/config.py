@@ -88,7 +88,7 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(default=4, ge=1)
+    epochs: int = Field(default=6, ge=1)
     max_steps: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=10, ge=1)
     lr: float = Field(default=2e-3, gt=0)
@@ -106,14 +106,8 @@ class TrainConfig(_Section):
     val_batch_size: int | None = Field(default=None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    compile: Literal["auto", "true", "false"] = "auto"
     num_threads: int | None = Field(default=None, ge=1)
     tensorboard: bool = False
-
-    @field_validator("compile", mode="before")
-    @classmethod
-    def _compile_bool(cls, v):
-        return str(v).lower() if isinstance(v, bool) else v
 
 
 class PredictConfig(_Section):

@@ -519,14 +519,16 @@ def _render_volume(case_key: tuple, week_key: tuple, n_slices: int,
     # Fine texture is white noise here; the partial-volume blur below gives it its grain
     # (a 0.75-pixel blur leaves about a third of the noise's spread).
     fine = noise.standard_normal(texture.shape, dtype=np.float32)
-    fine *= (_TEXTURE[:, 0] * 3)[canvas.tissue]
+    fine *= (_TEXTURE[:, 0] * 1.0)[canvas.tissue]
     texture += fine
     texture += 1
     texture *= t2[canvas.tissue]
     blur = 0.75 * height / 256  # partial volume: edges a pixel or so wide
     images = ndimage.gaussian_filter(texture, sigma=(0, blur, blur), truncate=2.5)
     images *= _bias_field(canvas, week)
-    sigma = np.float32(_T2[FAT] * gain * week.uniform(0.018, 0.03))
+    # Noise sd 0.7-1.1 % of fat: SNR about 90-140 in fat and 25-40 in muscle, as in a clinical
+    # 3 T T2 turbo spin echo of the prostate after the scanner's own reconstruction.
+    sigma = np.float32(_T2[FAT] * gain * week.uniform(0.007, 0.011))
     real = noise.standard_normal(images.shape, dtype=np.float32)
     real *= sigma
     real += images

@@ -15,7 +15,7 @@ from .splits import Splits, resolve_splits
 
 log = logging.getLogger("mrivq.data")
 
-PHANTOM_VERSION = 1
+PHANTOM_VERSION = 3
 
 
 PHANTOM_SEED = 0  # fixed, so that runs with different training seeds share one data set

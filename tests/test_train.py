@@ -1,0 +1,64 @@
+"""The training loop: schedule, resume from last.pt, codebooks untouched by validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mrivq.checkpoint import load_checkpoint
+from mrivq.config import load_config
+from mrivq.train import Trainer, lr_factor, read_metrics, train
+
+
+def test_learning_rate_warms_up_then_follows_a_cosine_to_the_floor():
+    factors = [lr_factor(s, total_steps=110, warmup_steps=10, schedule="cosine", min_ratio=0.1)
+               for s in range(110)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0)
+    assert factors[60] == pytest.approx(0.55)
+    assert lr_factor(110, 110, 10, "cosine", 0.1) == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert lr_factor(50, 110, 10, "constant", 0.1) == 1.0
+
+
+def test_validation_leaves_the_codebooks_unchanged(tiny_overrides):
+    config = load_config(None, tiny_overrides)
+    trainer = Trainer(config)
+    trainer.train_step(torch.rand(4, 1, 64, 32))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.evaluate_and_save(epoch_end=False)
+    after = trainer.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert trainer.model.training
+
+
+def test_resumed_run_ends_with_the_same_weights_and_metrics(tiny_overrides, tmp_path, monkeypatch):
+    overrides = tiny_overrides + ["train.interval=3", "train.checkpoint_every=2"]
+    straight = load_config(None, overrides + [f"output.dir={tmp_path / 'straight'}"])
+    train(straight)
+
+    broken = load_config(None, overrides + [f"output.dir={tmp_path / 'broken'}"])
+    original_step = Trainer.train_step
+
+    def crash_at_step_7(self, batch):
+        if self.step == 7:
+            raise KeyboardInterrupt
+        original_step(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", crash_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        train(broken)
+    assert load_checkpoint(broken.model_dir / "last.pt")["step"] == 6
+    monkeypatch.setattr(Trainer, "train_step", original_step)
+    train(broken, resume=broken.run_dir)
+
+    a = load_checkpoint(straight.model_dir / "last.pt")
+    b = load_checkpoint(broken.model_dir / "last.pt")
+    assert a["step"] == b["step"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+    def comparable(rows):
+        return [{k: v for k, v in r.items() if "per_s" not in k and k != "elapsed_s"} for r in rows]
+
+    assert comparable(read_metrics(straight.run_dir / "metrics.csv")) == \
+        comparable(read_metrics(broken.run_dir / "metrics.csv"))
