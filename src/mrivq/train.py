@@ -258,7 +258,7 @@ class Trainer:
                        train_recon_loss=sums[1] / self.running_steps,
                        train_commitment_loss=sums[2] / self.running_steps,
                        train_ssim=sums[3] / max(sums[4], 1),
-                       train_images_per_s=self.running_images / self.running_time)
+                       train_images_per_s=self.running_images / max(self.running_time, 1e-9))
         row.update({f"val_{k}": v for k, v in scores.items() if k != "images_per_s"})
         row["val_images_per_s"] = scores["images_per_s"]
         row["elapsed_s"] = self.elapsed
@@ -342,6 +342,7 @@ def _claim_run_dir(config: Config, overwrite: bool) -> None:
 
 def append_metrics(path: Path, row: dict) -> None:
     new = not path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
         if new:
