@@ -74,7 +74,8 @@ class Evaluation:
 
 def slices_to_batch(slices: np.ndarray, device: torch.device) -> torch.Tensor:
     """``(B, H, W)`` float32 array -> ``(B, 1, H, W)`` channels-last tensor on ``device``."""
-    batch = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32)).unsqueeze(1)
+    # A copy: the cached slices are a read-only memory map, and the batch must not alias it.
+    batch = torch.from_numpy(np.array(slices, dtype=np.float32, copy=True)).unsqueeze(1)
     if device.type == "cuda":
         batch = batch.pin_memory()
     return batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
