@@ -10,7 +10,10 @@ from __future__ import annotations
 import math
 
 import torch
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from torchmetrics.functional.image import (
+    peak_signal_noise_ratio,
+    structural_similarity_index_measure,
+)
 
 SSIM_PROTOCOL = (
     "SSIM per slice on [0, 1]-normalised images (reconstruction clamped to [0, 1]), "

@@ -12,10 +12,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from .checkpoint import atomic_write  # noqa: E402
+from .checkpoint import atomic_write
 
 
 def _save(fig, path: Path) -> None:

@@ -27,8 +27,14 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import metrics
-from .checkpoint import (atomic_write, checkpoint_config, export_safetensors, load_checkpoint,
-                         load_model_state, save_checkpoint)
+from .checkpoint import (
+    atomic_write,
+    checkpoint_config,
+    export_safetensors,
+    load_checkpoint,
+    load_model_state,
+    save_checkpoint,
+)
 from .config import Config
 from .data.cache import load_split
 from .data.sources import data_splits
