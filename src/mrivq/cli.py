@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import UserError
+from .errors import TrainingInterrupted, UserError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as exc:
         print(f"mrivq: error: {exc}", file=sys.stderr)
         code = 2
+    except TrainingInterrupted as exc:
+        print(f"mrivq: interrupted: {exc}", file=sys.stderr)
+        code = exc.exit_status
     except KeyboardInterrupt:
         print("mrivq: interrupted", file=sys.stderr)
         code = 130

@@ -101,7 +101,8 @@ class TrainConfig(_Section):
     grad_clip: float | None = Field(default=1.0, gt=0)
     latent_loss_weight: float = Field(default=0.25, ge=0)
     interval: int = Field(default=200, ge=1)
-    checkpoint_every: int = Field(default=200, ge=1)
+    checkpoint_every: int = Field(default=50, ge=1)
+    max_nonfinite_steps: int = Field(default=10, ge=1)
     sample_size: int = Field(default=8, ge=1)
     val_batch_size: int | None = Field(default=None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"

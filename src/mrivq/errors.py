@@ -5,6 +5,9 @@ with exit status 2 and no traceback. Its message says what was wrong, which file
 key, and what to do. Every other exception is a bug and keeps its traceback.
 """
 
+import signal
+from pathlib import Path
+
 
 class UserError(Exception):
     """Bad input from the user: a config key, a file, a folder, a checkpoint."""
@@ -21,3 +24,13 @@ class BadFileError(UserError):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped training after a finished step and a saved models/last.pt."""
+
+    def __init__(self, signum: int, step: int, run_dir: Path):
+        self.signum, self.step, self.run_dir = signum, step, run_dir
+        self.exit_status = 128 + signum  # 130 for SIGINT, 143 for SIGTERM
+        super().__init__(f"{signal.Signals(signum).name} at step {step}: saved {run_dir}/models/last.pt; "
+                         f"continue with: mrivq train --resume {run_dir}")

@@ -11,12 +11,15 @@ warms up linearly for ``warmup_steps`` and then follows a cosine down to
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
 import math
 import random
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -38,7 +41,7 @@ from .checkpoint import (
 from .config import Config
 from .data.cache import load_split
 from .data.sources import data_splits
-from .errors import UserError
+from .errors import TrainingInterrupted, UserError
 from .evaluate import evaluate, preprocessing, slices_to_batch
 from .logs import interactive, run_logger
 from .models import VQVAE2
@@ -69,6 +72,28 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@contextlib.contextmanager
+def stop_on_signals(trainer: Trainer):
+    """SIGINT/SIGTERM ask the trainer to stop after its current step; a second one stops at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def request_stop(signum, frame):
+        if trainer.stop_signal is not None:
+            raise KeyboardInterrupt
+        trainer.stop_signal = signum
+        log.warning("%s received: finishing the current step, then saving models/last.pt",
+                    signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class Trainer:
@@ -109,6 +134,8 @@ class Trainer:
         self.batch_in_epoch = 0          # batches of the current epoch already trained
         self.epoch_shuffle_state = self.shuffle.get_state()
         self.best_ssim = -math.inf
+        self.nonfinite_in_a_row = 0
+        self.stop_signal: int | None = None
         self.history: list[dict] = []
         self.elapsed = 0.0
         self._reset_running()
@@ -168,16 +195,27 @@ class Trainer:
         self.running = running["sums"].to(self.device)
         self.running_steps, self.running_images = int(running["steps"]), int(running["images"])
         self.running_time = float(running["time"])
+        # Rows written after this checkpoint (then lost to a kill) are dropped: they will be redone.
         self.history = read_metrics(self.config.run_dir / "metrics.csv", up_to_step=self.step)
+        write_metrics(self.config.run_dir / "metrics.csv", self.history)
 
     # ------------------------------------------------------------------ loop -----------
-    def train_step(self, batch: torch.Tensor) -> None:
+    def train_step(self, batch: torch.Tensor) -> bool:
+        """One optimiser step on ``batch`` ``(B, 1, H, W)``; False (and nothing applied) when the
+        loss is NaN or Inf."""
         tc = self.config.train
+        codebooks = {name: buf.clone() for name, buf in self.model.named_buffers()}
         with autocast(self.device, self.precision):
             out = self.model(batch)
         reconstruction = out.reconstruction.float()
         recon_loss = F.mse_loss(reconstruction, batch)
         loss = recon_loss + tc.latent_loss_weight * out.commitment_loss.float()
+        if not torch.isfinite(loss).item():
+            # Undo the forward pass's EMA codebook update too: the step is not applied at all.
+            with torch.no_grad():
+                for name, buf in self.model.named_buffers():
+                    buf.copy_(codebooks[name])
+            return False
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if tc.grad_clip:
@@ -194,6 +232,7 @@ class Trainer:
             self.running[4] += 1
         self.running_steps += 1
         self.running_images += len(batch)
+        return True
 
     def run(self) -> dict:
         cfg, tc = self.config, self.config.train
@@ -231,7 +270,16 @@ class Trainer:
                     break
                 idx = np.sort(order[b * tc.batch_size:(b + 1) * tc.batch_size])
                 t0 = time.perf_counter()
-                self.train_step(slices_to_batch(images[idx], self.device))
+                applied = self.train_step(slices_to_batch(images[idx], self.device))
+                self.nonfinite_in_a_row = 0 if applied else self.nonfinite_in_a_row + 1
+                if self.nonfinite_in_a_row:
+                    log.warning("step %d: loss is NaN or Inf; step skipped (%d in a row)",
+                                self.step + 1, self.nonfinite_in_a_row)
+                    if self.nonfinite_in_a_row >= tc.max_nonfinite_steps:
+                        raise UserError(
+                            f"training stopped: the loss was NaN or Inf for {self.nonfinite_in_a_row} "
+                            f"steps in a row (up to step {self.step + 1}); models/last.pt and best.pt "
+                            "hold the last good state; lower train.lr or check the data")
                 self.step += 1
                 self.batch_in_epoch = b + 1
                 if self.device.type == "cuda" and self.step % tc.interval == 0:
@@ -243,8 +291,10 @@ class Trainer:
                 epoch_done = self.batch_in_epoch == self.steps_per_epoch
                 if self.step % tc.interval == 0 or epoch_done or self.step == self.total_steps:
                     self.evaluate_and_save(epoch_end=epoch_done)
-                elif self.step % tc.checkpoint_every == 0:
+                elif self.step % tc.checkpoint_every == 0 or self.stop_signal:
                     self.save_last()
+                if self.stop_signal:
+                    raise TrainingInterrupted(self.stop_signal, self.step, self.config.run_dir)
             if self.batch_in_epoch == self.steps_per_epoch:
                 self.epoch += 1
                 self.batch_in_epoch = 0
@@ -270,7 +320,7 @@ class Trainer:
         row["elapsed_s"] = self.elapsed
         self.history.append(row)
         self._reset_running()
-        append_metrics(cfg.run_dir / "metrics.csv", row)
+        write_metrics(cfg.run_dir / "metrics.csv", self.history)
         message = (f"epoch {self.epoch} step {self.step}/{self.total_steps}: "
                    f"train loss {row.get('train_loss', math.nan):.5f} SSIM {row.get('train_ssim', math.nan):.4f} | "
                    f"val loss {row['val_loss']:.5f} SSIM {row['val_ssim']:.4f} PSNR {row['val_psnr']:.2f} dB | "
@@ -329,7 +379,8 @@ def train(config: Config, *, resume: str | Path | None = None, overwrite: bool =
         if ckpt is not None:
             trainer.load_state_dict(ckpt, config.model_dir / "last.pt")
             log.info("resumed %s at epoch %d, step %d", config.run_dir, trainer.epoch, trainer.step)
-        return trainer.run()
+        with stop_on_signals(trainer):
+            return trainer.run()
 
 
 def _claim_run_dir(config: Config, overwrite: bool) -> None:
@@ -346,35 +397,22 @@ def _claim_run_dir(config: Config, overwrite: bool) -> None:
         (config.log_dir / "training.log").unlink(missing_ok=True)
 
 
-def append_metrics(path: Path, row: dict) -> None:
-    new = not path.exists()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+def write_metrics(path: Path, rows: list[dict]) -> None:
+    """metrics.csv from all rows so far, replaced atomically: a kill never leaves half a row."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda fh: fh.write(buf.getvalue().encode()))
 
 
 def read_metrics(path: Path, up_to_step: int | None = None) -> list[dict]:
-    """Rows of metrics.csv as dicts of floats (blank cells dropped)."""
+    """Rows of metrics.csv as dicts of floats (blank cells dropped), optionally up to a step."""
     if not path.exists():
         return []
-    rows = []
     with open(path, newline="") as fh:
-        for raw in csv.DictReader(fh):
-            row = {k: float(v) for k, v in raw.items() if v not in ("", None)}
-            if up_to_step is None or row["step"] <= up_to_step:
-                rows.append(row)
-    if up_to_step is not None:
-        # Rows written after the checkpoint (then lost by a kill) are dropped from the file too.
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(row)
-        atomic_write(path, lambda fh: fh.write(buf.getvalue().encode()))
-    return rows
+        rows = [{k: float(v) for k, v in raw.items() if v not in ("", None)} for raw in csv.DictReader(fh)]
+    return [r for r in rows if up_to_step is None or r["step"] <= up_to_step]
 
 
 def _tensorboard_writer(log_dir: Path):
