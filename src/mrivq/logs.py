@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from .errors import UserError
+
 _FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
@@ -19,7 +21,11 @@ def interactive() -> bool:
 def run_logger(path: Path):
     """Send the ``mrivq`` loggers to ``path`` (appending) and to stderr for the duration."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.open("a").close()
+    except OSError as exc:
+        raise UserError(f"cannot write the log {path}: {exc.strerror}; choose a writable output.dir") from None
     logger = logging.getLogger("mrivq")
     logger.setLevel(logging.INFO)
     file_handler = logging.FileHandler(path, encoding="utf-8")

@@ -289,7 +289,9 @@ class Trainer:
                 self.elapsed += dt
                 bar.update(1)
                 epoch_done = self.batch_in_epoch == self.steps_per_epoch
-                if self.step % tc.interval == 0 or epoch_done or self.step == self.total_steps:
+                if self.nonfinite_in_a_row and self.step < self.total_steps and not self.stop_signal:
+                    pass  # nothing new to evaluate or save: last.pt stays the last good step
+                elif self.step % tc.interval == 0 or epoch_done or self.step == self.total_steps:
                     self.evaluate_and_save(epoch_end=epoch_done)
                 elif self.step % tc.checkpoint_every == 0 or self.stop_signal:
                     self.save_last()

@@ -1,0 +1,215 @@
+"""Training that survives: kills, signals, bad checkpoints, NaN losses, full disks."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mrivq import checkpoint as checkpoint_module
+from mrivq.checkpoint import load_checkpoint, save_checkpoint
+from mrivq.config import load_config
+from mrivq.errors import UserError
+from mrivq.train import Trainer, read_metrics, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sets(overrides):
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def start_mrivq(*args):
+    return subprocess.Popen([sys.executable, "-m", "mrivq", *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def comparable(rows):
+    return [{k: v for k, v in r.items() if "per_s" not in k and k != "elapsed_s"} for r in rows]
+
+
+def test_run_killed_at_random_points_and_resumed_ends_like_an_uninterrupted_run(tiny_overrides, tmp_path):
+    overrides = tiny_overrides + ["train.epochs=4", "train.interval=5", "train.checkpoint_every=2"]
+    straight = load_config(None, overrides + [f"output.dir={tmp_path / 'straight'}"])
+    train(straight)
+
+    run_dir = tmp_path / "killed"
+    fresh = ["train", *sets(overrides + [f"output.dir={run_dir}"])]
+    rng = random.Random(1234)
+    kills = 0
+    for attempt in range(12):
+        resumable = (run_dir / "models/last.pt").exists()
+        args = ["train", "--resume", str(run_dir)] if resumable else fresh + ["--overwrite"]
+        proc = start_mrivq(*args)
+        if attempt < 11:
+            try:
+                proc.wait(timeout=rng.uniform(2.0, 6.0))
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                kills += 1
+                continue
+        else:
+            proc.wait(timeout=300)
+        assert proc.returncode == 0, proc.stderr.read()
+        break
+    assert kills >= 2, "the run finished before it could be killed twice; kill sooner"
+
+    a = load_checkpoint(straight.model_dir / "last.pt")
+    b = load_checkpoint(run_dir / "models/last.pt")
+    assert a["step"] == b["step"] == 24
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert comparable(read_metrics(straight.run_dir / "metrics.csv")) == \
+        comparable(read_metrics(run_dir / "metrics.csv"))
+    best_a = load_checkpoint(straight.model_dir / "best.pt")
+    best_b = load_checkpoint(run_dir / "models/best.pt")
+    assert best_a["step"] == best_b["step"]
+    assert all(torch.equal(best_a["model"][k], best_b["model"][k]) for k in best_a["model"])
+
+
+def test_sigterm_saves_last_checkpoint_and_exits_143_with_how_to_resume(tiny_overrides, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start_mrivq("train", *sets(tiny_overrides + ["train.epochs=400", "train.interval=1000",
+                                                        "train.checkpoint_every=1000"]))
+    deadline = time.time() + 120
+    while not (run_dir / "config.yaml").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    last_line = err.strip().splitlines()[-1]
+    assert "SIGTERM" in last_line and f"mrivq train --resume {run_dir}" in last_line
+    step = load_checkpoint(run_dir / "models/last.pt")["step"]
+    assert f"at step {step}:" in last_line and step > 0
+
+
+def test_checkpoint_with_a_pickled_payload_is_refused_and_its_code_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "mrivq-vqvae2", "model": Payload()}, evil)
+    with pytest.raises(UserError, match="refused to load"):
+        load_checkpoint(evil)
+    result = subprocess.run([sys.executable, "-m", "mrivq", "predict", "--checkpoint", str(evil),
+                             "--set", f"output.dir={tmp_path / 'run'}"],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2 and "refused to load" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not marker.exists()
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_phantom):
+    from conftest import TINY_MODEL
+
+    root = tmp_path_factory.mktemp("trained")
+    overrides = [f"data.root={tiny_phantom}", "data.image_size=[64,32]", f"data.cache_dir={root / 'cache'}",
+                 "train.epochs=1", "train.batch_size=4", f"output.dir={root / 'run'}", "train.num_threads=1"]
+    overrides += [f"model.{k}={v}" for k, v in TINY_MODEL.items()]
+    train(load_config(None, overrides))
+    return root / "run", overrides
+
+
+def predict_with(checkpoint: Path, overrides) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mrivq", "predict", "--checkpoint", str(checkpoint),
+                           *sets(overrides)], capture_output=True, text=True, cwd=REPO)
+
+
+def test_truncated_checkpoint_is_one_line_and_exit_2(trained_run, tmp_path):
+    run_dir, overrides = trained_run
+    data = (run_dir / "models/best.pt").read_bytes()
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(data[: len(data) // 2])
+    result = predict_with(cut, overrides + [f"output.dir={tmp_path / 'p'}"])
+    assert result.returncode == 2 and "truncated or corrupt" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_checkpoint_from_another_model_config_is_one_line_and_exit_2(trained_run, tmp_path):
+    run_dir, overrides = trained_run
+    ckpt = load_checkpoint(run_dir / "models/best.pt")
+    ckpt["config"]["model"]["channel"] = 32
+    other = tmp_path / "other.pt"
+    torch.save(ckpt, other)
+    result = predict_with(other, overrides + [f"output.dir={tmp_path / 'p'}"])
+    assert result.returncode == 2 and "do not fit the model config" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_resume_of_a_folder_that_is_not_a_run_is_one_line_and_exit_2(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "mrivq", "train", "--resume", str(tmp_path)],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2 and "not a run directory" in result.stderr
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "models/last.pt"
+    save_checkpoint(path, {"step": 1, "model": {"w": torch.ones(3)}})
+    before = path.read_bytes()
+
+    def full_disk(obj, fh):
+        fh.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", full_disk)
+    with pytest.raises(UserError, match="No space left on device.*previous file is kept"):
+        save_checkpoint(path, {"step": 2, "model": {"w": torch.zeros(3)}})
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]
+
+
+def test_unwritable_output_folder_is_a_clear_error(tiny_overrides, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = subprocess.run([sys.executable, "-m", "mrivq", "train",
+                             *sets(tiny_overrides + [f"output.dir={blocker / 'run'}"])],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and str(blocker) in result.stderr
+
+
+def nan_from(steps):
+    original = Trainer.train_step
+
+    def poisoned(self, batch):
+        if self.step + 1 in steps:
+            batch = torch.full_like(batch, float("nan"))
+        return original(self, batch)
+
+    return poisoned
+
+
+def test_nan_steps_are_skipped_and_training_goes_on(tiny_overrides, monkeypatch):
+    monkeypatch.setattr(Trainer, "train_step", nan_from({3, 4}))
+    config = load_config(None, tiny_overrides)
+    train(config)
+    last = load_checkpoint(config.model_dir / "last.pt")
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+    assert "loss is NaN or Inf; step skipped" in (config.log_dir / "training.log").read_text()
+    assert all(torch.isfinite(torch.tensor(r["val_loss"])) for r in read_metrics(config.run_dir / "metrics.csv"))
+
+
+def test_nan_in_a_row_stops_with_the_last_good_checkpoints_kept(tiny_overrides, monkeypatch):
+    config = load_config(None, tiny_overrides + ["train.max_nonfinite_steps=3", "train.checkpoint_every=1",
+                                                 "train.interval=2"])
+    monkeypatch.setattr(Trainer, "train_step", nan_from(set(range(5, 100))))
+    with pytest.raises(UserError, match="NaN or Inf for 3 steps in a row"):
+        train(config)
+    last = load_checkpoint(config.model_dir / "last.pt")
+    best = load_checkpoint(config.model_dir / "best.pt")
+    assert last["step"] == 4 and best["step"] <= 4
+    for ckpt in (last, best):
+        assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
