@@ -213,3 +213,18 @@ def test_nan_in_a_row_stops_with_the_last_good_checkpoints_kept(tiny_overrides, 
     assert last["step"] == 4 and best["step"] <= 4
     for ckpt in (last, best):
         assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_safetensors_export_holds_the_best_weights_and_the_config(trained_run):
+    import json
+
+    from safetensors import safe_open
+
+    run_dir, _ = trained_run
+    best = load_checkpoint(run_dir / "models/best.pt")
+    with safe_open(str(run_dir / "models/model.safetensors"), framework="pt") as fh:
+        config = json.loads(fh.metadata()["config"])
+        assert config["model"] == best["config"]["model"]
+        assert set(fh.keys()) == set(best["model"])
+        for key in fh.keys():
+            assert torch.equal(fh.get_tensor(key), best["model"][key])
