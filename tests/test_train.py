@@ -43,7 +43,7 @@ def test_resumed_run_ends_with_the_same_weights_and_metrics(tiny_overrides, tmp_
     def crash_at_step_7(self, batch):
         if self.step == 7:
             raise KeyboardInterrupt
-        original_step(self, batch)
+        return original_step(self, batch)
 
     monkeypatch.setattr(Trainer, "train_step", crash_at_step_7)
     with pytest.raises(KeyboardInterrupt):
