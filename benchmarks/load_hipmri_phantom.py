@@ -2,9 +2,10 @@
 
     python benchmarks/load_hipmri_phantom.py [DATA_DIR] [--workers N]
 
-Generates the set into DATA_DIR first if it is not there (a few minutes), then decodes all
+Generates the set into DATA_DIR first if it is not there (a minute or two), then decodes all
 three splits into a fresh cache (cold) and loads them again from that cache (warm). Prints
-seconds and peak resident memory (this process and its decoding workers). Reports only.
+seconds and peak resident memory (this process, and the largest child process, which
+includes the generator's workers). Reports only. `mrivq bench` prints the same figures.
 """
 
 from __future__ import annotations
@@ -15,18 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from mrivq.data.cache import load_split
+from mrivq.bench import load_times
 from mrivq.data.phantom import synthesize
-from mrivq.data.preprocess import Preprocessing
-from mrivq.data.splits import resolve_splits
-
-
-def load_all(root: Path, cache_dir: Path, workers: int | None) -> tuple[float, int]:
-    splits = resolve_splits(root)
-    start = time.perf_counter()
-    n = sum(len(load_split(files, Preprocessing(), cache_dir=cache_dir, workers=workers, name=name))
-            for name, files in splits.as_dict().items())
-    return time.perf_counter() - start, n
 
 
 def main() -> None:
@@ -39,13 +30,11 @@ def main() -> None:
         start = time.perf_counter()
         synthesize(root, hipmri_counts=True, progress=True)
         print(f"synthesised the HipMRI-size phantom in {time.perf_counter() - start:.1f} s")
-    with tempfile.TemporaryDirectory() as cache:
-        cold, n = load_all(root, Path(cache), args.workers)
-        warm, _ = load_all(root, Path(cache), args.workers)
+    cold, warm, n = load_times(root, args.workers)
     self_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     child_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(f"{n} slices: cold {cold:.1f} s, warm {warm:.2f} s; "
-          f"peak RSS {self_mb:.0f} MB (largest decoding worker {child_mb:.0f} MB)")
+          f"peak RSS {self_mb:.0f} MB (largest child process {child_mb:.0f} MB)")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--checkpoint", metavar="FILE", help="checkpoint to load (default: output.dir/models/best.pt)")
 
+    p = sub.add_parser("bench", help="training/prediction throughput and loading time (reports only)")
+    _add_config_args(p)
+    p.add_argument("--batch-size", type=int, default=10)
+    p.add_argument("--image-size", type=int, nargs=2, default=[256, 128], metavar=("H", "W"))
+    p.add_argument("--steps", type=int, default=10, help="timed steps per figure (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--no-load", action="store_true",
+                   help="skip timing the HipMRI-size phantom load (generated once, ~1-2 min)")
+    p.add_argument("--json", action="store_true", help='one JSON object per line: {"figure", "value", "unit"}')
+
     p = sub.add_parser("synth", help="write a synthetic HipMRI-layout pelvis phantom dataset")
     p.add_argument("out_dir", metavar="OUT_DIR")
     p.add_argument("--cases", type=int, default=16, help="number of case volumes (default 16)")
@@ -65,6 +75,18 @@ def run(argv: list[str] | None = None) -> int:
             raise UserError("--resume continues a run with its own saved config; "
                             "drop --config/--set, or start a new run")
         train(config, resume=args.resume, overwrite=args.overwrite)
+    elif args.command == "bench":
+        import json
+
+        from .bench import benchmark
+
+        if min(args.batch_size, args.steps, *args.image_size) < 1:
+            raise UserError("--batch-size, --steps and --image-size must be positive")
+        figures = benchmark(config, batch_size=args.batch_size, image_size=tuple(args.image_size),
+                            steps=args.steps, warmup=max(args.warmup, 0), load=not args.no_load,
+                            log=(lambda line: print(line, file=sys.stderr)) if args.json else print)
+        for f in figures:
+            print(json.dumps(f) if args.json else f"{f['figure']:34s} {f['value']:>12} {f['unit']}")
     elif args.command == "predict":
         from .evaluate import predict
 

@@ -22,6 +22,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -94,6 +95,47 @@ def stop_on_signals(trainer: Trainer):
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+class StepResult(NamedTuple):
+    """Detached results of one applied optimisation step."""
+
+    loss: torch.Tensor
+    recon_loss: torch.Tensor
+    commitment_loss: torch.Tensor
+    reconstruction: torch.Tensor  # (B, 1, H, W) float32
+
+
+def optimisation_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      scaler: torch.amp.GradScaler, batch: torch.Tensor, *, device: torch.device,
+                      precision: str, latent_loss_weight: float,
+                      grad_clip: float | None) -> StepResult | None:
+    """Forward, loss, backward, clip, optimiser step on ``batch`` ``(B, 1, H, W)`` in [0, 1].
+
+    Loss = reconstruction MSE + ``latent_loss_weight`` x commitment loss. Returns None, with
+    nothing applied (the forward pass's EMA codebook update is undone too), when the loss is
+    NaN or Inf.
+    """
+    codebooks = {name: buf.clone() for name, buf in model.named_buffers()}
+    with autocast(device, precision):
+        out = model(batch)
+    reconstruction = out.reconstruction.float()
+    recon_loss = F.mse_loss(reconstruction, batch)
+    commitment_loss = out.commitment_loss.float()
+    loss = recon_loss + latent_loss_weight * commitment_loss
+    if not torch.isfinite(loss).item():
+        with torch.no_grad():
+            for name, buf in model.named_buffers():
+                buf.copy_(codebooks[name])
+        return None
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return StepResult(loss.detach(), recon_loss.detach(), commitment_loss.detach(), reconstruction.detach())
 
 
 class Trainer:
@@ -204,31 +246,16 @@ class Trainer:
         """One optimiser step on ``batch`` ``(B, 1, H, W)``; False (and nothing applied) when the
         loss is NaN or Inf."""
         tc = self.config.train
-        codebooks = {name: buf.clone() for name, buf in self.model.named_buffers()}
-        with autocast(self.device, self.precision):
-            out = self.model(batch)
-        reconstruction = out.reconstruction.float()
-        recon_loss = F.mse_loss(reconstruction, batch)
-        loss = recon_loss + tc.latent_loss_weight * out.commitment_loss.float()
-        if not torch.isfinite(loss).item():
-            # Undo the forward pass's EMA codebook update too: the step is not applied at all.
-            with torch.no_grad():
-                for name, buf in self.model.named_buffers():
-                    buf.copy_(codebooks[name])
+        result = optimisation_step(self.model, self.optimizer, self.scaler, batch, device=self.device,
+                                   precision=self.precision, latent_loss_weight=tc.latent_loss_weight,
+                                   grad_clip=tc.grad_clip)
+        if result is None:
             return False
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        if tc.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
         self.scheduler.step()
-        self.running[:3] += torch.stack([loss.detach(), recon_loss.detach(),
-                                         out.commitment_loss.detach().float()]).double()
+        self.running[:3] += torch.stack([result.loss, result.recon_loss, result.commitment_loss]).double()
         if self.running_steps % TRAIN_SSIM_EVERY == 0:
             # Training SSIM on every few batches is enough for the curve and costs ~1 % instead of ~6 %.
-            self.running[3] += metrics.ssim_per_image(reconstruction.detach(), batch).mean().double()
+            self.running[3] += metrics.ssim_per_image(result.reconstruction, batch).mean().double()
             self.running[4] += 1
         self.running_steps += 1
         self.running_images += len(batch)
