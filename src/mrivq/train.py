@@ -158,6 +158,9 @@ class Trainer:
 
         self.model = VQVAE2(**config.model.model_dump()).to(self.device)
         self.model = self.model.to(memory_format=torch.channels_last)
+        # Training steps may run through torch.compile; evaluation and checkpoints use the
+        # plain module (same parameters), so saved weights carry no compile prefix.
+        self.step_model = torch.compile(self.model) if tc.compile else self.model
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = opt_cls(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
@@ -177,6 +180,7 @@ class Trainer:
         self.epoch_shuffle_state = self.shuffle.get_state()
         self.best_ssim = -math.inf
         self.nonfinite_in_a_row = 0
+        self.compiled_once = False
         self.stop_signal: int | None = None
         self.history: list[dict] = []
         self.elapsed = 0.0
@@ -246,9 +250,19 @@ class Trainer:
         """One optimiser step on ``batch`` ``(B, 1, H, W)``; False (and nothing applied) when the
         loss is NaN or Inf."""
         tc = self.config.train
-        result = optimisation_step(self.model, self.optimizer, self.scaler, batch, device=self.device,
-                                   precision=self.precision, latent_loss_weight=tc.latent_loss_weight,
-                                   grad_clip=tc.grad_clip)
+        try:
+            result = optimisation_step(self.step_model, self.optimizer, self.scaler, batch, device=self.device,
+                                       precision=self.precision,
+                                       latent_loss_weight=tc.latent_loss_weight,
+                                       grad_clip=tc.grad_clip)
+        except Exception as exc:  # torch.compile could not build this model here: go on eagerly
+            if self.step_model is self.model or self.compiled_once:
+                raise
+            log.warning("torch.compile failed (%s); training continues without it",
+                        str(exc).splitlines()[0][:160])
+            self.step_model = self.model
+            return self.train_step(batch)
+        self.compiled_once = True
         if result is None:
             return False
         self.scheduler.step()
@@ -266,8 +280,9 @@ class Trainer:
         log.info("training on %d slices, validating on %d; %d steps per epoch, %d steps in all",
                  len(self.train_set.images), len(self.val_set.images), self.steps_per_epoch,
                  self.total_steps)
-        log.info("device %s, precision %s, %d threads; model %.2fM parameters", self.device,
-                 self.precision, torch.get_num_threads(),
+        log.info("device %s, precision %s, torch.compile %s, %d threads; model %.2fM parameters",
+                 self.device, self.precision, "on" if self.step_model is not self.model else "off",
+                 torch.get_num_threads(),
                  sum(p.numel() for p in self.model.parameters()) / 1e6)
         if tc.tensorboard:
             self.writer = _tensorboard_writer(cfg.log_dir / "tensorboard")
