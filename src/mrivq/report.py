@@ -54,34 +54,30 @@ def save_sample_grid(inputs: np.ndarray, reconstructions: np.ndarray, path: Path
     _save(fig, path)
 
 
-def _curve(ax, rows: list[dict], key: str, label: str, style: str) -> None:
-    pts = [(r["step"], r[key]) for r in rows if r.get(key) not in (None, "")]
-    if pts:
-        steps, values = zip(*pts)
-        ax.plot(steps, [float(v) for v in values], style, label=label)
+def _plot_curves(rows: list[dict], curves: list[tuple[str, str, str]], *, title: str, ylabel: str,
+                 path: Path, log_scale: bool = False) -> None:
+    """One figure of metric columns against step; ``curves`` are (column, label, line style)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label, style in curves:
+        points = [(r["step"], float(r[key])) for r in rows if r.get(key) not in (None, "")]
+        if points:
+            ax.plot(*zip(*points), style, label=label)
+    if log_scale:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
 
 
 def plot_curves(rows: list[dict], visual_dir: Path) -> None:
     """visuals/losses.png and visuals/ssims.png: training and validation curves against step."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    _curve(ax, rows, "train_loss", "train loss", "-")
-    _curve(ax, rows, "val_loss", "validation loss", "o-")
-    _curve(ax, rows, "train_recon_loss", "train reconstruction MSE", "--")
-    _curve(ax, rows, "val_recon_loss", "validation reconstruction MSE", "s--")
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("Loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, Path(visual_dir) / "losses.png")
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    _curve(ax, rows, "train_ssim", "train SSIM", "-")
-    _curve(ax, rows, "val_ssim", "validation SSIM", "o-")
-    ax.set_xlabel("step")
-    ax.set_ylabel("SSIM")
-    ax.set_title("SSIM (per slice, data range 1)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, Path(visual_dir) / "ssims.png")
+    _plot_curves(rows, [("train_loss", "train loss", "-"), ("val_loss", "validation loss", "o-"),
+                        ("train_recon_loss", "train reconstruction MSE", "--"),
+                        ("val_recon_loss", "validation reconstruction MSE", "s--")],
+                 title="Loss", ylabel="loss", path=Path(visual_dir) / "losses.png", log_scale=True)
+    _plot_curves(rows, [("train_ssim", "train SSIM", "-"), ("val_ssim", "validation SSIM", "o-")],
+                 title="SSIM (per slice, data range 1)", ylabel="SSIM",
+                 path=Path(visual_dir) / "ssims.png")
