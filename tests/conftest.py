@@ -4,6 +4,17 @@ from __future__ import annotations
 
 import pytest
 
+
+def set_args(overrides: list[str]) -> list[str]:
+    """``["a=1", "b=2"]`` -> ``["--set", "a=1", "--set", "b=2"]`` for the CLI."""
+    return [arg for override in overrides for arg in ("--set", override)]
+
+
+def comparable(rows: list[dict]) -> list[dict]:
+    """metrics.csv rows without the timing columns, which differ from run to run."""
+    return [{k: v for k, v in r.items() if "per_s" not in k and k != "elapsed_s"} for r in rows]
+
+
 TINY_MODEL = {"channel": 16, "n_res_block": 1, "n_res_channel": 8, "embed_dim": 8, "n_embed": 32}
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import comparable, set_args
 
 from mrivq.cli import main
 
@@ -32,10 +33,6 @@ def run_main(args: list[str]) -> int:
     return exit_info.value.code
 
 
-def sets(overrides: list[str]) -> list[str]:
-    return [a for o in overrides for a in ("--set", o)]
-
-
 def test_synth_train_predict_writes_the_whole_run_directory(tmp_path):
     data = tmp_path / "phantom"
     synth = mrivq("synth", str(data), "--cases", "4", "--slices", "5", "--seed", "3")
@@ -47,9 +44,9 @@ def test_synth_train_predict_writes_the_whole_run_directory(tmp_path):
                  "train.interval=2", "train.sample_size=3", "predict.sample_size=3", "predict.sample_sets=2",
                  f"output.dir={run}", "model.channel=8", "model.n_res_channel=4", "model.embed_dim=8",
                  "model.n_embed=16"]
-    train = mrivq("train", *sets(overrides))
+    train = mrivq("train", *set_args(overrides))
     assert train.returncode == 0, train.stderr
-    predict = mrivq("predict", *sets(overrides))
+    predict = mrivq("predict", *set_args(overrides))
     assert predict.returncode == 0, predict.stderr
     missing = [f for f in RUN_FILES if not (run / f).is_file()]
     assert not missing
@@ -95,12 +92,12 @@ def test_same_seed_gives_identical_metrics(tiny_overrides, tmp_path):
         config = load_config(None, tiny_overrides + [f"output.dir={tmp_path / name}", "train.epochs=1"])
         train(config)
         rows = read_metrics(config.run_dir / "metrics.csv")
-        runs.append([{k: v for k, v in r.items() if "per_s" not in k and k != "elapsed_s"} for r in rows])
+        runs.append(comparable(rows))
     assert runs[0] == runs[1]
 
 
 def test_second_train_into_a_run_directory_is_refused(tiny_overrides, capsys):
-    args = ["train", *sets(tiny_overrides + ["train.epochs=1", "train.max_steps=1"])]
+    args = ["train", *set_args(tiny_overrides + ["train.epochs=1", "train.max_steps=1"])]
     assert run_main(args) == 0
     capsys.readouterr()
     assert run_main(args) == 2

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import comparable, set_args
 
 from mrivq import checkpoint as checkpoint_module
 from mrivq.checkpoint import load_checkpoint, save_checkpoint
@@ -23,17 +24,9 @@ from mrivq.train import Trainer, read_metrics, train
 REPO = Path(__file__).resolve().parents[1]
 
 
-def sets(overrides):
-    return [a for o in overrides for a in ("--set", o)]
-
-
 def start_mrivq(*args):
     return subprocess.Popen([sys.executable, "-m", "mrivq", *args], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def comparable(rows):
-    return [{k: v for k, v in r.items() if "per_s" not in k and k != "elapsed_s"} for r in rows]
 
 
 def test_run_killed_at_random_points_and_resumed_ends_like_an_uninterrupted_run(tiny_overrides, tmp_path):
@@ -42,7 +35,7 @@ def test_run_killed_at_random_points_and_resumed_ends_like_an_uninterrupted_run(
     train(straight)
 
     run_dir = tmp_path / "killed"
-    fresh = ["train", *sets(overrides + [f"output.dir={run_dir}"])]
+    fresh = ["train", *set_args(overrides + [f"output.dir={run_dir}"])]
     rng = random.Random(1234)
     kills = 0
     for attempt in range(12):
@@ -77,7 +70,7 @@ def test_run_killed_at_random_points_and_resumed_ends_like_an_uninterrupted_run(
 
 def test_sigterm_saves_last_checkpoint_and_exits_143_with_how_to_resume(tiny_overrides, tmp_path):
     run_dir = tmp_path / "run"
-    proc = start_mrivq("train", *sets(tiny_overrides + ["train.epochs=400", "train.interval=1000",
+    proc = start_mrivq("train", *set_args(tiny_overrides + ["train.epochs=400", "train.interval=1000",
                                                         "train.checkpoint_every=1000"]))
     deadline = time.time() + 120
     while not (run_dir / "config.yaml").exists() and time.time() < deadline:
@@ -125,7 +118,7 @@ def trained_run(tmp_path_factory, tiny_phantom):
 
 def predict_with(checkpoint: Path, overrides) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mrivq", "predict", "--checkpoint", str(checkpoint),
-                           *sets(overrides)], capture_output=True, text=True, cwd=REPO)
+                           *set_args(overrides)], capture_output=True, text=True, cwd=REPO)
 
 
 def test_truncated_checkpoint_is_one_line_and_exit_2(trained_run, tmp_path):
@@ -175,7 +168,7 @@ def test_unwritable_output_folder_is_a_clear_error(tiny_overrides, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     result = subprocess.run([sys.executable, "-m", "mrivq", "train",
-                             *sets(tiny_overrides + [f"output.dir={blocker / 'run'}"])],
+                             *set_args(tiny_overrides + [f"output.dir={blocker / 'run'}"])],
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and str(blocker) in result.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import comparable
 
 from mrivq.checkpoint import load_checkpoint
 from mrivq.config import load_config
@@ -56,9 +57,6 @@ def test_resumed_run_ends_with_the_same_weights_and_metrics(tiny_overrides, tmp_
     b = load_checkpoint(broken.model_dir / "last.pt")
     assert a["step"] == b["step"]
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-
-    def comparable(rows):
-        return [{k: v for k, v in r.items() if "per_s" not in k and k != "elapsed_s"} for r in rows]
 
     assert comparable(read_metrics(straight.run_dir / "metrics.csv")) == \
         comparable(read_metrics(broken.run_dir / "metrics.csv"))

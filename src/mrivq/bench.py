@@ -24,7 +24,7 @@ from .data.phantom import make_volume, synthesize
 from .data.preprocess import Preprocessing, preprocess_slice
 from .data.splits import resolve_splits
 from .models import VQVAE2
-from .runtime import resolve_device, resolve_precision, seed_everything, set_threads
+from .runtime import autocast, resolve_device, resolve_precision, seed_everything, set_threads
 from .train import optimisation_step
 
 HIPMRI_PHANTOM = "hipmri-v3-seed0"
@@ -54,8 +54,6 @@ def _train_throughput(model, batch, *, device, precision, channels_last, steps, 
 
 @torch.inference_mode()
 def _predict_throughput(model, batch, *, device, precision, channels_last, steps, warmup) -> float:
-    from .runtime import autocast
-
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device).to(memory_format=memory_format).eval()
     x = batch.to(device).contiguous(memory_format=memory_format)

@@ -60,8 +60,6 @@ METRIC_COLUMNS = [
 
 TRAIN_SSIM_EVERY = 5
 
-# Files a finished or interrupted run leaves; a new run must not silently replace them.
-RUN_OUTPUTS = ("metrics.csv", "models/last.pt", "models/best.pt")
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float) -> float:
@@ -428,8 +426,9 @@ def train(config: Config, *, resume: str | Path | None = None, overwrite: bool =
 
 
 def _claim_run_dir(config: Config, overwrite: bool) -> None:
-    existing = [p for p in RUN_OUTPUTS if (config.run_dir / p).exists()]
-    existing += [str(config.model_dir / "last.pt")] if (config.model_dir / "last.pt").exists() else []
+    # What a finished or interrupted run leaves; a new run must not silently replace it.
+    outputs = (config.run_dir / "metrics.csv", config.model_dir / "last.pt", config.model_dir / "best.pt")
+    existing = [path.name for path in outputs if path.exists()]
     if existing and not overwrite:
         raise UserError(f"{config.run_dir} already holds a run ({existing[0]}); continue it with "
                         f"--resume {config.run_dir}, choose another output.dir, or pass --overwrite")
