@@ -88,7 +88,7 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(default=6, ge=1)
+    epochs: int = Field(default=5, ge=1)
     max_steps: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=10, ge=1)
     lr: float = Field(default=2e-3, gt=0)
