@@ -16,7 +16,7 @@ def test_bench_json_prints_one_figure_object_per_line(tmp_path):
          "--image-size", "64", "32", "--steps", "2", "--warmup", "1", "--set", "model.channel=16",
          "--set", "model.n_res_channel=8", "--set", "model.embed_dim=8", "--set", "model.n_embed=32",
          "--set", f"data.cache_dir={tmp_path}"],
-        capture_output=True, text=True, cwd=REPO, timeout=300)
+        check=False, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr
     figures = {f["figure"]: f for f in map(json.loads, result.stdout.strip().splitlines())}
     for name in ("train_images_per_s", "train_images_per_s_fp32_eager", "predict_images_per_s",

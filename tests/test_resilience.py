@@ -16,10 +16,12 @@ import torch
 from conftest import comparable, set_args
 
 from mrivq import checkpoint as checkpoint_module
+from mrivq import train as train_module
 from mrivq.checkpoint import load_checkpoint, save_checkpoint
 from mrivq.config import load_config
 from mrivq.errors import UserError
-from mrivq.train import Trainer, read_metrics, train
+from mrivq.models import VQVAE2
+from mrivq.train import Trainer, optimisation_step, read_metrics, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,7 +100,7 @@ def test_checkpoint_with_a_pickled_payload_is_refused_and_its_code_never_runs(tm
         load_checkpoint(evil)
     result = subprocess.run([sys.executable, "-m", "mrivq", "predict", "--checkpoint", str(evil),
                              "--set", f"output.dir={tmp_path / 'run'}"],
-                            capture_output=True, text=True, cwd=REPO)
+                            check=False, capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2 and "refused to load" in result.stderr
     assert "Traceback" not in result.stderr
     assert not marker.exists()
@@ -118,7 +120,7 @@ def trained_run(tmp_path_factory, tiny_phantom):
 
 def predict_with(checkpoint: Path, overrides) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mrivq", "predict", "--checkpoint", str(checkpoint),
-                           *set_args(overrides)], capture_output=True, text=True, cwd=REPO)
+                           *set_args(overrides)], check=False, capture_output=True, text=True, cwd=REPO)
 
 
 def test_truncated_checkpoint_is_one_line_and_exit_2(trained_run, tmp_path):
@@ -144,7 +146,7 @@ def test_checkpoint_from_another_model_config_is_one_line_and_exit_2(trained_run
 
 def test_resume_of_a_folder_that_is_not_a_run_is_one_line_and_exit_2(tmp_path):
     result = subprocess.run([sys.executable, "-m", "mrivq", "train", "--resume", str(tmp_path)],
-                            capture_output=True, text=True, cwd=REPO)
+                            check=False, capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2 and "not a run directory" in result.stderr
 
 
@@ -169,7 +171,7 @@ def test_unwritable_output_folder_is_a_clear_error(tiny_overrides, tmp_path):
     blocker.write_text("not a folder")
     result = subprocess.run([sys.executable, "-m", "mrivq", "train",
                              *set_args(tiny_overrides + [f"output.dir={blocker / 'run'}"])],
-                            capture_output=True, text=True, cwd=REPO)
+                            check=False, capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and str(blocker) in result.stderr
 
@@ -185,17 +187,25 @@ def nan_from(steps):
     return poisoned
 
 
-def test_nan_steps_are_skipped_and_training_goes_on(tiny_overrides, monkeypatch):
+@pytest.fixture(params=[False, True], ids=["per-step-check", "sync-free"])
+def sync_free(request, monkeypatch):
+    """Both ways of skipping NaN steps: checked every step (CPU), or on the device (CUDA's way)."""
+    monkeypatch.setattr(train_module, "sync_free_steps", lambda device: request.param)
+    return request.param
+
+
+def test_nan_steps_are_skipped_and_training_goes_on(tiny_overrides, monkeypatch, sync_free):
     monkeypatch.setattr(Trainer, "train_step", nan_from({3, 4}))
     config = load_config(None, tiny_overrides)
     train(config)
     last = load_checkpoint(config.model_dir / "last.pt")
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
-    assert "loss is NaN or Inf; step skipped" in (config.log_dir / "training.log").read_text()
+    expected = "NaN/Inf steps in a row skipped" if sync_free else "loss is NaN or Inf; step skipped"
+    assert expected in (config.log_dir / "training.log").read_text()
     assert all(torch.isfinite(torch.tensor(r["val_loss"])) for r in read_metrics(config.run_dir / "metrics.csv"))
 
 
-def test_nan_in_a_row_stops_with_the_last_good_checkpoints_kept(tiny_overrides, monkeypatch):
+def test_nan_in_a_row_stops_with_the_last_good_checkpoints_kept(tiny_overrides, monkeypatch, sync_free):
     config = load_config(None, tiny_overrides + ["train.max_nonfinite_steps=3", "train.checkpoint_every=1",
                                                  "train.interval=2"])
     monkeypatch.setattr(Trainer, "train_step", nan_from(set(range(5, 100))))
@@ -219,5 +229,28 @@ def test_safetensors_export_holds_the_best_weights_and_the_config(trained_run):
         config = json.loads(fh.metadata()["config"])
         assert config["model"] == best["config"]["model"]
         assert set(fh.keys()) == set(best["model"])
-        for key in fh.keys():
+        for key in fh.keys():  # noqa: SIM118 (safe_open is not a dict)
             assert torch.equal(fh.get_tensor(key), best["model"][key])
+
+
+def test_a_sync_free_nan_step_changes_nothing_and_a_good_one_applies():
+    torch.manual_seed(0)
+    model = VQVAE2(in_channel=1, channel=8, n_res_block=1, n_res_channel=4, embed_dim=4, n_embed=16)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    step = {"device": torch.device("cpu"), "precision": "fp32", "latent_loss_weight": 0.25,
+            "grad_clip": 1.0, "sync_free": True}
+    good = torch.rand(2, 1, 32, 16)
+    assert bool(optimisation_step(model, optimizer, scaler, good, **step).applied)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    adam = {k: v.clone() for k, v in optimizer.state_dict()["state"][0].items()}
+
+    result = optimisation_step(model, optimizer, scaler, torch.full_like(good, float("nan")), **step)
+    assert not bool(result.applied)
+    for key, value in model.state_dict().items():  # weights and EMA codebooks as they were
+        assert torch.equal(value, before[key]), key
+    for key, value in optimizer.state_dict()["state"][0].items():  # Adam's moments and step too
+        assert torch.equal(value, adam[key]), key
+
+    assert bool(optimisation_step(model, optimizer, scaler, good, **step).applied)
+    assert not torch.equal(model.state_dict()["enc_b.blocks.0.weight"], before["enc_b.blocks.0.weight"])

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from conftest import comparable
 
 from mrivq.checkpoint import load_checkpoint
 from mrivq.config import load_config
+from mrivq.runtime import resolve_compile
 from mrivq.train import Trainer, lr_factor, read_metrics, train
 
 
@@ -18,7 +21,7 @@ def test_learning_rate_warms_up_then_follows_a_cosine_to_the_floor():
     assert factors[10] == pytest.approx(1.0)
     assert factors[60] == pytest.approx(0.55)
     assert lr_factor(110, 110, 10, "cosine", 0.1) == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert all(a >= b for a, b in itertools.pairwise(factors[10:]))
     assert lr_factor(50, 110, 10, "constant", 0.1) == 1.0
 
 
@@ -75,3 +78,10 @@ def test_compiled_training_steps_match_eager_ones(tiny_overrides):
     assert set(eager) == set(compiled)  # no compile prefix in what checkpoints save
     for key in eager:
         assert torch.allclose(eager[key].float(), compiled[key].float(), atol=1e-4, rtol=1e-3), key
+
+
+def test_compile_auto_is_off_on_the_cpu_and_on_on_cuda():
+    assert resolve_compile("auto", torch.device("cpu")) is False
+    assert resolve_compile("auto", torch.device("cuda")) is True
+    assert resolve_compile(True, torch.device("cpu")) is True
+    assert resolve_compile(False, torch.device("cuda")) is False

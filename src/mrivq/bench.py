@@ -1,7 +1,7 @@
 """Speed and memory figures: training and prediction throughput, and slice loading.
 
 ``benchmark(config)`` times the configured model on one batch of phantom slices, first on
-the path training uses (resolved precision, channels-last) and then on a plain fp32 eager
+the path training uses (resolved precision and compile mode, channels-last) and then on a plain fp32 eager
 path (contiguous tensors) with the same weights, and times loading the HipMRI-size phantom
 set (12,660 slices) from a fresh cache (cold) and again (warm). It reports; it never fails
 on a number.
@@ -24,7 +24,14 @@ from .data.phantom import make_volume, synthesize
 from .data.preprocess import Preprocessing, preprocess_slice
 from .data.splits import resolve_splits
 from .models import VQVAE2
-from .runtime import autocast, resolve_device, resolve_precision, seed_everything, set_threads
+from .runtime import (
+    autocast,
+    resolve_compile,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+    set_threads,
+)
 from .train import optimisation_step
 
 HIPMRI_PHANTOM = "hipmri-v3-seed0"
@@ -38,11 +45,12 @@ def phantom_batch(batch_size: int, image_size: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(np.stack(slices)).unsqueeze(1)
 
 
-def _train_throughput(model, batch, *, device, precision, channels_last, steps, warmup) -> float:
+def _train_throughput(model, batch, *, device, precision, channels_last, compile, steps, warmup) -> float:
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device).to(memory_format=memory_format).train()
     x = batch.to(device).contiguous(memory_format=memory_format)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    model = torch.compile(model) if compile else model
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     def step():
@@ -53,9 +61,10 @@ def _train_throughput(model, batch, *, device, precision, channels_last, steps, 
 
 
 @torch.inference_mode()
-def _predict_throughput(model, batch, *, device, precision, channels_last, steps, warmup) -> float:
+def _predict_throughput(model, batch, *, device, precision, channels_last, compile, steps, warmup) -> float:
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device).to(memory_format=memory_format).eval()
+    model = torch.compile(model) if compile else model
     x = batch.to(device).contiguous(memory_format=memory_format)
 
     def step():
@@ -106,12 +115,13 @@ def benchmark(config: Config, *, batch_size: int = 10, image_size: tuple[int, in
     set_threads(config.train.num_threads)
     device = resolve_device(config.train.device)
     precision = resolve_precision(config.train.precision, device)
+    compiled = resolve_compile(config.train.compile, device)
     seed_everything(config.seed)
     reference = VQVAE2(**config.model.model_dump())
     batch = phantom_batch(batch_size, image_size)
     log(f"model {sum(p.numel() for p in reference.parameters()) / 1e6:.2f}M parameters, batch "
         f"{batch_size}x1x{image_size[0]}x{image_size[1]}, device {device}, fast path: precision "
-        f"{precision}, channels-last; reference: fp32 eager, contiguous; {steps} steps after {warmup}")
+        f"{precision}, channels-last, torch.compile {'on' if compiled else 'off'}; reference: fp32 eager, contiguous; {steps} steps after {warmup}")
     figures = []
 
     def add(name, value, unit):
@@ -119,9 +129,9 @@ def benchmark(config: Config, *, batch_size: int = 10, image_size: tuple[int, in
 
     for kind, measure in (("train", _train_throughput), ("predict", _predict_throughput)):
         fast = measure(copy.deepcopy(reference), batch, device=device, precision=precision,
-                       channels_last=True, steps=steps, warmup=warmup)
+                       channels_last=True, compile=compiled, steps=steps, warmup=warmup)
         plain = measure(copy.deepcopy(reference), batch, device=device, precision="fp32",
-                        channels_last=False, steps=steps, warmup=warmup)
+                        channels_last=False, compile=False, steps=steps, warmup=warmup)
         add(f"{kind}_images_per_s", fast, "images/s")
         add(f"{kind}_images_per_s_fp32_eager", plain, "images/s")
         add(f"{kind}_speedup", fast / plain, "x")

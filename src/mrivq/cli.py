@@ -49,6 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slices", type=int, default=60, help="slices per volume (default 60)")
     p.add_argument("--hipmri-counts", action="store_true",
                    help="reproduce HipMRI's 11,460 / 660 / 540 slices (ignores --cases)")
+
+    p = sub.add_parser("reconstruct", help="NIfTI slices or volumes -> reconstructions and difference maps (NIfTI)")
+    p.add_argument("--checkpoint", required=True, metavar="FILE", help="the model (e.g. runs/default/models/best.pt)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI slices or 3-D volumes, or folders of them")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for NAME_recon.nii.gz and NAME_diff.nii.gz")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--batch-size", type=int, default=16, help="slices per forward pass (default 16)")
+
+    p = sub.add_parser("report", help="(re)write RUN_DIR/report.html, a self-contained page of the run")
+    p.add_argument("run_dir", metavar="RUN_DIR")
     return parser
 
 
@@ -63,6 +73,18 @@ def run(argv: list[str] | None = None) -> int:
                              slices_per_volume=args.slices, hipmri_counts=args.hipmri_counts,
                              progress=sys.stderr.isatty())
         print(_describe_synth(summary))
+        return 0
+    if args.command == "reconstruct":
+        from .reconstruct import reconstruct
+
+        for item in reconstruct(args.checkpoint, args.inputs, args.out, device=args.device,
+                                batch_size=args.batch_size):
+            print(f"{item['input']}: {item['reconstruction']}, {item['difference']}")
+        return 0
+    if args.command == "report":
+        from .html_report import write_report
+
+        print(f"wrote {write_report(args.run_dir)}")
         return 0
 
     from .config import load_config

@@ -107,7 +107,7 @@ class TrainConfig(_Section):
     val_batch_size: int | None = Field(default=None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    compile: bool = False
+    compile: Literal["auto"] | bool = "auto"
     num_threads: int | None = Field(default=None, ge=1)
     tensorboard: bool = False
 

@@ -22,13 +22,16 @@ from tqdm.auto import tqdm
 
 from . import metrics
 from .checkpoint import atomic_write, checkpoint_config, load_checkpoint, model_from_checkpoint
+from .codecs import CODEC_PROTOCOL, available_codecs, compare_codecs
 from .config import Config
 from .data.cache import load_split
 from .data.preprocess import Preprocessing
 from .data.sources import data_splits
 from .data.splits import parse_name
+from .html_report import write_report
 from .logs import interactive, run_logger
-from .report import save_sample_grid
+from .regions import STRUCTURES, load_masks
+from .report import plot_codebook_usage, save_difference_grid, save_sample_grid
 from .runtime import autocast, resolve_device, resolve_precision, set_threads
 
 log = logging.getLogger("mrivq")
@@ -48,6 +51,9 @@ class Evaluation:
     images_per_s: float
     code_shapes: tuple[tuple[int, int], tuple[int, int]]
     kept: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    mae: torch.Tensor | None = None
+    # {structure: {"ssim", "psnr", "mae": (N,)}}, NaN where a slice lacks the structure or mask
+    regions: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def usage(self) -> dict:
         out = {}
@@ -84,17 +90,20 @@ def slices_to_batch(slices: np.ndarray, device: torch.device) -> torch.Tensor:
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, images: np.ndarray, *, batch_size: int, device: torch.device,
              precision: str, keep: list[int] | tuple[int, ...] = (), progress: bool = False,
-             desc: str = "evaluate") -> Evaluation:
+             desc: str = "evaluate", masks: np.ndarray | None = None) -> Evaluation:
     """Reconstruct ``images`` ``(N, H, W)`` in [0, 1] and score every slice.
 
     ``keep`` lists slice indices whose input and reconstruction are returned for pictures.
+    ``masks`` ``(N, H, W)`` integer labels (all zero for a slice without a mask) add the
+    region metrics of :data:`mrivq.regions.STRUCTURES`.
     """
     was_training = model.training
     model.eval()
     quant_top, quant_bottom = model.quantize_top, model.quantize_bottom
     counts_top = torch.zeros(quant_top.n_embed, dtype=torch.long, device=device)
     counts_bottom = torch.zeros(quant_bottom.n_embed, dtype=torch.long, device=device)
-    ssim, psnr, mse = [], [], []
+    ssim, psnr, mse, mae = [], [], [], []
+    regions = {name: {"ssim": [], "psnr": [], "mae": []} for name in STRUCTURES} if masks is not None else {}
     recon_sum = torch.zeros((), device=device, dtype=torch.float64)
     commit_sum = torch.zeros((), device=device, dtype=torch.float64)
     keep_set, kept = set(keep), {}
@@ -114,6 +123,12 @@ def evaluate(model: torch.nn.Module, images: np.ndarray, *, batch_size: int, dev
         ssim.append(metrics.ssim_per_image(rec, x))
         psnr.append(metrics.psnr_per_image(rec, x))
         mse.append(metrics.mse_per_image(rec, x))
+        mae.append(metrics.mae_per_image(rec, x))
+        if masks is not None:
+            batch_masks = torch.from_numpy(np.asarray(masks[lo:lo + len(x)], dtype=np.int64))
+            for name, values in metrics.region_metrics(rec, x, batch_masks, STRUCTURES).items():
+                for key, v in values.items():
+                    regions[name][key].append(v)
         for i in range(lo, lo + len(x)):
             if i in keep_set:
                 kept[i] = (x[i - lo, 0].float().cpu().numpy(), rec[i - lo, 0].clamp(0, 1).cpu().numpy())
@@ -122,6 +137,8 @@ def evaluate(model: torch.nn.Module, images: np.ndarray, *, batch_size: int, dev
         recon_loss=float(recon_sum) / n, commitment_loss=float(commit_sum) / n,
         counts_top=counts_top.cpu(), counts_bottom=counts_bottom.cpu(),
         images_per_s=n / (time.perf_counter() - start), code_shapes=code_shapes, kept=kept,
+        mae=torch.cat(mae).cpu(),
+        regions={name: {k: torch.cat(v).cpu() for k, v in values.items()} for name, values in regions.items()},
     )
     model.train(was_training)
     return result
@@ -147,8 +164,11 @@ def preprocessing(config: Config) -> Preprocessing:
 def predict(config: Config, checkpoint: str | Path | None = None) -> dict:
     """Score a trained model on the test split and write the predict outputs of the run dir.
 
-    Writes logging/predict.log, samples/predict_set_{i}.png, predict/summary.json and
-    predict/per_slice.csv; returns the summary dict.
+    Writes logging/predict.log, samples/predict_set_{i}.png, samples/predict_worst.png,
+    visuals/codebook_usage.png, predict/summary.json, predict/per_slice.csv and updates
+    report.html; returns the summary dict. Where the test slices have masks, the summary and
+    the CSV hold SSIM, PSNR and MAE inside each structure of :data:`mrivq.regions.STRUCTURES`;
+    the summary's ``codecs`` scores standard codecs at the model's bits per pixel.
     """
     ckpt_path = Path(checkpoint or config.predict.checkpoint or config.model_dir / "best.pt").expanduser()
     ckpt = load_checkpoint(ckpt_path)
@@ -174,9 +194,12 @@ def predict(config: Config, checkpoint: str | Path | None = None) -> dict:
         per_set = min(config.predict.sample_size, n)
         sets = [sorted(rng.choice(n, size=per_set, replace=False).tolist())
                 for _ in range(config.predict.sample_sets)]
+        masks, has_mask = load_masks(test.files, test.original_shapes, preprocessing(config))
+        log.info("masks found for %d of %d test slices", int(has_mask.sum()), n)
         result = evaluate(model, test.images, batch_size=config.predict.batch_size, device=device,
                           precision=precision, keep=sorted({i for s in sets for i in s}),
-                          progress=interactive(), desc="predict")
+                          progress=interactive(), desc="predict",
+                          masks=masks if has_mask.any() else None)
         for k, chosen in enumerate(sets):
             save_sample_grid(np.stack([result.kept[i][0] for i in chosen]),
                              np.stack([result.kept[i][1] for i in chosen]),
@@ -185,27 +208,34 @@ def predict(config: Config, checkpoint: str | Path | None = None) -> dict:
                              labels=[f"SSIM {float(result.ssim[i]):.3f}" for i in chosen])
         model_cfg = trained.model
         top_shape, bottom_shape = result.code_shapes
+        bits_per_pixel = metrics.raw_bits_per_pixel(
+            tuple(config.data.image_size), top_shape, bottom_shape, model_cfg.n_embed, model_cfg.n_embed)
+        worst = _save_worst_slices(model, test, result, masks, device, precision,
+                                   config.sample_dir / "predict_worst.png")
+        plot_codebook_usage(result.counts_top, result.counts_bottom,
+                            config.visual_dir / "codebook_usage.png")
+        log.info("compressing the %d test slices with %s at %.3f bits per pixel", n,
+                 ", ".join(available_codecs()), bits_per_pixel)
+        codec_scores = compare_codecs(test.images, bits_per_pixel)
         summary = {
             "n_images": n,
             "ssim": _stats(result.ssim),
             "psnr": _stats(result.psnr),
             "mse": float(result.mse.double().mean()),
+            "mae": float(result.mae.double().mean()),
             "codebook": result.usage(),
-            "bits_per_pixel": metrics.raw_bits_per_pixel(
-                tuple(config.data.image_size), top_shape, bottom_shape, model_cfg.n_embed, model_cfg.n_embed),
+            "bits_per_pixel": bits_per_pixel,
             "checkpoint": str(ckpt_path),
             "protocol": metrics.SSIM_PROTOCOL,
             "images_per_s": result.images_per_s,
             "skipped_files": [f for f, _ in test.skipped],
+            "regions": _region_summary(result, has_mask),
+            "codecs": _codec_summary(result, bits_per_pixel, codec_scores),
+            "worst_slices": worst,
         }
-        rows = io.StringIO()
-        writer = csv.writer(rows)
-        writer.writerow(["file", "case", "ssim", "psnr", "mse"])
-        for i, file in enumerate(test.files):
-            writer.writerow([file, parse_name(file)[0], f"{float(result.ssim[i]):.6f}",
-                             f"{float(result.psnr[i]):.4f}", f"{float(result.mse[i]):.8f}"])
         out_dir = config.run_dir / "predict"
-        atomic_write(out_dir / "per_slice.csv", lambda fh: fh.write(rows.getvalue().encode()))
+        rows = _per_slice_csv(test.files, result)
+        atomic_write(out_dir / "per_slice.csv", lambda fh: fh.write(rows.encode()))
         atomic_write(out_dir / "summary.json",
                      lambda fh: fh.write(json.dumps(summary, indent=2).encode()))
         log.info("test: %d slices, SSIM %.4f ± %.4f (p5 %.4f, min %.4f), PSNR %.2f dB, %.1f images/s",
@@ -215,6 +245,75 @@ def predict(config: Config, checkpoint: str | Path | None = None) -> dict:
                  "%.3f bits per pixel", summary["codebook"]["top"]["used"], model_cfg.n_embed,
                  summary["codebook"]["top"]["perplexity"], summary["codebook"]["bottom"]["used"],
                  model_cfg.n_embed, summary["codebook"]["bottom"]["perplexity"], summary["bits_per_pixel"])
+        for name, region in (summary["regions"] or {}).get("structures", {}).items():
+            log.info("%-10s (%3d slices): SSIM %.4f, PSNR %.2f dB, MAE %.4f", name, region["n_slices"],
+                     region["ssim"]["mean"], region["psnr"]["mean"], region["mae"]["mean"])
+        for codec, scores in summary["codecs"]["codecs"].items():
+            log.info("%-9s at %.3f bpp: SSIM %.4f, PSNR %.2f dB (model: SSIM %.4f, PSNR %.2f dB)",
+                     codec, scores["bits_per_pixel"]["mean"], scores["ssim"]["mean"], scores["psnr"]["mean"],
+                     summary["ssim"]["mean"], summary["psnr"]["mean"])
         log.info("wrote %s", out_dir / "summary.json")
+        log.info("wrote %s", write_report(config.run_dir))
     return summary
+
+
+def _region_summary(result: Evaluation, has_mask: np.ndarray) -> dict | None:
+    """Per-structure stats over the slices that contain the structure; None without masks."""
+    if not result.regions:
+        return None
+    structures = {}
+    for name, values in result.regions.items():
+        present = torch.isfinite(values["mae"])
+        structures[name] = {"labels": list(STRUCTURES[name]), "n_slices": int(present.sum()),
+                            **{key: _stats(v[present]) for key, v in values.items()}}
+    return {"n_slices_with_mask": int(has_mask.sum()), "definition": metrics.REGION_PROTOCOL,
+            "structures": structures}
+
+
+def _codec_summary(result: Evaluation, bits_per_pixel: float, codec_scores: dict) -> dict:
+    return {
+        "bits_per_pixel": bits_per_pixel,
+        "method": CODEC_PROTOCOL,
+        "model": {"bits_per_pixel": bits_per_pixel, "ssim": _stats(result.ssim), "psnr": _stats(result.psnr)},
+        "codecs": {codec: {k: v for k, v in scores.items() if k != "per_slice"}
+                   for codec, scores in codec_scores.items()},
+    }
+
+
+def _per_slice_csv(files: list[str], result: Evaluation) -> str:
+    """per_slice.csv: whole-slice metrics, then ``<structure>_{ssim,psnr,mae}`` (blank if absent)."""
+    def cell(value: torch.Tensor, digits: int) -> str:
+        value = float(value)
+        return "" if math.isnan(value) else f"{value:.{digits}f}"
+
+    rows = io.StringIO()
+    writer = csv.writer(rows)
+    region_columns = [(name, key) for name in result.regions for key in ("ssim", "psnr", "mae")]
+    writer.writerow(["file", "case", "ssim", "psnr", "mse", "mae",
+                     *(f"{name}_{key}" for name, key in region_columns)])
+    digits = {"ssim": 6, "psnr": 4, "mae": 6}
+    for i, file in enumerate(files):
+        writer.writerow([file, parse_name(file)[0], cell(result.ssim[i], 6), cell(result.psnr[i], 4),
+                         f"{float(result.mse[i]):.8f}", cell(result.mae[i], 6),
+                         *(cell(result.regions[name][key][i], digits[key]) for name, key in region_columns)])
+    return rows.getvalue()
+
+
+@torch.inference_mode()
+def _save_worst_slices(model: torch.nn.Module, test, result: Evaluation, masks: np.ndarray,
+                       device: torch.device, precision: str, path: Path, count: int = 5) -> list[dict]:
+    """samples/predict_worst.png: the ``count`` lowest-SSIM slices with difference maps."""
+    order = torch.argsort(torch.nan_to_num(result.ssim, nan=-1.0))[:count].tolist()
+    x = slices_to_batch(test.images[order], device)
+    model.eval()
+    with autocast(device, precision):
+        rec = model(x).reconstruction.float().clamp(0, 1)
+    inputs, recs = x[:, 0].float().cpu().numpy(), rec[:, 0].cpu().numpy()
+    names = [Path(test.files[i]).name for i in order]
+    save_difference_grid(inputs, recs, path, masks=masks[order] if masks is not None else None,
+                         title="five lowest-SSIM test slices: input, reconstruction, "
+                               "difference (reconstruction - input)",
+                         labels=[f"{name}\nSSIM {float(result.ssim[i]):.3f}" for name, i in zip(names, order)])
+    return [{"file": test.files[i], "ssim": float(result.ssim[i]), "psnr": float(result.psnr[i])}
+            for i in order]
 

@@ -1,4 +1,6 @@
-"""Pictures of a run: sample grids (inputs over reconstructions) and training curves.
+"""Pictures of a run: sample grids, difference maps, codebook use and training curves.
+
+The self-contained HTML report that gathers them is :mod:`mrivq.html_report`.
 
 Everything is drawn with matplotlib's Agg backend and written atomically, so a plot
 interrupted half-way never replaces a good one.
@@ -81,3 +83,71 @@ def plot_curves(rows: list[dict], visual_dir: Path) -> None:
     _plot_curves(rows, [("train_ssim", "train SSIM", "-"), ("val_ssim", "validation SSIM", "o-")],
                  title="SSIM (per slice, data range 1)", ylabel="SSIM",
                  path=Path(visual_dir) / "ssims.png")
+
+
+# Outline colours of the HipMRI labels: bone, bladder, rectum, prostate (as in the phantom montage).
+STRUCTURE_COLOURS = {2: "#ffd23f", 3: "#3fa7ff", 4: "#b04aff", 5: "#ff4a4a"}
+
+
+def save_difference_grid(inputs: np.ndarray, reconstructions: np.ndarray, path: Path, *,
+                         masks: np.ndarray | None = None, title: str | None = None,
+                         labels: list[str] | None = None) -> None:
+    """Inputs, reconstructions and signed differences (reconstruction - input) in three rows.
+
+    Arrays ``(N, H, W)``, images in [0, 1]; ``masks`` ``(N, H, W)`` labels outline the
+    structures (HipMRI labels 2-5) on the inputs. The difference row shares one symmetric
+    colour scale, so red (too bright) and blue (too dark) read the same in every column.
+    """
+    n = len(inputs)
+    h, w = display(inputs[0]).shape
+    diffs = np.clip(reconstructions, 0, 1) - inputs
+    limit = max(float(np.abs(diffs).max()), 1e-3)
+    fig, axes = plt.subplots(3, n, figsize=(max(3.0, 1.9 * n * w / h + 1.0), 5.6), squeeze=False)
+    for i in range(n):
+        axes[0, i].imshow(display(np.clip(inputs[i], 0, 1)), cmap="gray", vmin=0, vmax=1)
+        if masks is not None:
+            for label, colour in STRUCTURE_COLOURS.items():
+                if (masks[i] == label).any():
+                    axes[0, i].contour(display(masks[i] == label).astype(float), levels=[0.5],
+                                       linewidths=0.6, colors=[colour])
+        axes[1, i].imshow(display(np.clip(reconstructions[i], 0, 1)), cmap="gray", vmin=0, vmax=1)
+        shown = axes[2, i].imshow(display(diffs[i]), cmap="RdBu_r", vmin=-limit, vmax=limit)
+        for row in range(3):
+            axes[row, i].set_xticks([])
+            axes[row, i].set_yticks([])
+        if labels:
+            axes[2, i].set_xlabel(labels[i], fontsize=6)
+    for row, name in enumerate(("input", "reconstruction", "difference")):
+        axes[row, 0].set_ylabel(name, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
+    # The colour bar gets its own axes, so the difference row keeps the size of the others.
+    bottom_row = axes[2, 0].get_position()
+    colour_axes = fig.add_axes((0.92, bottom_row.y0, 0.015, bottom_row.height))
+    fig.colorbar(shown, cax=colour_axes).set_label("reconstruction - input", fontsize=7)
+    _save(fig, path)
+
+
+def plot_codebook_usage(counts_top, counts_bottom, path: Path) -> None:
+    """visuals/codebook_usage.png: how often each code is used, per level, most used first."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, level, counts in zip(axes, ("top", "bottom"), (counts_top, counts_bottom)):
+        counts = np.sort(np.asarray(counts, dtype=np.float64))[::-1]
+        total = counts.sum()
+        used = int((counts > 0).sum())
+        probs = counts[counts > 0] / total if total else np.array([1.0])
+        perplexity = float(np.exp(-(probs * np.log(probs)).sum()))
+        ax.bar(np.arange(len(counts)), np.maximum(counts, 0.5), width=1.0, color="#3a6ea5")
+        ax.set_yscale("log")
+        ax.set_xlabel("code (sorted by use)")
+        ax.set_ylabel("uses on the test set")
+        ax.set_title(f"{level}: {used}/{len(counts)} codes used, perplexity {perplexity:.1f}", fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+# The HTML page of a run lives in its own module; it is re-exported here so that training and
+# prediction find every picture of a run in one place.
+from .html_report import write_report  # noqa: F401

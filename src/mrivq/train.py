@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
+import inspect
 import io
 import logging
 import math
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from . import metrics
+from . import distributed, metrics
 from .checkpoint import (
     atomic_write,
     checkpoint_config,
@@ -43,11 +45,19 @@ from .config import Config
 from .data.cache import load_split
 from .data.sources import data_splits
 from .errors import TrainingInterrupted, UserError
-from .evaluate import evaluate, preprocessing, slices_to_batch
+from .evaluate import Evaluation, evaluate, preprocessing, slices_to_batch
+from .html_report import write_report
 from .logs import interactive, run_logger
 from .models import VQVAE2
 from .report import plot_curves, save_sample_grid
-from .runtime import autocast, resolve_device, resolve_precision, seed_everything, set_threads
+from .runtime import (
+    autocast,
+    resolve_compile,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+    set_threads,
+)
 
 log = logging.getLogger("mrivq")
 
@@ -59,7 +69,13 @@ METRIC_COLUMNS = [
 ]
 
 TRAIN_SSIM_EVERY = 5
+SYNC_EVERY = 10  # on CUDA: read NaN/Inf counts and agree on a stop signal every this many steps
 
+
+
+def sync_free_steps(device: torch.device) -> bool:
+    """Whether training steps avoid waiting for the device (CUDA); see optimisation_step."""
+    return device.type == "cuda"
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float) -> float:
@@ -96,23 +112,29 @@ def stop_on_signals(trainer: Trainer):
 
 
 class StepResult(NamedTuple):
-    """Detached results of one applied optimisation step."""
+    """Detached results of one optimisation step."""
 
     loss: torch.Tensor
     recon_loss: torch.Tensor
     commitment_loss: torch.Tensor
     reconstruction: torch.Tensor  # (B, 1, H, W) float32
+    applied: torch.Tensor  # () bool on the device: False when the loss was NaN/Inf and nothing changed
 
 
 def optimisation_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                       scaler: torch.amp.GradScaler, batch: torch.Tensor, *, device: torch.device,
-                      precision: str, latent_loss_weight: float,
-                      grad_clip: float | None) -> StepResult | None:
+                      precision: str, latent_loss_weight: float, grad_clip: float | None,
+                      sync_free: bool = False) -> StepResult | None:
     """Forward, loss, backward, clip, optimiser step on ``batch`` ``(B, 1, H, W)`` in [0, 1].
 
-    Loss = reconstruction MSE + ``latent_loss_weight`` x commitment loss. Returns None, with
-    nothing applied (the forward pass's EMA codebook update is undone too), when the loss is
-    NaN or Inf.
+    Loss = reconstruction MSE + ``latent_loss_weight`` x commitment loss. When the loss is NaN
+    or Inf nothing is applied (the forward pass's EMA codebook update is undone too) and the
+    result is None, or, with ``sync_free``, a result whose ``applied`` is False.
+
+    ``sync_free`` (for CUDA) never waits for the device: the finiteness test stays a device
+    tensor, the codebook is restored with ``torch.where`` and the optimiser skips its update
+    through ``found_inf``, which needs a fused optimiser (``Adam(fused=True)``), as GradScaler
+    uses it.
     """
     codebooks = {name: buf.clone() for name, buf in model.named_buffers()}
     with autocast(device, precision):
@@ -121,7 +143,13 @@ def optimisation_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     recon_loss = F.mse_loss(reconstruction, batch)
     commitment_loss = out.commitment_loss.float()
     loss = recon_loss + latent_loss_weight * commitment_loss
-    if not torch.isfinite(loss).item():
+    # Under torchrun every rank must agree, or one would wait forever in the gradient all-reduce.
+    finite = distributed.all_true(torch.isfinite(loss))
+    if sync_free:
+        with torch.no_grad():
+            for name, buf in model.named_buffers():
+                buf.copy_(torch.where(finite, buf, codebooks[name]))
+    elif not finite.item():
         with torch.no_grad():
             for name, buf in model.named_buffers():
                 buf.copy_(codebooks[name])
@@ -131,38 +159,63 @@ def optimisation_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     if grad_clip:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if sync_free and not scaler.is_enabled():
+        optimizer.found_inf = (~finite).float()  # the fused kernel skips the update where 1
     scaler.step(optimizer)
     scaler.update()
-    return StepResult(loss.detach(), recon_loss.detach(), commitment_loss.detach(), reconstruction.detach())
+    return StepResult(loss.detach(), recon_loss.detach(), commitment_loss.detach(), reconstruction.detach(),
+                      finite)
 
 
 class Trainer:
     """Holds what changes while training: model, optimiser, schedule, step, RNG, history."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, dist_ctx: distributed.Context | None = None):
         self.config = config
         tc = config.train
         set_threads(tc.num_threads)
-        self.device = resolve_device(tc.device)
+        self.dist = dist_ctx or distributed.Context(device=resolve_device(tc.device))
+        self.device = self.dist.device
         self.precision = resolve_precision(tc.precision, self.device)
+        self.compile = resolve_compile(tc.compile, self.device)
         seed_everything(config.seed)
 
-        splits = data_splits(config.data, config.seed)
-        prep = preprocessing(config)
-        load = dict(cache_dir=config.data.cache_dir, on_bad_file=config.data.on_bad_file,
-                    workers=config.data.workers, progress=interactive())
-        self.train_set = load_split(splits.train, prep, name="train", **load)
-        self.val_set = load_split(splits.validate, prep, name="validate", **load)
+        with distributed.main_first(self.dist):  # rank 0 makes the phantom and the cache
+            splits = data_splits(config.data, config.seed)
+            prep = preprocessing(config)
+            load = {"cache_dir": config.data.cache_dir, "on_bad_file": config.data.on_bad_file,
+                    "workers": config.data.workers, "progress": interactive() and self.dist.is_main}
+            self.train_set = load_split(splits.train, prep, name="train", **load)
+            self.val_set = load_split(splits.validate, prep, name="validate", **load)
 
         self.model = VQVAE2(**config.model.model_dump()).to(self.device)
         self.model = self.model.to(memory_format=torch.channels_last)
-        # Training steps may run through torch.compile; evaluation and checkpoints use the
-        # plain module (same parameters), so saved weights carry no compile prefix.
-        self.step_model = torch.compile(self.model) if tc.compile else self.model
+        # Training steps run through DistributedDataParallel (several processes) and/or
+        # torch.compile; evaluation and checkpoints use the plain module (same parameters),
+        # so saved weights carry no `module.` or compile prefix.
+        self.step_model = self.model
+        if self.dist.active:
+            # The quantizer keeps the codebook buffers identical itself (all-reduced statistics,
+            # rank 0's restarts broadcast), so DDP need not broadcast buffers every step.
+            ddp = torch.nn.parallel.DistributedDataParallel
+            no_buffer_sync = ({"forward_sync_buffers": False}
+                              if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                              else {"broadcast_buffers": False})
+            self.step_model = ddp(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
+                                  else None, **no_buffer_sync)
+        if self.compile:
+            self.step_model = torch.compile(self.step_model)
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
-        self.optimizer = opt_cls(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
-        self.steps_per_epoch = math.ceil(len(self.train_set.images) / tc.batch_size)
+        # On CUDA a step never waits for the GPU: NaN/Inf skips happen on the device (fused Adam's
+        # found_inf) and are counted there, read every SYNC_EVERY steps. On the CPU a tensor's
+        # value is at hand anyway, so the plain (foreach) Adam and an exact per-step check serve.
+        self.sync_free = sync_free_steps(self.device)
+        self.optimizer = opt_cls(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
+                                 **({"fused": True} if self.sync_free else {}))
+        # train.batch_size is per process: one step of N processes sees N x batch_size slices.
+        per_rank = math.ceil(len(self.train_set.images) / self.dist.world_size)
+        self.steps_per_epoch = math.ceil(per_rank / tc.batch_size)
         self.total_steps = tc.epochs * self.steps_per_epoch
         if tc.max_steps:
             self.total_steps = min(self.total_steps, tc.max_steps)
@@ -178,6 +231,9 @@ class Trainer:
         self.epoch_shuffle_state = self.shuffle.get_state()
         self.best_ssim = -math.inf
         self.nonfinite_in_a_row = 0
+        # Sync-free mode: NaN/Inf steps in a row now, and the longest such run since the last check.
+        self.nonfinite_run = torch.zeros((), dtype=torch.long, device=self.device)
+        self.nonfinite_worst = torch.zeros((), dtype=torch.long, device=self.device)
         self.compiled_once = False
         self.stop_signal: int | None = None
         self.history: list[dict] = []
@@ -191,12 +247,13 @@ class Trainer:
     # ------------------------------------------------------------------ state ----------
     def _reset_running(self) -> None:
         # Sums over the steps since the last evaluation, kept on the device: no host sync per step.
-        self.running = torch.zeros(5, dtype=torch.float64, device=self.device)
+        # [loss, recon, commitment, ssim sum, ssim count, applied steps], summed on the device.
+        self.running = torch.zeros(6, dtype=torch.float64, device=self.device)
         self.running_steps = 0
         self.running_images = 0
         self.running_time = 0.0
 
-    def state_dict(self) -> dict:
+    def state_dict(self, running: torch.Tensor | None = None) -> dict:
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -214,7 +271,8 @@ class Trainer:
                 "numpy": _numpy_rng_state(),
                 "python": _python_rng_state(),
             },
-            "running": {"sums": self.running.cpu(), "steps": self.running_steps,
+            "running": {"sums": (self.running if running is None else running).cpu(),
+                        "steps": self.running_steps,
                         "images": self.running_images, "time": self.running_time},
             "normalization": {"policy": self.config.data.normalize,
                               "percentiles": list(self.config.data.percentiles),
@@ -236,12 +294,16 @@ class Trainer:
         np.random.set_state(_numpy_state_from(rng["numpy"]))
         random.setstate(_python_state_from(rng["python"]))
         running = ckpt["running"]
-        self.running = running["sums"].to(self.device)
+        sums = running["sums"]
+        if len(sums) == 5:  # written before the applied-steps count existed: all steps were applied
+            sums = torch.cat([sums, torch.tensor([float(running["steps"])], dtype=sums.dtype)])
+        self.running = sums.to(self.device)
         self.running_steps, self.running_images = int(running["steps"]), int(running["images"])
         self.running_time = float(running["time"])
         # Rows written after this checkpoint (then lost to a kill) are dropped: they will be redone.
         self.history = read_metrics(self.config.run_dir / "metrics.csv", up_to_step=self.step)
-        write_metrics(self.config.run_dir / "metrics.csv", self.history)
+        if self.dist.is_main:
+            write_metrics(self.config.run_dir / "metrics.csv", self.history)
 
     # ------------------------------------------------------------------ loop -----------
     def train_step(self, batch: torch.Tensor) -> bool:
@@ -252,23 +314,31 @@ class Trainer:
             result = optimisation_step(self.step_model, self.optimizer, self.scaler, batch, device=self.device,
                                        precision=self.precision,
                                        latent_loss_weight=tc.latent_loss_weight,
-                                       grad_clip=tc.grad_clip)
+                                       grad_clip=tc.grad_clip, sync_free=self.sync_free)
         except Exception as exc:  # torch.compile could not build this model here: go on eagerly
-            if self.step_model is self.model or self.compiled_once:
+            if not self.compile or self.compiled_once:
                 raise
             log.warning("torch.compile failed (%s); training continues without it",
                         str(exc).splitlines()[0][:160])
-            self.step_model = self.model
+            self.compile = False
+            self.step_model = getattr(self.step_model, "_orig_mod", self.model)
             return self.train_step(batch)
         self.compiled_once = True
         if result is None:
             return False
         self.scheduler.step()
-        self.running[:3] += torch.stack([result.loss, result.recon_loss, result.commitment_loss]).double()
+        ok = result.applied
+        losses = torch.stack([result.loss, result.recon_loss, result.commitment_loss]).double()
+        self.running[:3] += torch.where(ok, losses, 0.0)
+        self.running[5] += ok.double()
         if self.running_steps % TRAIN_SSIM_EVERY == 0:
             # Training SSIM on every few batches is enough for the curve and costs ~1 % instead of ~6 %.
-            self.running[3] += metrics.ssim_per_image(result.reconstruction, batch).mean().double()
-            self.running[4] += 1
+            ssim = metrics.ssim_per_image(result.reconstruction, batch).mean().double()
+            self.running[3] += torch.where(ok, ssim, 0.0)
+            self.running[4] += ok.double()
+        if self.sync_free:
+            self.nonfinite_run = torch.where(ok, 0, self.nonfinite_run + 1)
+            self.nonfinite_worst = torch.maximum(self.nonfinite_worst, self.nonfinite_run)
         self.running_steps += 1
         self.running_images += len(batch)
         return True
@@ -279,15 +349,23 @@ class Trainer:
                  len(self.train_set.images), len(self.val_set.images), self.steps_per_epoch,
                  self.total_steps)
         log.info("device %s, precision %s, torch.compile %s, %d threads; model %.2fM parameters",
-                 self.device, self.precision, "on" if self.step_model is not self.model else "off",
+                 self.device, self.precision, "on" if self.compile else "off",
                  torch.get_num_threads(),
                  sum(p.numel() for p in self.model.parameters()) / 1e6)
-        if tc.tensorboard:
+        if self.dist.active:
+            log.info("distributed: %d processes (%s), batch %d per process, %d per step",
+                     self.dist.world_size, torch.distributed.get_backend(), tc.batch_size,
+                     tc.batch_size * self.dist.world_size)
+        if tc.tensorboard and self.dist.is_main:
             self.writer = _tensorboard_writer(cfg.log_dir / "tensorboard")
         with logging_redirect_tqdm(loggers=[log]):
             self._loop()
         if self.writer:
             self.writer.close()
+        if self.dist.is_main:
+            write_report(cfg.run_dir)
+            log.info("wrote %s", cfg.run_dir / "report.html")
+        distributed.barrier(self.dist)
         best = max(self.history, key=lambda r: r["val_ssim"]) if self.history else {}
         log.info("done: %d steps in %.0f s of training; best validation SSIM %.4f at step %s",
                  self.step, self.elapsed, self.best_ssim, best.get("step"))
@@ -298,11 +376,12 @@ class Trainer:
         tc = self.config.train
         images = self.train_set.images
         n = len(images)
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not interactive(),
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train",
+                   disable=not (interactive() and self.dist.is_main),
                    dynamic_ncols=True)
         while self.step < self.total_steps:
             self.shuffle.set_state(self.epoch_shuffle_state)
-            order = torch.randperm(n, generator=self.shuffle).numpy()
+            order = distributed.shard(torch.randperm(n, generator=self.shuffle).numpy(), self.dist)
             next_epoch_state = self.shuffle.get_state()
             self.model.train()
             for b in range(self.batch_in_epoch, self.steps_per_epoch):
@@ -311,24 +390,25 @@ class Trainer:
                 idx = np.sort(order[b * tc.batch_size:(b + 1) * tc.batch_size])
                 t0 = time.perf_counter()
                 applied = self.train_step(slices_to_batch(images[idx], self.device))
-                self.nonfinite_in_a_row = 0 if applied else self.nonfinite_in_a_row + 1
-                if self.nonfinite_in_a_row:
-                    log.warning("step %d: loss is NaN or Inf; step skipped (%d in a row)",
-                                self.step + 1, self.nonfinite_in_a_row)
-                    if self.nonfinite_in_a_row >= tc.max_nonfinite_steps:
-                        raise UserError(
-                            f"training stopped: the loss was NaN or Inf for {self.nonfinite_in_a_row} "
-                            f"steps in a row (up to step {self.step + 1}); models/last.pt and best.pt "
-                            "hold the last good state; lower train.lr or check the data")
                 self.step += 1
                 self.batch_in_epoch = b + 1
+                epoch_done = self.batch_in_epoch == self.steps_per_epoch
+                due = (self.step % tc.interval == 0 or self.step % tc.checkpoint_every == 0 or epoch_done
+                       or self.step == self.total_steps)
+                # On the CPU every step checks; on CUDA every SYNC_EVERY steps and before any save.
+                check = not self.sync_free or due or self.step % SYNC_EVERY == 0
+                if check:
+                    self._check_nonfinite(applied)
                 if self.device.type == "cuda" and self.step % tc.interval == 0:
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t0
                 self.running_time += dt
                 self.elapsed += dt
                 bar.update(1)
-                epoch_done = self.batch_in_epoch == self.steps_per_epoch
+                if self.dist.active and check:  # a signal may reach the ranks at different steps
+                    stop = distributed.any_rank(self.dist, self.stop_signal is not None)
+                    if stop and self.stop_signal is None:
+                        self.stop_signal = signal.SIGTERM
                 if self.nonfinite_in_a_row and self.step < self.total_steps and not self.stop_signal:
                     pass  # nothing new to evaluate or save: last.pt stays the last good step
                 elif self.step % tc.interval == 0 or epoch_done or self.step == self.total_steps:
@@ -346,22 +426,27 @@ class Trainer:
     # --------------------------------------------------------------- evaluation ---------
     def evaluate_and_save(self, *, epoch_end: bool) -> None:
         cfg, tc = self.config, self.config.train
-        val = evaluate(self.model, self.val_set.images, batch_size=tc.val_batch_size or tc.batch_size,
-                       device=self.device, precision=self.precision, keep=self.sample_index)
+        val = self._validate()
         scores = val.scalars(tc.latent_loss_weight)
         row = {"epoch": self.epoch, "step": self.step, "lr": self.scheduler.get_last_lr()[0]}
         if self.running_steps:
-            sums = self.running.tolist()
-            row.update(train_loss=sums[0] / self.running_steps,
-                       train_recon_loss=sums[1] / self.running_steps,
-                       train_commitment_loss=sums[2] / self.running_steps,
+            sums = self._mean_running().tolist()
+            images = self.running_images * self.dist.world_size
+            applied = max(sums[5], 1)
+            row.update(train_loss=sums[0] / applied,
+                       train_recon_loss=sums[1] / applied,
+                       train_commitment_loss=sums[2] / applied,
                        train_ssim=sums[3] / max(sums[4], 1),
-                       train_images_per_s=self.running_images / max(self.running_time, 1e-9))
+                       train_images_per_s=images / max(self.running_time, 1e-9))
         row.update({f"val_{k}": v for k, v in scores.items() if k != "images_per_s"})
         row["val_images_per_s"] = scores["images_per_s"]
         row["elapsed_s"] = self.elapsed
         self.history.append(row)
         self._reset_running()
+        if not self.dist.is_main:  # every rank has the same row (and best); rank 0 writes
+            self.best_ssim = max(self.best_ssim, row["val_ssim"])
+            self.save_last()
+            return
         write_metrics(cfg.run_dir / "metrics.csv", self.history)
         message = (f"epoch {self.epoch} step {self.step}/{self.total_steps}: "
                    f"train loss {row.get('train_loss', math.nan):.5f} SSIM {row.get('train_ssim', math.nan):.4f} | "
@@ -393,8 +478,79 @@ class Trainer:
                 self.writer.add_images("validation/inputs_over_reconstructions",
                                        np.concatenate([inputs, recons], axis=1)[:, None], self.step)
 
+    def _check_nonfinite(self, applied: bool) -> None:
+        """Count NaN/Inf steps in a row; stop the run after train.max_nonfinite_steps of them."""
+        limit = self.config.train.max_nonfinite_steps
+        if self.sync_free:  # counted on the device since the last check: one read now
+            run, worst = (int(v) for v in torch.stack([self.nonfinite_run, self.nonfinite_worst]).tolist())
+            self.nonfinite_worst.zero_()
+            self.nonfinite_in_a_row, longest = run, worst
+            if worst:
+                log.warning("up to step %d: %d NaN/Inf steps in a row skipped", self.step, worst)
+        else:
+            self.nonfinite_in_a_row = 0 if applied else self.nonfinite_in_a_row + 1
+            longest = self.nonfinite_in_a_row
+            if longest:
+                log.warning("step %d: loss is NaN or Inf; step skipped (%d in a row)", self.step, longest)
+        if longest >= limit:
+            raise UserError(
+                f"training stopped: the loss was NaN or Inf for {longest} steps in a row (up to step "
+                f"{self.step}); models/last.pt and best.pt hold the last good state; lower train.lr "
+                "or check the data")
+
     def save_last(self) -> None:
-        save_checkpoint(self.config.model_dir / "last.pt", self.state_dict())
+        """Rank 0 writes models/last.pt; every rank must call this (state_dict reduces over ranks)."""
+        state = self.state_dict(running=self._mean_running())
+        if self.dist.is_main:
+            save_checkpoint(self.config.model_dir / "last.pt", state)
+
+    def _mean_running(self) -> torch.Tensor:
+        """The running training sums averaged over ranks (one all-reduce under torchrun).
+
+        On resume every rank starts from this average, so the average over ranks at the next
+        evaluation is still the mean over all ranks' steps."""
+        if not self.dist.active:
+            return self.running
+        return distributed.sum_(self.dist, self.running.clone()) / self.dist.world_size
+
+    def _validate(self) -> Evaluation:
+        """Validation scores of the whole validation set; under torchrun each rank scores every
+        ``world_size``-th slice and the per-slice results are gathered back in order."""
+        tc = self.config.train
+        n = len(self.val_set.images)
+        mine = np.arange(self.dist.rank, n, self.dist.world_size)
+        wanted = set(self.sample_index)
+        part = evaluate(self.model, self.val_set.images[mine] if self.dist.active else self.val_set.images,
+                        batch_size=tc.val_batch_size or tc.batch_size, device=self.device,
+                        precision=self.precision, keep=[j for j, i in enumerate(mine) if i in wanted])
+        if not self.dist.active:
+            return part
+        part.kept = {int(mine[j]): pictures for j, pictures in part.kept.items()}
+        return merge_evaluations(distributed.gather(self.dist, (mine, part)), n)
+
+
+def merge_evaluations(parts: list[tuple[np.ndarray, Evaluation]], n: int) -> Evaluation:
+    """One Evaluation of ``n`` slices from parts that each scored the slices at their indices."""
+    def per_slice(name):
+        if getattr(parts[0][1], name) is None:
+            return None
+        out = torch.empty(n, dtype=getattr(parts[0][1], name).dtype)
+        for index, part in parts:
+            out[torch.as_tensor(index)] = getattr(part, name)
+        return out
+
+    sizes = [len(index) for index, _ in parts]
+    return dataclasses.replace(
+        parts[0][1],
+        ssim=per_slice("ssim"), psnr=per_slice("psnr"), mse=per_slice("mse"), mae=per_slice("mae"),
+        regions={},  # validation scores whole slices only
+        recon_loss=sum(p.recon_loss * k for (_, p), k in zip(parts, sizes)) / n,
+        commitment_loss=sum(p.commitment_loss * k for (_, p), k in zip(parts, sizes)) / n,
+        counts_top=sum(p.counts_top for _, p in parts),
+        counts_bottom=sum(p.counts_bottom for _, p in parts),
+        images_per_s=sum(p.images_per_s for _, p in parts),
+        kept={i: pictures for _, p in parts for i, pictures in p.kept.items()},
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -413,26 +569,34 @@ def train(config: Config, *, resume: str | Path | None = None, overwrite: bool =
         config = checkpoint_config(ckpt, last)
         config.output.dir = run_dir
     else:
-        _claim_run_dir(config, overwrite)
         ckpt = None
-    with run_logger(config.log_dir / "training.log"):
-        trainer = Trainer(config)
-        atomic_write(config.run_dir / "config.yaml", lambda fh: fh.write(config.to_yaml().encode()))
-        if ckpt is not None:
-            trainer.load_state_dict(ckpt, config.model_dir / "last.pt")
-            log.info("resumed %s at epoch %d, step %d", config.run_dir, trainer.epoch, trainer.step)
-        with stop_on_signals(trainer):
-            return trainer.run()
+    # Under torchrun (WORLD_SIZE > 1) this process joins the group; rank 0 alone writes.
+    dist_ctx = distributed.setup(resolve_device(config.train.device))
+    try:
+        if ckpt is None:
+            _claim_run_dir(config, overwrite, remove=dist_ctx.is_main)
+        logger = run_logger(config.log_dir / "training.log") if dist_ctx.is_main else contextlib.nullcontext()
+        with logger:
+            trainer = Trainer(config, dist_ctx)
+            if dist_ctx.is_main:
+                atomic_write(config.run_dir / "config.yaml", lambda fh: fh.write(config.to_yaml().encode()))
+            if ckpt is not None:
+                trainer.load_state_dict(ckpt, config.model_dir / "last.pt")
+                log.info("resumed %s at epoch %d, step %d", config.run_dir, trainer.epoch, trainer.step)
+            with stop_on_signals(trainer):
+                return trainer.run()
+    finally:
+        distributed.teardown(dist_ctx)
 
 
-def _claim_run_dir(config: Config, overwrite: bool) -> None:
+def _claim_run_dir(config: Config, overwrite: bool, *, remove: bool = True) -> None:
     # What a finished or interrupted run leaves; a new run must not silently replace it.
     outputs = (config.run_dir / "metrics.csv", config.model_dir / "last.pt", config.model_dir / "best.pt")
     existing = [path.name for path in outputs if path.exists()]
     if existing and not overwrite:
         raise UserError(f"{config.run_dir} already holds a run ({existing[0]}); continue it with "
                         f"--resume {config.run_dir}, choose another output.dir, or pass --overwrite")
-    if existing:
+    if existing and remove:
         for folder in (config.model_dir, config.sample_dir, config.visual_dir, config.run_dir / "predict"):
             shutil.rmtree(folder, ignore_errors=True)
         for name in ("metrics.csv", "config.yaml"):
@@ -468,7 +632,7 @@ def _tensorboard_writer(log_dir: Path):
 
 
 def _numpy_rng_state() -> dict:
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    _name, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
             "has_gauss": int(has_gauss), "gauss": float(gauss)}
 
