@@ -89,6 +89,9 @@ def checkpoint_config(ckpt: dict, path: str | Path = "checkpoint") -> Config:
 
 def model_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> VQVAE2:
     """Build the VQ-VAE-2 described by a checkpoint's config and load its weights."""
+    if "model" not in ckpt:
+        kind = " (it is a code prior's: give the VQ-VAE's models/best.pt)" if ckpt.get("kind") else ""
+        raise UserError(f"{path}: holds no VQ-VAE weights{kind}")
     config = checkpoint_config(ckpt, path)
     model = VQVAE2(**config.model.model_dump())
     load_model_state(model, ckpt["model"], path)

@@ -59,6 +59,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="(re)write RUN_DIR/report.html, a self-contained page of the run")
     p.add_argument("run_dir", metavar="RUN_DIR")
+
+    p = sub.add_parser("encode", help="slices (NIfTI files or folders) to a codes file; prints bits per pixel")
+    p.add_argument("--checkpoint", required=True, metavar="FILE", help="the VQ-VAE (e.g. runs/default/models/best.pt)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI slices or folders of them")
+    p.add_argument("--out", required=True, metavar="CODES.npz")
+    p.add_argument("--prior", metavar="FILE", help="also range-code the codes under this trained prior")
+    p.add_argument("--json", action="store_true", help="print the bits report as JSON")
+
+    p = sub.add_parser("decode", help="a codes file back to NIfTI slices in scanner intensities")
+    p.add_argument("--checkpoint", required=True, metavar="FILE", help="the VQ-VAE that encoded the codes")
+    p.add_argument("codes", metavar="CODES.npz")
+    p.add_argument("--out", required=True, metavar="DIR")
+
+    p = sub.add_parser("train-prior", help="fit the autoregressive prior over a VQ-VAE's codes")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", metavar="FILE", help="the VQ-VAE (e.g. runs/default/models/best.pt)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the prior run in RUN_DIR from models/prior_last.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace a prior run already in output.dir")
+
+    p = sub.add_parser("sample", help="new slices from a trained prior: a PNG grid and NIfTI files")
+    p.add_argument("--prior", required=True, metavar="FILE", help="models/prior_best.pt of `mrivq train-prior`")
+    p.add_argument("--n", type=int, default=16, help="number of slices (default 16)")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1.0)")
+    p.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -86,6 +111,8 @@ def run(argv: list[str] | None = None) -> int:
 
         print(f"wrote {write_report(args.run_dir)}")
         return 0
+    if args.command in ("encode", "decode", "sample"):
+        return _run_codes_command(args)
 
     from .config import load_config
 
@@ -113,6 +140,47 @@ def run(argv: list[str] | None = None) -> int:
         from .evaluate import predict
 
         predict(config, checkpoint=args.checkpoint)
+    elif args.command == "train-prior":
+        from .prior.train import train_prior
+
+        if args.resume and (args.config or args.overrides or args.checkpoint):
+            raise UserError("--resume continues a prior run with its own saved config and VQ-VAE; "
+                            "drop --config/--set/--checkpoint, or start a new run")
+        train_prior(config, args.checkpoint, resume=args.resume, overwrite=args.overwrite)
+    return 0
+
+
+def _run_codes_command(args) -> int:
+    """encode, decode, sample: a checkpoint and files in, files out; no config."""
+    import json
+
+    if args.command == "encode":
+        from .codes import encode
+
+        report = encode(args.checkpoint, args.inputs, args.out, prior=args.prior)
+        if args.json:
+            print(json.dumps(report, indent=2))
+            return 0
+        bpp = report["bits_per_pixel"]
+        line = (f"wrote {report['codes_file']} ({report['n_slices']} slices): bits per pixel raw "
+                f"{bpp['raw']:.4f}, range-coded under code frequencies {bpp['entropy_coded']:.4f}")
+        if "prior_coded" in bpp:
+            line += f", range-coded under the prior {bpp['prior_coded']:.4f}"
+        line += f"; compression ratio vs the input files {report['compression_ratio']:.1f}:1"
+        if "compression_ratio_prior" in report:
+            line += f" ({report['compression_ratio_prior']:.1f}:1 under the prior)"
+        print(line)
+    elif args.command == "decode":
+        from .codes import decode
+
+        written = decode(args.checkpoint, args.codes, args.out)
+        print(f"wrote {len(written)} slices to {args.out}")
+    else:
+        from .prior.sample import sample
+
+        result = sample(args.prior, args.n, args.out, temperature=args.temperature, seed=args.seed)
+        print(f"wrote {result['grid']} and {len(result['nifti'])} NIfTI slices; "
+              f"{result['samples_per_s']:.2f} samples/s on {result['device']}")
     return 0
 
 

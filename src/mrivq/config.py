@@ -119,6 +119,33 @@ class PredictConfig(_Section):
     checkpoint: Path | None = None
 
 
+class PriorConfig(_Section):
+    """The autoregressive prior over codes (``mrivq train-prior``); grid shapes come from the VQ-VAE."""
+
+    d_model: int = Field(default=64, ge=8)
+    n_head: int = Field(default=4, ge=1)
+    n_layer_top: int = Field(default=2, ge=1)
+    n_layer_bottom: int = Field(default=2, ge=1)
+    bottom_window_rows: int | None = Field(default=2, ge=1)
+    condition_blocks: int = Field(default=2, ge=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    steps: int = Field(default=300, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    lr: float = Field(default=2e-3, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    warmup_steps: int = Field(default=50, ge=0)
+    min_lr_ratio: float = Field(default=0.05, ge=0, le=1)
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    interval: int = Field(default=100, ge=1)
+    checkpoint_every: int = Field(default=50, ge=1)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self):
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_head ({self.n_head})")
+        return self
+
+
 class OutputConfig(_Section):
     dir: Path = Path("runs/default")
     log_dir: Path | None = None
@@ -133,6 +160,7 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     predict: PredictConfig = Field(default_factory=PredictConfig)
+    prior: PriorConfig = Field(default_factory=PriorConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="after")

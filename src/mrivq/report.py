@@ -20,7 +20,7 @@ import numpy as np
 from .checkpoint import atomic_write
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
@@ -53,10 +53,10 @@ def save_sample_grid(inputs: np.ndarray, reconstructions: np.ndarray, path: Path
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
-def _plot_curves(rows: list[dict], curves: list[tuple[str, str, str]], *, title: str, ylabel: str,
+def plot_series(rows: list[dict], curves: list[tuple[str, str, str]], *, title: str, ylabel: str,
                  path: Path, log_scale: bool = False) -> None:
     """One figure of metric columns against step; ``curves`` are (column, label, line style)."""
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -71,16 +71,16 @@ def _plot_curves(rows: list[dict], curves: list[tuple[str, str, str]], *, title:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_curves(rows: list[dict], visual_dir: Path) -> None:
     """visuals/losses.png and visuals/ssims.png: training and validation curves against step."""
-    _plot_curves(rows, [("train_loss", "train loss", "-"), ("val_loss", "validation loss", "o-"),
+    plot_series(rows, [("train_loss", "train loss", "-"), ("val_loss", "validation loss", "o-"),
                         ("train_recon_loss", "train reconstruction MSE", "--"),
                         ("val_recon_loss", "validation reconstruction MSE", "s--")],
                  title="Loss", ylabel="loss", path=Path(visual_dir) / "losses.png", log_scale=True)
-    _plot_curves(rows, [("train_ssim", "train SSIM", "-"), ("val_ssim", "validation SSIM", "o-")],
+    plot_series(rows, [("train_ssim", "train SSIM", "-"), ("val_ssim", "validation SSIM", "o-")],
                  title="SSIM (per slice, data range 1)", ylabel="SSIM",
                  path=Path(visual_dir) / "ssims.png")
 
@@ -126,7 +126,7 @@ def save_difference_grid(inputs: np.ndarray, reconstructions: np.ndarray, path: 
     bottom_row = axes[2, 0].get_position()
     colour_axes = fig.add_axes((0.92, bottom_row.y0, 0.015, bottom_row.height))
     fig.colorbar(shown, cax=colour_axes).set_label("reconstruction - input", fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_codebook_usage(counts_top, counts_bottom, path: Path) -> None:
@@ -145,7 +145,7 @@ def plot_codebook_usage(counts_top, counts_bottom, path: Path) -> None:
         ax.set_title(f"{level}: {used}/{len(counts)} codes used, perplexity {perplexity:.1f}", fontsize=9)
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 # The HTML page of a run lives in its own module; it is re-exported here so that training and

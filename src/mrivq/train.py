@@ -100,7 +100,7 @@ def stop_on_signals(trainer: Trainer):
         if trainer.stop_signal is not None:
             raise KeyboardInterrupt
         trainer.stop_signal = signum
-        log.warning("%s received: finishing the current step, then saving models/last.pt",
+        log.warning("%s received: finishing the current step, then saving the last checkpoint",
                     signal.Signals(signum).name)
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -604,10 +604,10 @@ def _claim_run_dir(config: Config, overwrite: bool, *, remove: bool = True) -> N
         (config.log_dir / "training.log").unlink(missing_ok=True)
 
 
-def write_metrics(path: Path, rows: list[dict]) -> None:
+def write_metrics(path: Path, rows: list[dict], columns: list[str] = METRIC_COLUMNS) -> None:
     """metrics.csv from all rows so far, replaced atomically: a kill never leaves half a row."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(path, lambda fh: fh.write(buf.getvalue().encode()))

@@ -1,0 +1,264 @@
+"""Autoregressive priors over VQ-VAE-2 codes: one over the top grid, one over the bottom grid given the top.
+
+VQ-VAE-2 (Razavi et al. 2019) fits a PixelSNAIL to the top codes and a conditional
+PixelCNN to the bottom codes. Here each level is a decoder-only causal transformer over the
+code grid in raster order (row by row): like PixelSNAIL, every position attends to the whole
+past, not to a fixed receptive field, and a learned row + column embedding tells it where
+it is in 2-D. Unlike a PixelCNN, sampling needs no full forward pass per position: each
+attention layer keeps the keys and values of the positions already sampled (a KV cache),
+so generating position ``t`` costs one token's worth of work plus attention over ``t`` cached
+entries.
+
+The bottom grid is 4x longer than the top (2048 positions for 256x128 slices), and full
+attention over it costs ``O(L^2)``; its attention can be limited to a window of the last few
+code rows (``prior.bottom_window_rows``), computed chunk by chunk in ``O(L x window)``. The
+global layout still reaches every bottom position through the top-code condition, as in
+VQ-VAE-2, whose bottom prior has a local receptive field too.
+
+Conditioning of the bottom prior on the top codes: the whole top grid is known when the
+bottom is generated, so it is embedded and passed through non-causal residual convolutions,
+upsampled to the bottom grid (x2) and added to the bottom tokens' inputs position by
+position.
+
+Shapes: top codes ``(B, h, w)``, bottom codes ``(B, 2h, 2w)``, int64 in ``[0, n_embed)``;
+logits ``(B, n_embed, rows, cols)``. Grid shapes come from the VQ-VAE's codes, never from
+constants here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models import ResBlock
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention over ``(B, T, d_model)``; causal in training, cached in sampling."""
+
+    def __init__(self, d_model: int, n_head: int, window: int | None = None) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.window = window  # attend to the last `window` positions (itself included); None: all
+
+    def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+                position: int = 0) -> torch.Tensor:
+        """``x`` ``(B, T, C)`` -> ``(B, T, C)``.
+
+        With ``cache = (keys, values)``, each ``(B, n_head, L, C / n_head)``, ``x`` holds the
+        tokens at ``position, ..., position + T - 1``; their keys and values are stored there and
+        they attend to everything cached up to themselves (``T = 1`` when sampling).
+        """
+        batch, length, channels = x.shape
+        q, k, v = (t.view(batch, length, self.n_head, -1).transpose(1, 2)
+                   for t in self.qkv(x).split(channels, dim=2))
+        if cache is not None:
+            keys, values = cache
+            end = position + length
+            keys[:, :, position:end] = k
+            values[:, :, position:end] = v
+            start = 0 if self.window is None else max(0, end - self.window)
+            if length > 1 and start > 0:
+                raise ValueError("windowed attention caches one position at a time")
+            y = F.scaled_dot_product_attention(q, keys[:, :, start:end], values[:, :, start:end],
+                                               is_causal=length > 1)
+        elif self.window is None or self.window >= length:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = _sliding_window_attention(q, k, v, self.window)
+        return self.proj(y.transpose(1, 2).reshape(batch, length, channels))
+
+
+def _sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+    """Causal attention of each position to the last ``window`` positions (itself included).
+
+    ``q, k, v``: ``(B, H, L, D)``. The sequence is cut into chunks of ``window``; each chunk's
+    queries see the keys of the chunk before and their own, masked to the window, so the cost
+    is ``O(L * window)`` instead of ``O(L^2)``.
+    """
+    batch, heads, length, dim = q.shape
+    pad = -length % window
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    n = (length + pad) // window
+    q, k, v = (t.reshape(batch, heads, n, window, dim) for t in (q, k, v))
+    # Each chunk's keys and values next to those of the chunk before it (zeros before the first).
+    k = torch.cat([F.pad(k, (0, 0, 0, 0, 1, 0))[:, :, :-1], k], dim=3)  # (B, H, n, 2W, D)
+    v = torch.cat([F.pad(v, (0, 0, 0, 0, 1, 0))[:, :, :-1], v], dim=3)
+    query = torch.arange(window, device=q.device)[:, None]
+    key = torch.arange(2 * window, device=q.device)[None, :]
+    mask = (key > query) & (key <= query + window)  # key within (query - window, query]
+    mask = mask.expand(n, window, 2 * window).clone()
+    mask[0, :, :window] = False  # nothing before the first chunk
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return y.reshape(batch, heads, n * window, dim)[:, :, :length]
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``; ``(B, T, C)``."""
+
+    def __init__(self, d_model: int, n_head: int, dropout: float, window: int | None = None) -> None:
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(d_model)
+        # Dropout on the residual branches only: dropout of the attention weights keeps the CPU
+        # off its fused attention kernels and its masks were a fifth of a step's time.
+        self.attn = CausalSelfAttention(d_model, n_head, window)
+        self.ln_mlp = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(),
+                                 nn.Linear(4 * d_model, d_model), nn.Dropout(dropout))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, cache=None, position: int = 0) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln_attn(x), cache, position))
+        return x + self.mlp(self.ln_mlp(x))
+
+
+class CodeTransformer(nn.Module):
+    """Causal transformer over one ``(rows, cols)`` grid of codes in raster order.
+
+    The input at position ``t`` is the embedding of code ``t - 1`` (a learned start token at
+    ``t = 0``) plus the row and column embeddings of ``t`` plus, when given, the condition at
+    ``t``; the output at ``t`` is the logits of code ``t``.
+    """
+
+    def __init__(self, n_embed: int, grid: tuple[int, int], d_model: int, n_head: int,
+                 n_layer: int, dropout: float, window_rows: int | None = None) -> None:
+        super().__init__()
+        self.n_embed = n_embed
+        self.grid = (int(grid[0]), int(grid[1]))
+        self.length = self.grid[0] * self.grid[1]
+        self.n_head, self.d_model = n_head, d_model
+        self.token = nn.Embedding(n_embed + 1, d_model)  # index n_embed: the start token
+        self.row = nn.Embedding(self.grid[0], d_model)
+        self.col = nn.Embedding(self.grid[1], d_model)
+        self.drop = nn.Dropout(dropout)
+        self.window = None if window_rows is None else window_rows * self.grid[1]
+        self.blocks = nn.ModuleList(Block(d_model, n_head, dropout, self.window) for _ in range(n_layer))
+        self.ln_out = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, n_embed)
+        self.apply(_init_weights)
+
+    def positions(self) -> torch.Tensor:
+        """``(L, d_model)`` row + column embeddings in raster order."""
+        rows = self.row.weight[:, None, :].expand(*self.grid, -1)
+        cols = self.col.weight[None, :, :].expand(*self.grid, -1)
+        return (rows + cols).reshape(self.length, -1)
+
+    def forward(self, codes: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced logits: ``codes`` ``(B, rows, cols)`` -> ``(B, n_embed, rows, cols)``.
+
+        ``condition``: ``(B, d_model, rows, cols)`` or None.
+        """
+        batch = codes.shape[0]
+        flat = codes.reshape(batch, self.length)
+        start = torch.full((batch, 1), self.n_embed, dtype=flat.dtype, device=flat.device)
+        x = self.token(torch.cat([start, flat[:, :-1]], dim=1)) + self.positions()
+        if condition is not None:
+            x = x + condition.flatten(2).transpose(1, 2)
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.ln_out(x))  # (B, L, K)
+        return logits.transpose(1, 2).reshape(batch, self.n_embed, *self.grid)
+
+    @torch.no_grad()
+    def sample(self, n: int, *, temperature: float = 1.0, condition: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draw ``n`` grids ``(n, rows, cols)`` int64, one position at a time with a KV cache."""
+        device = self.head.weight.device
+        head_dim = self.d_model // self.n_head
+        caches = [(torch.zeros(n, self.n_head, self.length, head_dim, device=device),
+                   torch.zeros(n, self.n_head, self.length, head_dim, device=device))
+                  for _ in self.blocks]
+        positions = self.positions()
+        cond = condition.flatten(2).transpose(1, 2) if condition is not None else None
+        out = torch.empty(n, self.length, dtype=torch.long, device=device)
+        previous = torch.full((n,), self.n_embed, dtype=torch.long, device=device)
+        for t in range(self.length):
+            x = self.token(previous) + positions[t]
+            if cond is not None:
+                x = x + cond[:, t]
+            x = x[:, None, :]
+            for block, cache in zip(self.blocks, caches):
+                x = block(x, cache, t)
+            logits = self.head(self.ln_out(x[:, 0]))
+            probs = torch.softmax(logits.float() / temperature, dim=-1)
+            previous = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            out[:, t] = previous
+        return out.reshape(n, *self.grid)
+
+
+class TopCondition(nn.Module):
+    """Top codes ``(B, h, w)`` -> conditioning features ``(B, d_model, 2h, 2w)`` for the bottom prior."""
+
+    def __init__(self, n_embed: int, d_model: int, n_blocks: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(n_embed, d_model)
+        self.blocks = nn.Sequential(*[ResBlock(d_model, d_model) for _ in range(n_blocks)])
+        self.up = nn.ConvTranspose2d(d_model, d_model, 4, stride=2, padding=1)
+
+    def forward(self, codes_top: torch.Tensor) -> torch.Tensor:
+        x = self.embed(codes_top).permute(0, 3, 1, 2)
+        return self.up(self.blocks(x))
+
+
+class CodePrior(nn.Module):
+    """The VQ-VAE-2 prior: ``p(top) p(bottom | top)``.
+
+    Args:
+        n_embed: codes per level (the VQ-VAE's ``n_embed``).
+        top_grid: ``(h, w)`` of the top codes; the bottom grid is ``(2h, 2w)``.
+        d_model, n_head, n_layer_top, n_layer_bottom, condition_blocks, dropout: sizes
+            (``prior.*`` in the config).
+        bottom_window_rows: the bottom prior's attention sees this many code rows back
+            (``rows x cols`` positions); None: the whole past. The top grid always sees it all.
+
+    Example:
+        >>> prior = CodePrior(32, (8, 4), d_model=16, n_head=2, n_layer_top=1, n_layer_bottom=1)
+        >>> top, bottom = prior.sample(3)
+        >>> top.shape, bottom.shape
+        (torch.Size([3, 8, 4]), torch.Size([3, 16, 8]))
+    """
+
+    def __init__(self, n_embed: int, top_grid: tuple[int, int], *, d_model: int = 128, n_head: int = 4,
+                 n_layer_top: int = 4, n_layer_bottom: int = 4, condition_blocks: int = 2,
+                 dropout: float = 0.0, bottom_window_rows: int | None = None) -> None:
+        super().__init__()
+        self.n_embed = n_embed
+        self.top_grid = (int(top_grid[0]), int(top_grid[1]))
+        self.bottom_grid = (2 * self.top_grid[0], 2 * self.top_grid[1])
+        self.top = CodeTransformer(n_embed, self.top_grid, d_model, n_head, n_layer_top, dropout)
+        self.condition = TopCondition(n_embed, d_model, condition_blocks)
+        self.bottom = CodeTransformer(n_embed, self.bottom_grid, d_model, n_head, n_layer_bottom, dropout,
+                                      window_rows=bottom_window_rows)
+
+    def forward(self, codes_top: torch.Tensor, codes_bottom: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced logits ``(B, K, h, w)`` and ``(B, K, 2h, 2w)``."""
+        return self.top(codes_top), self.bottom(codes_bottom, self.condition(codes_top))
+
+    def nll_bits(self, codes_top: torch.Tensor, codes_bottom: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean negative log-likelihood in bits per code of each level (two scalars)."""
+        logits_top, logits_bottom = self(codes_top, codes_bottom)
+        return (F.cross_entropy(logits_top.float(), codes_top) / math.log(2),
+                F.cross_entropy(logits_bottom.float(), codes_bottom) / math.log(2))
+
+    @torch.no_grad()
+    def sample(self, n: int, *, temperature: float = 1.0,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` new code pairs: ``(n, h, w)`` and ``(n, 2h, 2w)`` int64 in ``[0, n_embed)``."""
+        top = self.top.sample(n, temperature=temperature, generator=generator)
+        bottom = self.bottom.sample(n, temperature=temperature, condition=self.condition(top),
+                                    generator=generator)
+        return top, bottom
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)

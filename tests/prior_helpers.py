@@ -1,0 +1,34 @@
+"""A tiny trained VQ-VAE-2 for the codes and prior tests (not a test module)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import TINY_MODEL
+
+TINY_PRIOR = {"d_model": 16, "n_head": 2, "n_layer_top": 1, "n_layer_bottom": 1, "condition_blocks": 1,
+              "batch_size": 8, "warmup_steps": 2, "dropout": 0.0}
+
+
+def tiny_data_overrides(phantom: Path, cache: Path) -> list[str]:
+    return [f"data.root={phantom}", "data.image_size=[64,32]", f"data.cache_dir={cache}", "data.workers=1",
+            "train.num_threads=1"]
+
+
+def train_tiny_vqvae(phantom: Path, work: Path) -> Path:
+    """Train a tiny VQ-VAE for a few steps on the tiny phantom; returns its models/best.pt."""
+    from mrivq.config import load_config
+    from mrivq.train import train
+
+    sets = tiny_data_overrides(phantom, work / "cache") + [
+        "train.epochs=2", "train.batch_size=4", "train.interval=6", "train.warmup_steps=2",
+        "train.sample_size=2", f"output.dir={work / 'vqvae'}"]
+    sets += [f"model.{k}={v}" for k, v in TINY_MODEL.items()]
+    train(load_config(None, sets))
+    return work / "vqvae" / "models" / "best.pt"
+
+
+def prior_overrides(phantom: Path, work: Path, run: str, **extra) -> list[str]:
+    sets = tiny_data_overrides(phantom, work / "cache") + [f"output.dir={work / run}"]
+    sets += [f"prior.{k}={v}" for k, v in {**TINY_PRIOR, **extra}.items()]
+    return sets

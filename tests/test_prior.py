@@ -1,0 +1,169 @@
+"""The code prior: cached sampling is exact, a tiny prior learns, train-prior resumes, sample writes slices."""
+
+from __future__ import annotations
+
+import math
+import signal
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import comparable
+from prior_helpers import prior_overrides, train_tiny_vqvae
+
+from mrivq.checkpoint import load_checkpoint
+from mrivq.cli import main
+from mrivq.config import load_config
+from mrivq.prior.model import CodePrior
+from mrivq.prior.train import PriorTrainer, train_prior
+from mrivq.train import read_metrics
+
+
+@pytest.fixture(scope="module")
+def work(tiny_phantom, tmp_path_factory):
+    root = tmp_path_factory.mktemp("prior")
+    return {"root": root, "vqvae": train_tiny_vqvae(tiny_phantom, root)}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread avoids OpenMP contention (10-50x here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_main(args: list[str]) -> int:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    return exit_info.value.code
+
+
+def set_args(overrides: list[str]) -> list[str]:
+    return [arg for item in overrides for arg in ("--set", item)]
+
+
+def test_cached_sampling_sees_the_same_logits_as_a_full_forward_pass():
+    torch.manual_seed(0)
+    prior = CodePrior(32, (4, 3), d_model=16, n_head=2, n_layer_top=2, n_layer_bottom=2,
+                      bottom_window_rows=1).eval()  # the bottom sees 6 of its 48 positions
+    generator = torch.Generator().manual_seed(1)
+    # Sampling at temperature ~0 takes the argmax of the cached logits at every position; a
+    # full teacher-forced pass over the result must have the same argmax everywhere.
+    top, bottom = prior.sample(2, temperature=1e-6, generator=generator)
+    logits_top, logits_bottom = prior(top, bottom)
+    assert torch.equal(logits_top.argmax(1), top)
+    assert torch.equal(logits_bottom.argmax(1), bottom)
+
+
+def test_sliding_window_attention_equals_masked_full_attention():
+    from mrivq.prior.model import _sliding_window_attention
+
+    q, k, v = (torch.randn(2, 3, 37, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    for window in (1, 5, 8, 36):
+        query, key = torch.arange(37)[:, None], torch.arange(37)[None, :]
+        mask = (key <= query) & (key > query - window)
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        torch.testing.assert_close(_sliding_window_attention(q, k, v, window), expected)
+
+
+def test_tiny_prior_learns_a_tiny_code_distribution(tmp_path):
+    # Four fixed top grids; the bottom grid is the top grid upsampled: 2 bits per slice in all.
+    rng = np.random.default_rng(0)
+    patterns = rng.integers(0, 32, size=(4, 8, 4))
+    top = patterns[rng.integers(0, 4, size=48)]
+    bottom = top.repeat(2, axis=1).repeat(2, axis=2)
+    codes = {"train": (top[:40], bottom[:40]), "validate": (top[40:], bottom[40:])}
+    config = load_config(None, [f"output.dir={tmp_path}", "prior.d_model=32", "prior.n_head=2",
+                                "prior.n_layer_top=1", "prior.n_layer_bottom=1", "prior.condition_blocks=1",
+                                "prior.steps=120", "prior.interval=40", "prior.batch_size=8",
+                                "prior.lr=3e-3", "prior.warmup_steps=5", "prior.dropout=0"])
+    trainer = PriorTrainer(config, codes, n_embed=32, vqvae={}, fingerprint="-",
+                           reference={"image_size": [64, 32]})
+    summary = trainer.run()
+    uniform = math.log2(32)
+    assert summary["uniform_bits"] == uniform
+    assert summary["best_val_nll"] < 0.1 * uniform
+    rows = read_metrics(tmp_path / "prior_metrics.csv")
+    assert [r["step"] for r in rows] == [40, 80, 120]
+    assert rows[-1]["val_nll"] < rows[0]["val_nll"]
+
+
+def test_train_prior_then_sample_writes_valid_slices(work, tiny_phantom, tmp_path, capsys):
+    sets = prior_overrides(tiny_phantom, work["root"], "run", steps=6, interval=3)
+    assert run_main(["train-prior", "--checkpoint", str(work["vqvae"]), *set_args(sets)]) == 0
+    run = work["root"] / "run"
+    for name in ("models/prior_best.pt", "models/prior_last.pt", "prior_metrics.csv", "logging/prior.log",
+                 "visuals/prior_losses.png"):
+        assert (run / name).is_file(), name
+    rows = read_metrics(run / "prior_metrics.csv")
+    assert [r["step"] for r in rows] == [3, 6] and rows[0]["uniform_bits"] == 5
+    capsys.readouterr()
+    assert run_main(["train-prior", "--checkpoint", str(work["vqvae"]), *set_args(sets)]) == 2
+    assert "already holds a prior run" in capsys.readouterr().err
+
+    out = tmp_path / "samples"
+    capsys.readouterr()
+    assert run_main(["sample", "--prior", str(run / "models/prior_best.pt"), "--n", "3", "--out", str(out),
+                     "--seed", "2", "--temperature", "0.9"]) == 0
+    assert "samples/s" in capsys.readouterr().out
+    with np.load(out / "codes.npz") as npz:
+        top, bottom = npz["codes_top"], npz["codes_bottom"]
+    assert top.shape == (3, 8, 4) and bottom.shape == (3, 16, 8)
+    assert top.max() < 32 and bottom.max() < 32
+    assert (out / "samples.png").stat().st_size > 1000
+    images = [nib.load(out / f"sample_{i:03d}.nii.gz") for i in range(3)]
+    assert all(image.shape == (64, 32) for image in images)
+    assert all(np.isfinite(np.asarray(image.dataobj)).all() for image in images)
+
+
+def test_train_prior_resumes_to_the_same_result(work, tiny_phantom, monkeypatch):
+    straight = load_config(None, prior_overrides(tiny_phantom, work["root"], "straight", steps=6, interval=3,
+                                                 checkpoint_every=2, dropout=0.1))
+    train_prior(straight, work["vqvae"])
+
+    interrupted = prior_overrides(tiny_phantom, work["root"], "interrupted", steps=6, interval=3,
+                                  checkpoint_every=2, dropout=0.1)
+    step = PriorTrainer.train_step
+
+    def stop_after_step_4(self):
+        step(self)
+        if self.step == 3:  # self.step counts finished steps before this one
+            self.stop_signal = signal.SIGTERM
+
+    monkeypatch.setattr(PriorTrainer, "train_step", stop_after_step_4)
+    assert run_main(["train-prior", "--checkpoint", str(work["vqvae"]), *set_args(interrupted)]) == 143
+    monkeypatch.undo()
+    run = work["root"] / "interrupted"
+    assert load_checkpoint(run / "models/prior_last.pt")["step"] == 4
+    assert run_main(["train-prior", "--resume", str(run)]) == 0
+
+    a = load_checkpoint(straight.model_dir / "prior_last.pt")
+    b = load_checkpoint(run / "models/prior_last.pt")
+    assert a["step"] == b["step"] == 6
+    for key in a["prior"]:
+        assert torch.equal(a["prior"][key], b["prior"][key]), key
+    assert comparable(read_metrics(straight.run_dir / "prior_metrics.csv")) == \
+        comparable(read_metrics(run / "prior_metrics.csv"))
+
+
+def test_prior_bad_input_is_one_line_and_exit_2(work, tiny_phantom, tmp_path, capsys):
+    cases = [
+        (["train-prior", "--checkpoint", str(tmp_path / "none.pt"), "--set", f"output.dir={tmp_path / 'r'}"],
+         "checkpoint not found"),
+        (["train-prior", "--set", f"output.dir={tmp_path / 'r'}"], "--checkpoint"),
+        (["train-prior", "--resume", str(tmp_path / "nowhere")], "not a prior run to resume"),
+        (["sample", "--prior", str(work["vqvae"]), "--out", str(tmp_path / "s")], "not a prior checkpoint"),
+        (["encode", "--checkpoint", str(work["vqvae"]), str(tiny_phantom / "keras_slices_test"),
+          "--out", str(tmp_path / "c.npz"), "--prior", str(work["vqvae"])], "not a prior checkpoint"),
+        (["train-prior", "--set", "prior.n_head=3"], "prior"),
+    ]
+    for args, message in cases:
+        capsys.readouterr()
+        assert run_main(args) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0] and "Traceback" not in err[0], err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "s").exists()
+    assert not (tmp_path / "c.npz").exists()
