@@ -16,10 +16,11 @@ import torch
 from conftest import comparable, set_args
 
 from mrivq import distributed
+from mrivq import train as train_module
 from mrivq.checkpoint import load_checkpoint, model_from_checkpoint
 from mrivq.config import load_config
-from mrivq.errors import TrainingInterrupted
-from mrivq.train import Trainer, read_metrics, train
+from mrivq.errors import TrainingInterrupted, UserError
+from mrivq.train import SYNC_EVERY, Trainer, read_metrics, train
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -33,10 +34,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(rank: int, port: int, overrides: list[str], dump: str, resume: str | None, stop_after: int) -> None:
+def _rank(rank: int, port: int, overrides: list[str], dump: str, resume: str | None, stop_after: int,
+          sync_free: bool) -> None:
     """One torchrun-like process: env as torchrun sets it, then mrivq's own train()."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if sync_free:  # CUDA's way of stepping (device-side NaN skips, checks every few steps), on the CPU
+        train_module.sync_free_steps = lambda device: True
     original_step, original_run = Trainer.train_step, Trainer.run
 
     def train_step(self, batch):
@@ -56,13 +60,16 @@ def _rank(rank: int, port: int, overrides: list[str], dump: str, resume: str | N
         train(None if resume else load_config(None, overrides), resume=resume)
     except TrainingInterrupted as exc:
         sys.exit(exc.exit_status)
+    except UserError as exc:
+        print(f"rank {rank}: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
-def run_two_processes(overrides, dump: Path, *, resume=None, stop_after=0) -> list[int]:
+def run_two_processes(overrides, dump: Path, *, resume=None, stop_after=0, sync_free=False) -> list[int]:
     dump.mkdir(parents=True, exist_ok=True)
     ctx = multiprocessing.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_rank, args=(r, port, overrides, str(dump), resume, stop_after))
+    procs = [ctx.Process(target=_rank, args=(r, port, overrides, str(dump), resume, stop_after, sync_free))
              for r in range(WORLD)]
     for p in procs:
         p.start()
@@ -136,9 +143,30 @@ def test_interrupted_two_process_run_resumes_like_an_uninterrupted_one(tiny_over
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert comparable(read_metrics(straight / "metrics.csv")) == comparable(read_metrics(broken / "metrics.csv"))
-    # A single process loads what the 2-process run saved.
+    # A single process loads what the 2-process run saved, but will not resume it.
     model = model_from_checkpoint(load_checkpoint(broken / "models/best.pt"))
     assert sum(p.numel() for p in model.parameters()) > 0
+    with pytest.raises(UserError, match="saved by a run of 2 process"):
+        train(None, resume=broken)
+
+
+def test_a_signal_between_checks_stops_every_rank_at_the_same_later_step(tiny_overrides, tmp_path):
+    # On CUDA ranks agree on stopping only every SYNC_EVERY steps or before a save; a signal seen
+    # by one rank at step 2 (no check there) stops both at step 3, the epoch's end, both saved.
+    assert SYNC_EVERY > 3
+    run_dir = tmp_path / "run"
+    codes = run_two_processes(tiny_overrides + ["train.epochs=2", "train.interval=5", f"output.dir={run_dir}"],
+                              tmp_path / "dump", stop_after=2, sync_free=True)
+    assert codes == [128 + signal.SIGTERM] * 2
+    assert load_checkpoint(run_dir / "models/last.pt")["step"] == 3
+    rank0, rank1 = (torch.load(tmp_path / f"dump/rank{r}.pt") for r in range(2))
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+
+
+def test_a_data_error_on_rank_0_ends_every_rank_with_exit_2(tiny_overrides, tmp_path):
+    codes = run_two_processes(tiny_overrides + [f"data.root={tmp_path / 'missing'}"], tmp_path / "dump")
+    assert codes == [2, 2]
 
 
 def test_torchrun_trains_and_a_single_process_predicts(tiny_overrides, tmp_path):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError
+from .errors import ConfigError, UserError
 
 
 @dataclass(frozen=True)
@@ -78,12 +78,25 @@ def barrier(ctx: Context) -> None:
 @contextlib.contextmanager
 def main_first(ctx: Context):
     """Rank 0 runs the block first (e.g. generating the phantom or filling the slice cache),
-    then the others, which find its results on disk."""
-    if not ctx.is_main:
-        barrier(ctx)
-    yield
+    then the others, which find its results on disk. If rank 0 fails, it raises its error
+    and the others a short one, instead of waiting for it forever."""
+    if not ctx.active:
+        yield
+        return
     if ctx.is_main:
+        try:
+            yield
+        except BaseException:
+            barrier(ctx)
+            any_rank(ctx, True)
+            raise
         barrier(ctx)
+        any_rank(ctx, False)
+        return
+    barrier(ctx)
+    if any_rank(ctx, False):
+        raise UserError(f"rank {ctx.rank}: rank 0 could not prepare the data; see its error above")
+    yield
 
 
 def any_rank(ctx: Context, flag: torch.Tensor | bool) -> bool:
@@ -128,5 +141,5 @@ def shard(order, ctx: Context):
         return order
     n = len(order)
     total = -(-n // ctx.world_size) * ctx.world_size
-    padded = np.concatenate([order, order[: total - n]])
+    padded = np.resize(order, total)  # wraps around as often as needed
     return padded[ctx.rank::ctx.world_size]

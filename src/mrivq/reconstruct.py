@@ -93,7 +93,10 @@ def _reconstruct_slices(model: torch.nn.Module, slices: np.ndarray, *, normalize
         x = torch.from_numpy(normalised[lo:lo + batch_size]).unsqueeze(1).to(device)
         with autocast(device, precision):
             rec = model(x).reconstruction
-        out[lo:lo + batch_size] = rec.float().clamp(0, 1)[:, 0].cpu().numpy()
+        rec = rec.float()
+        if normalize_policy != "zscore":  # [0, 1]-scaled inputs: keep the output in that range
+            rec = rec.clamp(0, 1)
+        out[lo:lo + batch_size] = rec[:, 0].cpu().numpy()
     return denormalize(out, params)
 
 

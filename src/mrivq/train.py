@@ -188,6 +188,9 @@ class Trainer:
             self.train_set = load_split(splits.train, prep, name="train", **load)
             self.val_set = load_split(splits.validate, prep, name="validate", **load)
 
+        if len(self.val_set.images) < self.dist.world_size:
+            raise UserError(f"{len(self.val_set.images)} validation slices for {self.dist.world_size} "
+                            "processes: each needs at least one; run fewer processes or add slices")
         self.model = VQVAE2(**config.model.model_dump()).to(self.device)
         self.model = self.model.to(memory_format=torch.channels_last)
         # Training steps run through DistributedDataParallel (several processes) and/or
@@ -263,6 +266,7 @@ class Trainer:
             "step": self.step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
+            "world_size": self.dist.world_size,
             "best_ssim": self.best_ssim,
             "elapsed_s": self.elapsed,
             "rng": {
@@ -280,6 +284,13 @@ class Trainer:
         }
 
     def load_state_dict(self, ckpt: dict, path: Path) -> None:
+        saved_world = int(ckpt.get("world_size", 1))
+        if saved_world != self.dist.world_size:
+            # Steps per epoch, the shards and the schedule all depend on the number of processes.
+            how = ("mrivq train --resume" if saved_world == 1
+                   else f"torchrun --nproc_per_node {saved_world} -m mrivq train --resume (on one node)")
+            raise UserError(f"{path} was saved by a run of {saved_world} process(es), this is "
+                            f"{self.dist.world_size}; resume it with `{how}`, or start a new run")
         load_model_state(self.model, ckpt["model"], path)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -310,6 +321,8 @@ class Trainer:
         """One optimiser step on ``batch`` ``(B, 1, H, W)``; False (and nothing applied) when the
         loss is NaN or Inf."""
         tc = self.config.train
+        first_compiled = self.compile and not self.compiled_once
+        before = {name: buf.clone() for name, buf in self.model.named_buffers()} if first_compiled else {}
         try:
             result = optimisation_step(self.step_model, self.optimizer, self.scaler, batch, device=self.device,
                                        precision=self.precision,
@@ -322,11 +335,14 @@ class Trainer:
                         str(exc).splitlines()[0][:160])
             self.compile = False
             self.step_model = getattr(self.step_model, "_orig_mod", self.model)
+            with torch.no_grad():  # a compiled forward may have run (and moved the codebooks) already
+                for name, buf in self.model.named_buffers():
+                    buf.copy_(before[name])
             return self.train_step(batch)
         self.compiled_once = True
+        self.scheduler.step()  # the schedule follows self.step, skipped steps included
         if result is None:
             return False
-        self.scheduler.step()
         ok = result.applied
         losses = torch.stack([result.loss, result.recon_loss, result.commitment_loss]).double()
         self.running[:3] += torch.where(ok, losses, 0.0)
@@ -362,9 +378,6 @@ class Trainer:
             self._loop()
         if self.writer:
             self.writer.close()
-        if self.dist.is_main:
-            write_report(cfg.run_dir)
-            log.info("wrote %s", cfg.run_dir / "report.html")
         distributed.barrier(self.dist)
         best = max(self.history, key=lambda r: r["val_ssim"]) if self.history else {}
         log.info("done: %d steps in %.0f s of training; best validation SSIM %.4f at step %s",
@@ -383,8 +396,10 @@ class Trainer:
             self.shuffle.set_state(self.epoch_shuffle_state)
             order = distributed.shard(torch.randperm(n, generator=self.shuffle).numpy(), self.dist)
             next_epoch_state = self.shuffle.get_state()
+            # A finished epoch rolls over below, rather than looping without stepping.
+            self.batch_in_epoch = min(self.batch_in_epoch, self.steps_per_epoch)
             self.model.train()
-            for b in range(self.batch_in_epoch, self.steps_per_epoch):
+            for b in range(self.batch_in_epoch, self.steps_per_epoch):  # empty if the epoch is done
                 if self.step >= self.total_steps:
                     break
                 idx = np.sort(order[b * tc.batch_size:(b + 1) * tc.batch_size])
@@ -405,17 +420,20 @@ class Trainer:
                 self.running_time += dt
                 self.elapsed += dt
                 bar.update(1)
-                if self.dist.active and check:  # a signal may reach the ranks at different steps
-                    stop = distributed.any_rank(self.dist, self.stop_signal is not None)
-                    if stop and self.stop_signal is None:
+                stopping = self.stop_signal is not None  # one snapshot: the handler may fire any time
+                if self.dist.active:
+                    # A signal may reach the ranks at different steps: stop only on an agreed value,
+                    # checked where every rank checks, so all make the same collective calls.
+                    stopping = check and distributed.any_rank(self.dist, stopping)
+                    if stopping and self.stop_signal is None:
                         self.stop_signal = signal.SIGTERM
-                if self.nonfinite_in_a_row and self.step < self.total_steps and not self.stop_signal:
+                if self.nonfinite_in_a_row and self.step < self.total_steps and not stopping:
                     pass  # nothing new to evaluate or save: last.pt stays the last good step
                 elif self.step % tc.interval == 0 or epoch_done or self.step == self.total_steps:
                     self.evaluate_and_save(epoch_end=epoch_done)
-                elif self.step % tc.checkpoint_every == 0 or self.stop_signal:
+                elif self.step % tc.checkpoint_every == 0 or stopping:
                     self.save_last()
-                if self.stop_signal:
+                if stopping:
                     raise TrainingInterrupted(self.stop_signal, self.step, self.config.run_dir)
             if self.batch_in_epoch == self.steps_per_epoch:
                 self.epoch += 1
@@ -467,6 +485,7 @@ class Trainer:
             log.info("new best validation SSIM %.4f: saved %s", self.best_ssim, cfg.model_dir / "best.pt")
         self.save_last()
         plot_curves(self.history, cfg.visual_dir)
+        write_report(cfg.run_dir)
         if epoch_end or self.step == self.total_steps:
             inputs = np.stack([val.kept[i][0] for i in self.sample_index])
             recons = np.stack([val.kept[i][1] for i in self.sample_index])

@@ -67,8 +67,11 @@ def prior_coded_bits(prior: CodePrior, codes_top: np.ndarray, codes_bottom: np.n
                      batch_size: int = 16) -> dict:
     """Range-code both levels under the prior's conditional probabilities; real stream bits per level.
 
-    The probabilities of every position come from one teacher-forced pass (a decoder
-    recomputes them position by position as it decodes, exactly as sampling does).
+    The probabilities of every position come from one teacher-forced pass. A decoder would
+    recompute them position by position, through the cached path that sampling uses; that
+    path differs from this one in floating-point rounding, so a decoder needs the encoder's
+    exact computation (same path, same device) to stay in step. The figure is the size of
+    this stream, not yet a round trip through such a decoder.
     """
     bits = {"top": 0, "bottom": 0}
     for lo in range(0, len(codes_top), batch_size):

@@ -300,6 +300,11 @@ def train_prior(config: Config, checkpoint: str | Path | None = None, *, resume:
 def _encode_splits(config: Config, vq_config: Config, vqvae) -> tuple[dict, dict]:
     """Codes of the train and validate splits, preprocessed as the VQ-VAE was trained."""
     prep = preprocessing_of(vq_config)
+    where = str(config.data.root or config.data.train_dir or "the built-in phantom")
+    if config.data.model_dump() != vq_config.data.model_dump():
+        log.warning("the prior trains on data.root %s, not on the VQ-VAE's own data (%s); pass the "
+                    "VQ-VAE's config with --config to use that", where,
+                    vq_config.data.root or vq_config.data.train_dir or "the built-in phantom")
     splits = data_splits(config.data, config.seed)
     load = {"cache_dir": config.data.cache_dir, "on_bad_file": config.data.on_bad_file,
             "workers": config.data.workers, "progress": interactive()}
