@@ -10,6 +10,15 @@ def set_args(overrides: list[str]) -> list[str]:
     return [arg for override in overrides for arg in ("--set", override)]
 
 
+def run_main(args: list[str]) -> int:
+    """``mrivq ARGS`` in this process; its exit status (cli.main always exits)."""
+    from mrivq.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    return exit_info.value.code
+
+
 def comparable(rows: list[dict]) -> list[dict]:
     """metrics.csv rows without the timing columns, which differ from run to run."""
     return [{k: v for k, v in r.items() if "per_s" not in k and k != "elapsed_s"} for r in rows]

@@ -9,9 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import comparable, set_args
-
-from mrivq.cli import main
+from conftest import comparable, run_main, set_args
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_FILES = [
@@ -26,12 +24,6 @@ RUN_FILES = [
 def mrivq(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mrivq", *args], check=False, capture_output=True, text=True,
                           cwd=cwd, timeout=600)
-
-
-def run_main(args: list[str]) -> int:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    return exit_info.value.code
 
 
 def test_synth_train_predict_writes_the_whole_run_directory(tmp_path):

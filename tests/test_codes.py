@@ -9,23 +9,18 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import run_main
 from prior_helpers import train_tiny_vqvae
 
-from mrivq.cli import main
-from mrivq.codes import decode, encode, load_vqvae, preprocessing_of, range_code, unfit
+from mrivq.codes import decode, encode, load_vqvae, range_code, unfit
 from mrivq.data.io import read_slice
 from mrivq.data.preprocess import denormalize, fit_to_shape, preprocess_slice
+from mrivq.evaluate import preprocessing
 
 
 @pytest.fixture(scope="module")
 def vqvae(tiny_phantom, tmp_path_factory):
     return train_tiny_vqvae(tiny_phantom, tmp_path_factory.mktemp("codes"))
-
-
-def run_main(args: list[str]) -> int:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    return exit_info.value.code
 
 
 def odd_inputs(phantom):
@@ -41,7 +36,7 @@ def test_codes_round_trip_equals_the_models_reconstruction(vqvae, tiny_phantom, 
     report = encode(vqvae, inputs, tmp_path / "codes.npz")
     written = decode(vqvae, tmp_path / "codes.npz", tmp_path / "out")
     model, trained = load_vqvae(vqvae)
-    prep = preprocessing_of(trained)
+    prep = preprocessing(trained)
     sources = sorted((inputs[0]).glob("*.nii.gz")) + inputs[1:]
     assert [p.name for p in written] == [s.name for s in sources]
     assert report["n_slices"] == len(sources)

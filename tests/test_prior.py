@@ -9,11 +9,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import comparable
+from conftest import comparable, run_main
 from prior_helpers import prior_overrides, train_tiny_vqvae
 
 from mrivq.checkpoint import load_checkpoint
-from mrivq.cli import main
 from mrivq.config import load_config
 from mrivq.prior.model import CodePrior
 from mrivq.prior.train import PriorTrainer, train_prior
@@ -33,12 +32,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def run_main(args: list[str]) -> int:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    return exit_info.value.code
 
 
 def set_args(overrides: list[str]) -> list[str]:

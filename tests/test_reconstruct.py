@@ -8,9 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, run_main
 
-from mrivq.cli import main
 from mrivq.reconstruct import reconstruct
 
 
@@ -60,12 +59,6 @@ def _affine():
     affine = np.diag([0.9, 1.1, 2.5, 1.0])
     affine[:3, 3] = [-30.0, 12.5, 40.0]
     return affine
-
-
-def run_main(args: list[str]) -> int:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    return exit_info.value.code
 
 
 def test_a_2d_slice_comes_back_with_its_affine_header_shape_and_scale(half_grey, test_slices, tmp_path):

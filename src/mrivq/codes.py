@@ -37,9 +37,10 @@ import torch
 from . import metrics
 from .checkpoint import atomic_write, checkpoint_config, load_checkpoint, model_from_checkpoint
 from .config import Config
-from .data.io import is_nifti, list_nifti, read_slice
-from .data.preprocess import Preprocessing, denormalize, fit_to_shape, preprocess_slice
+from .data.io import nifti_inputs, read_slice
+from .data.preprocess import denormalize, fit_to_shape, preprocess_slice
 from .errors import UserError
+from .evaluate import preprocessing
 from .models import VQVAE2
 
 log = logging.getLogger("mrivq")
@@ -74,12 +75,6 @@ def codebook_fingerprint(model: VQVAE2) -> str:
     for quantizer in (model.quantize_top, model.quantize_bottom):
         digest.update(quantizer.embed.detach().cpu().float().numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def preprocessing_of(config: Config) -> Preprocessing:
-    d = config.data
-    return Preprocessing(image_size=tuple(d.image_size), fit=d.fit, normalize=d.normalize,
-                         percentiles=tuple(d.percentiles))
 
 
 @torch.inference_mode()
@@ -214,29 +209,6 @@ def bits_report(codes_top: np.ndarray, codes_bottom: np.ndarray, n_embed: int,
 # encode / decode
 # ---------------------------------------------------------------------------------------
 
-def input_files(inputs) -> list[Path]:
-    """NIfTI files named directly or found in the given folders, in order, each once."""
-    files: list[Path] = []
-    for item in inputs:
-        path = Path(item).expanduser()
-        if path.is_dir():
-            files += list_nifti(path)
-        elif path.is_file():
-            if not is_nifti(path.name):
-                raise UserError(f"{path}: not a .nii or .nii.gz file; give NIfTI slices or folders of them")
-            files.append(path)
-        else:
-            raise UserError(f"input {path} does not exist; give NIfTI slices or folders of them")
-    if not files:
-        raise UserError("no input slices given; give NIfTI files or folders of them")
-    names = [_output_name(f) for f in files]
-    if len(set(names)) != len(names):
-        twice = next(name for name in names if names.count(name) > 1)
-        raise UserError(f"two inputs are named {twice}; decode names each output after its input, "
-                        "so encode them into separate codes files")
-    return files
-
-
 def _output_name(path: Path) -> str:
     name = path.name
     return name if name.lower().endswith(".gz") else name + ".gz"
@@ -253,8 +225,8 @@ def encode(checkpoint: str | Path, inputs, out: str | Path, *, batch_size: int =
     if out.suffix != ".npz":
         raise UserError(f"--out {out}: the codes file must end in .npz")
     model, trained = load_vqvae(checkpoint)
-    prep = preprocessing_of(trained)
-    files = input_files(inputs)
+    prep = preprocessing(trained)
+    files = nifti_inputs(inputs)
     slices, norm, affines, shapes, disk = [], [], [], [], []
     for path in files:
         raw, meta = read_slice(path)

@@ -30,46 +30,12 @@ import numpy as np
 import torch
 
 from .checkpoint import atomic_write, checkpoint_config, load_checkpoint, model_from_checkpoint
-from .data.io import is_nifti, list_nifti, read_slice, read_volume
+from .data.io import nifti_inputs, nifti_stem, read_slice, read_volume
 from .data.preprocess import denormalize, normalize
 from .errors import UserError
 from .runtime import autocast, resolve_device, resolve_precision
 
 log = logging.getLogger("mrivq")
-
-
-def _stem(path: Path) -> tuple[str, str]:
-    """``("case_004", ".nii.gz")`` from ``case_004.nii.gz``."""
-    name = path.name
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)], name[-len(suffix):]
-    return name, ".nii.gz"
-
-
-def input_files(inputs: list[str | Path]) -> list[Path]:
-    """NIfTI files named by ``inputs``; a folder stands for the NIfTI files directly in it."""
-    if not inputs:
-        raise UserError("no input given; name one or more .nii/.nii.gz files or folders")
-    files = []
-    for item in inputs:
-        path = Path(item).expanduser()
-        if path.is_dir():
-            files += list_nifti(path)
-        elif not path.exists():
-            raise UserError(f"input not found: {path}")
-        elif not is_nifti(path):
-            raise UserError(f"{path}: not a .nii or .nii.gz file; give NIfTI slices or volumes")
-        else:
-            files.append(path)
-    stems = {}
-    for path in files:
-        stem = _stem(path)[0]
-        if stem in stems and stems[stem] != path:
-            raise UserError(f"two inputs are named {stem} ({stems[stem]} and {path}); "
-                            "their outputs would overwrite each other, reconstruct them into separate --out folders")
-        stems[stem] = path
-    return list(dict.fromkeys(files))
 
 
 def _read_slices(path: Path) -> tuple[np.ndarray, object, bool]:
@@ -127,7 +93,7 @@ def reconstruct(checkpoint: str | Path, inputs: list[str | Path], out_dir: str |
     """
     if batch_size < 1:
         raise UserError("--batch-size must be at least 1")
-    files = input_files(inputs)
+    files = nifti_inputs(inputs)
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file; give a folder for the reconstructions")
@@ -145,7 +111,8 @@ def reconstruct(checkpoint: str | Path, inputs: list[str | Path], out_dir: str |
         recon = _reconstruct_slices(model, slices, normalize_policy=trained.data.normalize,
                                     percentiles=tuple(trained.data.percentiles), device=torch_device,
                                     precision=precision, batch_size=batch_size)
-        stem, suffix = _stem(path)
+        stem = nifti_stem(path)
+        suffix = path.name[len(stem):] or ".nii.gz"
         outputs = {"reconstruction": out_dir / f"{stem}_recon{suffix}",
                    "difference": out_dir / f"{stem}_diff{suffix}"}
         for kind, data in (("reconstruction", recon), ("difference", recon - slices)):

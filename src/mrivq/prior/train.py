@@ -27,12 +27,13 @@ import numpy as np
 import torch
 
 from ..checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from ..codes import PRIOR_KIND, codebook_fingerprint, encode_images, load_vqvae, preprocessing_of
+from ..codes import PRIOR_KIND, codebook_fingerprint, encode_images, load_vqvae
 from ..config import Config, config_from_dict
 from ..data.cache import load_split
 from ..data.io import read_slice
 from ..data.sources import data_splits
 from ..errors import TrainingInterrupted, UserError
+from ..evaluate import preprocessing
 from ..logs import interactive, run_logger
 from ..report import plot_series
 from ..runtime import resolve_device, seed_everything, set_threads
@@ -299,7 +300,7 @@ def train_prior(config: Config, checkpoint: str | Path | None = None, *, resume:
 
 def _encode_splits(config: Config, vq_config: Config, vqvae) -> tuple[dict, dict]:
     """Codes of the train and validate splits, preprocessed as the VQ-VAE was trained."""
-    prep = preprocessing_of(vq_config)
+    prep = preprocessing(vq_config)
     where = str(config.data.root or config.data.train_dir or "the built-in phantom")
     if config.data.model_dump() != vq_config.data.model_dump():
         log.warning("the prior trains on data.root %s, not on the VQ-VAE's own data (%s); pass the "
