@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import TINY_MODEL
+from conftest import PINNED_PRECISION, TINY_MODEL
 
 TINY_PRIOR = {"d_model": 16, "n_head": 2, "n_layer_top": 1, "n_layer_bottom": 1, "condition_blocks": 1,
               "batch_size": 8, "warmup_steps": 2, "dropout": 0.0}
@@ -12,7 +12,7 @@ TINY_PRIOR = {"d_model": 16, "n_head": 2, "n_layer_top": 1, "n_layer_bottom": 1,
 
 def tiny_data_overrides(phantom: Path, cache: Path) -> list[str]:
     return [f"data.root={phantom}", "data.image_size=[64,32]", f"data.cache_dir={cache}", "data.workers=1",
-            "train.num_threads=1"]
+            "train.num_threads=1", *PINNED_PRECISION]
 
 
 def train_tiny_vqvae(phantom: Path, work: Path) -> Path:

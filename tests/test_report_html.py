@@ -14,7 +14,7 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import TINY_MODEL
+from conftest import PINNED_PRECISION, TINY_MODEL
 
 from mrivq.cli import main
 from mrivq.html_report import write_report
@@ -32,7 +32,7 @@ def predicted_run(tiny_phantom, tmp_path_factory):
                  "data.workers=1", "train.epochs=1", "train.max_steps=6", "train.batch_size=4",
                  "train.interval=3", "train.warmup_steps=2", "train.sample_size=3", "predict.sample_sets=2",
                  "predict.sample_size=3", f"output.dir={tmp / 'run'}", "train.num_threads=1",
-                 *(f"model.{k}={v}" for k, v in TINY_MODEL.items())]
+                 *(f"model.{k}={v}" for k, v in TINY_MODEL.items()), *PINNED_PRECISION]
     config = load_config(None, overrides)
     train(config)
     summary = predict(config)

@@ -200,9 +200,33 @@ def test_nan_steps_are_skipped_and_training_goes_on(tiny_overrides, monkeypatch,
     train(config)
     last = load_checkpoint(config.model_dir / "last.pt")
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
-    expected = "NaN/Inf steps in a row skipped" if sync_free else "loss is NaN or Inf; step skipped"
+    expected = "NaN/Inf steps in a row skipped" if sync_free else "loss or gradient is NaN or Inf; step skipped"
     assert expected in (config.log_dir / "training.log").read_text()
     assert all(torch.isfinite(torch.tensor(r["val_loss"])) for r in read_metrics(config.run_dir / "metrics.csv"))
+
+
+def test_a_nan_gradient_with_a_finite_loss_is_skipped_and_never_reaches_last_pt(tiny_overrides, sync_free):
+    trainer = Trainer(load_config(None, tiny_overrides))
+    batch = torch.rand(4, 1, 64, 32).contiguous(memory_format=torch.channels_last)
+    assert trainer.train_step(batch)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    adam = {k: v.clone() for k, v in trainer.optimizer.state_dict()["state"][0].items()}
+    poisoned = trainer.model.dec.blocks[-1].weight  # one gradient only; the loss stays finite
+    hook = poisoned.register_hook(lambda grad: grad * float("nan"))
+    applied = trainer.train_step(batch)
+    hook.remove()
+    assert applied is sync_free  # CPU steps report the skip; sync-free ones count it on the device
+    if sync_free:
+        assert int(trainer.nonfinite_run) == 1
+    for key, value in trainer.model.state_dict().items():  # weights and EMA codebooks as before
+        assert torch.equal(value, before[key]), key
+    for key, value in trainer.optimizer.state_dict()["state"][0].items():
+        assert torch.equal(value, adam[key]), key
+    trainer.save_last()
+    last = load_checkpoint(trainer.config.model_dir / "last.pt")
+    for key, value in last["model"].items():
+        assert torch.equal(value, before[key]), key
+        assert not value.is_floating_point() or torch.isfinite(value).all(), key
 
 
 def test_nan_in_a_row_stops_with_the_last_good_checkpoints_kept(tiny_overrides, monkeypatch, sync_free):

@@ -19,6 +19,7 @@ import torch
 from .config import Config, config_from_dict
 from .errors import UserError
 from .models import VQVAE2
+from .run_dir import record
 
 FORMAT = "mrivq-vqvae2"
 FORMAT_VERSION = 1
@@ -27,7 +28,8 @@ FORMAT_VERSION = 1
 def atomic_write(path: Path, write) -> None:
     """Call ``write(file_object)`` on a temporary file next to ``path``, fsync, then rename.
 
-    A crash or a full disk leaves the previous ``path`` untouched.
+    A crash or a full disk leaves the previous ``path`` untouched. Inside
+    :func:`mrivq.run_dir.recording` the path is listed in the run's manifest.
     """
     path = Path(path)
     try:
@@ -40,6 +42,7 @@ def atomic_write(path: Path, write) -> None:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        record(path)  # listed before it appears: a kill never leaves a run file the manifest lacks
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
@@ -114,3 +117,36 @@ def export_safetensors(model: torch.nn.Module, config: Config, path: Path) -> No
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     blob = save(state, metadata={"format": FORMAT, "config": json.dumps(config.to_dict())})
     atomic_write(path, lambda fh: fh.write(blob))
+
+
+def run_config(config: Config, trained: Config, checkpoint: Path) -> tuple[Config, list[str]]:
+    """The config a command (predict, train-prior) runs a trained model with.
+
+    Data settings and the seed are the checkpoint's own, so the splits are the ones the model
+    was trained with; a ``data.*`` key or ``seed`` given explicitly (in ``--config`` or
+    ``--set``) wins. Outputs go to the checkpoint's run directory unless an ``output.*`` key
+    is given. Returns that config and a description of each explicit setting that differs
+    from training (``"seed=1 (trained with 0)"``), for the log.
+    """
+    explicit = {key: getattr(config.data, key) for key in config.data.model_fields_set}
+    differs = [f"data.{key}={value} (trained with {getattr(trained.data, key)})"
+               for key, value in explicit.items() if value != getattr(trained.data, key)]
+    seed = config.seed if "seed" in config.model_fields_set else trained.seed
+    if seed != trained.seed:
+        differs.append(f"seed={seed} (trained with {trained.seed})")
+    output = config.output if config.output.model_fields_set else _checkpoint_output(trained, checkpoint)
+    merged = config.model_copy(update={"data": trained.data.model_copy(update=explicit), "seed": seed,
+                                       "output": output})
+    return merged, differs
+
+
+def _checkpoint_output(trained: Config, checkpoint: Path):
+    """The output section of the run a checkpoint belongs to (``RUN_DIR/models/NAME.pt``)."""
+    folder = Path(checkpoint).expanduser().absolute().parent
+    if folder == trained.model_dir:
+        return trained.output
+    if folder.name == "models":  # a run directory that was moved or copied
+        return trained.output.model_copy(update={"dir": folder.parent, "log_dir": None, "sample_dir": None,
+                                                 "visual_dir": None, "model_dir": None})
+    raise UserError(f"{checkpoint} is not in a run directory's models/ folder; say where the outputs go "
+                    "with --set output.dir=FOLDER")

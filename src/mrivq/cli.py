@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from models/last.pt")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace a run already in output.dir instead of refusing")
+                   help="replace a run already in output.dir (only the files mrivq wrote for it) instead of refusing")
 
     p = sub.add_parser("predict", help="score a trained model on the test split")
     _add_config_args(p)
@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--checkpoint", metavar="FILE", help="the VQ-VAE (e.g. runs/default/models/best.pt)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the prior run in RUN_DIR from models/prior_last.pt")
-    p.add_argument("--overwrite", action="store_true", help="replace a prior run already in output.dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a prior run already in output.dir (only the files mrivq wrote for it)")
 
     p = sub.add_parser("sample", help="new slices from a trained prior: a PNG grid and NIfTI files")
     p.add_argument("--prior", required=True, metavar="FILE", help="models/prior_best.pt of `mrivq train-prior`")
@@ -125,9 +126,8 @@ def run(argv: list[str] | None = None) -> int:
                             "drop --config/--set, or start a new run")
         train(config, resume=args.resume, overwrite=args.overwrite)
     elif args.command == "bench":
-        import json
-
         from .bench import benchmark
+        from .strict_json import dumps
 
         if min(args.batch_size, args.steps, *args.image_size) < 1:
             raise UserError("--batch-size, --steps and --image-size must be positive")
@@ -135,7 +135,7 @@ def run(argv: list[str] | None = None) -> int:
                             steps=args.steps, warmup=max(args.warmup, 0), load=not args.no_load,
                             log=(lambda line: print(line, file=sys.stderr)) if args.json else print)
         for f in figures:
-            print(json.dumps(f) if args.json else f"{f['figure']:34s} {f['value']:>12} {f['unit']}")
+            print(dumps(f) if args.json else f"{f['figure']:34s} {f['value']:>12} {f['unit']}")
     elif args.command == "predict":
         from .evaluate import predict
 
@@ -152,14 +152,14 @@ def run(argv: list[str] | None = None) -> int:
 
 def _run_codes_command(args) -> int:
     """encode, decode, sample: a checkpoint and files in, files out; no config."""
-    import json
+    from .strict_json import dumps
 
     if args.command == "encode":
         from .codes import encode
 
         report = encode(args.checkpoint, args.inputs, args.out, prior=args.prior)
         if args.json:
-            print(json.dumps(report, indent=2))
+            print(dumps(report, indent=2))
             return 0
         bpp = report["bits_per_pixel"]
         line = (f"wrote {report['codes_file']} ({report['n_slices']} slices): bits per pixel raw "

@@ -16,7 +16,6 @@ Example::
 from __future__ import annotations
 
 import io
-import math
 
 import numpy as np
 import torch
@@ -91,15 +90,6 @@ def compress_at_rate(slice2d: np.ndarray, codec: str, bits_per_pixel: float) -> 
     return decode(data), len(data) * 8.0 / slice8.size, setting
 
 
-def _stats(values: np.ndarray) -> dict:
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    if not len(v):
-        return {"mean": math.nan, "std": math.nan, "p5": math.nan, "min": math.nan}
-    return {"mean": float(v.mean()), "std": float(v.std()), "p5": float(np.percentile(v, 5)),
-            "min": float(v.min())}
-
-
 def compare_codecs(images: np.ndarray, bits_per_pixel: float, codecs: list[str] | None = None) -> dict:
     """Score standard codecs at ``bits_per_pixel`` on ``images`` ``(N, H, W)`` in [0, 1].
 
@@ -122,8 +112,8 @@ def compare_codecs(images: np.ndarray, bits_per_pixel: float, codecs: list[str] 
         out[codec] = {
             "bits_per_pixel": {"mean": float(np.mean(rates)), "max": float(np.max(rates))},
             "setting": {"name": SETTING_NAMES[codec], "median": float(np.median(settings))},
-            "ssim": _stats(ssim),
-            "psnr": _stats(psnr),
+            "ssim": metrics.summary_stats(ssim),
+            "psnr": metrics.summary_stats(psnr),
             "per_slice": {"ssim": [float(v) for v in ssim], "psnr": [float(v) for v in psnr]},
         }
     return out

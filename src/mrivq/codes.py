@@ -34,7 +34,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from . import metrics
+from . import metrics, strict_json
 from .checkpoint import atomic_write, checkpoint_config, load_checkpoint, model_from_checkpoint
 from .config import Config
 from .data.io import nifti_inputs, read_slice
@@ -254,7 +254,7 @@ def encode(checkpoint: str | Path, inputs, out: str | Path, *, batch_size: int =
         "normalize": np.array(prep.normalize), "percentiles": np.array(prep.percentiles),
         "norm": np.stack(norm).astype(np.float32), "affines": np.stack(affines).astype(np.float64),
         "shapes": np.array(shapes, dtype=np.int64), "sources": np.array(json.dumps(disk)),
-        "report": np.array(json.dumps(report)),
+        "report": np.array(strict_json.dumps(report)),
     }
     atomic_write(out, lambda fh: np.savez_compressed(fh, **arrays))
     report["codes_file"] = str(out)

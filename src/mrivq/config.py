@@ -9,7 +9,9 @@ Two layouts load:
 * the report's: ``input.{train_dir,validate_dir,test_dir,load_model_dir}``,
   ``output.{log_dir,sample_dir,visual_dir,model_dir}``,
   ``training.{epochs,batch_size,lr,latent_loss_weight,sample_size,interval}``,
-  ``predict.{batch_size,sample_size,samples}`` — translated to mrivq's layout first.
+  ``predict.{batch_size,sample_size,samples}`` — translated to mrivq's layout first. Without
+  ``output.dir`` the run directory is the four folders' common parent, unless that is the
+  working directory (or they have none): then the default ``runs/default``.
 
 Paths: ``~`` is expanded and relative paths are taken from the current working
 directory, the folder the command is run from (as in the report's instructions).
@@ -22,7 +24,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
 
@@ -162,6 +172,12 @@ class Config(_Section):
     predict: PredictConfig = Field(default_factory=PredictConfig)
     prior: PriorConfig = Field(default_factory=PriorConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    _source: Path | None = PrivateAttr(default=None)
+
+    @property
+    def source(self) -> Path | None:
+        """The resolved path of the YAML file this config was read from; None for defaults."""
+        return self._source
 
     @model_validator(mode="after")
     def _resolve_paths(self):
@@ -222,7 +238,12 @@ _REPORT_SECTIONS = {"input", "training"}
 
 
 def from_report_layout(raw: dict) -> dict:
-    """Translate a config in the report's layout (input/output/training/predict) to mrivq's."""
+    """Translate a config in the report's layout (input/output/training/predict) to mrivq's.
+
+    Without ``output.dir``, the run directory (config.yaml, metrics.csv, report.html) is the
+    common parent of ``output.{log,sample,visual,model}_dir``; when that is the working
+    directory, or the folders have no common parent, it stays the default ``runs/default``.
+    """
     raw = copy.deepcopy(raw)
     out: dict[str, Any] = {k: v for k, v in raw.items() if k not in ("input", "training", "output", "predict")}
     data = out.setdefault("data", {})
@@ -247,16 +268,21 @@ def from_report_layout(raw: dict) -> dict:
     if output:
         subdirs = [Path(str(output[k])).expanduser() for k in ("log_dir", "sample_dir", "visual_dir", "model_dir")
                    if output.get(k)]
-        if "dir" not in output and subdirs:
-            # The report's folders sat side by side; their common parent is the run directory.
-            parents = {p.parent for p in subdirs}
-            output["dir"] = str(parents.pop()) if len(parents) == 1 else "."
+        parents = {p.parent.absolute() for p in subdirs}
+        common = parents.pop() if len(parents) == 1 else None
+        if "dir" not in output and common and common.resolve() != Path.cwd().resolve():
+            # The report's folders sat side by side; their common parent is the run directory,
+            # unless it is the working directory, which must not fill with run files.
+            output["dir"] = str(common)
         out["output"] = output
     return out
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML config (or the defaults when ``path`` is None), apply ``--set`` overrides, validate."""
+    """Read a YAML config (or the defaults when ``path`` is None), apply ``--set`` overrides, validate.
+
+    The returned config's ``source`` is the file's resolved path, so a run never writes over it.
+    """
     raw: dict = {}
     if path is not None:
         path = Path(path).expanduser()
@@ -275,7 +301,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raw = from_report_layout(raw)
     for item in overrides:
         apply_override(raw, item)
-    return validate(raw, source=str(path) if path else "defaults")
+    config = validate(raw, source=str(path) if path else "defaults")
+    config._source = path.resolve() if path is not None else None
+    return config
 
 
 def apply_override(raw: dict, item: str) -> None:

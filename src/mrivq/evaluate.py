@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 import time
@@ -20,19 +19,27 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import metrics
-from .checkpoint import atomic_write, checkpoint_config, load_checkpoint, model_from_checkpoint
+from . import metrics, strict_json
+from .checkpoint import (
+    atomic_write,
+    checkpoint_config,
+    load_checkpoint,
+    model_from_checkpoint,
+    run_config,
+)
 from .codecs import CODEC_PROTOCOL, available_codecs, compare_codecs
 from .config import Config
 from .data.cache import load_split
 from .data.preprocess import Preprocessing
 from .data.sources import data_splits
-from .data.splits import parse_name
+from .data.splits import file_list_hash, parse_name, shared_with_training
+from .errors import UserError
 from .html_report import write_report
 from .logs import interactive, run_logger
 from .regions import STRUCTURES, load_masks
 from .report import plot_codebook_usage, save_difference_grid, save_sample_grid
-from .runtime import autocast, resolve_device, resolve_precision, set_threads
+from .run_dir import recording
+from .runtime import resolve_device, set_threads
 
 log = logging.getLogger("mrivq")
 
@@ -89,10 +96,14 @@ def slices_to_batch(slices: np.ndarray, device: torch.device) -> torch.Tensor:
 
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, images: np.ndarray, *, batch_size: int, device: torch.device,
-             precision: str, keep: list[int] | tuple[int, ...] = (), progress: bool = False,
+             normalize: str, keep: list[int] | tuple[int, ...] = (), progress: bool = False,
              desc: str = "evaluate", masks: np.ndarray | None = None) -> Evaluation:
-    """Reconstruct ``images`` ``(N, H, W)`` in [0, 1] and score every slice.
+    """Reconstruct ``images`` ``(N, H, W)`` (model input, normalised by ``normalize``) and score
+    every slice.
 
+    The model runs in float32 whatever precision trained it, so scores, code counts and codes
+    are the same on every machine (and match ``mrivq encode``). The losses are in model space;
+    the metrics and the kept pictures are on [0, 1] (see :func:`mrivq.metrics.to_unit_range`).
     ``keep`` lists slice indices whose input and reconstruction are returned for pictures.
     ``masks`` ``(N, H, W)`` integer labels (all zero for a slice without a mask) add the
     region metrics of :data:`mrivq.regions.STRUCTURES`.
@@ -112,26 +123,26 @@ def evaluate(model: torch.nn.Module, images: np.ndarray, *, batch_size: int, dev
     start = time.perf_counter()
     for lo in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
         x = slices_to_batch(images[lo:lo + batch_size], device)
-        with autocast(device, precision):
-            out = model(x)
+        out = model(x)
         rec = out.reconstruction.float()
         recon_sum += F.mse_loss(rec, x, reduction="sum").double() / x[0].numel()
         commit_sum += out.commitment_loss.double() * len(x)
         counts_top += metrics.code_counts(out.codes_top, quant_top.n_embed)
         counts_bottom += metrics.code_counts(out.codes_bottom, quant_bottom.n_embed)
         code_shapes = (tuple(out.codes_top.shape[1:]), tuple(out.codes_bottom.shape[1:]))
-        ssim.append(metrics.ssim_per_image(rec, x))
-        psnr.append(metrics.psnr_per_image(rec, x))
-        mse.append(metrics.mse_per_image(rec, x))
-        mae.append(metrics.mae_per_image(rec, x))
+        rec01, x01 = metrics.to_unit_range(rec, x, normalize)
+        ssim.append(metrics.ssim_per_image(rec01, x01))
+        psnr.append(metrics.psnr_per_image(rec01, x01))
+        mse.append(metrics.mse_per_image(rec01, x01))
+        mae.append(metrics.mae_per_image(rec01, x01))
         if masks is not None:
             batch_masks = torch.from_numpy(np.asarray(masks[lo:lo + len(x)], dtype=np.int64))
-            for name, values in metrics.region_metrics(rec, x, batch_masks, STRUCTURES).items():
+            for name, values in metrics.region_metrics(rec01, x01, batch_masks, STRUCTURES).items():
                 for key, v in values.items():
                     regions[name][key].append(v)
         for i in range(lo, lo + len(x)):
             if i in keep_set:
-                kept[i] = (x[i - lo, 0].float().cpu().numpy(), rec[i - lo, 0].clamp(0, 1).cpu().numpy())
+                kept[i] = (x01[i - lo, 0].cpu().numpy(), rec01[i - lo, 0].clamp(0, 1).cpu().numpy())
     result = Evaluation(
         ssim=torch.cat(ssim).cpu(), psnr=torch.cat(psnr).cpu(), mse=torch.cat(mse).cpu(),
         recon_loss=float(recon_sum) / n, commitment_loss=float(commit_sum) / n,
@@ -144,17 +155,6 @@ def evaluate(model: torch.nn.Module, images: np.ndarray, *, batch_size: int, dev
     return result
 
 
-def _stats(values: torch.Tensor) -> dict:
-    v = values.double()
-    finite = v[torch.isfinite(v)]
-    return {
-        "mean": float(finite.mean()) if len(finite) else math.nan,
-        "std": float(finite.std(unbiased=False)) if len(finite) else math.nan,
-        "p5": float(torch.quantile(finite, 0.05)) if len(finite) else math.nan,
-        "min": float(finite.min()) if len(finite) else math.nan,
-    }
-
-
 def preprocessing(config: Config) -> Preprocessing:
     d = config.data
     return Preprocessing(image_size=tuple(d.image_size), fit=d.fit, normalize=d.normalize,
@@ -162,7 +162,13 @@ def preprocessing(config: Config) -> Preprocessing:
 
 
 def predict(config: Config, checkpoint: str | Path | None = None) -> dict:
-    """Score a trained model on the test split and write the predict outputs of the run dir.
+    """Score a trained model on the test split and write the predict outputs of its run dir.
+
+    The test split is the one the model was trained with: data settings and seed come from
+    the checkpoint unless given explicitly (see :func:`mrivq.checkpoint.run_config`), and a
+    test split that shares slices or cases with the model's training split is refused.
+    Outputs go to the checkpoint's run directory unless ``output.*`` is given. Scores are
+    computed in float32 whatever precision trained the model.
 
     Writes logging/predict.log, samples/predict_set_{i}.png, samples/predict_worst.png,
     visuals/codebook_usage.png, predict/summary.json, predict/per_slice.csv and updates
@@ -173,20 +179,22 @@ def predict(config: Config, checkpoint: str | Path | None = None) -> dict:
     ckpt_path = Path(checkpoint or config.predict.checkpoint or config.model_dir / "best.pt").expanduser()
     ckpt = load_checkpoint(ckpt_path)
     trained = checkpoint_config(ckpt, ckpt_path)
-    with run_logger(config.log_dir / "predict.log"):
-        set_threads(config.train.num_threads)
-        device = resolve_device(config.train.device)
-        precision = resolve_precision(config.train.precision, device)
+    config, differs = run_config(config, trained, ckpt_path)
+    set_threads(config.train.num_threads)
+    device = resolve_device(config.train.device)
+    splits = data_splits(config.data, config.seed)
+    _refuse_training_slices(splits.test, ckpt, ckpt_path)
+    with recording(config.run_dir, "predict"), run_logger(config.log_dir / "predict.log"):
         model = model_from_checkpoint(ckpt, ckpt_path).to(device).to(memory_format=torch.channels_last)
-        if trained.data.normalize != config.data.normalize or trained.data.image_size != config.data.image_size:
-            log.warning("predict uses data settings (normalize=%s, image_size=%s) that differ from "
-                        "training's (%s, %s)", config.data.normalize, list(config.data.image_size),
-                        trained.data.normalize, list(trained.data.image_size))
         log.info("checkpoint %s (step %s, validation SSIM %.4f)", ckpt_path, ckpt.get("step"),
                  float(ckpt.get("best_ssim", float("nan"))))
-        log.info("device %s, precision %s", device, precision)
-        splits = data_splits(config.data, config.seed)
-        test = load_split(splits.test, preprocessing(config), cache_dir=config.data.cache_dir,
+        for setting in differs:
+            log.warning("predict uses %s, given explicitly", setting)
+        training_precision = str(ckpt.get("precision", "unknown"))
+        log.info("device %s; the model trained in %s, scores computed in %s", device, training_precision,
+                 metrics.SCORING_PRECISION)
+        prep = preprocessing(config)
+        test = load_split(splits.test, prep, cache_dir=config.data.cache_dir,
                           on_bad_file=config.data.on_bad_file, workers=config.data.workers,
                           progress=interactive(), name="test")
         n = len(test.images)
@@ -194,10 +202,11 @@ def predict(config: Config, checkpoint: str | Path | None = None) -> dict:
         per_set = min(config.predict.sample_size, n)
         sets = [sorted(rng.choice(n, size=per_set, replace=False).tolist())
                 for _ in range(config.predict.sample_sets)]
-        masks, has_mask = load_masks(test.files, test.original_shapes, preprocessing(config))
+        masks, has_mask = load_masks(test.files, test.original_shapes, prep)
         log.info("masks found for %d of %d test slices", int(has_mask.sum()), n)
+        normalize = config.data.normalize
         result = evaluate(model, test.images, batch_size=config.predict.batch_size, device=device,
-                          precision=precision, keep=sorted({i for s in sets for i in s}),
+                          normalize=normalize, keep=sorted({i for s in sets for i in s}),
                           progress=interactive(), desc="predict",
                           masks=masks if has_mask.any() else None)
         for k, chosen in enumerate(sets):
@@ -210,23 +219,27 @@ def predict(config: Config, checkpoint: str | Path | None = None) -> dict:
         top_shape, bottom_shape = result.code_shapes
         bits_per_pixel = metrics.raw_bits_per_pixel(
             tuple(config.data.image_size), top_shape, bottom_shape, model_cfg.n_embed, model_cfg.n_embed)
-        worst = _save_worst_slices(model, test, result, masks, device, precision,
+        worst = _save_worst_slices(model, test, result, masks, device, normalize,
                                    config.sample_dir / "predict_worst.png")
         plot_codebook_usage(result.counts_top, result.counts_bottom,
                             config.visual_dir / "codebook_usage.png")
         log.info("compressing the %d test slices with %s at %.3f bits per pixel", n,
                  ", ".join(available_codecs()), bits_per_pixel)
-        codec_scores = compare_codecs(test.images, bits_per_pixel)
+        codec_scores = compare_codecs(_unit_range_images(test.images, normalize), bits_per_pixel)
         summary = {
             "n_images": n,
-            "ssim": _stats(result.ssim),
-            "psnr": _stats(result.psnr),
+            "ssim": metrics.summary_stats(result.ssim),
+            "psnr": metrics.summary_stats(result.psnr),
             "mse": float(result.mse.double().mean()),
             "mae": float(result.mae.double().mean()),
             "codebook": result.usage(),
             "bits_per_pixel": bits_per_pixel,
             "checkpoint": str(ckpt_path),
             "protocol": metrics.SSIM_PROTOCOL,
+            "precision": {"training": training_precision, "scoring": metrics.SCORING_PRECISION},
+            "data": {"seed": config.seed, "normalize": normalize,
+                     "test_split_sha256": file_list_hash(splits.test),
+                     "settings_given_explicitly": differs},
             "images_per_s": result.images_per_s,
             "skipped_files": [f for f, _ in test.skipped],
             "regions": _region_summary(result, has_mask),
@@ -237,7 +250,7 @@ def predict(config: Config, checkpoint: str | Path | None = None) -> dict:
         rows = _per_slice_csv(test.files, result)
         atomic_write(out_dir / "per_slice.csv", lambda fh: fh.write(rows.encode()))
         atomic_write(out_dir / "summary.json",
-                     lambda fh: fh.write(json.dumps(summary, indent=2).encode()))
+                     lambda fh: fh.write(strict_json.dumps(summary, indent=2).encode()))
         log.info("test: %d slices, SSIM %.4f ± %.4f (p5 %.4f, min %.4f), PSNR %.2f dB, %.1f images/s",
                  n, summary["ssim"]["mean"], summary["ssim"]["std"], summary["ssim"]["p5"],
                  summary["ssim"]["min"], summary["psnr"]["mean"], result.images_per_s)
@@ -257,6 +270,28 @@ def predict(config: Config, checkpoint: str | Path | None = None) -> dict:
     return summary
 
 
+def _refuse_training_slices(test_files: list, ckpt: dict, ckpt_path: Path) -> None:
+    """A test split that shares slices or cases with the model's training split scores nothing
+    honest: refuse it in one line."""
+    if "splits" not in ckpt:
+        log.warning("%s records no training split (written by an older mrivq): cannot check that "
+                    "the test slices were not trained on", ckpt_path)
+        return
+    slices, cases = shared_with_training(test_files, ckpt["splits"])
+    if slices or cases:
+        raise UserError(f"the test split shares {slices} slice(s) and {cases} case(s) with the training "
+                        f"split of {ckpt_path}; predict with the data and seed it was trained with "
+                        "(drop the data.* and seed settings) or give test slices of other cases")
+
+
+def _unit_range_images(images: np.ndarray, normalize: str) -> np.ndarray:
+    """Model-input slices ``(N, H, W)`` on the scoring range [0, 1] (the codecs' input)."""
+    if normalize in metrics.UNIT_RANGE_POLICIES:
+        return images
+    stack = torch.from_numpy(np.array(images, dtype=np.float32))[:, None]
+    return metrics.to_unit_range(stack, stack, normalize)[1][:, 0].numpy()
+
+
 def _region_summary(result: Evaluation, has_mask: np.ndarray) -> dict | None:
     """Per-structure stats over the slices that contain the structure; None without masks."""
     if not result.regions:
@@ -265,7 +300,7 @@ def _region_summary(result: Evaluation, has_mask: np.ndarray) -> dict | None:
     for name, values in result.regions.items():
         present = torch.isfinite(values["mae"])
         structures[name] = {"labels": list(STRUCTURES[name]), "n_slices": int(present.sum()),
-                            **{key: _stats(v[present]) for key, v in values.items()}}
+                            **{key: metrics.summary_stats(v[present]) for key, v in values.items()}}
     return {"n_slices_with_mask": int(has_mask.sum()), "definition": metrics.REGION_PROTOCOL,
             "structures": structures}
 
@@ -274,7 +309,7 @@ def _codec_summary(result: Evaluation, bits_per_pixel: float, codec_scores: dict
     return {
         "bits_per_pixel": bits_per_pixel,
         "method": CODEC_PROTOCOL,
-        "model": {"bits_per_pixel": bits_per_pixel, "ssim": _stats(result.ssim), "psnr": _stats(result.psnr)},
+        "model": {"bits_per_pixel": bits_per_pixel, "ssim": metrics.summary_stats(result.ssim), "psnr": metrics.summary_stats(result.psnr)},
         "codecs": {codec: {k: v for k, v in scores.items() if k != "per_slice"}
                    for codec, scores in codec_scores.items()},
     }
@@ -301,14 +336,13 @@ def _per_slice_csv(files: list[str], result: Evaluation) -> str:
 
 @torch.inference_mode()
 def _save_worst_slices(model: torch.nn.Module, test, result: Evaluation, masks: np.ndarray,
-                       device: torch.device, precision: str, path: Path, count: int = 5) -> list[dict]:
+                       device: torch.device, normalize: str, path: Path, count: int = 5) -> list[dict]:
     """samples/predict_worst.png: the ``count`` lowest-SSIM slices with difference maps."""
     order = torch.argsort(torch.nan_to_num(result.ssim, nan=-1.0))[:count].tolist()
     x = slices_to_batch(test.images[order], device)
     model.eval()
-    with autocast(device, precision):
-        rec = model(x).reconstruction.float().clamp(0, 1)
-    inputs, recs = x[:, 0].float().cpu().numpy(), rec[:, 0].cpu().numpy()
+    rec, x = metrics.to_unit_range(model(x).reconstruction, x, normalize)
+    inputs, recs = x[:, 0].cpu().numpy(), rec[:, 0].clamp(0, 1).cpu().numpy()
     names = [Path(test.files[i]).name for i in order]
     save_difference_grid(inputs, recs, path, masks=masks[order] if masks is not None else None,
                          title="five lowest-SSIM test slices: input, reconstruction, "

@@ -29,6 +29,7 @@ import yaml
 
 from .checkpoint import atomic_write
 from .errors import UserError
+from .run_dir import run_config_path
 
 REPORT_NAME = "report.html"
 
@@ -82,7 +83,8 @@ def write_report(run_dir: str | Path) -> Path:
         what = "is not a folder" if run_dir.exists() else "does not exist"
         raise UserError(f"run directory {run_dir} {what}; give the output.dir of a run "
                         "(`mrivq train` writes one)")
-    config_text = _read_text(run_dir / "config.yaml")
+    config_path = run_config_path(run_dir)
+    config_text = _read_text(config_path) if config_path else None
     rows = _read_metrics(run_dir / "metrics.csv")
     summary = _read_json(run_dir / "predict" / "summary.json")
     if config_text is None and not rows and summary is None:
@@ -206,6 +208,10 @@ def _section_test(summary: dict | None) -> str:
         rows.append([label, *(_fmt(stats.get(s), spec) for s in ("mean", "std", "p5", "min"))])
     extra = (f"MSE {_fmt(summary.get('mse'), '{:.6f}')}, MAE {_fmt(summary.get('mae'), '{:.5f}')} "
              f"over {summary.get('n_images')} slices; checkpoint {html.escape(str(summary.get('checkpoint')))}.")
+    precision = summary.get("precision") or {}
+    if precision:
+        extra += (f" Trained in {html.escape(str(precision.get('training')))}, scored in "
+                  f"{html.escape(str(precision.get('scoring')))}.")
     codebook = summary.get("codebook") or {}
     usage = "; ".join(f"{level}: {c.get('used')}/{c.get('size')} codes used, perplexity {_fmt(c.get('perplexity'), '{:.1f}')}"
                       for level, c in codebook.items())

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
+from .run_dir import record
 
 _FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
@@ -19,8 +20,12 @@ def interactive() -> bool:
 
 @contextlib.contextmanager
 def run_logger(path: Path):
-    """Send the ``mrivq`` loggers to ``path`` (appending) and to stderr for the duration."""
+    """Send the ``mrivq`` loggers to ``path`` (appending) and to stderr for the duration.
+
+    Inside :func:`mrivq.run_dir.recording` the log is listed in the run's manifest.
+    """
     path = Path(path)
+    record(path)  # listed before it appears: a kill never leaves a log the manifest lacks
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.open("a").close()

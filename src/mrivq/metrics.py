@@ -2,7 +2,10 @@
 
 SSIM: Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, ``data_range=1``, computed per
 image and averaged over images. Inputs are expected in [0, 1]; reconstructions are
-clamped to [0, 1] before scoring. PSNR uses the same range.
+clamped to [0, 1] before scoring. PSNR uses the same range. Model outputs under a
+normalisation that is not already [0, 1] (``zscore``) are mapped there first with
+:func:`to_unit_range`, so a perfect reconstruction scores SSIM 1 under every policy.
+Scores are always computed in float32, whatever precision trained the model.
 
 Region metrics (inside one labelled structure of a mask): region SSIM is the mean of the
 per-pixel SSIM map (same window and constants, map computed on the whole slice) over the
@@ -20,8 +23,11 @@ from torchmetrics.functional.image import (
     structural_similarity_index_measure,
 )
 
+SCORING_PRECISION = "fp32"
+
 SSIM_PROTOCOL = (
-    "SSIM per slice on [0, 1]-normalised images (reconstruction clamped to [0, 1]), "
+    "SSIM per slice on [0, 1]-normalised images (z-scored slices mapped to [0, 1] by the "
+    "target slice's own minimum and maximum; reconstruction clamped to [0, 1]), computed in float32, "
     "Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, data_range 1, averaged over slices; "
     "PSNR with the same data range. Region metrics: SSIM is the mean of the SSIM map "
     "(same settings, computed on the whole slice) over the structure's mask pixels; PSNR and "
@@ -33,6 +39,35 @@ REGION_PROTOCOL = (
     "see its surroundings) over the structure's pixels; PSNR (data range 1) and MAE use the "
     "structure's pixels only; averaged over the slices that contain the structure."
 )
+
+
+#: Normalisations whose model input is already [0, 1] (scored as it is).
+UNIT_RANGE_POLICIES = ("minmax", "percentile")
+
+
+@torch.no_grad()
+def to_unit_range(reconstruction: torch.Tensor, target: torch.Tensor,
+                  normalize: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Model-space ``(B, C, H, W)`` reconstruction and target -> the scoring range, float32.
+
+    ``minmax`` and ``percentile`` inputs are in [0, 1] already and come back unchanged (as
+    float32). ``zscore`` inputs are mapped by each target slice's own minimum and maximum,
+    ``(v - min) / (max - min)``, applied alike to the reconstruction (not clamped here:
+    the metrics clamp it), so the target spans [0, 1] and a perfect reconstruction scores 1.
+
+    Example::
+
+        >>> x = torch.randn(2, 1, 8, 8) * 3 + 1
+        >>> rec, tgt = to_unit_range(x, x, "zscore")
+        >>> float(tgt.min()), float(tgt.max()), torch.equal(rec, tgt)
+        (0.0, 1.0, True)
+    """
+    rec, tgt = reconstruction.float(), target.float()
+    if normalize in UNIT_RANGE_POLICIES:
+        return rec, tgt
+    low = tgt.amin(dim=(-2, -1), keepdim=True)
+    spread = (tgt.amax(dim=(-2, -1), keepdim=True) - low).clamp_min(1e-12)
+    return (rec - low) / spread, (tgt - low) / spread
 
 
 @torch.no_grad()
@@ -122,6 +157,21 @@ def mse_per_image(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.T
     """Mean squared error of each image on the clamped reconstruction -> ``(B,)``."""
     rec = reconstruction.float().clamp(0.0, 1.0)
     return (rec - target.float()).pow(2).flatten(1).mean(1)
+
+
+def summary_stats(values) -> dict:
+    """``{mean, std, p5, min}`` of per-slice values (a tensor or array) that exist.
+
+    NaN marks a missing value (a structure absent from a slice) and is left out; an infinite
+    one (the PSNR of a perfect slice) counts, so a mean it makes infinite stays infinite (and
+    is written to JSON as null). All NaN when no value exists.
+    """
+    v = torch.as_tensor(values).double().reshape(-1)
+    present = v[~torch.isnan(v)]
+    if not len(present):
+        return {"mean": math.nan, "std": math.nan, "p5": math.nan, "min": math.nan}
+    return {"mean": float(present.mean()), "std": float(present.std(unbiased=False)),
+            "p5": float(torch.quantile(present, 0.05)), "min": float(present.min())}
 
 
 def code_counts(codes: torch.Tensor, n_embed: int) -> torch.Tensor:

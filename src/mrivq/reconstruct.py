@@ -33,7 +33,7 @@ from .checkpoint import atomic_write, checkpoint_config, load_checkpoint, model_
 from .data.io import nifti_inputs, nifti_stem, read_slice, read_volume
 from .data.preprocess import denormalize, normalize
 from .errors import UserError
-from .runtime import autocast, resolve_device, resolve_precision
+from .runtime import resolve_device
 
 log = logging.getLogger("mrivq")
 
@@ -49,17 +49,18 @@ def _read_slices(path: Path) -> tuple[np.ndarray, object, bool]:
 
 @torch.inference_mode()
 def _reconstruct_slices(model: torch.nn.Module, slices: np.ndarray, *, normalize_policy: str,
-                        percentiles: tuple[float, float], device: torch.device, precision: str,
+                        percentiles: tuple[float, float], device: torch.device,
                         batch_size: int) -> np.ndarray:
-    """Raw ``(S, H, W)`` slices -> reconstructions ``(S, H, W)`` in the same scanner units."""
+    """Raw ``(S, H, W)`` slices -> reconstructions ``(S, H, W)`` in the same scanner units.
+
+    The model runs in float32 (as ``mrivq encode`` and every score do), so a reconstruction
+    does not depend on the machine's bfloat16 support."""
     normalised, params = zip(*(normalize(s, normalize_policy, percentiles) for s in slices))
     normalised, params = np.stack(normalised), np.stack(params)
     out = np.empty_like(normalised)
     for lo in range(0, len(normalised), batch_size):
         x = torch.from_numpy(normalised[lo:lo + batch_size]).unsqueeze(1).to(device)
-        with autocast(device, precision):
-            rec = model(x).reconstruction
-        rec = rec.float()
+        rec = model(x).reconstruction.float()
         if normalize_policy != "zscore":  # [0, 1]-scaled inputs: keep the output in that range
             rec = rec.clamp(0, 1)
         out[lo:lo + batch_size] = rec[:, 0].cpu().numpy()
@@ -104,13 +105,12 @@ def reconstruct(checkpoint: str | Path, inputs: list[str | Path], out_dir: str |
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA device is available; use --device auto or cpu")
     torch_device = resolve_device(device)
-    precision = resolve_precision("auto", torch_device)
     model = model_from_checkpoint(ckpt, ckpt_path).to(torch_device).eval()
     written = []
     for path, slices, meta, is_slice in loaded:
         recon = _reconstruct_slices(model, slices, normalize_policy=trained.data.normalize,
                                     percentiles=tuple(trained.data.percentiles), device=torch_device,
-                                    precision=precision, batch_size=batch_size)
+                                    batch_size=batch_size)
         stem = nifti_stem(path)
         suffix = path.name[len(stem):] or ".nii.gz"
         outputs = {"reconstruction": out_dir / f"{stem}_recon{suffix}",

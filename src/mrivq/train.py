@@ -19,7 +19,6 @@ import io
 import logging
 import math
 import random
-import shutil
 import signal
 import threading
 import time
@@ -44,12 +43,14 @@ from .checkpoint import (
 from .config import Config
 from .data.cache import load_split
 from .data.sources import data_splits
+from .data.splits import split_record
 from .errors import TrainingInterrupted, UserError
 from .evaluate import Evaluation, evaluate, preprocessing, slices_to_batch
 from .html_report import write_report
 from .logs import interactive, run_logger
 from .models import VQVAE2
 from .report import plot_curves, save_sample_grid
+from .run_dir import claim_run_dir, config_destination, recording, run_config_path
 from .runtime import (
     autocast,
     resolve_compile,
@@ -118,53 +119,64 @@ class StepResult(NamedTuple):
     recon_loss: torch.Tensor
     commitment_loss: torch.Tensor
     reconstruction: torch.Tensor  # (B, 1, H, W) float32
-    applied: torch.Tensor  # () bool on the device: False when the loss was NaN/Inf and nothing changed
+    applied: torch.Tensor  # () bool on the device: False when the loss or a gradient was NaN/Inf
 
 
 def optimisation_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                       scaler: torch.amp.GradScaler, batch: torch.Tensor, *, device: torch.device,
                       precision: str, latent_loss_weight: float, grad_clip: float | None,
-                      sync_free: bool = False) -> StepResult | None:
+                      sync_free: bool = False) -> StepResult:
     """Forward, loss, backward, clip, optimiser step on ``batch`` ``(B, 1, H, W)`` in [0, 1].
 
-    Loss = reconstruction MSE + ``latent_loss_weight`` x commitment loss. When the loss is NaN
-    or Inf nothing is applied (the forward pass's EMA codebook update is undone too) and the
-    result is None, or, with ``sync_free``, a result whose ``applied`` is False.
+    Loss = reconstruction MSE + ``latent_loss_weight`` x commitment loss. One NaN policy: when
+    the loss or any gradient is NaN or Inf, nothing is applied (weights, optimiser state and the
+    forward pass's EMA codebook update are left as they were) and ``applied`` is False.
 
     ``sync_free`` (for CUDA) never waits for the device: the finiteness test stays a device
     tensor, the codebook is restored with ``torch.where`` and the optimiser skips its update
     through ``found_inf``, which needs a fused optimiser (``Adam(fused=True)``), as GradScaler
-    uses it.
+    uses it. Otherwise the test is read at once, and a bad loss skips the backward pass too.
     """
     codebooks = {name: buf.clone() for name, buf in model.named_buffers()}
+
+    def restore_codebooks(keep: torch.Tensor) -> None:
+        with torch.no_grad():
+            for name, buf in model.named_buffers():
+                buf.copy_(torch.where(keep, buf, codebooks[name]))
+
     with autocast(device, precision):
         out = model(batch)
     reconstruction = out.reconstruction.float()
     recon_loss = F.mse_loss(reconstruction, batch)
     commitment_loss = out.commitment_loss.float()
     loss = recon_loss + latent_loss_weight * commitment_loss
+    result = StepResult(loss.detach(), recon_loss.detach(), commitment_loss.detach(), reconstruction.detach(),
+                        torch.ones((), dtype=torch.bool, device=loss.device))
     # Under torchrun every rank must agree, or one would wait forever in the gradient all-reduce.
     finite = distributed.all_true(torch.isfinite(loss))
-    if sync_free:
-        with torch.no_grad():
-            for name, buf in model.named_buffers():
-                buf.copy_(torch.where(finite, buf, codebooks[name]))
-    elif not finite.item():
-        with torch.no_grad():
-            for name, buf in model.named_buffers():
-                buf.copy_(codebooks[name])
-        return None
+    if not sync_free and not finite.item():
+        restore_codebooks(finite)
+        return result._replace(applied=finite)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    if grad_clip:
+    if scaler.is_enabled():
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    # The norm is NaN/Inf exactly when some gradient is (or overflows): such a step is skipped
+    # like a NaN loss, rather than clip_grad_norm_ scaling every gradient by NaN. Under torchrun
+    # the gradients are all-reduced already, so every rank computes the same norm.
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
+    finite = finite & torch.isfinite(grad_norm)
+    restore_codebooks(finite)
+    if not sync_free and not finite.item():
+        optimizer.zero_grad(set_to_none=True)
+        if scaler.is_enabled():  # unscale_ was called: let the scaler forget this step
+            scaler.update()
+        return result._replace(applied=finite)
     if sync_free and not scaler.is_enabled():
         optimizer.found_inf = (~finite).float()  # the fused kernel skips the update where 1
     scaler.step(optimizer)
     scaler.update()
-    return StepResult(loss.detach(), recon_loss.detach(), commitment_loss.detach(), reconstruction.detach(),
-                      finite)
+    return result._replace(applied=finite)
 
 
 class Trainer:
@@ -182,6 +194,7 @@ class Trainer:
 
         with distributed.main_first(self.dist):  # rank 0 makes the phantom and the cache
             splits = data_splits(config.data, config.seed)
+            self.splits = split_record(splits)  # predict checks its test split against it
             prep = preprocessing(config)
             load = {"cache_dir": config.data.cache_dir, "on_bad_file": config.data.on_bad_file,
                     "workers": config.data.workers, "progress": interactive() and self.dist.is_main}
@@ -267,6 +280,8 @@ class Trainer:
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "world_size": self.dist.world_size,
+            "precision": self.precision,  # the training precision; scores are always fp32
+            "splits": self.splits,
             "best_ssim": self.best_ssim,
             "elapsed_s": self.elapsed,
             "rng": {
@@ -319,7 +334,8 @@ class Trainer:
     # ------------------------------------------------------------------ loop -----------
     def train_step(self, batch: torch.Tensor) -> bool:
         """One optimiser step on ``batch`` ``(B, 1, H, W)``; False (and nothing applied) when the
-        loss is NaN or Inf."""
+        loss or a gradient is NaN or Inf. Sync-free (CUDA) steps always return True and count
+        skips on the device instead."""
         tc = self.config.train
         first_compiled = self.compile and not self.compiled_once
         before = {name: buf.clone() for name, buf in self.model.named_buffers()} if first_compiled else {}
@@ -341,15 +357,16 @@ class Trainer:
             return self.train_step(batch)
         self.compiled_once = True
         self.scheduler.step()  # the schedule follows self.step, skipped steps included
-        if result is None:
-            return False
         ok = result.applied
+        if not self.sync_free and not ok:
+            return False
         losses = torch.stack([result.loss, result.recon_loss, result.commitment_loss]).double()
         self.running[:3] += torch.where(ok, losses, 0.0)
         self.running[5] += ok.double()
         if self.running_steps % TRAIN_SSIM_EVERY == 0:
             # Training SSIM on every few batches is enough for the curve and costs ~1 % instead of ~6 %.
-            ssim = metrics.ssim_per_image(result.reconstruction, batch).mean().double()
+            scored = metrics.to_unit_range(result.reconstruction, batch, self.config.data.normalize)
+            ssim = metrics.ssim_per_image(*scored).mean().double()
             self.running[3] += torch.where(ok, ssim, 0.0)
             self.running[4] += ok.double()
         if self.sync_free:
@@ -364,8 +381,9 @@ class Trainer:
         log.info("training on %d slices, validating on %d; %d steps per epoch, %d steps in all",
                  len(self.train_set.images), len(self.val_set.images), self.steps_per_epoch,
                  self.total_steps)
-        log.info("device %s, precision %s, torch.compile %s, %d threads; model %.2fM parameters",
-                 self.device, self.precision, "on" if self.compile else "off",
+        log.info("device %s, precision %s (validation scored in %s), torch.compile %s, %d threads; "
+                 "model %.2fM parameters", self.device, self.precision, metrics.SCORING_PRECISION,
+                 "on" if self.compile else "off",
                  torch.get_num_threads(),
                  sum(p.numel() for p in self.model.parameters()) / 1e6)
         if self.dist.active:
@@ -510,10 +528,11 @@ class Trainer:
             self.nonfinite_in_a_row = 0 if applied else self.nonfinite_in_a_row + 1
             longest = self.nonfinite_in_a_row
             if longest:
-                log.warning("step %d: loss is NaN or Inf; step skipped (%d in a row)", self.step, longest)
+                log.warning("step %d: loss or gradient is NaN or Inf; step skipped (%d in a row)", self.step,
+                            longest)
         if longest >= limit:
             raise UserError(
-                f"training stopped: the loss was NaN or Inf for {longest} steps in a row (up to step "
+                f"training stopped: the loss or a gradient was NaN or Inf for {longest} steps in a row (up to step "
                 f"{self.step}); models/last.pt and best.pt hold the last good state; lower train.lr "
                 "or check the data")
 
@@ -541,7 +560,7 @@ class Trainer:
         wanted = set(self.sample_index)
         part = evaluate(self.model, self.val_set.images[mine] if self.dist.active else self.val_set.images,
                         batch_size=tc.val_batch_size or tc.batch_size, device=self.device,
-                        precision=self.precision, keep=[j for j, i in enumerate(mine) if i in wanted])
+                        normalize=self.config.data.normalize, keep=[j for j, i in enumerate(mine) if i in wanted])
         if not self.dist.active:
             return part
         part.kept = {int(mine[j]): pictures for j, pictures in part.kept.items()}
@@ -581,7 +600,7 @@ def train(config: Config, *, resume: str | Path | None = None, overwrite: bool =
     if resume is not None:
         run_dir = Path(resume).expanduser().absolute()
         last = run_dir / "models" / "last.pt"
-        if not (run_dir / "config.yaml").is_file() or not last.is_file():
+        if run_config_path(run_dir) is None or not last.is_file():
             raise UserError(f"{run_dir}: not a run directory to resume (expected config.yaml and "
                             "models/last.pt from an earlier `mrivq train`)")
         ckpt = load_checkpoint(last)
@@ -593,12 +612,17 @@ def train(config: Config, *, resume: str | Path | None = None, overwrite: bool =
     dist_ctx = distributed.setup(resolve_device(config.train.device))
     try:
         if ckpt is None:
-            _claim_run_dir(config, overwrite, remove=dist_ctx.is_main)
+            claim_run_dir(config, "train", overwrite, remove=dist_ctx.is_main)
+            distributed.barrier(dist_ctx)  # every rank checks the folders before rank 0 writes to them
         logger = run_logger(config.log_dir / "training.log") if dist_ctx.is_main else contextlib.nullcontext()
-        with logger:
+        with recording(config.run_dir, "train"), logger:
             trainer = Trainer(config, dist_ctx)
             if dist_ctx.is_main:
-                atomic_write(config.run_dir / "config.yaml", lambda fh: fh.write(config.to_yaml().encode()))
+                config_path = config_destination(config)
+                atomic_write(config_path, lambda fh: fh.write(config.to_yaml().encode()))
+                if config_path.name != "config.yaml":
+                    log.info("kept %s (the config that was read, or a file mrivq did not write); "
+                             "wrote the resolved config to %s", config.run_dir / "config.yaml", config_path)
             if ckpt is not None:
                 trainer.load_state_dict(ckpt, config.model_dir / "last.pt")
                 log.info("resumed %s at epoch %d, step %d", config.run_dir, trainer.epoch, trainer.step)
@@ -606,21 +630,6 @@ def train(config: Config, *, resume: str | Path | None = None, overwrite: bool =
                 return trainer.run()
     finally:
         distributed.teardown(dist_ctx)
-
-
-def _claim_run_dir(config: Config, overwrite: bool, *, remove: bool = True) -> None:
-    # What a finished or interrupted run leaves; a new run must not silently replace it.
-    outputs = (config.run_dir / "metrics.csv", config.model_dir / "last.pt", config.model_dir / "best.pt")
-    existing = [path.name for path in outputs if path.exists()]
-    if existing and not overwrite:
-        raise UserError(f"{config.run_dir} already holds a run ({existing[0]}); continue it with "
-                        f"--resume {config.run_dir}, choose another output.dir, or pass --overwrite")
-    if existing and remove:
-        for folder in (config.model_dir, config.sample_dir, config.visual_dir, config.run_dir / "predict"):
-            shutil.rmtree(folder, ignore_errors=True)
-        for name in ("metrics.csv", "config.yaml"):
-            (config.run_dir / name).unlink(missing_ok=True)
-        (config.log_dir / "training.log").unlink(missing_ok=True)
 
 
 def write_metrics(path: Path, rows: list[dict], columns: list[str] = METRIC_COLUMNS) -> None:

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from mrivq import strict_json
 from mrivq.data.io import read_slice
 from mrivq.data.preprocess import Preprocessing, preprocess_slice
 from mrivq.errors import BadFileError, ConfigError, UserError
@@ -343,7 +344,7 @@ def _keep_rows(source: Path, target: Path, rows: list[int], block: int = 1024) -
 
 def _write_json(path: Path, data) -> None:
     with open(path, "w") as f:
-        json.dump(data, f)
+        f.write(strict_json.dumps(data))
         f.flush()
         os.fsync(f.fileno())
 

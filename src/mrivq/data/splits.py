@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import warnings
@@ -234,6 +235,59 @@ def _warn_shared_cases(splits: Splits) -> None:
         message = "cases found in more than one split (patient-level leakage): " + "; ".join(shared)
         log.warning(message)
         warnings.warn(message, stacklevel=3)
+
+
+def split_record(splits: Splits) -> dict:
+    """What a checkpoint remembers of the splits it was trained on (plain types only).
+
+    ``{split: {"n_slices", "sha256"}}`` for each split, the hash over the sorted file names;
+    the training split also keeps its slices (``name:bytes``) and its data set folder, so a
+    later test split can be checked for slices or cases it shares with training
+    (:func:`shared_with_training`).
+    """
+    record = {split: {"n_slices": len(files), "sha256": file_list_hash(files)}
+              for split, files in splits.as_dict().items()}
+    record["train"]["slices"] = sorted(_slice_identity(f) for f in splits.train)
+    record["train"]["dataset"] = dataset_folder(splits.train)
+    return record
+
+
+def file_list_hash(files: list) -> str:
+    """SHA-256 (hex) of a list of files by name, independent of their order and folders."""
+    return hashlib.sha256("\n".join(sorted(Path(f).name for f in files)).encode()).hexdigest()
+
+
+def dataset_folder(files: list) -> str:
+    """The data set a split comes from: the folder holding the HipMRI ``keras_slices_*``
+    folders, or the flat folder of slices itself."""
+    if not files:
+        return ""
+    folder = Path(files[0]).expanduser().absolute().parent
+    return str(folder.parent if folder.name.startswith(KERAS_PREFIX) else folder)
+
+
+def shared_with_training(files: list, record: dict) -> tuple[int, int]:
+    """What ``files`` share with the training split of ``record`` (:func:`split_record`):
+    ``(slices, cases)``.
+
+    A slice is shared when a training slice has its name and size in bytes. A case is shared
+    when it has a shared slice, or when ``files`` come from the training data set's own folder
+    and a training slice has its case id (other weeks or slices of a training patient).
+    Another data set that merely reuses HipMRI's names shares nothing.
+    """
+    train = record["train"]
+    train_slices = set(train["slices"])
+    shared = [f for f in files if _slice_identity(f) in train_slices]
+    cases = {parse_name(f)[0] for f in shared}
+    if dataset_folder(files) == train.get("dataset"):
+        train_cases = {parse_name(s.rsplit(":", 1)[0])[0] for s in train_slices}
+        cases |= {parse_name(f)[0] for f in files} & train_cases
+    return len(shared), len(cases)
+
+
+def _slice_identity(path) -> str:
+    path = Path(path)
+    return f"{path.name}:{path.stat().st_size}"
 
 
 def mask_path(image_path) -> Path | None:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from ..checkpoint import load_checkpoint, model_from_checkpoint, run_config, save_checkpoint
 from ..codes import PRIOR_KIND, codebook_fingerprint, encode_images, load_vqvae
 from ..config import Config, config_from_dict
 from ..data.cache import load_split
@@ -36,6 +36,7 @@ from ..errors import TrainingInterrupted, UserError
 from ..evaluate import preprocessing
 from ..logs import interactive, run_logger
 from ..report import plot_series
+from ..run_dir import claim_run_dir, recording
 from ..runtime import resolve_device, seed_everything, set_threads
 from ..train import lr_factor, read_metrics, stop_on_signals, write_metrics
 from .model import CodePrior
@@ -280,11 +281,16 @@ def train_prior(config: Config, checkpoint: str | Path | None = None, *, resume:
         if checkpoint is None:
             raise UserError("train-prior needs the VQ-VAE: --checkpoint FILE (e.g. runs/default/models/best.pt)")
         vqvae, vq_config = load_vqvae(checkpoint)
-        _claim_run_dir(config, overwrite)
+        # The VQ-VAE's own data, seed and run directory, unless given explicitly.
+        config, differs = run_config(config, vq_config, Path(checkpoint))
+        claim_run_dir(config, "train-prior", overwrite)
         ckpt = None
-    with run_logger(config.log_dir / LOG):
+    with recording(config.run_dir, "train-prior"), run_logger(config.log_dir / LOG):
         set_threads(config.train.num_threads)
         seed_everything(config.seed)
+        if ckpt is None:
+            for setting in differs:
+                log.warning("the prior trains with %s, given explicitly", setting)
         codes, reference = _encode_splits(config, vq_config, vqvae)
         trainer = PriorTrainer(config, codes, n_embed=vqvae.quantize_top.n_embed,
                                vqvae={"model": vqvae.state_dict(), "config": vq_config.to_dict()},
@@ -301,11 +307,6 @@ def train_prior(config: Config, checkpoint: str | Path | None = None, *, resume:
 def _encode_splits(config: Config, vq_config: Config, vqvae) -> tuple[dict, dict]:
     """Codes of the train and validate splits, preprocessed as the VQ-VAE was trained."""
     prep = preprocessing(vq_config)
-    where = str(config.data.root or config.data.train_dir or "the built-in phantom")
-    if config.data.model_dump() != vq_config.data.model_dump():
-        log.warning("the prior trains on data.root %s, not on the VQ-VAE's own data (%s); pass the "
-                    "VQ-VAE's config with --config to use that", where,
-                    vq_config.data.root or vq_config.data.train_dir or "the built-in phantom")
     splits = data_splits(config.data, config.seed)
     load = {"cache_dir": config.data.cache_dir, "on_bad_file": config.data.on_bad_file,
             "workers": config.data.workers, "progress": interactive()}
@@ -322,13 +323,3 @@ def _encode_splits(config: Config, vq_config: Config, vqvae) -> tuple[dict, dict
                          "image_size": list(prep.image_size)}
     return codes, reference
 
-
-def _claim_run_dir(config: Config, overwrite: bool) -> None:
-    existing = [p.name for p in (config.run_dir / METRICS, config.model_dir / LAST, config.model_dir / BEST)
-                if p.exists()]
-    if existing and not overwrite:
-        raise UserError(f"{config.run_dir} already holds a prior run ({existing[0]}); continue it with "
-                        f"--resume {config.run_dir}, choose another output.dir, or pass --overwrite")
-    for name in (config.run_dir / METRICS, config.model_dir / LAST, config.model_dir / BEST,
-                 config.log_dir / LOG, config.visual_dir / "prior_losses.png"):
-        name.unlink(missing_ok=True)

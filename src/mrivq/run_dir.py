@@ -1,0 +1,209 @@
+"""Run directories: where a run's files go, claiming one, and overwriting only what mrivq wrote.
+
+Every file a job writes through :func:`~mrivq.checkpoint.atomic_write`, and every log it opens,
+is listed in ``RUN_DIR/.mrivq-manifest.json`` while :func:`recording` is active::
+
+    {"format": "mrivq-manifest", "version": 1,
+     "jobs": {"train": ["config.yaml", "metrics.csv", "/data/models/best.pt", ...],
+              "predict": [...], "train-prior": [...]}}
+
+Paths inside the run directory are relative to it, others absolute. ``--overwrite``
+(:func:`claim_run_dir`) removes only listed files inside the run directory, and refuses when
+a file the new run would write is not listed: a file mrivq did not write is never replaced
+or removed, whichever folder ``output.*_dir`` points at.
+
+Example::
+
+    >>> claim_run_dir(config, "train", overwrite=False)
+    >>> with recording(config.run_dir, "train"):
+    ...     atomic_write(config.run_dir / "metrics.csv", write)   # listed under "train"
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import strict_json
+from .config import Config
+from .errors import UserError
+
+MANIFEST = ".mrivq-manifest.json"
+FORMAT, VERSION = "mrivq-manifest", 1
+# The run's resolved config: config.yaml, or config.resolved.yaml when config.yaml is a file
+# mrivq did not write (the user's own config, for one).
+CONFIG_NAMES = ("config.yaml", "config.resolved.yaml")
+
+# Per job, the files it writes at fixed names as (Config folder property, name). The first
+# three show that the run directory already holds a run of that job.
+_FIXED_FILES = {
+    "train": [("run_dir", "metrics.csv"), ("model_dir", "last.pt"), ("model_dir", "best.pt"),
+              ("model_dir", "model.safetensors"), ("log_dir", "training.log"), ("visual_dir", "losses.png"),
+              ("visual_dir", "ssims.png"), ("run_dir", "report.html")],
+    "train-prior": [("run_dir", "prior_metrics.csv"), ("model_dir", "prior_last.pt"),
+                    ("model_dir", "prior_best.pt"), ("log_dir", "prior.log"),
+                    ("visual_dir", "prior_losses.png")],
+}
+# A new training run makes the old model's predictions stale: --overwrite removes them too.
+_REPLACES = {"train": ("train", "predict"), "train-prior": ("train-prior",)}
+
+
+# ---------------------------------------------------------------------------------------
+# The manifest
+# ---------------------------------------------------------------------------------------
+
+def _root(run_dir: Path) -> Path:
+    return Path(run_dir).expanduser().resolve()
+
+
+def _absolute(path: Path) -> Path:
+    """Absolute path with its folder's symlinks resolved; a link at ``path`` itself is kept."""
+    path = Path(path).expanduser().absolute()
+    return path.parent.resolve() / path.name
+
+
+def _entry(root: Path, path: Path) -> str:
+    path = _absolute(path)
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+
+
+def read_manifest(run_dir: Path) -> dict | None:
+    """The manifest of ``run_dir``; None when it has none (a new folder, a run from before manifests)."""
+    path = Path(run_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: unreadable manifest ({exc}); move it away and remove the old run's "
+                        "files yourself, or choose another output.dir") from None
+    if not (isinstance(manifest, dict) and manifest.get("format") == FORMAT
+            and isinstance(manifest.get("jobs"), dict)):
+        raise UserError(f"{path}: not an mrivq manifest; move it away and remove the old run's files "
+                        "yourself, or choose another output.dir")
+    return manifest
+
+
+def _write_manifest(run_dir: Path, jobs: dict[str, list[str]]) -> None:
+    from .checkpoint import atomic_write  # checkpoint imports this module (atomic_write records)
+
+    text = strict_json.dumps({"format": FORMAT, "version": VERSION, "jobs": jobs}, indent=1)
+    atomic_write(run_dir / MANIFEST, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def _listed(run_dir: Path, manifest: dict | None) -> set[Path]:
+    """Every file ``manifest`` lists, for any job, as absolute paths."""
+    root, jobs = _root(run_dir), (manifest or {}).get("jobs", {})
+    return {_absolute(root / entry) for entries in jobs.values() for entry in entries}
+
+
+@dataclass
+class _Recording:
+    run_dir: Path
+    job: str
+    seen: set[str]  # entries already listed under job
+
+
+_active: contextvars.ContextVar[_Recording | None] = contextvars.ContextVar("mrivq_recording", default=None)
+
+
+@contextlib.contextmanager
+def recording(run_dir: Path, job: str):
+    """List every file written through ``atomic_write`` or opened by ``run_logger`` while active
+    in ``run_dir``'s manifest under ``job`` ("train", "predict", "train-prior")."""
+    run_dir = _root(run_dir)
+    seen = set((read_manifest(run_dir) or {}).get("jobs", {}).get(job, []))
+    token = _active.set(_Recording(run_dir, job, seen))
+    try:
+        yield
+    finally:
+        _active.reset(token)
+
+
+def record(path: Path) -> None:
+    """Note that ``path`` was written; a no-op outside :func:`recording`."""
+    active = _active.get()
+    if active is None or Path(path).name == MANIFEST:
+        return
+    entry = _entry(active.run_dir, path)
+    if entry in active.seen:
+        return
+    active.seen.add(entry)
+    # Re-read: another job may have written to the manifest since this one started.
+    jobs = (read_manifest(active.run_dir) or {}).get("jobs", {})
+    entries = jobs.setdefault(active.job, [])
+    if entry not in entries:
+        entries.append(entry)
+        _write_manifest(active.run_dir, jobs)
+
+
+# ---------------------------------------------------------------------------------------
+# The run's config file
+# ---------------------------------------------------------------------------------------
+
+def run_config_path(run_dir: Path) -> Path | None:
+    """The resolved config of the run in ``run_dir`` (config.yaml or config.resolved.yaml), or None."""
+    found = [Path(run_dir) / name for name in reversed(CONFIG_NAMES) if (Path(run_dir) / name).is_file()]
+    recorded = _listed(run_dir, read_manifest(run_dir)) if found else set()
+    mrivq_written = [path for path in found if _absolute(path) in recorded]
+    return (mrivq_written or found or [None])[0]
+
+
+def config_destination(config: Config) -> Path:
+    """Where the run's resolved config goes: config.yaml, unless that is the config file that
+    was read or a file mrivq did not write; then config.resolved.yaml."""
+    recorded = _listed(config.run_dir, read_manifest(config.run_dir))
+    for name in CONFIG_NAMES:
+        path = config.run_dir / name
+        if _absolute(path) != config.source and (not path.exists() or _absolute(path) in recorded):
+            return path
+    raise UserError(f"{config.run_dir} holds config.yaml and config.resolved.yaml that mrivq did not write; "
+                    "move them or choose another output.dir")
+
+
+# ---------------------------------------------------------------------------------------
+# Claiming a run directory
+# ---------------------------------------------------------------------------------------
+
+def claim_run_dir(config: Config, job: str, overwrite: bool, *, remove: bool = True) -> None:
+    """Make ``config``'s folders ready for a new run of ``job`` ("train" or "train-prior").
+
+    Refuses (:class:`UserError`) when they hold a run of ``job`` and ``overwrite`` is False, when
+    a file the run writes at a fixed name exists but is not in the manifest, and when
+    ``overwrite`` meets a run from before manifests. With ``overwrite``, removes the files the
+    manifest lists for the old run that lie inside the run directory (never the config file
+    that was read, never a folder). ``remove=False`` checks only (the other torchrun ranks).
+    """
+    run_dir = config.run_dir
+    outputs = [getattr(config, folder) / name for folder, name in _FIXED_FILES[job]]
+    existing = [path for path in outputs[:3] if path.exists()]
+    what = "a prior run" if job == "train-prior" else "a run"
+    if existing and not overwrite:
+        raise UserError(f"{run_dir} already holds {what} ({existing[0].name}); continue it with "
+                        f"--resume {run_dir}, choose another output.dir, or pass --overwrite")
+    manifest = read_manifest(run_dir)
+    if existing and manifest is None:
+        raise UserError(f"{run_dir} holds {what} written before mrivq kept a manifest ({MANIFEST}), so "
+                        "--overwrite cannot tell its files from yours; remove them yourself or choose "
+                        "another output.dir")
+    recorded = _listed(run_dir, manifest)
+    for path in outputs:
+        if path.exists() and _absolute(path) not in recorded:
+            raise UserError(f"{path} was not written by mrivq for this run; move it or choose another folder "
+                            "(output.dir, output.*_dir)")
+    if not (overwrite and manifest and remove):
+        return
+    root, jobs = _root(run_dir), manifest["jobs"]
+    for name in _REPLACES[job]:
+        kept = []
+        for entry in jobs.get(name, []):
+            path = _absolute(root / entry)
+            if path.is_relative_to(root) and path != config.source and not path.is_dir():
+                path.unlink(missing_ok=True)
+            else:
+                kept.append(entry)
+        jobs[name] = kept
+    _write_manifest(root, jobs)
