@@ -6,8 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mrivq.checkpoint import model_from_checkpoint
+from mrivq.config import Config, config_from_dict, validate
 from mrivq.metrics import code_counts, ssim_per_image
-from mrivq.models import VQVAE2, VQVAE2Output
+from mrivq.models import VQVAE2, NormResBlock, VQVAE2Output
 
 TINY = {"channel": 8, "n_res_block": 1, "n_res_channel": 4, "embed_dim": 4, "n_embed": 16}
 
@@ -99,9 +101,12 @@ def test_commitment_loss_is_the_sum_of_both_levels():
     assert out.commitment_loss.dtype == torch.float32
 
 
+@pytest.mark.parametrize("block", ["report", "norm"])
 @pytest.mark.parametrize(("height", "width"), [(64, 32), (60, 37)])
-def test_decoding_the_encoded_codes_equals_the_forward_reconstruction_in_eval(height, width):
-    model = tiny_model()
+def test_decoding_the_encoded_codes_equals_the_forward_reconstruction_in_eval(
+    height, width, block
+):
+    model = tiny_model(block=block)
     model.train()(torch.rand(4, 1, 64, 32))  # initialise the codebooks from data
     model.eval()
     x = torch.rand(3, 1, height, width)
@@ -231,3 +236,58 @@ def test_tiny_model_overfits_one_batch_of_smooth_images_to_ssim_above_0_9():
     with torch.no_grad():
         ssim = ssim_per_image(model(images).reconstruction, images)
     assert ssim.mean() > 0.9, ssim
+
+
+@pytest.mark.parametrize(("channels", "hidden"), [(16, 8), (12, 5)])
+def test_norm_block_keeps_the_shape_and_starts_as_the_identity(channels, hidden):
+    torch.manual_seed(0)
+    block = NormResBlock(channels, hidden)  # 12 channels: GroupNorm falls back to 12 groups
+    x = torch.randn(2, channels, 8, 6)
+    y = block(x)
+    assert y.shape == x.shape
+    assert torch.equal(y, x)
+    block.conv[-1].weight.data.normal_()  # once trained, the branch contributes
+    assert not torch.allclose(block(x), x)
+
+
+def test_tiny_norm_block_model_trains_every_parameter_after_one_step():
+    model = tiny_model(block="norm").train()
+    assert any(isinstance(m, NormResBlock) for m in model.modules())
+    x = torch.rand(2, 1, 32, 32)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):  # the zero-initialised last convs pass gradients on from the second step
+        optimizer.zero_grad()
+        out = model(x)
+        (F.mse_loss(out.reconstruction, x) + 0.25 * out.commitment_loss).backward()
+        optimizer.step()
+    assert out.reconstruction.shape == x.shape
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_unknown_block_is_rejected_with_the_choices():
+    with pytest.raises(ValueError, match="norm"):
+        tiny_model(block="dense")
+
+
+def test_report_preset_gives_the_report_model_and_an_explicit_key_wins():
+    report = validate({"model": {"preset": "report"}}).model
+    assert (report.channel, report.n_res_block, report.n_res_channel) == (128, 2, 32)
+    assert (report.embed_dim, report.n_embed, report.decay) == (64, 512, 0.99)
+    assert report.block == "report"
+    mixed = validate({"model": {"preset": "report", "channel": 64, "block": "norm"}}).model
+    assert (mixed.channel, mixed.block, mixed.n_res_channel) == (64, "norm", 32)
+    assert "preset" not in validate({"model": {"preset": "report"}}).to_dict()["model"]
+
+
+def test_a_stored_config_without_block_loads_as_the_report_block():
+    stored = Config().to_dict()
+    stored["model"].update(channel=8, n_res_block=1, n_res_channel=4, embed_dim=4, n_embed=16)
+    del stored["model"]["block"]  # as written before model.block existed
+    loaded = config_from_dict(stored).model
+    assert loaded.block == "report" and "block" in loaded.model_fields_set  # not today's default
+    assert "block" not in stored["model"]  # the caller's dict is left as it was
+    weights = VQVAE2(**TINY, block="report").state_dict()
+    model = model_from_checkpoint({"config": stored, "model": weights})
+    assert any(type(m).__name__ == "ResBlock" for m in model.modules())
+    assert not any(isinstance(m, NormResBlock) for m in model.modules())

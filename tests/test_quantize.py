@@ -239,3 +239,35 @@ def test_channels_last_input_gives_channels_last_output():
     out = vq(z)
     assert out.quantized.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(out.codes, vq.nearest_codes(z.contiguous()))
+
+
+def test_worst_served_restart_puts_dead_codes_on_the_vectors_farthest_from_the_codebook():
+    # 8 vectors: 6 close to code 0, 2 far out at (10, 0) and (0, 10); codes 1 and 2 are dead.
+    near = torch.tensor([[0.1, 0.0], [0.0, 0.1], [-0.1, 0.0], [0.0, -0.1], [0.05, 0.05], [-0.05, -0.05]])
+    data = torch.cat([near, torch.tensor([[10.0, 0.0], [0.0, 10.0]])])
+    embed = torch.tensor([[0.0, 0.0], [50.0, 50.0], [-50.0, 50.0]])
+    vq = make_quantizer(embed, decay=0.9, restart_dead_codes=True, restart_from="worst").train()
+    vq(as_feature_map(data))
+    assert vq.n_restarted.item() == 2
+    moved = {tuple(row.tolist()) for row in vq.embed[1:]}
+    # the 3 worst-served vectors are the two far ones and one near one: both dead codes land on
+    # distinct vectors among them, never on the same one
+    assert len(moved) == 2 and moved <= {(10.0, 0.0), (0.0, 10.0), *map(tuple, near.tolist())}
+    far_hits = sum(row in moved for row in [(10.0, 0.0), (0.0, 10.0)])
+    assert far_hits >= 1
+
+
+def test_kmeans_refined_initialisation_serves_the_first_batch_better_than_a_sample():
+    torch.manual_seed(0)
+    centres = torch.randn(8, 4) * 5
+    sizes = [100, 60, 30, 20, 10, 10, 5, 5]
+    data = torch.cat([c + 0.3 * torch.randn(n, 4) for c, n in zip(centres, sizes)])
+    data = data[torch.randperm(len(data))]
+
+    def distortion(kmeans_iters: int) -> float:
+        torch.manual_seed(1)  # the same random sample to start from
+        vq = VectorQuantizer(4, 8, init_from_data=True, restart_dead_codes=False, kmeans_iters=kmeans_iters)
+        vq.train()._initialise_once(data)
+        return float(torch.cdist(data, vq.embed).min(dim=1).values.pow(2).mean())
+
+    assert distortion(10) < 0.8 * distortion(0)

@@ -55,6 +55,11 @@ class DataConfig(_Section):
     cache_dir: Path | None = None
     workers: int | None = Field(default=None, ge=1)
     phantom_cases: int = Field(default=16, ge=3)
+    # Training-only augmentation (never validation or test), drawn per slice: flips with
+    # probability 1/2 (horizontal = left-right; both = left-right and, independently, up-down)
+    # and an intensity factor uniform in [1 - augment_intensity, 1 + augment_intensity].
+    augment_flip: Literal["none", "horizontal", "both"] = "none"
+    augment_intensity: float = Field(default=0.0, ge=0, lt=1)
 
     @field_validator("image_size")
     @classmethod
@@ -83,7 +88,14 @@ class DataConfig(_Section):
         return self.root is None and not (self.train_dir or self.validate_dir or self.test_dir)
 
 
+#: The report's network; ``model.preset: report`` fills these for keys the config leaves out.
+REPORT_MODEL = {"channel": 128, "n_res_block": 2, "n_res_channel": 32, "embed_dim": 64,
+                "n_embed": 512, "decay": 0.99, "block": "report"}
+
+
 class ModelConfig(_Section):
+    # Applied when the config is read and not stored: the stored config holds its values.
+    preset: Literal["report"] | None = Field(default=None, exclude=True)
     in_channel: int = Field(default=1, ge=1)
     channel: int = Field(default=128, ge=1)
     n_res_block: int = Field(default=2, ge=0)
@@ -95,6 +107,18 @@ class ModelConfig(_Section):
     init_from_data: bool = True
     restart_dead_codes: bool = True
     dead_code_threshold: float = Field(default=1.0, ge=0)
+    # Dead codes restart from random encoder outputs, or from the worst-served ones.
+    restart_from: Literal["random", "worst"] = "random"
+    kmeans_iters: int = Field(default=0, ge=0, le=100)  # Lloyd steps refining the data init
+    # Residual block: report (ReLU, 3x3, 1x1 conv) | norm (GroupNorm, SiLU, two 3x3 convs).
+    block: Literal["report", "norm"] = "report"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data):
+        if isinstance(data, dict) and data.get("preset") == "report":
+            return {**REPORT_MODEL, **data}  # keys given in the config win
+        return data
 
 
 class TrainConfig(_Section):
@@ -110,6 +134,25 @@ class TrainConfig(_Section):
     min_lr_ratio: float = Field(default=0.05, ge=0, le=1)
     grad_clip: float | None = Field(default=1.0, gt=0)
     latent_loss_weight: float = Field(default=0.25, ge=0)
+    # Reconstruction loss: mse (the report's), l1, or ssim_l1 = ssim_weight x (1 - SSIM) +
+    # (1 - ssim_weight) x L1, SSIM on the scoring range with the protocol's window (fp32).
+    loss: Literal["mse", "l1", "ssim_l1"] = "mse"
+    ssim_weight: float = Field(default=0.84, ge=0, le=1)
+    # Wall-clock budget in seconds ("90s", "10m", "2h" read too): the schedule is fitted to it.
+    max_time: float | None = Field(default=None, gt=0)
+
+    @field_validator("max_time", mode="before")
+    @classmethod
+    def _seconds(cls, value):
+        """``"10m"`` -> 600.0; ``"90s"``, ``"2h"``; numbers pass through."""
+        units = {"s": 1, "m": 60, "h": 3600}
+        text = value.strip() if isinstance(value, str) else ""
+        if text and text[-1] in units:
+            try:
+                return float(text[:-1]) * units[text[-1]]
+            except ValueError:
+                pass
+        return value
     interval: int = Field(default=200, ge=1)
     checkpoint_every: int = Field(default=50, ge=1)
     max_nonfinite_steps: int = Field(default=10, ge=1)
@@ -340,5 +383,12 @@ def validate(raw: dict, source: str = "config") -> Config:
 
 
 def config_from_dict(raw: dict) -> Config:
-    """Rebuild a Config from the plain dict stored in a run directory or checkpoint."""
+    """Rebuild a Config from the plain dict stored in a run directory or checkpoint.
+
+    Keys added since the config was stored take the value that reproduces what was trained,
+    not today's default: a model section without ``block`` was the report's ``ResBlock``.
+    """
+    model = raw.get("model") or {}
+    if isinstance(model, dict) and "block" not in model:
+        raw = {**raw, "model": {**model, "block": "report"}}
     return validate(raw, source="stored config")

@@ -97,13 +97,14 @@ def slices_to_batch(slices: np.ndarray, device: torch.device) -> torch.Tensor:
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, images: np.ndarray, *, batch_size: int, device: torch.device,
              normalize: str, keep: list[int] | tuple[int, ...] = (), progress: bool = False,
-             desc: str = "evaluate", masks: np.ndarray | None = None) -> Evaluation:
+             desc: str = "evaluate", masks: np.ndarray | None = None, loss_fn=None) -> Evaluation:
     """Reconstruct ``images`` ``(N, H, W)`` (model input, normalised by ``normalize``) and score
     every slice.
 
     The model runs in float32 whatever precision trained it, so scores, code counts and codes
     are the same on every machine (and match ``mrivq encode``). The losses are in model space;
     the metrics and the kept pictures are on [0, 1] (see :func:`mrivq.metrics.to_unit_range`).
+    ``loss_fn(reconstruction, x)`` is the reconstruction loss training uses (default MSE).
     ``keep`` lists slice indices whose input and reconstruction are returned for pictures.
     ``masks`` ``(N, H, W)`` integer labels (all zero for a slice without a mask) add the
     region metrics of :data:`mrivq.regions.STRUCTURES`.
@@ -125,7 +126,7 @@ def evaluate(model: torch.nn.Module, images: np.ndarray, *, batch_size: int, dev
         x = slices_to_batch(images[lo:lo + batch_size], device)
         out = model(x)
         rec = out.reconstruction.float()
-        recon_sum += F.mse_loss(rec, x, reduction="sum").double() / x[0].numel()
+        recon_sum += (loss_fn or F.mse_loss)(rec, x).double() * len(x)
         commit_sum += out.commitment_loss.double() * len(x)
         counts_top += metrics.code_counts(out.codes_top, quant_top.n_embed)
         counts_bottom += metrics.code_counts(out.codes_bottom, quant_bottom.n_embed)

@@ -4,7 +4,8 @@
 (see ARCHITECTURE.md): config.yaml, logging/training.log, metrics.csv, samples/epoch_{i}.png,
 visuals/{losses,ssims}.png, models/{best,last}.pt and models/model.safetensors.
 
-Loss = reconstruction MSE + ``latent_loss_weight`` x commitment loss. The learning rate
+Loss = reconstruction loss (``train.loss``: MSE, L1 or an SSIM/L1 mix) +
+``latent_loss_weight`` x commitment loss. The learning rate
 warms up linearly for ``warmup_steps`` and then follows a cosine down to
 ``min_lr_ratio`` x ``lr`` (or stays constant).
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
 import inspect
 import io
 import logging
@@ -41,6 +43,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import Config
+from .data.augment import augment_from_config
 from .data.cache import load_split
 from .data.sources import data_splits
 from .data.splits import split_record
@@ -48,6 +51,7 @@ from .errors import TrainingInterrupted, UserError
 from .evaluate import Evaluation, evaluate, preprocessing, slices_to_batch
 from .html_report import write_report
 from .logs import interactive, run_logger
+from .losses import reconstruction_loss
 from .models import VQVAE2
 from .report import plot_curves, save_sample_grid
 from .run_dir import claim_run_dir, config_destination, recording, run_config_path
@@ -66,11 +70,15 @@ METRIC_COLUMNS = [
     "epoch", "step", "lr", "train_loss", "train_recon_loss", "train_commitment_loss", "train_ssim",
     "val_loss", "val_recon_loss", "val_commitment_loss", "val_ssim", "val_psnr",
     "val_top_used", "val_top_perplexity", "val_bottom_used", "val_bottom_perplexity",
+    "top_restarts", "bottom_restarts",
     "train_images_per_s", "val_images_per_s", "elapsed_s",
 ]
 
 TRAIN_SSIM_EVERY = 5
 SYNC_EVERY = 10  # on CUDA: read NaN/Inf counts and agree on a stop signal every this many steps
+BUDGET_FIT_AFTER = 20  # train.max_time: steps timed (at least the warm-up) before the first fit
+UNTIMED = 2**62  # train.max_time: total_steps until the first fit
+RUNNING_SUMS = 8  # see Trainer._reset_running
 
 
 
@@ -125,10 +133,11 @@ class StepResult(NamedTuple):
 def optimisation_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                       scaler: torch.amp.GradScaler, batch: torch.Tensor, *, device: torch.device,
                       precision: str, latent_loss_weight: float, grad_clip: float | None,
-                      sync_free: bool = False) -> StepResult:
+                      sync_free: bool = False, recon_loss_fn=None) -> StepResult:
     """Forward, loss, backward, clip, optimiser step on ``batch`` ``(B, 1, H, W)`` in [0, 1].
 
-    Loss = reconstruction MSE + ``latent_loss_weight`` x commitment loss. One NaN policy: when
+    Loss = reconstruction loss (``recon_loss_fn(reconstruction, batch)``, default MSE; see
+    :func:`mrivq.losses.reconstruction_loss`) + ``latent_loss_weight`` x commitment loss. One NaN policy: when
     the loss or any gradient is NaN or Inf, nothing is applied (weights, optimiser state and the
     forward pass's EMA codebook update are left as they were) and ``applied`` is False.
 
@@ -147,7 +156,7 @@ def optimisation_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     with autocast(device, precision):
         out = model(batch)
     reconstruction = out.reconstruction.float()
-    recon_loss = F.mse_loss(reconstruction, batch)
+    recon_loss = (recon_loss_fn or F.mse_loss)(reconstruction, batch)
     commitment_loss = out.commitment_loss.float()
     loss = recon_loss + latent_loss_weight * commitment_loss
     result = StepResult(loss.detach(), recon_loss.detach(), commitment_loss.detach(), reconstruction.detach(),
@@ -232,13 +241,18 @@ class Trainer:
         # train.batch_size is per process: one step of N processes sees N x batch_size slices.
         per_rank = math.ceil(len(self.train_set.images) / self.dist.world_size)
         self.steps_per_epoch = math.ceil(per_rank / tc.batch_size)
-        self.total_steps = tc.epochs * self.steps_per_epoch
+        # With train.max_time the budget, not the epochs, sets the length: _fit_to_budget sets
+        # total_steps once steps are timed (max_steps still caps it).
+        self.total_steps = UNTIMED if tc.max_time else tc.epochs * self.steps_per_epoch
         if tc.max_steps:
             self.total_steps = min(self.total_steps, tc.max_steps)
+        self.fit_after = max(tc.warmup_steps, BUDGET_FIT_AFTER)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.total_steps, tc.warmup_steps, tc.schedule,
                                                 tc.min_lr_ratio))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.recon_loss_fn = functools.partial(reconstruction_loss, kind=tc.loss, ssim_weight=tc.ssim_weight,
+                                               normalize=config.data.normalize)
         self.shuffle = torch.Generator().manual_seed(config.seed)
 
         self.step = 0
@@ -253,7 +267,11 @@ class Trainer:
         self.compiled_once = False
         self.stop_signal: int | None = None
         self.history: list[dict] = []
-        self.elapsed = 0.0
+        self.elapsed = 0.0  # seconds spent in training steps
+        self.wall = 0.0  # wall-clock seconds of the training loop, evaluations included
+        self.clock = time.perf_counter  # the budget's clock (tests replace it)
+        self.loop_start = self.clock()
+        self.wall_before = 0.0
         self._reset_running()
         n_val = len(self.val_set.images)
         k = min(tc.sample_size, n_val)
@@ -263,8 +281,9 @@ class Trainer:
     # ------------------------------------------------------------------ state ----------
     def _reset_running(self) -> None:
         # Sums over the steps since the last evaluation, kept on the device: no host sync per step.
-        # [loss, recon, commitment, ssim sum, ssim count, applied steps], summed on the device.
-        self.running = torch.zeros(6, dtype=torch.float64, device=self.device)
+        # [loss, recon, commitment, ssim sum, ssim count, applied steps, top restarts, bottom
+        # restarts], summed on the device.
+        self.running = torch.zeros(RUNNING_SUMS, dtype=torch.float64, device=self.device)
         self.running_steps = 0
         self.running_images = 0
         self.running_time = 0.0
@@ -284,6 +303,8 @@ class Trainer:
             "splits": self.splits,
             "best_ssim": self.best_ssim,
             "elapsed_s": self.elapsed,
+            "wall_s": self.wall_clock(),
+            "total_steps": self.total_steps,
             "rng": {
                 "shuffle_epoch_start": self.epoch_shuffle_state,
                 "torch": torch.get_rng_state(),
@@ -314,6 +335,9 @@ class Trainer:
         self.batch_in_epoch = int(ckpt["batch_in_epoch"])
         self.best_ssim = float(ckpt["best_ssim"])
         self.elapsed = float(ckpt["elapsed_s"])
+        self.wall_before = float(ckpt.get("wall_s", self.elapsed))
+        if self.config.train.max_time and "total_steps" in ckpt:  # the budget's schedule, as fitted
+            self.total_steps = int(ckpt["total_steps"])
         rng = ckpt["rng"]
         self.epoch_shuffle_state = rng["shuffle_epoch_start"]
         torch.set_rng_state(rng["torch"])
@@ -323,6 +347,7 @@ class Trainer:
         sums = running["sums"]
         if len(sums) == 5:  # written before the applied-steps count existed: all steps were applied
             sums = torch.cat([sums, torch.tensor([float(running["steps"])], dtype=sums.dtype)])
+        sums = torch.cat([sums, sums.new_zeros(RUNNING_SUMS - len(sums))])  # before restart counts
         self.running = sums.to(self.device)
         self.running_steps, self.running_images = int(running["steps"]), int(running["images"])
         self.running_time = float(running["time"])
@@ -343,7 +368,8 @@ class Trainer:
             result = optimisation_step(self.step_model, self.optimizer, self.scaler, batch, device=self.device,
                                        precision=self.precision,
                                        latent_loss_weight=tc.latent_loss_weight,
-                                       grad_clip=tc.grad_clip, sync_free=self.sync_free)
+                                       grad_clip=tc.grad_clip, sync_free=self.sync_free,
+                                       recon_loss_fn=self.recon_loss_fn)
         except Exception as exc:  # torch.compile could not build this model here: go on eagerly
             if not self.compile or self.compiled_once:
                 raise
@@ -363,6 +389,8 @@ class Trainer:
         losses = torch.stack([result.loss, result.recon_loss, result.commitment_loss]).double()
         self.running[:3] += torch.where(ok, losses, 0.0)
         self.running[5] += ok.double()
+        restarts = torch.stack([self.model.quantize_top.n_restarted, self.model.quantize_bottom.n_restarted])
+        self.running[6:8] += torch.where(ok, restarts.double(), 0.0)
         if self.running_steps % TRAIN_SSIM_EVERY == 0:
             # Training SSIM on every few batches is enough for the curve and costs ~1 % instead of ~6 %.
             scored = metrics.to_unit_range(result.reconstruction, batch, self.config.data.normalize)
@@ -378,9 +406,10 @@ class Trainer:
 
     def run(self) -> dict:
         cfg, tc = self.config, self.config.train
-        log.info("training on %d slices, validating on %d; %d steps per epoch, %d steps in all",
-                 len(self.train_set.images), len(self.val_set.images), self.steps_per_epoch,
-                 self.total_steps)
+        length = (f"as many steps as fit train.max_time ({tc.max_time:.0f} s)" if self.total_steps == UNTIMED
+                  else f"{self.total_steps} steps in all")
+        log.info("training on %d slices, validating on %d; %d steps per epoch, %s",
+                 len(self.train_set.images), len(self.val_set.images), self.steps_per_epoch, length)
         log.info("device %s, precision %s (validation scored in %s), torch.compile %s, %d threads; "
                  "model %.2fM parameters", self.device, self.precision, metrics.SCORING_PRECISION,
                  "on" if self.compile else "off",
@@ -403,11 +432,36 @@ class Trainer:
         return {"steps": self.step, "best_ssim": self.best_ssim, "best_step": best.get("step"),
                 "run_dir": str(cfg.run_dir), "train_seconds": self.elapsed}
 
+    def wall_clock(self) -> float:
+        """Wall-clock seconds of the training loop so far (evaluations included), over resumes."""
+        return self.wall_before + self.clock() - self.loop_start
+
+    def _fit_to_budget(self, bar) -> None:
+        """train.max_time: fit total_steps (and so the schedule) to the time left, at the rate so
+        far, evaluations included. Every rank calls this at the same steps and takes rank 0's."""
+        tc = self.config.train
+        if not tc.max_time or self.step < self.fit_after or self.step >= self.total_steps:
+            return
+        wall = self.wall_clock()
+        per_step = wall / self.step
+        total = self.step + max(0, int((tc.max_time - wall) / per_step))
+        total = min(total, tc.max_steps or total)
+        if self.dist.active:
+            mine = torch.tensor([total if self.dist.is_main else 0], dtype=torch.float64, device=self.device)
+            total = int(distributed.sum_(self.dist, mine).item())
+        if self.step == self.fit_after:
+            log.info("train.max_time %.0f s: %d steps in all at %.3f s per step so far (evaluations "
+                     "included); the schedule follows", tc.max_time, total, per_step)
+        self.total_steps = max(total, self.step)
+        bar.total = self.total_steps
+        bar.refresh()
+
     def _loop(self) -> None:
         tc = self.config.train
         images = self.train_set.images
         n = len(images)
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train",
+        self.loop_start = self.clock()
+        bar = tqdm(total=None if self.total_steps == UNTIMED else self.total_steps, initial=self.step, desc="train",
                    disable=not (interactive() and self.dist.is_main),
                    dynamic_ncols=True)
         while self.step < self.total_steps:
@@ -422,7 +476,8 @@ class Trainer:
                     break
                 idx = np.sort(order[b * tc.batch_size:(b + 1) * tc.batch_size])
                 t0 = time.perf_counter()
-                applied = self.train_step(slices_to_batch(images[idx], self.device))
+                batch = augment_from_config(slices_to_batch(images[idx], self.device), self.config.data)
+                applied = self.train_step(batch)
                 self.step += 1
                 self.batch_in_epoch = b + 1
                 epoch_done = self.batch_in_epoch == self.steps_per_epoch
@@ -438,6 +493,10 @@ class Trainer:
                 self.running_time += dt
                 self.elapsed += dt
                 bar.update(1)
+                if self.step == self.fit_after:
+                    self._fit_to_budget(bar)
+                elif tc.max_time and not self.dist.active and self.wall_clock() >= tc.max_time:
+                    self.total_steps = self.step  # out of time: evaluate, save and end now
                 stopping = self.stop_signal is not None  # one snapshot: the handler may fire any time
                 if self.dist.active:
                     # A signal may reach the ranks at different steps: stop only on an agreed value,
@@ -449,6 +508,7 @@ class Trainer:
                     pass  # nothing new to evaluate or save: last.pt stays the last good step
                 elif self.step % tc.interval == 0 or epoch_done or self.step == self.total_steps:
                     self.evaluate_and_save(epoch_end=epoch_done)
+                    self._fit_to_budget(bar)  # evaluations take time too: refit
                 elif self.step % tc.checkpoint_every == 0 or stopping:
                     self.save_last()
                 if stopping:
@@ -473,6 +533,7 @@ class Trainer:
                        train_recon_loss=sums[1] / applied,
                        train_commitment_loss=sums[2] / applied,
                        train_ssim=sums[3] / max(sums[4], 1),
+                       top_restarts=sums[6], bottom_restarts=sums[7],
                        train_images_per_s=images / max(self.running_time, 1e-9))
         row.update({f"val_{k}": v for k, v in scores.items() if k != "images_per_s"})
         row["val_images_per_s"] = scores["images_per_s"]
@@ -488,8 +549,9 @@ class Trainer:
                    f"train loss {row.get('train_loss', math.nan):.5f} SSIM {row.get('train_ssim', math.nan):.4f} | "
                    f"val loss {row['val_loss']:.5f} SSIM {row['val_ssim']:.4f} PSNR {row['val_psnr']:.2f} dB | "
                    f"codes top {row['val_top_used']}/{self.model.quantize_top.n_embed} "
-                   f"(ppl {row['val_top_perplexity']:.0f}) bottom {row['val_bottom_used']}/"
-                   f"{self.model.quantize_bottom.n_embed} (ppl {row['val_bottom_perplexity']:.0f}) | "
+                   f"(ppl {row['val_top_perplexity']:.0f}, {row.get('top_restarts', 0):.0f} restarts) "
+                   f"bottom {row['val_bottom_used']}/{self.model.quantize_bottom.n_embed} "
+                   f"(ppl {row['val_bottom_perplexity']:.0f}, {row.get('bottom_restarts', 0):.0f} restarts) | "
                    f"{row.get('train_images_per_s', math.nan):.1f} images/s")
         log.info(message)
         if self.writer:
@@ -560,7 +622,7 @@ class Trainer:
         wanted = set(self.sample_index)
         part = evaluate(self.model, self.val_set.images[mine] if self.dist.active else self.val_set.images,
                         batch_size=tc.val_batch_size or tc.batch_size, device=self.device,
-                        normalize=self.config.data.normalize, keep=[j for j, i in enumerate(mine) if i in wanted])
+                        normalize=self.config.data.normalize, loss_fn=self.recon_loss_fn, keep=[j for j, i in enumerate(mine) if i in wanted])
         if not self.dist.active:
             return part
         part.kept = {int(mine[j]): pictures for j, pictures in part.kept.items()}

@@ -70,8 +70,13 @@ class VectorQuantizer(nn.Module):
             inputs (sampled with replacement when the batch has fewer than ``K`` vectors).
             Off: the codebook starts as standard normal vectors.
         restart_dead_codes: after every training-mode EMA update, codes whose EMA cluster
-            size is below ``dead_code_threshold`` are re-seeded with randomly chosen input
-            vectors of the current batch.
+            size is below ``dead_code_threshold`` are re-seeded with input vectors of the
+            current batch, chosen by ``restart_from``.
+        restart_from: ``random`` (uniformly chosen vectors) or ``worst`` (the vectors farthest
+            from their nearest code: a restart serves what the codebook serves worst, splitting
+            crowded clusters instead of landing inside them).
+        kmeans_iters: Lloyd iterations refining the data initialisation on the first batch
+            (0: the random sample as it is).
         dead_code_threshold: in vectors per batch (EMA). The default 1.0 means "received less
             than about one vector per batch lately". A restarted code gets
             ``cluster_size = dead_code_threshold`` and ``embed_avg = code * threshold``, so it
@@ -104,8 +109,14 @@ class VectorQuantizer(nn.Module):
         init_from_data: bool = True,
         restart_dead_codes: bool = True,
         dead_code_threshold: float = 1.0,
+        restart_from: str = "random",
+        kmeans_iters: int = 0,
     ) -> None:
         super().__init__()
+        if restart_from not in ("random", "worst"):
+            raise ValueError(f"restart_from must be 'random' or 'worst', got {restart_from!r}")
+        if kmeans_iters < 0:
+            raise ValueError(f"kmeans_iters must be >= 0, got {kmeans_iters}")
         if embed_dim < 1 or n_embed < 1:
             raise ValueError(f"embed_dim and n_embed must be >= 1, got {embed_dim} and {n_embed}")
         if not 0.0 <= decay < 1.0:
@@ -121,6 +132,8 @@ class VectorQuantizer(nn.Module):
         self.init_from_data = bool(init_from_data)
         self.restart_dead_codes = bool(restart_dead_codes)
         self.dead_code_threshold = float(dead_code_threshold)
+        self.restart_from = restart_from
+        self.kmeans_iters = int(kmeans_iters)
 
         embed = torch.randn(n_embed, embed_dim)
         self.register_buffer("embed", embed)
@@ -134,7 +147,8 @@ class VectorQuantizer(nn.Module):
             f"embed_dim={self.embed_dim}, n_embed={self.n_embed}, decay={self.decay}, "
             f"eps={self.eps}, init_from_data={self.init_from_data}, "
             f"restart_dead_codes={self.restart_dead_codes}, "
-            f"dead_code_threshold={self.dead_code_threshold}"
+            f"dead_code_threshold={self.dead_code_threshold}, restart_from={self.restart_from}, "
+            f"kmeans_iters={self.kmeans_iters}"
         )
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
@@ -152,10 +166,10 @@ class VectorQuantizer(nn.Module):
             flat = z32.permute(0, 2, 3, 1).reshape(-1, self.embed_dim)
             if self.training and self.init_from_data:
                 self._initialise_once(flat.detach())
-            codes_flat = self._nearest(flat.detach())
+            codes_flat, distances = self._nearest(flat.detach(), with_distances=True)
             code_vectors = F.embedding(codes_flat, self.embed)  # a copy: safe from the update
             if self.training:
-                self._update_codebook(flat.detach(), codes_flat)
+                self._update_codebook(flat.detach(), codes_flat, distances)
 
             batch, _, height, width = z.shape
             chosen = code_vectors.reshape(batch, height, width, self.embed_dim).permute(0, 3, 1, 2)
@@ -181,10 +195,15 @@ class VectorQuantizer(nn.Module):
         """Code vectors: indices ``(B, H, W)`` -> ``(B, embed_dim, H, W)`` float32, contiguous."""
         return F.embedding(codes, self.embed).permute(0, 3, 1, 2).contiguous()
 
-    def _nearest(self, flat: torch.Tensor) -> torch.Tensor:
+    def _nearest(self, flat: torch.Tensor, with_distances: bool = False):
+        """Nearest code of each row of ``flat`` ``(N, D)`` -> ``(N,)``; with ``with_distances``
+        also each row's squared distance to it, up to the row's own ``||x||^2`` ``(N,)``."""
         # argmin_k ||x - e_k||^2 = argmin_k (||e_k||^2 - 2 x.e_k); ||x||^2 does not change it.
         distances = torch.addmm(self.embed.pow(2).sum(1), flat, self.embed.t(), alpha=-2.0)
-        return distances.argmin(1)
+        if not with_distances:
+            return distances.argmin(1)
+        nearest, codes = distances.min(1)
+        return codes, nearest + flat.pow(2).sum(1)
 
     def _sample_vectors(self, flat: torch.Tensor) -> torch.Tensor:
         """``n_embed`` rows of ``flat``, distinct when there are enough."""
@@ -200,6 +219,12 @@ class VectorQuantizer(nn.Module):
         # torch.where on the flag instead of `if not initialised`: no host sync per step.
         first = ~self.initialised
         sample = self._sample_vectors(flat)
+        for _ in range(self.kmeans_iters):  # Lloyd steps on this batch; empty clusters stay put
+            assigned = torch.cdist(flat, sample).argmin(1)
+            sums = torch.zeros_like(sample).index_add_(0, assigned, flat)
+            counts = torch.zeros(len(sample), device=flat.device).index_add_(
+                0, assigned, torch.ones_like(assigned, dtype=torch.float32))
+            sample = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], sample)
         if _distributed():  # every rank assigns this batch against rank 0's first codebook
             dist.broadcast(sample, src=0)
         self.embed.copy_(torch.where(first, sample, self.embed))
@@ -209,7 +234,7 @@ class VectorQuantizer(nn.Module):
         self.initialised.fill_(True)
 
     @torch.no_grad()
-    def _update_codebook(self, flat: torch.Tensor, codes_flat: torch.Tensor) -> None:
+    def _update_codebook(self, flat: torch.Tensor, codes_flat: torch.Tensor, distances: torch.Tensor) -> None:
         counts = torch.zeros(self.n_embed, device=flat.device).index_add_(
             0, codes_flat, torch.ones_like(codes_flat, dtype=torch.float32)
         )
@@ -226,15 +251,21 @@ class VectorQuantizer(nn.Module):
         self.embed.copy_(self.embed_avg / smoothed[:, None])
 
         if self.restart_dead_codes:
-            self._restart_dead_codes(flat)
+            self._restart_dead_codes(flat, distances)
         if _distributed():
             for buffer in (self.embed, self.embed_avg, self.cluster_size):
                 dist.broadcast(buffer, src=0)
 
     @torch.no_grad()
-    def _restart_dead_codes(self, flat: torch.Tensor) -> None:
+    def _restart_dead_codes(self, flat: torch.Tensor, distances: torch.Tensor) -> None:
         dead = self.cluster_size < self.dead_code_threshold
-        fresh = self._sample_vectors(flat)
+        if self.restart_from == "worst" and len(flat) >= self.n_embed:
+            # The n_embed worst-served vectors, worst first; dead code k takes the k-th worst
+            # among them in a random order, so several dead codes never pile onto one vector.
+            worst = distances.topk(self.n_embed).indices
+            fresh = flat[worst[torch.randperm(self.n_embed, device=flat.device)]]
+        else:
+            fresh = self._sample_vectors(flat)
         dead_rows = dead[:, None]
         self.embed.copy_(torch.where(dead_rows, fresh, self.embed))
         threshold = self.dead_code_threshold

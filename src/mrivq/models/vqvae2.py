@@ -1,4 +1,4 @@
-"""VQ-VAE-2 with two EMA codebooks: ResBlock, Encoder, Decoder, VQVAE2.
+"""VQ-VAE-2 with two EMA codebooks: ResBlock, NormResBlock, Encoder, Decoder, VQVAE2.
 
 Layout (Razavi et al. 2019, as in the seed report)::
 
@@ -14,6 +14,9 @@ Layout (Razavi et al. 2019, as in the seed report)::
 Sides that are not multiples of 8 are padded (replicate, bottom/right) to the next multiple
 of 8 and the reconstruction is cropped back, so codes are ``(ceil(H/8), ceil(W/8))`` at the
 top and twice that at the bottom.
+
+Residual blocks (``block``): ``report`` is the report's :class:`ResBlock`; ``norm`` is
+:class:`NormResBlock` (GroupNorm, SiLU, two 3x3 convolutions, identity at initialisation).
 """
 
 from __future__ import annotations
@@ -46,16 +49,56 @@ class ResBlock(nn.Module):
         return x + self.conv(x)
 
 
+def group_count(channels: int, most: int = 32) -> int:
+    """GroupNorm groups for ``channels``: the largest divisor of ``channels`` up to ``most``."""
+    return next(g for g in range(min(most, channels), 0, -1) if channels % g == 0)
+
+
+class NormResBlock(nn.Module):
+    """``x + conv3x3(silu(gn(conv3x3(silu(gn(x))))))``; ``(B, in_channel, H, W)`` -> same shape.
+
+    ``channel`` is the hidden width. The last convolution starts at zero, so a freshly built
+    block is the identity and a deep stack of them starts as a plain encoder/decoder.
+    """
+
+    def __init__(self, in_channel: int, channel: int) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.GroupNorm(group_count(in_channel), in_channel),
+            nn.SiLU(),
+            nn.Conv2d(in_channel, channel, 3, padding=1),
+            nn.GroupNorm(group_count(channel), channel),
+            nn.SiLU(),
+            nn.Conv2d(channel, in_channel, 3, padding=1),
+        )
+        nn.init.zeros_(self.conv[-1].weight)
+        nn.init.zeros_(self.conv[-1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x)
+
+
+#: Residual block classes by ``model.block``; each maps ``(in_channel, hidden) -> module``.
+RESIDUAL_BLOCKS: dict[str, type[nn.Module]] = {"report": ResBlock, "norm": NormResBlock}
+
+
 class Encoder(nn.Module):
     """Downsample by ``stride`` (4 or 2): ``(B, in_channel, H, W)`` -> ``(B, channel, H/s, W/s)``.
 
     Stride 4: two 4x4 stride-2 convolutions (to ``channel // 2``, then ``channel``) and a 3x3
     convolution; stride 2: one 4x4 stride-2 convolution and a 3x3 one. Then ``n_res_block``
-    residual blocks of ``n_res_channel`` hidden channels, and a ReLU.
+    residual blocks (``block``: a key of :data:`RESIDUAL_BLOCKS`) of ``n_res_channel`` hidden
+    channels, and a ReLU.
     """
 
     def __init__(
-        self, in_channel: int, channel: int, n_res_block: int, n_res_channel: int, stride: int
+        self,
+        in_channel: int,
+        channel: int,
+        n_res_block: int,
+        n_res_channel: int,
+        stride: int,
+        block: str = "report",
     ) -> None:
         super().__init__()
         if stride == 4:
@@ -74,7 +117,7 @@ class Encoder(nn.Module):
             ]
         else:
             raise ValueError(f"Encoder stride must be 2 or 4, got {stride}")
-        layers += [ResBlock(channel, n_res_channel) for _ in range(n_res_block)]
+        layers += [RESIDUAL_BLOCKS[block](channel, n_res_channel) for _ in range(n_res_block)]
         layers.append(nn.ReLU(inplace=True))
         self.blocks = nn.Sequential(*layers)
 
@@ -85,7 +128,8 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Upsample by ``stride`` (4 or 2): ``(B, in_channel, h, w)`` -> ``(B, out_channel, h*s, w*s)``.
 
-    A 3x3 convolution to ``channel``, ``n_res_block`` residual blocks, a ReLU, then 4x4
+    A 3x3 convolution to ``channel``, ``n_res_block`` residual blocks (``block``, as in
+    :class:`Encoder`), a ReLU, then 4x4
     stride-2 transposed convolutions (two for stride 4, via ``channel // 2``; one for stride
     2). The output has no activation.
     """
@@ -98,10 +142,11 @@ class Decoder(nn.Module):
         n_res_block: int,
         n_res_channel: int,
         stride: int,
+        block: str = "report",
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Conv2d(in_channel, channel, 3, padding=1)]
-        layers += [ResBlock(channel, n_res_channel) for _ in range(n_res_block)]
+        layers += [RESIDUAL_BLOCKS[block](channel, n_res_channel) for _ in range(n_res_block)]
         layers.append(nn.ReLU(inplace=True))
         if stride == 4:
             layers += [
@@ -147,8 +192,11 @@ class VQVAE2(nn.Module):
         n_res_channel: hidden channels of each residual block.
         embed_dim: code vector length at both levels.
         n_embed: codes per level (two codebooks of this size).
-        decay, eps, init_from_data, restart_dead_codes, dead_code_threshold: passed to both
-            :class:`VectorQuantizer` levels; see there (threshold default 1.0 vector per batch).
+        decay, eps, init_from_data, restart_dead_codes, dead_code_threshold, restart_from,
+            kmeans_iters: passed to both :class:`VectorQuantizer` levels; see there (threshold
+            default 1.0 vector per batch).
+        block: residual block of every encoder and decoder: ``"report"`` (:class:`ResBlock`)
+            or ``"norm"`` (:class:`NormResBlock`).
 
     Parts usable on their own: :meth:`encode` (images -> codes, never touches the codebooks)
     and :meth:`decode_codes` (codes -> images). In eval mode
@@ -175,6 +223,9 @@ class VQVAE2(nn.Module):
         init_from_data: bool = True,
         restart_dead_codes: bool = True,
         dead_code_threshold: float = 1.0,
+        block: str = "report",
+        restart_from: str = "random",
+        kmeans_iters: int = 0,
     ) -> None:
         super().__init__()
         if in_channel < 1 or channel < 2 or n_res_block < 0 or n_res_channel < 1:
@@ -182,6 +233,8 @@ class VQVAE2(nn.Module):
                 "need in_channel >= 1, channel >= 2, n_res_block >= 0, n_res_channel >= 1; got "
                 f"{in_channel}, {channel}, {n_res_block}, {n_res_channel}"
             )
+        if block not in RESIDUAL_BLOCKS:
+            raise ValueError(f"block must be one of {sorted(RESIDUAL_BLOCKS)}, got {block!r}")
         self.in_channel = in_channel
         quantizer_args = {
             "decay": decay,
@@ -189,16 +242,19 @@ class VQVAE2(nn.Module):
             "init_from_data": init_from_data,
             "restart_dead_codes": restart_dead_codes,
             "dead_code_threshold": dead_code_threshold,
+            "restart_from": restart_from,
+            "kmeans_iters": kmeans_iters,
         }
-        self.enc_b = Encoder(in_channel, channel, n_res_block, n_res_channel, stride=4)
-        self.enc_t = Encoder(channel, channel, n_res_block, n_res_channel, stride=2)
+        widths = {"n_res_block": n_res_block, "n_res_channel": n_res_channel, "block": block}
+        self.enc_b = Encoder(in_channel, channel, stride=4, **widths)
+        self.enc_t = Encoder(channel, channel, stride=2, **widths)
         self.quantize_conv_t = nn.Conv2d(channel, embed_dim, 1)
         self.quantize_top = VectorQuantizer(embed_dim, n_embed, **quantizer_args)
-        self.dec_t = Decoder(embed_dim, embed_dim, channel, n_res_block, n_res_channel, stride=2)
+        self.dec_t = Decoder(embed_dim, embed_dim, channel, stride=2, **widths)
         self.quantize_conv_b = nn.Conv2d(embed_dim + channel, embed_dim, 1)
         self.quantize_bottom = VectorQuantizer(embed_dim, n_embed, **quantizer_args)
         self.upsample_t = nn.ConvTranspose2d(embed_dim, embed_dim, 4, stride=2, padding=1)
-        self.dec = Decoder(embed_dim * 2, in_channel, channel, n_res_block, n_res_channel, stride=4)
+        self.dec = Decoder(embed_dim * 2, in_channel, channel, stride=4, **widths)
 
     def forward(self, x: torch.Tensor) -> VQVAE2Output:
         """Encode, quantize (updating the codebooks in training mode) and decode ``x``.

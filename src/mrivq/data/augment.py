@@ -1,0 +1,74 @@
+"""Training-only augmentation of model-space batches: random flips and intensity factors.
+
+Used by the training loop alone; validation, test and every score see the slices as they are.
+Draws come from the global torch CPU RNG, which the trainer saves in ``last.pt``, so a resumed
+run augments exactly as the uninterrupted one would have. They are drawn on the CPU and moved
+to the batch's device without a host sync, so a CUDA step stays sync-free.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from mrivq.config import DataConfig
+
+FLIPS = ("none", "horizontal", "both")
+
+
+def augment(
+    slices: torch.Tensor,
+    *,
+    flip: Literal["none", "horizontal", "both"] = "none",
+    intensity: float = 0.0,
+) -> torch.Tensor:
+    """Randomly flip and rescale each slice of a model-space batch ``(B, C, H, W)``.
+
+    Args:
+        slices: ``(B, C, H, W)`` (``C = 1`` for MRI slices), any device and memory format.
+        flip: ``"none"``; ``"horizontal"``: each slice is flipped left-right with probability
+            1/2; ``"both"``: also, independently, up-down with probability 1/2.
+        intensity: ``0`` for none, else each slice is multiplied by a factor uniform in
+            ``[1 - intensity, 1 + intensity]`` (``0 <= intensity < 1``).
+
+    Returns ``(B, C, H, W)``, same dtype, device and memory format; ``slices`` is not modified
+    (and is returned itself when nothing is to be done). Draws, in order: ``torch.rand(B)`` for
+    left-right flips, for up-down flips (``"both"``), for the factors (``intensity > 0``).
+
+    Example:
+        >>> _ = torch.manual_seed(0)  # the flip draws are then [0.496, 0.768]: below 1/2 flips
+        >>> slices = torch.arange(3.0).view(1, 1, 1, 3).repeat(2, 1, 1, 1)
+        >>> augment(slices, flip="horizontal")[:, 0, 0]
+        tensor([[2., 1., 0.],
+                [0., 1., 2.]])
+    """
+    if flip not in FLIPS:
+        raise ValueError(f"flip must be one of {', '.join(FLIPS)}, got {flip!r}")
+    if not 0 <= intensity < 1:
+        raise ValueError(f"intensity must be in [0, 1), got {intensity}")
+    batch_size = slices.shape[0]
+    out = slices
+    if flip != "none":
+        out = _flip_chosen(out, _per_slice(torch.rand(batch_size) < 0.5, out), dim=-1)
+    if flip == "both":
+        out = _flip_chosen(out, _per_slice(torch.rand(batch_size) < 0.5, out), dim=-2)
+    if intensity > 0:
+        factors = 1 + intensity * (2 * torch.rand(batch_size) - 1)
+        out = out * _per_slice(factors, out).to(out.dtype)
+    return out  # elementwise ops keep the input's memory format (channels_last stays)
+
+
+def augment_from_config(slices: torch.Tensor, data: DataConfig) -> torch.Tensor:
+    """:func:`augment` with ``data.augment_flip`` and ``data.augment_intensity``."""
+    return augment(slices, flip=data.augment_flip, intensity=data.augment_intensity)
+
+
+def _per_slice(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` CPU draws -> ``(B, 1, 1, 1)`` on ``like``'s device (a copy without a host sync)."""
+    return values.to(like.device, non_blocking=True).view(-1, 1, 1, 1)
+
+
+def _flip_chosen(slices: torch.Tensor, chosen: torch.Tensor, dim: int) -> torch.Tensor:
+    # torch.where rather than indexing: a boolean index would wait for the device.
+    return torch.where(chosen, slices.flip(dim), slices)

@@ -1,0 +1,87 @@
+"""Training-only augmentation: per-slice flips and intensity factors from the global torch RNG."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mrivq.config import validate
+from mrivq.data.augment import augment, augment_from_config
+
+
+def phantom_batch(n: int = 6) -> torch.Tensor:
+    """``(n, 1, 32, 24)`` channels-last slices, no two equal and none symmetric."""
+    torch.manual_seed(123)
+    return torch.rand(n, 1, 32, 24).contiguous(memory_format=torch.channels_last)
+
+
+def test_flips_off_and_intensity_zero_leave_the_batch_unchanged():
+    slices = phantom_batch()
+    assert torch.equal(augment(slices, flip="none", intensity=0.0), slices)
+    assert torch.equal(augment_from_config(slices, validate({}).data), slices)  # the defaults
+
+
+def test_horizontal_flips_flip_exactly_the_slices_the_rng_picked():
+    slices = phantom_batch()
+    torch.manual_seed(5)
+    chosen = torch.rand(len(slices)) < 0.5
+    assert 0 < chosen.sum() < len(slices)  # the seed picks some slices and leaves others
+    torch.manual_seed(5)
+    out = augment(slices, flip="horizontal")
+    for i, flipped in enumerate(chosen):
+        expected = torch.flip(slices[i], dims=[-1]) if flipped else slices[i]
+        assert torch.equal(out[i], expected), i
+
+
+def test_both_flips_add_independent_up_down_flips():
+    slices = phantom_batch()
+    torch.manual_seed(7)
+    left_right, up_down = torch.rand(len(slices)) < 0.5, torch.rand(len(slices)) < 0.5
+    torch.manual_seed(7)
+    out = augment(slices, flip="both")
+    for i in range(len(slices)):
+        dims = [d for d, on in ((-1, left_right[i]), (-2, up_down[i])) if on]
+        assert torch.equal(out[i], torch.flip(slices[i], dims=dims) if dims else slices[i]), i
+
+
+def test_intensity_factors_are_per_slice_and_within_the_range():
+    slices = phantom_batch(64) + 0.1  # no zero pixels: every ratio is the factor
+    out = augment(slices, intensity=0.1)
+    factors = (out / slices).flatten(1)
+    assert torch.allclose(factors, factors[:, :1].expand_as(factors))  # one factor per slice
+    assert factors.min() >= 0.9 - 1e-6 and factors.max() <= 1.1 + 1e-6
+    assert factors[:, 0].std() > 0.03  # spread over the range, not one value
+
+
+def test_the_same_seed_gives_the_same_batch_and_the_input_is_not_modified():
+    slices = phantom_batch()
+    before = slices.clone()
+    torch.manual_seed(0)
+    first = augment(slices, flip="both", intensity=0.2)
+    torch.manual_seed(0)
+    second = augment(slices, flip="both", intensity=0.2)
+    assert torch.equal(first, second)
+    assert not torch.equal(first, slices)
+    assert torch.equal(slices, before)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_channels_last_layout_and_dtype_are_kept(channels):
+    slices = torch.rand(4, channels, 16, 8).contiguous(memory_format=torch.channels_last)
+    out = augment(slices, flip="both", intensity=0.1)
+    assert out.stride() == slices.stride() and out.dtype == slices.dtype
+
+
+def test_config_keys_reach_the_function():
+    data = validate({"data": {"augment_flip": "horizontal", "augment_intensity": 0.1}}).data
+    slices = phantom_batch()
+    torch.manual_seed(3)
+    expected = augment(slices, flip="horizontal", intensity=0.1)
+    torch.manual_seed(3)
+    assert torch.equal(augment_from_config(slices, data), expected)
+
+
+@pytest.mark.parametrize(("flip", "intensity"), [("vertical", 0.0), ("none", 1.0), ("none", -0.1)])
+def test_bad_settings_are_rejected(flip, intensity):
+    with pytest.raises(ValueError):
+        augment(phantom_batch(), flip=flip, intensity=intensity)

@@ -1,0 +1,77 @@
+"""Recipe options: reconstruction losses matched to the metric, and a wall-clock budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mrivq import losses, metrics
+from mrivq.checkpoint import load_checkpoint
+from mrivq.config import load_config
+from mrivq.train import Trainer, read_metrics, train
+
+
+def smooth_images(n: int = 3) -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.nn.functional.avg_pool2d(torch.rand(n, 1, 64, 32), 5, 1, 2)
+
+
+def test_the_loss_ssim_equals_the_metric_on_images_in_range():
+    target = smooth_images()
+    rec = (target + 0.05 * torch.randn_like(target)).clamp(0, 1)
+    assert torch.allclose(losses.ssim_per_image(rec, target), metrics.ssim_per_image(rec, target), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", losses.LOSSES)
+def test_each_loss_is_zero_for_a_perfect_reconstruction_and_positive_otherwise(kind):
+    target = smooth_images()
+    assert float(losses.reconstruction_loss(target, target, kind=kind)) == pytest.approx(0.0, abs=1e-6)
+    rec = (target + 0.1 * torch.randn_like(target)).requires_grad_()
+    loss = losses.reconstruction_loss(rec, target, kind=kind, normalize="minmax")
+    loss.backward()
+    assert float(loss.detach()) > 0 and rec.grad.abs().sum() > 0
+
+
+def test_ssim_l1_weighs_one_minus_ssim_against_l1():
+    target = smooth_images()
+    rec = (target + 0.1 * torch.randn_like(target)).clamp(0, 1)
+    ssim = float(losses.ssim_per_image(rec, target).mean())
+    l1 = float((rec - target).abs().mean())
+    mixed = float(losses.reconstruction_loss(rec, target, kind="ssim_l1", ssim_weight=0.25))
+    assert mixed == pytest.approx(0.25 * (1 - ssim) + 0.75 * l1, rel=1e-5)
+
+
+def test_training_with_the_ssim_l1_loss_logs_that_loss_for_training_and_validation(tiny_overrides):
+    config = load_config(None, tiny_overrides + ["train.loss=ssim_l1", "train.epochs=1"])
+    train(config)
+    rows = read_metrics(config.run_dir / "metrics.csv")
+    assert rows and all(0 < r["val_recon_loss"] < 1 for r in rows)
+    assert load_checkpoint(config.model_dir / "best.pt")["config"]["train"]["loss"] == "ssim_l1"
+
+
+def test_max_time_fits_the_schedule_to_the_budget_and_ends_with_checkpoints(tiny_overrides, monkeypatch):
+    """A clock on which every step takes one second: a 30-second budget fits 30 steps, whatever
+    the epochs say, and the learning rate reaches its floor at the last of them."""
+    config = load_config(None, tiny_overrides + ["train.max_time=30s", "train.epochs=1", "train.interval=8",
+                                                 "train.min_lr_ratio=0.1"])
+    original_init = Trainer.__init__
+
+    def init_with_step_clock(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.clock = lambda: float(self.step)
+
+    monkeypatch.setattr(Trainer, "__init__", init_with_step_clock)
+    summary = train(config)
+    assert summary["steps"] == 30  # far more than one epoch of the tiny phantom (6 steps)
+    last = load_checkpoint(config.model_dir / "last.pt")
+    assert last["step"] == 30 and last["total_steps"] == 30
+    assert (config.model_dir / "best.pt").is_file()
+    assert read_metrics(config.run_dir / "metrics.csv")[-1]["step"] == 30
+    assert last["scheduler"]["_last_lr"][0] == pytest.approx(config.train.lr * 0.1, rel=1e-3)
+    assert "train.max_time 30 s: 30 steps in all" in (config.log_dir / "training.log").read_text()
+
+
+def test_max_time_reads_units():
+    assert load_config(None, ["train.max_time=10m"]).train.max_time == 600
+    assert load_config(None, ["train.max_time=1.5h"]).train.max_time == 5400
+    assert load_config(None, ["train.max_time=45"]).train.max_time == 45
