@@ -22,12 +22,16 @@ def test_the_loss_ssim_equals_the_metric_on_images_in_range():
     assert torch.allclose(losses.ssim_per_image(rec, target), metrics.ssim_per_image(rec, target), atol=1e-5)
 
 
+@pytest.mark.parametrize("normalize", ["minmax", "zscore"])
 @pytest.mark.parametrize("kind", losses.LOSSES)
-def test_each_loss_is_zero_for_a_perfect_reconstruction_and_positive_otherwise(kind):
+def test_each_loss_is_zero_for_a_perfect_reconstruction_and_positive_otherwise(kind, normalize):
     target = smooth_images()
-    assert float(losses.reconstruction_loss(target, target, kind=kind)) == pytest.approx(0.0, abs=1e-6)
+    if normalize == "zscore":
+        target = (target - target.mean()) / target.std()
+    perfect = losses.reconstruction_loss(target, target, kind=kind, normalize=normalize)
+    assert float(perfect) == pytest.approx(0.0, abs=1e-6)
     rec = (target + 0.1 * torch.randn_like(target)).requires_grad_()
-    loss = losses.reconstruction_loss(rec, target, kind=kind, normalize="minmax")
+    loss = losses.reconstruction_loss(rec, target, kind=kind, normalize=normalize)
     loss.backward()
     assert float(loss.detach()) > 0 and rec.grad.abs().sum() > 0
 

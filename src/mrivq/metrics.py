@@ -45,7 +45,6 @@ REGION_PROTOCOL = (
 UNIT_RANGE_POLICIES = ("minmax", "percentile")
 
 
-@torch.no_grad()
 def to_unit_range(reconstruction: torch.Tensor, target: torch.Tensor,
                   normalize: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Model-space ``(B, C, H, W)`` reconstruction and target -> the scoring range, float32.
@@ -54,6 +53,7 @@ def to_unit_range(reconstruction: torch.Tensor, target: torch.Tensor,
     float32). ``zscore`` inputs are mapped by each target slice's own minimum and maximum,
     ``(v - min) / (max - min)``, applied alike to the reconstruction (not clamped here:
     the metrics clamp it), so the target spans [0, 1] and a perfect reconstruction scores 1.
+    Differentiable (the SSIM/L1 training loss goes through it).
 
     Example::
 
