@@ -17,7 +17,7 @@ RUN_FILES = [
     "visuals/losses.png", "visuals/ssims.png", "models/best.pt", "models/last.pt",
     "models/model.safetensors", "logging/predict.log", "samples/predict_set_0.png",
     "samples/predict_set_1.png", "predict/summary.json", "predict/per_slice.csv",
-    "samples/predict_worst.png", "visuals/codebook_usage.png", "report.html",
+    "samples/predict_worst.png", "visuals/codebook_usage.png", "visuals/rate_distortion.png", "report.html",
 ]
 
 

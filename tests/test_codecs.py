@@ -1,4 +1,5 @@
-"""Standard codecs at the model's bit rate: the budget is kept and the scores are sane."""
+"""Standard codecs at the model's bit rate: the budget is kept and the scores are sane; their
+rate-distortion curves rise with quality."""
 
 from __future__ import annotations
 
@@ -46,3 +47,19 @@ def test_more_bits_give_a_better_slice(phantom_slices):
 def test_an_unreachable_budget_uses_the_lowest_quality_and_says_so(phantom_slices):
     _, rate, setting = codecs.compress_at_rate(phantom_slices[0], "jpeg", 0.01)
     assert setting == 1 and rate > 0.01
+
+
+def test_rate_distortion_rises_in_rate_and_ssim_with_jpeg_quality(phantom_slices):
+    points = codecs.rate_distortion(phantom_slices[:3], ["jpeg"])["jpeg"]
+    assert [p["setting"] for p in points] == list(codecs.RATE_DISTORTION_SETTINGS["jpeg"])
+    rates, ssims = [p["bits_per_pixel"] for p in points], [p["ssim"] for p in points]
+    assert (np.diff(rates) > 0).all()
+    assert (np.diff(ssims) > 0).all() and 0 < ssims[0] and ssims[-1] <= 1
+
+
+def test_a_rate_distortion_point_is_the_mean_file_size_of_one_encode_per_slice(phantom_slices):
+    slices = phantom_slices[:2]
+    (point,) = codecs.rate_distortion(slices, ["jpeg"], {"jpeg": (50,)})["jpeg"]
+    sizes = [len(codecs.encode(codecs.to_8bit(s), "jpeg", 50)) for s in slices]
+    assert point["bits_per_pixel"] == pytest.approx(np.mean(sizes) * 8 / slices[0].size)
+    assert 10 < point["psnr"] < 60

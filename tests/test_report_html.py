@@ -75,6 +75,26 @@ def test_predict_puts_standard_codecs_beside_the_model(predicted_run):
     assert ssims == sorted(ssims) and ssims[0] == pytest.approx(summary["ssim"]["min"])
 
 
+def test_predict_draws_the_model_among_the_codec_rate_distortion_curves(predicted_run, tmp_path):
+    run_dir, summary = predicted_run
+    assert (run_dir / "visuals" / "rate_distortion.png").is_file()
+    curves = summary["rate_distortion"]
+    model = curves["model"]
+    assert model["bits_per_pixel_raw"] == summary["bits_per_pixel"]
+    assert model["bits_per_pixel_entropy_coded"] == summary["bits_per_pixel_entropy_coded"]
+    # a few-step model uses few codes, so coding them by frequency beats fixed-width indices
+    assert 0 < model["bits_per_pixel_entropy_coded"] < model["bits_per_pixel_raw"]
+    assert model["ssim"] == summary["ssim"]["mean"]
+    assert curves["codecs"].keys() == summary["codecs"]["codecs"].keys()
+    assert all(len(points) == 8 for points in curves["codecs"].values())
+    assert "Rate–distortion" in (run_dir / "report.html").read_text()
+    # a summary from before the curves: the section says they are missing
+    older = {k: v for k, v in summary.items() if k != "rate_distortion"}
+    (tmp_path / "predict").mkdir()
+    (tmp_path / "predict" / "summary.json").write_text(json.dumps(older))
+    assert "No rate-distortion curves yet" in write_report(tmp_path).read_text()
+
+
 def test_predict_writes_the_report_and_mrivq_report_rewrites_it(predicted_run, capsys):
     run_dir, _ = predicted_run
     report = run_dir / "report.html"
@@ -86,7 +106,7 @@ def test_predict_writes_the_report_and_mrivq_report_rewrites_it(predicted_run, c
     page = report.read_text()
     assert "src=\"http" not in page and "<link" not in page  # self-contained
     assert page.count("data:image/png;base64,") >= 7
-    for heading in ("Per-structure metrics", "standard codecs", "Training curves", "Validation",
+    for heading in ("Per-structure metrics", "standard codecs", "Rate–distortion", "Training curves", "Validation",
                     "Lowest-SSIM test slices", "Codebook usage", "Sample grids", "Config"):
         assert heading in page
 

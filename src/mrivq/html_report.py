@@ -3,7 +3,7 @@
 It gathers what training and prediction left in the run directory, with every picture
 embedded as a base64 PNG so the file can be mailed or archived alone: the config, training
 curves, the validation table (metrics.csv), the test metrics, per-structure metrics, the
-codec comparison, sample grids, the five lowest-SSIM test slices with difference maps and
+codec comparison and the rate-distortion picture, sample grids, the five lowest-SSIM test slices with difference maps and
 the codebook-usage histograms. Parts not written yet (no ``mrivq predict`` so far) are named
 as missing. The page's script only counts the images that decoded, into
 ``<html data-images-rendered="ok/total">``, so a test in a real browser can check them.
@@ -254,6 +254,24 @@ def _section_codecs(summary: dict | None) -> str:
             + f'<p class="note">{html.escape(str(codecs.get("method", "")))}</p>')
 
 
+def _section_rate_distortion(summary: dict | None, visual_dir: Path) -> str:
+    rate_distortion = (summary or {}).get("rate_distortion")
+    if not rate_distortion:
+        return _missing("No rate-distortion curves yet: run `mrivq predict`.")
+    model = rate_distortion["model"]
+    rates = (("raw code indices (log2 of the codebook size per code)", model["bits_per_pixel_raw"]),
+             ("entropy-coded (range coding under the test codes' frequencies)", model["bits_per_pixel_entropy_coded"]))
+    rows = [[html.escape(label), _fmt(rate, "{:.3f}"), _fmt(model["ssim"]), _fmt(model["psnr"], "{:.2f}")]
+            for label, rate in rates]
+    return (_image(visual_dir / "rate_distortion.png",
+                   "SSIM and PSNR against bits per pixel: each codec over its quality settings (a line), "
+                   "the model's codes at their raw and entropy-coded rates (single markers)")
+            + _table(["VQ-VAE-2 codes (this model)", "bits per pixel", "SSIM mean", "PSNR (dB)"], rows)
+            + '<p class="note">A codec\'s rate counts every file with its headers; the entropy-coded rate '
+              "counts the code bitstream only (the frequency tables, shared by the whole set, are left out). "
+              "Points whose mean PSNR is infinite (a slice kept perfectly) are not drawn.</p>")
+
+
 def _section_validation(rows: list[dict]) -> str:
     if not rows:
         return _missing("No metrics.csv yet: training writes one row per evaluation.")
@@ -284,6 +302,7 @@ def _page(run_dir: Path, config_text: str | None, rows: list[dict], summary: dic
         "<h2>Test set</h2>", _section_test(summary),
         "<h2>Per-structure metrics (test set)</h2>", _section_regions(summary),
         "<h2>Against standard codecs at the same bits per pixel</h2>", _section_codecs(summary),
+        "<h2>Rate–distortion</h2>", _section_rate_distortion(summary, visual_dir),
         "<h2>Training curves</h2>",
         _image(visual_dir / "losses.png", "training and validation losses"),
         _image(visual_dir / "ssims.png", "training and validation SSIM"),

@@ -1,4 +1,5 @@
-"""Pictures of a run: sample grids, difference maps, codebook use and training curves.
+"""Pictures of a run: sample grids, difference maps, codebook use, training curves and
+rate-distortion curves.
 
 The self-contained HTML report that gathers them is :mod:`mrivq.html_report`.
 
@@ -15,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import numpy as np
 
 from .checkpoint import atomic_write
@@ -146,6 +148,50 @@ def plot_codebook_usage(counts_top, counts_bottom, path: Path) -> None:
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     save_figure(fig, path)
+
+
+CODEC_LABELS = {"jpeg": "JPEG", "jpeg2000": "JPEG 2000", "webp": "WebP"}
+
+
+def plot_rate_distortion(curves: dict, model_points: list[dict], path: Path) -> None:
+    """visuals/rate_distortion.png: SSIM and PSNR against bits per pixel, side by side.
+
+    ``curves`` is :func:`mrivq.codecs.rate_distortion`'s ``{codec: [{bits_per_pixel, ssim,
+    psnr, ...}]}``, drawn as lines with markers; ``model_points`` are ``{label,
+    bits_per_pixel, ssim, psnr}`` drawn as large single markers (e.g. the model's raw and
+    entropy-coded rates). Points with a non-finite value (PSNR of a perfect slice) are left
+    out of the panel they would break.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    model_markers = ("D", "*", "P", "X")
+    for ax, key, ylabel in zip(axes, ("ssim", "psnr"), ("SSIM (mean per slice)", "PSNR (dB, mean per slice)")):
+        for name, points in curves.items():
+            shown = [(p["bits_per_pixel"], p[key]) for p in points if _finite(p["bits_per_pixel"], p[key])]
+            if shown:
+                ax.plot(*zip(*shown), "o-", markersize=4, linewidth=1.2, label=CODEC_LABELS.get(name, name))
+        for i, point in enumerate(model_points):
+            if _finite(point["bits_per_pixel"], point[key]):
+                ax.plot(point["bits_per_pixel"], point[key], model_markers[i % len(model_markers)],
+                        markersize=12, markeredgecolor="black", color=f"C{5 + i}", linestyle="none",
+                        label=point["label"], zorder=5)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("bits per pixel (log scale)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, which="both")
+    # One legend below both panels, so it never hides a point.
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=max(1, len(labels)), fontsize=8, frameon=False)
+    fig.suptitle("Rate-distortion on the test set: codecs over their quality settings, the model's codes as points",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    save_figure(fig, path)
+
+
+def _finite(*values) -> bool:
+    return all(v is not None and np.isfinite(v) for v in values)
 
 
 # The HTML page of a run lives in its own module; it is re-exported here so that training and
