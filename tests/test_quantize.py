@@ -271,3 +271,16 @@ def test_kmeans_refined_initialisation_serves_the_first_batch_better_than_a_samp
         return float(torch.cdist(data, vq.embed).min(dim=1).values.pow(2).mean())
 
     assert distortion(10) < 0.8 * distortion(0)
+
+
+def test_cosine_lookup_keeps_unit_codes_and_ignores_the_input_scale():
+    torch.manual_seed(0)
+    z = torch.randn(2, 4, 3, 5)
+    vq = VectorQuantizer(4, 8, cosine=True).train()
+    out = vq(z)
+    assert torch.allclose(vq.embed.norm(dim=1), torch.ones(8), atol=1e-6)
+    assert torch.allclose(out.quantized.norm(dim=1), torch.ones(2, 3, 5), atol=1e-6)
+    vq.eval()
+    assert torch.equal(vq.nearest_codes(z), vq.nearest_codes(0.01 * z))  # direction alone decides
+    # shrinking the encoder output towards a point no longer lowers the commitment loss
+    assert vq(0.01 * z).commitment_loss == pytest.approx(float(vq(z).commitment_loss), rel=1e-4)

@@ -110,6 +110,8 @@ class ModelConfig(_Section):
     # Dead codes restart from random encoder outputs, or from the worst-served ones.
     restart_from: Literal["random", "worst"] = "random"
     kmeans_iters: int = Field(default=0, ge=0, le=100)  # Lloyd steps refining the data init
+    # Code lookup: euclidean (the report's) or cosine (unit-length vectors and codes).
+    lookup: Literal["euclidean", "cosine"] = "euclidean"
     # Residual block: report (ReLU, 3x3, 1x1 conv) | norm (GroupNorm, SiLU, two 3x3 convs).
     block: Literal["report", "norm"] = "report"
 

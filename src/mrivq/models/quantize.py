@@ -77,6 +77,11 @@ class VectorQuantizer(nn.Module):
             crowded clusters instead of landing inside them).
         kmeans_iters: Lloyd iterations refining the data initialisation on the first batch
             (0: the random sample as it is).
+        cosine: look codes up by direction: the input vectors and the codes are scaled to unit
+            length (the codebook after every EMA update), so an encoder cannot lower its
+            commitment loss by shrinking its output towards one point, the collapse a lightly
+            used top level falls into (Yu et al., "Vector-quantized image modeling with improved
+            VQGAN", 2022, normalise codes for better codebook use).
         dead_code_threshold: in vectors per batch (EMA). The default 1.0 means "received less
             than about one vector per batch lately". A restarted code gets
             ``cluster_size = dead_code_threshold`` and ``embed_avg = code * threshold``, so it
@@ -111,6 +116,7 @@ class VectorQuantizer(nn.Module):
         dead_code_threshold: float = 1.0,
         restart_from: str = "random",
         kmeans_iters: int = 0,
+        cosine: bool = False,
     ) -> None:
         super().__init__()
         if restart_from not in ("random", "worst"):
@@ -134,6 +140,7 @@ class VectorQuantizer(nn.Module):
         self.dead_code_threshold = float(dead_code_threshold)
         self.restart_from = restart_from
         self.kmeans_iters = int(kmeans_iters)
+        self.cosine = bool(cosine)
 
         embed = torch.randn(n_embed, embed_dim)
         self.register_buffer("embed", embed)
@@ -148,7 +155,7 @@ class VectorQuantizer(nn.Module):
             f"eps={self.eps}, init_from_data={self.init_from_data}, "
             f"restart_dead_codes={self.restart_dead_codes}, "
             f"dead_code_threshold={self.dead_code_threshold}, restart_from={self.restart_from}, "
-            f"kmeans_iters={self.kmeans_iters}"
+            f"kmeans_iters={self.kmeans_iters}, cosine={self.cosine}"
         )
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
@@ -162,7 +169,7 @@ class VectorQuantizer(nn.Module):
                 f"expected (B, {self.embed_dim}, H, W) encoder output, got {tuple(z.shape)}"
             )
         with torch.autocast(device_type=z.device.type, enabled=False):
-            z32 = z.float()
+            z32 = self._unit(z.float())
             flat = z32.permute(0, 2, 3, 1).reshape(-1, self.embed_dim)
             if self.training and self.init_from_data:
                 self._initialise_once(flat.detach())
@@ -188,8 +195,12 @@ class VectorQuantizer(nn.Module):
         """
         with torch.autocast(device_type=z.device.type, enabled=False):
             batch, _, height, width = z.shape
-            flat = z.detach().float().permute(0, 2, 3, 1).reshape(-1, self.embed_dim)
+            flat = self._unit(z.detach().float()).permute(0, 2, 3, 1).reshape(-1, self.embed_dim)
             return self._nearest(flat).reshape(batch, height, width)
+
+    def _unit(self, z: torch.Tensor) -> torch.Tensor:
+        """``z`` ``(B, D, H, W)`` with unit-length vectors when ``cosine``, else as it is."""
+        return F.normalize(z, dim=1) if self.cosine else z
 
     def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Code vectors: indices ``(B, H, W)`` -> ``(B, embed_dim, H, W)`` float32, contiguous."""
@@ -249,6 +260,8 @@ class VectorQuantizer(nn.Module):
         total = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.eps) / (total + self.n_embed * self.eps) * total
         self.embed.copy_(self.embed_avg / smoothed[:, None])
+        if self.cosine:
+            self.embed.copy_(F.normalize(self.embed, dim=1))
 
         if self.restart_dead_codes:
             self._restart_dead_codes(flat, distances)

@@ -195,6 +195,7 @@ class VQVAE2(nn.Module):
         decay, eps, init_from_data, restart_dead_codes, dead_code_threshold, restart_from,
             kmeans_iters: passed to both :class:`VectorQuantizer` levels; see there (threshold
             default 1.0 vector per batch).
+        lookup: ``"euclidean"`` or ``"cosine"`` (the quantizers' ``cosine``).
         block: residual block of every encoder and decoder: ``"report"`` (:class:`ResBlock`)
             or ``"norm"`` (:class:`NormResBlock`).
 
@@ -226,6 +227,7 @@ class VQVAE2(nn.Module):
         block: str = "report",
         restart_from: str = "random",
         kmeans_iters: int = 0,
+        lookup: str = "euclidean",
     ) -> None:
         super().__init__()
         if in_channel < 1 or channel < 2 or n_res_block < 0 or n_res_channel < 1:
@@ -244,6 +246,7 @@ class VQVAE2(nn.Module):
             "dead_code_threshold": dead_code_threshold,
             "restart_from": restart_from,
             "kmeans_iters": kmeans_iters,
+            "cosine": lookup == "cosine",
         }
         widths = {"n_res_block": n_res_block, "n_res_channel": n_res_channel, "block": block}
         self.enc_b = Encoder(in_channel, channel, stride=4, **widths)
