@@ -291,3 +291,12 @@ def test_a_stored_config_without_block_loads_as_the_report_block():
     model = model_from_checkpoint({"config": stored, "model": weights})
     assert any(type(m).__name__ == "ResBlock" for m in model.modules())
     assert not any(isinstance(m, NormResBlock) for m in model.modules())
+
+
+def test_a_stored_config_written_before_the_lookup_key_keeps_euclidean_lookup():
+    stored = Config().to_dict()
+    for key in ("lookup", "restart_from", "kmeans_iters"):
+        del stored["model"][key]  # as written before these keys existed
+    loaded = config_from_dict(stored).model
+    assert (loaded.lookup, loaded.restart_from, loaded.kmeans_iters) == ("euclidean", "random", 0)
+    assert config_from_dict({**stored, "model": {**stored["model"], "lookup": "cosine"}}).model.lookup == "cosine"

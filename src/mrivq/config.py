@@ -90,7 +90,10 @@ class DataConfig(_Section):
 
 #: The report's network; ``model.preset: report`` fills these for keys the config leaves out.
 REPORT_MODEL = {"channel": 128, "n_res_block": 2, "n_res_channel": 32, "embed_dim": 64,
-                "n_embed": 512, "decay": 0.99, "block": "report"}
+                "n_embed": 512, "decay": 0.99, "block": "report", "lookup": "euclidean"}
+# Model keys added after checkpoints were first written, with the value those checkpoints used.
+STORED_MODEL_DEFAULTS = {"block": "report", "lookup": "euclidean", "restart_from": "random",
+                         "kmeans_iters": 0}
 
 
 class ModelConfig(_Section):
@@ -111,7 +114,7 @@ class ModelConfig(_Section):
     restart_from: Literal["random", "worst"] = "random"
     kmeans_iters: int = Field(default=0, ge=0, le=100)  # Lloyd steps refining the data init
     # Code lookup: euclidean (the report's) or cosine (unit-length vectors and codes).
-    lookup: Literal["euclidean", "cosine"] = "euclidean"
+    lookup: Literal["euclidean", "cosine"] = "cosine"
     # Residual block: report (ReLU, 3x3, 1x1 conv) | norm (GroupNorm, SiLU, two 3x3 convs).
     block: Literal["report", "norm"] = "report"
 
@@ -126,7 +129,9 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     epochs: int = Field(default=5, ge=1)
     max_steps: int | None = Field(default=None, ge=1)
-    batch_size: int = Field(default=10, ge=1)
+    # One slice per step: in a fixed budget, more (noisier) updates beat bigger batches
+    # (measured: README "Choosing the default recipe").
+    batch_size: int = Field(default=1, ge=1)
     lr: float = Field(default=2e-3, gt=0)
     optimizer: Literal["adam", "adamw"] = "adam"
     weight_decay: float = Field(default=0.0, ge=0)
@@ -155,11 +160,11 @@ class TrainConfig(_Section):
             except ValueError:
                 pass
         return value
-    interval: int = Field(default=200, ge=1)
-    checkpoint_every: int = Field(default=50, ge=1)
+    interval: int = Field(default=720, ge=1)
+    checkpoint_every: int = Field(default=250, ge=1)
     max_nonfinite_steps: int = Field(default=10, ge=1)
     sample_size: int = Field(default=8, ge=1)
-    val_batch_size: int | None = Field(default=None, ge=1)
+    val_batch_size: int | None = Field(default=16, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: Literal["auto"] | bool = "auto"
@@ -388,9 +393,10 @@ def config_from_dict(raw: dict) -> Config:
     """Rebuild a Config from the plain dict stored in a run directory or checkpoint.
 
     Keys added since the config was stored take the value that reproduces what was trained,
-    not today's default: a model section without ``block`` was the report's ``ResBlock``.
+    not today's default (:data:`STORED_MODEL_DEFAULTS`): a model section without ``block`` was
+    the report's ``ResBlock``, one without ``lookup`` looked codes up by euclidean distance.
     """
     model = raw.get("model") or {}
-    if isinstance(model, dict) and "block" not in model:
-        raw = {**raw, "model": {**model, "block": "report"}}
+    if isinstance(model, dict):
+        raw = {**raw, "model": {**STORED_MODEL_DEFAULTS, **model}}
     return validate(raw, source="stored config")
