@@ -268,7 +268,6 @@ class Trainer:
         self.stop_signal: int | None = None
         self.history: list[dict] = []
         self.elapsed = 0.0  # seconds spent in training steps
-        self.wall = 0.0  # wall-clock seconds of the training loop, evaluations included
         self.clock = time.perf_counter  # the budget's clock (tests replace it)
         self.loop_start = self.clock()
         self.wall_before = 0.0
