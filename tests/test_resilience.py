@@ -31,6 +31,12 @@ def start_mrivq(*args):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def saved_step(run_dir: Path) -> int:
+    """The step of run_dir's models/last.pt, -1 before the first save (written atomically)."""
+    last = run_dir / "models/last.pt"
+    return int(load_checkpoint(last)["step"]) if last.exists() else -1
+
+
 def test_run_killed_at_random_points_and_resumed_ends_like_an_uninterrupted_run(tiny_overrides, tmp_path):
     overrides = tiny_overrides + ["train.epochs=4", "train.interval=5", "train.checkpoint_every=2"]
     straight = load_config(None, overrides + [f"output.dir={tmp_path / 'straight'}"])
@@ -40,23 +46,24 @@ def test_run_killed_at_random_points_and_resumed_ends_like_an_uninterrupted_run(
     fresh = ["train", *set_args(overrides + [f"output.dir={run_dir}"])]
     rng = random.Random(1234)
     kills = 0
-    for attempt in range(12):
+    # Kill at random moments, each a little after a randomly chosen step was saved: the run is
+    # caught mid-way however fast this machine trains (a wall-clock timer was not: a fast run
+    # could finish before its first kill).
+    for target in sorted(rng.sample(range(4, 18, 2), 3)):
         resumable = (run_dir / "models/last.pt").exists()
-        args = ["train", "--resume", str(run_dir)] if resumable else fresh + ["--overwrite"]
-        proc = start_mrivq(*args)
-        if attempt < 11:
-            try:
-                proc.wait(timeout=rng.uniform(2.0, 6.0))
-            except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                kills += 1
-                continue
-        else:
-            proc.wait(timeout=300)
-        assert proc.returncode == 0, proc.stderr.read()
-        break
-    assert kills >= 2, "the run finished before it could be killed twice; kill sooner"
+        proc = start_mrivq(*(["train", "--resume", str(run_dir)] if resumable else fresh + ["--overwrite"]))
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and saved_step(run_dir) < target and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the run ended before step {target}: {proc.stderr.read()}"
+        time.sleep(rng.uniform(0.0, 0.1))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+    proc = start_mrivq("train", "--resume", str(run_dir))
+    proc.wait(timeout=300)
+    assert proc.returncode == 0, proc.stderr.read()
+    assert kills == 3
 
     a = load_checkpoint(straight.model_dir / "last.pt")
     b = load_checkpoint(run_dir / "models/last.pt")
