@@ -26,12 +26,8 @@ from pathlib import Path
 
 import torch
 
-from mrivq.checkpoint import load_checkpoint, model_from_checkpoint
-from mrivq.codes import bits_report, encode_images
 from mrivq.config import load_config
-from mrivq.data.cache import load_split
-from mrivq.data.sources import data_splits
-from mrivq.evaluate import predict, preprocessing
+from mrivq.evaluate import predict
 from mrivq.runtime import resolve_device, resolve_precision
 from mrivq.train import train
 
@@ -47,12 +43,6 @@ def quality(config_path: str | None, overrides: list[str], *, precision: str, st
     start = time.perf_counter()
     trained = train(config)
     summary = predict(config)
-    ckpt = load_checkpoint(config.model_dir / "best.pt")
-    model = model_from_checkpoint(ckpt).eval()
-    test = load_split(data_splits(config.data, config.seed).test, preprocessing(config),
-                      cache_dir=config.data.cache_dir, workers=config.data.workers)
-    codes_top, codes_bottom = encode_images(model, test.images)
-    bits = bits_report(codes_top, codes_bottom, model.quantize_top.n_embed, tuple(config.data.image_size))
     metrics = [line for line in (config.run_dir / "metrics.csv").read_text().splitlines()[1:] if line]
     prostate = ((summary.get("regions") or {}).get("structures") or {}).get("prostate") or {}
     codecs = summary["codecs"]["codecs"]
@@ -72,8 +62,8 @@ def quality(config_path: str | None, overrides: list[str], *, precision: str, st
         "top_perplexity": round(summary["codebook"]["top"]["perplexity"], 1),
         "bottom_used": summary["codebook"]["bottom"]["used"],
         "bottom_perplexity": round(summary["codebook"]["bottom"]["perplexity"], 1),
-        "bpp_raw": round(bits["bits_per_pixel"]["raw"], 4),
-        "bpp_frequency_coded": round(bits["bits_per_pixel"]["entropy_coded"], 4),
+        "bpp_raw": round(summary["bits_per_pixel"], 4),
+        "bpp_frequency_coded": round(summary["bits_per_pixel_entropy_coded"], 4),
         **{f"{codec}_ssim": round(scores["ssim"]["mean"], 4) for codec, scores in codecs.items()},
         **{f"{codec}_bpp": round(scores["bits_per_pixel"]["mean"], 4) for codec, scores in codecs.items()},
         "evaluations": len(metrics),

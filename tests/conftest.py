@@ -42,13 +42,18 @@ def tiny_phantom(tmp_path_factory):
     return root
 
 
+def tiny_sets(phantom, tmp) -> list[str]:
+    """``--set`` overrides for a few-step fp32 training run of a tiny model on ``phantom``,
+    writing into ``tmp`` (later overrides in the same list win)."""
+    sets = [f"data.root={phantom}", "data.image_size=[64,32]", f"data.cache_dir={tmp / 'cache'}",
+            "data.workers=1", "train.epochs=2", "train.batch_size=4", "train.interval=4",
+            "train.warmup_steps=2", "train.sample_size=3", "predict.sample_sets=2",
+            "predict.sample_size=3", f"output.dir={tmp / 'run'}", "train.num_threads=1",
+            *PINNED_PRECISION]
+    return sets + [f"model.{k}={v}" for k, v in TINY_MODEL.items()]
+
+
 @pytest.fixture
 def tiny_overrides(tiny_phantom, tmp_path):
     """``--set`` overrides for a few-step training run of a tiny model on the tiny phantom."""
-    sets = [f"data.root={tiny_phantom}", "data.image_size=[64,32]", f"data.cache_dir={tmp_path / 'cache'}",
-            "data.workers=1", "train.epochs=2", "train.batch_size=4", "train.interval=4",
-            "train.warmup_steps=2", "train.sample_size=3", "predict.sample_sets=2",
-            "predict.sample_size=3", f"output.dir={tmp_path / 'run'}", "train.num_threads=1",
-            *PINNED_PRECISION]
-    sets += [f"model.{k}={v}" for k, v in TINY_MODEL.items()]
-    return sets
+    return tiny_sets(tiny_phantom, tmp_path)

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MODEL
+from conftest import tiny_sets
 
 from mrivq import runtime
 from mrivq.checkpoint import load_checkpoint, model_from_checkpoint
@@ -34,11 +34,9 @@ def test_auto_precision_on_the_cpu_is_bf16_only_with_native_bf16(monkeypatch, na
 def bf16_run(tiny_phantom, tmp_path_factory):
     """Four bf16 steps of a tiny model on the tiny phantom (emulated bf16 is slow: keep it tiny)."""
     tmp = tmp_path_factory.mktemp("bf16")
-    overrides = [f"data.root={tiny_phantom}", "data.image_size=[64,32]", f"data.cache_dir={tmp / 'cache'}",
-                 "data.workers=1", "train.epochs=1", "train.max_steps=4", "train.batch_size=4",
-                 "train.interval=2", "train.warmup_steps=1", "train.sample_size=2", "predict.sample_sets=1",
-                 "predict.sample_size=2", f"output.dir={tmp / 'run'}", "train.num_threads=1",
-                 "train.precision=bf16", *(f"model.{k}={v}" for k, v in TINY_MODEL.items())]
+    overrides = tiny_sets(tiny_phantom, tmp) + [
+        "train.epochs=1", "train.max_steps=4", "train.interval=2", "train.warmup_steps=1",
+        "train.sample_size=2", "predict.sample_sets=1", "predict.sample_size=2", "train.precision=bf16"]
     config = load_config(None, overrides)
     train(config)
     return config

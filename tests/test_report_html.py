@@ -14,7 +14,7 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import PINNED_PRECISION, TINY_MODEL
+from conftest import tiny_sets
 
 from mrivq.cli import main
 from mrivq.html_report import write_report
@@ -28,11 +28,7 @@ def predicted_run(tiny_phantom, tmp_path_factory):
     from mrivq.train import train
 
     tmp = tmp_path_factory.mktemp("report")
-    overrides = [f"data.root={tiny_phantom}", "data.image_size=[64,32]", f"data.cache_dir={tmp / 'cache'}",
-                 "data.workers=1", "train.epochs=1", "train.max_steps=6", "train.batch_size=4",
-                 "train.interval=3", "train.warmup_steps=2", "train.sample_size=3", "predict.sample_sets=2",
-                 "predict.sample_size=3", f"output.dir={tmp / 'run'}", "train.num_threads=1",
-                 *(f"model.{k}={v}" for k, v in TINY_MODEL.items()), *PINNED_PRECISION]
+    overrides = tiny_sets(tiny_phantom, tmp) + ["train.epochs=1", "train.max_steps=6", "train.interval=3"]
     config = load_config(None, overrides)
     train(config)
     summary = predict(config)

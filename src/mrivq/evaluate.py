@@ -66,6 +66,8 @@ class Evaluation:
     code_shapes: tuple[tuple[int, int], tuple[int, int]]
     kept: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     mae: torch.Tensor | None = None
+    # (codes_top (N, h, w), codes_bottom (N, 2h, 2w)) int64 arrays, with ``keep_codes``
+    codes: tuple[np.ndarray, np.ndarray] | None = None
     # {structure: {"ssim", "psnr", "mae": (N,)}}, NaN where a slice lacks the structure or mask
     regions: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
@@ -104,7 +106,8 @@ def slices_to_batch(slices: np.ndarray, device: torch.device) -> torch.Tensor:
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, images: np.ndarray, *, batch_size: int, device: torch.device,
              normalize: str, keep: list[int] | tuple[int, ...] = (), progress: bool = False,
-             desc: str = "evaluate", masks: np.ndarray | None = None, loss_fn=None) -> Evaluation:
+             desc: str = "evaluate", masks: np.ndarray | None = None, loss_fn=None,
+             keep_codes: bool = False) -> Evaluation:
     """Reconstruct ``images`` ``(N, H, W)`` (model input, normalised by ``normalize``) and score
     every slice.
 
@@ -112,6 +115,7 @@ def evaluate(model: torch.nn.Module, images: np.ndarray, *, batch_size: int, dev
     are the same on every machine (and match ``mrivq encode``). The losses are in model space;
     the metrics and the kept pictures are on [0, 1] (see :func:`mrivq.metrics.to_unit_range`).
     ``loss_fn(reconstruction, x)`` is the reconstruction loss training uses (default MSE).
+    ``keep_codes`` returns every slice's codes too (the same as ``model.encode`` gives).
     ``keep`` lists slice indices whose input and reconstruction are returned for pictures.
     ``masks`` ``(N, H, W)`` integer labels (all zero for a slice without a mask) add the
     region metrics of :data:`mrivq.regions.STRUCTURES`.
@@ -126,6 +130,7 @@ def evaluate(model: torch.nn.Module, images: np.ndarray, *, batch_size: int, dev
     recon_sum = torch.zeros((), device=device, dtype=torch.float64)
     commit_sum = torch.zeros((), device=device, dtype=torch.float64)
     keep_set, kept = set(keep), {}
+    codes_top, codes_bottom = [], []
     code_shapes = None
     n = len(images)
     start = time.perf_counter()
@@ -138,6 +143,9 @@ def evaluate(model: torch.nn.Module, images: np.ndarray, *, batch_size: int, dev
         counts_top += metrics.code_counts(out.codes_top, quant_top.n_embed)
         counts_bottom += metrics.code_counts(out.codes_bottom, quant_bottom.n_embed)
         code_shapes = (tuple(out.codes_top.shape[1:]), tuple(out.codes_bottom.shape[1:]))
+        if keep_codes:
+            codes_top.append(out.codes_top.cpu().numpy())
+            codes_bottom.append(out.codes_bottom.cpu().numpy())
         rec01, x01 = metrics.to_unit_range(rec, x, normalize)
         ssim.append(metrics.ssim_per_image(rec01, x01))
         psnr.append(metrics.psnr_per_image(rec01, x01))
@@ -156,6 +164,7 @@ def evaluate(model: torch.nn.Module, images: np.ndarray, *, batch_size: int, dev
         recon_loss=float(recon_sum) / n, commitment_loss=float(commit_sum) / n,
         counts_top=counts_top.cpu(), counts_bottom=counts_bottom.cpu(),
         images_per_s=n / (time.perf_counter() - start), code_shapes=code_shapes, kept=kept,
+        codes=(np.concatenate(codes_top), np.concatenate(codes_bottom)) if keep_codes else None,
         mae=torch.cat(mae).cpu(),
         regions={name: {k: torch.cat(v).cpu() for k, v in values.items()} for name, values in regions.items()},
     )
@@ -218,7 +227,7 @@ def predict(config: Config, checkpoint: str | Path | None = None) -> dict:
         result = evaluate(model, test.images, batch_size=config.predict.batch_size, device=device,
                           normalize=normalize, keep=sorted({i for s in sets for i in s}),
                           progress=interactive(), desc="predict",
-                          masks=masks if has_mask.any() else None)
+                          masks=masks if has_mask.any() else None, keep_codes=True)
         for k, chosen in enumerate(sets):
             save_sample_grid(np.stack([result.kept[i][0] for i in chosen]),
                              np.stack([result.kept[i][1] for i in chosen]),
@@ -237,8 +246,8 @@ def predict(config: Config, checkpoint: str | Path | None = None) -> dict:
                  ", ".join(available_codecs()), bits_per_pixel)
         unit_images = _unit_range_images(test.images, normalize)
         codec_scores = compare_codecs(unit_images, bits_per_pixel)
-        coded_bits_per_pixel = _entropy_coded_bits_per_pixel(
-            model, test.images, model_cfg.n_embed, tuple(config.data.image_size), config.predict.batch_size)
+        coded_bits_per_pixel = _entropy_coded_bits_per_pixel(*result.codes, model_cfg.n_embed,
+                                                             tuple(config.data.image_size))
         # The curves are a picture: up to RD_SLICES test slices, evenly spaced, keep it cheap
         # (every point scores its slices with SSIM, ~1.5 s per 120 slices on 2 CPU cores).
         rd_slices = np.linspace(0, n - 1, min(n, RD_SLICES)).round().astype(int)
@@ -302,14 +311,12 @@ def predict(config: Config, checkpoint: str | Path | None = None) -> dict:
     return summary
 
 
-def _entropy_coded_bits_per_pixel(model: torch.nn.Module, images: np.ndarray, n_embed: int,
-                                  image_size: tuple[int, int], batch_size: int) -> float:
-    """Bits per pixel of the model's fp32 codes of ``images`` ``(N, H, W)`` (model input),
-    range-coded under each level's code frequencies over the set (:func:`mrivq.codes.bits_report`;
-    the frequency tables are not counted)."""
-    from .codes import bits_report, encode_images  # codes imports this module: not at the top
+def _entropy_coded_bits_per_pixel(codes_top: np.ndarray, codes_bottom: np.ndarray, n_embed: int,
+                                  image_size: tuple[int, int]) -> float:
+    """Bits per pixel of a set's codes range-coded under each level's code frequencies over the
+    set (:func:`mrivq.codes.bits_report`; the frequency tables are not counted)."""
+    from .codes import bits_report  # codes imports this module: not at the top
 
-    codes_top, codes_bottom = encode_images(model, images, batch_size=batch_size)
     return bits_report(codes_top, codes_bottom, n_embed, image_size)["bits_per_pixel"]["entropy_coded"]
 
 
