@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from mrivq import evaluate as evaluate_module
-from mrivq import train as train_module
+from mrivq.apps.train import build_loop
 from mrivq.config import load_config
+from mrivq.engine import evaluator, vqvae_training
 from mrivq.logs import run_logger
-from mrivq.train import Trainer, read_metrics
+from mrivq.run_dir import read_metrics
 
 
 def contiguous_batch(slices, device):
@@ -34,18 +34,20 @@ def run(path: str, out: Path, overrides: list[str]) -> dict:
     if path == "plain":
         sets += ["train.precision=fp32", "train.compile=false"]
     config = load_config(None, sets)
-    original = train_module.slices_to_batch, evaluate_module.slices_to_batch
+    original = vqvae_training.slices_to_batch, evaluator.slices_to_batch
     if path == "plain":
-        train_module.slices_to_batch = evaluate_module.slices_to_batch = contiguous_batch
+        vqvae_training.slices_to_batch = evaluator.slices_to_batch = contiguous_batch
     try:
         with run_logger(config.log_dir / "training.log"):
-            trainer = Trainer(config)
+            loop = build_loop(config)
+            task = loop.task
             if path == "plain":
-                trainer.model.to(memory_format=torch.contiguous_format)
-            summary = trainer.run()
-            described = f"precision {trainer.precision}, compile {'on' if trainer.compile else 'off'}"
+                task.model.to(memory_format=torch.contiguous_format)
+            loop.run()
+            summary = {"best_ssim": loop.state.best, "steps": loop.state.step}
+            described = f"precision {task.precision}, compile {'on' if task.compile else 'off'}"
     finally:
-        train_module.slices_to_batch, evaluate_module.slices_to_batch = original
+        vqvae_training.slices_to_batch, evaluator.slices_to_batch = original
     rows = read_metrics(config.run_dir / "metrics.csv")
     speed = [r["train_images_per_s"] for r in rows if "train_images_per_s" in r]
     return {"best_ssim": summary["best_ssim"], "steps": summary["steps"], "described": described,

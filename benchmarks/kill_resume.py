@@ -26,8 +26,8 @@ import termios
 import time
 from pathlib import Path
 
-from mrivq.checkpoint import load_checkpoint
 from mrivq.data.phantom import synthesize
+from mrivq.engine.checkpoint import load_checkpoint
 
 STEP = re.compile(rb"(\d+)/(\d+) \[")
 

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mrivq.bench import load_times
+from mrivq.apps.bench import load_times
 from mrivq.data.phantom import synthesize
 
 

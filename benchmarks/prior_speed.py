@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from mrivq.codes import code_grid_shapes
 from mrivq.config import load_config
-from mrivq.prior.train import prior_from_config
+from mrivq.engine.checkpoint import prior_from_config
+from mrivq.nn import code_grid_shapes
 
 
 def main() -> None:

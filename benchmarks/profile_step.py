@@ -3,7 +3,7 @@
     python benchmarks/profile_step.py [--steps 3] [--batch-size 10] [--precision auto] [--rows 12]
 
 Prints the operators with the most self time (CPU, or CUDA on a GPU) as a share of the total,
-for the step training uses (mrivq.train.optimisation_step, channels-last, resolved precision).
+for the step training uses (mrivq.engine.step.optimisation_step, channels-last, resolved precision).
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from mrivq.bench import phantom_batch
+from mrivq.apps.bench import phantom_batch
 from mrivq.config import load_config
-from mrivq.models import VQVAE2
+from mrivq.engine.step import optimisation_step
+from mrivq.engine.vqvae_training import vqvae_loss
+from mrivq.nn import VQVAE2
 from mrivq.runtime import resolve_device, resolve_precision
-from mrivq.train import optimisation_step
 
 
 def main() -> None:
@@ -38,8 +39,9 @@ def main() -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     def step():
-        optimisation_step(model, optimizer, scaler, batch, device=device, precision=precision,
-                          latent_loss_weight=0.25, grad_clip=1.0, sync_free=device.type == "cuda")
+        optimisation_step(model, optimizer, scaler,
+                          lambda: vqvae_loss(model, batch, precision=precision, latent_loss_weight=0.25),
+                          grad_clip=1.0, sync_free=device.type == "cuda")
 
     step()  # warm-up: allocations, oneDNN/cuDNN algorithm choice
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
+from mrivq.apps.predict import predict
+from mrivq.apps.train import train
 from mrivq.config import load_config
-from mrivq.evaluate import predict
 from mrivq.runtime import resolve_device, resolve_precision
-from mrivq.train import train
 
 
 def quality(config_path: str | None, overrides: list[str], *, precision: str, steps: int | None,

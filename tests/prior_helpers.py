@@ -17,8 +17,8 @@ def tiny_data_overrides(phantom: Path, cache: Path) -> list[str]:
 
 def train_tiny_vqvae(phantom: Path, work: Path) -> Path:
     """Train a tiny VQ-VAE for a few steps on the tiny phantom; returns its models/best.pt."""
+    from mrivq.apps.train import train
     from mrivq.config import load_config
-    from mrivq.train import train
 
     sets = tiny_data_overrides(phantom, work / "cache") + [
         "train.epochs=2", "train.batch_size=4", "train.interval=6", "train.warmup_steps=2",

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mrivq.config import validate
-from mrivq.data.augment import augment, augment_from_config
+from mrivq.data.augment import augment
 
 
 def phantom_batch(n: int = 6) -> torch.Tensor:
@@ -18,7 +18,8 @@ def phantom_batch(n: int = 6) -> torch.Tensor:
 def test_flips_off_and_intensity_zero_leave_the_batch_unchanged():
     slices = phantom_batch()
     assert torch.equal(augment(slices, flip="none", intensity=0.0), slices)
-    assert torch.equal(augment_from_config(slices, validate({}).data), slices)  # the defaults
+    defaults = validate({}).data
+    assert torch.equal(augment(slices, flip=defaults.augment_flip, intensity=defaults.augment_intensity), slices)
 
 
 def test_horizontal_flips_flip_exactly_the_slices_the_rng_picked():
@@ -70,15 +71,6 @@ def test_channels_last_layout_and_dtype_are_kept(channels):
     slices = torch.rand(4, channels, 16, 8).contiguous(memory_format=torch.channels_last)
     out = augment(slices, flip="both", intensity=0.1)
     assert out.stride() == slices.stride() and out.dtype == slices.dtype
-
-
-def test_config_keys_reach_the_function():
-    data = validate({"data": {"augment_flip": "horizontal", "augment_intensity": 0.1}}).data
-    slices = phantom_batch()
-    torch.manual_seed(3)
-    expected = augment(slices, flip="horizontal", intensity=0.1)
-    torch.manual_seed(3)
-    assert torch.equal(augment_from_config(slices, data), expected)
 
 
 @pytest.mark.parametrize(("flip", "intensity"), [("vertical", 0.0), ("none", 1.0), ("none", -0.1)])

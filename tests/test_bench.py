@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mrivq.bench import load_times
+from mrivq.apps.bench import load_times
 
 REPO = Path(__file__).resolve().parents[1]
 

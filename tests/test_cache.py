@@ -213,8 +213,12 @@ def test_all_files_bad_with_skip_is_a_user_error(slices, cache_dir):
         load_split(paths, PREP, cache_dir=cache_dir, on_bad_file="skip", workers=1)
 
 
-def test_unknown_on_bad_file_names_the_key(slices, cache_dir):
+def test_unknown_on_bad_file_is_refused_by_the_config_naming_the_key_and_by_the_loader(slices, cache_dir):
+    from mrivq.config import load_config
+
     with pytest.raises(UserError, match="data.on_bad_file"):
+        load_config(None, ["data.on_bad_file=ignore"])
+    with pytest.raises(ValueError, match="on_bad_file"):
         load_split(slices[0], PREP, cache_dir=cache_dir, on_bad_file="ignore")
 
 

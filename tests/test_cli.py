@@ -60,9 +60,10 @@ def test_synth_train_predict_writes_the_whole_run_directory(tmp_path):
 
 
 def test_best_checkpoint_holds_the_best_validation_ssim(tiny_overrides):
-    from mrivq.checkpoint import load_checkpoint
+    from mrivq.apps.train import train
     from mrivq.config import load_config
-    from mrivq.train import read_metrics, train
+    from mrivq.engine.checkpoint import load_checkpoint
+    from mrivq.run_dir import read_metrics
 
     config = load_config(None, tiny_overrides + ["train.lr=0.02", "train.interval=2"])
     train(config)
@@ -77,8 +78,9 @@ def test_best_checkpoint_holds_the_best_validation_ssim(tiny_overrides):
 
 
 def test_same_seed_gives_identical_metrics(tiny_overrides, tmp_path):
+    from mrivq.apps.train import train
     from mrivq.config import load_config
-    from mrivq.train import read_metrics, train
+    from mrivq.run_dir import read_metrics
 
     runs = []
     for name in ("a", "b"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mrivq import codecs
+from mrivq.compression import codecs
 
 
 @pytest.fixture(scope="module")

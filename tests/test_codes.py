@@ -12,10 +12,12 @@ import torch
 from conftest import run_main
 from prior_helpers import train_tiny_vqvae
 
-from mrivq.codes import decode, encode, load_vqvae, range_code, unfit
+from mrivq.apps.decode import decode
+from mrivq.apps.encode import encode
+from mrivq.compression.entropy import range_code
 from mrivq.data.io import read_slice
-from mrivq.data.preprocess import denormalize, fit_to_shape, preprocess_slice
-from mrivq.evaluate import preprocessing
+from mrivq.data.preprocess import Preprocessing, denormalize, fit_to_shape, preprocess_slice, unfit
+from mrivq.engine.checkpoint import load_vqvae
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,7 @@ def test_codes_round_trip_equals_the_models_reconstruction(vqvae, tiny_phantom, 
     report = encode(vqvae, inputs, tmp_path / "codes.npz")
     written = decode(vqvae, tmp_path / "codes.npz", tmp_path / "out")
     model, trained = load_vqvae(vqvae)
-    prep = preprocessing(trained)
+    prep = Preprocessing.from_settings(trained.data)
     sources = sorted((inputs[0]).glob("*.nii.gz")) + inputs[1:]
     assert [p.name for p in written] == [s.name for s in sources]
     assert report["n_slices"] == len(sources)
@@ -119,7 +121,7 @@ def test_corrupt_or_foreign_codes_files_are_one_line_exit_2(vqvae, tiny_phantom,
 
 
 def test_codes_decoded_by_another_model_are_refused(vqvae, tiny_phantom, tmp_path, capsys):
-    from mrivq.checkpoint import load_checkpoint, save_checkpoint
+    from mrivq.engine.checkpoint import load_checkpoint, save_checkpoint
 
     ckpt = load_checkpoint(vqvae)
     ckpt["model"]["quantize_bottom.embed"] = ckpt["model"]["quantize_bottom.embed"] + 1.0

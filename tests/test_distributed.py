@@ -15,12 +15,15 @@ import pytest
 import torch
 from conftest import comparable, set_args
 
-from mrivq import distributed
-from mrivq import train as train_module
-from mrivq.checkpoint import load_checkpoint, model_from_checkpoint
+from mrivq.apps.train import train
 from mrivq.config import load_config
+from mrivq.engine import distributed
+from mrivq.engine import step as step_module
+from mrivq.engine.checkpoint import load_checkpoint, model_from_checkpoint
+from mrivq.engine.loop import SYNC_EVERY, TrainingLoop
+from mrivq.engine.vqvae_training import VQVAETraining
 from mrivq.errors import TrainingInterrupted, UserError
-from mrivq.train import SYNC_EVERY, Trainer, read_metrics, train
+from mrivq.run_dir import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -40,22 +43,22 @@ def _rank(rank: int, port: int, overrides: list[str], dump: str, resume: str | N
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if sync_free:  # CUDA's way of stepping (device-side NaN skips, checks every few steps), on the CPU
-        train_module.sync_free_steps = lambda device: True
-    original_step, original_run = Trainer.train_step, Trainer.run
+        step_module.sync_free_steps = lambda device: True
+    original_step, original_run = VQVAETraining.train_step, TrainingLoop.run
 
     def train_step(self, batch):
         applied = original_step(self, batch)
-        if stop_after and self.step + 1 == stop_after and self.dist.rank == WORLD - 1:
-            self.stop_signal = signal.SIGTERM  # as if a signal reached only the last rank
+        if stop_after and self.state.step + 1 == stop_after and self.dist.rank == WORLD - 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # a signal that reaches only the last rank
         return applied
 
     def run(self):
         try:
             return original_run(self)
         finally:  # every rank's own weights and codebooks, to compare across ranks
-            torch.save(self.model.state_dict(), Path(dump) / f"rank{self.dist.rank}.pt")
+            torch.save(self.task.model.state_dict(), Path(dump) / f"rank{self.dist.rank}.pt")
 
-    Trainer.train_step, Trainer.run = train_step, run
+    VQVAETraining.train_step, TrainingLoop.run = train_step, run
     try:
         train(None if resume else load_config(None, overrides), resume=resume)
     except TrainingInterrupted as exc:

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mrivq.checkpoint import model_from_checkpoint
 from mrivq.config import Config, config_from_dict, validate
+from mrivq.engine.checkpoint import model_from_checkpoint
 from mrivq.metrics import code_counts, ssim_per_image
-from mrivq.models import VQVAE2, NormResBlock, VQVAE2Output
+from mrivq.nn import VQVAE2, NormResBlock, VQVAE2Output
 
 TINY = {"channel": 8, "n_res_block": 1, "n_res_channel": 4, "embed_dim": 4, "n_embed": 16}
 

@@ -14,12 +14,15 @@ import torch
 from conftest import tiny_sets
 
 from mrivq import runtime
-from mrivq.checkpoint import load_checkpoint, model_from_checkpoint
+from mrivq.apps.predict import predict
+from mrivq.apps.train import train
 from mrivq.config import load_config
 from mrivq.data.cache import load_split
+from mrivq.data.preprocess import Preprocessing
 from mrivq.data.sources import data_splits
-from mrivq.evaluate import evaluate, predict, preprocessing
-from mrivq.train import read_metrics, train
+from mrivq.engine.checkpoint import load_checkpoint, model_from_checkpoint
+from mrivq.engine.evaluator import evaluate
+from mrivq.run_dir import read_metrics
 
 
 @pytest.mark.parametrize("native_bf16, expected", [(True, "bf16"), (False, "fp32")])
@@ -47,7 +50,7 @@ def test_bf16_training_records_its_precision_and_validates_in_fp32(bf16_run):
     best = load_checkpoint(config.model_dir / "best.pt")
     assert best["precision"] == "bf16"
     model = model_from_checkpoint(best).to(memory_format=torch.channels_last)
-    val = load_split(data_splits(config.data, config.seed).validate, preprocessing(config),
+    val = load_split(data_splits(config.data, config.seed).validate, Preprocessing.from_settings(config.data),
                      cache_dir=config.data.cache_dir, workers=1)
     fp32 = evaluate(model, val.images, batch_size=config.train.batch_size, device=torch.device("cpu"),
                     normalize=config.data.normalize)

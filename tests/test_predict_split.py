@@ -8,8 +8,8 @@ import shutil
 import pytest
 from conftest import PINNED_PRECISION, TINY_MODEL, run_main, set_args
 
-from mrivq.checkpoint import load_checkpoint
 from mrivq.data.splits import file_list_hash, split_by_case
+from mrivq.engine.checkpoint import load_checkpoint
 
 
 def reject_nan(token: str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
 
 import nibabel as nib
@@ -12,11 +13,12 @@ import torch
 from conftest import comparable, run_main
 from prior_helpers import prior_overrides, train_tiny_vqvae
 
-from mrivq.checkpoint import load_checkpoint
+from mrivq.apps.train_prior import prior_loop, train_prior
 from mrivq.config import load_config
-from mrivq.prior.model import CodePrior
-from mrivq.prior.train import PriorTrainer, train_prior
-from mrivq.train import read_metrics
+from mrivq.engine.checkpoint import load_checkpoint
+from mrivq.engine.prior_training import PriorTraining
+from mrivq.nn.prior import CodePrior
+from mrivq.run_dir import read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,7 @@ def test_cached_sampling_sees_the_same_logits_as_a_full_forward_pass():
 
 
 def test_sliding_window_attention_equals_masked_full_attention():
-    from mrivq.prior.model import _sliding_window_attention
+    from mrivq.nn.prior import _sliding_window_attention
 
     q, k, v = (torch.randn(2, 3, 37, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
     for window in (1, 5, 8, 36):
@@ -73,12 +75,11 @@ def test_tiny_prior_learns_a_tiny_code_distribution(tmp_path):
                                 "prior.n_layer_top=1", "prior.n_layer_bottom=1", "prior.condition_blocks=1",
                                 "prior.steps=120", "prior.interval=40", "prior.batch_size=8",
                                 "prior.lr=3e-3", "prior.warmup_steps=5", "prior.dropout=0"])
-    trainer = PriorTrainer(config, codes, n_embed=32, vqvae={}, fingerprint="-",
-                           reference={"image_size": [64, 32]})
-    summary = trainer.run()
+    loop = prior_loop(config, codes, n_embed=32, vqvae={}, fingerprint="-", reference={"image_size": [64, 32]})
+    loop.run()
     uniform = math.log2(32)
-    assert summary["uniform_bits"] == uniform
-    assert summary["best_val_nll"] < 0.1 * uniform
+    assert loop.history[0]["uniform_bits"] == uniform
+    assert loop.state.best < 0.1 * uniform
     rows = read_metrics(tmp_path / "prior_metrics.csv")
     assert [r["step"] for r in rows] == [40, 80, 120]
     assert rows[-1]["val_nll"] < rows[0]["val_nll"]
@@ -119,14 +120,15 @@ def test_train_prior_resumes_to_the_same_result(work, tiny_phantom, monkeypatch)
 
     interrupted = prior_overrides(tiny_phantom, work["root"], "interrupted", steps=6, interval=3,
                                   checkpoint_every=2, dropout=0.1)
-    step = PriorTrainer.train_step
+    step = PriorTraining.train_step
 
-    def stop_after_step_4(self):
-        step(self)
-        if self.step == 3:  # self.step counts finished steps before this one
-            self.stop_signal = signal.SIGTERM
+    def stop_after_step_4(self, batch):
+        applied = step(self, batch)
+        if self.state.step == 3:  # state.step counts finished steps before this one
+            os.kill(os.getpid(), signal.SIGTERM)
+        return applied
 
-    monkeypatch.setattr(PriorTrainer, "train_step", stop_after_step_4)
+    monkeypatch.setattr(PriorTraining, "train_step", stop_after_step_4)
     assert run_main(["train-prior", "--checkpoint", str(work["vqvae"]), *set_args(interrupted)]) == 143
     monkeypatch.undo()
     run = work["root"] / "interrupted"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mrivq.models import VectorQuantizer
+from mrivq.nn import VectorQuantizer
 
 
 def as_feature_map(vectors: torch.Tensor) -> torch.Tensor:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mrivq import losses, metrics
-from mrivq.checkpoint import load_checkpoint
+from mrivq import metrics
+from mrivq.apps.train import train
 from mrivq.config import load_config
-from mrivq.train import Trainer, read_metrics, train
+from mrivq.engine import losses
+from mrivq.engine.checkpoint import load_checkpoint
+from mrivq.engine.loop import TrainingLoop
+from mrivq.run_dir import read_metrics
 
 
 def smooth_images(n: int = 3) -> torch.Tensor:
@@ -58,13 +61,13 @@ def test_max_time_fits_the_schedule_to_the_budget_and_ends_with_checkpoints(tiny
     the epochs say, and the learning rate reaches its floor at the last of them."""
     config = load_config(None, tiny_overrides + ["train.max_time=30s", "train.epochs=1", "train.interval=8",
                                                  "train.min_lr_ratio=0.1"])
-    original_init = Trainer.__init__
+    original_init = TrainingLoop.__init__
 
     def init_with_step_clock(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
-        self.clock = lambda: float(self.step)
+        self.clock = lambda: float(self.state.step)
 
-    monkeypatch.setattr(Trainer, "__init__", init_with_step_clock)
+    monkeypatch.setattr(TrainingLoop, "__init__", init_with_step_clock)
     summary = train(config)
     assert summary["steps"] == 30  # far more than one epoch of the tiny phantom (6 steps)
     last = load_checkpoint(config.model_dir / "last.pt")

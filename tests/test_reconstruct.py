@@ -10,15 +10,15 @@ import pytest
 import torch
 from conftest import TINY_MODEL, run_main
 
-from mrivq.reconstruct import reconstruct
+from mrivq.apps.reconstruct import reconstruct
 
 
 def _save_tiny_model(path, half_grey: bool = False):
     """An untrained tiny model as a checkpoint (reconstruct needs only the format). With
     ``half_grey`` its last layer outputs 0.5 everywhere, so the scanner scale is known exactly."""
-    from mrivq.checkpoint import save_checkpoint
     from mrivq.config import load_config
-    from mrivq.models import VQVAE2
+    from mrivq.engine.checkpoint import save_checkpoint
+    from mrivq.nn import VQVAE2
 
     config = load_config(None, ["data.image_size=[64,32]", *(f"model.{k}={v}" for k, v in TINY_MODEL.items())])
     torch.manual_seed(0)

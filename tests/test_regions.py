@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mrivq import metrics
-from mrivq.regions import STRUCTURES, fit_mask, load_masks
+from mrivq.data.hipmri import STRUCTURES, fit_mask, load_masks
 
 
 def _slice_with_prostate(seed: int = 0):

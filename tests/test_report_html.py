@@ -17,15 +17,15 @@ import pytest
 from conftest import tiny_sets
 
 from mrivq.cli import main
-from mrivq.html_report import write_report
+from mrivq.reporting.html import write_report
 
 
 @pytest.fixture(scope="module")
 def predicted_run(tiny_phantom, tmp_path_factory):
     """A tiny model trained for a few steps on the tiny phantom, then scored by predict."""
+    from mrivq.apps.predict import predict
+    from mrivq.apps.train import train
     from mrivq.config import load_config
-    from mrivq.evaluate import predict
-    from mrivq.train import train
 
     tmp = tmp_path_factory.mktemp("report")
     overrides = tiny_sets(tiny_phantom, tmp) + ["train.epochs=1", "train.max_steps=6", "train.interval=3"]

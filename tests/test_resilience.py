@@ -15,13 +15,16 @@ import pytest
 import torch
 from conftest import comparable, set_args
 
-from mrivq import checkpoint as checkpoint_module
-from mrivq import train as train_module
-from mrivq.checkpoint import load_checkpoint, save_checkpoint
+from mrivq.apps.train import build_loop, train
 from mrivq.config import load_config
+from mrivq.engine import checkpoint as checkpoint_module
+from mrivq.engine import step as step_module
+from mrivq.engine.checkpoint import load_checkpoint, save_checkpoint
+from mrivq.engine.step import optimisation_step
+from mrivq.engine.vqvae_training import VQVAETraining, vqvae_loss
 from mrivq.errors import UserError
-from mrivq.models import VQVAE2
-from mrivq.train import Trainer, optimisation_step, read_metrics, train
+from mrivq.nn import VQVAE2
+from mrivq.run_dir import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -184,10 +187,10 @@ def test_unwritable_output_folder_is_a_clear_error(tiny_overrides, tmp_path):
 
 
 def nan_from(steps):
-    original = Trainer.train_step
+    original = VQVAETraining.train_step
 
     def poisoned(self, batch):
-        if self.step + 1 in steps:
+        if self.state.step + 1 in steps:
             batch = torch.full_like(batch, float("nan"))
         return original(self, batch)
 
@@ -197,12 +200,12 @@ def nan_from(steps):
 @pytest.fixture(params=[False, True], ids=["per-step-check", "sync-free"])
 def sync_free(request, monkeypatch):
     """Both ways of skipping NaN steps: checked every step (CPU), or on the device (CUDA's way)."""
-    monkeypatch.setattr(train_module, "sync_free_steps", lambda device: request.param)
+    monkeypatch.setattr(step_module, "sync_free_steps", lambda device: request.param)
     return request.param
 
 
 def test_nan_steps_are_skipped_and_training_goes_on(tiny_overrides, monkeypatch, sync_free):
-    monkeypatch.setattr(Trainer, "train_step", nan_from({3, 4}))
+    monkeypatch.setattr(VQVAETraining, "train_step", nan_from({3, 4}))
     config = load_config(None, tiny_overrides)
     train(config)
     last = load_checkpoint(config.model_dir / "last.pt")
@@ -213,7 +216,10 @@ def test_nan_steps_are_skipped_and_training_goes_on(tiny_overrides, monkeypatch,
 
 
 def test_a_nan_gradient_with_a_finite_loss_is_skipped_and_never_reaches_last_pt(tiny_overrides, sync_free):
-    trainer = Trainer(load_config(None, tiny_overrides))
+    config = load_config(None, tiny_overrides)
+    loop = build_loop(config)
+    trainer = loop.task
+    assert trainer.sync_free is sync_free
     batch = torch.rand(4, 1, 64, 32).contiguous(memory_format=torch.channels_last)
     assert trainer.train_step(batch)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
@@ -222,15 +228,13 @@ def test_a_nan_gradient_with_a_finite_loss_is_skipped_and_never_reaches_last_pt(
     hook = poisoned.register_hook(lambda grad: grad * float("nan"))
     applied = trainer.train_step(batch)
     hook.remove()
-    assert applied is sync_free  # CPU steps report the skip; sync-free ones count it on the device
-    if sync_free:
-        assert int(trainer.nonfinite_run) == 1
+    assert not applied  # both ways report the skip (sync-free steps as a device tensor)
     for key, value in trainer.model.state_dict().items():  # weights and EMA codebooks as before
         assert torch.equal(value, before[key]), key
     for key, value in trainer.optimizer.state_dict()["state"][0].items():
         assert torch.equal(value, adam[key]), key
-    trainer.save_last()
-    last = load_checkpoint(trainer.config.model_dir / "last.pt")
+    loop.save_last()
+    last = load_checkpoint(config.model_dir / "last.pt")
     for key, value in last["model"].items():
         assert torch.equal(value, before[key]), key
         assert not value.is_floating_point() or torch.isfinite(value).all(), key
@@ -239,7 +243,7 @@ def test_a_nan_gradient_with_a_finite_loss_is_skipped_and_never_reaches_last_pt(
 def test_nan_in_a_row_stops_with_the_last_good_checkpoints_kept(tiny_overrides, monkeypatch, sync_free):
     config = load_config(None, tiny_overrides + ["train.max_nonfinite_steps=3", "train.checkpoint_every=1",
                                                  "train.interval=2"])
-    monkeypatch.setattr(Trainer, "train_step", nan_from(set(range(5, 100))))
+    monkeypatch.setattr(VQVAETraining, "train_step", nan_from(set(range(5, 100))))
     with pytest.raises(UserError, match="NaN or Inf for 3 steps in a row"):
         train(config)
     last = load_checkpoint(config.model_dir / "last.pt")
@@ -269,19 +273,21 @@ def test_a_sync_free_nan_step_changes_nothing_and_a_good_one_applies():
     model = VQVAE2(in_channel=1, channel=8, n_res_block=1, n_res_channel=4, embed_dim=4, n_embed=16)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    step = {"device": torch.device("cpu"), "precision": "fp32", "latent_loss_weight": 0.25,
-            "grad_clip": 1.0, "sync_free": True}
+    def loss(batch):
+        return lambda: vqvae_loss(model, batch, precision="fp32", latent_loss_weight=0.25)
+
     good = torch.rand(2, 1, 32, 16)
-    assert bool(optimisation_step(model, optimizer, scaler, good, **step).applied)
+    assert bool(optimisation_step(model, optimizer, scaler, loss(good), grad_clip=1.0, sync_free=True).applied)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     adam = {k: v.clone() for k, v in optimizer.state_dict()["state"][0].items()}
 
-    result = optimisation_step(model, optimizer, scaler, torch.full_like(good, float("nan")), **step)
+    result = optimisation_step(model, optimizer, scaler, loss(torch.full_like(good, float("nan"))), grad_clip=1.0,
+                               sync_free=True)
     assert not bool(result.applied)
     for key, value in model.state_dict().items():  # weights and EMA codebooks as they were
         assert torch.equal(value, before[key]), key
     for key, value in optimizer.state_dict()["state"][0].items():  # Adam's moments and step too
         assert torch.equal(value, adam[key]), key
 
-    assert bool(optimisation_step(model, optimizer, scaler, good, **step).applied)
+    assert bool(optimisation_step(model, optimizer, scaler, loss(good), grad_clip=1.0, sync_free=True).applied)
     assert not torch.equal(model.state_dict()["enc_b.blocks.0.weight"], before["enc_b.blocks.0.weight"])

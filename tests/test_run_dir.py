@@ -7,11 +7,10 @@ import json
 from conftest import run_main, set_args
 from prior_helpers import prior_overrides, train_tiny_vqvae
 
-from mrivq.checkpoint import load_checkpoint
 from mrivq.config import load_config
-from mrivq.html_report import write_report
-from mrivq.run_dir import MANIFEST, run_config_path
-from mrivq.train import read_metrics
+from mrivq.engine.checkpoint import load_checkpoint
+from mrivq.reporting.html import write_report
+from mrivq.run_dir import MANIFEST, read_metrics, run_config_path
 
 SHORT = ["train.epochs=1", "train.max_steps=2", "train.interval=2"]
 

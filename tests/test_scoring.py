@@ -14,8 +14,8 @@ from conftest import TINY_MODEL
 from mrivq import metrics, strict_json
 from mrivq.data.io import read_slice
 from mrivq.data.preprocess import normalize
-from mrivq.evaluate import evaluate
-from mrivq.models import VQVAE2
+from mrivq.engine.evaluator import evaluate
+from mrivq.nn import VQVAE2
 
 POLICIES = ["minmax", "percentile", "zscore"]
 
@@ -82,9 +82,9 @@ def test_the_same_error_scores_the_same_under_minmax_and_zscore(phantom_slices):
 
 
 def test_a_zscore_reconstruction_written_back_to_scanner_units_is_not_clamped(tmp_path, phantom_slices):
-    from mrivq.checkpoint import save_checkpoint
+    from mrivq.apps.reconstruct import reconstruct
     from mrivq.config import load_config
-    from mrivq.reconstruct import reconstruct
+    from mrivq.engine.checkpoint import save_checkpoint
 
     config = load_config(None, ["data.image_size=[64,32]", "data.normalize=zscore",
                                 *(f"model.{k}={v}" for k, v in TINY_MODEL.items())])
@@ -108,10 +108,10 @@ def test_strict_json_writes_null_for_nan_and_infinity():
 
 
 def test_every_json_file_a_run_writes_is_strict_even_for_a_perfect_model(tiny_overrides, monkeypatch, tmp_path):
-    from mrivq import evaluate as evaluate_module
-    from mrivq.checkpoint import model_from_checkpoint
+    from mrivq.apps import predict as evaluate_module
+    from mrivq.apps.train import train
     from mrivq.config import load_config
-    from mrivq.train import train
+    from mrivq.engine.checkpoint import model_from_checkpoint
 
     config = load_config(None, tiny_overrides + ["train.epochs=1"])
     train(config)

@@ -8,10 +8,13 @@ import pytest
 import torch
 from conftest import comparable
 
-from mrivq.checkpoint import load_checkpoint
+from mrivq.apps.train import build_loop, train
 from mrivq.config import load_config
+from mrivq.engine.checkpoint import load_checkpoint
+from mrivq.engine.step import lr_factor
+from mrivq.engine.vqvae_training import VQVAETraining
+from mrivq.run_dir import read_metrics
 from mrivq.runtime import resolve_compile
-from mrivq.train import Trainer, lr_factor, read_metrics, train
 
 
 def test_learning_rate_warms_up_then_follows_a_cosine_to_the_floor():
@@ -27,13 +30,14 @@ def test_learning_rate_warms_up_then_follows_a_cosine_to_the_floor():
 
 def test_validation_leaves_the_codebooks_unchanged(tiny_overrides):
     config = load_config(None, tiny_overrides)
-    trainer = Trainer(config)
-    trainer.train_step(torch.rand(4, 1, 64, 32))
-    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    trainer.evaluate_and_save(epoch_end=False)
-    after = trainer.model.state_dict()
+    loop = build_loop(config)
+    loop.task.model.train()
+    loop.task.train_step(torch.rand(4, 1, 64, 32))
+    before = {k: v.clone() for k, v in loop.task.model.state_dict().items()}
+    loop.evaluate_and_save(epoch_end=False)
+    after = loop.task.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert trainer.model.training
+    assert loop.task.model.training
 
 
 def test_resumed_run_ends_with_the_same_weights_and_metrics(tiny_overrides, tmp_path, monkeypatch):
@@ -42,18 +46,18 @@ def test_resumed_run_ends_with_the_same_weights_and_metrics(tiny_overrides, tmp_
     train(straight)
 
     broken = load_config(None, overrides + [f"output.dir={tmp_path / 'broken'}"])
-    original_step = Trainer.train_step
+    original_step = VQVAETraining.train_step
 
     def crash_at_step_7(self, batch):
-        if self.step == 7:
+        if self.state.step == 7:
             raise KeyboardInterrupt
         return original_step(self, batch)
 
-    monkeypatch.setattr(Trainer, "train_step", crash_at_step_7)
+    monkeypatch.setattr(VQVAETraining, "train_step", crash_at_step_7)
     with pytest.raises(KeyboardInterrupt):
         train(broken)
     assert load_checkpoint(broken.model_dir / "last.pt")["step"] == 6
-    monkeypatch.setattr(Trainer, "train_step", original_step)
+    monkeypatch.setattr(VQVAETraining, "train_step", original_step)
     train(broken, resume=broken.run_dir)
 
     a = load_checkpoint(straight.model_dir / "last.pt")
@@ -69,7 +73,7 @@ def test_compiled_training_steps_match_eager_ones(tiny_overrides):
     batch = torch.rand(4, 1, 64, 32).contiguous(memory_format=torch.channels_last)
     weights = []
     for compiled in (False, True):
-        trainer = Trainer(load_config(None, tiny_overrides + [f"train.compile={compiled}"]))
+        trainer = build_loop(load_config(None, tiny_overrides + [f"train.compile={compiled}"])).task
         assert (trainer.step_model is not trainer.model) == compiled
         for _ in range(3):
             assert trainer.train_step(batch)

@@ -1,3 +1,3 @@
-from .cli import main
+from mrivq.cli import main
 
 main()

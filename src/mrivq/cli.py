@@ -1,4 +1,4 @@
-"""``mrivq <command>``: argument parsing only; each command calls one library function.
+"""``mrivq <command>``: argument parsing only; each command calls ``main(args)`` of its module in :mod:`mrivq.apps`.
 
 Exit status: 0 on success, 2 for a usage, config or input error (one line on stderr, no
 traceback), 130/143 when interrupted, 1 for anything unexpected (a bug: traceback kept).
@@ -7,9 +7,10 @@ traceback), 130/143 when interrupted, 1 for anything unexpected (a bug: tracebac
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-from .errors import TrainingInterrupted, UserError
+from mrivq.errors import TrainingInterrupted, UserError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -88,105 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The module of :mod:`mrivq.apps` whose ``main(args)`` runs each command.
+COMMANDS = {"train": "train", "predict": "predict", "bench": "bench", "synth": "synth",
+            "reconstruct": "reconstruct", "report": "report", "encode": "encode", "decode": "decode",
+            "train-prior": "train_prior", "sample": "sample"}
+
+
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "synth":
-        from .data.phantom import synthesize
-
-        if args.cases < 3 and not args.hipmri_counts:
-            raise UserError("--cases must be at least 3 (one case per split)")
-        summary = synthesize(args.out_dir, cases=args.cases, seed=args.seed,
-                             slices_per_volume=args.slices, hipmri_counts=args.hipmri_counts,
-                             progress=sys.stderr.isatty())
-        print(_describe_synth(summary))
-        return 0
-    if args.command == "reconstruct":
-        from .reconstruct import reconstruct
-
-        for item in reconstruct(args.checkpoint, args.inputs, args.out, device=args.device,
-                                batch_size=args.batch_size):
-            print(f"{item['input']}: {item['reconstruction']}, {item['difference']}")
-        return 0
-    if args.command == "report":
-        from .html_report import write_report
-
-        print(f"wrote {write_report(args.run_dir)}")
-        return 0
-    if args.command in ("encode", "decode", "sample"):
-        return _run_codes_command(args)
-
-    from .config import load_config
-
-    config = load_config(args.config, args.overrides)
-    if args.command == "train":
-        from .train import train
-
-        if args.resume and (args.config or args.overrides):
-            raise UserError("--resume continues a run with its own saved config; "
-                            "drop --config/--set, or start a new run")
-        train(config, resume=args.resume, overwrite=args.overwrite)
-    elif args.command == "bench":
-        from .bench import benchmark
-        from .strict_json import dumps
-
-        if min(args.batch_size, args.steps, *args.image_size) < 1:
-            raise UserError("--batch-size, --steps and --image-size must be positive")
-        figures = benchmark(config, batch_size=args.batch_size, image_size=tuple(args.image_size),
-                            steps=args.steps, warmup=max(args.warmup, 0), load=not args.no_load,
-                            log=(lambda line: print(line, file=sys.stderr)) if args.json else print)
-        for f in figures:
-            print(dumps(f) if args.json else f"{f['figure']:34s} {f['value']:>12} {f['unit']}")
-    elif args.command == "predict":
-        from .evaluate import predict
-
-        predict(config, checkpoint=args.checkpoint)
-    elif args.command == "train-prior":
-        from .prior.train import train_prior
-
-        if args.resume and (args.config or args.overrides or args.checkpoint):
-            raise UserError("--resume continues a prior run with its own saved config and VQ-VAE; "
-                            "drop --config/--set/--checkpoint, or start a new run")
-        train_prior(config, args.checkpoint, resume=args.resume, overwrite=args.overwrite)
-    return 0
-
-
-def _run_codes_command(args) -> int:
-    """encode, decode, sample: a checkpoint and files in, files out; no config."""
-    from .strict_json import dumps
-
-    if args.command == "encode":
-        from .codes import encode
-
-        report = encode(args.checkpoint, args.inputs, args.out, prior=args.prior)
-        if args.json:
-            print(dumps(report, indent=2))
-            return 0
-        bpp = report["bits_per_pixel"]
-        line = (f"wrote {report['codes_file']} ({report['n_slices']} slices): bits per pixel raw "
-                f"{bpp['raw']:.4f}, range-coded under code frequencies {bpp['entropy_coded']:.4f}")
-        if "prior_coded" in bpp:
-            line += f", range-coded under the prior {bpp['prior_coded']:.4f}"
-        line += f"; compression ratio vs the input files {report['compression_ratio']:.1f}:1"
-        if "compression_ratio_prior" in report:
-            line += f" ({report['compression_ratio_prior']:.1f}:1 under the prior)"
-        print(line)
-    elif args.command == "decode":
-        from .codes import decode
-
-        written = decode(args.checkpoint, args.codes, args.out)
-        print(f"wrote {len(written)} slices to {args.out}")
-    else:
-        from .prior.sample import sample
-
-        result = sample(args.prior, args.n, args.out, temperature=args.temperature, seed=args.seed)
-        print(f"wrote {result['grid']} and {len(result['nifti'])} NIfTI slices; "
-              f"{result['samples_per_s']:.2f} samples/s on {result['device']}")
-    return 0
-
-
-def _describe_synth(summary: dict) -> str:
-    parts = [f"{k}: {v}" for k, v in summary.items() if k not in ("out_dir", "montage")]
-    return f"wrote {summary.get('out_dir')} ({'; '.join(parts)})"
+    app = importlib.import_module(f"mrivq.apps.{COMMANDS[args.command]}")
+    return app.main(args)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,7 +34,7 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import ConfigError
+from mrivq.errors import ConfigError
 
 
 class _Section(BaseModel):

@@ -27,10 +27,12 @@ class BadFileError(UserError):
 
 
 class TrainingInterrupted(Exception):
-    """SIGINT or SIGTERM stopped training after a finished step and a saved models/last.pt."""
+    """SIGINT or SIGTERM stopped training after a finished step and a saved last checkpoint."""
 
-    def __init__(self, signum: int, step: int, run_dir: Path):
+    def __init__(self, signum: int, step: int, run_dir: Path, *, checkpoint: Path | None = None,
+                 command: str = "mrivq train --resume"):
         self.signum, self.step, self.run_dir = signum, step, run_dir
         self.exit_status = 128 + signum  # 130 for SIGINT, 143 for SIGTERM
-        super().__init__(f"{signal.Signals(signum).name} at step {step}: saved {run_dir}/models/last.pt; "
-                         f"continue with: mrivq train --resume {run_dir}")
+        saved = checkpoint or Path(run_dir) / "models" / "last.pt"
+        super().__init__(f"{signal.Signals(signum).name} at step {step}: saved {saved}; "
+                         f"continue with: {command} {run_dir}")

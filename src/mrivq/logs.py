@@ -7,8 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from .errors import UserError
-from .run_dir import record
+from mrivq.errors import UserError
+from mrivq.run_dir import record
 
 _FORMAT = "%(asctime)s %(levelname)s %(message)s"
 

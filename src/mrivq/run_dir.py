@@ -1,6 +1,6 @@
 """Run directories: where a run's files go, claiming one, and overwriting only what mrivq wrote.
 
-Every file a job writes through :func:`~mrivq.checkpoint.atomic_write`, and every log it opens,
+Every file a job writes through :func:`atomic_write`, and every log it opens,
 is listed in ``RUN_DIR/.mrivq-manifest.json`` while :func:`recording` is active::
 
     {"format": "mrivq-manifest", "version": 1,
@@ -23,13 +23,17 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import csv
+import io
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import strict_json
-from .config import Config
-from .errors import UserError
+from mrivq import strict_json
+from mrivq.config import Config
+from mrivq.errors import UserError
 
 MANIFEST = ".mrivq-manifest.json"
 FORMAT, VERSION = "mrivq-manifest", 1
@@ -88,8 +92,6 @@ def read_manifest(run_dir: Path) -> dict | None:
 
 
 def _write_manifest(run_dir: Path, jobs: dict[str, list[str]]) -> None:
-    from .checkpoint import atomic_write  # checkpoint imports this module (atomic_write records)
-
     text = strict_json.dumps({"format": FORMAT, "version": VERSION, "jobs": jobs}, indent=1)
     atomic_write(run_dir / MANIFEST, lambda fh: fh.write(text.encode("utf-8")))
 
@@ -138,6 +140,38 @@ def record(path: Path) -> None:
     if entry not in entries:
         entries.append(entry)
         _write_manifest(active.run_dir, jobs)
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(file_object)`` on a temporary file next to ``path``, fsync, then rename.
+
+    A crash or a full disk leaves the previous ``path`` untouched. Inside
+    :func:`recording` the path is listed in the run's manifest.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror}; check the folder is writable") from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        record(path)  # listed before it appears: a kill never leaves a run file the manifest lacks
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {exc.strerror}; the previous file is kept") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 # ---------------------------------------------------------------------------------------
@@ -207,3 +241,35 @@ def claim_run_dir(config: Config, job: str, overwrite: bool, *, remove: bool = T
                 kept.append(entry)
         jobs[name] = kept
     _write_manifest(root, jobs)
+
+
+# ---------------------------------------------------------------------------------------
+# Metrics tables (metrics.csv, prior_metrics.csv)
+# ---------------------------------------------------------------------------------------
+
+def write_metrics(path: Path, rows: list[dict], columns: list[str]) -> None:
+    """A metrics table from all rows so far, replaced atomically: a kill never leaves half a row."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda fh: fh.write(buf.getvalue().encode()))
+
+
+def read_metrics(path: Path, up_to_step: int | None = None) -> list[dict]:
+    """Rows of a metrics table as dicts of floats (blank or non-numeric cells dropped; no file:
+    no rows), optionally only those up to ``step`` ``up_to_step``."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return []
+    rows = []
+    for raw in csv.DictReader(text.splitlines()):
+        row = {}
+        for key, value in raw.items():
+            try:
+                row[key] = float(value)
+            except (TypeError, ValueError):
+                continue
+        rows.append(row)
+    return [r for r in rows if up_to_step is None or r.get("step", 0) <= up_to_step]

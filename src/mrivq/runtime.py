@@ -1,4 +1,4 @@
-"""Where and how tensors are computed: device, precision, threads, seeding.
+"""Where and how tensors are computed: device, precision, threads, seeding, RNG states.
 
 One place decides these for training, prediction and benchmarks, so that all three
 run the model the same way and log the same choice.
@@ -12,7 +12,7 @@ import random
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from mrivq.errors import ConfigError
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -71,3 +71,31 @@ def seed_everything(seed: int) -> None:
 def set_threads(num_threads: int | None) -> None:
     if num_threads:
         torch.set_num_threads(num_threads)
+
+
+def capture_rng() -> dict:
+    """The global RNG states (torch CPU and CUDA, NumPy, Python) as a checkpoint-safe dict."""
+    _name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, python_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": {"version": version, "internal": list(internal), "gauss": python_gauss},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    """Set the global RNG states from :func:`capture_rng`'s dict (parts it lacks stay as they are)."""
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "python" in state:
+        p = state["python"]
+        random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

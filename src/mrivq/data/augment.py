@@ -12,8 +12,6 @@ from typing import Literal
 
 import torch
 
-from mrivq.config import DataConfig
-
 FLIPS = ("none", "horizontal", "both")
 
 
@@ -57,11 +55,6 @@ def augment(
         factors = 1 + intensity * (2 * torch.rand(batch_size) - 1)
         out = out * _per_slice(factors, out).to(out.dtype)
     return out  # elementwise ops keep the input's memory format (channels_last stays)
-
-
-def augment_from_config(slices: torch.Tensor, data: DataConfig) -> torch.Tensor:
-    """:func:`augment` with ``data.augment_flip`` and ``data.augment_intensity``."""
-    return augment(slices, flip=data.augment_flip, intensity=data.augment_intensity)
 
 
 def _per_slice(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from mrivq import strict_json
 from mrivq.data.io import read_slice
 from mrivq.data.preprocess import Preprocessing, preprocess_slice
-from mrivq.errors import BadFileError, ConfigError, UserError
+from mrivq.errors import BadFileError, UserError
 
 log = logging.getLogger("mrivq.data")
 
@@ -94,8 +94,8 @@ def load_split(
     ``name`` labels the split in messages and the progress bar.
     """
     if on_bad_file not in ON_BAD_FILE:
-        raise ConfigError(
-            f"data.on_bad_file must be one of {', '.join(ON_BAD_FILE)}, got {on_bad_file!r}"
+        raise ValueError(
+            f"on_bad_file must be one of {', '.join(ON_BAD_FILE)}, got {on_bad_file!r}"
         )
     paths = sorted({os.path.abspath(os.path.expanduser(str(f))) for f in files})
     if not paths:

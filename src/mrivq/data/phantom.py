@@ -35,7 +35,7 @@ converted to float), background around 20-40, muscle around 200-350, fat 600-100
 partial-volume blur -> smooth multiplicative bias field -> Rician noise (magnitude of the
 signal plus complex Gaussian noise).
 
-Masks use the HipMRI labels in :data:`LABELS`; everything inside the body outline that is
+Masks use the HipMRI labels in :data:`mrivq.data.hipmri.LABELS`; everything inside the body outline that is
 not bone, bladder, rectum or prostate is ``1`` (body).
 """
 
@@ -56,10 +56,9 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from ..errors import UserError
+from mrivq.errors import UserError
 
 SPLITS = ("train", "validate", "test")
-LABELS = {0: "background", 1: "body", 2: "bone", 3: "bladder", 4: "rectum", 5: "prostate"}
 HIPMRI_VOLUMES = {"train": 191, "validate": 11, "test": 9}  # x 60 slices = 11,460 / 660 / 540
 WIDE_WIDTH_RATIO = 144 / 128
 PIXEL_SPACING_MM = 0.9375  # at H = 256; scaled so that the field of view stays 240 mm

@@ -19,17 +19,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mrivq.errors import ConfigError
-
 FIT_POLICIES = ("pad_crop", "resize")
 NORMALIZE_POLICIES = ("minmax", "percentile", "zscore")
 
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How raw slices become model input. Mirrors the ``data.*`` config keys.
+    """How raw slices become model input (the ``data.*`` settings of a config mirror it).
 
-    Invalid values raise :class:`mrivq.errors.ConfigError` naming the ``data.*`` key.
+    Invalid values raise ``ValueError``; a config is validated where it is read, so users see
+    the config key there.
 
     ``image_size`` is ``(H, W)``; ``fit`` is one of :data:`FIT_POLICIES`; ``normalize`` one of
     :data:`NORMALIZE_POLICIES`; ``percentiles`` (low, high) in [0, 100] apply to ``percentile``.
@@ -40,29 +39,35 @@ class Preprocessing:
     normalize: str = "minmax"
     percentiles: tuple[float, float] = (0.5, 99.5)
 
+    @classmethod
+    def from_settings(cls, data) -> Preprocessing:
+        """From anything with ``image_size``, ``fit``, ``normalize`` and ``percentiles`` (``config.data``)."""
+        return cls(image_size=tuple(data.image_size), fit=data.fit, normalize=data.normalize,
+                   percentiles=tuple(data.percentiles))
+
     def __post_init__(self):
         try:
             size = tuple(int(n) for n in self.image_size)
         except (TypeError, ValueError):
             size = ()
         if len(size) != 2 or min(size) < 1:
-            raise ConfigError(
-                f"data.image_size must be two positive integers [H, W], got {self.image_size!r}"
+            raise ValueError(
+                f"image_size must be two positive integers [H, W], got {self.image_size!r}"
             )
         object.__setattr__(self, "image_size", size)
         object.__setattr__(self, "percentiles", tuple(float(p) for p in self.percentiles))
         if self.fit not in FIT_POLICIES:
-            raise ConfigError(
-                f"data.fit must be one of {', '.join(FIT_POLICIES)}, got {self.fit!r}"
+            raise ValueError(
+                f"fit must be one of {', '.join(FIT_POLICIES)}, got {self.fit!r}"
             )
         if self.normalize not in NORMALIZE_POLICIES:
-            raise ConfigError(
-                f"data.normalize must be one of {', '.join(NORMALIZE_POLICIES)}, got {self.normalize!r}"
+            raise ValueError(
+                f"normalize must be one of {', '.join(NORMALIZE_POLICIES)}, got {self.normalize!r}"
             )
         low, high = self.percentiles
         if not 0.0 <= low < high <= 100.0:
-            raise ConfigError(
-                f"data.percentiles must be [low, high] with 0 <= low < high <= 100, got {self.percentiles!r}"
+            raise ValueError(
+                f"percentiles must be [low, high] with 0 <= low < high <= 100, got {self.percentiles!r}"
             )
 
 
@@ -179,3 +184,29 @@ def preprocess_slice(raw2d: np.ndarray, prep: Preprocessing) -> tuple[np.ndarray
     """
     x, params = normalize(raw2d, prep.normalize, prep.percentiles)
     return fit_to_shape(x, prep.image_size, prep.fit), params
+
+
+def unfit(fitted: np.ndarray, original_shape: tuple[int, int], policy: str) -> np.ndarray:
+    """Undo :func:`mrivq.data.preprocess.fit_to_shape`: ``(H, W)`` back to the slice's own ``(h, w)``.
+
+    ``pad_crop``: what was padded is cropped away; what was cropped is padded back with the
+    slice's background (its minimum), since those pixels were never seen. ``resize``: bilinear
+    back to ``(h, w)``.
+    """
+    fitted = np.asarray(fitted, dtype=np.float32)
+    if fitted.shape == tuple(original_shape):
+        return fitted
+    if policy == "resize":
+        return fit_to_shape(fitted, original_shape, "resize")
+    crops, pads = [], []
+    for have, want in zip(original_shape, fitted.shape):  # have: original, want: fitted
+        if have >= want:  # the original was cropped: put the fitted part back in the middle
+            start = (have - want) // 2
+            crops.append(slice(None))
+            pads.append((start, have - want - start))
+        else:  # the original was padded: cut the padding off
+            before = (want - have) // 2
+            crops.append(slice(before, before + have))
+            pads.append((0, 0))
+    out = fitted[tuple(crops)]
+    return np.pad(out, pads, mode="constant", constant_values=fitted.min()).astype(np.float32)

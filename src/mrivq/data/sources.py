@@ -1,4 +1,6 @@
-"""Which slices a config points at: real HipMRI folders, or the built-in phantom set.
+"""Which slices the data settings point at: real HipMRI folders, or the built-in phantom set.
+
+``data`` below is the ``data`` section of a config (anything with its attributes).
 
 With no ``data.root`` and no split folders, mrivq uses a phantom dataset generated once
 into the cache (``<cache_dir>/phantom/...``) and reused by every later run.
@@ -9,9 +11,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..config import DataConfig
-from .cache import default_cache_dir
-from .splits import Splits, resolve_splits
+from mrivq.data.cache import default_cache_dir
+from mrivq.data.splits import Splits, resolve_splits
 
 log = logging.getLogger("mrivq.data")
 
@@ -21,9 +22,9 @@ PHANTOM_VERSION = 3
 PHANTOM_SEED = 0  # fixed, so that runs with different training seeds share one data set
 
 
-def phantom_root(data: DataConfig) -> Path:
+def phantom_root(data) -> Path:
     """Folder of the default phantom set for these settings, generated on first use."""
-    from .phantom import synthesize
+    from mrivq.data.phantom import synthesize
 
     cache = data.cache_dir or default_cache_dir()
     root = cache / "phantom" / f"v{PHANTOM_VERSION}-cases{data.phantom_cases}-seed{PHANTOM_SEED}"
@@ -34,8 +35,8 @@ def phantom_root(data: DataConfig) -> Path:
     return root
 
 
-def data_splits(data: DataConfig, seed: int) -> Splits:
-    """The train/validate/test file lists for a data config (phantom when none is given)."""
+def data_splits(data, seed: int) -> Splits:
+    """The train/validate/test file lists of the data settings (the phantom when none is given)."""
     root = phantom_root(data) if data.uses_phantom else data.root
     return resolve_splits(root, data.train_dir, data.validate_dir, data.test_dir,
                           fractions=tuple(data.split_fractions), seed=seed)

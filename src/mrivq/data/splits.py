@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mrivq.data.io import list_nifti
+from mrivq.data.io import list_nifti, nifti_stem
 from mrivq.errors import UserError
 
 log = logging.getLogger("mrivq.data")
@@ -63,21 +63,13 @@ def parse_name(path) -> tuple[str, int | None, int | None]:
     name = Path(path).name
     match = _NAME.match(name)
     if match is None:
-        return _stem(name), None, None
+        return nifti_stem(name), None, None
     week, slice_index = match["week"], match["slice"]
     return (
         f"case_{match['case']}",
         int(week) if week is not None else None,
         int(slice_index) if slice_index is not None else None,
     )
-
-
-def _stem(name: str) -> str:
-    lower = name.lower()
-    for suffix in (".nii.gz", ".nii"):
-        if lower.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def _is_mask_name(path) -> bool:

@@ -1,7 +1,7 @@
 """Pictures of a run: sample grids, difference maps, codebook use, training curves and
 rate-distortion curves.
 
-The self-contained HTML report that gathers them is :mod:`mrivq.html_report`.
+The self-contained HTML report that gathers them is :mod:`mrivq.reporting.html`.
 
 Everything is drawn with matplotlib's Agg backend and written atomically, so a plot
 interrupted half-way never replaces a good one.
@@ -10,6 +10,7 @@ interrupted half-way never replaces a good one.
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import matplotlib
@@ -18,8 +19,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import matplotlib.ticker
 import numpy as np
+import torch
 
-from .checkpoint import atomic_write
+from mrivq.metrics.codebook import codebook_usage
+from mrivq.run_dir import atomic_write
 
 
 def save_figure(fig, path: Path) -> None:
@@ -135,11 +138,8 @@ def plot_codebook_usage(counts_top, counts_bottom, path: Path) -> None:
     """visuals/codebook_usage.png: how often each code is used, per level, most used first."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     for ax, level, counts in zip(axes, ("top", "bottom"), (counts_top, counts_bottom)):
+        used, perplexity = codebook_usage(torch.as_tensor(np.asarray(counts)))
         counts = np.sort(np.asarray(counts, dtype=np.float64))[::-1]
-        total = counts.sum()
-        used = int((counts > 0).sum())
-        probs = counts[counts > 0] / total if total else np.array([1.0])
-        perplexity = float(np.exp(-(probs * np.log(probs)).sum()))
         ax.bar(np.arange(len(counts)), np.maximum(counts, 0.5), width=1.0, color="#3a6ea5")
         ax.set_yscale("log")
         ax.set_xlabel("code (sorted by use)")
@@ -156,7 +156,7 @@ CODEC_LABELS = {"jpeg": "JPEG", "jpeg2000": "JPEG 2000", "webp": "WebP"}
 def plot_rate_distortion(curves: dict, model_points: list[dict], path: Path) -> None:
     """visuals/rate_distortion.png: SSIM and PSNR against bits per pixel, side by side.
 
-    ``curves`` is :func:`mrivq.codecs.rate_distortion`'s ``{codec: [{bits_per_pixel, ssim,
+    ``curves`` is :func:`mrivq.compression.codecs.rate_distortion`'s ``{codec: [{bits_per_pixel, ssim,
     psnr, ...}]}``, drawn as lines with markers; ``model_points`` are ``{label,
     bits_per_pixel, ssim, psnr}`` drawn as large single markers (e.g. the model's raw and
     entropy-coded rates). Points with a non-finite value (PSNR of a perfect slice) are left
@@ -194,6 +194,23 @@ def _finite(*values) -> bool:
     return all(v is not None and np.isfinite(v) for v in values)
 
 
-# The HTML page of a run lives in its own module; it is re-exported here so that training and
-# prediction find every picture of a run in one place.
-from .html_report import write_report  # noqa: F401
+def save_samples_grid(slices: np.ndarray, path: Path, low: float = 0.0, high: float = 1.0,
+                      title: str | None = None, columns: int = 4) -> None:
+    """Slices ``(N, H, W)`` as a grid of up to ``columns`` per row, each displayed as :func:`display` does."""
+    n = len(slices)
+    cols = min(columns, n)
+    rows = math.ceil(n / cols)
+    h, w = display(slices[0]).shape
+    fig, axes = plt.subplots(rows, cols, figsize=(max(2.0, 1.6 * cols * w / h), 1.8 * rows + 0.4),
+                             squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if k < n:
+            ax.imshow(display(slices[k]), cmap="gray", vmin=low, vmax=high)
+        else:
+            ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)

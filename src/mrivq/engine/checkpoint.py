@@ -1,4 +1,4 @@
-"""Checkpoints: atomic saves, weights-only loads, and the model they describe.
+"""Checkpoints: atomic saves, weights-only loads, and the models they describe (VQ-VAE-2, code prior).
 
 A checkpoint is a dict of tensors and plain containers (numbers, strings, lists, dicts),
 so it loads with ``torch.load(weights_only=True)``: a file carrying pickled objects is
@@ -7,54 +7,23 @@ refused before any of its code could run.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
 
-from .config import Config, config_from_dict
-from .errors import UserError
-from .models import VQVAE2
-from .run_dir import record
+from mrivq.config import Config, config_from_dict
+from mrivq.errors import UserError
+from mrivq.nn import VQVAE2
+from mrivq.nn.prior import CodePrior
+from mrivq.run_dir import atomic_write
 
 FORMAT = "mrivq-vqvae2"
 FORMAT_VERSION = 1
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(file_object)`` on a temporary file next to ``path``, fsync, then rename.
-
-    A crash or a full disk leaves the previous ``path`` untouched. Inside
-    :func:`mrivq.run_dir.recording` the path is listed in the run's manifest.
-    """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror}; check the folder is writable") from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        record(path)  # listed before it appears: a kill never leaves a run file the manifest lacks
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {exc.strerror}; the previous file is kept") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+PRIOR_KIND = "code-prior"  # a prior checkpoint's ``kind``
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
@@ -150,3 +119,50 @@ def _checkpoint_output(trained: Config, checkpoint: Path):
                                                  "visual_dir": None, "model_dir": None})
     raise UserError(f"{checkpoint} is not in a run directory's models/ folder; say where the outputs go "
                     "with --set output.dir=FOLDER")
+
+
+def load_vqvae(path: str | Path) -> tuple[VQVAE2, Config]:
+    """The VQ-VAE-2 of a training checkpoint (eval mode, CPU) and the config it was trained with."""
+    path = Path(path).expanduser()
+    ckpt = load_checkpoint(path)
+    if ckpt.get("kind") == PRIOR_KIND:
+        raise UserError(f"{path} is a prior checkpoint; give the VQ-VAE's checkpoint "
+                        "(e.g. runs/default/models/best.pt)")
+    model = model_from_checkpoint(ckpt, path).eval()
+    return model, checkpoint_config(ckpt, path)
+
+
+def codebook_fingerprint(model: VQVAE2) -> str:
+    """Short hash of both codebooks: codes only mean something under the codebooks that made them."""
+    digest = hashlib.sha256()
+    for quantizer in (model.quantize_top, model.quantize_bottom):
+        digest.update(quantizer.embed.detach().cpu().float().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def prior_from_config(config: Config, n_embed: int, top_grid: tuple[int, int]) -> CodePrior:
+    p = config.prior
+    return CodePrior(n_embed, top_grid, d_model=p.d_model, n_head=p.n_head, n_layer_top=p.n_layer_top,
+                     n_layer_bottom=p.n_layer_bottom, condition_blocks=p.condition_blocks,
+                     dropout=p.dropout, bottom_window_rows=p.bottom_window_rows)
+
+
+def load_prior(path: str | Path, expect_fingerprint: str | None = None) -> tuple[CodePrior, VQVAE2, dict]:
+    """The prior (eval mode), its VQ-VAE and the raw checkpoint of ``mrivq train-prior``."""
+    path = Path(path).expanduser()
+    ckpt = load_checkpoint(path)
+    if ckpt.get("kind") != PRIOR_KIND:
+        raise UserError(f"{path} is not a prior checkpoint; train one with `mrivq train-prior` "
+                        "and give its models/prior_best.pt")
+    if expect_fingerprint is not None and ckpt.get("fingerprint") != expect_fingerprint:
+        raise UserError(f"{path} was trained on another VQ-VAE's codes; give the prior trained "
+                        "with this checkpoint")
+    config = config_from_dict(ckpt["config"])
+    shape = ckpt["prior_shape"]
+    prior = prior_from_config(config, int(shape["n_embed"]), tuple(shape["top_grid"]))
+    try:
+        prior.load_state_dict(ckpt["prior"])
+    except RuntimeError:
+        raise UserError(f"{path}: the prior's weights do not fit its stored config") from None
+    vqvae = model_from_checkpoint(ckpt["vqvae"], path)
+    return prior.eval(), vqvae.eval(), ckpt

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, features
 
-from . import metrics
+from mrivq import metrics
 
 # name -> (Pillow format, Pillow feature, settings from best to worst quality, save options)
 _JPEG2000_RATIOS = tuple(float(r) for r in np.geomspace(2.0, 1000.0, 128))
@@ -107,7 +107,7 @@ def compare_codecs(images: np.ndarray, bits_per_pixel: float, codecs: list[str] 
 
     Returns ``{codec: {"bits_per_pixel": {mean, max}, "setting": {name, median}, "ssim": stats,
     "psnr": stats, "per_slice": {"ssim": [...], "psnr": [...]}}}`` with the stats of
-    :mod:`mrivq.evaluate` (mean, std, p5, min) under the SSIM protocol.
+    :mod:`mrivq.engine.evaluator` (mean, std, p5, min) under the SSIM protocol.
     """
     out = {}
     target = _as_target(images)

@@ -29,11 +29,16 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write, checkpoint_config, load_checkpoint, model_from_checkpoint
-from .data.io import nifti_inputs, nifti_stem, read_slice, read_volume
-from .data.preprocess import denormalize, normalize
-from .errors import UserError
-from .runtime import resolve_device
+from mrivq.data.io import nifti_inputs, nifti_stem, read_slice, read_volume
+from mrivq.data.preprocess import denormalize, normalize
+from mrivq.engine.checkpoint import (
+    atomic_write,
+    checkpoint_config,
+    load_checkpoint,
+    model_from_checkpoint,
+)
+from mrivq.errors import UserError
+from mrivq.runtime import resolve_device
 
 log = logging.getLogger("mrivq")
 
@@ -125,3 +130,10 @@ def reconstruct(checkpoint: str | Path, inputs: list[str | Path], out_dir: str |
         written.append({"input": str(path), **{k: str(v) for k, v in outputs.items()},
                         "slices": len(slices), "mae": mae})
     return written
+
+
+def main(args) -> int:
+    """``mrivq reconstruct --checkpoint FILE INPUT... --out DIR``."""
+    for item in reconstruct(args.checkpoint, args.inputs, args.out, device=args.device, batch_size=args.batch_size):
+        print(f"{item['input']}: {item['reconstruction']}, {item['difference']}")
+    return 0

@@ -20,7 +20,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .metrics import to_unit_range
+from mrivq.metrics import to_unit_range
 
 LOSSES = ("mse", "l1", "ssim_l1")
 WINDOW, SIGMA, K1, K2 = 11, 1.5, 0.01, 0.03

@@ -1,14 +1,14 @@
-"""Masks of the anatomy, fitted like the slices they belong to, for region metrics.
+"""HipMRI's anatomy: the mask labels, the structures scored, and masks fitted like their slices.
 
 HipMRI keeps one mask per slice in ``keras_slices_seg_<split>`` (found with
-:func:`mrivq.data.splits.mask_path`), labelled as in :data:`mrivq.data.phantom.LABELS`
+:func:`mrivq.data.splits.mask_path`), labelled as in :data:`LABELS`
 (0 background, 1 body, 2 bone, 3 bladder, 4 rectum, 5 prostate); the phantom writes the same.
 A mask is fitted to ``data.image_size`` exactly as its slice is (``pad_crop``: the same crop
 and a background pad; ``resize``: nearest neighbour, so labels stay labels).
 
 Example::
 
-    >>> masks, present = load_masks(test.files, test.original_shapes, preprocessing(config))
+    >>> masks, present = load_masks(test.files, test.original_shapes, Preprocessing.from_settings(config.data))
     >>> masks.shape, masks.dtype, present.sum()
     ((120, 256, 128), dtype('uint8'), 120)
 """
@@ -19,13 +19,15 @@ import logging
 
 import numpy as np
 
-from .data.io import read_slice
-from .data.phantom import LABELS
-from .data.preprocess import Preprocessing, fit_to_shape
-from .data.splits import mask_path
-from .errors import BadFileError
+from mrivq.data.io import read_slice
+from mrivq.data.preprocess import Preprocessing, fit_to_shape
+from mrivq.data.splits import mask_path
+from mrivq.errors import BadFileError
 
 log = logging.getLogger("mrivq")
+
+#: HipMRI mask labels (the phantom writes the same).
+LABELS = {0: "background", 1: "body", 2: "bone", 3: "bladder", 4: "rectum", 5: "prostate"}
 
 _LABEL_OF = {name: label for label, name in LABELS.items()}
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError, UserError
+from mrivq.errors import ConfigError, UserError
 
 
 @dataclass(frozen=True)

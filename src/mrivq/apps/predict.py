@@ -1,7 +1,10 @@
-"""Run a model over a set of slices and score it; ``predict`` writes the test-set outputs.
+"""``mrivq predict``: score a trained model on the test split and write the predict outputs.
 
-Evaluation is always in eval mode under ``torch.inference_mode``: it never changes the
-codebooks (the report's code let validation batches train them).
+The story: the checkpoint and the config it trained with -> the test split (refused if it
+shares slices with training) -> one float32 evaluation of every slice (with masks: region
+scores; with codes kept: the entropy-coded rate) -> sample grids, the worst slices, codebook
+use -> standard codecs at the model's rate and their rate-distortion curves -> summary.json,
+per_slice.csv and report.html.
 """
 
 from __future__ import annotations
@@ -10,179 +13,55 @@ import csv
 import io
 import logging
 import math
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from . import metrics, strict_json
-from .checkpoint import (
-    atomic_write,
+from mrivq import metrics, strict_json
+from mrivq.compression.codecs import (
+    CODEC_PROTOCOL,
+    available_codecs,
+    compare_codecs,
+    rate_distortion,
+)
+from mrivq.compression.entropy import bits_report, raw_bits_per_pixel
+from mrivq.config import Config, load_config
+from mrivq.data.cache import load_split
+from mrivq.data.hipmri import STRUCTURES, load_masks
+from mrivq.data.preprocess import Preprocessing
+from mrivq.data.sources import data_splits
+from mrivq.data.splits import file_list_hash, parse_name, shared_with_training
+from mrivq.engine.checkpoint import (
     checkpoint_config,
     load_checkpoint,
     model_from_checkpoint,
     run_config,
 )
-from .codecs import CODEC_PROTOCOL, available_codecs, compare_codecs, rate_distortion
-from .config import Config
-from .data.cache import load_split
-from .data.preprocess import Preprocessing
-from .data.sources import data_splits
-from .data.splits import file_list_hash, parse_name, shared_with_training
-from .errors import UserError
-from .html_report import write_report
-from .logs import interactive, run_logger
-from .regions import STRUCTURES, load_masks
-from .report import (
+from mrivq.engine.evaluator import Evaluation, evaluate
+from mrivq.engine.inference import slices_to_batch
+from mrivq.errors import UserError
+from mrivq.logs import interactive, run_logger
+from mrivq.reporting.html import write_report
+from mrivq.reporting.plots import (
     plot_codebook_usage,
     plot_rate_distortion,
     save_difference_grid,
     save_sample_grid,
 )
-from .run_dir import recording
-from .runtime import resolve_device, set_threads
+from mrivq.run_dir import atomic_write, recording
+from mrivq.runtime import resolve_device, set_threads
 
 log = logging.getLogger("mrivq")
 
 RD_SLICES = 40  # test slices behind the codecs' rate-distortion curves
 
 
-@dataclass
-class Evaluation:
-    """Scores of a model over N slices (per-image tensors on the CPU)."""
-
-    ssim: torch.Tensor
-    psnr: torch.Tensor
-    mse: torch.Tensor
-    recon_loss: float
-    commitment_loss: float
-    counts_top: torch.Tensor
-    counts_bottom: torch.Tensor
-    images_per_s: float
-    code_shapes: tuple[tuple[int, int], tuple[int, int]]
-    kept: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
-    mae: torch.Tensor | None = None
-    # (codes_top (N, h, w), codes_bottom (N, 2h, 2w)) int64 arrays, with ``keep_codes``
-    codes: tuple[np.ndarray, np.ndarray] | None = None
-    # {structure: {"ssim", "psnr", "mae": (N,)}}, NaN where a slice lacks the structure or mask
-    regions: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-
-    def usage(self) -> dict:
-        out = {}
-        for level, counts in (("top", self.counts_top), ("bottom", self.counts_bottom)):
-            used, perplexity = metrics.codebook_usage(counts)
-            out[level] = {"size": int(counts.numel()), "used": used, "perplexity": perplexity}
-        return out
-
-    def scalars(self, latent_loss_weight: float) -> dict:
-        usage = self.usage()
-        return {
-            "loss": self.recon_loss + latent_loss_weight * self.commitment_loss,
-            "recon_loss": self.recon_loss,
-            "commitment_loss": self.commitment_loss,
-            "ssim": float(self.ssim.mean()),
-            "psnr": float(self.psnr.mean()),
-            "top_used": usage["top"]["used"],
-            "top_perplexity": usage["top"]["perplexity"],
-            "bottom_used": usage["bottom"]["used"],
-            "bottom_perplexity": usage["bottom"]["perplexity"],
-            "images_per_s": self.images_per_s,
-        }
-
-
-def slices_to_batch(slices: np.ndarray, device: torch.device) -> torch.Tensor:
-    """``(B, H, W)`` float32 array -> ``(B, 1, H, W)`` channels-last tensor on ``device``."""
-    # A copy: the cached slices are a read-only memory map, and the batch must not alias it.
-    batch = torch.from_numpy(np.array(slices, dtype=np.float32, copy=True)).unsqueeze(1)
-    if device.type == "cuda":
-        batch = batch.pin_memory()
-    return batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-
-
-@torch.inference_mode()
-def evaluate(model: torch.nn.Module, images: np.ndarray, *, batch_size: int, device: torch.device,
-             normalize: str, keep: list[int] | tuple[int, ...] = (), progress: bool = False,
-             desc: str = "evaluate", masks: np.ndarray | None = None, loss_fn=None,
-             keep_codes: bool = False) -> Evaluation:
-    """Reconstruct ``images`` ``(N, H, W)`` (model input, normalised by ``normalize``) and score
-    every slice.
-
-    The model runs in float32 whatever precision trained it, so scores, code counts and codes
-    are the same on every machine (and match ``mrivq encode``). The losses are in model space;
-    the metrics and the kept pictures are on [0, 1] (see :func:`mrivq.metrics.to_unit_range`).
-    ``loss_fn(reconstruction, x)`` is the reconstruction loss training uses (default MSE).
-    ``keep_codes`` returns every slice's codes too (the same as ``model.encode`` gives).
-    ``keep`` lists slice indices whose input and reconstruction are returned for pictures.
-    ``masks`` ``(N, H, W)`` integer labels (all zero for a slice without a mask) add the
-    region metrics of :data:`mrivq.regions.STRUCTURES`.
-    """
-    was_training = model.training
-    model.eval()
-    quant_top, quant_bottom = model.quantize_top, model.quantize_bottom
-    counts_top = torch.zeros(quant_top.n_embed, dtype=torch.long, device=device)
-    counts_bottom = torch.zeros(quant_bottom.n_embed, dtype=torch.long, device=device)
-    ssim, psnr, mse, mae = [], [], [], []
-    regions = {name: {"ssim": [], "psnr": [], "mae": []} for name in STRUCTURES} if masks is not None else {}
-    recon_sum = torch.zeros((), device=device, dtype=torch.float64)
-    commit_sum = torch.zeros((), device=device, dtype=torch.float64)
-    keep_set, kept = set(keep), {}
-    codes_top, codes_bottom = [], []
-    code_shapes = None
-    n = len(images)
-    start = time.perf_counter()
-    for lo in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
-        x = slices_to_batch(images[lo:lo + batch_size], device)
-        out = model(x)
-        rec = out.reconstruction.float()
-        recon_sum += (loss_fn or F.mse_loss)(rec, x).double() * len(x)
-        commit_sum += out.commitment_loss.double() * len(x)
-        counts_top += metrics.code_counts(out.codes_top, quant_top.n_embed)
-        counts_bottom += metrics.code_counts(out.codes_bottom, quant_bottom.n_embed)
-        code_shapes = (tuple(out.codes_top.shape[1:]), tuple(out.codes_bottom.shape[1:]))
-        if keep_codes:
-            codes_top.append(out.codes_top.cpu().numpy())
-            codes_bottom.append(out.codes_bottom.cpu().numpy())
-        rec01, x01 = metrics.to_unit_range(rec, x, normalize)
-        ssim.append(metrics.ssim_per_image(rec01, x01))
-        psnr.append(metrics.psnr_per_image(rec01, x01))
-        mse.append(metrics.mse_per_image(rec01, x01))
-        mae.append(metrics.mae_per_image(rec01, x01))
-        if masks is not None:
-            batch_masks = torch.from_numpy(np.asarray(masks[lo:lo + len(x)], dtype=np.int64))
-            for name, values in metrics.region_metrics(rec01, x01, batch_masks, STRUCTURES).items():
-                for key, v in values.items():
-                    regions[name][key].append(v)
-        for i in range(lo, lo + len(x)):
-            if i in keep_set:
-                kept[i] = (x01[i - lo, 0].cpu().numpy(), rec01[i - lo, 0].clamp(0, 1).cpu().numpy())
-    result = Evaluation(
-        ssim=torch.cat(ssim).cpu(), psnr=torch.cat(psnr).cpu(), mse=torch.cat(mse).cpu(),
-        recon_loss=float(recon_sum) / n, commitment_loss=float(commit_sum) / n,
-        counts_top=counts_top.cpu(), counts_bottom=counts_bottom.cpu(),
-        images_per_s=n / (time.perf_counter() - start), code_shapes=code_shapes, kept=kept,
-        codes=(np.concatenate(codes_top), np.concatenate(codes_bottom)) if keep_codes else None,
-        mae=torch.cat(mae).cpu(),
-        regions={name: {k: torch.cat(v).cpu() for k, v in values.items()} for name, values in regions.items()},
-    )
-    model.train(was_training)
-    return result
-
-
-def preprocessing(config: Config) -> Preprocessing:
-    d = config.data
-    return Preprocessing(image_size=tuple(d.image_size), fit=d.fit, normalize=d.normalize,
-                         percentiles=tuple(d.percentiles))
-
-
 def predict(config: Config, checkpoint: str | Path | None = None) -> dict:
     """Score a trained model on the test split and write the predict outputs of its run dir.
 
     The test split is the one the model was trained with: data settings and seed come from
-    the checkpoint unless given explicitly (see :func:`mrivq.checkpoint.run_config`), and a
+    the checkpoint unless given explicitly (see :func:`mrivq.engine.checkpoint.run_config`), and a
     test split that shares slices or cases with the model's training split is refused.
     Outputs go to the checkpoint's run directory unless ``output.*`` is given. Scores are
     computed in float32 whatever precision trained the model.
@@ -191,7 +70,7 @@ def predict(config: Config, checkpoint: str | Path | None = None) -> dict:
     visuals/codebook_usage.png, visuals/rate_distortion.png, predict/summary.json,
     predict/per_slice.csv and updates report.html; returns the summary dict. Where the test
     slices have masks, the summary and the CSV hold SSIM, PSNR and MAE inside each structure of
-    :data:`mrivq.regions.STRUCTURES`; the summary's ``codecs`` scores standard codecs at the
+    :data:`mrivq.data.hipmri.STRUCTURES`; the summary's ``codecs`` scores standard codecs at the
     model's bits per pixel, and ``rate_distortion`` puts the model (raw and entropy-coded
     rate) beside each codec's curve over its quality settings.
     """
@@ -212,7 +91,7 @@ def predict(config: Config, checkpoint: str | Path | None = None) -> dict:
         training_precision = str(ckpt.get("precision", "unknown"))
         log.info("device %s; the model trained in %s, scores computed in %s", device, training_precision,
                  metrics.SCORING_PRECISION)
-        prep = preprocessing(config)
+        prep = Preprocessing.from_settings(config.data)
         test = load_split(splits.test, prep, cache_dir=config.data.cache_dir,
                           on_bad_file=config.data.on_bad_file, workers=config.data.workers,
                           progress=interactive(), name="test")
@@ -236,7 +115,7 @@ def predict(config: Config, checkpoint: str | Path | None = None) -> dict:
                              labels=[f"SSIM {float(result.ssim[i]):.3f}" for i in chosen])
         model_cfg = trained.model
         top_shape, bottom_shape = result.code_shapes
-        bits_per_pixel = metrics.raw_bits_per_pixel(
+        bits_per_pixel = raw_bits_per_pixel(
             tuple(config.data.image_size), top_shape, bottom_shape, model_cfg.n_embed, model_cfg.n_embed)
         worst = _save_worst_slices(model, test, result, masks, device, normalize,
                                    config.sample_dir / "predict_worst.png")
@@ -314,9 +193,7 @@ def predict(config: Config, checkpoint: str | Path | None = None) -> dict:
 def _entropy_coded_bits_per_pixel(codes_top: np.ndarray, codes_bottom: np.ndarray, n_embed: int,
                                   image_size: tuple[int, int]) -> float:
     """Bits per pixel of a set's codes range-coded under each level's code frequencies over the
-    set (:func:`mrivq.codes.bits_report`; the frequency tables are not counted)."""
-    from .codes import bits_report  # codes imports this module: not at the top
-
+    set (:func:`mrivq.compression.entropy.bits_report`; the frequency tables are not counted)."""
     return bits_report(codes_top, codes_bottom, n_embed, image_size)["bits_per_pixel"]["entropy_coded"]
 
 
@@ -401,3 +278,8 @@ def _save_worst_slices(model: torch.nn.Module, test, result: Evaluation, masks: 
     return [{"file": test.files[i], "ssim": float(result.ssim[i]), "psnr": float(result.psnr[i])}
             for i in order]
 
+
+def main(args) -> int:
+    """``mrivq predict [--config FILE] [--set K=V] [--checkpoint FILE]``."""
+    predict(load_config(args.config, args.overrides), checkpoint=args.checkpoint)
+    return 0

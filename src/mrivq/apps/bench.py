@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,13 +19,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Config
-from .data.cache import default_cache_dir, load_split
-from .data.phantom import make_volume, synthesize
-from .data.preprocess import Preprocessing, preprocess_slice
-from .data.splits import resolve_splits
-from .models import VQVAE2
-from .runtime import (
+from mrivq import strict_json
+from mrivq.config import Config, load_config
+from mrivq.data.cache import default_cache_dir, load_split
+from mrivq.data.phantom import make_volume, synthesize
+from mrivq.data.preprocess import Preprocessing, preprocess_slice
+from mrivq.data.splits import resolve_splits
+from mrivq.engine.step import optimisation_step
+from mrivq.engine.vqvae_training import vqvae_loss
+from mrivq.errors import UserError
+from mrivq.nn import VQVAE2
+from mrivq.runtime import (
     autocast,
     resolve_compile,
     resolve_device,
@@ -32,7 +37,6 @@ from .runtime import (
     seed_everything,
     set_threads,
 )
-from .train import optimisation_step
 
 HIPMRI_PHANTOM = "hipmri-v3-seed0"
 
@@ -54,8 +58,8 @@ def _train_throughput(model, batch, *, device, precision, channels_last, compile
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     def step():
-        optimisation_step(model, optimizer, scaler, x, device=device, precision=precision,
-                          latent_loss_weight=0.25, grad_clip=1.0)
+        optimisation_step(model, optimizer, scaler,
+                          lambda: vqvae_loss(model, x, precision=precision, latent_loss_weight=0.25), grad_clip=1.0)
 
     return _images_per_s(step, len(batch), steps, warmup, device)
 
@@ -144,3 +148,16 @@ def benchmark(config: Config, *, batch_size: int = 10, image_size: tuple[int, in
     if device.type == "cuda":
         add("peak_cuda_mb", torch.cuda.max_memory_allocated() / 2**20, "MB")
     return figures
+
+
+def main(args) -> int:
+    """``mrivq bench``: print each figure (``--json``: one JSON object per line)."""
+    if min(args.batch_size, args.steps, *args.image_size) < 1:
+        raise UserError("--batch-size, --steps and --image-size must be positive")
+    config = load_config(args.config, args.overrides)
+    figures = benchmark(config, batch_size=args.batch_size, image_size=tuple(args.image_size),
+                        steps=args.steps, warmup=max(args.warmup, 0), load=not args.no_load,
+                        log=(lambda line: print(line, file=sys.stderr)) if args.json else print)
+    for f in figures:
+        print(strict_json.dumps(f) if args.json else f"{f['figure']:34s} {f['value']:>12} {f['unit']}")
+    return 0

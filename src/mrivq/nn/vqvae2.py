@@ -1,4 +1,4 @@
-"""VQ-VAE-2 with two EMA codebooks: ResBlock, NormResBlock, Encoder, Decoder, VQVAE2.
+"""VQ-VAE-2 with two EMA codebooks: Encoder, Decoder, VQVAE2 (blocks in :mod:`mrivq.nn.layers`).
 
 Layout (Razavi et al. 2019, as in the seed report)::
 
@@ -21,65 +21,24 @@ Residual blocks (``block``): ``report`` is the report's :class:`ResBlock`; ``nor
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mrivq.models.quantize import VectorQuantizer
+from mrivq.nn.layers import RESIDUAL_BLOCKS
+from mrivq.nn.quantize import VectorQuantizer
 
 #: Input sides are padded to a multiple of this (total downsampling of the top level).
 SIZE_MULTIPLE = 8
 
 
-class ResBlock(nn.Module):
-    """``x + conv1x1(relu(conv3x3(relu(x))))``; ``(B, in_channel, H, W)`` -> same shape."""
-
-    def __init__(self, in_channel: int, channel: int) -> None:
-        super().__init__()
-        self.conv = nn.Sequential(
-            nn.ReLU(),
-            nn.Conv2d(in_channel, channel, 3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(channel, in_channel, 1),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv(x)
-
-
-def group_count(channels: int, most: int = 32) -> int:
-    """GroupNorm groups for ``channels``: the largest divisor of ``channels`` up to ``most``."""
-    return next(g for g in range(min(most, channels), 0, -1) if channels % g == 0)
-
-
-class NormResBlock(nn.Module):
-    """``x + conv3x3(silu(gn(conv3x3(silu(gn(x))))))``; ``(B, in_channel, H, W)`` -> same shape.
-
-    ``channel`` is the hidden width. The last convolution starts at zero, so a freshly built
-    block is the identity and a deep stack of them starts as a plain encoder/decoder.
-    """
-
-    def __init__(self, in_channel: int, channel: int) -> None:
-        super().__init__()
-        self.conv = nn.Sequential(
-            nn.GroupNorm(group_count(in_channel), in_channel),
-            nn.SiLU(),
-            nn.Conv2d(in_channel, channel, 3, padding=1),
-            nn.GroupNorm(group_count(channel), channel),
-            nn.SiLU(),
-            nn.Conv2d(channel, in_channel, 3, padding=1),
-        )
-        nn.init.zeros_(self.conv[-1].weight)
-        nn.init.zeros_(self.conv[-1].bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv(x)
-
-
-#: Residual block classes by ``model.block``; each maps ``(in_channel, hidden) -> module``.
-RESIDUAL_BLOCKS: dict[str, type[nn.Module]] = {"report": ResBlock, "norm": NormResBlock}
+def code_grid_shapes(image_size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Top and bottom code grids of a VQ-VAE-2 for ``image_size`` ``(H, W)``."""
+    top = (math.ceil(image_size[0] / 8), math.ceil(image_size[1] / 8))
+    return top, (2 * top[0], 2 * top[1])
 
 
 class Encoder(nn.Module):
@@ -87,7 +46,7 @@ class Encoder(nn.Module):
 
     Stride 4: two 4x4 stride-2 convolutions (to ``channel // 2``, then ``channel``) and a 3x3
     convolution; stride 2: one 4x4 stride-2 convolution and a 3x3 one. Then ``n_res_block``
-    residual blocks (``block``: a key of :data:`RESIDUAL_BLOCKS`) of ``n_res_channel`` hidden
+    residual blocks (``block``: a key of :data:`mrivq.nn.layers.RESIDUAL_BLOCKS`) of ``n_res_channel`` hidden
     channels, and a ReLU.
     """
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import ResBlock
+from mrivq.nn.layers import ResBlock
 
 
 class CausalSelfAttention(nn.Module):

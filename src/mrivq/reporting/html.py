@@ -17,7 +17,6 @@ Example::
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import json
 import math
@@ -27,9 +26,8 @@ from pathlib import Path
 
 import yaml
 
-from .checkpoint import atomic_write
-from .errors import UserError
-from .run_dir import run_config_path
+from mrivq.errors import UserError
+from mrivq.run_dir import atomic_write, read_metrics, run_config_path
 
 REPORT_NAME = "report.html"
 
@@ -85,7 +83,7 @@ def write_report(run_dir: str | Path) -> Path:
                         "(`mrivq train` writes one)")
     config_path = run_config_path(run_dir)
     config_text = _read_text(config_path) if config_path else None
-    rows = _read_metrics(run_dir / "metrics.csv")
+    rows = read_metrics(run_dir / "metrics.csv")
     summary = _read_json(run_dir / "predict" / "summary.json")
     if config_text is None and not rows and summary is None:
         raise UserError(f"{run_dir} is not an mrivq run directory (no config.yaml, metrics.csv or "
@@ -110,23 +108,6 @@ def _read_json(path: Path) -> dict | None:
         return json.loads(text) if text is not None else None
     except json.JSONDecodeError:
         return None
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    """metrics.csv rows as dicts of floats (blank or non-numeric cells dropped)."""
-    text = _read_text(path)
-    if not text:
-        return []
-    rows = []
-    for raw in csv.DictReader(text.splitlines()):
-        row = {}
-        for key, value in raw.items():
-            try:
-                row[key] = float(value)
-            except (TypeError, ValueError):
-                continue
-        rows.append(row)
-    return rows
 
 
 def _picture_dirs(run_dir: Path, config_text: str | None) -> tuple[Path, Path]:

@@ -1,0 +1,171 @@
+"""Training the code prior (``mrivq train-prior``): encode the splits -> the loop -> checkpoints.
+
+``train_prior(config, checkpoint)`` encodes the configured train and validation splits with
+a trained VQ-VAE-2 (preprocessed as that model was trained), fits :class:`CodePrior` to the
+codes by maximum likelihood (:class:`mrivq.engine.prior_training.PriorTraining` in the loop both
+trainers use, :class:`mrivq.engine.loop.TrainingLoop`), and writes into ``output.dir``:
+
+    logging/prior.log          NLL per level, learning rate, codes/s at every evaluation
+    prior_metrics.csv          one row per evaluation (train and validation NLL in bits per code)
+    visuals/prior_losses.png   train and validation NLL against step, with the uniform line
+    models/prior_best.pt       lowest validation NLL
+    models/prior_last.pt       everything needed to resume (``--resume RUN_DIR``)
+
+The file names carry ``prior_`` so a prior can share the run directory of its VQ-VAE. A
+prior checkpoint also holds the VQ-VAE's weights and config, so ``mrivq sample`` needs it
+alone. Checkpoints are written atomically; a kill never leaves a broken one, and a resumed
+CPU run continues with the same batches and dropout masks as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mrivq.config import Config, config_from_dict, load_config
+from mrivq.data.cache import load_split
+from mrivq.data.io import read_slice
+from mrivq.data.preprocess import Preprocessing
+from mrivq.data.sources import data_splits
+from mrivq.engine import distributed
+from mrivq.engine.checkpoint import (
+    PRIOR_KIND,
+    codebook_fingerprint,
+    load_checkpoint,
+    load_vqvae,
+    model_from_checkpoint,
+    run_config,
+)
+from mrivq.engine.inference import encode_images
+from mrivq.engine.loop import LoopSettings, LoopState, TrainingLoop, stop_on_signals
+from mrivq.engine.prior_training import COLUMNS, PriorTraining
+from mrivq.errors import UserError
+from mrivq.logs import interactive, run_logger
+from mrivq.reporting.plots import plot_series
+from mrivq.run_dir import claim_run_dir, recording
+from mrivq.runtime import resolve_device, seed_everything, set_threads
+
+log = logging.getLogger("mrivq")
+
+BEST, LAST, METRICS, LOG = "prior_best.pt", "prior_last.pt", "prior_metrics.csv", "prior.log"
+
+
+def train_prior(config: Config, checkpoint: str | Path | None = None, *, resume: str | Path | None = None,
+                overwrite: bool = False) -> dict:
+    """Fit the code prior to the codes a trained VQ-VAE gives the configured data; returns a summary.
+
+    ``checkpoint``: the VQ-VAE (``models/best.pt`` of a training run). ``resume``: a run
+    directory holding ``models/prior_last.pt``; the run continues with its saved config and
+    VQ-VAE.
+    """
+    if resume is not None:
+        run_dir = Path(resume).expanduser().absolute()
+        last = run_dir / "models" / LAST
+        if not last.is_file():
+            raise UserError(f"{run_dir}: not a prior run to resume (expected models/{LAST} from an "
+                            "earlier `mrivq train-prior`)")
+        ckpt = load_checkpoint(last)
+        if ckpt.get("kind") != PRIOR_KIND:
+            raise UserError(f"{last}: not a prior checkpoint")
+        config = config_from_dict(ckpt["config"])
+        config.output.dir = run_dir
+        vq_config = config_from_dict(ckpt["vqvae"]["config"])
+        vqvae = model_from_checkpoint(ckpt["vqvae"], last).eval()
+    else:
+        if checkpoint is None:
+            raise UserError("train-prior needs the VQ-VAE: --checkpoint FILE (e.g. runs/default/models/best.pt)")
+        vqvae, vq_config = load_vqvae(checkpoint)
+        # The VQ-VAE's own data, seed and run directory, unless given explicitly.
+        config, differs = run_config(config, vq_config, Path(checkpoint))
+        claim_run_dir(config, "train-prior", overwrite)
+        ckpt = None
+    with recording(config.run_dir, "train-prior"), run_logger(config.log_dir / LOG):
+        set_threads(config.train.num_threads)
+        seed_everything(config.seed)
+        if ckpt is None:
+            for setting in differs:
+                log.warning("the prior trains with %s, given explicitly", setting)
+        codes, reference = _encode_splits(config, vq_config, vqvae)
+        loop = prior_loop(config, codes, n_embed=vqvae.quantize_top.n_embed,
+                          vqvae={"model": vqvae.state_dict(), "config": vq_config.to_dict()},
+                          fingerprint=codebook_fingerprint(vqvae), reference=reference)
+        task, state, pc = loop.task, loop.state, config.prior
+        if ckpt is not None:
+            if ckpt.get("fingerprint") != task.fingerprint:
+                raise UserError(f"{last}: its VQ-VAE does not match its codes; start a new run")
+            loop.load_state_dict(ckpt, last)
+            log.info("resumed %s at step %d", config.run_dir, state.step)
+        log.info("prior: %d training and %d validation code grids; top %s, bottom %s, %d codes per level; "
+                 "%.2fM parameters; %d steps", len(task.train_top), len(task.val_top),
+                 "x".join(map(str, task.top_grid)), "x".join(map(str, task.train_bottom.shape[1:])),
+                 task.n_embed, sum(p.numel() for p in task.model.parameters()) / 1e6, pc.steps)
+        with stop_on_signals(loop):
+            history = loop.run()
+    best = min(history, key=lambda r: r["val_nll"]) if history else {}
+    uniform = math.log2(task.n_embed)
+    log.info("done: %d steps in %.0f s; best validation NLL %.3f bits per code (uniform: %.3f) at step %s",
+             state.step, state.elapsed, state.best, uniform, best.get("step"))
+    return {"steps": state.step, "best_val_nll": state.best, "uniform_bits": uniform,
+            "best_step": best.get("step"), "run_dir": str(config.run_dir),
+            "best_val_bits_per_pixel": best.get("val_bits_per_pixel")}
+
+
+def prior_loop(config: Config, codes: dict, *, n_embed: int, vqvae: dict, fingerprint: str,
+               reference: dict) -> TrainingLoop:
+    """The prior task (see :class:`PriorTraining` for the arguments) in the training loop, with
+    this command's plot hooked in; set up and not yet started."""
+    pc = config.prior
+    device = resolve_device(config.train.device)
+    state = LoopState(total_steps=pc.steps)
+    task = PriorTraining(config, codes, n_embed=n_embed, vqvae=vqvae, fingerprint=fingerprint,
+                         reference=reference, device=device, state=state)
+    return TrainingLoop(task, LoopSettings(
+        total_steps=pc.steps, interval=pc.interval, checkpoint_every=pc.checkpoint_every,
+        run_dir=config.run_dir, model_dir=config.model_dir, metrics_name=METRICS, columns=COLUMNS,
+        best_name=BEST, last_name=LAST, resume_command="mrivq train-prior --resume", seed=config.seed,
+        evaluate_at_epoch_end=False,
+    ), distributed.Context(device=device), hooks=[_plot_losses(config)], state=state)
+
+
+def _plot_losses(config: Config):
+    def plot(loop, row, details, improved, final):
+        plot_series(loop.history, [("train_nll", "train NLL", "-"), ("val_nll", "validation NLL", "o-"),
+                                   ("uniform_bits", "uniform (log2 n_embed)", ":")],
+                    title="Prior: negative log-likelihood", ylabel="bits per code",
+                    path=config.visual_dir / "prior_losses.png")
+    return plot
+
+
+def _encode_splits(config: Config, vq_config: Config, vqvae) -> tuple[dict, dict]:
+    """Codes of the train and validate splits, preprocessed as the VQ-VAE was trained."""
+    prep = Preprocessing.from_settings(vq_config.data)
+    splits = data_splits(config.data, config.seed)
+    load = {"cache_dir": config.data.cache_dir, "on_bad_file": config.data.on_bad_file,
+            "workers": config.data.workers, "progress": interactive()}
+    codes = {}
+    for name, files in (("train", splits.train), ("validate", splits.validate)):
+        slices = load_split(files, prep, name=name, **load)
+        t0 = time.perf_counter()
+        codes[name] = encode_images(vqvae, slices.images, batch_size=config.prior.batch_size)
+        log.info("encoded the %s split: %d slices in %.1f s", name, len(slices), time.perf_counter() - t0)
+        if name == "train":
+            _, meta = read_slice(slices.files[0])
+            reference = {"affine": torch.from_numpy(meta.affine.astype(np.float64)),
+                         "norm": torch.from_numpy(np.median(np.asarray(slices.norm), axis=0)),
+                         "image_size": list(prep.image_size)}
+    return codes, reference
+
+
+def main(args) -> int:
+    """``mrivq train-prior --checkpoint FILE [--config FILE] [--set K=V] | --resume RUN_DIR``."""
+    if args.resume and (args.config or args.overrides or args.checkpoint):
+        raise UserError("--resume continues a prior run with its own saved config and VQ-VAE; "
+                        "drop --config/--set/--checkpoint, or start a new run")
+    config = None if args.resume else load_config(args.config, args.overrides)
+    train_prior(config, args.checkpoint, resume=args.resume, overwrite=args.overwrite)
+    return 0

@@ -1,0 +1,1 @@
+"""Codes as bits: entropy coding, the codes file, and standard codecs at a given rate."""

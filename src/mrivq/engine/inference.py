@@ -1,0 +1,51 @@
+"""A model over NumPy slices in batches: slices to a device batch, slices to codes and codes to slices.
+
+Everything here runs under ``torch.inference_mode`` in eval mode; nothing changes the model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mrivq.nn import VQVAE2
+
+
+def slices_to_batch(slices: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``(B, H, W)`` float32 array -> ``(B, 1, H, W)`` channels-last tensor on ``device``."""
+    # A copy: the cached slices are a read-only memory map, and the batch must not alias it.
+    batch = torch.from_numpy(np.array(slices, dtype=np.float32, copy=True)).unsqueeze(1)
+    if device.type == "cuda":
+        batch = batch.pin_memory()
+    return batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+
+
+@torch.inference_mode()
+def encode_images(model: VQVAE2, images: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Codes of ``images`` ``(N, H, W)`` float32 in model input range.
+
+    Returns ``(codes_top, codes_bottom)``: int64 ``(N, h, w)`` and ``(N, 2h, 2w)``.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    tops, bottoms = [], []
+    for lo in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.array(images[lo:lo + batch_size], dtype=np.float32)).unsqueeze(1)
+        top, bottom = model.encode(x.to(device))
+        tops.append(top.cpu().numpy())
+        bottoms.append(bottom.cpu().numpy())
+    return np.concatenate(tops), np.concatenate(bottoms)
+
+
+@torch.inference_mode()
+def decode_images(model: VQVAE2, codes_top: np.ndarray, codes_bottom: np.ndarray,
+                  batch_size: int = 32) -> np.ndarray:
+    """Slices from codes: ``(N, h, w)`` and ``(N, 2h, 2w)`` int -> ``(N, 8h, 8w)`` float32 (unclamped)."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for lo in range(0, len(codes_top), batch_size):
+        top = torch.as_tensor(np.asarray(codes_top[lo:lo + batch_size], dtype=np.int64), device=device)
+        bottom = torch.as_tensor(np.asarray(codes_bottom[lo:lo + batch_size], dtype=np.int64), device=device)
+        out.append(model.decode_codes(top, bottom)[:, 0].float().cpu().numpy())
+    return np.concatenate(out)

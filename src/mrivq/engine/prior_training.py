@@ -1,0 +1,144 @@
+"""What fitting the code prior adds to the loop: the prior, its optimiser, and its validation NLL.
+
+The prior (:class:`mrivq.nn.CodePrior`) is fitted to a VQ-VAE's codes by maximum likelihood:
+the loss is the mean number of bits per code over both levels, weighted by how many codes each
+level has. The learning rate warms up for ``prior.warmup_steps`` and follows a cosine to
+``prior.min_lr_ratio`` x ``prior.lr`` at ``prior.steps``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mrivq.config import Config
+from mrivq.engine import step as steps
+from mrivq.engine.checkpoint import PRIOR_KIND, prior_from_config
+from mrivq.engine.loop import LoopState, RunningSums
+from mrivq.errors import UserError
+
+COLUMNS = [
+    "step", "epoch", "lr", "train_nll_top", "train_nll_bottom", "train_nll", "val_nll_top",
+    "val_nll_bottom", "val_nll", "uniform_bits", "val_bits_per_pixel", "train_codes_per_s", "elapsed_s",
+]
+
+
+class PriorTraining:
+    """The code-prior task of :class:`mrivq.engine.loop.TrainingLoop`.
+
+    ``codes``: ``{"train": (top, bottom), "validate": (top, bottom)}`` int64 arrays
+    ``(N, h, w)`` and ``(N, 2h, 2w)``. ``vqvae``: ``{"model": state_dict, "config": dict}`` of the
+    VQ-VAE the codes came from; ``reference``: affine, median (offset, scale) and image size of
+    the training slices, for writing samples as NIfTI. All three go into every checkpoint, so a
+    prior checkpoint is all ``mrivq sample`` needs.
+    """
+
+    score = "val_nll"
+    score_label = "validation NLL"
+    higher_is_better = False
+    sync_free = False
+
+    def __init__(self, config: Config, codes: dict, *, n_embed: int, vqvae: dict, fingerprint: str,
+                 reference: dict, device: torch.device, state: LoopState):
+        pc = config.prior
+        self.config, self.device, self.state = config, device, state
+        self.train_top, self.train_bottom = (torch.as_tensor(a, dtype=torch.long) for a in codes["train"])
+        self.val_top, self.val_bottom = (torch.as_tensor(a, dtype=torch.long) for a in codes["validate"])
+        self.n_examples = len(self.train_top)
+        self.batch_size = min(pc.batch_size, self.n_examples)
+        self.n_embed = n_embed
+        self.top_grid = tuple(self.train_top.shape[1:])
+        self.model = prior_from_config(config, n_embed, self.top_grid).to(device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=pc.lr, weight_decay=pc.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: steps.lr_factor(s, state.total_steps, pc.warmup_steps, "cosine",
+                                                      pc.min_lr_ratio))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=False)
+        self.vqvae, self.fingerprint, self.reference = vqvae, fingerprint, reference
+        self.running = RunningSums(2, device)  # bits per code, top and bottom
+
+    # ------------------------------------------------------------------ steps ----------
+    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.from_numpy(indices)
+        return self.train_top[index].to(self.device), self.train_bottom[index].to(self.device)
+
+    def _mean_bits(self, nll_top: torch.Tensor, nll_bottom: torch.Tensor) -> torch.Tensor:
+        """Mean bits per code over both levels, weighted by how many codes each has."""
+        n_top, n_bottom = self.val_top[0].numel(), self.val_bottom[0].numel()
+        return (nll_top * n_top + nll_bottom * n_bottom) / (n_top + n_bottom)
+
+    def train_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        top, bottom = batch
+
+        def forward():
+            nll_top, nll_bottom = self.model.nll_bits(top, bottom)
+            return self._mean_bits(nll_top, nll_bottom), {"top": nll_top.detach(), "bottom": nll_bottom.detach()}, None
+
+        result = steps.optimisation_step(self.model, self.optimizer, self.scaler, forward,
+                                         grad_clip=self.config.prior.grad_clip)
+        self.scheduler.step()
+        if not result.applied:
+            return result.applied
+        self.running.sums += torch.stack([result.terms["top"], result.terms["bottom"]]).double()
+        self.running.steps += 1
+        self.running.items += len(top) * (top[0].numel() + bottom[0].numel())
+        return result.applied
+
+    def training_row(self) -> dict:
+        top, bottom = (self.running.sums / self.running.steps).tolist()
+        return {"train_nll_top": top, "train_nll_bottom": bottom, "train_nll": self._mean_bits(top, bottom),
+                "train_codes_per_s": self.running.items / max(self.running.time, 1e-9)}
+
+    # --------------------------------------------------------------- validation ---------
+    @torch.inference_mode()
+    def validate(self) -> tuple[dict, None]:
+        """Mean bits per code of the validation codes, per level and over both."""
+        was_training = self.model.training
+        self.model.eval()
+        sums, n, size = [0.0, 0.0], len(self.val_top), self.config.prior.batch_size
+        for lo in range(0, n, size):
+            top = self.val_top[lo:lo + size].to(self.device)
+            bottom = self.val_bottom[lo:lo + size].to(self.device)
+            nll_top, nll_bottom = self.model.nll_bits(top, bottom)
+            sums[0] += float(nll_top) * len(top)
+            sums[1] += float(nll_bottom) * len(top)
+        self.model.train(was_training)
+        val_top, val_bottom = sums[0] / n, sums[1] / n
+        height, width = self.reference["image_size"]
+        n_top, n_bottom = self.val_top[0].numel(), self.val_bottom[0].numel()
+        return {"val_nll_top": val_top, "val_nll_bottom": val_bottom, "val_nll": self._mean_bits(val_top, val_bottom),
+                "uniform_bits": math.log2(self.n_embed),
+                "val_bits_per_pixel": (val_top * n_top + val_bottom * n_bottom) / (height * width)}, None
+
+    def describe(self, row: dict, total_steps: int) -> str:
+        return (f"prior step {row['step']}/{total_steps}: train NLL {row.get('train_nll', math.nan):.3f} | "
+                f"validation NLL top {row['val_nll_top']:.3f}, bottom {row['val_nll_bottom']:.3f}, all "
+                f"{row['val_nll']:.3f} bits per code (uniform {row['uniform_bits']:.3f}); "
+                f"{row['val_bits_per_pixel']:.3f} bits per pixel | {row.get('train_codes_per_s', math.nan):.0f} codes/s")
+
+    # ------------------------------------------------------------------ state ----------
+    def state_dict(self) -> dict:
+        return {
+            "kind": PRIOR_KIND,
+            "prior": self.model.state_dict(),
+            "prior_shape": {"n_embed": self.n_embed, "top_grid": list(self.top_grid)},
+            "config": self.config.to_dict(),
+            "vqvae": self.vqvae,
+            "fingerprint": self.fingerprint,
+            "reference": self.reference,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "running": self.running.state_dict(),
+        }
+
+    def load_state_dict(self, ckpt: dict, path: Path) -> None:
+        try:
+            self.model.load_state_dict(ckpt["prior"])
+        except RuntimeError:
+            raise UserError(f"{path}: the prior's weights do not fit its config; start a new run") from None
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.running.load_state_dict(ckpt["running"])

@@ -1,0 +1,103 @@
+"""One optimisation step, with the one NaN policy every trainer uses, and the learning-rate schedule.
+
+``optimisation_step`` runs a forward pass (a closure that returns the loss), backward, gradient
+clipping and the optimiser step. When the loss or any gradient is NaN or Inf nothing is
+applied: weights, optimiser state and the buffers the forward pass moved (the VQ-VAE's EMA
+codebooks) stay as they were, and the result says ``applied=False``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+from mrivq.engine import distributed
+
+
+class StepResult(NamedTuple):
+    """Detached results of one optimisation step."""
+
+    loss: torch.Tensor  # () float32
+    terms: dict[str, torch.Tensor]  # the loss's parts, () each, e.g. recon_loss and commitment_loss
+    output: object  # what the forward closure gave besides the loss (the VQ-VAE's reconstruction)
+    applied: torch.Tensor  # () bool on the device: False when the loss or a gradient was NaN/Inf
+
+
+#: ``forward() -> (loss, terms, output)``: the loss to minimise (a () tensor with a graph), its
+#: detached parts by name, and anything the caller wants back (detached).
+ForwardLoss = Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor], object]]
+
+
+def sync_free_steps(device: torch.device) -> bool:
+    """Whether training steps avoid waiting for the device (CUDA); see :func:`optimisation_step`."""
+    return device.type == "cuda"
+
+
+def optimisation_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                      forward: ForwardLoss, *, grad_clip: float | None, sync_free: bool = False) -> StepResult:
+    """``forward()``, backward, clip to ``grad_clip`` (None: no clipping), optimiser step.
+
+    One NaN policy: when the loss or any gradient is NaN or Inf, nothing is applied (weights,
+    optimiser state and ``model``'s buffers are left as they were) and ``applied`` is False.
+
+    ``sync_free`` (for CUDA) never waits for the device: the finiteness test stays a device
+    tensor, the buffers are restored with ``torch.where`` and the optimiser skips its update
+    through ``found_inf``, which needs a fused optimiser (``Adam(fused=True)``), as GradScaler
+    uses it. Otherwise the test is read at once, and a bad loss skips the backward pass too.
+    Under torchrun every rank reaches the same verdict.
+    """
+    buffers = {name: buf.clone() for name, buf in model.named_buffers()}
+
+    def restore_buffers(keep: torch.Tensor) -> None:
+        with torch.no_grad():
+            for name, buf in model.named_buffers():
+                buf.copy_(torch.where(keep, buf, buffers[name]))
+
+    loss, terms, output = forward()
+    result = StepResult(loss.detach(), terms, output, torch.ones((), dtype=torch.bool, device=loss.device))
+    # Under torchrun every rank must agree, or one would wait forever in the gradient all-reduce.
+    finite = distributed.all_true(torch.isfinite(loss))
+    if not sync_free and not finite.item():
+        restore_buffers(finite)
+        return result._replace(applied=finite)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if scaler.is_enabled():
+        scaler.unscale_(optimizer)
+    # The norm is NaN/Inf exactly when some gradient is (or overflows): such a step is skipped
+    # like a NaN loss, rather than clip_grad_norm_ scaling every gradient by NaN. Under torchrun
+    # the gradients are all-reduced already, so every rank computes the same norm.
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
+    finite = finite & torch.isfinite(grad_norm)
+    restore_buffers(finite)
+    if not sync_free and not finite.item():
+        optimizer.zero_grad(set_to_none=True)
+        if scaler.is_enabled():  # unscale_ was called: let the scaler forget this step
+            scaler.update()
+        return result._replace(applied=finite)
+    if sync_free and not scaler.is_enabled():
+        optimizer.found_inf = (~finite).float()  # the fused kernel skips the update where 1
+    scaler.step(optimizer)
+    scaler.update()
+    return result._replace(applied=finite)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the base learning rate at ``step`` (0-based): linear warm-up, then cosine
+    down to ``min_ratio`` at ``total_steps`` (or ``constant``).
+
+    Example::
+
+        >>> lr_factor(0, 110, 10, "cosine", 0.1), lr_factor(110, 110, 10, "cosine", 0.1)
+        (0.1, 0.1)
+    """
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -1,0 +1,240 @@
+"""What training a VQ-VAE-2 adds to the loop: the model, its optimiser, its loss and its validation.
+
+Loss = reconstruction loss (``train.loss``: MSE, L1 or an SSIM/L1 mix) +
+``latent_loss_weight`` x commitment loss. The learning rate warms up linearly for
+``warmup_steps`` and then follows a cosine down to ``min_lr_ratio`` x ``lr`` (or stays constant)
+over the loop's total steps. Validation scores the whole validation set in float32
+(:func:`mrivq.engine.evaluator.evaluate`), sharded between ranks under torchrun.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mrivq import metrics
+from mrivq.config import Config
+from mrivq.data.augment import augment
+from mrivq.engine import distributed
+from mrivq.engine import step as steps
+from mrivq.engine.checkpoint import load_model_state
+from mrivq.engine.evaluator import Evaluation, evaluate, merge_evaluations
+from mrivq.engine.inference import slices_to_batch
+from mrivq.engine.loop import LoopState, RunningSums
+from mrivq.engine.losses import reconstruction_loss
+from mrivq.errors import UserError
+from mrivq.nn import VQVAE2
+from mrivq.runtime import autocast
+
+log = logging.getLogger("mrivq")
+
+COLUMNS = [
+    "epoch", "step", "lr", "train_loss", "train_recon_loss", "train_commitment_loss", "train_ssim",
+    "val_loss", "val_recon_loss", "val_commitment_loss", "val_ssim", "val_psnr",
+    "val_top_used", "val_top_perplexity", "val_bottom_used", "val_bottom_perplexity",
+    "top_restarts", "bottom_restarts",
+    "train_images_per_s", "val_images_per_s", "elapsed_s",
+]
+TRAIN_SSIM_EVERY = 5
+# Running sums: loss, recon, commitment, SSIM sum, SSIM count, applied steps, top and bottom restarts.
+RUNNING = ("loss", "recon_loss", "commitment_loss", "ssim", "ssim_count", "applied", "top_restarts",
+           "bottom_restarts")
+
+
+def vqvae_loss(model: torch.nn.Module, batch: torch.Tensor, *, precision: str, latent_loss_weight: float,
+               recon_loss_fn=F.mse_loss) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """The VQ-VAE-2's training loss on ``batch`` ``(B, 1, H, W)``, as :func:`mrivq.engine.step.optimisation_step`
+    takes it: ``(loss, {"recon_loss", "commitment_loss"}, reconstruction (B, 1, H, W) float32)``.
+
+    The forward pass runs under ``precision``'s autocast; losses are computed in float32.
+    """
+    with autocast(batch.device, precision):
+        out = model(batch)
+    reconstruction = out.reconstruction.float()
+    recon_loss = recon_loss_fn(reconstruction, batch)
+    commitment_loss = out.commitment_loss.float()
+    loss = recon_loss + latent_loss_weight * commitment_loss
+    return loss, {"recon_loss": recon_loss.detach(), "commitment_loss": commitment_loss.detach()}, \
+        reconstruction.detach()
+
+
+class VQVAETraining:
+    """The VQ-VAE-2 task of :class:`mrivq.engine.loop.TrainingLoop`.
+
+    ``train_images`` and ``val_images``: ``(N, H, W)`` float32 model-input slices. ``state``: the
+    loop's state, whose ``total_steps`` the learning-rate schedule follows.
+    """
+
+    score = "val_ssim"
+    score_label = "validation SSIM"
+    higher_is_better = True
+
+    def __init__(self, config: Config, train_images: np.ndarray, val_images: np.ndarray, *,
+                 dist: distributed.Context, precision: str, compile: bool, state: LoopState,
+                 extra_state: dict | None = None):
+        tc = config.train
+        self.config, self.dist, self.device = config, dist, dist.device
+        self.precision, self.compile, self.state = precision, compile, state
+        self.train_images, self.val_images = train_images, val_images
+        self.extra_state = extra_state or {}  # stored in every checkpoint (splits, ...)
+        if len(val_images) < dist.world_size:
+            raise UserError(f"{len(val_images)} validation slices for {dist.world_size} "
+                            "processes: each needs at least one; run fewer processes or add slices")
+        self.n_examples, self.batch_size = len(train_images), tc.batch_size
+        self.model = VQVAE2(**config.model.model_dump()).to(self.device).to(memory_format=torch.channels_last)
+        # Training steps run through DistributedDataParallel (several processes) and/or
+        # torch.compile; evaluation and checkpoints use the plain module (same parameters),
+        # so saved weights carry no `module.` or compile prefix.
+        self.step_model = self.model
+        if dist.active:
+            # The quantizer keeps the codebook buffers identical itself (all-reduced statistics,
+            # rank 0's restarts broadcast), so DDP need not broadcast buffers every step.
+            ddp = torch.nn.parallel.DistributedDataParallel
+            no_buffer_sync = ({"forward_sync_buffers": False}
+                              if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                              else {"broadcast_buffers": False})
+            self.step_model = ddp(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
+                                  else None, **no_buffer_sync)
+        if compile:
+            self.step_model = torch.compile(self.step_model)
+        self.compiled_once = False
+        # On CUDA a step never waits for the GPU: NaN/Inf skips happen on the device (fused Adam's
+        # found_inf) and the loop counts them there. On the CPU a tensor's value is at hand
+        # anyway, so the plain (foreach) Adam and an exact per-step check serve.
+        self.sync_free = steps.sync_free_steps(self.device)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
+        self.optimizer = opt_cls(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
+                                 **({"fused": True} if self.sync_free else {}))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: steps.lr_factor(s, state.total_steps, tc.warmup_steps, tc.schedule,
+                                                      tc.min_lr_ratio))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+        self.recon_loss_fn = functools.partial(reconstruction_loss, kind=tc.loss, ssim_weight=tc.ssim_weight,
+                                               normalize=config.data.normalize)
+        self.running = RunningSums(len(RUNNING), self.device)
+        k = min(tc.sample_size, len(val_images))
+        self.sample_index = np.linspace(0, len(val_images) - 1, k).round().astype(int).tolist()
+
+    # ------------------------------------------------------------------ steps ----------
+    def batch(self, indices: np.ndarray) -> torch.Tensor:
+        """Training slices ``indices`` as a ``(B, 1, H, W)`` batch on the device, augmented."""
+        d = self.config.data
+        return augment(slices_to_batch(self.train_images[indices], self.device), flip=d.augment_flip,
+                       intensity=d.augment_intensity)
+
+    def train_step(self, batch: torch.Tensor) -> torch.Tensor:
+        """One optimiser step on ``batch`` ``(B, 1, H, W)``; returns ``applied`` (a () bool tensor):
+        False, and nothing applied, when the loss or a gradient is NaN or Inf."""
+        first_compiled = self.compile and not self.compiled_once
+        before = {name: buf.clone() for name, buf in self.model.named_buffers()} if first_compiled else {}
+        try:
+            result = steps.optimisation_step(self.step_model, self.optimizer, self.scaler,
+                                             lambda: vqvae_loss(self.step_model, batch, precision=self.precision,
+                                                                latent_loss_weight=self.config.train.latent_loss_weight,
+                                                                recon_loss_fn=self.recon_loss_fn),
+                                             grad_clip=self.config.train.grad_clip, sync_free=self.sync_free)
+        except Exception as exc:  # torch.compile could not build this model here: go on eagerly
+            if not self.compile or self.compiled_once:
+                raise
+            log.warning("torch.compile failed (%s); training continues without it",
+                        str(exc).splitlines()[0][:160])
+            self.compile = False
+            self.step_model = getattr(self.step_model, "_orig_mod", self.model)
+            with torch.no_grad():  # a compiled forward may have run (and moved the codebooks) already
+                for name, buf in self.model.named_buffers():
+                    buf.copy_(before[name])
+            return self.train_step(batch)
+        self.compiled_once = True
+        self.scheduler.step()  # the schedule follows the step count, skipped steps included
+        ok = result.applied
+        if not self.sync_free and not ok:
+            return ok
+        sums = self.running.sums
+        losses = torch.stack([result.loss, result.terms["recon_loss"], result.terms["commitment_loss"]]).double()
+        sums[:3] += torch.where(ok, losses, 0.0)
+        sums[5] += ok.double()
+        restarts = torch.stack([self.model.quantize_top.n_restarted, self.model.quantize_bottom.n_restarted])
+        sums[6:8] += torch.where(ok, restarts.double(), 0.0)
+        if self.running.steps % TRAIN_SSIM_EVERY == 0:
+            # Training SSIM on every few batches is enough for the curve and costs ~1 % instead of ~6 %.
+            scored = metrics.to_unit_range(result.output, batch, self.config.data.normalize)
+            ssim = metrics.ssim_per_image(*scored).mean().double()
+            sums[3] += torch.where(ok, ssim, 0.0)
+            sums[4] += ok.double()
+        self.running.steps += 1
+        self.running.items += len(batch)
+        return ok
+
+    def training_row(self) -> dict:
+        sums = self.running.mean_over_ranks(self.dist).tolist()
+        images = self.running.items * self.dist.world_size
+        applied = max(sums[5], 1)
+        return {"train_loss": sums[0] / applied, "train_recon_loss": sums[1] / applied,
+                "train_commitment_loss": sums[2] / applied, "train_ssim": sums[3] / max(sums[4], 1),
+                "top_restarts": sums[6], "bottom_restarts": sums[7],
+                "train_images_per_s": images / max(self.running.time, 1e-9)}
+
+    # --------------------------------------------------------------- validation ---------
+    def validate(self) -> tuple[dict, Evaluation]:
+        """Scores of the whole validation set; under torchrun each rank scores every
+        ``world_size``-th slice and the per-slice results are gathered back in order."""
+        tc = self.config.train
+        n = len(self.val_images)
+        mine = np.arange(self.dist.rank, n, self.dist.world_size)
+        wanted = set(self.sample_index)
+        val = evaluate(self.model, self.val_images[mine] if self.dist.active else self.val_images,
+                       batch_size=tc.val_batch_size or tc.batch_size, device=self.device,
+                       normalize=self.config.data.normalize, loss_fn=self.recon_loss_fn,
+                       keep=[j for j, i in enumerate(mine) if i in wanted])
+        if self.dist.active:
+            val.kept = {int(mine[j]): pictures for j, pictures in val.kept.items()}
+            val = merge_evaluations(distributed.gather(self.dist, (mine, val)), n)
+        scores = val.scalars(tc.latent_loss_weight)
+        row = {f"val_{k}": v for k, v in scores.items() if k != "images_per_s"}
+        row["val_images_per_s"] = scores["images_per_s"]
+        return row, val
+
+    def describe(self, row: dict, total_steps: int) -> str:
+        nan = float("nan")
+        return (f"epoch {row['epoch']} step {row['step']}/{total_steps}: "
+                f"train loss {row.get('train_loss', nan):.5f} SSIM {row.get('train_ssim', nan):.4f} | "
+                f"val loss {row['val_loss']:.5f} SSIM {row['val_ssim']:.4f} PSNR {row['val_psnr']:.2f} dB | "
+                f"codes top {row['val_top_used']}/{self.model.quantize_top.n_embed} "
+                f"(ppl {row['val_top_perplexity']:.0f}, {row.get('top_restarts', 0):.0f} restarts) "
+                f"bottom {row['val_bottom_used']}/{self.model.quantize_bottom.n_embed} "
+                f"(ppl {row['val_bottom_perplexity']:.0f}, {row.get('bottom_restarts', 0):.0f} restarts) | "
+                f"{row.get('train_images_per_s', nan):.1f} images/s")
+
+    # ------------------------------------------------------------------ state ----------
+    def state_dict(self) -> dict:
+        d = self.config.data
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "config": self.config.to_dict(),
+            "precision": self.precision,  # the training precision; scores are always fp32
+            **self.extra_state,
+            "running": self.running.state_dict(),
+            "normalization": {"policy": d.normalize, "percentiles": list(d.percentiles),
+                              "image_size": list(d.image_size)},
+        }
+
+    def load_state_dict(self, ckpt: dict, path: Path) -> None:
+        load_model_state(self.model, ckpt["model"], path)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        running = dict(ckpt["running"])
+        if len(running["sums"]) == 5:  # written before the applied-steps count existed: all steps were applied
+            running["sums"] = torch.cat([running["sums"], torch.tensor([float(running["steps"])],
+                                                                       dtype=running["sums"].dtype)])
+        self.running.load_state_dict(running)

@@ -1,0 +1,1 @@
+"""What people look at: plots of a run and its self-contained report.html."""
