@@ -21,9 +21,10 @@ import torch
 
 from mrivq import strict_json
 from mrivq.config import Config, load_config
-from mrivq.data.cache import default_cache_dir, load_split
-from mrivq.data.phantom import make_volume, synthesize
+from mrivq.data.cache import load_split
+from mrivq.data.phantom import make_volume
 from mrivq.data.preprocess import Preprocessing, preprocess_slice
+from mrivq.data.sources import phantom_set
 from mrivq.data.splits import resolve_splits
 from mrivq.engine.step import optimisation_step
 from mrivq.engine.vqvae_training import vqvae_loss
@@ -37,8 +38,6 @@ from mrivq.runtime import (
     seed_everything,
     set_threads,
 )
-
-HIPMRI_PHANTOM = "hipmri-v3-seed0"
 
 
 def phantom_batch(batch_size: int, image_size: tuple[int, int]) -> torch.Tensor:
@@ -106,11 +105,7 @@ def load_times(root: Path, workers: int | None = None) -> tuple[float, float, in
 
 def hipmri_phantom_root(config: Config) -> Path:
     """The HipMRI-size phantom set (11,460 / 660 / 540 slices), generated once into the cache."""
-    root = (config.data.cache_dir or default_cache_dir()) / "phantom" / HIPMRI_PHANTOM
-    if not root.is_dir():
-        root.parent.mkdir(parents=True, exist_ok=True)
-        synthesize(root, hipmri_counts=True, seed=0, montage=False)
-    return root
+    return phantom_set(config.data.cache_dir, cases=None)
 
 
 def benchmark(config: Config, *, batch_size: int = 10, image_size: tuple[int, int] = (256, 128),

@@ -7,15 +7,14 @@ Example::
 
 from __future__ import annotations
 
-import gzip
 import math
 from pathlib import Path
 
 import nibabel as nib
-import numpy as np
 
 from mrivq.compression.container import read_codes
-from mrivq.data.preprocess import denormalize, unfit
+from mrivq.data.io import nifti_bytes
+from mrivq.data.preprocess import clip_to_input_range, denormalize, unfit
 from mrivq.engine.checkpoint import codebook_fingerprint, load_vqvae
 from mrivq.engine.inference import decode_images
 from mrivq.errors import UserError
@@ -39,8 +38,7 @@ def decode(checkpoint: str | Path, codes_path: str | Path, out_dir: str | Path, 
     slices = decode_images(model, data["codes_top"], data["codes_bottom"], batch_size)
     image_size = tuple(int(v) for v in data["image_size"])
     slices = slices[:, :image_size[0], :image_size[1]]
-    if str(data["normalize"]) != "zscore":
-        slices = np.clip(slices, 0.0, 1.0)  # the model's input range; the SSIM protocol clamps alike
+    slices = clip_to_input_range(slices, str(data["normalize"]))
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file; give a folder for the decoded slices")
@@ -52,7 +50,7 @@ def decode(checkpoint: str | Path, codes_path: str | Path, out_dir: str | Path, 
                             "encode the slices again")
         scanner = denormalize(unfit(slices[i], shape, str(data["fit"])), data["norm"][i])
         image = nib.Nifti1Image(scanner.reshape(source["shape"]), data["affines"][i])
-        outputs.append((out_dir / Path(source["name"]).name, gzip.compress(image.to_bytes(), compresslevel=6, mtime=0)))
+        outputs.append((out_dir / Path(source["name"]).name, nifti_bytes(image)))
     for path, blob in outputs:
         atomic_write(path, lambda fh, blob=blob: fh.write(blob))
     return [path for path, _ in outputs]

@@ -21,7 +21,6 @@ Example::
 
 from __future__ import annotations
 
-import gzip
 import logging
 from pathlib import Path
 
@@ -29,8 +28,8 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from mrivq.data.io import nifti_inputs, nifti_stem, read_slice, read_volume
-from mrivq.data.preprocess import denormalize, normalize
+from mrivq.data.io import nifti_bytes, nifti_inputs, nifti_stem, read_slice, read_volume
+from mrivq.data.preprocess import clip_to_input_range, denormalize, normalize
 from mrivq.engine.checkpoint import (
     atomic_write,
     checkpoint_config,
@@ -65,10 +64,8 @@ def _reconstruct_slices(model: torch.nn.Module, slices: np.ndarray, *, normalize
     out = np.empty_like(normalised)
     for lo in range(0, len(normalised), batch_size):
         x = torch.from_numpy(normalised[lo:lo + batch_size]).unsqueeze(1).to(device)
-        rec = model(x).reconstruction.float()
-        if normalize_policy != "zscore":  # [0, 1]-scaled inputs: keep the output in that range
-            rec = rec.clamp(0, 1)
-        out[lo:lo + batch_size] = rec[:, 0].cpu().numpy()
+        rec = model(x).reconstruction.float()[:, 0].cpu().numpy()
+        out[lo:lo + batch_size] = clip_to_input_range(rec, normalize_policy)
     return denormalize(out, params)
 
 
@@ -86,8 +83,7 @@ def _nifti_bytes(data: np.ndarray, meta, suffix: str, description: str) -> bytes
     image = image_class(data.astype(np.float32), meta.affine, header=header)
     image.header.set_data_dtype(meta.header.get_data_dtype())
     image.header["descrip"] = description.encode()[:79]
-    raw = image.to_bytes()
-    return gzip.compress(raw, compresslevel=6, mtime=0) if suffix.lower().endswith(".gz") else raw
+    return nifti_bytes(image, gz=suffix.lower().endswith(".gz"))
 
 
 def reconstruct(checkpoint: str | Path, inputs: list[str | Path], out_dir: str | Path, *,

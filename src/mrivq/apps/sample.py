@@ -13,7 +13,6 @@ VQ-VAE stored in the prior checkpoint, and writes::
 
 from __future__ import annotations
 
-import gzip
 import io
 import math
 import time
@@ -24,7 +23,8 @@ import numpy as np
 import torch
 
 from mrivq.config import config_from_dict
-from mrivq.data.preprocess import denormalize
+from mrivq.data.io import nifti_bytes
+from mrivq.data.preprocess import clip_to_input_range, denormalize
 from mrivq.engine.checkpoint import codebook_fingerprint, load_prior
 from mrivq.engine.inference import decode_images
 from mrivq.errors import UserError
@@ -63,13 +63,12 @@ def sample(prior_path: str | Path, n: int, out_dir: str | Path, *, temperature: 
     height, width = (int(v) for v in reference["image_size"])
     slices = decode_images(vqvae, codes_top, codes_bottom)[:, :height, :width]
     normalize = config_from_dict(ckpt["vqvae"]["config"]).data.normalize
-    if normalize != "zscore":
-        slices = np.clip(slices, 0.0, 1.0)
+    slices = clip_to_input_range(slices, normalize)
     elapsed = time.perf_counter() - start
     affine = np.asarray(reference["affine"], dtype=np.float64)
     norm = np.asarray(reference["norm"], dtype=np.float32)
     outputs = [(out_dir / f"sample_{i:03d}.nii.gz",
-                gzip.compress(nib.Nifti1Image(denormalize(s, norm), affine).to_bytes(), mtime=0))
+                nifti_bytes(nib.Nifti1Image(denormalize(s, norm), affine)))
                for i, s in enumerate(slices)]
     buf = io.BytesIO()
     np.savez_compressed(buf, codes_top=codes_top.astype(np.uint16), codes_bottom=codes_bottom.astype(np.uint16),

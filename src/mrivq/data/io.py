@@ -81,6 +81,13 @@ def nifti_stem(path) -> str:
     return name
 
 
+def nifti_bytes(image, *, gz: bool = True, compresslevel: int = 6) -> bytes:
+    """A nibabel image as the bytes of a ``.nii.gz`` file (``gz=False``: ``.nii``); ``mtime=0``
+    keeps the bytes of the same image the same."""
+    raw = image.to_bytes()
+    return gzip.compress(raw, compresslevel=compresslevel, mtime=0) if gz else raw
+
+
 def nifti_inputs(inputs) -> list[Path]:
     """NIfTI files named on a command line; a folder stands for the NIfTI files directly in it.
 

@@ -41,7 +41,6 @@ not bone, bladder, rectum or prostate is ``1`` (body).
 
 from __future__ import annotations
 
-import gzip
 import multiprocessing
 import os
 import shutil
@@ -56,6 +55,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from mrivq.data.io import nifti_bytes
 from mrivq.errors import UserError
 
 SPLITS = ("train", "validate", "test")
@@ -310,7 +310,7 @@ def _write_volume(job: _VolumeJob):
             img.header.set_xyzt_units("mm")
             # The same bytes as img.to_filename(path), a third faster: nibabel streams the
             # array through gzip in many small writes. mtime=0 keeps files byte-identical.
-            path.write_bytes(gzip.compress(img.to_bytes(), compresslevel=1, mtime=0))
+            path.write_bytes(nifti_bytes(img, compresslevel=1))
     if not job.keep_for_montage:
         return None
     levels = _montage_levels(job.n_slices)

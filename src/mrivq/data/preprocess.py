@@ -177,6 +177,12 @@ def denormalize(x: np.ndarray, params: np.ndarray) -> np.ndarray:
     return (x * scale + offset).astype(np.float32)
 
 
+def clip_to_input_range(x: np.ndarray, policy: str) -> np.ndarray:
+    """Model outputs back in the model-input range of ``policy``: [0, 1] for ``minmax`` and
+    ``percentile`` (as the SSIM protocol clamps them), unchanged for ``zscore`` (unbounded)."""
+    return x if policy == "zscore" else np.clip(x, 0.0, 1.0)
+
+
 def preprocess_slice(raw2d: np.ndarray, prep: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
     """Normalise a raw ``(h, w)`` slice on its own pixels, then fit it to ``prep.image_size``.
 

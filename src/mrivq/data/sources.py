@@ -22,17 +22,28 @@ PHANTOM_VERSION = 3
 PHANTOM_SEED = 0  # fixed, so that runs with different training seeds share one data set
 
 
-def phantom_root(data) -> Path:
-    """Folder of the default phantom set for these settings, generated on first use."""
+def phantom_set(cache_dir: Path | None, cases: int | None) -> Path:
+    """Folder of a phantom set in the cache, generated on first use: ``cases`` case volumes, or
+    with ``cases=None`` HipMRI's own counts (11,460 / 660 / 540 slices, for benchmarks)."""
     from mrivq.data.phantom import synthesize
 
-    cache = data.cache_dir or default_cache_dir()
-    root = cache / "phantom" / f"v{PHANTOM_VERSION}-cases{data.phantom_cases}-seed{PHANTOM_SEED}"
+    name = (f"hipmri-v{PHANTOM_VERSION}-seed{PHANTOM_SEED}" if cases is None
+            else f"v{PHANTOM_VERSION}-cases{cases}-seed{PHANTOM_SEED}")
+    root = Path(cache_dir or default_cache_dir()) / "phantom" / name
     if not root.is_dir():
-        log.info("generating the built-in phantom set (%d cases) into %s", data.phantom_cases, root)
+        log.info("generating the built-in phantom set (%s) into %s",
+                 "HipMRI's counts" if cases is None else f"{cases} cases", root)
         root.parent.mkdir(parents=True, exist_ok=True)
-        synthesize(root, cases=data.phantom_cases, seed=PHANTOM_SEED, montage=True)
+        if cases is None:
+            synthesize(root, hipmri_counts=True, seed=PHANTOM_SEED, montage=False)
+        else:
+            synthesize(root, cases=cases, seed=PHANTOM_SEED, montage=True)
     return root
+
+
+def phantom_root(data) -> Path:
+    """Folder of the default phantom set for these data settings, generated on first use."""
+    return phantom_set(data.cache_dir, data.phantom_cases)
 
 
 def data_splits(data, seed: int) -> Splits:

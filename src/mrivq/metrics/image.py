@@ -6,15 +6,14 @@ clamped to [0, 1] before scoring. PSNR uses the same range. Model outputs under 
 normalisation that is not already [0, 1] (``zscore``) are mapped there first with
 :func:`to_unit_range`, so a perfect reconstruction scores SSIM 1 under every policy.
 Scores are always computed in float32, whatever precision trained the model.
+
+The scores are torchmetrics' own, imported when first computed: importing torchmetrics loads
+matplotlib, which the model and compression layers must not pull in.
 """
 
 from __future__ import annotations
 
 import torch
-from torchmetrics.functional.image import (
-    peak_signal_noise_ratio,
-    structural_similarity_index_measure,
-)
 
 SCORING_PRECISION = "fp32"
 
@@ -62,6 +61,8 @@ def ssim_per_image(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.
     """SSIM of each image. ``(B, C, H, W)`` in [0, 1] -> ``(B,)`` float32."""
     rec = reconstruction.float().clamp(0.0, 1.0)
     tgt = target.float()
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
     return structural_similarity_index_measure(
         rec, tgt, gaussian_kernel=True, sigma=1.5, kernel_size=11, data_range=1.0,
         k1=0.01, k2=0.03, reduction="none",
@@ -77,6 +78,8 @@ def ssim_map(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     """
     rec = reconstruction.float().clamp(0.0, 1.0)
     tgt = target.float()
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
     _, full = structural_similarity_index_measure(
         rec, tgt, gaussian_kernel=True, sigma=1.5, kernel_size=11, data_range=1.0,
         k1=0.01, k2=0.03, reduction="none", return_full_image=True,
@@ -96,6 +99,8 @@ def psnr_per_image(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.
     """PSNR in dB of each image. ``(B, C, H, W)`` in [0, 1] -> ``(B,)`` float32."""
     rec = reconstruction.float().clamp(0.0, 1.0)
     tgt = target.float()
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
     return peak_signal_noise_ratio(
         rec, tgt, data_range=1.0, reduction="none", dim=(1, 2, 3)
     ).reshape(-1)

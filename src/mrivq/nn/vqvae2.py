@@ -37,7 +37,7 @@ SIZE_MULTIPLE = 8
 
 def code_grid_shapes(image_size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
     """Top and bottom code grids of a VQ-VAE-2 for ``image_size`` ``(H, W)``."""
-    top = (math.ceil(image_size[0] / 8), math.ceil(image_size[1] / 8))
+    top = (math.ceil(image_size[0] / SIZE_MULTIPLE), math.ceil(image_size[1] / SIZE_MULTIPLE))
     return top, (2 * top[0], 2 * top[1])
 
 
