@@ -49,14 +49,25 @@ UNTIMED = 2**62  # train.max_time: total_steps until the first fit
 
 
 class RunningSums:
-    """Sums of training figures since the last evaluation, kept on the device (no host sync
-    per step), with the steps, examples and seconds they cover."""
+    """Named sums of training figures since the last evaluation, kept on the device (no host
+    sync per step), with the steps, examples and seconds they cover."""
 
-    def __init__(self, size: int, device: torch.device | str = "cpu"):
-        self.sums = torch.zeros(size, dtype=torch.float64, device=device)
+    def __init__(self, names: tuple[str, ...], device: torch.device | str = "cpu"):
+        self.names = names
+        self.sums = torch.zeros(len(names), dtype=torch.float64, device=device)
         self.steps = 0
         self.items = 0
         self.time = 0.0
+
+    def add(self, **values: torch.Tensor) -> None:
+        """Add each () tensor to the sum of its name (one device operation for all of them)."""
+        index = [self.names.index(name) for name in values]
+        self.sums[index] += torch.stack(list(values.values())).double()
+
+    def totals(self, dist: distributed.Context | None = None) -> dict[str, float]:
+        """The sums by name; under torchrun averaged over ranks (every rank must call it then)."""
+        sums = self.mean_over_ranks(dist) if dist is not None else self.sums
+        return dict(zip(self.names, sums.tolist()))
 
     def reset(self) -> None:
         self.sums.zero_()

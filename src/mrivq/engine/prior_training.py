@@ -58,7 +58,7 @@ class PriorTraining:
                                                       pc.min_lr_ratio))
         self.scaler = torch.amp.GradScaler(device.type, enabled=False)
         self.vqvae, self.fingerprint, self.reference = vqvae, fingerprint, reference
-        self.running = RunningSums(2, device)  # bits per code, top and bottom
+        self.running = RunningSums(("nll_top", "nll_bottom"), device)  # bits per code
 
     # ------------------------------------------------------------------ steps ----------
     def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,13 +82,13 @@ class PriorTraining:
         self.scheduler.step()
         if not result.applied:
             return result.applied
-        self.running.sums += torch.stack([result.terms["top"], result.terms["bottom"]]).double()
+        self.running.add(nll_top=result.terms["top"], nll_bottom=result.terms["bottom"])
         self.running.steps += 1
         self.running.items += len(top) * (top[0].numel() + bottom[0].numel())
         return result.applied
 
     def training_row(self) -> dict:
-        top, bottom = (self.running.sums / self.running.steps).tolist()
+        top, bottom = (total / self.running.steps for total in self.running.totals().values())
         return {"train_nll_top": top, "train_nll_bottom": bottom, "train_nll": self._mean_bits(top, bottom),
                 "train_codes_per_s": self.running.items / max(self.running.time, 1e-9)}
 

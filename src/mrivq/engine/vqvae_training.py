@@ -42,7 +42,7 @@ COLUMNS = [
     "train_images_per_s", "val_images_per_s", "elapsed_s",
 ]
 TRAIN_SSIM_EVERY = 5
-# Running sums: loss, recon, commitment, SSIM sum, SSIM count, applied steps, top and bottom restarts.
+# Training figures summed between evaluations (the order of old checkpoints' sums).
 RUNNING = ("loss", "recon_loss", "commitment_loss", "ssim", "ssim_count", "applied", "top_restarts",
            "bottom_restarts")
 
@@ -118,7 +118,7 @@ class VQVAETraining:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
         self.recon_loss_fn = functools.partial(reconstruction_loss, kind=tc.loss, ssim_weight=tc.ssim_weight,
                                                normalize=config.data.normalize)
-        self.running = RunningSums(len(RUNNING), self.device)
+        self.running = RunningSums(RUNNING, self.device)
         k = min(tc.sample_size, len(val_images))
         self.sample_index = np.linspace(0, len(val_images) - 1, k).round().astype(int).tolist()
 
@@ -156,30 +156,28 @@ class VQVAETraining:
         ok = result.applied
         if not self.sync_free and not ok:
             return ok
-        sums = self.running.sums
-        losses = torch.stack([result.loss, result.terms["recon_loss"], result.terms["commitment_loss"]]).double()
-        sums[:3] += torch.where(ok, losses, 0.0)
-        sums[5] += ok.double()
-        restarts = torch.stack([self.model.quantize_top.n_restarted, self.model.quantize_bottom.n_restarted])
-        sums[6:8] += torch.where(ok, restarts.double(), 0.0)
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        restarts = torch.stack([self.model.quantize_top.n_restarted, self.model.quantize_bottom.n_restarted]).double()
+        figures = {"loss": result.loss, "recon_loss": result.terms["recon_loss"],
+                   "commitment_loss": result.terms["commitment_loss"], "applied": ok,
+                   "top_restarts": restarts[0], "bottom_restarts": restarts[1]}
         if self.running.steps % TRAIN_SSIM_EVERY == 0:
             # Training SSIM on every few batches is enough for the curve and costs ~1 % instead of ~6 %.
             scored = metrics.to_unit_range(result.output, batch, self.config.data.normalize)
-            ssim = metrics.ssim_per_image(*scored).mean().double()
-            sums[3] += torch.where(ok, ssim, 0.0)
-            sums[4] += ok.double()
+            figures.update(ssim=metrics.ssim_per_image(*scored).mean(), ssim_count=ok)
+        self.running.add(**{name: torch.where(ok, value.double(), zero) for name, value in figures.items()})
         self.running.steps += 1
         self.running.items += len(batch)
         return ok
 
     def training_row(self) -> dict:
-        sums = self.running.mean_over_ranks(self.dist).tolist()
-        images = self.running.items * self.dist.world_size
-        applied = max(sums[5], 1)
-        return {"train_loss": sums[0] / applied, "train_recon_loss": sums[1] / applied,
-                "train_commitment_loss": sums[2] / applied, "train_ssim": sums[3] / max(sums[4], 1),
-                "top_restarts": sums[6], "bottom_restarts": sums[7],
-                "train_images_per_s": images / max(self.running.time, 1e-9)}
+        sums = self.running.totals(self.dist)
+        applied = max(sums["applied"], 1)
+        return {"train_loss": sums["loss"] / applied, "train_recon_loss": sums["recon_loss"] / applied,
+                "train_commitment_loss": sums["commitment_loss"] / applied,
+                "train_ssim": sums["ssim"] / max(sums["ssim_count"], 1),
+                "top_restarts": sums["top_restarts"], "bottom_restarts": sums["bottom_restarts"],
+                "train_images_per_s": self.running.items * self.dist.world_size / max(self.running.time, 1e-9)}
 
     # --------------------------------------------------------------- validation ---------
     def validate(self) -> tuple[dict, Evaluation]:
