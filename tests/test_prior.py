@@ -40,17 +40,25 @@ def set_args(overrides: list[str]) -> list[str]:
     return [arg for item in overrides for arg in ("--set", item)]
 
 
-def test_cached_sampling_sees_the_same_logits_as_a_full_forward_pass():
+@pytest.mark.parametrize("window_rows", [None, 1], ids=["full-attention", "window-of-one-row"])
+@pytest.mark.parametrize("chunks", [[1] * 48, [4, 4, 40], [5, 1, 7, 3, 32]], ids=["one-by-one", "fours", "uneven"])
+def test_logits_teacher_forced_through_the_cache_equal_the_full_pass(window_rows, chunks):
     torch.manual_seed(0)
     prior = CodePrior(32, (4, 3), d_model=16, n_head=2, n_layer_top=2, n_layer_bottom=2,
-                      bottom_window_rows=1).eval()  # the bottom sees 6 of its 48 positions
-    generator = torch.Generator().manual_seed(1)
-    # Sampling at temperature ~0 takes the argmax of the cached logits at every position; a
-    # full teacher-forced pass over the result must have the same argmax everywhere.
-    top, bottom = prior.sample(2, temperature=1e-6, generator=generator)
-    logits_top, logits_bottom = prior(top, bottom)
-    assert torch.equal(logits_top.argmax(1), top)
-    assert torch.equal(logits_bottom.argmax(1), bottom)
+                      bottom_window_rows=window_rows).eval()  # bottom grid 8x6: a row is 6 positions
+    top = torch.randint(0, 32, (2, 4, 3))
+    bottom = torch.randint(0, 32, (2, 8, 6))
+    with torch.inference_mode():
+        _, full = prior(top, bottom)  # (2, 32, 8, 6)
+        condition = prior.condition(top)
+        flat = bottom.reshape(2, -1)
+        inputs = torch.cat([torch.full((2, 1), 32), flat[:, :-1]], dim=1)  # the code before each position
+        cache, pieces, position = prior.bottom.new_cache(2), [], 0
+        for size in chunks:
+            pieces.append(prior.bottom.cached_logits(inputs[:, position:position + size], position, cache, condition))
+            position += size
+    cached = torch.cat(pieces, dim=1)  # (2, 48, 32)
+    torch.testing.assert_close(cached, full.flatten(2).transpose(1, 2), rtol=1e-5, atol=1e-5)
 
 
 def test_sliding_window_attention_equals_masked_full_attention():

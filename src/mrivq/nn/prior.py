@@ -51,8 +51,9 @@ class CausalSelfAttention(nn.Module):
         """``x`` ``(B, T, C)`` -> ``(B, T, C)``.
 
         With ``cache = (keys, values)``, each ``(B, n_head, L, C / n_head)``, ``x`` holds the
-        tokens at ``position, ..., position + T - 1``; their keys and values are stored there and
-        they attend to everything cached up to themselves (``T = 1`` when sampling).
+        tokens at ``position, ..., position + T - 1`` (any chunk after the positions already
+        cached); their keys and values are stored there and each attends to the cached keys up to
+        itself (within the window), exactly as in the full pass.
         """
         batch, length, channels = x.shape
         q, k, v = (t.view(batch, length, self.n_head, -1).transpose(1, 2)
@@ -62,11 +63,16 @@ class CausalSelfAttention(nn.Module):
             end = position + length
             keys[:, :, position:end] = k
             values[:, :, position:end] = v
-            start = 0 if self.window is None else max(0, end - self.window)
-            if length > 1 and start > 0:
-                raise ValueError("windowed attention caches one position at a time")
-            y = F.scaled_dot_product_attention(q, keys[:, :, start:end], values[:, :, start:end],
-                                               is_causal=length > 1)
+            # The oldest key the chunk's first query may see; each query sees keys up to itself.
+            start = 0 if self.window is None else max(0, position + 1 - self.window)
+            mask = None
+            if length > 1:  # SDPA's is_causal aligns top-left: wrong for a chunk after position 0
+                query_at = torch.arange(position, end, device=x.device)[:, None]
+                key_at = torch.arange(start, end, device=x.device)[None, :]
+                mask = key_at <= query_at
+                if self.window is not None:
+                    mask &= key_at > query_at - self.window
+            y = F.scaled_dot_product_attention(q, keys[:, :, start:end], values[:, :, start:end], attn_mask=mask)
         elif self.window is None or self.window >= length:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -166,30 +172,41 @@ class CodeTransformer(nn.Module):
         logits = self.head(self.ln_out(x))  # (B, L, K)
         return logits.transpose(1, 2).reshape(batch, self.n_embed, *self.grid)
 
+    def new_cache(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Empty key/value caches for ``n`` grids, one ``(keys, values)`` pair per layer."""
+        device = self.head.weight.device
+        shape = (n, self.n_head, self.length, self.d_model // self.n_head)
+        return [(torch.zeros(shape, device=device), torch.zeros(shape, device=device)) for _ in self.blocks]
+
+    def cached_logits(self, inputs: torch.Tensor, position: int, cache: list,
+                      condition: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of positions ``position .. position + T - 1`` through the KV cache.
+
+        ``inputs`` ``(n, T)``: the code before each of those positions (the start token
+        ``n_embed`` at position 0); every earlier position must be in ``cache`` already.
+        ``condition``: ``(n, d_model, rows, cols)`` or None. Returns ``(n, T, n_embed)`` float32,
+        equal (to rounding) to :meth:`forward`'s at those positions.
+        """
+        length = inputs.shape[1]
+        x = self.token(inputs) + self.positions()[position:position + length]
+        if condition is not None:
+            x = x + condition.flatten(2).transpose(1, 2)[:, position:position + length]
+        for block, layer_cache in zip(self.blocks, cache):
+            x = block(x, layer_cache, position)
+        return self.head(self.ln_out(x)).float()
+
     @torch.no_grad()
     def sample(self, n: int, *, temperature: float = 1.0, condition: torch.Tensor | None = None,
                generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw ``n`` grids ``(n, rows, cols)`` int64, one position at a time with a KV cache."""
-        device = self.head.weight.device
-        head_dim = self.d_model // self.n_head
-        caches = [(torch.zeros(n, self.n_head, self.length, head_dim, device=device),
-                   torch.zeros(n, self.n_head, self.length, head_dim, device=device))
-                  for _ in self.blocks]
-        positions = self.positions()
-        cond = condition.flatten(2).transpose(1, 2) if condition is not None else None
-        out = torch.empty(n, self.length, dtype=torch.long, device=device)
-        previous = torch.full((n,), self.n_embed, dtype=torch.long, device=device)
+        cache = self.new_cache(n)
+        out = torch.empty(n, self.length, dtype=torch.long, device=self.head.weight.device)
+        previous = torch.full((n, 1), self.n_embed, dtype=torch.long, device=out.device)
         for t in range(self.length):
-            x = self.token(previous) + positions[t]
-            if cond is not None:
-                x = x + cond[:, t]
-            x = x[:, None, :]
-            for block, cache in zip(self.blocks, caches):
-                x = block(x, cache, t)
-            logits = self.head(self.ln_out(x[:, 0]))
-            probs = torch.softmax(logits.float() / temperature, dim=-1)
-            previous = torch.multinomial(probs, 1, generator=generator)[:, 0]
-            out[:, t] = previous
+            logits = self.cached_logits(previous, t, cache, condition)[:, 0]
+            probs = torch.softmax(logits / temperature, dim=-1)
+            previous = torch.multinomial(probs, 1, generator=generator)
+            out[:, t] = previous[:, 0]
         return out.reshape(n, *self.grid)
 
 
