@@ -14,10 +14,18 @@ from prior_helpers import train_tiny_vqvae
 
 from mrivq.apps.decode import decode
 from mrivq.apps.encode import encode
-from mrivq.compression.entropy import range_code
+from mrivq.compression.entropy import (
+    code_counts,
+    decode_with_frequencies,
+    decode_with_prior,
+    encode_with_frequencies,
+    encode_with_prior,
+    ideal_bits,
+)
 from mrivq.data.io import read_slice
 from mrivq.data.preprocess import Preprocessing, denormalize, fit_to_shape, preprocess_slice, unfit
 from mrivq.engine.checkpoint import load_vqvae
+from mrivq.nn import CodePrior
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +43,8 @@ def odd_inputs(phantom):
 
 def test_codes_round_trip_equals_the_models_reconstruction(vqvae, tiny_phantom, tmp_path):
     inputs = odd_inputs(tiny_phantom)
-    report = encode(vqvae, inputs, tmp_path / "codes.npz")
-    written = decode(vqvae, tmp_path / "codes.npz", tmp_path / "out")
+    report = encode(vqvae, inputs, tmp_path / "codes.mrvq")
+    written = decode(vqvae, tmp_path / "codes.mrvq", tmp_path / "out")
     model, trained = load_vqvae(vqvae)
     prep = Preprocessing.from_settings(trained.data)
     sources = sorted((inputs[0]).glob("*.nii.gz")) + inputs[1:]
@@ -57,24 +65,48 @@ def test_codes_round_trip_equals_the_models_reconstruction(vqvae, tiny_phantom, 
     assert min(spreads) > 0  # a real reconstruction, not a constant
 
 
-def test_bits_report_has_raw_and_range_coded_rates_and_a_ratio(vqvae, tiny_phantom, tmp_path):
-    report = encode(vqvae, [tiny_phantom / "keras_slices_test"], tmp_path / "codes.npz")
-    bpp = report["bits_per_pixel"]
+def test_the_printed_rate_is_the_files_own_size(vqvae, tiny_phantom, tmp_path):
+    out = tmp_path / "codes.mrvq"
+    report = encode(vqvae, [tiny_phantom / "keras_slices_test"], out)
+    bpp, n = report["bits_per_pixel"], report["n_slices"]
+    assert report["file_bytes"] == out.stat().st_size and report["verified"]
+    assert bpp["file"] == pytest.approx(out.stat().st_size * 8 / (n * 64 * 32))
     # TINY_MODEL: 32 codes per level; top 8x4 and bottom 16x8 codes for 64x32 pixels.
     assert bpp["raw"] == pytest.approx((8 * 4 + 16 * 8) * math.log2(32) / (64 * 32))
-    assert 0 < bpp["entropy_ideal"] <= bpp["entropy_coded"] <= bpp["raw"] + 0.01
+    assert 0 < bpp["stream"] < bpp["file"]  # the file adds names, affines, tables to the stream
+    assert sum(report["section_bytes"].values()) < report["file_bytes"]  # plus magic and section headers
     input_bytes = sum(f.stat().st_size for f in (tiny_phantom / "keras_slices_test").glob("*.nii.gz"))
     assert report["input_bytes"] == input_bytes
-    assert report["compression_ratio"] == pytest.approx(input_bytes / report["coded_bytes"])
+    assert report["compression_ratio"] == pytest.approx(input_bytes / out.stat().st_size)
 
 
-def test_range_coding_is_lossless_and_close_to_the_entropy():
+def test_frequency_coding_round_trips_and_comes_close_to_the_entropy():
     rng = np.random.default_rng(0)
     probs = np.array([0.7, 0.2, 0.05, 0.05, 0.0])
-    symbols = rng.choice(5, size=4000, p=probs)
-    words = range_code(symbols, probs)  # decodes and compares inside
-    information = -np.log2(probs[symbols]).sum()  # the ideal code length of this very message
+    top = rng.choice(5, size=(40, 4, 2), p=probs)
+    bottom = rng.choice(5, size=(40, 8, 4), p=probs[::-1])
+    counts = code_counts(top, bottom, 5)
+    words = encode_with_frequencies(top, bottom, counts)
+    decoded_top, decoded_bottom = decode_with_frequencies(words, counts, 40, (4, 2))
+    assert np.array_equal(decoded_top, top) and np.array_equal(decoded_bottom, bottom)
+    information = ideal_bits(top, bottom, counts)  # the ideal code length of this very message
     assert information <= words.size * 32 <= information * 1.01 + 64
+
+
+def test_prior_coding_decodes_every_code_back():
+    torch.manual_seed(0)
+    prior = CodePrior(32, (4, 2), d_model=16, n_head=2, n_layer_top=1, n_layer_bottom=1,
+                      bottom_window_rows=1).eval()
+    top, bottom = prior.sample(5, generator=torch.Generator().manual_seed(1))  # codes the prior finds likely
+    top[0, 0, 0] = (top[0, 0, 0] + 7) % 32  # and one it may not
+    words = encode_with_prior(prior, top.numpy(), bottom.numpy(), batch_size=2)
+    decoded_top, decoded_bottom = decode_with_prior(prior, words, 5, batch_size=2)
+    assert np.array_equal(decoded_top, top.numpy()) and np.array_equal(decoded_bottom, bottom.numpy())
+    # the stream's length is the information the prior gives the codes (the teacher-forced NLL)
+    with torch.inference_mode():
+        nll_top, nll_bottom = prior.nll_bits(top, bottom)
+    information = 5 * (float(nll_top) * 8 + float(nll_bottom) * 32)
+    assert information <= words.size * 32 <= information * 1.02 + 64
 
 
 @pytest.mark.parametrize("size, policy", [((64, 36), "pad_crop"), ((60, 30), "pad_crop"), ((70, 40), "resize")])
@@ -98,37 +130,32 @@ def one_line_exit_2(args, capsys, *expected):
 
 
 def test_corrupt_or_foreign_codes_files_are_one_line_exit_2(vqvae, tiny_phantom, tmp_path, capsys):
-    good = tmp_path / "codes.npz"
+    good = tmp_path / "codes.mrvq"
     encode(vqvae, [tiny_phantom / "keras_slices_test"], good)
-    truncated = tmp_path / "truncated.npz"
-    truncated.write_bytes(good.read_bytes()[:300])
-    garbage = tmp_path / "garbage.npz"
-    garbage.write_bytes(b"not a zip file at all" * 10)
-    foreign = tmp_path / "foreign.npz"
-    np.savez(foreign, x=np.zeros(3))
-    with np.load(good) as npz:
-        arrays = dict(npz)
-    arrays["codes_top"] = arrays["codes_top"][:, :4]
-    reshaped = tmp_path / "reshaped.npz"
-    np.savez(reshaped, **arrays)
+    blob = good.read_bytes()
+    cases = {"truncated": (blob[:300], "truncated"), "garbage": (b"not a codes file" * 10, "not an mrivq codes file"),
+             "old": (b"PK\x03\x04" + bytes(40), "older mrivq"), "version": (blob[:4] + bytes([9]) + blob[5:], "version 9"),
+             "flipped": (blob[:-8] + bytes(b ^ 0xFF for b in blob[-8:]), "checksum")}
     out = tmp_path / "out"
-    for path, message in [(truncated, "not a readable codes file"), (garbage, "not a readable codes file"),
-                          (foreign, "not an mrivq codes file"), (reshaped, "inconsistent"),
-                          (tmp_path / "missing.npz", "codes file not found")]:
+    for name, (data, message) in cases.items():
+        path = tmp_path / f"{name}.mrvq"
+        path.write_bytes(data)
         one_line_exit_2(["decode", "--checkpoint", str(vqvae), str(path), "--out", str(out)], capsys,
                         str(path), message)
+    one_line_exit_2(["decode", "--checkpoint", str(vqvae), str(tmp_path / "missing.mrvq"), "--out", str(out)],
+                    capsys, "codes file not found")
     assert not out.exists()
 
 
 def test_codes_decoded_by_another_model_are_refused(vqvae, tiny_phantom, tmp_path, capsys):
     from mrivq.engine.checkpoint import load_checkpoint, save_checkpoint
 
-    ckpt = load_checkpoint(vqvae)
-    ckpt["model"]["quantize_bottom.embed"] = ckpt["model"]["quantize_bottom.embed"] + 1.0
+    ckpt = load_checkpoint(vqvae)  # a fine-tuned decoder with the same codebooks is another model
+    ckpt["model"]["dec.blocks.0.weight"] = ckpt["model"]["dec.blocks.0.weight"] + 1.0
     other = tmp_path / "other.pt"
     save_checkpoint(other, {k: v for k, v in ckpt.items() if k not in ("format", "format_version")})
-    encode(vqvae, [tiny_phantom / "keras_slices_test"], tmp_path / "codes.npz")
-    one_line_exit_2(["decode", "--checkpoint", str(other), str(tmp_path / "codes.npz"), "--out",
+    encode(vqvae, [tiny_phantom / "keras_slices_test"], tmp_path / "codes.mrvq")
+    one_line_exit_2(["decode", "--checkpoint", str(other), str(tmp_path / "codes.mrvq"), "--out",
                      str(tmp_path / "out")], capsys, "encoded with another model")
     assert not (tmp_path / "out").exists()
 
@@ -145,8 +172,8 @@ def test_bad_encode_inputs_are_one_line_exit_2(vqvae, tiny_phantom, tmp_path, ca
         ([str(tiny_phantom / "keras_slices_test"), str(tiny_phantom / "keras_slices_test")], "two inputs are named"),
     ]
     for inputs, message in cases:
-        one_line_exit_2(["encode", "--checkpoint", str(vqvae), *inputs, "--out", str(tmp_path / "c.npz")],
+        one_line_exit_2(["encode", "--checkpoint", str(vqvae), *inputs, "--out", str(tmp_path / "c.mrvq")],
                         capsys, message)
     one_line_exit_2(["encode", "--checkpoint", str(tmp_path / "none.pt"), str(text), "--out",
-                     str(tmp_path / "c.npz")], capsys, "checkpoint not found")
-    assert not (tmp_path / "c.npz").exists()
+                     str(tmp_path / "c.mrvq")], capsys, "checkpoint not found")
+    assert not (tmp_path / "c.mrvq").exists()

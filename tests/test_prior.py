@@ -160,7 +160,7 @@ def test_prior_bad_input_is_one_line_and_exit_2(work, tiny_phantom, tmp_path, ca
         (["train-prior", "--resume", str(tmp_path / "nowhere")], "not a prior run to resume"),
         (["sample", "--prior", str(work["vqvae"]), "--out", str(tmp_path / "s")], "not a prior checkpoint"),
         (["encode", "--checkpoint", str(work["vqvae"]), str(tiny_phantom / "keras_slices_test"),
-          "--out", str(tmp_path / "c.npz"), "--prior", str(work["vqvae"])], "not a prior checkpoint"),
+          "--out", str(tmp_path / "c.mrvq"), "--prior", str(work["vqvae"])], "not a prior checkpoint"),
         (["train-prior", "--set", "prior.n_head=3"], "prior"),
     ]
     for args, message in cases:
@@ -169,4 +169,4 @@ def test_prior_bad_input_is_one_line_and_exit_2(work, tiny_phantom, tmp_path, ca
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0] and "Traceback" not in err[0], err
     assert not (tmp_path / "r").exists() and not (tmp_path / "s").exists()
-    assert not (tmp_path / "c.npz").exists()
+    assert not (tmp_path / "c.mrvq").exists()

@@ -78,8 +78,17 @@ def test_predict_draws_the_model_among_the_codec_rate_distortion_curves(predicte
     model = curves["model"]
     assert model["bits_per_pixel_raw"] == summary["bits_per_pixel"]
     assert model["bits_per_pixel_entropy_coded"] == summary["bits_per_pixel_entropy_coded"]
+    # the coded rate is a real codes file's: the test split's, written and decoded again
+    codes_file = summary["codes_file"]["frequencies"]
+    assert model["bits_per_pixel_entropy_coded"] == codes_file["bits_per_pixel"]["file"]
+    assert codes_file["bits_per_pixel"]["file"] == codes_file["file_bytes"] * 8 / (summary["n_images"] * 64 * 32)
     # a few-step model uses few codes, so coding them by frequency beats fixed-width indices
-    assert 0 < model["bits_per_pixel_entropy_coded"] < model["bits_per_pixel_raw"]
+    assert 0 < codes_file["bits_per_pixel"]["stream"] < model["bits_per_pixel_raw"]
+    # and the codecs are compared at each of the model's rates
+    rates = {table["coder"]: table for table in summary["codecs"]["rates"]}
+    assert rates.keys() == {"raw", "frequencies"}
+    assert rates["frequencies"]["bits_per_pixel"] == model["bits_per_pixel_entropy_coded"]
+    assert rates["raw"]["codecs"] == summary["codecs"]["codecs"]
     assert model["ssim"] == summary["ssim"]["mean"]
     assert curves["codecs"].keys() == summary["codecs"]["codecs"].keys()
     assert all(len(points) == 8 for points in curves["codecs"].values())

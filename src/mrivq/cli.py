@@ -19,6 +19,11 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config key, e.g. --set train.epochs=3 (repeatable)")
 
 
+def _add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the models run (default auto: CUDA when present)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mrivq", description="Hierarchical VQ-VAE-2 for MRI slices.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -32,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="score a trained model on the test split")
     _add_config_args(p)
     p.add_argument("--checkpoint", metavar="FILE", help="checkpoint to load (default: output.dir/models/best.pt)")
+    p.add_argument("--prior", metavar="FILE", help="also code the test codes under this prior "
+                   "(models/prior_best.pt of the same model) and compare codecs at that rate")
 
     p = sub.add_parser("bench", help="training/prediction throughput and loading time (reports only)")
     _add_config_args(p)
@@ -64,19 +71,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("encode", help="slices (NIfTI files or folders) to a codes file; prints bits per pixel")
     p.add_argument("--checkpoint", required=True, metavar="FILE", help="the VQ-VAE (e.g. runs/default/models/best.pt)")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI slices or folders of them")
-    p.add_argument("--out", required=True, metavar="CODES.npz")
-    p.add_argument("--prior", metavar="FILE", help="also range-code the codes under this trained prior")
+    p.add_argument("--out", required=True, metavar="CODES.mrvq")
+    p.add_argument("--prior", metavar="FILE", help="range-code the codes under this trained prior "
+                   "(models/prior_best.pt of the same VQ-VAE); decode then needs it too")
     p.add_argument("--json", action="store_true", help="print the bits report as JSON")
+    _add_device_arg(p)
 
     p = sub.add_parser("decode", help="a codes file back to NIfTI slices in scanner intensities")
     p.add_argument("--checkpoint", required=True, metavar="FILE", help="the VQ-VAE that encoded the codes")
-    p.add_argument("codes", metavar="CODES.npz")
+    p.add_argument("codes", metavar="CODES.mrvq")
     p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--prior", metavar="FILE", help="the prior a prior-coded file was encoded with")
+    _add_device_arg(p)
 
     p = sub.add_parser("train-prior", help="fit the autoregressive prior over a VQ-VAE's codes")
     _add_config_args(p)
     p.add_argument("--checkpoint", metavar="FILE", help="the VQ-VAE (e.g. runs/default/models/best.pt)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the prior run in RUN_DIR from models/prior_last.pt")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                   help="where the VQ-VAE and the prior run (default: train.device, auto)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a prior run already in output.dir (only the files mrivq wrote for it)")
 
@@ -86,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1.0)")
     p.add_argument("--seed", type=int, default=0)
+    _add_device_arg(p)
     return parser
 
 

@@ -1,53 +1,65 @@
-"""``mrivq encode``: NIfTI slices -> a codes file, and what the codes cost in bits.
+"""``mrivq encode``: NIfTI slices -> a codes file (a real bitstream), and what it costs in bits.
 
 Slices are preprocessed as the VQ-VAE was trained (fit to ``data.image_size``, per-slice
-normalisation) and encoded in float32; the file (:mod:`mrivq.compression.container`) keeps
-what decode needs. The bits report (:func:`mrivq.compression.entropy.bits_report`) gives the
-raw and range-coded rates, with ``--prior`` also the rate under the prior, and compression
-ratios against the input files.
+normalisation) and encoded in float32; the codes are range-coded under their frequencies, or
+with ``--prior`` under a trained prior, into one file (:mod:`mrivq.compression.container`) that
+holds everything ``mrivq decode`` needs. The stream is decoded again before the file is
+written, through the decoder's own path, so a file that would not decode is never written.
+Bits per pixel and compression ratios are the file's own size.
 
 Example::
 
-    >>> report = encode("runs/default/models/best.pt", ["keras_slices_test"], "test_codes.npz")
-    >>> report["bits_per_pixel"]["raw"], report["bits_per_pixel"]["entropy_coded"]
-    (0.3515625, 0.21...)
+    >>> report = encode("runs/default/models/best.pt", ["keras_slices_test"], "test.mrvq")
+    >>> report["bits_per_pixel"]["file"], report["bits_per_pixel"]["raw"]
+    (0.66..., 0.703125)
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 
 from mrivq import strict_json
-from mrivq.compression.container import write_codes
-from mrivq.compression.entropy import bits_report, prior_coded_bits
+from mrivq.compression.container import (
+    CodesFile,
+    bits_report,
+    pack_codes,
+    preprocessing_entry,
+    source_entry,
+    unpack_codes,
+)
 from mrivq.data.io import nifti_inputs, read_slice
 from mrivq.data.preprocess import Preprocessing, preprocess_slice
-from mrivq.engine.checkpoint import codebook_fingerprint, load_prior, load_vqvae
+from mrivq.engine.checkpoint import load_prior, load_vqvae, model_fingerprint
 from mrivq.engine.inference import encode_images
 from mrivq.errors import UserError
+from mrivq.run_dir import atomic_write
+from mrivq.runtime import resolve_device
 
-
-def _output_name(path: Path) -> str:
-    name = path.name
-    return name if name.lower().endswith(".gz") else name + ".gz"
+SUFFIX = ".mrvq"
 
 
 def encode(checkpoint: str | Path, inputs, out: str | Path, *, batch_size: int = 16,
-           prior: str | Path | None = None) -> dict:
-    """Encode NIfTI slices (files or folders) into a codes file ``out`` (``.npz``); returns the bits report.
+           prior: str | Path | None = None, device: str = "auto") -> dict:
+    """Encode NIfTI slices (files or folders) into the codes file ``out`` (``.mrvq``); returns the bits report.
 
-    With ``prior`` (a ``mrivq train-prior`` checkpoint made from the same VQ-VAE) the report
-    also gives the bits of range coding under the prior.
+    ``prior``: a ``mrivq train-prior`` checkpoint of the same VQ-VAE; the codes are then coded
+    under it (decode needs it too). ``device``: where the models run (``auto``: CUDA when present).
     """
     out = Path(out).expanduser()
-    if out.suffix != ".npz":
-        raise UserError(f"--out {out}: the codes file must end in .npz")
-    model, trained = load_vqvae(checkpoint)
+    if out.suffix != SUFFIX:
+        raise UserError(f"--out {out}: the codes file must end in {SUFFIX}")
+    device = resolve_device(device)
+    model, trained = load_vqvae(checkpoint, device)
+    fingerprint = model_fingerprint(model)
+    code_prior = None
+    if prior is not None:
+        code_prior, _, _ = load_prior(prior, expect_fingerprint=fingerprint, device=device)
     prep = Preprocessing.from_settings(trained.data)
     files = nifti_inputs(inputs)
-    slices, norm, affines, shapes, disk = [], [], [], [], []
+    slices, norm, affines, shapes, sources = [], [], [], [], []
     for path in files:
         raw, meta = read_slice(path)
         x, params = preprocess_slice(raw, prep)
@@ -55,36 +67,37 @@ def encode(checkpoint: str | Path, inputs, out: str | Path, *, batch_size: int =
         norm.append(params)
         affines.append(meta.affine)
         shapes.append(raw.shape)
-        disk.append({"name": _output_name(path), "shape": list(meta.shape), "dtype": meta.dtype})
+        sources.append(source_entry(path, meta))
+    start = time.perf_counter()
     codes_top, codes_bottom = encode_images(model, np.stack(slices), batch_size)
-    n_embed = model.quantize_top.n_embed
-    prior_bits = None
-    if prior is not None:
-        code_prior, _, _ = load_prior(prior, expect_fingerprint=codebook_fingerprint(model))
-        prior_bits = prior_coded_bits(code_prior, codes_top, codes_bottom, batch_size=batch_size)
-    input_bytes = sum(f.stat().st_size for f in files)
-    report = bits_report(codes_top, codes_bottom, n_embed, prep.image_size, input_bytes, prior_bits)
-    write_codes(out, codes_top=codes_top, codes_bottom=codes_bottom, n_embed=n_embed,
-                fingerprint=codebook_fingerprint(model), prep=prep, norm=np.stack(norm), affines=np.stack(affines),
-                shapes=shapes, sources=disk, report=report)
-    report["codes_file"] = str(out)
-    report["codes_file_bytes"] = out.stat().st_size
+    codes = pack_codes(codes_top, codes_bottom, n_embed=model.quantize_top.n_embed,
+                       preprocessing=preprocessing_entry(prep), model_fingerprint=fingerprint, sources=sources,
+                       norm=np.stack(norm), affines=np.stack(affines), shapes=np.array(shapes),
+                       prior=code_prior, prior_fingerprint=None if prior is None else model_fingerprint(code_prior))
+    blob = codes.to_bytes()
+    encoded = time.perf_counter()
+    # The decoder's own path, on the bytes as written: what decode will do.
+    top, bottom = unpack_codes(CodesFile.from_bytes(blob, out), code_prior, out)
+    if not (np.array_equal(top, codes_top) and np.array_equal(bottom, codes_bottom)):
+        raise RuntimeError("the codes stream did not decode back to the codes")  # a bug, not bad input
+    atomic_write(out, lambda fh: fh.write(blob))
+    report = bits_report(codes, len(blob), input_bytes=sum(f.stat().st_size for f in files))
+    report.update(codes_file=str(out), verified=True, device=device.type,
+                  encode_seconds=encoded - start, decode_seconds=time.perf_counter() - encoded)
     return report
 
 
 def main(args) -> int:
     """``mrivq encode --checkpoint FILE INPUT... --out CODES.npz [--prior FILE] [--json]``."""
-    report = encode(args.checkpoint, args.inputs, args.out, prior=args.prior)
+    report = encode(args.checkpoint, args.inputs, args.out, prior=args.prior, device=args.device)
     if args.json:
         print(strict_json.dumps(report, indent=2))
         return 0
     bpp = report["bits_per_pixel"]
-    line = (f"wrote {report['codes_file']} ({report['n_slices']} slices): bits per pixel raw "
-            f"{bpp['raw']:.4f}, range-coded under code frequencies {bpp['entropy_coded']:.4f}")
-    if "prior_coded" in bpp:
-        line += f", range-coded under the prior {bpp['prior_coded']:.4f}"
-    line += f"; compression ratio vs the input files {report['compression_ratio']:.1f}:1"
-    if "compression_ratio_prior" in report:
-        line += f" ({report['compression_ratio_prior']:.1f}:1 under the prior)"
-    print(line)
+    under = "the prior" if report["coder"] == "prior" else "code frequencies"
+    print(f"wrote {report['codes_file']} ({report['n_slices']} slices, {report['file_bytes']} bytes, range-coded "
+          f"under {under}, checked to decode): {bpp['file']:.4f} bits per pixel (raw indices {bpp['raw']:.4f}); "
+          f"compression ratio vs the input files {report['compression_ratio']:.1f}:1; "
+          f"{report['n_slices'] / report['encode_seconds']:.1f} slices/s encoding, "
+          f"{report['n_slices'] / report['decode_seconds']:.1f} decoding on {report['device']}")
     return 0

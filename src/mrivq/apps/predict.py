@@ -13,6 +13,7 @@ import csv
 import io
 import logging
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,16 +26,27 @@ from mrivq.compression.codecs import (
     compare_codecs,
     rate_distortion,
 )
-from mrivq.compression.entropy import bits_report, raw_bits_per_pixel
+from mrivq.compression.container import (
+    CodesFile,
+    bits_report,
+    pack_codes,
+    preprocessing_entry,
+    source_entry,
+    unpack_codes,
+)
+from mrivq.compression.entropy import raw_bits_per_pixel
 from mrivq.config import Config, load_config
 from mrivq.data.cache import load_split
 from mrivq.data.hipmri import STRUCTURES, load_masks
+from mrivq.data.io import read_slice
 from mrivq.data.preprocess import Preprocessing
 from mrivq.data.sources import data_splits
 from mrivq.data.splits import file_list_hash, parse_name, shared_with_training
 from mrivq.engine.checkpoint import (
     checkpoint_config,
     load_checkpoint,
+    load_prior,
+    model_fingerprint,
     model_from_checkpoint,
     run_config,
 )
@@ -55,9 +67,11 @@ from mrivq.runtime import resolve_device, set_threads
 log = logging.getLogger("mrivq")
 
 RD_SLICES = 40  # test slices behind the codecs' rate-distortion curves
+RATE_NAMES = {"raw": "raw code indices", "frequencies": "codes file, frequency-coded",
+              "prior": "codes file, prior-coded"}
 
 
-def predict(config: Config, checkpoint: str | Path | None = None) -> dict:
+def predict(config: Config, checkpoint: str | Path | None = None, prior: str | Path | None = None) -> dict:
     """Score a trained model on the test split and write the predict outputs of its run dir.
 
     The test split is the one the model was trained with: data settings and seed come from
@@ -84,6 +98,9 @@ def predict(config: Config, checkpoint: str | Path | None = None) -> dict:
     _refuse_training_slices(splits.test, ckpt, ckpt_path)
     with recording(config.run_dir, "predict"), run_logger(config.log_dir / "predict.log"):
         model = model_from_checkpoint(ckpt, ckpt_path).to(device).to(memory_format=torch.channels_last)
+        code_prior = None
+        if prior is not None:  # its codes file is coded on the CPU, as `mrivq encode --device cpu` does
+            code_prior, _, _ = load_prior(prior, expect_fingerprint=model_fingerprint(model))
         log.info("checkpoint %s (step %s, validation SSIM %.4f)", ckpt_path, ckpt.get("step"),
                  float(ckpt.get("best_ssim", float("nan"))))
         for setting in differs:
@@ -121,12 +138,17 @@ def predict(config: Config, checkpoint: str | Path | None = None) -> dict:
                                    config.sample_dir / "predict_worst.png")
         plot_codebook_usage(result.counts_top, result.counts_bottom,
                             config.visual_dir / "codebook_usage.png")
-        log.info("compressing the %d test slices with %s at %.3f bits per pixel", n,
-                 ", ".join(available_codecs()), bits_per_pixel)
-        unit_images = _unit_range_images(test.images, normalize)
-        codec_scores = compare_codecs(unit_images, bits_per_pixel)
-        coded_bits_per_pixel = _entropy_coded_bits_per_pixel(*result.codes, model_cfg.n_embed,
-                                                             tuple(config.data.image_size))
+        # The model's real rates: the size of the codes file `mrivq encode` would write for the
+        # test split, coded under the code frequencies (and under the prior, when one is given).
+        files = _codes_files(result.codes, test, prep, model_cfg.n_embed, model_fingerprint(model), code_prior)
+        rates = {"raw": bits_per_pixel, **{coder: f["bits_per_pixel"]["file"] for coder, f in files.items()}}
+        coded_bits_per_pixel = rates["frequencies"]
+        unit_images = metrics.unit_range_images(test.images, normalize)
+        codec_tables = {}
+        for rate_name, rate in rates.items():
+            log.info("compressing the %d test slices with %s at %.3f bits per pixel (the model's %s rate)", n,
+                     ", ".join(available_codecs()), rate, RATE_NAMES[rate_name])
+            codec_tables[rate_name] = compare_codecs(unit_images, rate)
         # The curves are a picture: up to RD_SLICES test slices, evenly spaced, keep it cheap
         # (every point scores its slices with SSIM, ~1.5 s per 120 slices on 2 CPU cores).
         rd_slices = np.linspace(0, n - 1, min(n, RD_SLICES)).round().astype(int)
@@ -134,8 +156,8 @@ def predict(config: Config, checkpoint: str | Path | None = None) -> dict:
         rd_curves = rate_distortion(unit_images[rd_slices])
         model_ssim, model_psnr = metrics.summary_stats(result.ssim)["mean"], metrics.summary_stats(result.psnr)["mean"]
         plot_rate_distortion(rd_curves, [
-            {"label": f"VQ-VAE-2, {name}", "bits_per_pixel": rate, "ssim": model_ssim, "psnr": model_psnr}
-            for name, rate in (("raw code indices", bits_per_pixel), ("entropy-coded", coded_bits_per_pixel))
+            {"label": f"VQ-VAE-2, {RATE_NAMES[name]}", "bits_per_pixel": rate, "ssim": model_ssim, "psnr": model_psnr}
+            for name, rate in rates.items()
         ], config.visual_dir / "rate_distortion.png")
         summary = {
             "n_images": n,
@@ -146,6 +168,8 @@ def predict(config: Config, checkpoint: str | Path | None = None) -> dict:
             "codebook": result.usage(),
             "bits_per_pixel": bits_per_pixel,
             "bits_per_pixel_entropy_coded": coded_bits_per_pixel,
+            **({"bits_per_pixel_prior_coded": rates["prior"]} if "prior" in rates else {}),
+            "codes_file": files,
             "checkpoint": str(ckpt_path),
             "protocol": metrics.SSIM_PROTOCOL,
             "precision": {"training": training_precision, "scoring": metrics.SCORING_PRECISION},
@@ -155,9 +179,10 @@ def predict(config: Config, checkpoint: str | Path | None = None) -> dict:
             "images_per_s": result.images_per_s,
             "skipped_files": [f for f, _ in test.skipped],
             "regions": _region_summary(result, has_mask),
-            "codecs": _codec_summary(result, bits_per_pixel, codec_scores),
+            "codecs": _codec_summary(result, rates, codec_tables),
             "rate_distortion": {
                 "model": {"bits_per_pixel_raw": bits_per_pixel, "bits_per_pixel_entropy_coded": coded_bits_per_pixel,
+                          **({"bits_per_pixel_prior_coded": rates["prior"]} if "prior" in rates else {}),
                           "ssim": model_ssim, "psnr": model_psnr},
                 "codecs": rd_curves,
                 "codec_slices": len(rd_slices),
@@ -176,25 +201,47 @@ def predict(config: Config, checkpoint: str | Path | None = None) -> dict:
                  "%.3f bits per pixel", summary["codebook"]["top"]["used"], model_cfg.n_embed,
                  summary["codebook"]["top"]["perplexity"], summary["codebook"]["bottom"]["used"],
                  model_cfg.n_embed, summary["codebook"]["bottom"]["perplexity"], summary["bits_per_pixel"])
-        log.info("entropy-coded (range coding under the test codes' frequencies): %.3f bits per pixel",
-                 coded_bits_per_pixel)
+        for coder, report in files.items():
+            log.info("codes file of the test split, range-coded under %s: %d bytes, %.3f bits per pixel "
+                     "(checked to decode)", "the prior" if coder == "prior" else "the code frequencies",
+                     report["file_bytes"], report["bits_per_pixel"]["file"])
         for name, region in (summary["regions"] or {}).get("structures", {}).items():
             log.info("%-10s (%3d slices): SSIM %.4f, PSNR %.2f dB, MAE %.4f", name, region["n_slices"],
                      region["ssim"]["mean"], region["psnr"]["mean"], region["mae"]["mean"])
-        for codec, scores in summary["codecs"]["codecs"].items():
-            log.info("%-9s at %.3f bpp: SSIM %.4f, PSNR %.2f dB (model: SSIM %.4f, PSNR %.2f dB)",
-                     codec, scores["bits_per_pixel"]["mean"], scores["ssim"]["mean"], scores["psnr"]["mean"],
-                     summary["ssim"]["mean"], summary["psnr"]["mean"])
+        for table in summary["codecs"]["rates"]:
+            for codec, scores in table["codecs"].items():
+                log.info("%-9s at %.3f bpp (the model's %s rate): SSIM %.4f, PSNR %.2f dB (model: SSIM %.4f, "
+                         "PSNR %.2f dB)", codec, scores["bits_per_pixel"]["mean"], table["rate"],
+                         scores["ssim"]["mean"], scores["psnr"]["mean"], summary["ssim"]["mean"], summary["psnr"]["mean"])
         log.info("wrote %s", out_dir / "summary.json")
         log.info("wrote %s", write_report(config.run_dir))
     return summary
 
 
-def _entropy_coded_bits_per_pixel(codes_top: np.ndarray, codes_bottom: np.ndarray, n_embed: int,
-                                  image_size: tuple[int, int]) -> float:
-    """Bits per pixel of a set's codes range-coded under each level's code frequencies over the
-    set (:func:`mrivq.compression.entropy.bits_report`; the frequency tables are not counted)."""
-    return bits_report(codes_top, codes_bottom, n_embed, image_size)["bits_per_pixel"]["entropy_coded"]
+def _codes_files(codes: tuple[np.ndarray, np.ndarray], test, prep: Preprocessing, n_embed: int,
+                 fingerprint: str, prior=None) -> dict:
+    """The bits report of the codes file of these test codes, coded under the code frequencies and
+    (with ``prior``) under the prior, each decoded again to check it; by coder."""
+    metas = [read_slice(f)[1] for f in test.files]
+    side = {"n_embed": n_embed, "preprocessing": preprocessing_entry(prep), "model_fingerprint": fingerprint,
+            "sources": [source_entry(Path(f), meta) for f, meta in zip(test.files, metas)],
+            "norm": np.asarray(test.norm), "affines": np.stack([meta.affine for meta in metas]),
+            "shapes": np.array(test.original_shapes)}
+    reports = {}
+    for coder, model in (("frequencies", None), ("prior", prior)):
+        if coder == "prior" and prior is None:
+            continue
+        start = time.perf_counter()
+        packed = pack_codes(*codes, **side, prior=model,
+                            prior_fingerprint=None if model is None else model_fingerprint(model))
+        blob = packed.to_bytes()
+        encoded = time.perf_counter()
+        decoded = unpack_codes(CodesFile.from_bytes(blob), model)
+        if not all(np.array_equal(a, b) for a, b in zip(decoded, codes)):
+            raise RuntimeError(f"the {coder} codes stream did not decode back to the codes")  # a bug
+        reports[coder] = {**bits_report(packed, len(blob)), "encode_seconds": encoded - start,
+                          "decode_seconds": time.perf_counter() - encoded}
+    return reports
 
 
 def _refuse_training_slices(test_files: list, ckpt: dict, ckpt_path: Path) -> None:
@@ -211,14 +258,6 @@ def _refuse_training_slices(test_files: list, ckpt: dict, ckpt_path: Path) -> No
                         "(drop the data.* and seed settings) or give test slices of other cases")
 
 
-def _unit_range_images(images: np.ndarray, normalize: str) -> np.ndarray:
-    """Model-input slices ``(N, H, W)`` on the scoring range [0, 1] (the codecs' input)."""
-    if normalize in metrics.UNIT_RANGE_POLICIES:
-        return images
-    stack = torch.from_numpy(np.array(images, dtype=np.float32))[:, None]
-    return metrics.to_unit_range(stack, stack, normalize)[1][:, 0].numpy()
-
-
 def _region_summary(result: Evaluation, has_mask: np.ndarray) -> dict | None:
     """Per-structure stats over the slices that contain the structure; None without masks."""
     if not result.regions:
@@ -232,13 +271,20 @@ def _region_summary(result: Evaluation, has_mask: np.ndarray) -> dict | None:
             "structures": structures}
 
 
-def _codec_summary(result: Evaluation, bits_per_pixel: float, codec_scores: dict) -> dict:
+def _codec_summary(result: Evaluation, rates: dict, tables: dict) -> dict:
+    """Standard codecs beside the model at each of its rates (``raw``, ``frequencies``, ``prior``);
+    ``bits_per_pixel`` and ``codecs`` repeat the raw-rate table, as summaries before the coded rates had it."""
+    def table(scores: dict) -> dict:
+        return {codec: {k: v for k, v in s.items() if k != "per_slice"} for codec, s in scores.items()}
+
     return {
-        "bits_per_pixel": bits_per_pixel,
+        "bits_per_pixel": rates["raw"],
         "method": CODEC_PROTOCOL,
-        "model": {"bits_per_pixel": bits_per_pixel, "ssim": metrics.summary_stats(result.ssim), "psnr": metrics.summary_stats(result.psnr)},
-        "codecs": {codec: {k: v for k, v in scores.items() if k != "per_slice"}
-                   for codec, scores in codec_scores.items()},
+        "model": {"bits_per_pixel": rates["raw"], "ssim": metrics.summary_stats(result.ssim),
+                  "psnr": metrics.summary_stats(result.psnr)},
+        "codecs": table(tables["raw"]),
+        "rates": [{"rate": RATE_NAMES[name], "coder": name, "bits_per_pixel": rate, "codecs": table(tables[name])}
+                  for name, rate in rates.items()],
     }
 
 
@@ -280,6 +326,6 @@ def _save_worst_slices(model: torch.nn.Module, test, result: Evaluation, masks: 
 
 
 def main(args) -> int:
-    """``mrivq predict [--config FILE] [--set K=V] [--checkpoint FILE]``."""
-    predict(load_config(args.config, args.overrides), checkpoint=args.checkpoint)
+    """``mrivq predict [--config FILE] [--set K=V] [--checkpoint FILE] [--prior FILE]``."""
+    predict(load_config(args.config, args.overrides), checkpoint=args.checkpoint, prior=args.prior)
     return 0

@@ -9,6 +9,7 @@ VQ-VAE stored in the prior checkpoint, and writes::
                                    (the training slices' median normalisation undone) with the
                                    affine of the first training slice
     OUT_DIR/codes.npz              the sampled codes_top (n, h, w) and codes_bottom (n, 2h, 2w)
+    OUT_DIR/nearest.png, .csv      each sample over its most similar training slice (SSIM)
 """
 
 from __future__ import annotations
@@ -22,19 +23,28 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from mrivq import metrics
 from mrivq.config import config_from_dict
+from mrivq.data.cache import load_split
 from mrivq.data.io import nifti_bytes
-from mrivq.data.preprocess import clip_to_input_range, denormalize
-from mrivq.engine.checkpoint import codebook_fingerprint, load_prior
+from mrivq.data.preprocess import Preprocessing, clip_to_input_range, denormalize
+from mrivq.data.sources import data_splits
+from mrivq.engine.checkpoint import load_prior, model_fingerprint
 from mrivq.engine.inference import decode_images
+from mrivq.engine.losses import ssim_per_image
 from mrivq.errors import UserError
-from mrivq.reporting.plots import save_samples_grid
+from mrivq.reporting.plots import save_sample_grid, save_samples_grid
 from mrivq.run_dir import atomic_write
+from mrivq.runtime import resolve_device
 
 
 def sample(prior_path: str | Path, n: int, out_dir: str | Path, *, temperature: float = 1.0,
-           seed: int = 0, batch_size: int = 16) -> dict:
-    """Draw ``n`` new slices and write them to ``out_dir``; returns codes, timings and paths."""
+           seed: int = 0, batch_size: int = 16, device: str = "auto", nearest: bool = True) -> dict:
+    """Draw ``n`` new slices and write them to ``out_dir``; returns codes, timings and paths.
+
+    ``nearest``: also find each sample's most similar training slice (SSIM) and write
+    ``nearest.png`` (samples over them) and ``nearest.csv``, so memorisation is visible.
+    """
     if n < 1:
         raise UserError("--n must be at least 1")
     if not temperature > 0 or not math.isfinite(temperature):
@@ -42,8 +52,9 @@ def sample(prior_path: str | Path, n: int, out_dir: str | Path, *, temperature: 
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file; give a folder for the samples")
-    prior, vqvae, ckpt = load_prior(prior_path)
-    generator = torch.Generator().manual_seed(seed)
+    device = resolve_device(device)
+    prior, vqvae, ckpt = load_prior(prior_path, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
     start = time.perf_counter()
     tops, bottoms = [], []
     threads = torch.get_num_threads()
@@ -53,8 +64,8 @@ def sample(prior_path: str | Path, n: int, out_dir: str | Path, *, temperature: 
     try:
         for lo in range(0, n, batch_size):
             top, bottom = prior.sample(min(batch_size, n - lo), temperature=temperature, generator=generator)
-            tops.append(top)
-            bottoms.append(bottom)
+            tops.append(top.cpu())
+            bottoms.append(bottom.cpu())
     finally:
         torch.set_num_threads(threads)
     codes_top, codes_bottom = torch.cat(tops).numpy(), torch.cat(bottoms).numpy()
@@ -62,7 +73,8 @@ def sample(prior_path: str | Path, n: int, out_dir: str | Path, *, temperature: 
     reference = ckpt["reference"]
     height, width = (int(v) for v in reference["image_size"])
     slices = decode_images(vqvae, codes_top, codes_bottom)[:, :height, :width]
-    normalize = config_from_dict(ckpt["vqvae"]["config"]).data.normalize
+    vq_config = config_from_dict(ckpt["vqvae"]["config"])
+    normalize = vq_config.data.normalize
     slices = clip_to_input_range(slices, normalize)
     elapsed = time.perf_counter() - start
     affine = np.asarray(reference["affine"], dtype=np.float64)
@@ -72,7 +84,7 @@ def sample(prior_path: str | Path, n: int, out_dir: str | Path, *, temperature: 
                for i, s in enumerate(slices)]
     buf = io.BytesIO()
     np.savez_compressed(buf, codes_top=codes_top.astype(np.uint16), codes_bottom=codes_bottom.astype(np.uint16),
-                        fingerprint=np.array(codebook_fingerprint(vqvae)))
+                        fingerprint=np.array(model_fingerprint(vqvae)))
     outputs.append((out_dir / "codes.npz", buf.getvalue()))
     for path, blob in outputs:
         atomic_write(path, lambda fh, blob=blob: fh.write(blob))
@@ -80,15 +92,53 @@ def sample(prior_path: str | Path, n: int, out_dir: str | Path, *, temperature: 
     low, high = (0.0, 1.0) if normalize != "zscore" else (float(slices.min()), float(slices.max()))
     save_samples_grid(slices, grid, low, high,
                       title=f"{n} samples from {Path(prior_path).name} (temperature {temperature:g}, seed {seed})")
-    return {"codes_top": codes_top, "codes_bottom": codes_bottom, "grid": str(grid),
-            "nifti": [str(p) for p, _ in outputs[:-1]], "seconds": elapsed,
-            "samples_per_s": n / elapsed, "code_samples_per_s": n / (sampled - start),
-            "device": "cpu, 1 thread for the autoregressive loop"}
+    result = {"codes_top": codes_top, "codes_bottom": codes_bottom, "grid": str(grid),
+              "nifti": [str(p) for p, _ in outputs[:-1]], "seconds": elapsed,
+              "samples_per_s": n / elapsed, "code_samples_per_s": n / (sampled - start),
+              "device": f"{device.type}" + (", 1 thread for the autoregressive loop" if device.type == "cpu" else "")}
+    if nearest:
+        result.update(_nearest_training_slices(slices, config_from_dict(ckpt["config"]), vq_config, out_dir))
+    return result
+
+
+def _nearest_training_slices(slices: np.ndarray, config, vq_config, out_dir: Path) -> dict:
+    """Each sample's most similar training slice by SSIM (on [0, 1]): ``nearest.png`` and ``nearest.csv``."""
+    splits = data_splits(config.data, config.seed)
+    train = load_split(splits.train, Preprocessing.from_settings(vq_config.data), cache_dir=config.data.cache_dir,
+                       on_bad_file="skip", workers=config.data.workers, name="train")
+    normalize = vq_config.data.normalize
+    references = torch.from_numpy(np.asarray(train.images, dtype=np.float32))[:, None]
+    best_ssim, best_index = [], []
+    with torch.inference_mode():
+        for sample in torch.from_numpy(np.asarray(slices, dtype=np.float32))[:, None]:
+            scores = []
+            for lo in range(0, len(references), 256):
+                target = references[lo:lo + 256]
+                rec, tgt = metrics.to_unit_range(sample.expand_as(target), target, normalize)
+                scores.append(ssim_per_image(rec.clamp(0, 1), tgt))
+            scores = torch.cat(scores)
+            best_index.append(int(scores.argmax()))
+            best_ssim.append(float(scores.max()))
+    unit = lambda x: metrics.to_unit_range(torch.from_numpy(np.asarray(x, np.float32))[:, None],
+                                           torch.from_numpy(np.asarray(x, np.float32))[:, None], normalize)[1][:, 0].numpy()
+    save_sample_grid(unit(slices), unit(train.images[best_index]), out_dir / "nearest.png",
+                     title="samples (top) and their most similar training slices (bottom, SSIM)",
+                     labels=[f"SSIM {s:.3f}" for s in best_ssim], row_names=("sample", "nearest training"))
+    rows = "sample,training_slice,ssim\n" + "".join(
+        f"sample_{i:03d}.nii.gz,{Path(train.files[j]).name},{s:.6f}\n"
+        for i, (j, s) in enumerate(zip(best_index, best_ssim)))
+    atomic_write(out_dir / "nearest.csv", lambda fh: fh.write(rows.encode()))
+    return {"nearest": [{"training_slice": train.files[j], "ssim": s} for j, s in zip(best_index, best_ssim)],
+            "nearest_grid": str(out_dir / "nearest.png")}
 
 
 def main(args) -> int:
     """``mrivq sample --prior FILE --n N --out DIR [--temperature T] [--seed K]``."""
-    result = sample(args.prior, args.n, args.out, temperature=args.temperature, seed=args.seed)
+    result = sample(args.prior, args.n, args.out, temperature=args.temperature, seed=args.seed, device=args.device)
     print(f"wrote {result['grid']} and {len(result['nifti'])} NIfTI slices; "
           f"{result['samples_per_s']:.2f} samples/s on {result['device']}")
+    if "nearest" in result:
+        ssim = [item["ssim"] for item in result["nearest"]]
+        print(f"wrote {result['nearest_grid']}: SSIM of each sample to its most similar training slice "
+              f"{min(ssim):.3f} to {max(ssim):.3f} (mean {sum(ssim) / len(ssim):.3f}; near 1 would mean memorised)")
     return 0

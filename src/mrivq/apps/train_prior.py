@@ -28,20 +28,20 @@ import numpy as np
 import torch
 
 from mrivq.config import Config, config_from_dict, load_config
-from mrivq.data.cache import load_split
+from mrivq.data.cache import default_cache_dir, load_split
 from mrivq.data.io import read_slice
 from mrivq.data.preprocess import Preprocessing
 from mrivq.data.sources import data_splits
 from mrivq.engine import distributed
 from mrivq.engine.checkpoint import (
     PRIOR_KIND,
-    codebook_fingerprint,
     load_checkpoint,
     load_vqvae,
+    model_fingerprint,
     model_from_checkpoint,
     run_config,
 )
-from mrivq.engine.inference import encode_images
+from mrivq.engine.inference import cached_codes
 from mrivq.engine.loop import LoopSettings, LoopState, TrainingLoop, stop_on_signals
 from mrivq.engine.prior_training import COLUMNS, PriorTraining
 from mrivq.errors import UserError
@@ -90,10 +90,11 @@ def train_prior(config: Config, checkpoint: str | Path | None = None, *, resume:
         if ckpt is None:
             for setting in differs:
                 log.warning("the prior trains with %s, given explicitly", setting)
+        vqvae = vqvae.to(resolve_device(config.train.device))
         codes, reference = _encode_splits(config, vq_config, vqvae)
         loop = prior_loop(config, codes, n_embed=vqvae.quantize_top.n_embed,
                           vqvae={"model": vqvae.state_dict(), "config": vq_config.to_dict()},
-                          fingerprint=codebook_fingerprint(vqvae), reference=reference)
+                          fingerprint=model_fingerprint(vqvae), reference=reference)
         task, state, pc = loop.task, loop.state, config.prior
         if ckpt is not None:
             if ckpt.get("fingerprint") != task.fingerprint:
@@ -147,12 +148,14 @@ def _encode_splits(config: Config, vq_config: Config, vqvae) -> tuple[dict, dict
     splits = data_splits(config.data, config.seed)
     load = {"cache_dir": config.data.cache_dir, "on_bad_file": config.data.on_bad_file,
             "workers": config.data.workers, "progress": interactive()}
-    codes = {}
+    codes, fingerprint = {}, model_fingerprint(vqvae)
     for name, files in (("train", splits.train), ("validate", splits.validate)):
         slices = load_split(files, prep, name=name, **load)
         t0 = time.perf_counter()
-        codes[name] = encode_images(vqvae, slices.images, batch_size=config.prior.batch_size)
-        log.info("encoded the %s split: %d slices in %.1f s", name, len(slices), time.perf_counter() - t0)
+        *codes[name], cached = cached_codes(vqvae, slices.images, cache_dir=config.data.cache_dir or default_cache_dir(),
+                                            key=f"{fingerprint}-{slices.key}", batch_size=config.prior.batch_size)
+        log.info("%s the %s split: %d slices in %.1f s", "read the cached codes of" if cached else "encoded",
+                 name, len(slices), time.perf_counter() - t0)
         if name == "train":
             _, meta = read_slice(slices.files[0])
             reference = {"affine": torch.from_numpy(meta.affine.astype(np.float64)),
@@ -163,9 +166,10 @@ def _encode_splits(config: Config, vq_config: Config, vqvae) -> tuple[dict, dict
 
 def main(args) -> int:
     """``mrivq train-prior --checkpoint FILE [--config FILE] [--set K=V] | --resume RUN_DIR``."""
-    if args.resume and (args.config or args.overrides or args.checkpoint):
+    if args.resume and (args.config or args.overrides or args.checkpoint or args.device):
         raise UserError("--resume continues a prior run with its own saved config and VQ-VAE; "
-                        "drop --config/--set/--checkpoint, or start a new run")
-    config = None if args.resume else load_config(args.config, args.overrides)
+                        "drop --config/--set/--checkpoint/--device, or start a new run")
+    overrides = [*args.overrides, *([f"train.device={args.device}"] if args.device else [])]
+    config = None if args.resume else load_config(args.config, overrides)
     train_prior(config, args.checkpoint, resume=args.resume, overwrite=args.overwrite)
     return 0

@@ -1,23 +1,35 @@
-"""Bits of codes: raw indices, range coding under code frequencies, and range coding under the prior.
+"""Codes as bitstreams: range coding (``constriction``) under code frequencies or under the prior.
 
-*raw* is ``log2(n_embed)`` per code; *entropy-coded* is the length of a real range-coded
-bitstream (``constriction``) of each level's codes under that level's code frequencies over
-the coded set, checked to decode back losslessly; *prior-coded* codes each symbol under the
-prior's conditional probabilities.
+Two coders, each an encoder and the decoder that undoes it exactly:
+
+- **frequencies**: every code of a level is coded under that level's code counts over the coded
+  set (the counts travel with the stream): :func:`encode_with_frequencies`,
+  :func:`decode_with_frequencies`.
+- **prior**: every code is coded under the prior's conditional probabilities given the codes
+  before it. Encoder and decoder obtain each position's probabilities through one sequential
+  path (:meth:`mrivq.nn.prior.CodeTransformer.cached_logits`, one position at a time, slices in
+  fixed batches of ``batch_size``, one CPU thread), turned into the coder's integer
+  frequencies the same way on both sides, so the decoder rebuilds the codes bit for bit on the
+  same kind of machine and device: :func:`encode_with_prior`, :func:`decode_with_prior`.
+
+One stream holds both levels: every top code (slice by slice for frequencies, batch by batch
+for the prior), then every bottom code. Streams are uint32 words.
+
+*raw* bits are ``log2(n_embed)`` per code (:func:`raw_bits_per_pixel`): what fixed-width
+indices would take.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from mrivq.nn.prior import CodePrior
 
-#: Side information per slice that decode needs besides the codes, in bytes: (offset, scale)
-#: as float32, the affine's top 3x4 rows as float32, the original (h, w) as uint16.
-SIDE_BYTES_PER_SLICE = 2 * 4 + 12 * 4 + 2 * 2
+PRIOR_BATCH = 16  # slices coded together under the prior (the decoder must use the same)
 
 
 def raw_bits_per_pixel(image_size: tuple[int, int], top_shape: tuple[int, int],
@@ -28,109 +40,124 @@ def raw_bits_per_pixel(image_size: tuple[int, int], top_shape: tuple[int, int],
     return bits / math.prod(image_size)
 
 
-def range_code(symbols: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
-    """Range-code ``symbols`` (any shape, ints in ``[0, K)``) and return the bitstream (uint32 words).
+def _categorical():
+    import constriction  # imported when coding: the model and compression layers stay light to import
 
-    ``probabilities`` is ``(K,)`` for one distribution shared by all symbols, or
-    ``(len(symbols), K)`` for one per symbol (in ``symbols.ravel()`` order). The stream is
-    decoded again and compared: a mismatch is a bug, not a user error.
-    """
-    import constriction
-
-    categorical = constriction.stream.model.Categorical
-    flat = np.ascontiguousarray(symbols, dtype=np.int32).ravel()
-    probs = np.ascontiguousarray(probabilities, dtype=np.float64)
-    encoder = constriction.stream.queue.RangeEncoder()
-    if probs.ndim == 1:
-        encoder.encode(flat, categorical(probs, perfect=False))
-    else:
-        encoder.encode(flat, categorical(perfect=False), probs)
-    words = encoder.get_compressed()
-    decoder = constriction.stream.queue.RangeDecoder(words)
-    if probs.ndim == 1:
-        decoded = decoder.decode(categorical(probs, perfect=False), len(flat))
-    else:
-        decoded = decoder.decode(categorical(perfect=False), probs)
-    if not np.array_equal(decoded, flat):
-        raise RuntimeError("range coding did not round-trip")
-    return words
+    return constriction.stream.model.Categorical, constriction.stream.queue
 
 
-def frequency_coded_bits(codes: np.ndarray, n_embed: int) -> dict:
-    """Range-code one level's codes under their own frequencies over the set.
+# ---------------------------------------------------------------------------------------
+# Under code frequencies
+# ---------------------------------------------------------------------------------------
 
-    Returns ``bits`` (the real bitstream length), ``entropy_bits`` (the ideal
-    ``-sum log2 p``) and ``table_bytes`` (the frequency table a decoder needs: uint32 counts).
-    """
-    counts = np.bincount(codes.ravel(), minlength=n_embed).astype(np.float64)
-    probs = counts / counts.sum()
-    words = range_code(codes, probs)
-    used = probs[probs > 0]
-    return {"bits": int(words.size * 32),
-            "entropy_bits": float(-(counts[counts > 0] * np.log2(used)).sum()),
-            "table_bytes": int(n_embed * 4)}
+def code_counts(codes_top: np.ndarray, codes_bottom: np.ndarray, n_embed: int) -> np.ndarray:
+    """``(2, n_embed)`` uint32: how often each code occurs at the top and at the bottom."""
+    return np.stack([np.bincount(np.asarray(c).ravel(), minlength=n_embed) for c in (codes_top, codes_bottom)]
+                    ).astype(np.uint32)
 
 
-def bits_report(codes_top: np.ndarray, codes_bottom: np.ndarray, n_embed: int,
-                image_size: tuple[int, int], input_bytes: int | None = None,
-                prior_bits: dict | None = None) -> dict:
-    """Bits per pixel (raw, entropy-coded, ideal) of a set of code grids, and compression ratios.
+def _frequencies(counts: np.ndarray) -> np.ndarray:
+    counts = counts.astype(np.float64)
+    return counts / counts.sum()
 
-    ``codes_*`` are ``(N, h, w)`` and ``(N, 2h, 2w)``; pixels are ``N x H x W`` of
-    ``image_size``. ``input_bytes``: the input files' total size, for the ratios.
-    ``prior_bits``: ``{"top": bits, "bottom": bits}`` of range coding under a prior.
-    """
-    n = len(codes_top)
-    pixels = n * image_size[0] * image_size[1]
-    raw = raw_bits_per_pixel(tuple(image_size), codes_top.shape[1:], codes_bottom.shape[1:],
-                                     n_embed, n_embed)
-    levels = {"top": frequency_coded_bits(codes_top, n_embed),
-              "bottom": frequency_coded_bits(codes_bottom, n_embed)}
-    coded_bits = sum(level["bits"] for level in levels.values())
-    tables = sum(level["table_bytes"] for level in levels.values())
-    coded_bytes = math.ceil(coded_bits / 8) + tables + n * SIDE_BYTES_PER_SLICE
-    report = {
-        "n_slices": n,
-        "n_codes": {"top": int(codes_top[0].size), "bottom": int(codes_bottom[0].size)},
-        "bits_per_pixel": {
-            "raw": raw,
-            "entropy_coded": coded_bits / pixels,
-            "entropy_ideal": sum(level["entropy_bits"] for level in levels.values()) / pixels,
-        },
-        "bits_per_code": {name: level["bits"] / codes.size
-                          for (name, level), codes in zip(levels.items(), (codes_top, codes_bottom))},
-        "coded_bytes": coded_bytes,
-        "coder": "range coding (constriction) under per-level code frequencies; the frequency "
-                 "tables and per-slice side information are counted in coded_bytes",
-    }
-    if prior_bits is not None:
-        bits = prior_bits["top"] + prior_bits["bottom"]
-        report["bits_per_pixel"]["prior_coded"] = bits / pixels
-        report["prior_coded_bytes"] = math.ceil(bits / 8) + n * SIDE_BYTES_PER_SLICE
-    if input_bytes:
-        report["input_bytes"] = int(input_bytes)
-        report["compression_ratio"] = input_bytes / coded_bytes
-        if prior_bits is not None:
-            report["compression_ratio_prior"] = input_bytes / report["prior_coded_bytes"]
-    return report
+
+def encode_with_frequencies(codes_top: np.ndarray, codes_bottom: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Range-code ``codes_top`` ``(N, h, w)`` then ``codes_bottom`` ``(N, 2h, 2w)`` under each level's
+    ``counts`` (:func:`code_counts` of the same codes); returns the stream (uint32 words)."""
+    categorical, queue = _categorical()
+    encoder = queue.RangeEncoder()
+    for codes, level_counts in zip((codes_top, codes_bottom), counts):
+        encoder.encode(np.ascontiguousarray(codes, dtype=np.int32).ravel(),
+                       categorical(_frequencies(level_counts), perfect=False))
+    return encoder.get_compressed()
+
+
+def decode_with_frequencies(words: np.ndarray, counts: np.ndarray, n: int, top_grid: tuple[int, int],
+                            ) -> tuple[np.ndarray, np.ndarray]:
+    """Undo :func:`encode_with_frequencies`: ``n`` top grids ``top_grid`` and bottom grids twice as
+    large, int64."""
+    categorical, queue = _categorical()
+    decoder = queue.RangeDecoder(np.ascontiguousarray(words, dtype=np.uint32))
+    grids = (tuple(top_grid), (2 * top_grid[0], 2 * top_grid[1]))
+    return tuple(decoder.decode(categorical(_frequencies(level_counts), perfect=False), n * math.prod(grid))
+                 .astype(np.int64).reshape(n, *grid) for grid, level_counts in zip(grids, counts))
+
+
+def ideal_bits(codes_top: np.ndarray, codes_bottom: np.ndarray, counts: np.ndarray) -> float:
+    """``-sum log2 p`` of the codes under their frequencies: the length no coder beats."""
+    bits = 0.0
+    for codes, level_counts in zip((codes_top, codes_bottom), counts):
+        probs = _frequencies(level_counts)
+        bits -= float(np.log2(probs[np.asarray(codes).ravel()]).sum())
+    return bits
+
+
+# ---------------------------------------------------------------------------------------
+# Under the prior
+# ---------------------------------------------------------------------------------------
+
+#: ``code(level, probabilities (B, K) float64, first_slice, position) -> codes (B,) int64``:
+#: the encoder codes the true codes and returns them, the decoder returns what it decoded.
+Coder = Callable[[str, np.ndarray, int, int], np.ndarray]
 
 
 @torch.inference_mode()
-def prior_coded_bits(prior: CodePrior, codes_top: np.ndarray, codes_bottom: np.ndarray,
-                     batch_size: int = 16) -> dict:
-    """Range-code both levels under the prior's conditional probabilities; real stream bits per level.
+def _prior_pass(prior: CodePrior, n: int, batch_size: int, code: Coder) -> tuple[np.ndarray, np.ndarray]:
+    """The one sequential path both prior coders take (see the module docstring)."""
+    prior.eval()
+    device = next(prior.parameters()).device
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same reduction order on both sides, and faster for one token
+    tops, bottoms = [], []
+    try:
+        for lo in range(0, n, batch_size):
+            size = min(batch_size, n - lo)
+            grids = []
+            condition = None
+            for level, transformer in (("top", prior.top), ("bottom", prior.bottom)):
+                if level == "bottom":
+                    condition = prior.condition(grids[0])
+                cache = transformer.new_cache(size)
+                out = torch.empty(size, transformer.length, dtype=torch.long, device=device)
+                previous = torch.full((size, 1), prior.n_embed, dtype=torch.long, device=device)
+                for t in range(transformer.length):
+                    logits = transformer.cached_logits(previous, t, cache, condition)[:, 0]
+                    probs = torch.softmax(logits.double(), dim=-1).cpu().numpy()
+                    codes = torch.as_tensor(code(level, probs, lo, t), dtype=torch.long, device=device)
+                    out[:, t] = codes
+                    previous = codes[:, None]
+                grids.append(out.reshape(size, *transformer.grid))
+            tops.append(grids[0].cpu().numpy())
+            bottoms.append(grids[1].cpu().numpy())
+    finally:
+        torch.set_num_threads(threads)
+    return np.concatenate(tops), np.concatenate(bottoms)
 
-    The probabilities of every position come from one teacher-forced pass. A decoder would
-    recompute them position by position, through the cached path that sampling uses; that
-    path differs from this one in floating-point rounding, so a decoder needs the encoder's
-    exact computation (same path, same device) to stay in step. The figure is the size of
-    this stream, not yet a round trip through such a decoder.
-    """
-    bits = {"top": 0, "bottom": 0}
-    for lo in range(0, len(codes_top), batch_size):
-        top = torch.as_tensor(np.asarray(codes_top[lo:lo + batch_size], dtype=np.int64))
-        bottom = torch.as_tensor(np.asarray(codes_bottom[lo:lo + batch_size], dtype=np.int64))
-        for level, logits, codes in zip(("top", "bottom"), prior(top, bottom), (top, bottom)):
-            probs = torch.softmax(logits.double(), dim=1).permute(0, 2, 3, 1).reshape(-1, prior.n_embed)
-            bits[level] += int(range_code(codes.numpy(), probs.numpy()).size * 32)
-    return bits
+
+def encode_with_prior(prior: CodePrior, codes_top: np.ndarray, codes_bottom: np.ndarray, *,
+                      batch_size: int = PRIOR_BATCH) -> np.ndarray:
+    """Range-code ``codes_top`` ``(N, h, w)`` and ``codes_bottom`` ``(N, 2h, 2w)`` under ``prior``;
+    returns the stream (uint32 words). :func:`decode_with_prior` with the same prior and
+    ``batch_size`` on the same kind of machine and device gives the codes back."""
+    categorical, queue = _categorical()
+    encoder = queue.RangeEncoder()
+    truth = {"top": np.asarray(codes_top, dtype=np.int32).reshape(len(codes_top), -1),
+             "bottom": np.asarray(codes_bottom, dtype=np.int32).reshape(len(codes_bottom), -1)}
+    model = categorical(perfect=False)
+
+    def code(level, probs, lo, t):
+        symbols = np.ascontiguousarray(truth[level][lo:lo + len(probs), t])
+        encoder.encode(symbols, model, probs)
+        return symbols
+
+    _prior_pass(prior, len(codes_top), batch_size, code)
+    return encoder.get_compressed()
+
+
+def decode_with_prior(prior: CodePrior, words: np.ndarray, n: int, *,
+                      batch_size: int = PRIOR_BATCH) -> tuple[np.ndarray, np.ndarray]:
+    """Undo :func:`encode_with_prior`: ``n`` top and bottom grids, int64."""
+    categorical, queue = _categorical()
+    decoder = queue.RangeDecoder(np.ascontiguousarray(words, dtype=np.uint32))
+    model = categorical(perfect=False)
+    return _prior_pass(prior, n, batch_size, lambda level, probs, lo, t: decoder.decode(model, probs))

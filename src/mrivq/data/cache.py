@@ -64,6 +64,7 @@ class SliceSet:
     files: list[str]
     original_shapes: list[tuple[int, int]]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    key: str = ""  # the cache entry's name: changes with the files and the preprocessing
 
     def __len__(self) -> int:
         return len(self.files)
@@ -131,6 +132,7 @@ def load_split(
     else:
         log.debug("split '%s': %d slices from cache %s", name, len(slice_set), entry)
 
+    slice_set.key = key
     if slice_set.skipped:
         if on_bad_file == "error":
             raise _bad_files_error(slice_set.skipped, name)

@@ -121,22 +121,24 @@ def _checkpoint_output(trained: Config, checkpoint: Path):
                     "with --set output.dir=FOLDER")
 
 
-def load_vqvae(path: str | Path) -> tuple[VQVAE2, Config]:
-    """The VQ-VAE-2 of a training checkpoint (eval mode, CPU) and the config it was trained with."""
+def load_vqvae(path: str | Path, device: torch.device | str = "cpu") -> tuple[VQVAE2, Config]:
+    """The VQ-VAE-2 of a training checkpoint (eval mode, on ``device``) and the config it was trained with."""
     path = Path(path).expanduser()
     ckpt = load_checkpoint(path)
     if ckpt.get("kind") == PRIOR_KIND:
         raise UserError(f"{path} is a prior checkpoint; give the VQ-VAE's checkpoint "
                         "(e.g. runs/default/models/best.pt)")
-    model = model_from_checkpoint(ckpt, path).eval()
+    model = model_from_checkpoint(ckpt, path).to(device).eval()
     return model, checkpoint_config(ckpt, path)
 
 
-def codebook_fingerprint(model: VQVAE2) -> str:
-    """Short hash of both codebooks: codes only mean something under the codebooks that made them."""
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Short hash of a model's whole state (every parameter and buffer, by name): codes mean
+    something only under the very model that made them, and a prior only over its codes."""
     digest = hashlib.sha256()
-    for quantizer in (model.quantize_top, model.quantize_bottom):
-        digest.update(quantizer.embed.detach().cpu().float().numpy().tobytes())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -147,16 +149,20 @@ def prior_from_config(config: Config, n_embed: int, top_grid: tuple[int, int]) -
                      dropout=p.dropout, bottom_window_rows=p.bottom_window_rows)
 
 
-def load_prior(path: str | Path, expect_fingerprint: str | None = None) -> tuple[CodePrior, VQVAE2, dict]:
-    """The prior (eval mode), its VQ-VAE and the raw checkpoint of ``mrivq train-prior``."""
+def load_prior(path: str | Path, expect_fingerprint: str | None = None,
+               device: torch.device | str = "cpu") -> tuple[CodePrior, VQVAE2, dict]:
+    """The prior and its VQ-VAE (eval mode, on ``device``) and the raw checkpoint of ``mrivq train-prior``.
+
+    ``expect_fingerprint``: the :func:`model_fingerprint` of the VQ-VAE the prior must belong to.
+    """
     path = Path(path).expanduser()
     ckpt = load_checkpoint(path)
     if ckpt.get("kind") != PRIOR_KIND:
         raise UserError(f"{path} is not a prior checkpoint; train one with `mrivq train-prior` "
                         "and give its models/prior_best.pt")
     if expect_fingerprint is not None and ckpt.get("fingerprint") != expect_fingerprint:
-        raise UserError(f"{path} was trained on another VQ-VAE's codes; give the prior trained "
-                        "with this checkpoint")
+        raise UserError(f"{path} was trained on another VQ-VAE's codes (or by an older mrivq); give "
+                        "the prior trained with this checkpoint, or train one with `mrivq train-prior`")
     config = config_from_dict(ckpt["config"])
     shape = ckpt["prior_shape"]
     prior = prior_from_config(config, int(shape["n_embed"]), tuple(shape["top_grid"]))
@@ -165,4 +171,4 @@ def load_prior(path: str | Path, expect_fingerprint: str | None = None) -> tuple
     except RuntimeError:
         raise UserError(f"{path}: the prior's weights do not fit its stored config") from None
     vqvae = model_from_checkpoint(ckpt["vqvae"], path)
-    return prior.eval(), vqvae.eval(), ckpt
+    return prior.to(device).eval(), vqvae.to(device).eval(), ckpt

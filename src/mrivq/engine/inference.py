@@ -5,6 +5,10 @@ Everything here runs under ``torch.inference_mode`` in eval mode; nothing change
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -49,3 +53,29 @@ def decode_images(model: VQVAE2, codes_top: np.ndarray, codes_bottom: np.ndarray
         bottom = torch.as_tensor(np.asarray(codes_bottom[lo:lo + batch_size], dtype=np.int64), device=device)
         out.append(model.decode_codes(top, bottom)[:, 0].float().cpu().numpy())
     return np.concatenate(out)
+
+
+def cached_codes(model: VQVAE2, images: np.ndarray, *, cache_dir: Path, key: str,
+                 batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, bool]:
+    """:func:`encode_images`, kept in ``cache_dir/codes/<key>.npz``: ``key`` must change with the
+    model (its whole-state fingerprint) and the slices (their cache key). Returns the codes and
+    whether they came from the cache."""
+    path = Path(cache_dir) / "codes" / f"{key}.npz"
+    try:
+        with np.load(path) as npz:
+            top, bottom = npz["codes_top"].astype(np.int64), npz["codes_bottom"].astype(np.int64)
+        if len(top) == len(images):
+            return top, bottom, True
+    except (OSError, KeyError, ValueError, EOFError):
+        pass  # absent or unreadable: encode again
+    top, bottom = encode_images(model, images, batch_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, codes_top=top.astype(np.uint16), codes_bottom=bottom.astype(np.uint16))
+        os.replace(tmp, path)  # a cache, not a run file: not in any run's manifest
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return top, bottom, False

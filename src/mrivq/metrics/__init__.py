@@ -15,6 +15,7 @@ from mrivq.metrics.image import (
     ssim_map,
     ssim_per_image,
     to_unit_range,
+    unit_range_images,
 )
 from mrivq.metrics.regions import REGION_PROTOCOL, region_metrics
 from mrivq.metrics.stats import summary_stats
@@ -22,5 +23,5 @@ from mrivq.metrics.stats import summary_stats
 __all__ = [
     "REGION_PROTOCOL", "SCORING_PRECISION", "SSIM_PROTOCOL", "UNIT_RANGE_POLICIES", "code_counts",
     "codebook_usage", "mae_per_image", "mse_per_image", "psnr_per_image", "region_metrics", "ssim_map",
-    "ssim_per_image", "summary_stats", "to_unit_range",
+    "ssim_per_image", "summary_stats", "to_unit_range", "unit_range_images",
 ]

@@ -13,6 +13,7 @@ matplotlib, which the model and compression layers must not pull in.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 SCORING_PRECISION = "fp32"
@@ -54,6 +55,14 @@ def to_unit_range(reconstruction: torch.Tensor, target: torch.Tensor,
     low = tgt.amin(dim=(-2, -1), keepdim=True)
     spread = (tgt.amax(dim=(-2, -1), keepdim=True) - low).clamp_min(1e-12)
     return (rec - low) / spread, (tgt - low) / spread
+
+
+def unit_range_images(images: np.ndarray, normalize: str) -> np.ndarray:
+    """Model-input slices ``(N, H, W)`` on the scoring range [0, 1] (what codecs compress, what pictures show)."""
+    if normalize in UNIT_RANGE_POLICIES:
+        return images
+    stack = torch.from_numpy(np.array(images, dtype=np.float32))[:, None]
+    return to_unit_range(stack, stack, normalize)[1][:, 0].numpy()
 
 
 @torch.no_grad()

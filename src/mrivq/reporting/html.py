@@ -223,16 +223,24 @@ def _section_codecs(summary: dict | None) -> str:
     if not codecs:
         return _missing("No codec comparison yet: run `mrivq predict`.")
     model = codecs["model"]
-    rows = [["VQ-VAE-2 codes (this model)", _fmt(model["bits_per_pixel"], "{:.3f}"), "fixed-width code indices",
-             _fmt(model["ssim"]["mean"]), _fmt(model["ssim"]["p5"]), _fmt(model["psnr"]["mean"], "{:.2f}")]]
-    for name, scores in codecs["codecs"].items():
-        setting = scores["setting"]
-        rows.append([html.escape(name.upper().replace("JPEG2000", "JPEG 2000")),
-                     _fmt(scores["bits_per_pixel"]["mean"], "{:.3f}"),
-                     f"median {html.escape(setting['name'])} {_fmt(setting['median'], '{:.3g}')}",
-                     _fmt(scores["ssim"]["mean"]), _fmt(scores["ssim"]["p5"]), _fmt(scores["psnr"]["mean"], "{:.2f}")])
-    return (_table(["method", "bits per pixel", "setting", "SSIM mean", "SSIM p5", "PSNR (dB)"], rows, ["model"])
-            + f'<p class="note">{html.escape(str(codecs.get("method", "")))}</p>')
+    tables = codecs.get("rates") or [{"rate": "raw code indices", "bits_per_pixel": codecs["bits_per_pixel"],
+                                      "codecs": codecs["codecs"]}]
+    out = []
+    for table in tables:
+        rows = [[f"VQ-VAE-2 codes (this model), {html.escape(table['rate'])}", _fmt(table["bits_per_pixel"], "{:.3f}"),
+                 "", _fmt(model["ssim"]["mean"]), _fmt(model["ssim"]["p5"]), _fmt(model["psnr"]["mean"], "{:.2f}")]]
+        for name, scores in table["codecs"].items():
+            setting = scores["setting"]
+            rows.append([html.escape(name.upper().replace("JPEG2000", "JPEG 2000")),
+                         _fmt(scores["bits_per_pixel"]["mean"], "{:.3f}"),
+                         f"median {html.escape(setting['name'])} {_fmt(setting['median'], '{:.3g}')}",
+                         _fmt(scores["ssim"]["mean"]), _fmt(scores["ssim"]["p5"]), _fmt(scores["psnr"]["mean"], "{:.2f}")])
+        out.append(_table(["method", "bits per pixel", "setting", "SSIM mean", "SSIM p5", "PSNR (dB)"], rows,
+                          ["model"]))
+    return "".join(out) + (f'<p class="note">At each of the model\'s rates: the raw rate of fixed-width code '
+                           "indices, and the size of the codes file <code>mrivq encode</code> writes (every header "
+                           "and table counted, checked to decode). "
+                           f"{html.escape(str(codecs.get('method', '')))}</p>")
 
 
 def _section_rate_distortion(summary: dict | None, visual_dir: Path) -> str:
@@ -240,16 +248,18 @@ def _section_rate_distortion(summary: dict | None, visual_dir: Path) -> str:
     if not rate_distortion:
         return _missing("No rate-distortion curves yet: run `mrivq predict`.")
     model = rate_distortion["model"]
-    rates = (("raw code indices (log2 of the codebook size per code)", model["bits_per_pixel_raw"]),
-             ("entropy-coded (range coding under the test codes' frequencies)", model["bits_per_pixel_entropy_coded"]))
+    rates = [("raw code indices (log2 of the codebook size per code)", model["bits_per_pixel_raw"]),
+             ("codes file, range-coded under the code frequencies", model["bits_per_pixel_entropy_coded"])]
+    if "bits_per_pixel_prior_coded" in model:
+        rates.append(("codes file, range-coded under the prior", model["bits_per_pixel_prior_coded"]))
     rows = [[html.escape(label), _fmt(rate, "{:.3f}"), _fmt(model["ssim"]), _fmt(model["psnr"], "{:.2f}")]
             for label, rate in rates]
     return (_image(visual_dir / "rate_distortion.png",
                    "SSIM and PSNR against bits per pixel: each codec over its quality settings (a line), "
-                   "the model's codes at their raw and entropy-coded rates (single markers)")
+                   "the model at each of its rates (single markers)")
             + _table(["VQ-VAE-2 codes (this model)", "bits per pixel", "SSIM mean", "PSNR (dB)"], rows)
-            + '<p class="note">A codec\'s rate counts every file with its headers; the entropy-coded rate '
-              "counts the code bitstream only (the frequency tables, shared by the whole set, are left out). "
+            + '<p class="note">A codec\'s rate counts every file with its headers; so does a codes file\'s '
+              "(names, affines, normalisation and frequency tables included). "
               "Points whose mean PSNR is infinite (a slice kept perfectly) are not drawn.</p>")
 
 

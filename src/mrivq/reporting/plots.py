@@ -40,7 +40,8 @@ def display(slice2d: np.ndarray) -> np.ndarray:
 
 
 def save_sample_grid(inputs: np.ndarray, reconstructions: np.ndarray, path: Path,
-                     title: str | None = None, labels: list[str] | None = None) -> None:
+                     title: str | None = None, labels: list[str] | None = None,
+                     row_names: tuple[str, str] = ("input", "reconstruction")) -> None:
     """Inputs (top row) over reconstructions (bottom row). Arrays ``(N, H, W)`` in [0, 1]."""
     n = len(inputs)
     h, w = display(inputs[0]).shape
@@ -53,8 +54,8 @@ def save_sample_grid(inputs: np.ndarray, reconstructions: np.ndarray, path: Path
             ax.set_yticks([])
         if labels:
             axes[1, i].set_xlabel(labels[i], fontsize=7)
-    axes[0, 0].set_ylabel("input")
-    axes[1, 0].set_ylabel("reconstruction")
+    axes[0, 0].set_ylabel(row_names[0])
+    axes[1, 0].set_ylabel(row_names[1])
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
