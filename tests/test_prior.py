@@ -119,6 +119,41 @@ def test_train_prior_then_sample_writes_valid_slices(work, tiny_phantom, tmp_pat
     images = [nib.load(out / f"sample_{i:03d}.nii.gz") for i in range(3)]
     assert all(image.shape == (64, 32) for image in images)
     assert all(np.isfinite(np.asarray(image.dataobj)).all() for image in images)
+    # each sample beside its most similar training slice, so memorisation would be visible
+    rows = (out / "nearest.csv").read_text().splitlines()
+    assert rows[0] == "sample,training_slice,ssim" and len(rows) == 4
+    assert all(row.split(",")[1].startswith("case_") and -1 <= float(row.split(",")[2]) <= 1 for row in rows[1:])
+    assert (out / "nearest.png").stat().st_size > 1000
+
+    # the codes of the splits were kept in the cache: a second prior does not encode again
+    again = prior_overrides(tiny_phantom, work["root"], "again", steps=2, interval=2)
+    assert run_main(["train-prior", "--checkpoint", str(work["vqvae"]), *set_args(again)]) == 0
+    log = (work["root"] / "again" / "logging" / "prior.log").read_text()
+    assert "read the cached codes of the train split" in log and "encoded the train split" not in log
+
+    # prior-coded codes files decode exactly, with the prior that coded them and no other
+    test_split = tiny_phantom / "keras_slices_test"
+    coded = tmp_path / "test.mrvq"
+    capsys.readouterr()
+    assert run_main(["encode", "--checkpoint", str(work["vqvae"]), str(test_split), "--out", str(coded),
+                     "--prior", str(run / "models/prior_best.pt"), "--device", "cpu"]) == 0
+    assert "range-coded under the prior, checked to decode" in capsys.readouterr().out
+    plain = tmp_path / "plain.mrvq"
+    assert run_main(["encode", "--checkpoint", str(work["vqvae"]), str(test_split), "--out", str(plain)]) == 0
+    for codes_file in (coded, plain):
+        assert run_main(["decode", "--checkpoint", str(work["vqvae"]), str(codes_file), "--out",
+                         str(tmp_path / codes_file.stem), "--prior", str(run / "models/prior_best.pt")]) == 0
+    for name in sorted(p.name for p in test_split.glob("*.nii.gz")):  # the same slices either way
+        a, b = (np.asarray(nib.load(tmp_path / folder / name).dataobj) for folder in ("test", "plain"))
+        assert np.array_equal(a, b), name
+    capsys.readouterr()
+    assert run_main(["decode", "--checkpoint", str(work["vqvae"]), str(coded), "--out", str(tmp_path / "x")]) == 2
+    assert "coded under a prior: give it with --prior" in capsys.readouterr().err
+    assert run_main(["decode", "--checkpoint", str(work["vqvae"]), str(coded), "--out", str(tmp_path / "x"),
+                     "--prior", str(work["root"] / "again" / "models/prior_best.pt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "coded under another prior" in err[0]
+    assert not (tmp_path / "x").exists()
 
 
 def test_train_prior_resumes_to_the_same_result(work, tiny_phantom, monkeypatch):

@@ -107,21 +107,19 @@ def _nearest_training_slices(slices: np.ndarray, config, vq_config, out_dir: Pat
     train = load_split(splits.train, Preprocessing.from_settings(vq_config.data), cache_dir=config.data.cache_dir,
                        on_bad_file="skip", workers=config.data.workers, name="train")
     normalize = vq_config.data.normalize
-    references = torch.from_numpy(np.asarray(train.images, dtype=np.float32))[:, None]
-    best_ssim, best_index = [], []
+    samples = torch.from_numpy(np.asarray(slices, dtype=np.float32))[:, None]
+    best_ssim, best_index = np.full(len(slices), -np.inf), np.zeros(len(slices), dtype=int)
     with torch.inference_mode():
-        for sample in torch.from_numpy(np.asarray(slices, dtype=np.float32))[:, None]:
-            scores = []
-            for lo in range(0, len(references), 256):
-                target = references[lo:lo + 256]
+        for lo in range(0, len(train.images), 256):  # the cached slices are a memory map: a chunk at a time
+            target = torch.from_numpy(np.array(train.images[lo:lo + 256], dtype=np.float32))[:, None]
+            for i, sample in enumerate(samples):
                 rec, tgt = metrics.to_unit_range(sample.expand_as(target), target, normalize)
-                scores.append(ssim_per_image(rec.clamp(0, 1), tgt))
-            scores = torch.cat(scores)
-            best_index.append(int(scores.argmax()))
-            best_ssim.append(float(scores.max()))
-    unit = lambda x: metrics.to_unit_range(torch.from_numpy(np.asarray(x, np.float32))[:, None],
-                                           torch.from_numpy(np.asarray(x, np.float32))[:, None], normalize)[1][:, 0].numpy()
-    save_sample_grid(unit(slices), unit(train.images[best_index]), out_dir / "nearest.png",
+                scores = ssim_per_image(rec.clamp(0, 1), tgt)
+                if float(scores.max()) > best_ssim[i]:
+                    best_ssim[i], best_index[i] = float(scores.max()), lo + int(scores.argmax())
+    best_ssim, best_index = best_ssim.tolist(), best_index.tolist()
+    save_sample_grid(metrics.unit_range_images(slices, normalize),
+                     metrics.unit_range_images(train.images[best_index], normalize), out_dir / "nearest.png",
                      title="samples (top) and their most similar training slices (bottom, SSIM)",
                      labels=[f"SSIM {s:.3f}" for s in best_ssim], row_names=("sample", "nearest training"))
     rows = "sample,training_slice,ssim\n" + "".join(
