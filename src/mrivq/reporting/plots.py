@@ -40,8 +40,7 @@ def display(slice2d: np.ndarray) -> np.ndarray:
 
 
 def save_sample_grid(inputs: np.ndarray, reconstructions: np.ndarray, path: Path,
-                     title: str | None = None, labels: list[str] | None = None,
-                     row_names: tuple[str, str] = ("input", "reconstruction")) -> None:
+                     title: str | None = None, labels: list[str] | None = None) -> None:
     """Inputs (top row) over reconstructions (bottom row). Arrays ``(N, H, W)`` in [0, 1]."""
     n = len(inputs)
     h, w = display(inputs[0]).shape
@@ -54,8 +53,8 @@ def save_sample_grid(inputs: np.ndarray, reconstructions: np.ndarray, path: Path
             ax.set_yticks([])
         if labels:
             axes[1, i].set_xlabel(labels[i], fontsize=7)
-    axes[0, 0].set_ylabel(row_names[0])
-    axes[1, 0].set_ylabel(row_names[1])
+    axes[0, 0].set_ylabel("input")
+    axes[1, 0].set_ylabel("reconstruction")
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -196,8 +195,9 @@ def _finite(*values) -> bool:
 
 
 def save_samples_grid(slices: np.ndarray, path: Path, low: float = 0.0, high: float = 1.0,
-                      title: str | None = None, columns: int = 4) -> None:
-    """Slices ``(N, H, W)`` as a grid of up to ``columns`` per row, each displayed as :func:`display` does."""
+                      title: str | None = None, columns: int = 4, labels: list[str] | None = None) -> None:
+    """Slices ``(N, H, W)`` as a grid of up to ``columns`` per row, each displayed as :func:`display` does
+    (``labels``: one caption per slice)."""
     n = len(slices)
     cols = min(columns, n)
     rows = math.ceil(n / cols)
@@ -209,6 +209,8 @@ def save_samples_grid(slices: np.ndarray, path: Path, low: float = 0.0, high: fl
         ax.set_yticks([])
         if k < n:
             ax.imshow(display(slices[k]), cmap="gray", vmin=low, vmax=high)
+            if labels:
+                ax.set_xlabel(labels[k], fontsize=7)
         else:
             ax.axis("off")
     if title:
