@@ -28,10 +28,14 @@ WINDOW, SIGMA, K1, K2 = 11, 1.5, 0.01, 0.03
 
 @functools.lru_cache(maxsize=8)
 def _gaussian(device: torch.device) -> torch.Tensor:
-    """The protocol's 1-D Gaussian window, ``(WINDOW,)`` float32, summing to 1."""
-    offsets = torch.arange(WINDOW, dtype=torch.float32) - (WINDOW - 1) / 2
-    window = torch.exp(-(offsets**2) / (2 * SIGMA**2))
-    return (window / window.sum()).to(device)
+    """The protocol's 1-D Gaussian window, ``(WINDOW,)`` float32, summing to 1.
+
+    Made outside inference mode even when first asked for inside it: the cached tensor must
+    serve losses that need gradients later."""
+    with torch.inference_mode(False):
+        offsets = torch.arange(WINDOW, dtype=torch.float32) - (WINDOW - 1) / 2
+        window = torch.exp(-(offsets**2) / (2 * SIGMA**2))
+        return (window / window.sum()).to(device)
 
 
 def ssim_per_image(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
