@@ -189,15 +189,15 @@ class PriorConfig(_Section):
     bottom_window_rows: int | None = Field(default=2, ge=1)
     condition_blocks: int = Field(default=2, ge=0)
     dropout: float = Field(default=0.0, ge=0, lt=1)
-    steps: int = Field(default=300, ge=1)
+    steps: int = Field(default=1000, ge=1)
     batch_size: int = Field(default=8, ge=1)
     lr: float = Field(default=2e-3, gt=0)
     weight_decay: float = Field(default=0.01, ge=0)
     warmup_steps: int = Field(default=50, ge=0)
     min_lr_ratio: float = Field(default=0.05, ge=0, le=1)
     grad_clip: float | None = Field(default=1.0, gt=0)
-    interval: int = Field(default=100, ge=1)
-    checkpoint_every: int = Field(default=50, ge=1)
+    interval: int = Field(default=250, ge=1)
+    checkpoint_every: int = Field(default=100, ge=1)
 
     @model_validator(mode="after")
     def _heads_divide_width(self):
