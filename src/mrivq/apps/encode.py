@@ -88,7 +88,7 @@ def encode(checkpoint: str | Path, inputs, out: str | Path, *, batch_size: int =
 
 
 def main(args) -> int:
-    """``mrivq encode --checkpoint FILE INPUT... --out CODES.npz [--prior FILE] [--json]``."""
+    """``mrivq encode --checkpoint FILE INPUT... --out CODES.mrvq [--prior FILE] [--json] [--device D]``."""
     report = encode(args.checkpoint, args.inputs, args.out, prior=args.prior, device=args.device)
     if args.json:
         print(strict_json.dumps(report, indent=2))
@@ -99,5 +99,5 @@ def main(args) -> int:
           f"under {under}, checked to decode): {bpp['file']:.4f} bits per pixel (raw indices {bpp['raw']:.4f}); "
           f"compression ratio vs the input files {report['compression_ratio']:.1f}:1; "
           f"{report['n_slices'] / report['encode_seconds']:.1f} slices/s encoding, "
-          f"{report['n_slices'] / report['decode_seconds']:.1f} decoding on {report['device']}")
+          f"{report['n_slices'] / report['decode_seconds']:.1f} decoding the stream, on {report['device']}")
     return 0

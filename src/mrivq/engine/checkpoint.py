@@ -122,13 +122,14 @@ def _checkpoint_output(trained: Config, checkpoint: Path):
 
 
 def load_vqvae(path: str | Path, device: torch.device | str = "cpu") -> tuple[VQVAE2, Config]:
-    """The VQ-VAE-2 of a training checkpoint (eval mode, on ``device``) and the config it was trained with."""
+    """The VQ-VAE-2 of a training checkpoint (eval mode, on ``device``, channels-last as training and
+    evaluation run it) and the config it was trained with."""
     path = Path(path).expanduser()
     ckpt = load_checkpoint(path)
     if ckpt.get("kind") == PRIOR_KIND:
         raise UserError(f"{path} is a prior checkpoint; give the VQ-VAE's checkpoint "
                         "(e.g. runs/default/models/best.pt)")
-    model = model_from_checkpoint(ckpt, path).to(device).eval()
+    model = model_from_checkpoint(ckpt, path).to(device).to(memory_format=torch.channels_last).eval()
     return model, checkpoint_config(ckpt, path)
 
 

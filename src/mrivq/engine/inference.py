@@ -28,14 +28,15 @@ def slices_to_batch(slices: np.ndarray, device: torch.device) -> torch.Tensor:
 def encode_images(model: VQVAE2, images: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """Codes of ``images`` ``(N, H, W)`` float32 in model input range.
 
+    Batches go in as :func:`slices_to_batch` makes them (channels-last), as in evaluation, so a
+    model in the same memory format gives the same codes here as :func:`mrivq.engine.evaluator.evaluate`.
     Returns ``(codes_top, codes_bottom)``: int64 ``(N, h, w)`` and ``(N, 2h, 2w)``.
     """
     model.eval()
     device = next(model.parameters()).device
     tops, bottoms = [], []
     for lo in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.array(images[lo:lo + batch_size], dtype=np.float32)).unsqueeze(1)
-        top, bottom = model.encode(x.to(device))
+        top, bottom = model.encode(slices_to_batch(images[lo:lo + batch_size], device))
         tops.append(top.cpu().numpy())
         bottoms.append(bottom.cpu().numpy())
     return np.concatenate(tops), np.concatenate(bottoms)
