@@ -142,11 +142,11 @@ def record(path: Path) -> None:
         _write_manifest(active.run_dir, jobs)
 
 
-def atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write, *, listed: bool = True) -> None:
     """Call ``write(file_object)`` on a temporary file next to ``path``, fsync, then rename.
 
-    A crash or a full disk leaves the previous ``path`` untouched. Inside
-    :func:`recording` the path is listed in the run's manifest.
+    A crash or a full disk leaves the previous ``path`` untouched. Inside :func:`recording` the
+    path is listed in the run's manifest, unless ``listed=False`` (a cache file, not the run's).
     """
     path = Path(path)
     try:
@@ -159,7 +159,8 @@ def atomic_write(path: Path, write) -> None:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        record(path)  # listed before it appears: a kill never leaves a run file the manifest lacks
+        if listed:
+            record(path)  # listed before it appears: a kill never leaves a run file the manifest lacks
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)

@@ -22,6 +22,7 @@ import io
 import json
 import math
 import struct
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from mrivq.compression.entropy import (
     decode_with_prior,
     encode_with_frequencies,
     encode_with_prior,
+    ideal_bits,
     raw_bits_per_pixel,
 )
 from mrivq.errors import UserError
@@ -200,9 +202,24 @@ def unpack_codes(codes: CodesFile, prior=None, path: Path | str = "codes file") 
     return top, bottom
 
 
+def pack_checked(codes_top: np.ndarray, codes_bottom: np.ndarray, *, prior=None,
+                 **side) -> tuple[CodesFile, bytes, dict]:
+    """:func:`pack_codes`, serialised, then decoded again from those bytes through the decoder's own
+    path (:func:`unpack_codes`) and compared: ``(the file, its bytes, {"coding_s", "decoding_s"})``.
+    A file that would not decode back is a bug here, never a file written."""
+    start = time.perf_counter()
+    codes = pack_codes(codes_top, codes_bottom, prior=prior, **side)
+    blob = codes.to_bytes()
+    coded = time.perf_counter()
+    top, bottom = unpack_codes(CodesFile.from_bytes(blob), prior)
+    if not (np.array_equal(top, codes_top) and np.array_equal(bottom, codes_bottom)):
+        raise RuntimeError(f"the {codes.header['coder']} codes stream did not decode back to the codes")
+    return codes, blob, {"coding_s": coded - start, "decoding_s": time.perf_counter() - coded}
+
+
 def bits_report(codes: CodesFile, file_bytes: int, *, input_bytes: int | None = None) -> dict:
     """What a codes file costs: bits per pixel of the whole file, of its stream alone, of
-    fixed-width indices (raw) and the ideal length under the code frequencies; the bytes of each
+    fixed-width indices (raw) and (frequency coder) the ideal length under the code frequencies; the bytes of each
     section; with ``input_bytes`` (the input files' size) the compression ratio."""
     header, n = codes.header, codes.n
     height, width = header["image_size"]
@@ -219,6 +236,7 @@ def bits_report(codes: CodesFile, file_bytes: int, *, input_bytes: int | None = 
             "raw": raw_bits_per_pixel((height, width), top_grid, bottom_grid, header["n_embed"], header["n_embed"]),
         },
         "file_bytes": int(file_bytes),
+        **({"ideal_bits_per_pixel": ideal_bits(codes.counts) / pixels} if codes.counts is not None else {}),
         "section_bytes": dict(codes.section_bytes),
         "pixels": pixels,
     }

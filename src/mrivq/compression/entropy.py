@@ -83,12 +83,13 @@ def decode_with_frequencies(words: np.ndarray, counts: np.ndarray, n: int, top_g
                  .astype(np.int64).reshape(n, *grid) for grid, level_counts in zip(grids, counts))
 
 
-def ideal_bits(codes_top: np.ndarray, codes_bottom: np.ndarray, counts: np.ndarray) -> float:
-    """``-sum log2 p`` of the codes under their frequencies: the length no coder beats."""
+def ideal_bits(counts: np.ndarray) -> float:
+    """``-sum log2 p`` of the codes these per-level ``counts`` describe, under their own frequencies:
+    the length no coder of them beats."""
     bits = 0.0
-    for codes, level_counts in zip((codes_top, codes_bottom), counts):
-        probs = _frequencies(level_counts)
-        bits -= float(np.log2(probs[np.asarray(codes).ravel()]).sum())
+    for level_counts in np.asarray(counts, dtype=np.float64):
+        used = level_counts[level_counts > 0]
+        bits -= float((used * np.log2(used / used.sum())).sum())
     return bits
 
 

@@ -5,14 +5,13 @@ Everything here runs under ``torch.inference_mode`` in eval mode; nothing change
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from mrivq.nn import VQVAE2
+from mrivq.run_dir import atomic_write
 
 
 def slices_to_batch(slices: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -70,13 +69,6 @@ def cached_codes(model: VQVAE2, images: np.ndarray, *, cache_dir: Path, key: str
     except (OSError, KeyError, ValueError, EOFError):
         pass  # absent or unreadable: encode again
     top, bottom = encode_images(model, images, batch_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, codes_top=top.astype(np.uint16), codes_bottom=bottom.astype(np.uint16))
-        os.replace(tmp, path)  # a cache, not a run file: not in any run's manifest
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda fh: np.savez(fh, codes_top=top.astype(np.uint16), codes_bottom=bottom.astype(np.uint16)),
+                 listed=False)  # a cache, not a run file: in no run's manifest
     return top, bottom, False
