@@ -130,6 +130,11 @@ def test_train_prior_then_sample_writes_valid_slices(work, tiny_phantom, tmp_pat
     assert run_main(["train-prior", "--checkpoint", str(work["vqvae"]), *set_args(again)]) == 0
     log = (work["root"] / "again" / "logging" / "prior.log").read_text()
     assert "read the cached codes of the train split" in log and "encoded the train split" not in log
+    # the training codes include those of the mirrored slices (cached too); validation's do not
+    assert "read the cached codes of the train split mirrored left-right" in log
+    assert "validate split mirrored" not in log
+    n_train = len(list((tiny_phantom / "keras_slices_train").glob("*.nii.gz")))
+    assert f"prior: {2 * n_train} training and " in log
 
     # prior-coded codes files decode exactly, with the prior that coded them and no other
     test_split = tiny_phantom / "keras_slices_test"

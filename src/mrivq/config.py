@@ -189,6 +189,9 @@ class PriorConfig(_Section):
     bottom_window_rows: int | None = Field(default=2, ge=1)
     condition_blocks: int = Field(default=2, ge=0)
     dropout: float = Field(default=0.0, ge=0, lt=1)
+    # "horizontal": the training codes also include those of every training slice mirrored
+    # left-right (encoded once and cached), as a pelvis mirrored is still a plausible pelvis.
+    augment_flip: Literal["none", "horizontal"] = "horizontal"
     steps: int = Field(default=1000, ge=1)
     batch_size: int = Field(default=8, ge=1)
     lr: float = Field(default=2e-3, gt=0)

@@ -102,9 +102,10 @@ def train_prior(config: Config, checkpoint: str | Path | None = None, *, resume:
             loop.load_state_dict(ckpt, last)
             log.info("resumed %s at step %d", config.run_dir, state.step)
         log.info("prior: %d training and %d validation code grids; top %s, bottom %s, %d codes per level; "
-                 "%.2fM parameters; %d steps", len(task.train_top), len(task.val_top),
+                 "%.2fM parameters; %d steps on %s in %s (validation in fp32)", len(task.train_top), len(task.val_top),
                  "x".join(map(str, task.top_grid)), "x".join(map(str, task.train_bottom.shape[1:])),
-                 task.n_embed, sum(p.numel() for p in task.model.parameters()) / 1e6, pc.steps)
+                 task.n_embed, sum(p.numel() for p in task.model.parameters()) / 1e6, pc.steps, task.device,
+                 task.precision)
         with stop_on_signals(loop):
             history = loop.run()
     best = min(history, key=lambda r: r["val_nll"]) if history else {}
@@ -149,13 +150,21 @@ def _encode_splits(config: Config, vq_config: Config, vqvae) -> tuple[dict, dict
     load = {"cache_dir": config.data.cache_dir, "on_bad_file": config.data.on_bad_file,
             "workers": config.data.workers, "progress": interactive()}
     codes, fingerprint = {}, model_fingerprint(vqvae)
+    cache_dir = config.data.cache_dir or default_cache_dir()
     for name, files in (("train", splits.train), ("validate", splits.validate)):
         slices = load_split(files, prep, name=name, **load)
-        t0 = time.perf_counter()
-        *codes[name], cached = cached_codes(vqvae, slices.images, cache_dir=config.data.cache_dir or default_cache_dir(),
-                                            key=f"{fingerprint}-{slices.key}", batch_size=config.prior.batch_size)
-        log.info("%s the %s split: %d slices in %.1f s", "read the cached codes of" if cached else "encoded",
-                 name, len(slices), time.perf_counter() - t0)
+        versions = [("", slices.images)]
+        if name == "train" and config.prior.augment_flip == "horizontal":
+            versions.append(("-mirrored", slices.images[:, :, ::-1]))  # training codes only
+        grids = []
+        for suffix, images in versions:
+            t0 = time.perf_counter()
+            *pair, cached = cached_codes(vqvae, images, cache_dir=cache_dir, key=f"{fingerprint}-{slices.key}{suffix}",
+                                         batch_size=config.prior.batch_size)
+            grids.append(pair)
+            log.info("%s the %s split%s: %d slices in %.1f s", "read the cached codes of" if cached else "encoded",
+                     name, " mirrored left-right" if suffix else "", len(slices), time.perf_counter() - t0)
+        codes[name] = tuple(np.concatenate(level) for level in zip(*grids))
         if name == "train":
             _, meta = read_slice(slices.files[0])
             reference = {"affine": torch.from_numpy(meta.affine.astype(np.float64)),

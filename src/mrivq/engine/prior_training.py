@@ -2,7 +2,8 @@
 
 The prior (:class:`mrivq.nn.CodePrior`) is fitted to a VQ-VAE's codes by maximum likelihood:
 the loss is the mean number of bits per code over both levels, weighted by how many codes each
-level has. The learning rate warms up for ``prior.warmup_steps`` and follows a cosine to
+level has. Training steps run under ``train.precision``'s autocast (bf16 where the CPU has it);
+validation, like every use of a trained prior (sampling, coding), runs in float32. The learning rate warms up for ``prior.warmup_steps`` and follows a cosine to
 ``prior.min_lr_ratio`` x ``prior.lr`` at ``prior.steps``.
 """
 
@@ -19,6 +20,7 @@ from mrivq.engine import step as steps
 from mrivq.engine.checkpoint import PRIOR_KIND, prior_from_config
 from mrivq.engine.loop import LoopState, RunningSums
 from mrivq.errors import UserError
+from mrivq.runtime import autocast, resolve_precision
 
 COLUMNS = [
     "step", "epoch", "lr", "train_nll_top", "train_nll_bottom", "train_nll", "val_nll_top",
@@ -56,7 +58,8 @@ class PriorTraining:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: steps.lr_factor(s, state.total_steps, pc.warmup_steps, "cosine",
                                                       pc.min_lr_ratio))
-        self.scaler = torch.amp.GradScaler(device.type, enabled=False)
+        self.precision = resolve_precision(config.train.precision, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.vqvae, self.fingerprint, self.reference = vqvae, fingerprint, reference
         self.running = RunningSums(("nll_top", "nll_bottom"), device)  # bits per code
 
@@ -74,7 +77,8 @@ class PriorTraining:
         top, bottom = batch
 
         def forward():
-            nll_top, nll_bottom = self.model.nll_bits(top, bottom)
+            with autocast(self.device, self.precision):
+                nll_top, nll_bottom = self.model.nll_bits(top, bottom)
             return self._mean_bits(nll_top, nll_bottom), {"top": nll_top.detach(), "bottom": nll_bottom.detach()}, None
 
         result = steps.optimisation_step(self.model, self.optimizer, self.scaler, forward,
