@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from mrivq.config import validate
-from mrivq.data.augment import augment
+from mrivq.data.augment import augment, prior_training_copies
 
 
 def phantom_batch(n: int = 6) -> torch.Tensor:
@@ -77,3 +78,22 @@ def test_channels_last_layout_and_dtype_are_kept(channels):
 def test_bad_settings_are_rejected(flip, intensity):
     with pytest.raises(ValueError):
         augment(phantom_batch(), flip=flip, intensity=intensity)
+
+
+def test_prior_training_copies_mirror_and_shift_without_wrapping_around():
+    images = np.random.default_rng(0).random((3, 10, 6)).astype(np.float32)
+    assert prior_training_copies(images) == {}
+    copies = prior_training_copies(images, flip="horizontal", shift=2)
+    assert list(copies) == ["mirrored", "shifted-up-2px", "shifted-down-2px", "shifted-left-2px", "shifted-right-2px"]
+    assert all(copy.shape == images.shape for copy in copies.values())
+    assert np.array_equal(copies["mirrored"], images[:, :, ::-1])
+    up, down = copies["shifted-up-2px"], copies["shifted-down-2px"]
+    assert np.array_equal(up[:, :8], images[:, 2:]) and np.array_equal(up[:, 8:], images[:, [9, 9]])
+    assert np.array_equal(down[:, 2:], images[:, :8]) and np.array_equal(down[:, :2], images[:, [0, 0]])
+    left, right = copies["shifted-left-2px"], copies["shifted-right-2px"]
+    assert np.array_equal(left[:, :, :4], images[:, :, 2:]) and np.array_equal(left[:, :, 4:], images[:, :, [5, 5]])
+    assert np.array_equal(right[:, :, 2:], images[:, :, :4]) and np.array_equal(right[:, :, :2], images[:, :, [0, 0]])
+    with pytest.raises(ValueError, match="shift"):
+        prior_training_copies(images, shift=6)
+    with pytest.raises(ValueError, match="flip"):
+        prior_training_copies(images, flip="both")

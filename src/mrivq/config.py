@@ -189,9 +189,11 @@ class PriorConfig(_Section):
     bottom_window_rows: int | None = Field(default=2, ge=1)
     condition_blocks: int = Field(default=2, ge=0)
     dropout: float = Field(default=0.0, ge=0, lt=1)
-    # "horizontal": the training codes also include those of every training slice mirrored
-    # left-right (encoded once and cached), as a pelvis mirrored is still a plausible pelvis.
+    # The training codes also include those of every training slice mirrored left-right
+    # ("horizontal": a pelvis mirrored is still a plausible pelvis) and moved by augment_shift
+    # pixels up, down, left and right (0: none); encoded once and cached. Validation never.
     augment_flip: Literal["none", "horizontal"] = "horizontal"
+    augment_shift: int = Field(default=4, ge=0)
     steps: int = Field(default=1000, ge=1)
     batch_size: int = Field(default=8, ge=1)
     lr: float = Field(default=2e-3, gt=0)

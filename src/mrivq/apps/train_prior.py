@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from mrivq.config import Config, config_from_dict, load_config
+from mrivq.data.augment import prior_training_copies
 from mrivq.data.cache import default_cache_dir, load_split
 from mrivq.data.io import read_slice
 from mrivq.data.preprocess import Preprocessing
@@ -44,7 +45,7 @@ from mrivq.engine.checkpoint import (
 from mrivq.engine.inference import cached_codes
 from mrivq.engine.loop import LoopSettings, LoopState, TrainingLoop, stop_on_signals
 from mrivq.engine.prior_training import COLUMNS, PriorTraining
-from mrivq.errors import UserError
+from mrivq.errors import ConfigError, UserError
 from mrivq.logs import interactive, run_logger
 from mrivq.reporting.plots import plot_series
 from mrivq.run_dir import claim_run_dir, recording
@@ -82,6 +83,10 @@ def train_prior(config: Config, checkpoint: str | Path | None = None, *, resume:
         vqvae, vq_config = load_vqvae(checkpoint)
         # The VQ-VAE's own data, seed and run directory, unless given explicitly.
         config, differs = run_config(config, vq_config, Path(checkpoint))
+        size = vq_config.data.image_size
+        if config.prior.augment_shift >= min(size):
+            raise ConfigError(f"prior.augment_shift ({config.prior.augment_shift}) must be smaller than the slices "
+                              f"({size[0]} x {size[1]}); 4 is the default, 0 turns it off")
         claim_run_dir(config, "train-prior", overwrite)
         ckpt = None
     with recording(config.run_dir, "train-prior"), run_logger(config.log_dir / LOG):
@@ -153,17 +158,19 @@ def _encode_splits(config: Config, vq_config: Config, vqvae) -> tuple[dict, dict
     cache_dir = config.data.cache_dir or default_cache_dir()
     for name, files in (("train", splits.train), ("validate", splits.validate)):
         slices = load_split(files, prep, name=name, **load)
-        versions = [("", slices.images)]
-        if name == "train" and config.prior.augment_flip == "horizontal":
-            versions.append(("-mirrored", slices.images[:, :, ::-1]))  # training codes only
+        versions = {"": slices.images}
+        if name == "train":  # the training codes only: validation scores the slices as they are
+            versions.update(prior_training_copies(slices.images, flip=config.prior.augment_flip,
+                                                  shift=config.prior.augment_shift))
         grids = []
-        for suffix, images in versions:
+        for version, images in versions.items():
             t0 = time.perf_counter()
-            *pair, cached = cached_codes(vqvae, images, cache_dir=cache_dir, key=f"{fingerprint}-{slices.key}{suffix}",
-                                         batch_size=config.prior.batch_size)
+            *pair, cached = cached_codes(vqvae, images, cache_dir=cache_dir, batch_size=config.prior.batch_size,
+                                         key="-".join(filter(None, (fingerprint, slices.key, version))))
             grids.append(pair)
             log.info("%s the %s split%s: %d slices in %.1f s", "read the cached codes of" if cached else "encoded",
-                     name, " mirrored left-right" if suffix else "", len(slices), time.perf_counter() - t0)
+                     name, f" ({version.replace('-', ' ')})" if version else "", len(slices),
+                     time.perf_counter() - t0)
         codes[name] = tuple(np.concatenate(level) for level in zip(*grids))
         if name == "train":
             _, meta = read_slice(slices.files[0])

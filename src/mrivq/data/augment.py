@@ -1,6 +1,7 @@
-"""Training-only augmentation of model-space batches: random flips and intensity factors.
+"""Training-only augmentation: random flips and intensity factors of model-space batches, and the
+fixed mirrored and shifted copies of a split that the code prior trains on.
 
-Used by the training loop alone; validation, test and every score see the slices as they are.
+Used by training alone; validation, test and every score see the slices as they are.
 Draws come from the global torch CPU RNG, which the trainer saves in ``last.pt``, so a resumed
 run augments exactly as the uninterrupted one would have. They are drawn on the CPU and moved
 to the batch's device without a host sync, so a CUDA step stays sync-free.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 
 FLIPS = ("none", "horizontal", "both")
@@ -65,3 +67,34 @@ def _per_slice(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def _flip_chosen(slices: torch.Tensor, chosen: torch.Tensor, dim: int) -> torch.Tensor:
     # torch.where rather than indexing: a boolean index would wait for the device.
     return torch.where(chosen, slices.flip(dim), slices)
+
+
+def prior_training_copies(images: np.ndarray, *, flip: str = "none", shift: int = 0) -> dict[str, np.ndarray]:
+    """The extra versions of ``images`` ``(N, H, W)`` whose codes the code prior also trains on.
+
+    ``flip="horizontal"``: ``"mirrored"``, each slice mirrored left-right (a view). ``shift > 0``:
+    four copies moved by ``shift`` pixels up, down, left and right (``"shifted-up-4px"`` ...), the
+    edge rows or columns repeated into the gap, so nothing wraps around and anatomy that
+    touches an edge stays whole. Returns ``{name: (N, H, W) array}`` in a fixed order; empty
+    when both are off.
+    """
+    copies: dict[str, np.ndarray] = {}
+    if flip == "horizontal":
+        copies["mirrored"] = images[:, :, ::-1]
+    elif flip != "none":
+        raise ValueError(f"flip must be none or horizontal, got {flip!r}")
+    if shift < 0 or (shift and shift >= min(images.shape[1:])):
+        raise ValueError(f"shift must be in [0, {min(images.shape[1:])}), got {shift}")
+    if shift:
+        for name, (dy, dx) in (("up", (-shift, 0)), ("down", (shift, 0)), ("left", (0, -shift)),
+                               ("right", (0, shift))):
+            copies[f"shifted-{name}-{shift}px"] = _shifted(images, dy, dx)
+    return copies
+
+
+def _shifted(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """``images`` ``(N, H, W)`` moved ``dy`` rows down and ``dx`` columns right, edges repeated."""
+    height, width = images.shape[1:]
+    padded = np.pad(images, ((0, 0), (max(dy, 0), max(-dy, 0)), (max(dx, 0), max(-dx, 0))), mode="edge")
+    top, left = max(-dy, 0), max(-dx, 0)
+    return padded[:, top:top + height, left:left + width]
