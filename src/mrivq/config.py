@@ -182,10 +182,10 @@ class PredictConfig(_Section):
 class PriorConfig(_Section):
     """The autoregressive prior over codes (``mrivq train-prior``); grid shapes come from the VQ-VAE."""
 
-    d_model: int = Field(default=64, ge=8)
+    d_model: int = Field(default=96, ge=8)
     n_head: int = Field(default=4, ge=1)
-    n_layer_top: int = Field(default=2, ge=1)
-    n_layer_bottom: int = Field(default=2, ge=1)
+    n_layer_top: int = Field(default=4, ge=1)
+    n_layer_bottom: int = Field(default=3, ge=1)
     bottom_window_rows: int | None = Field(default=2, ge=1)
     condition_blocks: int = Field(default=2, ge=0)
     dropout: float = Field(default=0.0, ge=0, lt=1)
@@ -194,7 +194,7 @@ class PriorConfig(_Section):
     # pixels up, down, left and right (0: none); encoded once and cached. Validation never.
     augment_flip: Literal["none", "horizontal"] = "horizontal"
     augment_shift: int = Field(default=4, ge=0)
-    steps: int = Field(default=1000, ge=1)
+    steps: int = Field(default=1500, ge=1)
     batch_size: int = Field(default=8, ge=1)
     lr: float = Field(default=2e-3, gt=0)
     weight_decay: float = Field(default=0.01, ge=0)

@@ -171,7 +171,7 @@ def _encode_splits(config: Config, vq_config: Config, vqvae) -> tuple[dict, dict
             log.info("%s the %s split%s: %d slices in %.1f s", "read the cached codes of" if cached else "encoded",
                      name, f" ({version.replace('-', ' ')})" if version else "", len(slices),
                      time.perf_counter() - t0)
-        codes[name] = tuple(np.concatenate(level) for level in zip(*grids))
+        codes[name] = tuple(np.concatenate(level, dtype=np.int32) for level in zip(*grids))
         if name == "train":
             _, meta = read_slice(slices.files[0])
             reference = {"affine": torch.from_numpy(meta.affine.astype(np.float64)),

@@ -31,7 +31,7 @@ COLUMNS = [
 class PriorTraining:
     """The code-prior task of :class:`mrivq.engine.loop.TrainingLoop`.
 
-    ``codes``: ``{"train": (top, bottom), "validate": (top, bottom)}`` int64 arrays
+    ``codes``: ``{"train": (top, bottom), "validate": (top, bottom)}`` integer arrays
     ``(N, h, w)`` and ``(N, 2h, 2w)``. ``vqvae``: ``{"model": state_dict, "config": dict}`` of the
     VQ-VAE the codes came from; ``reference``: affine, median (offset, scale) and image size of
     the training slices, for writing samples as NIfTI. All three go into every checkpoint, so a
@@ -47,8 +47,10 @@ class PriorTraining:
                  reference: dict, device: torch.device, state: LoopState):
         pc = config.prior
         self.config, self.device, self.state = config, device, state
-        self.train_top, self.train_bottom = (torch.as_tensor(a, dtype=torch.long) for a in codes["train"])
-        self.val_top, self.val_bottom = (torch.as_tensor(a, dtype=torch.long) for a in codes["validate"])
+        # Kept as int32 (half of int64: the training codes with their mirrored and shifted
+        # copies are six grids per slice); batches are made int64 on their way to the device.
+        self.train_top, self.train_bottom = (torch.as_tensor(a, dtype=torch.int32) for a in codes["train"])
+        self.val_top, self.val_bottom = (torch.as_tensor(a, dtype=torch.int32) for a in codes["validate"])
         self.n_examples = len(self.train_top)
         self.batch_size = min(pc.batch_size, self.n_examples)
         self.n_embed = n_embed
@@ -66,7 +68,7 @@ class PriorTraining:
     # ------------------------------------------------------------------ steps ----------
     def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.from_numpy(indices)
-        return self.train_top[index].to(self.device), self.train_bottom[index].to(self.device)
+        return self.train_top[index].to(self.device).long(), self.train_bottom[index].to(self.device).long()
 
     def _mean_bits(self, nll_top: torch.Tensor, nll_bottom: torch.Tensor) -> torch.Tensor:
         """Mean bits per code over both levels, weighted by how many codes each has."""
@@ -104,8 +106,8 @@ class PriorTraining:
         self.model.eval()
         sums, n, size = [0.0, 0.0], len(self.val_top), self.config.prior.batch_size
         for lo in range(0, n, size):
-            top = self.val_top[lo:lo + size].to(self.device)
-            bottom = self.val_bottom[lo:lo + size].to(self.device)
+            top = self.val_top[lo:lo + size].to(self.device).long()
+            bottom = self.val_bottom[lo:lo + size].to(self.device).long()
             nll_top, nll_bottom = self.model.nll_bits(top, bottom)
             sums[0] += float(nll_top) * len(top)
             sums[1] += float(nll_bottom) * len(top)
