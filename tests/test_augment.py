@@ -87,10 +87,11 @@ def test_prior_training_copies_mirror_and_shift_without_wrapping_around():
     assert list(copies) == ["mirrored", "shifted-up-2px", "shifted-down-2px", "shifted-left-2px", "shifted-right-2px"]
     assert all(copy.shape == images.shape for copy in copies.values())
     assert np.array_equal(copies["mirrored"], images[:, :, ::-1])
-    up, down = copies["shifted-up-2px"], copies["shifted-down-2px"]
+    up, down = np.asarray(copies["shifted-up-2px"]), np.asarray(copies["shifted-down-2px"])
     assert np.array_equal(up[:, :8], images[:, 2:]) and np.array_equal(up[:, 8:], images[:, [9, 9]])
     assert np.array_equal(down[:, 2:], images[:, :8]) and np.array_equal(down[:, :2], images[:, [0, 0]])
-    left, right = copies["shifted-left-2px"], copies["shifted-right-2px"]
+    left, right = np.asarray(copies["shifted-left-2px"]), np.asarray(copies["shifted-right-2px"])
+    assert np.array_equal(copies["shifted-left-2px"][1:3], left[1:3])  # batch by batch, the same
     assert np.array_equal(left[:, :, :4], images[:, :, 2:]) and np.array_equal(left[:, :, 4:], images[:, :, [5, 5]])
     assert np.array_equal(right[:, :, 2:], images[:, :, :4]) and np.array_equal(right[:, :, :2], images[:, :, [0, 0]])
     with pytest.raises(ValueError, match="shift"):

@@ -1,10 +1,10 @@
 """Training-only augmentation: random flips and intensity factors of model-space batches, and the
 fixed mirrored and shifted copies of a split that the code prior trains on.
 
-Used by training alone; validation, test and every score see the slices as they are.
-Draws come from the global torch CPU RNG, which the trainer saves in ``last.pt``, so a resumed
-run augments exactly as the uninterrupted one would have. They are drawn on the CPU and moved
-to the batch's device without a host sync, so a CUDA step stays sync-free.
+Used by training alone; validation, test and every score see the slices as they are. The
+random draws come from the global torch CPU RNG, which the trainer saves in ``last.pt``, so a
+resumed run augments exactly as the uninterrupted one would have. They are drawn on the CPU and
+moved to the batch's device without a host sync, so a CUDA step stays sync-free.
 """
 
 from __future__ import annotations
@@ -69,16 +69,18 @@ def _flip_chosen(slices: torch.Tensor, chosen: torch.Tensor, dim: int) -> torch.
     return torch.where(chosen, slices.flip(dim), slices)
 
 
-def prior_training_copies(images: np.ndarray, *, flip: str = "none", shift: int = 0) -> dict[str, np.ndarray]:
+def prior_training_copies(images: np.ndarray, *, flip: str = "none", shift: int = 0) -> dict:
     """The extra versions of ``images`` ``(N, H, W)`` whose codes the code prior also trains on.
 
     ``flip="horizontal"``: ``"mirrored"``, each slice mirrored left-right (a view). ``shift > 0``:
     four copies moved by ``shift`` pixels up, down, left and right (``"shifted-up-4px"`` ...), the
     edge rows or columns repeated into the gap, so nothing wraps around and anatomy that
-    touches an edge stays whole. Returns ``{name: (N, H, W) array}`` in a fixed order; empty
-    when both are off.
+    touches an edge stays whole. The shifted copies are :class:`ShiftedSlices`: nothing is
+    shifted until a batch of them is read, so a split whose codes are cached costs nothing and
+    one being encoded costs one batch of memory. Returns ``{name: array-like (N, H, W)}`` in a
+    fixed order; empty when both are off.
     """
-    copies: dict[str, np.ndarray] = {}
+    copies: dict = {}
     if flip == "horizontal":
         copies["mirrored"] = images[:, :, ::-1]
     elif flip != "none":
@@ -88,13 +90,30 @@ def prior_training_copies(images: np.ndarray, *, flip: str = "none", shift: int 
     if shift:
         for name, (dy, dx) in (("up", (-shift, 0)), ("down", (shift, 0)), ("left", (0, -shift)),
                                ("right", (0, shift))):
-            copies[f"shifted-{name}-{shift}px"] = _shifted(images, dy, dx)
+            copies[f"shifted-{name}-{shift}px"] = ShiftedSlices(images, dy, dx)
     return copies
 
 
-def _shifted(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """``images`` ``(N, H, W)`` moved ``dy`` rows down and ``dx`` columns right, edges repeated."""
-    height, width = images.shape[1:]
-    padded = np.pad(images, ((0, 0), (max(dy, 0), max(-dy, 0)), (max(dx, 0), max(-dx, 0))), mode="edge")
-    top, left = max(-dy, 0), max(-dx, 0)
-    return padded[:, top:top + height, left:left + width]
+class ShiftedSlices:
+    """``images`` ``(N, H, W)`` moved ``dy`` rows down and ``dx`` columns right, edges repeated,
+    computed batch by batch: ``len()``, ``.shape``, ``[lo:hi]`` -> ``(n, H, W)`` array, and
+    ``np.asarray`` for all of it."""
+
+    def __init__(self, images: np.ndarray, dy: int, dx: int) -> None:
+        self.images, self.dy, self.dx = images, dy, dx
+        self.shape = images.shape
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        batch = self.images[rows]
+        height, width = batch.shape[1:]
+        dy, dx = self.dy, self.dx
+        padded = np.pad(batch, ((0, 0), (max(dy, 0), max(-dy, 0)), (max(dx, 0), max(-dx, 0))), mode="edge")
+        top, left = max(-dy, 0), max(-dx, 0)
+        return padded[:, top:top + height, left:left + width]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)

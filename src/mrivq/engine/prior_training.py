@@ -3,8 +3,9 @@
 The prior (:class:`mrivq.nn.CodePrior`) is fitted to a VQ-VAE's codes by maximum likelihood:
 the loss is the mean number of bits per code over both levels, weighted by how many codes each
 level has. Training steps run under ``train.precision``'s autocast (bf16 where the CPU has it);
-validation, like every use of a trained prior (sampling, coding), runs in float32. The learning rate warms up for ``prior.warmup_steps`` and follows a cosine to
-``prior.min_lr_ratio`` x ``prior.lr`` at ``prior.steps``.
+validation, like every use of a trained prior (sampling, coding), runs in float32. The learning
+rate warms up for ``prior.warmup_steps`` and follows a cosine to ``prior.min_lr_ratio`` x
+``prior.lr`` at ``prior.steps``.
 """
 
 from __future__ import annotations
