@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import comparable, run_main
+from conftest import PINNED_PRECISION, comparable, run_main
 from prior_helpers import prior_overrides, train_tiny_vqvae
 
 from mrivq.apps.train_prior import prior_loop, train_prior
@@ -82,7 +82,7 @@ def test_tiny_prior_learns_a_tiny_code_distribution(tmp_path):
     config = load_config(None, [f"output.dir={tmp_path}", "prior.d_model=32", "prior.n_head=2",
                                 "prior.n_layer_top=1", "prior.n_layer_bottom=1", "prior.condition_blocks=1",
                                 "prior.steps=120", "prior.interval=40", "prior.batch_size=8",
-                                "prior.lr=3e-3", "prior.warmup_steps=5", "prior.dropout=0"])
+                                "prior.lr=3e-3", "prior.warmup_steps=5", "prior.dropout=0", *PINNED_PRECISION])
     loop = prior_loop(config, codes, n_embed=32, vqvae={}, fingerprint="-", reference={"image_size": [64, 32]})
     loop.run()
     uniform = math.log2(32)
