@@ -15,7 +15,7 @@ from prior_helpers import prior_overrides, train_tiny_vqvae
 
 from mrivq.apps.train_prior import prior_loop, train_prior
 from mrivq.config import load_config
-from mrivq.engine.checkpoint import load_checkpoint
+from mrivq.engine.checkpoint import load_checkpoint, load_prior, save_checkpoint
 from mrivq.engine.prior_training import PriorTraining
 from mrivq.nn.prior import CodePrior
 from mrivq.run_dir import read_metrics
@@ -52,13 +52,35 @@ def test_logits_teacher_forced_through_the_cache_equal_the_full_pass(window_rows
         _, full = prior(top, bottom)  # (2, 32, 8, 6)
         condition = prior.condition(top)
         flat = bottom.reshape(2, -1)
-        inputs = torch.cat([torch.full((2, 1), 32), flat[:, :-1]], dim=1)  # the code before each position
         cache, pieces, position = prior.bottom.new_cache(2), [], 0
         for size in chunks:
-            pieces.append(prior.bottom.cached_logits(inputs[:, position:position + size], position, cache, condition))
+            known = flat.clone()
+            known[:, position + size - 1:] = 31  # codes from the chunk's last position on are not read
+            pieces.append(prior.bottom.cached_logits(known, position, cache, condition, length=size))
             position += size
     cached = torch.cat(pieces, dim=1)  # (2, 48, 32)
     torch.testing.assert_close(cached, full.flatten(2).transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_each_position_sees_earlier_codes_only_and_its_neighbours_beyond_the_window():
+    torch.manual_seed(0)
+    # Attention window of one row (6 positions): the codes one and two rows above reach a
+    # position only through the neighbour inputs.
+    prior = CodePrior(32, (4, 3), d_model=16, n_head=2, n_layer_top=1, n_layer_bottom=1,
+                      bottom_window_rows=1).eval()
+    top, bottom = torch.randint(0, 32, (1, 4, 3)), torch.randint(0, 32, (1, 48))
+    with torch.inference_mode():
+        condition = prior.condition(top)
+        before = prior.bottom(bottom.reshape(1, 8, 6), condition)
+        for t in (0, 7, 23, 47):
+            changed = bottom.clone()
+            changed[0, t] = (changed[0, t] + 1) % 32
+            after = prior.bottom(changed.reshape(1, 8, 6), condition)
+            moved = (after - before).abs().amax(dim=1).flatten()  # (48,) per position
+            assert moved[:t + 1].max() == 0  # no position sees its own code or a later one
+            for below in (t + 6, t + 12):  # the positions one and two rows below
+                if below < 48:
+                    assert moved[below] > 0
 
 
 def test_sliding_window_attention_equals_masked_full_attention():
@@ -160,6 +182,20 @@ def test_train_prior_then_sample_writes_valid_slices(work, tiny_phantom, tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "coded under another prior" in err[0]
     assert not (tmp_path / "x").exists()
+
+
+def test_a_prior_checkpoint_from_before_the_neighbour_inputs_still_loads(work, tiny_phantom, tmp_path):
+    config = load_config(None, prior_overrides(tiny_phantom, work["root"], "older", steps=2, interval=2,
+                                               neighbour_codes="false"))
+    train_prior(config, work["vqvae"])
+    ckpt = load_checkpoint(work["root"] / "older" / "models/prior_best.pt")
+    assert not any(name.endswith("neighbour.weight") for name in ckpt["prior"])
+    del ckpt["config"]["prior"]["neighbour_codes"]  # as older versions wrote it
+    save_checkpoint(tmp_path / "older.pt", {k: v for k, v in ckpt.items() if k not in ("format", "format_version")})
+    prior, _, _ = load_prior(tmp_path / "older.pt")
+    assert prior.top.neighbour is None and prior.bottom.neighbour is None
+    top, bottom = prior.sample(2)
+    assert top.shape == (2, 8, 4) and bottom.shape == (2, 16, 8)
 
 
 def test_train_prior_resumes_to_the_same_result(work, tiny_phantom, monkeypatch):

@@ -188,6 +188,9 @@ class PriorConfig(_Section):
     n_layer_bottom: int = Field(default=3, ge=1)
     bottom_window_rows: int | None = Field(default=2, ge=1)
     condition_blocks: int = Field(default=2, ge=0)
+    # Each position is also given the codes left, two left, above-left, above, above-right and
+    # two above it (mrivq.nn.prior.NEIGHBOURS); false: attention alone finds them.
+    neighbour_codes: bool = True
     dropout: float = Field(default=0.0, ge=0, lt=1)
     # The training codes also include those of every training slice mirrored left-right
     # ("horizontal": a pelvis mirrored is still a plausible pelvis) and moved by augment_shift

@@ -119,14 +119,11 @@ def _prior_pass(prior: CodePrior, n: int, batch_size: int, code: Coder) -> tuple
                 if level == "bottom":
                     condition = prior.condition(grids[0])
                 cache = transformer.new_cache(size)
-                out = torch.empty(size, transformer.length, dtype=torch.long, device=device)
-                previous = torch.full((size, 1), prior.n_embed, dtype=torch.long, device=device)
+                out = torch.zeros(size, transformer.length, dtype=torch.long, device=device)
                 for t in range(transformer.length):
-                    logits = transformer.cached_logits(previous, t, cache, condition)[:, 0]
+                    logits = transformer.cached_logits(out, t, cache, condition)[:, 0]
                     probs = torch.softmax(logits.double(), dim=-1).cpu().numpy()
-                    codes = torch.as_tensor(code(level, probs, lo, t), dtype=torch.long, device=device)
-                    out[:, t] = codes
-                    previous = codes[:, None]
+                    out[:, t] = torch.as_tensor(code(level, probs, lo, t), dtype=torch.long, device=device)
                 grids.append(out.reshape(size, *transformer.grid))
             tops.append(grids[0].cpu().numpy())
             bottoms.append(grids[1].cpu().numpy())

@@ -147,7 +147,7 @@ def prior_from_config(config: Config, n_embed: int, top_grid: tuple[int, int]) -
     p = config.prior
     return CodePrior(n_embed, top_grid, d_model=p.d_model, n_head=p.n_head, n_layer_top=p.n_layer_top,
                      n_layer_bottom=p.n_layer_bottom, condition_blocks=p.condition_blocks,
-                     dropout=p.dropout, bottom_window_rows=p.bottom_window_rows)
+                     dropout=p.dropout, bottom_window_rows=p.bottom_window_rows, neighbours=p.neighbour_codes)
 
 
 def load_prior(path: str | Path, expect_fingerprint: str | None = None,
@@ -164,7 +164,10 @@ def load_prior(path: str | Path, expect_fingerprint: str | None = None,
     if expect_fingerprint is not None and ckpt.get("fingerprint") != expect_fingerprint:
         raise UserError(f"{path} was trained on another VQ-VAE's codes (or by an older mrivq); give "
                         "the prior trained with this checkpoint, or train one with `mrivq train-prior`")
-    config = config_from_dict(ckpt["config"])
+    stored = ckpt["config"]
+    if "neighbour_codes" not in stored.get("prior", {}):  # written before the setting existed
+        stored = {**stored, "prior": {**stored.get("prior", {}), "neighbour_codes": False}}
+    config = config_from_dict(stored)
     shape = ckpt["prior_shape"]
     prior = prior_from_config(config, int(shape["n_embed"]), tuple(shape["top_grid"]))
     try:
