@@ -80,11 +80,12 @@ def test_bad_settings_are_rejected(flip, intensity):
         augment(phantom_batch(), flip=flip, intensity=intensity)
 
 
-def test_prior_training_copies_mirror_and_shift_without_wrapping_around():
+def test_prior_training_copies_mirror_shift_and_zoom_without_wrapping_around():
     images = np.random.default_rng(0).random((3, 10, 6)).astype(np.float32)
     assert prior_training_copies(images) == {}
-    copies = prior_training_copies(images, flip="horizontal", shift=2)
-    assert list(copies) == ["mirrored", "shifted-up-2px", "shifted-down-2px", "shifted-left-2px", "shifted-right-2px"]
+    copies = prior_training_copies(images, flip="horizontal", shifts=[2], scales=[1.5])
+    moves = ["shifted-up-2px", "shifted-down-2px", "shifted-left-2px", "shifted-right-2px", "scaled-1.5x"]
+    assert list(copies) == moves + ["mirrored"] + [f"mirrored-{move}" for move in moves]
     assert all(copy.shape == images.shape for copy in copies.values())
     assert np.array_equal(copies["mirrored"], images[:, :, ::-1])
     up, down = np.asarray(copies["shifted-up-2px"]), np.asarray(copies["shifted-down-2px"])
@@ -94,7 +95,19 @@ def test_prior_training_copies_mirror_and_shift_without_wrapping_around():
     assert np.array_equal(copies["shifted-left-2px"][1:3], left[1:3])  # batch by batch, the same
     assert np.array_equal(left[:, :, :4], images[:, :, 2:]) and np.array_equal(left[:, :, 4:], images[:, :, [5, 5]])
     assert np.array_equal(right[:, :, 2:], images[:, :, :4]) and np.array_equal(right[:, :, :2], images[:, :, [0, 0]])
+    # mirrored, then moved: the mirror image of the slices moved the other way
+    assert np.array_equal(np.asarray(copies["mirrored-shifted-left-2px"]), right[:, :, ::-1])
+    # zoomed about the centre: a bright centre grows, the corners come from nearer the middle
+    square = np.zeros((1, 12, 12), np.float32)
+    square[:, 4:8, 4:8] = 1
+    zoomed = np.asarray(prior_training_copies(square, scales=[1.5])["scaled-1.5x"])
+    assert zoomed.shape == (1, 12, 12) and zoomed.sum() > 1.5 * square.sum()
+    assert np.allclose(zoomed, zoomed[:, ::-1]) and np.allclose(zoomed, zoomed[:, :, ::-1])  # still centred
+    shrunk = np.asarray(prior_training_copies(square, scales=[0.5])["scaled-0.5x"])
+    assert shrunk.sum() < 0.5 * square.sum() and shrunk.min() >= 0
     with pytest.raises(ValueError, match="shift"):
-        prior_training_copies(images, shift=6)
+        prior_training_copies(images, shifts=[6])
+    with pytest.raises(ValueError, match="scale"):
+        prior_training_copies(images, scales=[1])
     with pytest.raises(ValueError, match="flip"):
         prior_training_copies(images, flip="both")

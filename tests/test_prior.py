@@ -153,11 +153,13 @@ def test_train_prior_then_sample_writes_valid_slices(work, tiny_phantom, tmp_pat
     log = (work["root"] / "again" / "logging" / "prior.log").read_text()
     assert "read the cached codes of the train split" in log and "encoded the train split" not in log
     # the training codes include those of the mirrored and shifted slices (cached too); validation's do not
-    for version in ("mirrored", "shifted up 2px", "shifted down 2px", "shifted left 2px", "shifted right 2px"):
+    moves = ("shifted up 2px", "shifted down 2px", "shifted left 2px", "shifted right 2px", "scaled 0.92x",
+             "scaled 1.08x")
+    for version in (*moves, "mirrored", *(f"mirrored {move}" for move in moves)):
         assert f"read the cached codes of the train split ({version})" in log
     assert "validate split (" not in log
     n_train = len(list((tiny_phantom / "keras_slices_train").glob("*.nii.gz")))
-    assert f"prior: {6 * n_train} training and " in log
+    assert f"prior: {14 * n_train} training and " in log
 
     # prior-coded codes files decode exactly, with the prior that coded them and no other
     test_split = tiny_phantom / "keras_slices_test"
@@ -241,6 +243,8 @@ def test_prior_bad_input_is_one_line_and_exit_2(work, tiny_phantom, tmp_path, ca
         (["train-prior", "--set", "prior.n_head=3"], "prior"),
         (["train-prior", "--checkpoint", str(work["vqvae"]), "--set", f"output.dir={tmp_path / 'r'}",
           "--set", "prior.augment_shift=32"], "prior.augment_shift (32) must be smaller than the slices (64 x 32)"),
+        (["train-prior", "--checkpoint", str(work["vqvae"]), "--set", f"output.dir={tmp_path / 'r'}",
+          "--set", "prior.augment_scale=[1.08, 3]"], "prior.augment_scale"),
     ]
     for args, message in cases:
         capsys.readouterr()

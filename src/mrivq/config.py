@@ -192,11 +192,13 @@ class PriorConfig(_Section):
     # two above it (mrivq.nn.prior.NEIGHBOURS); false: attention alone finds them.
     neighbour_codes: bool = True
     dropout: float = Field(default=0.0, ge=0, lt=1)
-    # The training codes also include those of every training slice mirrored left-right
-    # ("horizontal": a pelvis mirrored is still a plausible pelvis) and moved by augment_shift
-    # pixels up, down, left and right (0: none); encoded once and cached. Validation never.
+    # The training codes also include those of every training slice moved by each augment_shift
+    # pixels up, down, left and right and zoomed by each augment_scale about the centre, and,
+    # with augment_flip "horizontal", of it and each of those mirrored left-right (a pelvis
+    # mirrored is still a plausible pelvis); encoded once and cached. Validation never.
     augment_flip: Literal["none", "horizontal"] = "horizontal"
-    augment_shift: int = Field(default=4, ge=0)
+    augment_shift: list[int] = [4, 8]
+    augment_scale: list[float] = [0.92, 1.08]
     steps: int = Field(default=1500, ge=1)
     batch_size: int = Field(default=8, ge=1)
     lr: float = Field(default=2e-3, gt=0)
@@ -206,6 +208,28 @@ class PriorConfig(_Section):
     grad_clip: float | None = Field(default=1.0, gt=0)
     interval: int = Field(default=250, ge=1)
     checkpoint_every: int = Field(default=100, ge=1)
+
+    @field_validator("augment_shift", "augment_scale", mode="before")
+    @classmethod
+    def _one_or_more(cls, value):
+        """One number reads as a list of one; 0 (or none) as no copies."""
+        if value is None or value == 0:
+            return []
+        return [value] if isinstance(value, (int, float)) else value
+
+    @field_validator("augment_shift")
+    @classmethod
+    def _shifts_positive(cls, value):
+        if any(shift < 1 for shift in value):
+            raise ValueError("shifts are whole pixels, at least 1 (0 or [] for none)")
+        return value
+
+    @field_validator("augment_scale")
+    @classmethod
+    def _scales_near_one(cls, value):
+        if any(not 0.5 <= scale <= 2 or scale == 1 for scale in value):
+            raise ValueError("zoom factors must lie in [0.5, 2] and not be 1 ([] for none)")
+        return value
 
     @model_validator(mode="after")
     def _heads_divide_width(self):

@@ -84,9 +84,9 @@ def train_prior(config: Config, checkpoint: str | Path | None = None, *, resume:
         # The VQ-VAE's own data, seed and run directory, unless given explicitly.
         config, differs = run_config(config, vq_config, Path(checkpoint))
         size = vq_config.data.image_size
-        if config.prior.augment_shift >= min(size):
-            raise ConfigError(f"prior.augment_shift ({config.prior.augment_shift}) must be smaller than the slices "
-                              f"({size[0]} x {size[1]}); 4 is the default, 0 turns it off")
+        if max(config.prior.augment_shift, default=0) >= min(size):
+            raise ConfigError(f"prior.augment_shift ({max(config.prior.augment_shift)}) must be smaller than the "
+                              f"slices ({size[0]} x {size[1]}); [] turns shifting off")
         claim_run_dir(config, "train-prior", overwrite)
         ckpt = None
     with recording(config.run_dir, "train-prior"), run_logger(config.log_dir / LOG):
@@ -161,7 +161,8 @@ def _encode_splits(config: Config, vq_config: Config, vqvae) -> tuple[dict, dict
         versions = {"": slices.images}
         if name == "train":  # the training codes only: validation scores the slices as they are
             versions.update(prior_training_copies(slices.images, flip=config.prior.augment_flip,
-                                                  shift=config.prior.augment_shift))
+                                                  shifts=config.prior.augment_shift,
+                                                  scales=config.prior.augment_scale))
         grids = []
         for version, images in versions.items():
             t0 = time.perf_counter()

@@ -1,5 +1,5 @@
 """Training-only augmentation: random flips and intensity factors of model-space batches, and the
-fixed mirrored and shifted copies of a split that the code prior trains on.
+fixed mirrored, shifted and zoomed copies of a split that the code prior trains on.
 
 Used by training alone; validation, test and every score see the slices as they are. The
 random draws come from the global torch CPU RNG, which the trainer saves in ``last.pt``, so a
@@ -9,10 +9,12 @@ moved to the batch's device without a host sync, so a CUDA step stays sync-free.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 FLIPS = ("none", "horizontal", "both")
 
@@ -69,38 +71,49 @@ def _flip_chosen(slices: torch.Tensor, chosen: torch.Tensor, dim: int) -> torch.
     return torch.where(chosen, slices.flip(dim), slices)
 
 
-def prior_training_copies(images: np.ndarray, *, flip: str = "none", shift: int = 0) -> dict:
+def prior_training_copies(images: np.ndarray, *, flip: str = "none", shifts: Sequence[int] = (),
+                          scales: Sequence[float] = ()) -> dict:
     """The extra versions of ``images`` ``(N, H, W)`` whose codes the code prior also trains on.
 
-    ``flip="horizontal"``: ``"mirrored"``, each slice mirrored left-right (a view). ``shift > 0``:
-    four copies moved by ``shift`` pixels up, down, left and right (``"shifted-up-4px"`` ...), the
-    edge rows or columns repeated into the gap, so nothing wraps around and anatomy that
-    touches an edge stays whole. The shifted copies are :class:`ShiftedSlices`: nothing is
-    shifted until a batch of them is read, so a split whose codes are cached costs nothing and
-    one being encoded costs one batch of memory. Returns ``{name: array-like (N, H, W)}`` in a
-    fixed order; empty when both are off.
+    For each ``s`` in ``shifts``, four copies moved by ``s`` pixels up, down, left and right
+    (``"shifted-up-4px"`` ...), the edge rows or columns repeated into the gap, so nothing wraps
+    around and anatomy that touches an edge stays whole. For each ``f`` in ``scales``, a copy
+    zoomed by ``f`` about the centre (``"scaled-1.08x"``: bigger than life above 1, edges repeated
+    below it), bilinear. ``flip="horizontal"``: the slices and each of those copies mirrored
+    left-right too (``"mirrored"``, ``"mirrored-shifted-up-4px"`` ...).
+
+    The copies are :class:`TransformedSlices`: nothing is computed until a batch of them is
+    read, so a split whose codes are cached costs nothing and one being encoded costs one batch
+    of memory. Returns ``{name: array-like (N, H, W)}`` in a fixed order; empty when all are off.
     """
-    copies: dict = {}
-    if flip == "horizontal":
-        copies["mirrored"] = images[:, :, ::-1]
-    elif flip != "none":
+    if flip not in ("none", "horizontal"):
         raise ValueError(f"flip must be none or horizontal, got {flip!r}")
-    if shift < 0 or (shift and shift >= min(images.shape[1:])):
-        raise ValueError(f"shift must be in [0, {min(images.shape[1:])}), got {shift}")
-    if shift:
-        for name, (dy, dx) in (("up", (-shift, 0)), ("down", (shift, 0)), ("left", (0, -shift)),
-                               ("right", (0, shift))):
-            copies[f"shifted-{name}-{shift}px"] = ShiftedSlices(images, dy, dx)
+    limit = min(images.shape[1:])
+    for shift in shifts:
+        if not 0 < shift < limit:
+            raise ValueError(f"each shift must be in (0, {limit}), got {shift}")
+    for scale in scales:
+        if not 0.5 <= scale <= 2 or scale == 1:
+            raise ValueError(f"each scale must be in [0.5, 2] and not 1, got {scale}")
+    moves = [(f"shifted-{name}-{s}px", {"dy": dy * s, "dx": dx * s}) for s in shifts
+             for name, (dy, dx) in (("up", (-1, 0)), ("down", (1, 0)), ("left", (0, -1)), ("right", (0, 1)))]
+    moves += [(f"scaled-{f:g}x", {"scale": f}) for f in scales]
+    copies = {name: TransformedSlices(images, **move) for name, move in moves}
+    if flip == "horizontal":
+        copies["mirrored"] = TransformedSlices(images, mirror=True)
+        copies.update({f"mirrored-{name}": TransformedSlices(images, mirror=True, **move) for name, move in moves})
     return copies
 
 
-class ShiftedSlices:
-    """``images`` ``(N, H, W)`` moved ``dy`` rows down and ``dx`` columns right, edges repeated,
+class TransformedSlices:
+    """``images`` ``(N, H, W)`` mirrored left-right (``mirror``), then moved ``dy`` rows down and
+    ``dx`` columns right with the edges repeated, then zoomed by ``scale`` about the centre,
     computed batch by batch: ``len()``, ``.shape``, ``[lo:hi]`` -> ``(n, H, W)`` array, and
     ``np.asarray`` for all of it."""
 
-    def __init__(self, images: np.ndarray, dy: int, dx: int) -> None:
-        self.images, self.dy, self.dx = images, dy, dx
+    def __init__(self, images: np.ndarray, *, mirror: bool = False, dy: int = 0, dx: int = 0,
+                 scale: float = 1.0) -> None:
+        self.images, self.mirror, self.dy, self.dx, self.scale = images, mirror, dy, dx, scale
         self.shape = images.shape
 
     def __len__(self) -> int:
@@ -108,12 +121,26 @@ class ShiftedSlices:
 
     def __getitem__(self, rows: slice) -> np.ndarray:
         batch = self.images[rows]
+        if self.mirror:
+            batch = batch[:, :, ::-1]
         height, width = batch.shape[1:]
         dy, dx = self.dy, self.dx
-        padded = np.pad(batch, ((0, 0), (max(dy, 0), max(-dy, 0)), (max(dx, 0), max(-dx, 0))), mode="edge")
-        top, left = max(-dy, 0), max(-dx, 0)
-        return padded[:, top:top + height, left:left + width]
+        if dy or dx:
+            padded = np.pad(batch, ((0, 0), (max(dy, 0), max(-dy, 0)), (max(dx, 0), max(-dx, 0))), mode="edge")
+            top, left = max(-dy, 0), max(-dx, 0)
+            batch = padded[:, top:top + height, left:left + width]
+        if self.scale != 1:
+            batch = _zoom(batch, self.scale)
+        return batch
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        out = self[:]
+        out = np.ascontiguousarray(self[:])
         return out if dtype is None else out.astype(dtype)
+
+
+def _zoom(batch: np.ndarray, factor: float) -> np.ndarray:
+    """``(n, H, W)`` zoomed by ``factor`` about the centre, the same size; edges repeated, bilinear."""
+    slices = torch.from_numpy(np.array(batch, dtype=np.float32))[:, None]
+    theta = torch.tensor([[1 / factor, 0, 0], [0, 1 / factor, 0]], dtype=slices.dtype).expand(len(batch), 2, 3)
+    grid = F.affine_grid(theta, list(slices.shape), align_corners=False)
+    return F.grid_sample(slices, grid, mode="bilinear", padding_mode="border", align_corners=False)[:, 0].numpy()
