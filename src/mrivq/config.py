@@ -182,7 +182,7 @@ class PredictConfig(_Section):
 class PriorConfig(_Section):
     """The autoregressive prior over codes (``mrivq train-prior``); grid shapes come from the VQ-VAE."""
 
-    d_model: int = Field(default=96, ge=8)
+    d_model: int = Field(default=128, ge=8)
     n_head: int = Field(default=4, ge=1)
     n_layer_top: int = Field(default=4, ge=1)
     n_layer_bottom: int = Field(default=3, ge=1)
@@ -199,7 +199,7 @@ class PriorConfig(_Section):
     augment_flip: Literal["none", "horizontal"] = "horizontal"
     augment_shift: list[int] = [4, 8]
     augment_scale: list[float] = [0.92, 1.08]
-    steps: int = Field(default=1500, ge=1)
+    steps: int = Field(default=2500, ge=1)
     batch_size: int = Field(default=8, ge=1)
     lr: float = Field(default=2e-3, gt=0)
     weight_decay: float = Field(default=0.01, ge=0)

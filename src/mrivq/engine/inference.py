@@ -26,7 +26,7 @@ def slices_to_batch(slices: np.ndarray, device: torch.device) -> torch.Tensor:
 @torch.inference_mode()
 def encode_images(model: VQVAE2, images: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """Codes of ``images`` ``(N, H, W)`` float32 in model input range (an array, or anything
-    with ``len()`` that slices into such arrays, as :class:`mrivq.data.augment.ShiftedSlices`).
+    with ``len()`` that slices into such arrays, as :class:`mrivq.data.augment.TransformedSlices`).
 
     Batches go in as :func:`slices_to_batch` makes them (channels-last), as in evaluation, so a
     model in the same memory format gives the same codes here as :func:`mrivq.engine.evaluator.evaluate`.
