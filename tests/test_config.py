@@ -73,3 +73,13 @@ def test_report_layout_is_translated(tmp_path):
     assert c.predict.sample_sets == 3 and c.predict.sample_size == 8
     assert c.predict.checkpoint.name == "best.pt" and c.predict.checkpoint.parent.name == "models"
     assert c.model_dir.name == "models" and c.output.dir == c.model_dir.parent
+
+
+def test_prior_augmentation_lists_read_one_number_as_a_list_and_zero_as_none():
+    assert load_config(None, ["prior.augment_shift=4"]).prior.augment_shift == [4]
+    assert load_config(None, ["prior.augment_shift=0"]).prior.augment_shift == []
+    assert load_config(None, ["prior.augment_scale=[0.9, 1.1]"]).prior.augment_scale == [0.9, 1.1]
+    assert load_config(None, ["prior.augment_scale=[]"]).prior.augment_scale == []
+    for bad in ("prior.augment_shift=[4, -2]", "prior.augment_scale=1", "prior.augment_scale=[3]"):
+        with pytest.raises(ConfigError, match=r"prior\.augment_s"):
+            load_config(None, [bad])
