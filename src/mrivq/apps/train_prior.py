@@ -40,6 +40,7 @@ from mrivq.engine.checkpoint import (
     load_vqvae,
     model_fingerprint,
     model_from_checkpoint,
+    prior_checkpoint_config,
     run_config,
 )
 from mrivq.engine.inference import cached_codes
@@ -73,7 +74,7 @@ def train_prior(config: Config, checkpoint: str | Path | None = None, *, resume:
         ckpt = load_checkpoint(last)
         if ckpt.get("kind") != PRIOR_KIND:
             raise UserError(f"{last}: not a prior checkpoint")
-        config = config_from_dict(ckpt["config"])
+        config = prior_checkpoint_config(ckpt)
         config.output.dir = run_dir
         vq_config = config_from_dict(ckpt["vqvae"]["config"])
         vqvae = model_from_checkpoint(ckpt["vqvae"], last).eval()

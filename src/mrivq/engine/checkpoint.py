@@ -150,6 +150,15 @@ def prior_from_config(config: Config, n_embed: int, top_grid: tuple[int, int]) -
                      dropout=p.dropout, bottom_window_rows=p.bottom_window_rows, neighbours=p.neighbour_codes)
 
 
+def prior_checkpoint_config(ckpt: dict) -> Config:
+    """The config a prior checkpoint was trained with. One written before ``prior.neighbour_codes``
+    existed trained without neighbour codes, whatever today's default says."""
+    stored = ckpt["config"]
+    if "neighbour_codes" not in stored.get("prior", {}):
+        stored = {**stored, "prior": {**stored.get("prior", {}), "neighbour_codes": False}}
+    return config_from_dict(stored)
+
+
 def load_prior(path: str | Path, expect_fingerprint: str | None = None,
                device: torch.device | str = "cpu") -> tuple[CodePrior, VQVAE2, dict]:
     """The prior and its VQ-VAE (eval mode, on ``device``) and the raw checkpoint of ``mrivq train-prior``.
@@ -164,10 +173,7 @@ def load_prior(path: str | Path, expect_fingerprint: str | None = None,
     if expect_fingerprint is not None and ckpt.get("fingerprint") != expect_fingerprint:
         raise UserError(f"{path} was trained on another VQ-VAE's codes (or by an older mrivq); give "
                         "the prior trained with this checkpoint, or train one with `mrivq train-prior`")
-    stored = ckpt["config"]
-    if "neighbour_codes" not in stored.get("prior", {}):  # written before the setting existed
-        stored = {**stored, "prior": {**stored.get("prior", {}), "neighbour_codes": False}}
-    config = config_from_dict(stored)
+    config = prior_checkpoint_config(ckpt)
     shape = ckpt["prior_shape"]
     prior = prior_from_config(config, int(shape["n_embed"]), tuple(shape["top_grid"]))
     try:

@@ -137,8 +137,8 @@ NEIGHBOURS = ((0, -1), (0, -2), (-1, -1), (-1, 0), (-1, 1), (-2, 0))
 
 
 def neighbour_index(grid: tuple[int, int]) -> torch.Tensor:
-    """``(rows x cols, len(NEIGHBOURS))`` raster indices of each position's neighbours; ``rows x
-    cols`` (one past the last position) where a neighbour lies outside the grid."""
+    """``(rows x cols, len(NEIGHBOURS))`` raster indices of each position's neighbours; -1 where a
+    neighbour lies outside the grid."""
     rows, cols = grid
     r = torch.arange(rows)[:, None, None]
     c = torch.arange(cols)[None, :, None]
@@ -146,7 +146,7 @@ def neighbour_index(grid: tuple[int, int]) -> torch.Tensor:
     dc = torch.tensor([o[1] for o in NEIGHBOURS])
     nr, nc = r + dr, c + dc  # (rows, cols, n)
     inside = (nr >= 0) & (nr < rows) & (nc >= 0) & (nc < cols)
-    return torch.where(inside, nr * cols + nc, rows * cols).reshape(rows * cols, len(NEIGHBOURS))
+    return torch.where(inside, nr * cols + nc, -1).reshape(rows * cols, len(NEIGHBOURS))
 
 
 class CodeTransformer(nn.Module):
@@ -168,7 +168,7 @@ class CodeTransformer(nn.Module):
         self.token = nn.Embedding(n_embed + 1, d_model)  # index n_embed: the start token
         self.neighbour = None
         if neighbours:
-            # One table for all offsets: row o * (n_embed + 1) + code, code n_embed is "outside".
+            # One table for all offsets: row o * (n_embed + 1) + code; code n_embed is "outside".
             self.neighbour = nn.Embedding(len(NEIGHBOURS) * (n_embed + 1), d_model)
             self.register_buffer("neighbour_at", neighbour_index(self.grid), persistent=False)
             self.register_buffer("neighbour_row", torch.arange(len(NEIGHBOURS)) * (n_embed + 1), persistent=False)
@@ -191,16 +191,17 @@ class CodeTransformer(nn.Module):
         """Token (+ neighbour) + position embeddings ``(B, length, d_model)`` of positions
         ``position .. position + length - 1``, from ``flat`` ``(B, L)``, which must hold every
         code before the last of them (later entries are not read)."""
-        batch = flat.shape[0]
-        outside = torch.full((batch, 1), self.n_embed, dtype=flat.dtype, device=flat.device)
-        padded = torch.cat([outside, flat], dim=1)  # padded[:, t] is the code before position t
-        x = self.token(padded[:, position:position + length]) + self.positions()[position:position + length]
+        span = slice(position, position + length)
+        before = torch.arange(position - 1, position + length - 1, device=flat.device)  # -1: the start
+        x = self.token(self._codes_at(flat, before)) + self.positions()[span]
         if self.neighbour is not None:
-            # Index L of `flat` + the outside code is "outside the grid".
-            extended = torch.cat([flat, outside], dim=1)
-            codes = extended[:, self.neighbour_at[position:position + length]]  # (B, length, n)
+            codes = self._codes_at(flat, self.neighbour_at[span])  # (B, length, n)
             x = x + self.neighbour(codes + self.neighbour_row).sum(dim=2)
         return x
+
+    def _codes_at(self, flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``flat[:, index]``, with ``n_embed`` (the start / outside code) where ``index`` is -1."""
+        return torch.where(index >= 0, flat[:, index.clamp(min=0)], self.n_embed)
 
     def forward(self, codes: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced logits: ``codes`` ``(B, rows, cols)`` -> ``(B, n_embed, rows, cols)``.
