@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 
 import nibabel as nib
@@ -132,7 +133,11 @@ def test_train_prior_then_sample_writes_valid_slices(work, tiny_phantom, tmp_pat
     capsys.readouterr()
     assert run_main(["sample", "--prior", str(run / "models/prior_best.pt"), "--n", "3", "--out", str(out),
                      "--seed", "2", "--temperature", "0.9"]) == 0
-    assert "samples/s" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "samples/s" in printed
+    # the yardstick: the same score of the VQ-VAE's reconstructions of 3 unseen validation slices
+    ref = re.search(r"reconstructions of 3 unseen validation slices score ([\d.]+) to ([\d.]+)", printed)
+    assert ref and 0 < float(ref[1]) <= float(ref[2]) <= 1, printed
     with np.load(out / "codes.npz") as npz:
         top, bottom = npz["codes_top"], npz["codes_bottom"]
     assert top.shape == (3, 8, 4) and bottom.shape == (3, 16, 8)

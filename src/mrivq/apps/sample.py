@@ -9,7 +9,9 @@ VQ-VAE stored in the prior checkpoint, and writes::
                                    (the training slices' median normalisation undone) with the
                                    affine of the first training slice
     OUT_DIR/codes.npz              the sampled codes_top (n, h, w) and codes_bottom (n, 2h, 2w)
-    OUT_DIR/nearest.png, .csv      each sample over its most similar training slice (SSIM)
+    OUT_DIR/nearest.png, .csv      each sample over its most similar training slice (SSIM); the
+                                   picture's title gives the same score of reconstructed unseen
+                                   validation slices, the level a plausible new slice reaches
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from mrivq.data.io import nifti_bytes
 from mrivq.data.preprocess import Preprocessing, clip_to_input_range, denormalize
 from mrivq.data.sources import data_splits
 from mrivq.engine.checkpoint import load_prior, model_fingerprint
-from mrivq.engine.inference import decode_images
+from mrivq.engine.inference import decode_images, encode_images
 from mrivq.engine.losses import ssim_per_image
 from mrivq.errors import UserError
 from mrivq.reporting.plots import save_samples_grid
@@ -99,41 +101,28 @@ def sample(prior_path: str | Path, n: int, out_dir: str | Path, *, temperature: 
               "samples_per_s": n / elapsed, "code_samples_per_s": n / (sampled - start),
               "device": f"{device.type}" + (", 1 thread for the autoregressive loop" if device.type == "cpu" else "")}
     if nearest:
-        result.update(_nearest_training_slices(slices, config_from_dict(ckpt["config"]), vq_config, out_dir))
+        result.update(_nearest_training_slices(slices, config_from_dict(ckpt["config"]), vq_config, out_dir, vqvae))
     return result
 
 
-def _nearest_training_slices(slices: np.ndarray, config, vq_config, out_dir: Path) -> dict:
+def _nearest_training_slices(slices: np.ndarray, config, vq_config, out_dir: Path, vqvae) -> dict:
     """Each sample's most similar training slice by SSIM (on [0, 1], among the ``SHORTLIST``
-    that correlate best): ``nearest.png`` and ``nearest.csv``."""
+    that correlate best): ``nearest.png`` and ``nearest.csv``. As a yardstick, the same score of
+    the VQ-VAE's reconstructions of as many unseen validation slices (evenly spaced through the
+    split): a sample as close to the training set as they are is as plausible as a new slice."""
     splits = data_splits(config.data, config.seed)
-    train = load_split(splits.train, Preprocessing.from_settings(vq_config.data), cache_dir=config.data.cache_dir,
-                       on_bad_file="skip", workers=config.data.workers, name="train")
+    def split(paths, name):
+        return load_split(paths, Preprocessing.from_settings(vq_config.data), cache_dir=config.data.cache_dir,
+                          on_bad_file="skip", workers=config.data.workers, name=name)
+    train = split(splits.train, "train")
     normalize = vq_config.data.normalize
-    samples = torch.from_numpy(np.asarray(metrics.unit_range_images(slices, normalize), dtype=np.float32))[:, None]
-    # Shortlist by correlation at a quarter of the resolution (one matrix product per chunk, fast
-    # for HipMRI's 11,460 slices too), then score the shortlist with the protocol's SSIM.
-    def thumbnails(x: torch.Tensor) -> torch.Tensor:
-        small = torch.nn.functional.avg_pool2d(x, 4).flatten(1)
-        small = small - small.mean(1, keepdim=True)
-        return small / small.norm(dim=1, keepdim=True).clamp_min(1e-8)
-
-    shortlist = min(SHORTLIST, len(train.images))
-    with torch.inference_mode():
-        query, correlations = thumbnails(samples), []
-        for lo in range(0, len(train.images), 512):  # the cached slices are a memory map: a chunk at a time
-            chunk = torch.from_numpy(metrics.unit_range_images(np.array(train.images[lo:lo + 512], dtype=np.float32),
-                                                               normalize))[:, None]
-            correlations.append(query @ thumbnails(chunk).T)
-        candidates = torch.cat(correlations, dim=1).topk(shortlist, dim=1).indices  # (n, shortlist)
-        best_ssim, best_index = [], []
-        for sample, chosen in zip(samples, candidates.tolist()):
-            chosen = sorted(chosen)
-            target = torch.from_numpy(metrics.unit_range_images(np.array(train.images[chosen], dtype=np.float32),
-                                                                normalize))[:, None]
-            scores = ssim_per_image(sample.expand_as(target).clamp(0, 1), target)
-            best_index.append(chosen[int(scores.argmax())])
-            best_ssim.append(float(scores.max()))
+    best_index, best_ssim = _most_similar(slices, train.images, normalize)
+    reference = []
+    if splits.validate:
+        val = split(splits.validate, "validate")
+        pick = np.unique(np.linspace(0, len(val.images) - 1, min(len(slices), len(val.images))).round().astype(int))
+        unseen = decode_images(vqvae, *encode_images(vqvae, val.images[pick]))[:, :slices.shape[1], :slices.shape[2]]
+        reference = _most_similar(clip_to_input_range(unseen, normalize), train.images, normalize)[1]
     # Rows of four samples, each row followed by the four training slices most similar to them.
     n, blank = len(slices), (4 - len(slices) % 4) % 4
     pictures = [metrics.unit_range_images(images, normalize) for images in (slices, train.images[best_index])]
@@ -141,15 +130,49 @@ def _nearest_training_slices(slices: np.ndarray, config, vq_config, out_dir: Pat
     captions = [[f"sample {i}" for i in range(n)] + [""] * blank,
                 [f"nearest: SSIM {s:.3f}" for s in best_ssim] + [""] * blank]
     order = [(half, i) for lo in range(0, n + blank, 4) for half in (0, 1) for i in range(lo, lo + 4)]
+    title = "rows of samples, each followed by the training slices most similar to them (SSIM)"
+    if reference:
+        title += (f"\nreconstructed unseen validation slices score {min(reference):.3f} to {max(reference):.3f}"
+                  f" (mean {np.mean(reference):.3f}) against the same training slices")
     save_samples_grid(np.stack([pictures[h][i] for h, i in order]), out_dir / "nearest.png",
-                      labels=[captions[h][i] for h, i in order],
-                      title="rows of samples, each followed by the training slices most similar to them (SSIM)")
+                      labels=[captions[h][i] for h, i in order], title=title)
     rows = "sample,training_slice,ssim\n" + "".join(
         f"sample_{i:03d}.nii.gz,{Path(train.files[j]).name},{s:.6f}\n"
         for i, (j, s) in enumerate(zip(best_index, best_ssim)))
     atomic_write(out_dir / "nearest.csv", lambda fh: fh.write(rows.encode()))
     return {"nearest": [{"training_slice": train.files[j], "ssim": s} for j, s in zip(best_index, best_ssim)],
-            "nearest_grid": str(out_dir / "nearest.png")}
+            "nearest_grid": str(out_dir / "nearest.png"), "unseen_nearest_ssim": reference}
+
+
+def _most_similar(slices: np.ndarray, train_images, normalize: str) -> tuple[list[int], list[float]]:
+    """For each of ``slices`` ``(n, H, W)``, the index of the most similar of ``train_images`` by
+    SSIM on [0, 1] and that SSIM. Shortlists by correlation at a quarter of the resolution (one
+    matrix product per chunk, fast for HipMRI's 11,460 slices too), then scores the ``SHORTLIST``
+    best with the protocol's SSIM."""
+    samples = torch.from_numpy(np.asarray(metrics.unit_range_images(slices, normalize), dtype=np.float32))[:, None]
+
+    def thumbnails(x: torch.Tensor) -> torch.Tensor:
+        small = torch.nn.functional.avg_pool2d(x, 4).flatten(1)
+        small = small - small.mean(1, keepdim=True)
+        return small / small.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+    shortlist = min(SHORTLIST, len(train_images))
+    with torch.inference_mode():
+        query, correlations = thumbnails(samples), []
+        for lo in range(0, len(train_images), 512):  # the cached slices are a memory map: a chunk at a time
+            chunk = torch.from_numpy(metrics.unit_range_images(np.array(train_images[lo:lo + 512], dtype=np.float32),
+                                                               normalize))[:, None]
+            correlations.append(query @ thumbnails(chunk).T)
+        candidates = torch.cat(correlations, dim=1).topk(shortlist, dim=1).indices  # (n, shortlist)
+        best_ssim, best_index = [], []
+        for sample, chosen in zip(samples, candidates.tolist()):
+            chosen = sorted(chosen)
+            target = torch.from_numpy(metrics.unit_range_images(np.array(train_images[chosen], dtype=np.float32),
+                                                                normalize))[:, None]
+            scores = ssim_per_image(sample.expand_as(target).clamp(0, 1), target)
+            best_index.append(chosen[int(scores.argmax())])
+            best_ssim.append(float(scores.max()))
+    return best_index, best_ssim
 
 
 def main(args) -> int:
@@ -161,4 +184,9 @@ def main(args) -> int:
         ssim = [item["ssim"] for item in result["nearest"]]
         print(f"wrote {result['nearest_grid']}: SSIM of each sample to its most similar training slice "
               f"{min(ssim):.3f} to {max(ssim):.3f} (mean {sum(ssim) / len(ssim):.3f}; near 1 would mean memorised)")
+        if result["unseen_nearest_ssim"]:
+            ref = result["unseen_nearest_ssim"]
+            print(f"  the VQ-VAE's reconstructions of {len(ref)} unseen validation slices score {min(ref):.3f} to "
+                  f"{max(ref):.3f} (mean {sum(ref) / len(ref):.3f}) against the same training slices: "
+                  "samples as plausible as real new slices would score about as much")
     return 0
