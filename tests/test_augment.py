@@ -31,7 +31,7 @@ def test_horizontal_flips_flip_exactly_the_slices_the_rng_picked():
     torch.manual_seed(5)
     out = augment(slices, flip="horizontal")
     for i, flipped in enumerate(chosen):
-        expected = torch.flip(slices[i], dims=[-1]) if flipped else slices[i]
+        expected = torch.flip(slices[i], dims=[-2]) if flipped else slices[i]  # along H: left-right on screen
         assert torch.equal(out[i], expected), i
 
 
@@ -42,7 +42,7 @@ def test_both_flips_add_independent_up_down_flips():
     torch.manual_seed(7)
     out = augment(slices, flip="both")
     for i in range(len(slices)):
-        dims = [d for d, on in ((-1, left_right[i]), (-2, up_down[i])) if on]
+        dims = [d for d, on in ((-2, left_right[i]), (-1, up_down[i])) if on]
         assert torch.equal(out[i], torch.flip(slices[i], dims=dims) if dims else slices[i]), i
 
 
@@ -87,16 +87,21 @@ def test_prior_training_copies_mirror_shift_and_zoom_without_wrapping_around():
     moves = ["shifted-up-2px", "shifted-down-2px", "shifted-left-2px", "shifted-right-2px", "scaled-1.5x"]
     assert list(copies) == moves + ["mirrored"] + [f"mirrored-{move}" for move in moves]
     assert all(copy.shape == images.shape for copy in copies.values())
-    assert np.array_equal(copies["mirrored"], images[:, :, ::-1])
-    up, down = np.asarray(copies["shifted-up-2px"]), np.asarray(copies["shifted-down-2px"])
-    assert np.array_equal(up[:, :8], images[:, 2:]) and np.array_equal(up[:, 8:], images[:, [9, 9]])
-    assert np.array_equal(down[:, 2:], images[:, :8]) and np.array_equal(down[:, :2], images[:, [0, 0]])
+    # Directions as the pictures show a slice (its transpose): H runs left to right, W top to bottom.
+    # Mirrored left-right: along H, so a HipMRI patient's sides swap and the front stays in front.
+    assert np.array_equal(copies["mirrored"], images[:, ::-1])
     left, right = np.asarray(copies["shifted-left-2px"]), np.asarray(copies["shifted-right-2px"])
-    assert np.array_equal(copies["shifted-left-2px"][1:3], left[1:3])  # batch by batch, the same
-    assert np.array_equal(left[:, :, :4], images[:, :, 2:]) and np.array_equal(left[:, :, 4:], images[:, :, [5, 5]])
-    assert np.array_equal(right[:, :, 2:], images[:, :, :4]) and np.array_equal(right[:, :, :2], images[:, :, [0, 0]])
+    assert np.array_equal(left[:, :8], images[:, 2:]) and np.array_equal(left[:, 8:], images[:, [9, 9]])
+    assert np.array_equal(right[:, 2:], images[:, :8]) and np.array_equal(right[:, :2], images[:, [0, 0]])
+    up, down = np.asarray(copies["shifted-up-2px"]), np.asarray(copies["shifted-down-2px"])
+    assert np.array_equal(copies["shifted-up-2px"][1:3], up[1:3])  # batch by batch, the same
+    assert np.array_equal(up[:, :, :4], images[:, :, 2:]) and np.array_equal(up[:, :, 4:], images[:, :, [5, 5]])
+    assert np.array_equal(down[:, :, 2:], images[:, :, :4]) and np.array_equal(down[:, :, :2], images[:, :, [0, 0]])
     # mirrored, then moved: the mirror image of the slices moved the other way
-    assert np.array_equal(np.asarray(copies["mirrored-shifted-left-2px"]), right[:, :, ::-1])
+    assert np.array_equal(np.asarray(copies["mirrored-shifted-left-2px"]), right[:, ::-1])
+    # each copy's cache tag names its transform, so codes cached by another transform are never read
+    tags = [copy.tag for copy in copies.values()]
+    assert len(set(tags)) == len(tags) and copies["mirrored-shifted-left-2px"].tag == "mirrorH_dy-2"
     # zoomed about the centre: a bright centre grows, the corners come from nearer the middle
     square = np.zeros((1, 12, 12), np.float32)
     square[:, 4:8, 4:8] = 1

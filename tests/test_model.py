@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -117,6 +119,24 @@ def test_decoding_the_encoded_codes_equals_the_forward_reconstruction_in_eval(
     assert torch.equal(codes_top, out.codes_top)
     assert torch.equal(codes_bottom, out.codes_bottom)
     assert torch.equal(decoded, out.reconstruction)
+
+
+@pytest.mark.parametrize("bottom_dropout", [0.0, 0.999999])
+def test_bottom_dropout_decodes_training_slices_from_their_top_codes_alone(bottom_dropout):
+    model = tiny_model(init_from_data=False, restart_dead_codes=False, bottom_dropout=bottom_dropout).train()
+    before = copy.deepcopy(model)  # the codebooks as the forward pass looks codes up in them
+    x = torch.rand(3, 1, 32, 32)
+    out = model(x)
+    with torch.no_grad():
+        quant_t = before.quantize_top.embed_codes(out.codes_top)
+        quant_b = before.quantize_bottom.embed_codes(out.codes_bottom)
+        top_only = before._decode_quantized(quant_t, torch.zeros_like(quant_b))
+        both = before._decode_quantized(quant_t, quant_b)
+    assert torch.allclose(out.reconstruction, top_only if bottom_dropout else both, atol=1e-6)
+    assert not torch.allclose(top_only, both, atol=1e-3)
+    model.eval()  # never in evaluation: validation, encode and decode use both levels
+    with torch.no_grad():
+        assert torch.equal(model(x).reconstruction, model.decode_codes(*model.encode(x)))
 
 
 def test_decode_codes_without_output_size_returns_eight_times_the_top_codes():
@@ -295,8 +315,9 @@ def test_a_stored_config_without_block_loads_as_the_report_block():
 
 def test_a_stored_config_written_before_the_lookup_key_keeps_euclidean_lookup():
     stored = Config().to_dict()
-    for key in ("lookup", "restart_from", "kmeans_iters"):
+    for key in ("lookup", "restart_from", "kmeans_iters", "bottom_dropout"):
         del stored["model"][key]  # as written before these keys existed
     loaded = config_from_dict(stored).model
-    assert (loaded.lookup, loaded.restart_from, loaded.kmeans_iters) == ("euclidean", "random", 0)
+    assert (loaded.lookup, loaded.restart_from, loaded.kmeans_iters, loaded.bottom_dropout) == \
+        ("euclidean", "random", 0, 0.0)
     assert config_from_dict({**stored, "model": {**stored["model"], "lookup": "cosine"}}).model.lookup == "cosine"

@@ -95,6 +95,29 @@ def test_sliding_window_attention_equals_masked_full_attention():
         torch.testing.assert_close(_sliding_window_attention(q, k, v, window), expected)
 
 
+def test_nucleus_keeps_the_fewest_most_probable_codes_that_reach_top_p():
+    from mrivq.nn.prior import _nucleus
+
+    probs = torch.tensor([[0.1, 0.5, 0.15, 0.25], [0.7, 0.1, 0.1, 0.1]])
+    kept = _nucleus(probs, 0.8)  # 0.5 + 0.25 = 0.75 < 0.8: the 0.15 code is needed too
+    assert torch.equal(kept[0], torch.tensor([0.0, 0.5, 0.15, 0.25]))
+    kept = _nucleus(probs, 0.75)  # 0.7 < 0.75: one of the 0.1 codes too (a tie decides which)
+    assert (kept[1] > 0).sum() == 2 and kept[1, 0] == 0.7 and kept[1].sum() == probs[1, :2].sum()
+    assert torch.equal(_nucleus(probs, 1e-9), torch.tensor([[0.0, 0.5, 0.0, 0.0], [0.7, 0.0, 0.0, 0.0]]))
+    assert torch.equal(_nucleus(probs, 1.0), probs)
+
+
+def test_a_tiny_top_p_samples_each_most_probable_code():
+    torch.manual_seed(0)
+    prior = CodePrior(16, (4, 3), d_model=16, n_head=2, n_layer_top=1, n_layer_bottom=1, condition_blocks=1).eval()
+    torch.nn.init.normal_(prior.top.head.weight, std=1.0)  # peaky logits: no near-ties
+    top, _ = prior.sample(3, top_p=1e-9, generator=torch.Generator().manual_seed(1))
+    again, _ = prior.sample(3, top_p=1e-9, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(top, again)  # no randomness left
+    with torch.inference_mode():
+        assert torch.equal(prior.top(top).argmax(dim=1), top)  # each code the argmax given the ones before
+
+
 def test_tiny_prior_learns_a_tiny_code_distribution(tmp_path):
     # Four fixed top grids; the bottom grid is the top grid upsampled: 2 bits per slice in all.
     rng = np.random.default_rng(0)
@@ -132,7 +155,7 @@ def test_train_prior_then_sample_writes_valid_slices(work, tiny_phantom, tmp_pat
     out = tmp_path / "samples"
     capsys.readouterr()
     assert run_main(["sample", "--prior", str(run / "models/prior_best.pt"), "--n", "3", "--out", str(out),
-                     "--seed", "2", "--temperature", "0.9"]) == 0
+                     "--seed", "2", "--temperature", "0.9", "--top-p", "0.8"]) == 0
     printed = capsys.readouterr().out
     assert "samples/s" in printed
     # the yardstick: the same score of the VQ-VAE's reconstructions of 3 unseen validation slices
@@ -245,6 +268,7 @@ def test_prior_bad_input_is_one_line_and_exit_2(work, tiny_phantom, tmp_path, ca
         (["sample", "--prior", str(work["vqvae"]), "--out", str(tmp_path / "s")], "not a prior checkpoint"),
         (["encode", "--checkpoint", str(work["vqvae"]), str(tiny_phantom / "keras_slices_test"),
           "--out", str(tmp_path / "c.mrvq"), "--prior", str(work["vqvae"])], "not a prior checkpoint"),
+        (["sample", "--prior", str(work["vqvae"]), "--out", str(tmp_path / "s"), "--top-p", "0"], "--top-p"),
         (["train-prior", "--set", "prior.n_head=3"], "prior"),
         (["train-prior", "--checkpoint", str(work["vqvae"]), "--set", f"output.dir={tmp_path / 'r'}",
           "--set", "prior.augment_shift=32"], "prior.augment_shift (32) must be smaller than the slices (64 x 32)"),

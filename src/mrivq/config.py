@@ -56,7 +56,8 @@ class DataConfig(_Section):
     workers: int | None = Field(default=None, ge=1)
     phantom_cases: int = Field(default=16, ge=3)
     # Training-only augmentation (never validation or test), drawn per slice: flips with
-    # probability 1/2 (horizontal = left-right; both = left-right and, independently, up-down)
+    # probability 1/2 (horizontal = left-right as the pictures show a slice: along its first
+    # axis, HipMRI's right-to-left; both = that and, independently, up-down: front to back)
     # and an intensity factor uniform in [1 - augment_intensity, 1 + augment_intensity].
     augment_flip: Literal["none", "horizontal", "both"] = "none"
     augment_intensity: float = Field(default=0.0, ge=0, lt=1)
@@ -93,7 +94,7 @@ REPORT_MODEL = {"channel": 128, "n_res_block": 2, "n_res_channel": 32, "embed_di
                 "n_embed": 512, "decay": 0.99, "block": "report", "lookup": "euclidean"}
 # Model keys added after checkpoints were first written, with the value those checkpoints used.
 STORED_MODEL_DEFAULTS = {"block": "report", "lookup": "euclidean", "restart_from": "random",
-                         "kmeans_iters": 0}
+                         "kmeans_iters": 0, "bottom_dropout": 0.0}
 
 
 class ModelConfig(_Section):
@@ -117,6 +118,9 @@ class ModelConfig(_Section):
     lookup: Literal["euclidean", "cosine"] = "cosine"
     # Residual block: report (ReLU, 3x3, 1x1 conv) | norm (GroupNorm, SiLU, two 3x3 convs).
     block: Literal["report", "norm"] = "report"
+    # Training only: the fraction of training slices decoded from their top codes alone (bottom
+    # codes zeroed), so the top level must carry the layout a prior then draws.
+    bottom_dropout: float = Field(default=0.0, ge=0, lt=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -194,8 +198,9 @@ class PriorConfig(_Section):
     dropout: float = Field(default=0.0, ge=0, lt=1)
     # The training codes also include those of every training slice moved by each augment_shift
     # pixels up, down, left and right and zoomed by each augment_scale about the centre, and,
-    # with augment_flip "horizontal", of it and each of those mirrored left-right (a pelvis
-    # mirrored is still a plausible pelvis); encoded once and cached. Validation never.
+    # with augment_flip "horizontal", of it and each of those mirrored left-right (the patient's
+    # sides swapped: a mirrored pelvis is still a plausible pelvis); encoded once and cached.
+    # Directions as the pictures show a slice. Validation never.
     augment_flip: Literal["none", "horizontal"] = "horizontal"
     augment_shift: list[int] = [4, 8]
     augment_scale: list[float] = [0.92, 1.08]

@@ -43,7 +43,7 @@ SHORTLIST = 32  # training slices scored with SSIM per sample, of those that cor
 
 
 def sample(prior_path: str | Path, n: int, out_dir: str | Path, *, temperature: float = 1.0,
-           seed: int = 0, batch_size: int = 16, device: str = "auto", nearest: bool = True) -> dict:
+           top_p: float = 1.0, seed: int = 0, batch_size: int = 16, device: str = "auto", nearest: bool = True) -> dict:
     """Draw ``n`` new slices and write them to ``out_dir``; returns codes, timings and paths.
 
     ``nearest``: also find each sample's most similar training slice (SSIM) and write
@@ -53,6 +53,8 @@ def sample(prior_path: str | Path, n: int, out_dir: str | Path, *, temperature: 
         raise UserError("--n must be at least 1")
     if not temperature > 0 or not math.isfinite(temperature):
         raise UserError(f"--temperature must be a positive number, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {top_p}")
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file; give a folder for the samples")
@@ -67,7 +69,8 @@ def sample(prior_path: str | Path, n: int, out_dir: str | Path, *, temperature: 
     torch.set_num_threads(1)
     try:
         for lo in range(0, n, batch_size):
-            top, bottom = prior.sample(min(batch_size, n - lo), temperature=temperature, generator=generator)
+            top, bottom = prior.sample(min(batch_size, n - lo), temperature=temperature, top_p=top_p,
+                                       generator=generator)
             tops.append(top.cpu())
             bottoms.append(bottom.cpu())
     finally:
@@ -95,7 +98,7 @@ def sample(prior_path: str | Path, n: int, out_dir: str | Path, *, temperature: 
     grid = out_dir / "samples.png"
     low, high = (0.0, 1.0) if normalize != "zscore" else (float(slices.min()), float(slices.max()))
     save_samples_grid(slices, grid, low, high,
-                      title=f"{n} samples from {Path(prior_path).name} (temperature {temperature:g}, seed {seed})")
+                      title=f"{n} samples from {Path(prior_path).name} (temperature {temperature:g}, top-p {top_p:g}, seed {seed})")
     result = {"codes_top": codes_top, "codes_bottom": codes_bottom, "grid": str(grid),
               "nifti": [str(p) for p, _ in outputs[:-1]], "seconds": elapsed,
               "samples_per_s": n / elapsed, "code_samples_per_s": n / (sampled - start),
@@ -176,8 +179,9 @@ def _most_similar(slices: np.ndarray, train_images, normalize: str) -> tuple[lis
 
 
 def main(args) -> int:
-    """``mrivq sample --prior FILE --n N --out DIR [--temperature T] [--seed K]``."""
-    result = sample(args.prior, args.n, args.out, temperature=args.temperature, seed=args.seed, device=args.device)
+    """``mrivq sample --prior FILE --n N --out DIR [--temperature T] [--top-p P] [--seed K]``."""
+    result = sample(args.prior, args.n, args.out, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                    device=args.device)
     print(f"wrote {result['grid']} and {len(result['nifti'])} NIfTI slices; "
           f"{result['samples_per_s']:.2f} samples/s on {result['device']}")
     if "nearest" in result:

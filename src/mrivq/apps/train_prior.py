@@ -168,7 +168,8 @@ def _encode_splits(config: Config, vq_config: Config, vqvae) -> tuple[dict, dict
         for version, images in versions.items():
             t0 = time.perf_counter()
             *pair, cached = cached_codes(vqvae, images, cache_dir=cache_dir, batch_size=config.prior.batch_size,
-                                         key="-".join(filter(None, (fingerprint, slices.key, version))))
+                                         key="-".join(filter(None, (fingerprint, slices.key,
+                                                                    getattr(images, "tag", "")))))
             grids.append(pair)
             log.info("%s the %s split%s: %d slices in %.1f s", "read the cached codes of" if cached else "encoded",
                      name, f" ({version.replace('-', ' ')})" if version else "", len(slices),

@@ -29,8 +29,10 @@ def augment(
 
     Args:
         slices: ``(B, C, H, W)`` (``C = 1`` for MRI slices), any device and memory format.
-        flip: ``"none"``; ``"horizontal"``: each slice is flipped left-right with probability
-            1/2; ``"both"``: also, independently, up-down with probability 1/2.
+        flip: ``"none"``; ``"horizontal"``: each slice is mirrored left-right as the pictures
+            show it (along ``H``, HipMRI's right-to-left axis: the patient's sides swap) with
+            probability 1/2; ``"both"``: also, independently, up-down (along ``W``, anterior to
+            posterior) with probability 1/2.
         intensity: ``0`` for none, else each slice is multiplied by a factor uniform in
             ``[1 - intensity, 1 + intensity]`` (``0 <= intensity < 1``).
 
@@ -40,8 +42,8 @@ def augment(
 
     Example:
         >>> _ = torch.manual_seed(0)  # the flip draws are then [0.496, 0.768]: below 1/2 flips
-        >>> slices = torch.arange(3.0).view(1, 1, 1, 3).repeat(2, 1, 1, 1)
-        >>> augment(slices, flip="horizontal")[:, 0, 0]
+        >>> slices = torch.arange(3.0).view(1, 1, 3, 1).repeat(2, 1, 1, 1)
+        >>> augment(slices, flip="horizontal")[:, 0, :, 0]
         tensor([[2., 1., 0.],
                 [0., 1., 2.]])
     """
@@ -52,9 +54,9 @@ def augment(
     batch_size = slices.shape[0]
     out = slices
     if flip != "none":
-        out = _flip_chosen(out, _per_slice(torch.rand(batch_size) < 0.5, out), dim=-1)
-    if flip == "both":
         out = _flip_chosen(out, _per_slice(torch.rand(batch_size) < 0.5, out), dim=-2)
+    if flip == "both":
+        out = _flip_chosen(out, _per_slice(torch.rand(batch_size) < 0.5, out), dim=-1)
     if intensity > 0:
         factors = 1 + intensity * (2 * torch.rand(batch_size) - 1)
         out = out * _per_slice(factors, out).to(out.dtype)
@@ -75,12 +77,15 @@ def prior_training_copies(images: np.ndarray, *, flip: str = "none", shifts: Seq
                           scales: Sequence[float] = ()) -> dict:
     """The extra versions of ``images`` ``(N, H, W)`` whose codes the code prior also trains on.
 
-    For each ``s`` in ``shifts``, four copies moved by ``s`` pixels up, down, left and right
-    (``"shifted-up-4px"`` ...), the edge rows or columns repeated into the gap, so nothing wraps
-    around and anatomy that touches an edge stays whole. For each ``f`` in ``scales``, a copy
-    zoomed by ``f`` about the centre (``"scaled-1.08x"``: bigger than life above 1, edges repeated
-    below it), bilinear. ``flip="horizontal"``: the slices and each of those copies mirrored
-    left-right too (``"mirrored"``, ``"mirrored-shifted-up-4px"`` ...).
+    Directions are those of the pictures (:func:`mrivq.reporting.plots.display`: the array's
+    first axis runs left to right, its second top to bottom). For each ``s`` in ``shifts``, four
+    copies moved by ``s`` pixels up, down, left and right (``"shifted-up-4px"`` ...), the edge
+    rows or columns repeated into the gap, so nothing wraps around and anatomy that touches an
+    edge stays whole. For each ``f`` in ``scales``, a copy zoomed by ``f`` about the centre
+    (``"scaled-1.08x"``: bigger than life above 1, edges repeated below it), bilinear.
+    ``flip="horizontal"``: the slices and each of those copies mirrored left-right too
+    (``"mirrored"``, ``"mirrored-shifted-up-4px"`` ...): the patient's sides swap, the front
+    stays at the front.
 
     The copies are :class:`TransformedSlices`: nothing is computed until a batch of them is
     read, so a split whose codes are cached costs nothing and one being encoded costs one batch
@@ -96,7 +101,7 @@ def prior_training_copies(images: np.ndarray, *, flip: str = "none", shifts: Seq
         if not 0.5 <= scale <= 2 or scale == 1:
             raise ValueError(f"each scale must be in [0.5, 2] and not 1, got {scale}")
     moves = [(f"shifted-{name}-{s}px", {"dy": dy * s, "dx": dx * s}) for s in shifts
-             for name, (dy, dx) in (("up", (-1, 0)), ("down", (1, 0)), ("left", (0, -1)), ("right", (0, 1)))]
+             for name, (dy, dx) in (("up", (0, -1)), ("down", (0, 1)), ("left", (-1, 0)), ("right", (1, 0)))]
     moves += [(f"scaled-{f:g}x", {"scale": f}) for f in scales]
     copies = {name: TransformedSlices(images, **move) for name, move in moves}
     if flip == "horizontal":
@@ -106,15 +111,17 @@ def prior_training_copies(images: np.ndarray, *, flip: str = "none", shifts: Seq
 
 
 class TransformedSlices:
-    """``images`` ``(N, H, W)`` mirrored left-right (``mirror``), then moved ``dy`` rows down and
-    ``dx`` columns right with the edges repeated, then zoomed by ``scale`` about the centre,
-    computed batch by batch: ``len()``, ``.shape``, ``[lo:hi]`` -> ``(n, H, W)`` array, and
-    ``np.asarray`` for all of it."""
+    """``images`` ``(N, H, W)`` mirrored along ``H`` (``mirror``), then moved ``dy`` pixels along
+    ``H`` and ``dx`` along ``W`` with the edges repeated, then zoomed by ``scale`` about the
+    centre, computed batch by batch: ``len()``, ``.shape``, ``[lo:hi]`` -> ``(n, H, W)`` array,
+    and ``np.asarray`` for all of it. ``tag`` names exactly that transform (for cache keys)."""
 
     def __init__(self, images: np.ndarray, *, mirror: bool = False, dy: int = 0, dx: int = 0,
                  scale: float = 1.0) -> None:
         self.images, self.mirror, self.dy, self.dx, self.scale = images, mirror, dy, dx, scale
         self.shape = images.shape
+        self.tag = "_".join(part for part, on in (("mirrorH", mirror), (f"dy{dy}", dy), (f"dx{dx}", dx),
+                                                  (f"zoom{scale:g}", scale != 1)) if on)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -122,7 +129,7 @@ class TransformedSlices:
     def __getitem__(self, rows: slice) -> np.ndarray:
         batch = self.images[rows]
         if self.mirror:
-            batch = batch[:, :, ::-1]
+            batch = batch[:, ::-1]
         height, width = batch.shape[1:]
         dy, dx = self.dy, self.dx
         if dy or dx:

@@ -242,14 +242,20 @@ class CodeTransformer(nn.Module):
         return self.head(self.ln_out(x)).float()
 
     @torch.no_grad()
-    def sample(self, n: int, *, temperature: float = 1.0, condition: torch.Tensor | None = None,
+    def sample(self, n: int, *, temperature: float = 1.0, top_p: float = 1.0, condition: torch.Tensor | None = None,
                generator: torch.Generator | None = None) -> torch.Tensor:
-        """Draw ``n`` grids ``(n, rows, cols)`` int64, one position at a time with a KV cache."""
+        """Draw ``n`` grids ``(n, rows, cols)`` int64, one position at a time with a KV cache.
+
+        ``top_p`` < 1: nucleus sampling, each code drawn from the most probable codes that
+        together hold at least ``top_p`` of the probability (at least the most probable one).
+        """
         cache = self.new_cache(n)
         out = torch.zeros(n, self.length, dtype=torch.long, device=self.head.weight.device)
         for t in range(self.length):
             logits = self.cached_logits(out, t, cache, condition)[:, 0]
             probs = torch.softmax(logits / temperature, dim=-1)
+            if top_p < 1:
+                probs = _nucleus(probs, top_p)
             out[:, t] = torch.multinomial(probs, 1, generator=generator)[:, 0]
         return out.reshape(n, *self.grid)
 
@@ -312,13 +318,22 @@ class CodePrior(nn.Module):
                 F.cross_entropy(logits_bottom.float(), codes_bottom) / math.log(2))
 
     @torch.no_grad()
-    def sample(self, n: int, *, temperature: float = 1.0,
+    def sample(self, n: int, *, temperature: float = 1.0, top_p: float = 1.0,
                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``n`` new code pairs: ``(n, h, w)`` and ``(n, 2h, 2w)`` int64 in ``[0, n_embed)``."""
-        top = self.top.sample(n, temperature=temperature, generator=generator)
-        bottom = self.bottom.sample(n, temperature=temperature, condition=self.condition(top),
+        """``n`` new code pairs: ``(n, h, w)`` and ``(n, 2h, 2w)`` int64 in ``[0, n_embed)``
+        (``temperature`` and ``top_p`` as in :meth:`CodeTransformer.sample`, at both levels)."""
+        top = self.top.sample(n, temperature=temperature, top_p=top_p, generator=generator)
+        bottom = self.bottom.sample(n, temperature=temperature, top_p=top_p, condition=self.condition(top),
                                     generator=generator)
         return top, bottom
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``probs`` ``(n, K)`` with every code outside the smallest most-probable set holding at
+    least ``top_p`` of the probability set to 0 (not renormalised: ``multinomial`` need not be)."""
+    ordered, order = probs.sort(dim=-1, descending=True)
+    before = ordered.cumsum(dim=-1) - ordered  # the probability of the more probable codes
+    return probs.scatter(-1, order, ordered.masked_fill(before >= top_p, 0))
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -187,6 +187,7 @@ class VQVAE2(nn.Module):
         restart_from: str = "random",
         kmeans_iters: int = 0,
         lookup: str = "euclidean",
+        bottom_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if in_channel < 1 or channel < 2 or n_res_block < 0 or n_res_channel < 1:
@@ -196,7 +197,10 @@ class VQVAE2(nn.Module):
             )
         if block not in RESIDUAL_BLOCKS:
             raise ValueError(f"block must be one of {sorted(RESIDUAL_BLOCKS)}, got {block!r}")
+        if not 0 <= bottom_dropout < 1:
+            raise ValueError(f"bottom_dropout must be in [0, 1), got {bottom_dropout}")
         self.in_channel = in_channel
+        self.bottom_dropout = bottom_dropout
         quantizer_args = {
             "decay": decay,
             "eps": eps,
@@ -230,6 +234,10 @@ class VQVAE2(nn.Module):
         quant_t, loss_t, codes_top = self.quantize_top(self.quantize_conv_t(features_t))
         joined = torch.cat([self.dec_t(quant_t), features_b], dim=1)
         quant_b, loss_b, codes_bottom = self.quantize_bottom(self.quantize_conv_b(joined))
+        if self.training and self.bottom_dropout > 0:
+            # These slices are decoded from the top codes alone: the top level learns the layout.
+            keep = torch.rand(quant_b.shape[0], 1, 1, 1, device=quant_b.device) >= self.bottom_dropout
+            quant_b = quant_b * keep.to(quant_b.dtype)
         reconstruction = self._decode_quantized(quant_t, quant_b)[..., :height, :width]
         return VQVAE2Output(reconstruction, loss_t + loss_b, codes_top, codes_bottom)
 
