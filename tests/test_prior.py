@@ -161,6 +161,7 @@ def test_train_prior_then_sample_writes_valid_slices(work, tiny_phantom, tmp_pat
     # the yardstick: the same score of the VQ-VAE's reconstructions of 3 unseen validation slices
     ref = re.search(r"reconstructions of 3 unseen validation slices score ([\d.]+) to ([\d.]+)", printed)
     assert ref and 0 < float(ref[1]) <= float(ref[2]) <= 1, printed
+    assert re.search(r"resemble each other at SSIM [\d.]+ on average \(those validation slices: [\d.]+\)", printed)
     with np.load(out / "codes.npz") as npz:
         top, bottom = npz["codes_top"], npz["codes_bottom"]
     assert top.shape == (3, 8, 4) and bottom.shape == (3, 16, 8)

@@ -120,12 +120,14 @@ def _nearest_training_slices(slices: np.ndarray, config, vq_config, out_dir: Pat
     train = split(splits.train, "train")
     normalize = vq_config.data.normalize
     best_index, best_ssim = _most_similar(slices, train.images, normalize)
-    reference = []
+    reference, variety = [], {"samples": _mutual_ssim(slices, normalize)}
     if splits.validate:
         val = split(splits.validate, "validate")
         pick = np.unique(np.linspace(0, len(val.images) - 1, min(len(slices), len(val.images))).round().astype(int))
         unseen = decode_images(vqvae, *encode_images(vqvae, val.images[pick]))[:, :slices.shape[1], :slices.shape[2]]
-        reference = _most_similar(clip_to_input_range(unseen, normalize), train.images, normalize)[1]
+        unseen = clip_to_input_range(unseen, normalize)
+        reference = _most_similar(unseen, train.images, normalize)[1]
+        variety["unseen"] = _mutual_ssim(unseen, normalize)
     # Rows of four samples, each row followed by the four training slices most similar to them.
     n, blank = len(slices), (4 - len(slices) % 4) % 4
     pictures = [metrics.unit_range_images(images, normalize) for images in (slices, train.images[best_index])]
@@ -144,7 +146,19 @@ def _nearest_training_slices(slices: np.ndarray, config, vq_config, out_dir: Pat
         for i, (j, s) in enumerate(zip(best_index, best_ssim)))
     atomic_write(out_dir / "nearest.csv", lambda fh: fh.write(rows.encode()))
     return {"nearest": [{"training_slice": train.files[j], "ssim": s} for j, s in zip(best_index, best_ssim)],
-            "nearest_grid": str(out_dir / "nearest.png"), "unseen_nearest_ssim": reference}
+            "nearest_grid": str(out_dir / "nearest.png"), "unseen_nearest_ssim": reference,
+            "mutual_ssim": variety}
+
+
+def _mutual_ssim(slices: np.ndarray, normalize: str) -> float | None:
+    """The mean SSIM (on [0, 1]) between every two of ``slices``: how alike they are; None for
+    fewer than two."""
+    if len(slices) < 2:
+        return None
+    images = torch.from_numpy(np.asarray(metrics.unit_range_images(slices, normalize), dtype=np.float32))[:, None]
+    first, second = torch.triu_indices(len(images), len(images), offset=1)
+    with torch.inference_mode():
+        return float(ssim_per_image(images[first].clamp(0, 1), images[second].clamp(0, 1)).mean())
 
 
 def _most_similar(slices: np.ndarray, train_images, normalize: str) -> tuple[list[int], list[float]]:
@@ -193,4 +207,9 @@ def main(args) -> int:
             print(f"  the VQ-VAE's reconstructions of {len(ref)} unseen validation slices score {min(ref):.3f} to "
                   f"{max(ref):.3f} (mean {sum(ref) / len(ref):.3f}) against the same training slices: "
                   "samples as plausible as real new slices would score about as much")
+        variety = result["mutual_ssim"]
+        if variety["samples"] is not None:
+            print(f"  the samples resemble each other at SSIM {variety['samples']:.3f} on average"
+                  + (f" (those validation slices: {variety['unseen']:.3f}); higher: less varied" if "unseen" in variety
+                     else ""))
     return 0
