@@ -98,9 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=16, help="number of slices (default 16)")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1.0)")
-    p.add_argument("--top-p", type=float, default=0.7, metavar="P",
+    p.add_argument("--top-p", type=float, default=0.8, metavar="P",
                    help="nucleus sampling: draw each code from the most probable codes that hold P of the "
-                        "probability (default 0.7; 1: from all codes)")
+                        "probability (default 0.8; 1: from all codes)")
     p.add_argument("--seed", type=int, default=0)
     _add_device_arg(p)
     return parser

@@ -43,7 +43,7 @@ SHORTLIST = 32  # training slices scored with SSIM per sample, of those that cor
 
 
 def sample(prior_path: str | Path, n: int, out_dir: str | Path, *, temperature: float = 1.0,
-           top_p: float = 0.7, seed: int = 0, batch_size: int = 16, device: str = "auto", nearest: bool = True) -> dict:
+           top_p: float = 0.8, seed: int = 0, batch_size: int = 16, device: str = "auto", nearest: bool = True) -> dict:
     """Draw ``n`` new slices and write them to ``out_dir``; returns codes, timings and paths.
 
     ``nearest``: also find each sample's most similar training slice (SSIM) and write
