@@ -46,6 +46,9 @@ def sample(prior_path: str | Path, n: int, out_dir: str | Path, *, temperature: 
            top_p: float = 0.8, seed: int = 0, batch_size: int = 16, device: str = "auto", nearest: bool = True) -> dict:
     """Draw ``n`` new slices and write them to ``out_dir``; returns codes, timings and paths.
 
+    ``temperature`` and ``top_p`` (nucleus sampling) shape each code's distribution, as in
+    :meth:`mrivq.nn.prior.CodeTransformer.sample`.
+
     ``nearest``: also find each sample's most similar training slice (SSIM) and write
     ``nearest.png`` (samples over them) and ``nearest.csv``, so memorisation is visible.
     """
