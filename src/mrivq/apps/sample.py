@@ -158,7 +158,7 @@ def _mutual_ssim(slices: np.ndarray, normalize: str) -> float | None:
     fewer than two."""
     if len(slices) < 2:
         return None
-    images = torch.from_numpy(np.asarray(metrics.unit_range_images(slices, normalize), dtype=np.float32))[:, None]
+    images = _unit_batch(slices, normalize)
     first, second = torch.triu_indices(len(images), len(images), offset=1)
     with torch.inference_mode():
         return float(ssim_per_image(images[first].clamp(0, 1), images[second].clamp(0, 1)).mean())
@@ -169,7 +169,7 @@ def _most_similar(slices: np.ndarray, train_images, normalize: str) -> tuple[lis
     SSIM on [0, 1] and that SSIM. Shortlists by correlation at a quarter of the resolution (one
     matrix product per chunk, fast for HipMRI's 11,460 slices too), then scores the ``SHORTLIST``
     best with the protocol's SSIM."""
-    samples = torch.from_numpy(np.asarray(metrics.unit_range_images(slices, normalize), dtype=np.float32))[:, None]
+    samples = _unit_batch(slices, normalize)
 
     def thumbnails(x: torch.Tensor) -> torch.Tensor:
         small = torch.nn.functional.avg_pool2d(x, 4).flatten(1)
@@ -180,19 +180,24 @@ def _most_similar(slices: np.ndarray, train_images, normalize: str) -> tuple[lis
     with torch.inference_mode():
         query, correlations = thumbnails(samples), []
         for lo in range(0, len(train_images), 512):  # the cached slices are a memory map: a chunk at a time
-            chunk = torch.from_numpy(metrics.unit_range_images(np.array(train_images[lo:lo + 512], dtype=np.float32),
-                                                               normalize))[:, None]
+            chunk = _unit_batch(train_images[lo:lo + 512], normalize)
             correlations.append(query @ thumbnails(chunk).T)
         candidates = torch.cat(correlations, dim=1).topk(shortlist, dim=1).indices  # (n, shortlist)
         best_ssim, best_index = [], []
         for sample, chosen in zip(samples, candidates.tolist()):
             chosen = sorted(chosen)
-            target = torch.from_numpy(metrics.unit_range_images(np.array(train_images[chosen], dtype=np.float32),
-                                                                normalize))[:, None]
+            target = _unit_batch(train_images[chosen], normalize)
             scores = ssim_per_image(sample.expand_as(target).clamp(0, 1), target)
             best_index.append(chosen[int(scores.argmax())])
             best_ssim.append(float(scores.max()))
     return best_index, best_ssim
+
+
+def _unit_batch(slices, normalize: str) -> torch.Tensor:
+    """Slices ``(n, H, W)`` (an array or a slice of the cached memory map) on the scoring range
+    [0, 1], as a float32 ``(n, 1, H, W)`` tensor."""
+    return torch.from_numpy(np.asarray(metrics.unit_range_images(np.array(slices, dtype=np.float32), normalize),
+                                       dtype=np.float32))[:, None]
 
 
 def main(args) -> int:
