@@ -37,6 +37,18 @@ from pydantic import (
 from mrivq.errors import ConfigError
 
 
+def _seconds(value):
+    """A duration for a ``max_time`` key: ``"10m"`` -> 600.0; ``"90s"``, ``"2h"``; numbers pass through."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    text = value.strip() if isinstance(value, str) else ""
+    if text and text[-1] in units:
+        try:
+            return float(text[:-1]) * units[text[-1]]
+        except ValueError:
+            pass
+    return value
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -152,18 +164,7 @@ class TrainConfig(_Section):
     # Wall-clock budget in seconds ("90s", "10m", "2h" read too): the schedule is fitted to it.
     max_time: float | None = Field(default=None, gt=0)
 
-    @field_validator("max_time", mode="before")
-    @classmethod
-    def _seconds(cls, value):
-        """``"10m"`` -> 600.0; ``"90s"``, ``"2h"``; numbers pass through."""
-        units = {"s": 1, "m": 60, "h": 3600}
-        text = value.strip() if isinstance(value, str) else ""
-        if text and text[-1] in units:
-            try:
-                return float(text[:-1]) * units[text[-1]]
-            except ValueError:
-                pass
-        return value
+    _seconds = field_validator("max_time", mode="before")(lambda cls, value: _seconds(value))
     interval: int = Field(default=720, ge=1)
     checkpoint_every: int = Field(default=250, ge=1)
     max_nonfinite_steps: int = Field(default=10, ge=1)
@@ -205,6 +206,9 @@ class PriorConfig(_Section):
     augment_shift: list[int] = [4, 8]
     augment_scale: list[float] = [0.92, 1.08]
     steps: int = Field(default=2500, ge=1)
+    # Wall-clock budget of the prior's loop ("90s", "10m", "2h" read too), as train.max_time:
+    # instead of prior.steps, as many steps as fit, the schedule fitted to them.
+    max_time: float | None = Field(default=None, gt=0)
     batch_size: int = Field(default=8, ge=1)
     lr: float = Field(default=2e-3, gt=0)
     weight_decay: float = Field(default=0.01, ge=0)
@@ -213,6 +217,8 @@ class PriorConfig(_Section):
     grad_clip: float | None = Field(default=1.0, gt=0)
     interval: int = Field(default=250, ge=1)
     checkpoint_every: int = Field(default=100, ge=1)
+
+    _seconds = field_validator("max_time", mode="before")(lambda cls, value: _seconds(value))
 
     @field_validator("augment_shift", "augment_scale", mode="before")
     @classmethod

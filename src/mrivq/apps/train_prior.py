@@ -44,7 +44,7 @@ from mrivq.engine.checkpoint import (
     run_config,
 )
 from mrivq.engine.inference import cached_codes
-from mrivq.engine.loop import LoopSettings, LoopState, TrainingLoop, stop_on_signals
+from mrivq.engine.loop import UNTIMED, LoopSettings, LoopState, TrainingLoop, stop_on_signals
 from mrivq.engine.prior_training import COLUMNS, PriorTraining
 from mrivq.errors import ConfigError, UserError
 from mrivq.logs import interactive, run_logger
@@ -108,9 +108,11 @@ def train_prior(config: Config, checkpoint: str | Path | None = None, *, resume:
             loop.load_state_dict(ckpt, last)
             log.info("resumed %s at step %d", config.run_dir, state.step)
         log.info("prior: %d training and %d validation code grids; top %s, bottom %s, %d codes per level; "
-                 "%.2fM parameters; %d steps on %s in %s (validation in fp32)", len(task.train_top), len(task.val_top),
+                 "%.2fM parameters; %s on %s in %s (validation in fp32)", len(task.train_top), len(task.val_top),
                  "x".join(map(str, task.top_grid)), "x".join(map(str, task.train_bottom.shape[1:])),
-                 task.n_embed, sum(p.numel() for p in task.model.parameters()) / 1e6, pc.steps, task.device,
+                 task.n_embed, sum(p.numel() for p in task.model.parameters()) / 1e6,
+                 f"as many steps as fit prior.max_time ({pc.max_time:.0f} s)" if pc.max_time else f"{pc.steps} steps",
+                 task.device,
                  task.precision)
         with stop_on_signals(loop):
             history = loop.run()
@@ -129,11 +131,13 @@ def prior_loop(config: Config, codes: dict, *, n_embed: int, vqvae: dict, finger
     this command's plot hooked in; set up and not yet started."""
     pc = config.prior
     device = resolve_device(config.train.device)
-    state = LoopState(total_steps=pc.steps)
+    # How long: prior.steps, or as many steps as fit prior.max_time.
+    state = LoopState(total_steps=UNTIMED if pc.max_time else pc.steps)
     task = PriorTraining(config, codes, n_embed=n_embed, vqvae=vqvae, fingerprint=fingerprint,
                          reference=reference, device=device, state=state)
     return TrainingLoop(task, LoopSettings(
-        total_steps=pc.steps, interval=pc.interval, checkpoint_every=pc.checkpoint_every,
+        total_steps=state.total_steps, interval=pc.interval, checkpoint_every=pc.checkpoint_every,
+        max_time=pc.max_time, warmup_steps=pc.warmup_steps,
         run_dir=config.run_dir, model_dir=config.model_dir, metrics_name=METRICS, columns=COLUMNS,
         best_name=BEST, last_name=LAST, resume_command="mrivq train-prior --resume", seed=config.seed,
         evaluate_at_epoch_end=False,
