@@ -116,3 +116,22 @@ def test_prior_training_copies_mirror_shift_and_zoom_without_wrapping_around():
         prior_training_copies(images, scales=[1])
     with pytest.raises(ValueError, match="flip"):
         prior_training_copies(images, flip="both")
+
+
+def test_train_crop_cuts_one_window_at_the_place_the_rng_picked():
+    slices = phantom_batch()
+    torch.manual_seed(11)
+    top, left = int(torch.randint(32 - 16 + 1, ())), int(torch.randint(24 - 8 + 1, ()))
+    torch.manual_seed(11)
+    out = augment(slices, crop=(16, 8))
+    assert out.shape == (6, 1, 16, 8)
+    assert torch.equal(out, slices[..., top:top + 16, left:left + 8])
+    with pytest.raises(ValueError, match="does not fit"):
+        augment(slices, crop=(40, 8))
+
+
+def test_train_crop_must_be_multiples_of_8_within_the_image_size():
+    assert validate({"data": {"train_crop": [128, 64]}}).data.train_crop == (128, 64)
+    for bad in ([12, 64], [512, 64]):
+        with pytest.raises(Exception, match="train_crop"):
+            validate({"data": {"train_crop": bad}})

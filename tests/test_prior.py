@@ -283,3 +283,25 @@ def test_prior_bad_input_is_one_line_and_exit_2(work, tiny_phantom, tmp_path, ca
         assert len(err) == 1 and message in err[0] and "Traceback" not in err[0], err
     assert not (tmp_path / "r").exists() and not (tmp_path / "s").exists()
     assert not (tmp_path / "c.mrvq").exists()
+
+
+def test_prior_max_time_fits_the_prior_steps_to_the_budget(work, tiny_phantom, monkeypatch):
+    """A clock on which every step takes one second: a 24-second budget is 24 prior steps,
+    whatever prior.steps says, and the learning rate ends at its floor."""
+    from mrivq.engine.loop import TrainingLoop
+
+    original_init = TrainingLoop.__init__
+
+    def init_with_step_clock(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.clock = lambda: float(self.state.step)
+
+    monkeypatch.setattr(TrainingLoop, "__init__", init_with_step_clock)
+    config = load_config(None, prior_overrides(tiny_phantom, work["root"], "timed", steps=5, interval=10,
+                                               max_time="24s", min_lr_ratio=0.1))
+    summary = train_prior(config, work["vqvae"])
+    assert summary["steps"] == 24
+    last = load_checkpoint(config.model_dir / "prior_last.pt")
+    assert last["total_steps"] == 24
+    assert last["scheduler"]["_last_lr"][0] == pytest.approx(config.prior.lr * 0.1, rel=1e-3)
+    assert "prior.max_time 24 s: 24 steps in all" in (config.log_dir / "prior.log").read_text()

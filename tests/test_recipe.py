@@ -82,3 +82,21 @@ def test_max_time_reads_units():
     assert load_config(None, ["train.max_time=10m"]).train.max_time == 600
     assert load_config(None, ["train.max_time=1.5h"]).train.max_time == 5400
     assert load_config(None, ["train.max_time=45"]).train.max_time == 45
+
+
+def test_training_on_crops_steps_on_windows_and_validates_whole_slices(tiny_overrides, monkeypatch):
+    from mrivq.engine.vqvae_training import VQVAETraining
+
+    shapes = []
+    step = VQVAETraining.train_step
+
+    def record(self, batch):
+        shapes.append(tuple(batch.shape[-2:]))
+        return step(self, batch)
+
+    monkeypatch.setattr(VQVAETraining, "train_step", record)
+    config = load_config(None, tiny_overrides + ["data.train_crop=[32,16]", "train.epochs=1"])
+    train(config)
+    assert shapes and set(shapes) == {(32, 16)}
+    rows = read_metrics(config.run_dir / "metrics.csv")
+    assert rows and 0 < rows[-1]["val_ssim"] <= 1  # validation on whole 64 x 32 slices

@@ -73,6 +73,10 @@ class DataConfig(_Section):
     # and an intensity factor uniform in [1 - augment_intensity, 1 + augment_intensity].
     augment_flip: Literal["none", "horizontal", "both"] = "none"
     augment_intensity: float = Field(default=0.0, ge=0, lt=1)
+    # Training-only: each step trains on an [h, w] window cut at a random place from its slices
+    # (sides multiples of 8, at most data.image_size), so a step costs h*w/(H*W) of a whole
+    # slice's and a time budget buys that many more steps; validation and test see whole slices.
+    train_crop: tuple[int, int] | None = None
 
     @field_validator("image_size")
     @classmethod
@@ -80,6 +84,21 @@ class DataConfig(_Section):
         if min(v) < 8:
             raise ValueError("both sides must be at least 8 pixels")
         return v
+
+    @field_validator("train_crop")
+    @classmethod
+    def _crop_multiple_of_8(cls, v):
+        if v is not None and (min(v) < 8 or v[0] % 8 or v[1] % 8):
+            raise ValueError("both sides must be multiples of 8 (the top codes' stride), at least 8")
+        return v
+
+    @model_validator(mode="after")
+    def _crop_fits(self):
+        if self.train_crop is not None and (self.train_crop[0] > self.image_size[0]
+                                            or self.train_crop[1] > self.image_size[1]):
+            raise ValueError(f"train_crop {list(self.train_crop)} is larger than image_size "
+                             f"{list(self.image_size)}")
+        return self
 
     @field_validator("percentiles")
     @classmethod

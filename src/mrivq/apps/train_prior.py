@@ -137,7 +137,7 @@ def prior_loop(config: Config, codes: dict, *, n_embed: int, vqvae: dict, finger
                          reference=reference, device=device, state=state)
     return TrainingLoop(task, LoopSettings(
         total_steps=state.total_steps, interval=pc.interval, checkpoint_every=pc.checkpoint_every,
-        max_time=pc.max_time, warmup_steps=pc.warmup_steps,
+        max_time=pc.max_time, max_time_key="prior.max_time", warmup_steps=pc.warmup_steps,
         run_dir=config.run_dir, model_dir=config.model_dir, metrics_name=METRICS, columns=COLUMNS,
         best_name=BEST, last_name=LAST, resume_command="mrivq train-prior --resume", seed=config.seed,
         evaluate_at_epoch_end=False,

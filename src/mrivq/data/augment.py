@@ -24,8 +24,9 @@ def augment(
     *,
     flip: Literal["none", "horizontal", "both"] = "none",
     intensity: float = 0.0,
+    crop: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Randomly flip and rescale each slice of a model-space batch ``(B, C, H, W)``.
+    """Randomly crop, flip and rescale each slice of a model-space batch ``(B, C, H, W)``.
 
     Args:
         slices: ``(B, C, H, W)`` (``C = 1`` for MRI slices), any device and memory format.
@@ -35,10 +36,15 @@ def augment(
             posterior) with probability 1/2.
         intensity: ``0`` for none, else each slice is multiplied by a factor uniform in
             ``[1 - intensity, 1 + intensity]`` (``0 <= intensity < 1``).
+        crop: ``None``, or ``(h, w)``: the batch is cut to an ``h x w`` window at one random
+            place (the same for every slice of the batch), so a step costs ``hw / HW`` of a
+            whole slice's.
 
-    Returns ``(B, C, H, W)``, same dtype, device and memory format; ``slices`` is not modified
-    (and is returned itself when nothing is to be done). Draws, in order: ``torch.rand(B)`` for
-    left-right flips, for up-down flips (``"both"``), for the factors (``intensity > 0``).
+    Returns ``(B, C, H, W)`` (``(B, C, h, w)`` with ``crop``), same dtype, device and memory
+    format; ``slices`` is not modified (and is returned itself when nothing is to be done).
+    Draws, in order: ``torch.randint`` twice for the crop's corner (``crop``),
+    ``torch.rand(B)`` for left-right flips, for up-down flips (``"both"``), for the factors
+    (``intensity > 0``).
 
     Example:
         >>> _ = torch.manual_seed(0)  # the flip draws are then [0.496, 0.768]: below 1/2 flips
@@ -53,6 +59,13 @@ def augment(
         raise ValueError(f"intensity must be in [0, 1), got {intensity}")
     batch_size = slices.shape[0]
     out = slices
+    if crop is not None:
+        (height, width), (h, w) = slices.shape[-2:], crop
+        if not (0 < h <= height and 0 < w <= width):
+            raise ValueError(f"crop {h} x {w} does not fit in slices of {height} x {width}")
+        top = int(torch.randint(height - h + 1, ()))
+        left = int(torch.randint(width - w + 1, ()))
+        out = out[..., top:top + h, left:left + w]
     if flip != "none":
         out = _flip_chosen(out, _per_slice(torch.rand(batch_size) < 0.5, out), dim=-2)
     if flip == "both":

@@ -132,6 +132,7 @@ class LoopSettings:
     resume_command: str = "mrivq train --resume"
     seed: int = 0
     max_time: float | None = None  # seconds of wall clock for the whole loop, evaluations included
+    max_time_key: str = "train.max_time"  # the setting max_time came from, for the log
     max_steps: int | None = None  # caps a budget-fitted length
     warmup_steps: int = 0
     max_nonfinite_steps: int = 10**9
@@ -337,8 +338,8 @@ class TrainingLoop:
             mine = torch.tensor([total if self.dist.is_main else 0], dtype=torch.float64, device=self.dist.device)
             total = int(distributed.sum_(self.dist, mine).item())
         if state.step == self.fit_after:
-            log.info("train.max_time %.0f s: %d steps in all at %.3f s per step so far (evaluations "
-                     "included); the schedule follows", s.max_time, total, per_step)
+            log.info("%s %.0f s: %d steps in all at %.3f s per step so far (evaluations "
+                     "included); the schedule follows", s.max_time_key, s.max_time, total, per_step)
         state.total_steps = max(total, state.step)
         bar.total = state.total_steps
         bar.refresh()
