@@ -24,6 +24,11 @@ def _add_device_arg(p: argparse.ArgumentParser) -> None:
                    help="where the models run (default auto: CUDA when present)")
 
 
+def _add_overwrite_outputs_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace files an earlier mrivq command wrote in --out (never other files)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mrivq", description="Hierarchical VQ-VAE-2 for MRI slices.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -64,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="folder for NAME_recon.nii.gz and NAME_diff.nii.gz")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--batch-size", type=int, default=16, help="slices per forward pass (default 16)")
+    _add_overwrite_outputs_arg(p)
 
     p = sub.add_parser("report", help="(re)write RUN_DIR/report.html, a self-contained page of the run")
     p.add_argument("run_dir", metavar="RUN_DIR")
@@ -83,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--prior", metavar="FILE", help="the prior a prior-coded file was encoded with")
     _add_device_arg(p)
+    _add_overwrite_outputs_arg(p)
 
     p = sub.add_parser("train-prior", help="fit the autoregressive prior over a VQ-VAE's codes")
     _add_config_args(p)
@@ -103,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "probability (default 0.8; 1: from all codes)")
     p.add_argument("--seed", type=int, default=0)
     _add_device_arg(p)
+    _add_overwrite_outputs_arg(p)
     return parser
 
 
@@ -123,6 +131,9 @@ def main(argv: list[str] | None = None) -> None:
         code = run(argv)
     except UserError as exc:
         print(f"mrivq: error: {exc}", file=sys.stderr)
+        code = 2
+    except MemoryError:  # a last guard: inputs are checked so that this should not happen
+        print("mrivq: error: out of memory; the input is larger than this machine can hold", file=sys.stderr)
         code = 2
     except TrainingInterrupted as exc:
         print(f"mrivq: interrupted: {exc}", file=sys.stderr)

@@ -53,6 +53,11 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+#: The largest side of data.image_size: a model's input, so a checkpoint someone sends cannot
+#: ask for slices of any size.
+MAX_IMAGE_SIDE = 4096
+
+
 class DataConfig(_Section):
     root: Path | None = None
     train_dir: Path | None = None
@@ -81,8 +86,8 @@ class DataConfig(_Section):
     @field_validator("image_size")
     @classmethod
     def _size_positive(cls, v):
-        if min(v) < 8:
-            raise ValueError("both sides must be at least 8 pixels")
+        if min(v) < 8 or max(v) > MAX_IMAGE_SIDE:
+            raise ValueError(f"both sides must be 8 to {MAX_IMAGE_SIDE} pixels")
         return v
 
     @field_validator("train_crop")
@@ -131,12 +136,12 @@ STORED_MODEL_DEFAULTS = {"block": "report", "lookup": "euclidean", "restart_from
 class ModelConfig(_Section):
     # Applied when the config is read and not stored: the stored config holds its values.
     preset: Literal["report"] | None = Field(default=None, exclude=True)
-    in_channel: int = Field(default=1, ge=1)
-    channel: int = Field(default=128, ge=1)
-    n_res_block: int = Field(default=2, ge=0)
-    n_res_channel: int = Field(default=32, ge=1)
-    embed_dim: int = Field(default=64, ge=1)
-    n_embed: int = Field(default=512, ge=2)
+    in_channel: int = Field(default=1, ge=1, le=64)
+    channel: int = Field(default=128, ge=1, le=4096)
+    n_res_block: int = Field(default=2, ge=0, le=64)
+    n_res_channel: int = Field(default=32, ge=1, le=4096)
+    embed_dim: int = Field(default=64, ge=1, le=4096)
+    n_embed: int = Field(default=512, ge=2, le=65536)
     decay: float = Field(default=0.99, gt=0, lt=1)
     eps: float = Field(default=1e-5, gt=0)
     init_from_data: bool = True
@@ -206,12 +211,12 @@ class PredictConfig(_Section):
 class PriorConfig(_Section):
     """The autoregressive prior over codes (``mrivq train-prior``); grid shapes come from the VQ-VAE."""
 
-    d_model: int = Field(default=128, ge=8)
-    n_head: int = Field(default=4, ge=1)
-    n_layer_top: int = Field(default=4, ge=1)
-    n_layer_bottom: int = Field(default=3, ge=1)
-    bottom_window_rows: int | None = Field(default=2, ge=1)
-    condition_blocks: int = Field(default=2, ge=0)
+    d_model: int = Field(default=128, ge=8, le=4096)
+    n_head: int = Field(default=4, ge=1, le=64)
+    n_layer_top: int = Field(default=4, ge=1, le=64)
+    n_layer_bottom: int = Field(default=3, ge=1, le=64)
+    bottom_window_rows: int | None = Field(default=2, ge=1, le=4096)
+    condition_blocks: int = Field(default=2, ge=0, le=64)
     # Each position is also given the codes left, two left, above-left, above, above-right and
     # two above it (mrivq.nn.prior.NEIGHBOURS); false: attention alone finds them.
     neighbour_codes: bool = True

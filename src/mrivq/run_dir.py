@@ -245,6 +245,45 @@ def claim_run_dir(config: Config, job: str, overwrite: bool, *, remove: bool = T
 
 
 # ---------------------------------------------------------------------------------------
+# Output folders of decode and sample
+# ---------------------------------------------------------------------------------------
+
+def claim_outputs(folder: Path, job: str, targets: list[Path], *, overwrite: bool, inputs=()) -> None:
+    """Check that ``job`` ("decode", "sample") may write ``targets`` (files directly in ``folder``),
+    then list them in ``folder``'s manifest, before any is written.
+
+    Refuses (:class:`UserError`) a ``folder`` that is a file, a target that is one of ``inputs``
+    (the files the command reads), a target that exists but that mrivq did not write, and,
+    without ``overwrite``, one that an earlier mrivq command wrote. Nothing is removed.
+    """
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--out {folder} is a file; give a folder")
+    protected = {_absolute(Path(path)) for path in inputs if path is not None}
+    recorded = _listed(folder, read_manifest(folder)) if folder.is_dir() else set()
+    for target in targets:
+        path = _absolute(target)
+        if path.parent != _absolute(folder / "x").parent:
+            raise UserError(f"{target} is not directly in --out {folder}")
+        if path in protected or any(path.exists() and other.exists() and os.path.samefile(path, other)
+                                    for other in protected):
+            raise UserError(f"{target} is one of this command's inputs; choose another --out")
+        if not (target.exists() or target.is_symlink()):
+            continue
+        if path not in recorded:
+            raise UserError(f"{target} exists and was not written by mrivq; move it or choose another --out")
+        if not overwrite:
+            raise UserError(f"{target} was written by an earlier mrivq command; pass --overwrite to replace "
+                            "it, or choose another --out")
+    root = _root(folder)
+    jobs = (read_manifest(root) or {}).get("jobs", {})
+    entries = jobs.setdefault(job, [])
+    known = set(entries)
+    entries += [entry for entry in (_entry(root, target) for target in targets) if entry not in known]
+    _write_manifest(root, jobs)
+
+
+# ---------------------------------------------------------------------------------------
 # Metrics tables (metrics.csv, prior_metrics.csv)
 # ---------------------------------------------------------------------------------------
 

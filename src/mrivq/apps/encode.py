@@ -21,12 +21,19 @@ from pathlib import Path
 import numpy as np
 
 from mrivq import strict_json
-from mrivq.compression.container import bits_report, pack_checked, preprocessing_entry, source_entry
+from mrivq.compression.container import (
+    MAGIC,
+    bits_report,
+    pack_checked,
+    preprocessing_entry,
+    source_entry,
+)
 from mrivq.data.io import nifti_inputs, read_slice
 from mrivq.data.preprocess import Preprocessing, preprocess_slice
 from mrivq.engine.checkpoint import load_prior, load_vqvae, model_fingerprint
 from mrivq.engine.inference import encode_images
 from mrivq.errors import UserError
+from mrivq.nn.prior import NonFiniteProbabilities
 from mrivq.run_dir import atomic_write
 from mrivq.runtime import resolve_device
 
@@ -43,6 +50,7 @@ def encode(checkpoint: str | Path, inputs, out: str | Path, *, batch_size: int =
     out = Path(out).expanduser()
     if out.suffix != SUFFIX:
         raise UserError(f"--out {out}: the codes file must end in {SUFFIX}")
+    _check_replaceable(out)
     device = resolve_device(device)
     model, trained = load_vqvae(checkpoint, device)
     fingerprint = model_fingerprint(model)
@@ -61,15 +69,32 @@ def encode(checkpoint: str | Path, inputs, out: str | Path, *, batch_size: int =
         shapes.append(raw.shape)
         sources.append(source_entry(path, meta))
     codes_top, codes_bottom = encode_images(model, np.stack(slices), batch_size)
-    codes, blob, timing = pack_checked(codes_top, codes_bottom, n_embed=model.quantize_top.n_embed,
-                               preprocessing=preprocessing_entry(prep), model_fingerprint=fingerprint,
-                               sources=sources, norm=np.stack(norm), affines=np.stack(affines),
-                               shapes=np.array(shapes), prior=code_prior,
-                               prior_fingerprint=None if prior is None else model_fingerprint(code_prior))
+    try:
+        codes, blob, timing = pack_checked(
+            codes_top, codes_bottom, n_embed=model.quantize_top.n_embed, preprocessing=preprocessing_entry(prep),
+            model_fingerprint=fingerprint, sources=sources, norm=np.stack(norm), affines=np.stack(affines),
+            shapes=np.array(shapes), prior=code_prior,
+            prior_fingerprint=None if prior is None else model_fingerprint(code_prior))
+    except NonFiniteProbabilities as exc:
+        raise UserError(f"{prior}: {exc}; train the prior again") from None
     atomic_write(out, lambda fh: fh.write(blob))
     report = bits_report(codes, len(blob), input_bytes=sum(f.stat().st_size for f in files))
     report.update(codes_file=str(out), verified=True, device=device.type, **timing)
     return report
+
+
+def _check_replaceable(out: Path) -> None:
+    """Refuse an ``--out`` that exists and is not a codes file: encode replaces only its own kind."""
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give the codes file's name")
+    if out.exists() or out.is_symlink():
+        try:
+            with out.open("rb") as fh:
+                magic = fh.read(len(MAGIC))
+        except OSError:
+            magic = b""
+        if out.is_symlink() or magic != MAGIC:
+            raise UserError(f"--out {out} exists and is not an mrivq codes file; move it or choose another name")
 
 
 def main(args) -> int:

@@ -30,13 +30,9 @@ import torch
 
 from mrivq.data.io import nifti_bytes, nifti_inputs, nifti_stem, read_slice, read_volume
 from mrivq.data.preprocess import clip_to_input_range, denormalize, normalize
-from mrivq.engine.checkpoint import (
-    atomic_write,
-    checkpoint_config,
-    load_checkpoint,
-    model_from_checkpoint,
-)
+from mrivq.engine.checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint
 from mrivq.errors import UserError
+from mrivq.run_dir import atomic_write, claim_outputs
 from mrivq.runtime import resolve_device
 
 log = logging.getLogger("mrivq")
@@ -86,9 +82,17 @@ def _nifti_bytes(data: np.ndarray, meta, suffix: str, description: str) -> bytes
     return nifti_bytes(image, gz=suffix.lower().endswith(".gz"))
 
 
+def _outputs(path: Path, out_dir: Path) -> dict[str, Path]:
+    stem = nifti_stem(path)
+    suffix = path.name[len(stem):] or ".nii.gz"
+    return {"reconstruction": out_dir / f"{stem}_recon{suffix}", "difference": out_dir / f"{stem}_diff{suffix}"}
+
+
 def reconstruct(checkpoint: str | Path, inputs: list[str | Path], out_dir: str | Path, *,
-                device: str = "auto", batch_size: int = 16) -> list[dict]:
+                device: str = "auto", batch_size: int = 16, overwrite: bool = False) -> list[dict]:
     """Reconstruct NIfTI slices or volumes with a trained model; see the module docstring.
+
+    ``overwrite``: replace the outputs of an earlier run in ``out_dir`` (never other files).
 
     Returns one dict per input: ``input``, ``reconstruction``, ``difference`` (paths),
     ``slices`` and ``mae`` (mean absolute difference in the input's units).
@@ -97,8 +101,6 @@ def reconstruct(checkpoint: str | Path, inputs: list[str | Path], out_dir: str |
         raise UserError("--batch-size must be at least 1")
     files = nifti_inputs(inputs)
     out_dir = Path(out_dir).expanduser()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} is a file; give a folder for the reconstructions")
     ckpt_path = Path(checkpoint).expanduser()
     ckpt = load_checkpoint(ckpt_path)
     trained = checkpoint_config(ckpt, ckpt_path)
@@ -107,19 +109,19 @@ def reconstruct(checkpoint: str | Path, inputs: list[str | Path], out_dir: str |
         raise UserError("--device cuda but no CUDA device is available; use --device auto or cpu")
     torch_device = resolve_device(device)
     model = model_from_checkpoint(ckpt, ckpt_path).to(torch_device).eval()
+    targets = [target for path in files for target in _outputs(path, out_dir).values()]
+    claim_outputs(out_dir, "reconstruct", targets, overwrite=overwrite, inputs=[ckpt_path, *files])
     written = []
     for path, slices, meta, is_slice in loaded:
         recon = _reconstruct_slices(model, slices, normalize_policy=trained.data.normalize,
                                     percentiles=tuple(trained.data.percentiles), device=torch_device,
                                     batch_size=batch_size)
-        stem = nifti_stem(path)
-        suffix = path.name[len(stem):] or ".nii.gz"
-        outputs = {"reconstruction": out_dir / f"{stem}_recon{suffix}",
-                   "difference": out_dir / f"{stem}_diff{suffix}"}
+        outputs = _outputs(path, out_dir)
+        suffix = path.name[len(nifti_stem(path)):] or ".nii.gz"
         for kind, data in (("reconstruction", recon), ("difference", recon - slices)):
             blob = _nifti_bytes(_like_input(data, meta, is_slice), meta, suffix,
                                 f"mrivq {kind} of {path.name}")
-            atomic_write(outputs[kind], lambda fh, blob=blob: fh.write(blob))
+            atomic_write(outputs[kind], lambda fh, blob=blob: fh.write(blob), listed=False)
         mae = float(np.abs(recon - slices).mean())
         log.info("%s: %d slice(s) -> %s (mean |difference| %.4g)", path, len(slices),
                  outputs["reconstruction"], mae)
@@ -130,6 +132,7 @@ def reconstruct(checkpoint: str | Path, inputs: list[str | Path], out_dir: str |
 
 def main(args) -> int:
     """``mrivq reconstruct --checkpoint FILE INPUT... --out DIR``."""
-    for item in reconstruct(args.checkpoint, args.inputs, args.out, device=args.device, batch_size=args.batch_size):
+    for item in reconstruct(args.checkpoint, args.inputs, args.out, device=args.device, batch_size=args.batch_size,
+                            overwrite=args.overwrite):
         print(f"{item['input']}: {item['reconstruction']}, {item['difference']}")
     return 0

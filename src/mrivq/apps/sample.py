@@ -4,12 +4,12 @@
 given them (one position at a time, with the transformers' KV caches), decodes them with the
 VQ-VAE stored in the prior checkpoint, and writes::
 
-    OUT_DIR/samples.png            the slices as a grid, displayed as the run's pictures are
+    OUT_DIR/samples.png            the slices (the first 64) as a grid, displayed as the run's pictures are
     OUT_DIR/sample_{i:03d}.nii.gz  each slice as NIfTI (model image size), in scanner-like units
                                    (the training slices' median normalisation undone) with the
                                    affine of the first training slice
     OUT_DIR/codes.npz              the sampled codes_top (n, h, w) and codes_bottom (n, 2h, 2w)
-    OUT_DIR/nearest.png, .csv      each sample over its most similar training slice (SSIM); the
+    OUT_DIR/nearest.png, .csv      each shown sample over its most similar training slice (SSIM); the
                                    picture's title gives the same score of reconstructed unseen
                                    validation slices, the level a plausible new slice reaches
 """
@@ -18,39 +18,48 @@ from __future__ import annotations
 
 import io
 import math
+import sys
 import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from mrivq import metrics
-from mrivq.config import config_from_dict
 from mrivq.data.cache import load_split
 from mrivq.data.io import nifti_bytes
 from mrivq.data.preprocess import Preprocessing, clip_to_input_range, denormalize
 from mrivq.data.sources import data_splits
-from mrivq.engine.checkpoint import load_prior, model_fingerprint
+from mrivq.engine.checkpoint import checkpoint_config, load_prior, model_fingerprint
 from mrivq.engine.inference import decode_images, encode_images
 from mrivq.engine.losses import ssim_per_image
 from mrivq.errors import UserError
+from mrivq.nn.prior import NonFiniteProbabilities
 from mrivq.reporting.plots import save_samples_grid
-from mrivq.run_dir import atomic_write
+from mrivq.run_dir import atomic_write, claim_outputs
 from mrivq.runtime import resolve_device
 
 SHORTLIST = 32  # training slices scored with SSIM per sample, of those that correlate best
+SHOWN = 64  # samples in samples.png and scored against the training slices (the first ones drawn)
 
 
 def sample(prior_path: str | Path, n: int, out_dir: str | Path, *, temperature: float = 1.0,
-           top_p: float = 0.8, seed: int = 0, batch_size: int = 16, device: str = "auto", nearest: bool = True) -> dict:
+           top_p: float = 0.8, seed: int = 0, batch_size: int = 16, device: str = "auto", nearest: bool = True,
+           overwrite: bool = False) -> dict:
     """Draw ``n`` new slices and write them to ``out_dir``; returns codes, timings and paths.
 
     ``temperature`` and ``top_p`` (nucleus sampling) shape each code's distribution, as in
     :meth:`mrivq.nn.prior.CodeTransformer.sample`.
 
     ``nearest``: also find each sample's most similar training slice (SSIM) and write
-    ``nearest.png`` (samples over them) and ``nearest.csv``, so memorisation is visible.
+    ``nearest.png`` (samples over them) and ``nearest.csv``, so memorisation is visible; skipped,
+    with a note, when the training slices are not on this machine.
+
+    Everything is checked before the first file is written; slices are written a batch at a
+    time as they are drawn, so an interrupted run keeps what it drew. ``overwrite``: replace
+    the files of an earlier ``mrivq sample`` in ``out_dir`` (never other files).
     """
     if n < 1:
         raise UserError("--n must be at least 1")
@@ -59,73 +68,120 @@ def sample(prior_path: str | Path, n: int, out_dir: str | Path, *, temperature: 
     if not 0 < top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {top_p}")
     out_dir = Path(out_dir).expanduser()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} is a file; give a folder for the samples")
     device = resolve_device(device)
     prior, vqvae, ckpt = load_prior(prior_path, device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    config, vq_config = checkpoint_config(ckpt, prior_path), checkpoint_config(ckpt["vqvae"], prior_path)
+    # Caches go where this user keeps them, never where the checkpoint's config says.
+    config = config.model_copy(update={"data": config.data.model_copy(update={"cache_dir": None})})
+    references = _reference_slices(config, vq_config) if nearest else None
+    names = [f"sample_{i:0{max(3, len(str(n - 1)))}d}.nii.gz" for i in range(n)]
+    extra = ["codes.npz", "samples.png"] + (["nearest.png", "nearest.csv"] if references else [])
+    claim_outputs(out_dir, "sample", [out_dir / name for name in names + extra], overwrite=overwrite,
+                  inputs=[prior_path])
+    try:
+        drawn = _draw(prior, vqvae, ckpt, vq_config, n, out_dir, names, temperature=temperature, top_p=top_p,
+                      generator=torch.Generator(device=device).manual_seed(seed), batch_size=batch_size)
+    except NonFiniteProbabilities as exc:
+        raise UserError(f"{prior_path}: {exc}; train the prior again") from None
+    codes_top, codes_bottom, shown = drawn["codes_top"], drawn["codes_bottom"], drawn["shown"]
+    buf = io.BytesIO()
+    np.savez_compressed(buf, codes_top=codes_top, codes_bottom=codes_bottom,
+                        fingerprint=np.array(model_fingerprint(vqvae)))
+    atomic_write(out_dir / "codes.npz", lambda fh: fh.write(buf.getvalue()), listed=False)
+    grid = out_dir / "samples.png"
+    normalize = vq_config.data.normalize
+    low, high = (0.0, 1.0) if normalize != "zscore" else (float(shown.min()), float(shown.max()))
+    which = f"{n} samples" if n <= SHOWN else f"the first {SHOWN} of {n} samples"
+    save_samples_grid(shown, grid, low, high, title=f"{which} from {Path(prior_path).name} "
+                      f"(temperature {temperature:g}, top-p {top_p:g}, seed {seed})")
+    result = {"codes_top": codes_top, "codes_bottom": codes_bottom, "grid": str(grid),
+              "nifti": [str(out_dir / name) for name in names], "seconds": drawn["seconds"],
+              "samples_per_s": n / drawn["seconds"], "code_samples_per_s": n / drawn["code_seconds"],
+              "device": f"{device.type}" + (", 1 thread for the autoregressive loop" if device.type == "cpu" else "")}
+    if references:
+        result.update(_nearest_training_slices(shown, references, vq_config, out_dir, vqvae, names))
+    return result
+
+
+def _draw(prior, vqvae, ckpt: dict, vq_config, n: int, out_dir: Path, names: list[str], *, temperature: float,
+          top_p: float, generator: torch.Generator, batch_size: int) -> dict:
+    """Draw ``n`` slices a batch at a time, writing each batch's NIfTI files as it is decoded;
+    after the first batch of a long job, say how long the whole will take."""
+    reference = ckpt["reference"]
+    height, width = (int(v) for v in reference["image_size"])
+    affine = np.asarray(reference["affine"], dtype=np.float64)
+    norm = np.asarray(reference["norm"], dtype=np.float32)
+    normalize = vq_config.data.normalize
+    tops, bottoms, shown, code_seconds = [], [], [], 0.0
     start = time.perf_counter()
-    tops, bottoms = [], []
     threads = torch.get_num_threads()
     # One token per step makes every operation tiny: on the CPU, intra-op threads only add
     # synchronisation (measured 10-50x slower with 2 threads on a busy 2-core machine).
     torch.set_num_threads(1)
     try:
-        for lo in range(0, n, batch_size):
+        batches = range(0, n, batch_size)
+        for lo in tqdm(batches, desc="sample", unit="batch", disable=None, leave=False):
+            began = time.perf_counter()
             top, bottom = prior.sample(min(batch_size, n - lo), temperature=temperature, top_p=top_p,
                                        generator=generator)
-            tops.append(top.cpu())
-            bottoms.append(bottom.cpu())
+            top, bottom = top.cpu().numpy(), bottom.cpu().numpy()
+            code_seconds += time.perf_counter() - began
+            torch.set_num_threads(threads)
+            slices = clip_to_input_range(decode_images(vqvae, top, bottom)[:, :height, :width], normalize)
+            torch.set_num_threads(1)
+            for name, decoded in zip(names[lo:], slices):
+                blob = nifti_bytes(nib.Nifti1Image(denormalize(decoded, norm), affine))
+                atomic_write(out_dir / name, lambda fh, blob=blob: fh.write(blob), listed=False)
+            tops.append(top.astype(np.uint16))
+            bottoms.append(bottom.astype(np.uint16))
+            shown += list(slices[:max(0, SHOWN - len(shown))])
+            if lo == 0 and n > batch_size:
+                rate = len(top) / (time.perf_counter() - start)
+                tqdm.write(f"mrivq sample: {n} slices will take about {_duration(n / rate)} at {rate:.2f} "
+                           f"slices/s; each is written as it is drawn (an interrupted run keeps them)",
+                           file=sys.stderr)
     finally:
         torch.set_num_threads(threads)
-    codes_top, codes_bottom = torch.cat(tops).numpy(), torch.cat(bottoms).numpy()
-    sampled = time.perf_counter()
-    reference = ckpt["reference"]
-    height, width = (int(v) for v in reference["image_size"])
-    slices = decode_images(vqvae, codes_top, codes_bottom)[:, :height, :width]
-    vq_config = config_from_dict(ckpt["vqvae"]["config"])
-    normalize = vq_config.data.normalize
-    slices = clip_to_input_range(slices, normalize)
-    elapsed = time.perf_counter() - start
-    affine = np.asarray(reference["affine"], dtype=np.float64)
-    norm = np.asarray(reference["norm"], dtype=np.float32)
-    outputs = [(out_dir / f"sample_{i:03d}.nii.gz",
-                nifti_bytes(nib.Nifti1Image(denormalize(s, norm), affine)))
-               for i, s in enumerate(slices)]
-    buf = io.BytesIO()
-    np.savez_compressed(buf, codes_top=codes_top.astype(np.uint16), codes_bottom=codes_bottom.astype(np.uint16),
-                        fingerprint=np.array(model_fingerprint(vqvae)))
-    outputs.append((out_dir / "codes.npz", buf.getvalue()))
-    for path, blob in outputs:
-        atomic_write(path, lambda fh, blob=blob: fh.write(blob))
-    grid = out_dir / "samples.png"
-    low, high = (0.0, 1.0) if normalize != "zscore" else (float(slices.min()), float(slices.max()))
-    save_samples_grid(slices, grid, low, high,
-                      title=f"{n} samples from {Path(prior_path).name} (temperature {temperature:g}, top-p {top_p:g}, seed {seed})")
-    result = {"codes_top": codes_top, "codes_bottom": codes_bottom, "grid": str(grid),
-              "nifti": [str(p) for p, _ in outputs[:-1]], "seconds": elapsed,
-              "samples_per_s": n / elapsed, "code_samples_per_s": n / (sampled - start),
-              "device": f"{device.type}" + (", 1 thread for the autoregressive loop" if device.type == "cpu" else "")}
-    if nearest:
-        result.update(_nearest_training_slices(slices, config_from_dict(ckpt["config"]), vq_config, out_dir, vqvae))
-    return result
+    return {"codes_top": np.concatenate(tops), "codes_bottom": np.concatenate(bottoms), "shown": np.stack(shown),
+            "seconds": time.perf_counter() - start, "code_seconds": code_seconds}
 
 
-def _nearest_training_slices(slices: np.ndarray, config, vq_config, out_dir: Path, vqvae) -> dict:
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def _reference_slices(config, vq_config):
+    """The training (and validation) slices of the prior's run, for ``nearest``; None, with a
+    note on stderr, when they are not on this machine."""
+    try:
+        splits = data_splits(config.data, config.seed)
+    except UserError as exc:
+        print(f"mrivq sample: not comparing samples with the training slices: {exc}", file=sys.stderr)
+        return None
+
+    def split(paths, name):
+        return load_split(paths, Preprocessing.from_settings(vq_config.data), cache_dir=config.data.cache_dir,
+                          on_bad_file="skip", workers=config.data.workers, name=name)
+    try:
+        return split(splits.train, "train"), (split(splits.validate, "validate") if splits.validate else None)
+    except UserError as exc:
+        print(f"mrivq sample: not comparing samples with the training slices: {exc}", file=sys.stderr)
+        return None
+
+
+def _nearest_training_slices(slices: np.ndarray, references, vq_config, out_dir: Path, vqvae,
+                             names: list[str]) -> dict:
     """Each sample's most similar training slice by SSIM (on [0, 1], among the ``SHORTLIST``
     that correlate best): ``nearest.png`` and ``nearest.csv``. As a yardstick, the same score of
     the VQ-VAE's reconstructions of as many unseen validation slices (evenly spaced through the
     split): a sample as close to the training set as they are is as plausible as a new slice."""
-    splits = data_splits(config.data, config.seed)
-    def split(paths, name):
-        return load_split(paths, Preprocessing.from_settings(vq_config.data), cache_dir=config.data.cache_dir,
-                          on_bad_file="skip", workers=config.data.workers, name=name)
-    train = split(splits.train, "train")
+    train, val = references
     normalize = vq_config.data.normalize
     best_index, best_ssim = _most_similar(slices, train.images, normalize)
     reference, variety = [], {"samples": _mutual_ssim(slices, normalize)}
-    if splits.validate:
-        val = split(splits.validate, "validate")
+    if val is not None:
         pick = np.unique(np.linspace(0, len(val.images) - 1, min(len(slices), len(val.images))).round().astype(int))
         unseen = decode_images(vqvae, *encode_images(vqvae, val.images[pick]))[:, :slices.shape[1], :slices.shape[2]]
         unseen = clip_to_input_range(unseen, normalize)
@@ -145,9 +201,8 @@ def _nearest_training_slices(slices: np.ndarray, config, vq_config, out_dir: Pat
     save_samples_grid(np.stack([pictures[h][i] for h, i in order]), out_dir / "nearest.png",
                       labels=[captions[h][i] for h, i in order], title=title)
     rows = "sample,training_slice,ssim\n" + "".join(
-        f"sample_{i:03d}.nii.gz,{Path(train.files[j]).name},{s:.6f}\n"
-        for i, (j, s) in enumerate(zip(best_index, best_ssim)))
-    atomic_write(out_dir / "nearest.csv", lambda fh: fh.write(rows.encode()))
+        f"{name},{Path(train.files[j]).name},{s:.6f}\n" for name, j, s in zip(names, best_index, best_ssim))
+    atomic_write(out_dir / "nearest.csv", lambda fh: fh.write(rows.encode()), listed=False)
     return {"nearest": [{"training_slice": train.files[j], "ssim": s} for j, s in zip(best_index, best_ssim)],
             "nearest_grid": str(out_dir / "nearest.png"), "unseen_nearest_ssim": reference,
             "mutual_ssim": variety}
@@ -201,9 +256,9 @@ def _unit_batch(slices, normalize: str) -> torch.Tensor:
 
 
 def main(args) -> int:
-    """``mrivq sample --prior FILE --n N --out DIR [--temperature T] [--top-p P] [--seed K]``."""
+    """``mrivq sample --prior FILE --n N --out DIR [--temperature T] [--top-p P] [--seed K] [--overwrite]``."""
     result = sample(args.prior, args.n, args.out, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                    device=args.device)
+                    device=args.device, overwrite=args.overwrite)
     print(f"wrote {result['grid']} and {len(result['nifti'])} NIfTI slices; "
           f"{result['samples_per_s']:.2f} samples/s on {result['device']}")
     if "nearest" in result:

@@ -26,8 +26,10 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mrivq.compression.entropy import (
     PRIOR_BATCH,
@@ -39,7 +41,9 @@ from mrivq.compression.entropy import (
     ideal_bits,
     raw_bits_per_pixel,
 )
-from mrivq.errors import UserError
+from mrivq.data.io import affine_problem
+from mrivq.data.preprocess import FIT_POLICIES, NORMALIZE_POLICIES
+from mrivq.errors import BadFileError, UserError
 
 MAGIC = b"MRVQ"
 VERSION = 2
@@ -85,9 +89,12 @@ class CodesFile:
 
     @classmethod
     def from_bytes(cls, data: bytes, path: Path | str = "codes file") -> CodesFile:
-        def bad(what: str) -> UserError:
-            return UserError(f"{path}: {what}; encode the slices again")
+        """Parse and validate a codes file; anything wrong is one :class:`UserError` naming ``path``.
 
+        Every size is checked before it is used: sections must add up to the file, compressed
+        sections inflate to at most what the header allows, and the header (a strict schema)
+        must agree with the side data, the tables and the stream.
+        """
         if data[:2] == b"PK":  # a zip: the .npz codes files of mrivq before version 2
             raise UserError(f"{path}: a codes file of an older mrivq (version 1, .npz); encode the slices again")
         if data[:4] != MAGIC:
@@ -95,44 +102,199 @@ class CodesFile:
         if len(data) < 5 or data[4] != VERSION:
             raise UserError(f"{path}: codes file version {data[4] if len(data) > 4 else '?'} is not supported "
                             f"(this mrivq reads version {VERSION}); encode the slices again")
-        payloads, at = {}, 5
-        while at < len(data):
-            if at + 1 > len(data) or at + 1 + data[at] + 4 > len(data):
-                raise bad("truncated codes file")
-            name = data[at + 1:at + 1 + data[at]].decode("ascii", "replace")
-            (length,) = struct.unpack("<I", data[at + 1 + data[at]:at + 5 + data[at]])
-            start = at + 5 + data[at]
-            if start + length > len(data):
-                raise bad("truncated codes file")
-            payloads[name] = data[start:start + length]
-            at = start + length
-        missing = [name for name in ("header", "side", "stream") if name not in payloads]
-        if missing:
-            raise bad(f"codes file lacks its {', '.join(missing)}")
         try:
-            header = json.loads(zlib.decompress(payloads["header"]))
-            side = zlib.decompress(payloads["side"])
-            counts = (np.frombuffer(zlib.decompress(payloads["tables"]), dtype="<u4").astype(np.uint32)
-                      if "tables" in payloads else None)
-        except (zlib.error, json.JSONDecodeError, UnicodeDecodeError):
-            raise bad("corrupt codes file") from None
-        try:
-            n, n_embed = int(header["n"]), int(header["n_embed"])
-            coder = header["coder"]
-            sources = header["sources"]
-        except (KeyError, TypeError, ValueError):
-            raise bad("codes file header is incomplete") from None
-        if n < 1 or len(side) != n * (8 + 48 + 4) or len(sources) != n or coder not in CODERS:
-            raise bad("codes file is inconsistent (slice counts and metadata do not agree)")
-        if coder == "frequencies" and (counts is None or counts.size != 2 * n_embed):
-            raise bad("codes file lacks its frequency tables")
-        norm = np.frombuffer(side[:8 * n], dtype="<f4").reshape(n, 2).astype(np.float32)
-        rows = np.frombuffer(side[8 * n:56 * n], dtype="<f4").reshape(n, 3, 4).astype(np.float64)
-        affines = np.concatenate([rows, np.tile([[[0.0, 0.0, 0.0, 1.0]]], (n, 1, 1))], axis=1)
-        shapes = np.frombuffer(side[56 * n:], dtype="<u2").reshape(n, 2).astype(np.int64)
-        stream = np.frombuffer(payloads["stream"], dtype="<u4").astype(np.uint32)
-        return cls(header, norm, affines, shapes, stream, None if counts is None else counts.reshape(2, n_embed),
-                   {name: len(payload) for name, payload in payloads.items()})
+            payloads = _sections(data)
+            header = _parse_header(_inflate(payloads["header"], MAX_HEADER_BYTES, "header"))
+            n, cells = header.n, math.prod(header.top_grid) * 5  # a top grid and a bottom grid 4x as large
+            side = _inflate(payloads["side"], n * _SIDE_BYTES, "side data", exact=True)
+            counts = None
+            if header.coder == "frequencies":
+                if "tables" not in payloads:
+                    raise _Invalid("it lacks its frequency tables")
+                counts = np.frombuffer(_inflate(payloads["tables"], 2 * 4 * header.n_embed, "frequency tables",
+                                                exact=True), dtype="<u4").astype(np.uint32).reshape(2, -1)
+            stream = payloads["stream"]
+            if len(stream) % 4 or len(stream) > 4 * (n * cells + 64):
+                raise _Invalid(f"its stream is {len(stream)} bytes, not whole 32-bit words within the "
+                               "codes' size")
+            codes = cls(header.model_dump(exclude_none=True), *_side_arrays(side, n),
+                        np.frombuffer(stream, dtype="<u4").astype(np.uint32), counts,
+                        {name: len(payload) for name, payload in payloads.items()})
+            _check_consistency(codes)
+        except _Invalid as exc:
+            raise UserError(f"{path}: damaged or altered codes file: {exc}; encode the slices again") from None
+        return codes
+
+
+class _Invalid(Exception):
+    """One thing wrong with a codes file (the caller names the file)."""
+
+
+#: Limits on what a codes file may ask for, whatever it says: the file is read whole, each
+#: compressed section is inflated to at most its allowance, and decoding is bounded by them.
+MAX_FILE_BYTES = 1 << 30
+MAX_HEADER_BYTES = 16 << 20
+MAX_SLICES = 100_000
+MAX_CODES = 1 << 25  # codes in one file, both levels (HipMRI's 11,460 training slices: 29 million)
+MAX_SLICE_PIXELS = 1 << 24  # a decoded slice's on-disk pixels (4096 x 4096)
+MAX_SIDE = 32767  # NIfTI-1 stores each dimension as a 16-bit signed integer
+_SIDE_BYTES = 8 + 48 + 4  # per slice: (offset, scale) f4, affine rows 3x4 f4, (h, w) u2
+
+
+def _sections(data: bytes) -> dict[str, bytes]:
+    payloads, at = {}, 5
+    while at < len(data):
+        size = data[at]
+        if at + 1 + size + 4 > len(data):
+            raise _Invalid("truncated (a section header runs past the end)")
+        name = data[at + 1:at + 1 + size].decode("ascii", "replace")
+        (length,) = struct.unpack("<I", data[at + 1 + size:at + 5 + size])
+        start = at + 5 + size
+        if start + length > len(data):
+            raise _Invalid(f"truncated (section {name!r} runs past the end)")
+        if name not in _SECTIONS or name in payloads:
+            raise _Invalid(f"unknown or repeated section {name!r}")
+        payloads[name] = data[start:start + length]
+        at = start + length
+    missing = [name for name in ("header", "side", "stream") if name not in payloads]
+    if missing:
+        raise _Invalid(f"it lacks its {', '.join(missing)}")
+    return payloads
+
+
+def _inflate(payload: bytes, limit: int, what: str, *, exact: bool = False) -> bytes:
+    """zlib-decompress ``payload`` to at most ``limit`` bytes (``exact``: to exactly ``limit``)."""
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(payload, limit + 1)
+    except zlib.error:
+        raise _Invalid(f"its {what} is not valid zlib data") from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise _Invalid(f"its {what} inflates to more than the {limit} bytes it may hold")
+    if not inflater.eof or inflater.unused_data:
+        raise _Invalid(f"its {what} is truncated or has trailing bytes")
+    if exact and len(out) != limit:
+        raise _Invalid(f"its {what} holds {len(out)} bytes, the header's slices need {limit}")
+    return out
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+
+
+class SourceEntry(_Strict):
+    """How one decoded slice is written back: its file name, on-disk shape and data type."""
+
+    name: str
+    shape: list[Annotated[int, Field(ge=1, le=MAX_SIDE)]] = Field(min_length=1, max_length=7)
+    dtype: str = Field(pattern=r"^[a-z]+[0-9]{0,3}$")  # informational: decode writes float32
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        problem = output_name_problem(name)
+        if problem:
+            raise ValueError(problem)
+        return name
+
+
+_Pair = tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]]
+
+
+class CodesHeader(_Strict):
+    """The header section's schema: types, ranges, and the checks within the header itself."""
+
+    format: Literal["mrivq-codes"]
+    version: Literal[VERSION]
+    coder: Literal[CODERS]
+    n: int = Field(ge=1, le=MAX_SLICES)
+    n_embed: int = Field(ge=2, le=1 << 16)
+    top_grid: _Pair
+    image_size: _Pair
+    fit: Literal[FIT_POLICIES]
+    normalize: Literal[NORMALIZE_POLICIES]
+    percentiles: tuple[float, float]
+    model_fingerprint: str = Field(pattern=r"^[0-9a-f]{16}$")
+    codes_crc32: int = Field(ge=0, lt=1 << 32)
+    sources: list[SourceEntry]
+    prior_fingerprint: str | None = Field(default=None, pattern=r"^[0-9a-f]{16}$")
+    prior_batch: int | None = Field(default=None, ge=1, le=4096)
+    prior_device: Literal["cpu", "cuda"] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if len(self.sources) != self.n:
+            raise ValueError(f"{len(self.sources)} slice names for {self.n} slices")
+        if self.top_grid != tuple(-(-side // 8) for side in self.image_size):
+            raise ValueError(f"top grid {list(self.top_grid)} does not belong to image size "
+                             f"{list(self.image_size)}")
+        if self.n * math.prod(self.top_grid) * 5 > MAX_CODES:
+            raise ValueError(f"{self.n} slices of {list(self.image_size)} are more codes than one file may hold "
+                             f"({MAX_CODES})")
+        names = [source.name.lower() for source in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError("two slices have the same name")
+        if (self.coder == "prior") != (self.prior_fingerprint is not None and self.prior_batch is not None):
+            raise ValueError("the prior's fingerprint and batch are given only for a prior-coded file")
+        return self
+
+
+def _parse_header(text: bytes) -> CodesHeader:
+    try:
+        return CodesHeader.model_validate_json(text)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"]) or "header"
+        raise _Invalid(f"header {where}: {error['msg']}") from None
+    except RecursionError:
+        raise _Invalid("its header is nested too deeply") from None
+
+
+def _side_arrays(side: bytes, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    norm = np.frombuffer(side[:8 * n], dtype="<f4").reshape(n, 2).astype(np.float32)
+    rows = np.frombuffer(side[8 * n:56 * n], dtype="<f4").reshape(n, 3, 4).astype(np.float64)
+    affines = np.concatenate([rows, np.tile([[[0.0, 0.0, 0.0, 1.0]]], (n, 1, 1))], axis=1)
+    shapes = np.frombuffer(side[56 * n:], dtype="<u2").reshape(n, 2).astype(np.int64)
+    return norm, affines, shapes
+
+
+def _check_consistency(codes: CodesFile) -> None:
+    """The side data, tables and sources against each other and the limits."""
+    if not np.isfinite(codes.norm).all():
+        raise _Invalid("its intensity scales hold NaN or Inf")
+    header = codes.header
+    for shape, source, affine in zip(codes.shapes, header["sources"], codes.affines):
+        problem = affine_problem(affine)
+        if problem:
+            raise _Invalid(f"slice {source['name']}: {problem}")
+        pixels = math.prod(source["shape"])
+        if shape.min() < 1 or shape.max() > MAX_SIDE or int(shape.prod()) != pixels:
+            raise _Invalid(f"slice {source['name']}: shape {shape.tolist()} does not fit its stored "
+                           f"shape {source['shape']}")
+        if pixels > MAX_SLICE_PIXELS:
+            raise _Invalid(f"slice {source['name']}: {pixels} pixels, more than the {MAX_SLICE_PIXELS} "
+                           "a slice may have")
+    if codes.counts is not None:
+        cells = header["n"] * math.prod(header["top_grid"])
+        if codes.counts.shape != (2, header["n_embed"]) or codes.counts.sum(axis=1, dtype=np.int64).tolist() != [
+                cells, 4 * cells]:
+            raise _Invalid("its frequency tables do not count the codes of its slices")
+
+
+def output_name_problem(name: str) -> str | None:
+    """Why ``name`` may not be the name of a file mrivq writes into a folder, or None: a file name
+    only (no folder part, not hidden, no control characters), ending in .nii or .nii.gz."""
+    if not name or name in (".", ".."):
+        return "an empty name"
+    if len(name.encode("utf-8", "replace")) > 255:
+        return "a name longer than 255 bytes"
+    if "/" in name or "\\" in name or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return f"the name {name!r} has a folder separator or a control character"
+    if name.startswith("."):
+        return f"the name {name!r} is hidden (starts with a dot)"
+    if not name.lower().endswith((".nii", ".nii.gz")):
+        return f"the name {name!r} does not end in .nii or .nii.gz"
+    return None
 
 
 def codes_crc(codes_top: np.ndarray, codes_bottom: np.ndarray) -> int:
@@ -147,9 +309,13 @@ def read_codes_file(path: str | Path) -> CodesFile:
     if not path.is_file():
         raise UserError(f"codes file not found: {path} (write one with `mrivq encode`)")
     try:
-        data = path.read_bytes()
+        with path.open("rb") as fh:
+            data = fh.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise UserError(f"{path}: larger than the {MAX_FILE_BYTES >> 20} MiB a codes file may be; "
+                        "encode the slices in several files")
     return CodesFile.from_bytes(data, path)
 
 
@@ -187,13 +353,16 @@ def unpack_codes(codes: CodesFile, prior=None, path: Path | str = "codes file") 
     against the encoder's CRC: ``(codes_top (N, h, w), codes_bottom (N, 2h, 2w))`` int64."""
     header = codes.header
     top_grid = tuple(int(v) for v in header["top_grid"])
-    if header["coder"] == "prior":
-        if prior is None:
-            raise UserError(f"{path} was coded under a prior: give it with --prior (the models/prior_best.pt "
-                            "that encoded it)")
-        top, bottom = decode_with_prior(prior, codes.stream, codes.n, batch_size=int(header["prior_batch"]))
-    else:
-        top, bottom = decode_with_frequencies(codes.stream, codes.counts, codes.n, top_grid)
+    if header["coder"] == "prior" and prior is None:
+        raise UserError(f"{path} was coded under a prior: give it with --prior (the models/prior_best.pt "
+                        "that encoded it)")
+    try:
+        if header["coder"] == "prior":
+            top, bottom = decode_with_prior(prior, codes.stream, codes.n, batch_size=int(header["prior_batch"]))
+        else:
+            top, bottom = decode_with_frequencies(codes.stream, codes.counts, codes.n, top_grid)
+    except (AssertionError, ValueError):  # the range decoder meets data its model cannot have coded
+        raise UserError(f"{path}: damaged codes file: its stream does not decode; encode the slices again") from None
     if codes_crc(top, bottom) != int(header["codes_crc32"]):
         where = (f" (it was prior-coded on {header.get('prior_device')}: decode on the same kind of machine and "
                  "device)" if header["coder"] == "prior" else "")
@@ -247,10 +416,20 @@ def bits_report(codes: CodesFile, file_bytes: int, *, input_bytes: int | None = 
 
 
 def source_entry(path: Path, meta) -> dict:
-    """What decode needs to write a slice back like its input: the name, the on-disk shape and type."""
+    """What decode needs to write a slice back like its input: the name, the on-disk shape and type.
+    A slice decode could not write back (a name it refuses, a side over 32767, too many pixels) is
+    refused here, so every file encode writes decodes."""
     name = Path(path).name
-    return {"name": name if name.lower().endswith(".gz") else name + ".gz", "shape": list(meta.shape),
-            "dtype": meta.dtype}
+    name = name if name.lower().endswith(".gz") else name + ".gz"
+    problem = output_name_problem(name)
+    if problem is None and (max(meta.shape) > MAX_SIDE or math.prod(meta.shape) > MAX_SLICE_PIXELS):
+        problem = (f"shape {list(meta.shape)} is beyond what a codes file holds (sides up to {MAX_SIDE}, "
+                   f"{MAX_SLICE_PIXELS} pixels)")
+    if problem is None and affine_problem(meta.affine.astype(np.float32)):
+        problem = f"{affine_problem(meta.affine.astype(np.float32))} (a broken header); fix the file's qform/sform"
+    if problem:
+        raise BadFileError(path, f"cannot be encoded: {problem}")
+    return {"name": name, "shape": list(meta.shape), "dtype": np.dtype(meta.dtype).name}
 
 
 def preprocessing_entry(prep) -> dict:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from mrivq.nn.prior import CodePrior
+from mrivq.nn.prior import CodePrior, NonFiniteProbabilities
 
 PRIOR_BATCH = 16  # slices coded together under the prior (the decoder must use the same)
 
@@ -123,6 +123,8 @@ def _prior_pass(prior: CodePrior, n: int, batch_size: int, code: Coder) -> tuple
                 for t in range(transformer.length):
                     logits = transformer.cached_logits(out, t, cache, condition)[:, 0]
                     probs = torch.softmax(logits.double(), dim=-1).cpu().numpy()
+                    if not np.isfinite(probs).all():
+                        raise NonFiniteProbabilities("the prior's probabilities hold NaN or Inf (damaged weights)")
                     out[:, t] = torch.as_tensor(code(level, probs, lo, t), dtype=torch.long, device=device)
                 grids.append(out.reshape(size, *transformer.grid))
             tops.append(grids[0].cpu().numpy())

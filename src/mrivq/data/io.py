@@ -16,6 +16,9 @@ Example::
 from __future__ import annotations
 
 import gzip
+import io
+import logging
+import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +89,19 @@ def nifti_bytes(image, *, gz: bool = True, compresslevel: int = 6) -> bytes:
     keeps the bytes of the same image the same."""
     raw = image.to_bytes()
     return gzip.compress(raw, compresslevel=compresslevel, mtime=0) if gz else raw
+
+
+def affine_problem(affine: np.ndarray) -> str | None:
+    """Why a ``(4, 4)`` affine cannot be written into a NIfTI header, or None: NaN or Inf, or a
+    spatial axis of zero or overflowing length (nibabel cannot decompose it into a qform)."""
+    affine = np.asarray(affine, dtype=np.float64)
+    if not np.isfinite(affine).all():
+        return "its affine holds NaN or Inf"
+    with np.errstate(over="ignore"):
+        lengths = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    if not (np.isfinite(lengths).all() and (lengths > 0).all()):
+        return "its affine has a spatial axis of zero or overflowing length"
+    return None
 
 
 def nifti_inputs(inputs) -> list[Path]:
@@ -161,33 +177,29 @@ def read_volume(path, axis: int = 2) -> tuple[np.ndarray, SliceMeta]:
     return np.ascontiguousarray(np.moveaxis(data, axis, 0)), meta
 
 
+#: The most bytes a NIfTI file may hold uncompressed (a 512 x 512 x 256 float32 volume), so a
+#: file someone hands over cannot exhaust memory: gzip is inflated up to it, headers are
+#: checked against it and against the bytes actually present before any array is allocated.
+MAX_NIFTI_BYTES = 256 << 20
+
+
 def _read_nifti(path) -> tuple[np.ndarray, SliceMeta]:
     """Decode a NIfTI-1/2 file fully into float32, translating every failure into BadFileError."""
     path = str(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise BadFileError(path, "file not found") from None
-    except PermissionError:
-        raise BadFileError(path, "cannot be read (permission denied)") from None
-    except IsADirectoryError:
-        raise BadFileError(path, "is a folder, not a file") from None
-    except OSError as e:
-        raise BadFileError(path, f"cannot be read ({e.strerror or e})") from None
+    raw = _read_bounded(path)
     if not raw:
         raise BadFileError(path, "empty file (0 bytes)")
-
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (EOFError, zlib.error, gzip.BadGzipFile, OSError):
-            raise BadFileError(path, "truncated or corrupt gzip data") from None
     # A file named .nii.gz that is not gzip-compressed is still accepted if it parses as NIfTI.
-    image = _parse_nifti(raw)
-    if image is None:
-        raise BadFileError(path, "not a NIfTI file")
-
+    image = _parse_nifti(raw, path)
+    shape = tuple(int(n) for n in image.shape)
+    dtype = image.get_data_dtype()
+    needed = int(image.header.get("vox_offset", 0)) + math.prod(shape) * dtype.itemsize
+    if math.prod(shape) * max(dtype.itemsize, 4) > MAX_NIFTI_BYTES:
+        raise BadFileError(path, f"image of shape {shape} is larger than the {MAX_NIFTI_BYTES >> 20} MiB "
+                                 "mrivq reads from one file")
+    if needed > len(raw):
+        raise BadFileError(path, f"truncated file (the header's shape {shape} needs {needed} bytes, "
+                                 f"the file holds {len(raw)})")
     try:
         data = np.asarray(image.dataobj, dtype=np.float32)
     except (ValueError, EOFError, OSError):
@@ -201,17 +213,60 @@ def _read_nifti(path) -> tuple[np.ndarray, SliceMeta]:
         path=path,
         affine=np.asarray(image.affine, dtype=np.float64),
         header=image.header,
-        shape=tuple(int(n) for n in image.shape),
-        dtype=str(image.get_data_dtype()),
+        shape=shape,
+        dtype=str(dtype),
     )
     return data, meta
 
 
-def _parse_nifti(raw: bytes):
-    """A nibabel image from the bytes of an uncompressed single-file NIfTI, or None."""
-    for image_class in (nib.Nifti1Image, nib.Nifti2Image):
+def _read_bounded(path: str) -> bytes:
+    """The file's bytes, gzip inflated, at most :data:`MAX_NIFTI_BYTES` of either."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_NIFTI_BYTES + 1)
+    except FileNotFoundError:
+        raise BadFileError(path, "file not found") from None
+    except PermissionError:
+        raise BadFileError(path, "cannot be read (permission denied)") from None
+    except IsADirectoryError:
+        raise BadFileError(path, "is a folder, not a file") from None
+    except OSError as e:
+        raise BadFileError(path, f"cannot be read ({e.strerror or e})") from None
+    if raw[:2] == b"\x1f\x8b":
         try:
-            return image_class.from_bytes(raw)
-        except Exception:  # noqa: BLE001, S112 -- wrong magic, short header, bad dims: "not this format"
-            continue
-    return None
+            with gzip.GzipFile(fileobj=io.BytesIO(raw)) as f:
+                raw = f.read(MAX_NIFTI_BYTES + 1)
+        except (EOFError, zlib.error, gzip.BadGzipFile, OSError):
+            raise BadFileError(path, "truncated or corrupt gzip data") from None
+    if len(raw) > MAX_NIFTI_BYTES:
+        raise BadFileError(path, f"larger than the {MAX_NIFTI_BYTES >> 20} MiB mrivq reads from one file "
+                                 "(uncompressed)")
+    return raw
+
+
+def _parse_nifti(raw: bytes, path: str):
+    """A nibabel image from the bytes of an uncompressed single-file NIfTI; what nibabel logs
+    while trying goes into the one error line, not onto stderr."""
+    messages = _Collect()
+    logger = logging.getLogger("nibabel.global")
+    handlers, propagate = logger.handlers[:], logger.propagate
+    logger.handlers, logger.propagate = [messages], False
+    try:
+        for image_class in (nib.Nifti1Image, nib.Nifti2Image):
+            try:
+                return image_class.from_bytes(raw)
+            except Exception:  # noqa: BLE001, S112 -- wrong magic, short header, bad dims: "not this format"
+                continue
+    finally:
+        logger.handlers, logger.propagate = handlers, propagate
+    said = "; ".join(dict.fromkeys(messages.lines))[:200]
+    raise BadFileError(path, "not a NIfTI file" + (f" (nibabel: {said})" if said else ""))
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(" ".join(record.getMessage().split()))

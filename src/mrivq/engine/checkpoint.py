@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mrivq.config import Config, config_from_dict
+from mrivq.data.io import affine_problem
 from mrivq.errors import UserError
 from mrivq.nn import VQVAE2
 from mrivq.nn.prior import CodePrior
@@ -44,29 +45,60 @@ def load_checkpoint(path: str | Path) -> dict:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
         raise UserError(f"{path}: refused to load: the file carries pickled objects that could run "
                         f"code ({first[:160]}); only mrivq checkpoints are accepted") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt: "
-                        f"{str(exc).splitlines()[0][:120]})") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- a damaged pickle stream fails in many ways, all "corrupt"
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt: {detail})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path}: not an mrivq checkpoint")
     return ckpt
 
 
 def checkpoint_config(ckpt: dict, path: str | Path = "checkpoint") -> Config:
+    stored = ckpt.get("config")
+    if not isinstance(stored, dict):
+        raise UserError(f"{path}: its stored config is missing or not a mapping; not an mrivq checkpoint")
     try:
-        return config_from_dict(ckpt["config"])
-    except (KeyError, UserError) as exc:
-        raise UserError(f"{path}: its stored config is missing or invalid ({exc})") from None
+        return config_from_dict(stored)
+    except UserError as exc:
+        raise UserError(f"{path}: its stored config is invalid ({exc})") from None
 
 
 def model_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> VQVAE2:
-    """Build the VQ-VAE-2 described by a checkpoint's config and load its weights."""
-    if "model" not in ckpt:
-        kind = " (it is a code prior's: give the VQ-VAE's models/best.pt)" if ckpt.get("kind") else ""
+    """Build the VQ-VAE-2 described by a checkpoint's config and load its weights (the config
+    checked against the weights' shapes before the model is built)."""
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        kind = " (it is a code prior's: give the VQ-VAE's models/best.pt)" if isinstance(ckpt, dict) and ckpt.get(
+            "kind") else ""
         raise UserError(f"{path}: holds no VQ-VAE weights{kind}")
     config = checkpoint_config(ckpt, path)
-    model = VQVAE2(**config.model.model_dump())
-    load_model_state(model, ckpt["model"], path)
+    return build_checked(lambda: VQVAE2(**config.model.model_dump()), ckpt["model"], path, "VQ-VAE")
+
+
+def build_checked(build, state, path: str | Path, what: str) -> torch.nn.Module:
+    """``build()`` loaded with ``state``, once ``state`` is known to be tensors of exactly the
+    names and shapes ``build()`` makes: the model is first built on the meta device (no memory),
+    so a stored config that asks for a huge model is refused before anything is allocated."""
+    if not (isinstance(state, dict) and all(isinstance(key, str) and isinstance(value, torch.Tensor)
+                                            for key, value in state.items())):
+        raise UserError(f"{path}: its {what} weights are not a mapping of names to tensors; not an mrivq checkpoint")
+    try:
+        with torch.device("meta"):
+            expected = {name: tuple(t.shape) for name, t in build().state_dict().items()}
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{path}: its stored {what} config cannot build a model ({exc})") from None
+    found = {name: tuple(t.shape) for name, t in state.items()}
+    if found != expected:
+        differs = sorted(set(found) ^ set(expected)) or [n for n in sorted(found) if found[n] != expected[n]]
+        name = differs[0]
+        raise UserError(f"{path}: its {what} weights do not fit its stored config ({name}: "
+                        f"{list(found.get(name, ['missing']))} in the file, {list(expected.get(name, ['none']))} "
+                        "expected); not a checkpoint mrivq wrote, or damaged")
+    if not all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()):
+        raise UserError(f"{path}: its {what} weights hold NaN or Inf; the file is damaged")
+    model = build()
+    load_model_state(model, state, path)
     return model
 
 
@@ -97,9 +129,11 @@ def run_config(config: Config, trained: Config, checkpoint: Path) -> tuple[Confi
     is given. Returns that config and a description of each explicit setting that differs
     from training (``"seed=1 (trained with 0)"``), for the log.
     """
-    explicit = {key: getattr(config.data, key) for key in config.data.model_fields_set}
+    # Where caches are written is the user's choice, never the checkpoint's (a file someone sent).
+    explicit = {key: getattr(config.data, key) for key in config.data.model_fields_set | {"cache_dir"}}
     differs = [f"data.{key}={value} (trained with {getattr(trained.data, key)})"
-               for key, value in explicit.items() if value != getattr(trained.data, key)]
+               for key, value in explicit.items()
+               if value != getattr(trained.data, key) and key in config.data.model_fields_set]
     seed = config.seed if "seed" in config.model_fields_set else trained.seed
     if seed != trained.seed:
         differs.append(f"seed={seed} (trained with {trained.seed})")
@@ -110,13 +144,13 @@ def run_config(config: Config, trained: Config, checkpoint: Path) -> tuple[Confi
 
 
 def _checkpoint_output(trained: Config, checkpoint: Path):
-    """The output section of the run a checkpoint belongs to (``RUN_DIR/models/NAME.pt``)."""
+    """The output section of the run a checkpoint belongs to (``RUN_DIR/models/NAME.pt``): found
+    from where the file is, never from the folders its config names (a file someone sent must
+    not choose where mrivq writes)."""
     folder = Path(checkpoint).expanduser().absolute().parent
-    if folder == trained.model_dir:
-        return trained.output
-    if folder.name == "models":  # a run directory that was moved or copied
+    if folder.name == "models" or folder == trained.model_dir:
         return trained.output.model_copy(update={"dir": folder.parent, "log_dir": None, "sample_dir": None,
-                                                 "visual_dir": None, "model_dir": None})
+                                                 "visual_dir": None, "model_dir": folder})
     raise UserError(f"{checkpoint} is not in a run directory's models/ folder; say where the outputs go "
                     "with --set output.dir=FOLDER")
 
@@ -150,13 +184,14 @@ def prior_from_config(config: Config, n_embed: int, top_grid: tuple[int, int]) -
                      dropout=p.dropout, bottom_window_rows=p.bottom_window_rows, neighbours=p.neighbour_codes)
 
 
-def prior_checkpoint_config(ckpt: dict) -> Config:
+def prior_checkpoint_config(ckpt: dict, path: str | Path = "checkpoint") -> Config:
     """The config a prior checkpoint was trained with. One written before ``prior.neighbour_codes``
     existed trained without neighbour codes, whatever today's default says."""
-    stored = ckpt["config"]
-    if "neighbour_codes" not in stored.get("prior", {}):
+    stored = ckpt.get("config")
+    if isinstance(stored, dict) and isinstance(stored.get("prior", {}), dict) and (
+            "neighbour_codes" not in stored.get("prior", {})):
         stored = {**stored, "prior": {**stored.get("prior", {}), "neighbour_codes": False}}
-    return config_from_dict(stored)
+    return checkpoint_config({"config": stored}, path)
 
 
 def load_prior(path: str | Path, expect_fingerprint: str | None = None,
@@ -164,6 +199,8 @@ def load_prior(path: str | Path, expect_fingerprint: str | None = None,
     """The prior and its VQ-VAE (eval mode, on ``device``) and the raw checkpoint of ``mrivq train-prior``.
 
     ``expect_fingerprint``: the :func:`model_fingerprint` of the VQ-VAE the prior must belong to.
+    Everything the commands read from the checkpoint is checked first: its shape against the
+    VQ-VAE it holds, its weights against its config, the reference slice ``sample`` writes with.
     """
     path = Path(path).expanduser()
     ckpt = load_checkpoint(path)
@@ -173,12 +210,36 @@ def load_prior(path: str | Path, expect_fingerprint: str | None = None,
     if expect_fingerprint is not None and ckpt.get("fingerprint") != expect_fingerprint:
         raise UserError(f"{path} was trained on another VQ-VAE's codes (or by an older mrivq); give "
                         "the prior trained with this checkpoint, or train one with `mrivq train-prior`")
-    config = prior_checkpoint_config(ckpt)
-    shape = ckpt["prior_shape"]
-    prior = prior_from_config(config, int(shape["n_embed"]), tuple(shape["top_grid"]))
-    try:
-        prior.load_state_dict(ckpt["prior"])
-    except RuntimeError:
-        raise UserError(f"{path}: the prior's weights do not fit its stored config") from None
+    if not isinstance(ckpt.get("vqvae"), dict):
+        raise UserError(f"{path}: holds no VQ-VAE; not a prior checkpoint mrivq wrote")
+    vq_config = checkpoint_config(ckpt["vqvae"], path)
+    config = prior_checkpoint_config(ckpt, path)
+    n_embed, top_grid = _prior_shape(ckpt, vq_config, path)
+    prior = build_checked(lambda: prior_from_config(config, n_embed, top_grid), ckpt.get("prior"), path, "prior")
     vqvae = model_from_checkpoint(ckpt["vqvae"], path)
+    _check_reference(ckpt, vq_config, path)
     return prior.to(device).eval(), vqvae.to(device).eval(), ckpt
+
+
+def _prior_shape(ckpt: dict, vq_config: Config, path: Path) -> tuple[int, tuple[int, int]]:
+    """The prior's codebook size and top grid, which must be those of the VQ-VAE it holds."""
+    height, width = vq_config.data.image_size
+    expected = {"n_embed": vq_config.model.n_embed, "top_grid": [-(-height // 8), -(-width // 8)]}
+    if ckpt.get("prior_shape") != expected:
+        raise UserError(f"{path}: its prior_shape {ckpt.get('prior_shape')!r} is not its VQ-VAE's {expected}; "
+                        "not a prior checkpoint mrivq wrote, or damaged")
+    return expected["n_embed"], tuple(expected["top_grid"])
+
+
+def _check_reference(ckpt: dict, vq_config: Config, path: Path) -> None:
+    """The reference slice (``sample`` writes NIfTI with its affine and intensity scale)."""
+    reference = ckpt.get("reference")
+    ok = isinstance(reference, dict) and isinstance(reference.get("image_size"), (list, tuple)) and all(
+        torch.is_tensor(reference.get(key)) and reference[key].is_floating_point() for key in ("affine", "norm"))
+    if ok:
+        affine, norm = reference["affine"].double().numpy(), reference["norm"].double().numpy()
+        ok = (list(reference["image_size"]) == list(vq_config.data.image_size) and norm.shape == (2,)
+              and np.isfinite(norm).all() and affine.shape == (4, 4) and affine_problem(affine) is None)
+    if not ok:
+        raise UserError(f"{path}: its reference slice (image size, affine, intensity scale) is missing or "
+                        "invalid; not a prior checkpoint mrivq wrote, or damaged")

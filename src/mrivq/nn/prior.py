@@ -254,6 +254,8 @@ class CodeTransformer(nn.Module):
         for t in range(self.length):
             logits = self.cached_logits(out, t, cache, condition)[:, 0]
             probs = torch.softmax(logits / temperature, dim=-1)
+            if not torch.isfinite(probs).all():
+                raise NonFiniteProbabilities("the prior's probabilities hold NaN or Inf (damaged weights)")
             if top_p < 1:
                 probs = _nucleus(probs, top_p)
             out[:, t] = torch.multinomial(probs, 1, generator=generator)[:, 0]
@@ -326,6 +328,10 @@ class CodePrior(nn.Module):
         bottom = self.bottom.sample(n, temperature=temperature, top_p=top_p, condition=self.condition(top),
                                     generator=generator)
         return top, bottom
+
+
+class NonFiniteProbabilities(ValueError):
+    """A prior gave NaN or Inf probabilities: its weights are damaged (finite, but overflowing)."""
 
 
 def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
