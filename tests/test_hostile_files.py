@@ -352,10 +352,10 @@ def respoiled_checkpoint(source: Path, tmp_path: Path, edit) -> Path:
     (lambda c: c.update(model=torch.zeros(3)), "not a mapping of names to tensors"),
     (lambda c: c.update(config="a string"), "stored config is missing or not a mapping"),
     (lambda c: c["config"]["model"].update(channel=10**7), "stored config is invalid"),
-    (lambda c: c["config"]["model"].update(channel=4096), "do not fit its stored config"),
-    (lambda c: c["config"]["model"].update(n_res_block=64), "do not fit its stored config"),
+    (lambda c: c["config"]["model"].update(channel=4096), "do not fit the model config"),
+    (lambda c: c["config"]["model"].update(n_res_block=64), "do not fit the model config"),
     (lambda c: c["config"]["data"].update(image_size=[30000, 30000]), "stored config is invalid"),
-    (lambda c: c["model"].update({"enc_b.blocks.0.weight": torch.zeros(2, 2)}), "do not fit its stored config"),
+    (lambda c: c["model"].update({"enc_b.blocks.0.weight": torch.zeros(2, 2)}), "do not fit the model config"),
 ])
 def test_vqvae_checkpoints_are_checked_before_anything_is_built(bases, tmp_path, capsys, edit, message):
     path = respoiled_checkpoint(bases["vqvae"], tmp_path, edit)
@@ -365,7 +365,7 @@ def test_vqvae_checkpoints_are_checked_before_anything_is_built(bases, tmp_path,
 @pytest.mark.parametrize("edit,message", [
     (lambda c: c.pop("prior_shape"), "prior_shape"),
     (lambda c: c.update(prior_shape={"n_embed": 16, "top_grid": [1000, 1000]}), "prior_shape"),
-    (lambda c: c["config"]["prior"].update(d_model=4096), "do not fit its stored config"),
+    (lambda c: c["config"]["prior"].update(d_model=4096), "do not fit the model config"),
     (lambda c: c["config"]["prior"].update(d_model=10**7), "stored config is invalid"),
     (lambda c: c.update(prior=[1, 2]), "not a mapping of names to tensors"),
     (lambda c: c.update(vqvae="x"), "holds no VQ-VAE"),
@@ -381,7 +381,7 @@ def test_a_checkpoint_asking_for_a_huge_model_allocates_nothing(bases, tmp_path)
     path = respoiled_checkpoint(bases["vqvae"], tmp_path, lambda c: c["config"]["model"].update(
         channel=4096, n_res_channel=4096, n_res_block=64))  # about 60 GiB if it were built
     status, err, peak_mib = child(decode_args({"vqvae": path}, bases["codes"], tmp_path / "out"), tmp_path)
-    assert status == 2 and "do not fit its stored config" in err, err
+    assert status == 2 and "do not fit the model config" in err, err
     assert peak_mib < 900, peak_mib
 
 
