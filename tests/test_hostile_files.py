@@ -356,6 +356,9 @@ def respoiled_checkpoint(source: Path, tmp_path: Path, edit) -> Path:
     (lambda c: c["config"]["model"].update(n_res_block=64), "do not fit the model config"),
     (lambda c: c["config"]["data"].update(image_size=[30000, 30000]), "stored config is invalid"),
     (lambda c: c["model"].update({"enc_b.blocks.0.weight": torch.zeros(2, 2)}), "do not fit the model config"),
+    (lambda c: c["model"].update({"two\nlines": torch.zeros(1)}), "two lines"),
+    (lambda c: c["model"].update({"sparse": torch.zeros(2, 2).to_sparse()}), "not a mapping of names to tensors"),
+    (lambda c: c.update(config={**c["config"], "seed": [[1] * 10] * 10}), "stored config is invalid"),
 ])
 def test_vqvae_checkpoints_are_checked_before_anything_is_built(bases, tmp_path, capsys, edit, message):
     path = respoiled_checkpoint(bases["vqvae"], tmp_path, edit)
@@ -367,6 +370,7 @@ def test_vqvae_checkpoints_are_checked_before_anything_is_built(bases, tmp_path,
     (lambda c: c.update(prior_shape={"n_embed": 16, "top_grid": [1000, 1000]}), "prior_shape"),
     (lambda c: c["config"]["prior"].update(d_model=4096), "do not fit the model config"),
     (lambda c: c["config"]["prior"].update(d_model=10**7), "stored config is invalid"),
+    (lambda c: c["config"]["prior"].update(d_model=4096, n_layer_bottom=64), "key/value caches"),
     (lambda c: c.update(prior=[1, 2]), "not a mapping of names to tensors"),
     (lambda c: c.update(vqvae="x"), "holds no VQ-VAE"),
     (lambda c: c["reference"].update(affine=torch.full((4, 4), float("nan"))), "reference slice"),
@@ -427,6 +431,20 @@ def test_encode_refuses_slices_a_codes_file_cannot_hold(bases, tmp_path, capsys)
     assert not (tmp_path / "c.mrvq").exists()
 
 
+def test_an_affine_nibabel_cannot_decompose_round_trips(bases, tmp_path, capsys):
+    header = nib.Nifti1Image(np.ones((64, 32), np.float32), np.eye(4)).header
+    header["qform_code"], header["sform_code"] = 0, 1
+    header["srow_y"] = [0, 0, 0, 5]  # the second axis has no length: no qform can say this
+    header["vox_offset"] = 352
+    flat = spoiled(tmp_path, "flat.nii", header.binaryblock + bytes(4) + np.ones((64, 32), "<f4").tobytes())
+    codes = tmp_path / "flat.mrvq"
+    capsys.readouterr()
+    assert run_main(["encode", "--checkpoint", str(bases["vqvae"]), str(flat), "--out", str(codes)]) == 0
+    assert run_main(["decode", "--checkpoint", str(bases["vqvae"]), str(codes), "--out", str(tmp_path / "o")]) == 0
+    assert capsys.readouterr().err == ""
+    np.testing.assert_allclose(nib.load(tmp_path / "o" / "flat.nii.gz").affine, nib.load(flat).affine)
+
+
 def test_nibabel_messages_fold_into_the_one_error_line(bases, tmp_path, capsys):
     junk = spoiled(tmp_path, "junk.nii", b"hello, not an image " * 40)
     line = refused(["encode", "--checkpoint", bases["vqvae"], junk, "--out", tmp_path / "c.mrvq"], capsys,
@@ -467,6 +485,11 @@ def test_an_interrupted_sample_keeps_what_it_drew(bases, tmp_path, monkeypatch):
     assert kept == [f"sample_{i:03d}.nii.gz" for i in range(16)]
     for name in kept[:2]:
         assert nib.load(tmp_path / "s" / name).get_fdata().shape == (64, 32)
+
+
+def test_sample_refuses_a_temperature_that_breaks_the_softmax(bases, tmp_path, capsys):
+    refused(["sample", "--prior", bases["prior"], "--n", "1", "--out", tmp_path / "s", "--temperature", "1e-300"],
+            capsys, "--temperature must be between")
 
 
 def test_sample_refuses_to_replace_other_files(bases, tmp_path, capsys):

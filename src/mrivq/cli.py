@@ -126,13 +126,24 @@ def run(argv: list[str] | None = None) -> int:
     return app.main(args)
 
 
+def one_line(exc: BaseException, limit: int = 1000) -> str:
+    """An error message as one line of at most ``limit`` characters, whatever a file put in it."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         code = run(argv)
     except UserError as exc:
-        print(f"mrivq: error: {exc}", file=sys.stderr)
+        print(f"mrivq: error: {one_line(exc)}", file=sys.stderr)
         code = 2
-    except MemoryError:  # a last guard: inputs are checked so that this should not happen
+    except OSError as exc:  # a folder or file the system refuses (permissions, a full disk)
+        print(f"mrivq: error: {one_line(exc)}", file=sys.stderr)
+        code = 2
+    except (MemoryError, RuntimeError) as exc:  # a last guard: inputs are checked so that this is rare
+        if not isinstance(exc, MemoryError) and "can't allocate memory" not in str(exc):
+            raise
         print("mrivq: error: out of memory; the input is larger than this machine can hold", file=sys.stderr)
         code = 2
     except TrainingInterrupted as exc:

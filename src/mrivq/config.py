@@ -20,6 +20,7 @@ directory, the folder the command is run from (as in the report's instructions).
 from __future__ import annotations
 
 import copy
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,7 +56,7 @@ class _Section(BaseModel):
 
 #: The largest side of data.image_size: a model's input, so a checkpoint someone sends cannot
 #: ask for slices of any size.
-MAX_IMAGE_SIDE = 4096
+MAX_IMAGE_SIDE = 1024
 
 
 class DataConfig(_Section):
@@ -71,7 +72,7 @@ class DataConfig(_Section):
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     cache_dir: Path | None = None
     workers: int | None = Field(default=None, ge=1)
-    phantom_cases: int = Field(default=16, ge=3)
+    phantom_cases: int = Field(default=16, ge=3, le=1024)
     # Training-only augmentation (never validation or test), drawn per slice: flips with
     # probability 1/2 (horizontal = left-right as the pictures show a slice: along its first
     # axis, HipMRI's right-to-left; both = that and, independently, up-down: front to back)
@@ -452,7 +453,7 @@ def validate(raw: dict, source: str = "config") -> Config:
             raise ConfigError(f"{source}: unknown config key {key!r}; check the spelling "
                               "(see config/example_config.yaml for every key)") from None
         given = err.get("input")
-        given_text = "" if isinstance(given, dict) else f" (got {given!r})"
+        given_text = "" if isinstance(given, dict) else f" (got {reprlib.repr(given)})"
         raise ConfigError(f"{source}: config key {key!r}: {err['msg']}{given_text}") from None
 
 

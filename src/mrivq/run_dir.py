@@ -259,11 +259,13 @@ def claim_outputs(folder: Path, job: str, targets: list[Path], *, overwrite: boo
     folder = Path(folder).expanduser()
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--out {folder} is a file; give a folder")
+    root = _root(folder)
     protected = {_absolute(Path(path)) for path in inputs if path is not None}
-    recorded = _listed(folder, read_manifest(folder)) if folder.is_dir() else set()
+    manifest = read_manifest(root) if root.is_dir() else None
+    recorded = _listed(root, manifest)
     for target in targets:
         path = _absolute(target)
-        if path.parent != _absolute(folder / "x").parent:
+        if path.parent != root:
             raise UserError(f"{target} is not directly in --out {folder}")
         if path in protected or any(path.exists() and other.exists() and os.path.samefile(path, other)
                                     for other in protected):
@@ -275,8 +277,7 @@ def claim_outputs(folder: Path, job: str, targets: list[Path], *, overwrite: boo
         if not overwrite:
             raise UserError(f"{target} was written by an earlier mrivq command; pass --overwrite to replace "
                             "it, or choose another --out")
-    root = _root(folder)
-    jobs = (read_manifest(root) or {}).get("jobs", {})
+    jobs = (manifest or {}).get("jobs", {})
     entries = jobs.setdefault(job, [])
     known = set(entries)
     entries += [entry for entry in (_entry(root, target) for target in targets) if entry not in known]

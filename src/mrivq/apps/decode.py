@@ -15,13 +15,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nibabel as nib
 import torch
 from tqdm import tqdm
 
 from mrivq.compression.container import CodesFile, read_codes_file, unpack_codes
 from mrivq.config import Config
-from mrivq.data.io import nifti_bytes
+from mrivq.data.io import nifti_bytes, nifti_image
 from mrivq.data.preprocess import clip_to_input_range, denormalize, unfit
 from mrivq.engine.checkpoint import load_prior, load_vqvae, model_fingerprint
 from mrivq.engine.inference import decode_images
@@ -67,7 +66,7 @@ def decode(checkpoint: str | Path, codes_path: str | Path, out_dir: str | Path, 
         for i, decoded in enumerate(slices, start=lo):
             shape = header["sources"][i]["shape"]
             scanner = denormalize(unfit(decoded, tuple(codes.shapes[i]), header["fit"]), codes.norm[i])
-            blob = nifti_bytes(nib.Nifti1Image(scanner.reshape(shape), codes.affines[i]))
+            blob = nifti_bytes(nifti_image(scanner.reshape(shape), codes.affines[i]))
             atomic_write(targets[i], lambda fh, blob=blob: fh.write(blob), listed=False)
     return targets
 

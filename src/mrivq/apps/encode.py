@@ -24,6 +24,7 @@ from mrivq import strict_json
 from mrivq.compression.container import (
     MAGIC,
     bits_report,
+    check_encodable,
     pack_checked,
     preprocessing_entry,
     source_entry,
@@ -68,6 +69,7 @@ def encode(checkpoint: str | Path, inputs, out: str | Path, *, batch_size: int =
         affines.append(meta.affine)
         shapes.append(raw.shape)
         sources.append(source_entry(path, meta))
+    check_encodable(sources, prep.image_size)
     codes_top, codes_bottom = encode_images(model, np.stack(slices), batch_size)
     try:
         codes, blob, timing = pack_checked(
@@ -88,12 +90,11 @@ def _check_replaceable(out: Path) -> None:
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give the codes file's name")
     if out.exists() or out.is_symlink():
-        try:
+        magic = b""
+        if out.is_file() and not out.is_symlink():  # never open a FIFO or a device
             with out.open("rb") as fh:
                 magic = fh.read(len(MAGIC))
-        except OSError:
-            magic = b""
-        if out.is_symlink() or magic != MAGIC:
+        if magic != MAGIC:
             raise UserError(f"--out {out} exists and is not an mrivq codes file; move it or choose another name")
 
 

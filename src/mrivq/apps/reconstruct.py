@@ -72,17 +72,18 @@ def _like_input(slices: np.ndarray, meta, is_slice: bool) -> np.ndarray:
     return np.moveaxis(slices, 0, 2).reshape(meta.shape)
 
 
-def _nifti_bytes(data: np.ndarray, meta, suffix: str, description: str) -> bytes:
+def _nifti_bytes(data: np.ndarray, meta, name: str, description: str) -> bytes:
     """The input's header and affine with new data; same data type (integer types get a slope)."""
     header = meta.header.copy()
     image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
     image = image_class(data.astype(np.float32), meta.affine, header=header)
     image.header.set_data_dtype(meta.header.get_data_dtype())
     image.header["descrip"] = description.encode()[:79]
-    return nifti_bytes(image, gz=suffix.lower().endswith(".gz"))
+    return nifti_bytes(image, gz=name.lower().endswith(".gz"))
 
 
 def _outputs(path: Path, out_dir: Path) -> dict[str, Path]:
+    """The reconstruction and difference files of input ``path``, with its suffix (.nii or .nii.gz)."""
     stem = nifti_stem(path)
     suffix = path.name[len(stem):] or ".nii.gz"
     return {"reconstruction": out_dir / f"{stem}_recon{suffix}", "difference": out_dir / f"{stem}_diff{suffix}"}
@@ -117,9 +118,8 @@ def reconstruct(checkpoint: str | Path, inputs: list[str | Path], out_dir: str |
                                     percentiles=tuple(trained.data.percentiles), device=torch_device,
                                     batch_size=batch_size)
         outputs = _outputs(path, out_dir)
-        suffix = path.name[len(nifti_stem(path)):] or ".nii.gz"
         for kind, data in (("reconstruction", recon), ("difference", recon - slices)):
-            blob = _nifti_bytes(_like_input(data, meta, is_slice), meta, suffix,
+            blob = _nifti_bytes(_like_input(data, meta, is_slice), meta, outputs[kind].name,
                                 f"mrivq {kind} of {path.name}")
             atomic_write(outputs[kind], lambda fh, blob=blob: fh.write(blob), listed=False)
         mae = float(np.abs(recon - slices).mean())

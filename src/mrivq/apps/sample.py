@@ -17,22 +17,25 @@ VQ-VAE stored in the prior checkpoint, and writes::
 from __future__ import annotations
 
 import io
-import math
 import sys
 import time
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from mrivq import metrics
 from mrivq.data.cache import load_split
-from mrivq.data.io import nifti_bytes
+from mrivq.data.io import nifti_bytes, nifti_image
 from mrivq.data.preprocess import Preprocessing, clip_to_input_range, denormalize
 from mrivq.data.sources import data_splits
-from mrivq.engine.checkpoint import checkpoint_config, load_prior, model_fingerprint
+from mrivq.engine.checkpoint import (
+    checkpoint_config,
+    load_prior,
+    model_fingerprint,
+    prior_reference,
+)
 from mrivq.engine.inference import decode_images, encode_images
 from mrivq.engine.losses import ssim_per_image
 from mrivq.errors import UserError
@@ -63,14 +66,15 @@ def sample(prior_path: str | Path, n: int, out_dir: str | Path, *, temperature: 
     """
     if n < 1:
         raise UserError("--n must be at least 1")
-    if not temperature > 0 or not math.isfinite(temperature):
-        raise UserError(f"--temperature must be a positive number, got {temperature}")
+    if not 0.01 <= temperature <= 100:
+        raise UserError(f"--temperature must be between 0.01 and 100, got {temperature}")
     if not 0 < top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {top_p}")
     out_dir = Path(out_dir).expanduser()
     device = resolve_device(device)
     prior, vqvae, ckpt = load_prior(prior_path, device=device)
     config, vq_config = checkpoint_config(ckpt, prior_path), checkpoint_config(ckpt["vqvae"], prior_path)
+    affine, norm = prior_reference(ckpt, prior_path)
     # Caches go where this user keeps them, never where the checkpoint's config says.
     config = config.model_copy(update={"data": config.data.model_copy(update={"cache_dir": None})})
     references = _reference_slices(config, vq_config) if nearest else None
@@ -79,7 +83,7 @@ def sample(prior_path: str | Path, n: int, out_dir: str | Path, *, temperature: 
     claim_outputs(out_dir, "sample", [out_dir / name for name in names + extra], overwrite=overwrite,
                   inputs=[prior_path])
     try:
-        drawn = _draw(prior, vqvae, ckpt, vq_config, n, out_dir, names, temperature=temperature, top_p=top_p,
+        drawn = _draw(prior, vqvae, (affine, norm), vq_config, n, out_dir, names, temperature=temperature, top_p=top_p,
                       generator=torch.Generator(device=device).manual_seed(seed), batch_size=batch_size)
     except NonFiniteProbabilities as exc:
         raise UserError(f"{prior_path}: {exc}; train the prior again") from None
@@ -103,14 +107,13 @@ def sample(prior_path: str | Path, n: int, out_dir: str | Path, *, temperature: 
     return result
 
 
-def _draw(prior, vqvae, ckpt: dict, vq_config, n: int, out_dir: Path, names: list[str], *, temperature: float,
+def _draw(prior, vqvae, reference: tuple[np.ndarray, np.ndarray], vq_config, n: int, out_dir: Path,
+          names: list[str], *, temperature: float,
           top_p: float, generator: torch.Generator, batch_size: int) -> dict:
     """Draw ``n`` slices a batch at a time, writing each batch's NIfTI files as it is decoded;
     after the first batch of a long job, say how long the whole will take."""
-    reference = ckpt["reference"]
-    height, width = (int(v) for v in reference["image_size"])
-    affine = np.asarray(reference["affine"], dtype=np.float64)
-    norm = np.asarray(reference["norm"], dtype=np.float32)
+    height, width = vq_config.data.image_size
+    affine, norm = reference
     normalize = vq_config.data.normalize
     tops, bottoms, shown, code_seconds = [], [], [], 0.0
     start = time.perf_counter()
@@ -130,7 +133,7 @@ def _draw(prior, vqvae, ckpt: dict, vq_config, n: int, out_dir: Path, names: lis
             slices = clip_to_input_range(decode_images(vqvae, top, bottom)[:, :height, :width], normalize)
             torch.set_num_threads(1)
             for name, decoded in zip(names[lo:], slices):
-                blob = nifti_bytes(nib.Nifti1Image(denormalize(decoded, norm), affine))
+                blob = nifti_bytes(nifti_image(denormalize(decoded, norm), affine))
                 atomic_write(out_dir / name, lambda fh, blob=blob: fh.write(blob), listed=False)
             tops.append(top.astype(np.uint16))
             bottoms.append(bottom.astype(np.uint16))

@@ -41,7 +41,6 @@ from mrivq.compression.entropy import (
     ideal_bits,
     raw_bits_per_pixel,
 )
-from mrivq.data.io import affine_problem
 from mrivq.data.preprocess import FIT_POLICIES, NORMALIZE_POLICIES
 from mrivq.errors import BadFileError, UserError
 
@@ -49,6 +48,18 @@ MAGIC = b"MRVQ"
 VERSION = 2
 CODERS = ("frequencies", "prior")
 _SECTIONS = ("header", "side", "tables", "stream")
+
+#: Limits on what a codes file may ask for, whatever it says: the file is read whole, each
+#: compressed section is inflated to at most its allowance, and decoding is bounded by them.
+MAX_FILE_BYTES = 1 << 30
+MAX_HEADER_BYTES = 64 << 20
+MAX_SLICES = 100_000
+MAX_CODES = 1 << 25  # codes in one file, both levels (HipMRI's 11,460 training slices: 29 million)
+MAX_SLICE_PIXELS = 1 << 24  # a decoded slice's on-disk pixels (4096 x 4096)
+MAX_OUTPUT_PIXELS = 1 << 30  # all decoded slices' pixels (4 GiB of float32; HipMRI's 12,660: 0.47 G)
+MAX_SCALE = 1e30  # an intensity offset or scale: beyond it, scanner units overflow float32
+MAX_SIDE = 32767  # NIfTI-1 stores each dimension as a 16-bit signed integer
+_SIDE_BYTES = 8 + 48 + 4  # per slice: (offset, scale) f4, affine rows 3x4 f4, (h, w) u2
 
 
 @dataclass
@@ -130,17 +141,6 @@ class _Invalid(Exception):
     """One thing wrong with a codes file (the caller names the file)."""
 
 
-#: Limits on what a codes file may ask for, whatever it says: the file is read whole, each
-#: compressed section is inflated to at most its allowance, and decoding is bounded by them.
-MAX_FILE_BYTES = 1 << 30
-MAX_HEADER_BYTES = 16 << 20
-MAX_SLICES = 100_000
-MAX_CODES = 1 << 25  # codes in one file, both levels (HipMRI's 11,460 training slices: 29 million)
-MAX_SLICE_PIXELS = 1 << 24  # a decoded slice's on-disk pixels (4096 x 4096)
-MAX_SIDE = 32767  # NIfTI-1 stores each dimension as a 16-bit signed integer
-_SIDE_BYTES = 8 + 48 + 4  # per slice: (offset, scale) f4, affine rows 3x4 f4, (h, w) u2
-
-
 def _sections(data: bytes) -> dict[str, bytes]:
     payloads, at = {}, 5
     while at < len(data):
@@ -187,7 +187,7 @@ class SourceEntry(_Strict):
 
     name: str
     shape: list[Annotated[int, Field(ge=1, le=MAX_SIDE)]] = Field(min_length=1, max_length=7)
-    dtype: str = Field(pattern=r"^[a-z]+[0-9]{0,3}$")  # informational: decode writes float32
+    dtype: str = Field(max_length=32, pattern=r"^[!-~]+$")  # informational: decode writes float32
 
     @field_validator("name")
     @classmethod
@@ -218,7 +218,7 @@ class CodesHeader(_Strict):
     codes_crc32: int = Field(ge=0, lt=1 << 32)
     sources: list[SourceEntry]
     prior_fingerprint: str | None = Field(default=None, pattern=r"^[0-9a-f]{16}$")
-    prior_batch: int | None = Field(default=None, ge=1, le=4096)
+    prior_batch: int | None = Field(default=None, ge=1, le=PRIOR_BATCH)
     prior_device: Literal["cpu", "cuda"] | None = None
 
     @model_validator(mode="after")
@@ -260,13 +260,16 @@ def _side_arrays(side: bytes, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 def _check_consistency(codes: CodesFile) -> None:
     """The side data, tables and sources against each other and the limits."""
-    if not np.isfinite(codes.norm).all():
-        raise _Invalid("its intensity scales hold NaN or Inf")
+    if not (np.isfinite(codes.norm).all() and np.abs(codes.norm).max() < MAX_SCALE):
+        raise _Invalid(f"its intensity scales hold NaN, Inf or values beyond {MAX_SCALE:g}")
+    if not np.isfinite(codes.affines).all():
+        raise _Invalid("its affines hold NaN or Inf")
     header = codes.header
-    for shape, source, affine in zip(codes.shapes, header["sources"], codes.affines):
-        problem = affine_problem(affine)
-        if problem:
-            raise _Invalid(f"slice {source['name']}: {problem}")
+    total = sum(math.prod(source["shape"]) for source in header["sources"])
+    if total > MAX_OUTPUT_PIXELS:
+        raise _Invalid(f"its slices would decode to {total} pixels, more than the {MAX_OUTPUT_PIXELS} one file "
+                       "may hold")
+    for shape, source in zip(codes.shapes, header["sources"]):
         pixels = math.prod(source["shape"])
         if shape.min() < 1 or shape.max() > MAX_SIDE or int(shape.prod()) != pixels:
             raise _Invalid(f"slice {source['name']}: shape {shape.tolist()} does not fit its stored "
@@ -282,8 +285,8 @@ def _check_consistency(codes: CodesFile) -> None:
 
 
 def output_name_problem(name: str) -> str | None:
-    """Why ``name`` may not be the name of a file mrivq writes into a folder, or None: a file name
-    only (no folder part, not hidden, no control characters), ending in .nii or .nii.gz."""
+    """Why ``name`` may not be the name of a slice decode writes into a folder, or None: a file
+    name only (no folder part, not hidden, no control characters), ending in .nii.gz."""
     if not name or name in (".", ".."):
         return "an empty name"
     if len(name.encode("utf-8", "replace")) > 255:
@@ -292,8 +295,8 @@ def output_name_problem(name: str) -> str | None:
         return f"the name {name!r} has a folder separator or a control character"
     if name.startswith("."):
         return f"the name {name!r} is hidden (starts with a dot)"
-    if not name.lower().endswith((".nii", ".nii.gz")):
-        return f"the name {name!r} does not end in .nii or .nii.gz"
+    if not name.lower().endswith(".nii.gz"):
+        return f"the name {name!r} does not end in .nii.gz"
     return None
 
 
@@ -425,11 +428,26 @@ def source_entry(path: Path, meta) -> dict:
     if problem is None and (max(meta.shape) > MAX_SIDE or math.prod(meta.shape) > MAX_SLICE_PIXELS):
         problem = (f"shape {list(meta.shape)} is beyond what a codes file holds (sides up to {MAX_SIDE}, "
                    f"{MAX_SLICE_PIXELS} pixels)")
-    if problem is None and affine_problem(meta.affine.astype(np.float32)):
-        problem = f"{affine_problem(meta.affine.astype(np.float32))} (a broken header); fix the file's qform/sform"
+    if problem is None and not np.isfinite(np.asarray(meta.affine, dtype=np.float32)).all():
+        problem = "its affine holds NaN or Inf (a broken header); fix the file's qform/sform"
     if problem:
         raise BadFileError(path, f"cannot be encoded: {problem}")
     return {"name": name, "shape": list(meta.shape), "dtype": np.dtype(meta.dtype).name}
+
+
+def check_encodable(sources: list[dict], image_size: tuple[int, int]) -> None:
+    """Refuse, before any encoding, a set of slices one codes file cannot hold (so that every
+    file encode writes decodes): too many slices, codes or pixels, or names that differ only
+    in case (one file on a case-insensitive disk)."""
+    n, cells = len(sources), math.prod(-(-side // 8) for side in image_size) * 5
+    pixels = sum(math.prod(source["shape"]) for source in sources)
+    names = [source["name"].lower() for source in sources]
+    if n > MAX_SLICES or n * cells > MAX_CODES or pixels > MAX_OUTPUT_PIXELS:
+        raise UserError(f"{n} slices are more than one codes file holds (at most {MAX_SLICES} slices, {MAX_CODES} "
+                        f"codes, {MAX_OUTPUT_PIXELS} pixels); encode them in several files")
+    if len(set(names)) != n:
+        raise UserError("two inputs have names that differ only in case; their decoded slices would overwrite "
+                        "each other: give them in separate runs")
 
 
 def preprocessing_entry(prep) -> dict:

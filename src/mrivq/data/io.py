@@ -91,17 +91,16 @@ def nifti_bytes(image, *, gz: bool = True, compresslevel: int = 6) -> bytes:
     return gzip.compress(raw, compresslevel=compresslevel, mtime=0) if gz else raw
 
 
-def affine_problem(affine: np.ndarray) -> str | None:
-    """Why a ``(4, 4)`` affine cannot be written into a NIfTI header, or None: NaN or Inf, or a
-    spatial axis of zero or overflowing length (nibabel cannot decompose it into a qform)."""
-    affine = np.asarray(affine, dtype=np.float64)
-    if not np.isfinite(affine).all():
-        return "its affine holds NaN or Inf"
-    with np.errstate(over="ignore"):
-        lengths = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-    if not (np.isfinite(lengths).all() and (lengths > 0).all()):
-        return "its affine has a spatial axis of zero or overflowing length"
-    return None
+def nifti_image(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    """A NIfTI-1 image of ``data`` with ``affine``. An affine nibabel cannot decompose into a
+    qform (a spatial axis of zero length, as some files carry) is stored as the sform alone."""
+    try:
+        with np.errstate(all="ignore"):  # nibabel divides by the axis lengths while it tries
+            return nib.Nifti1Image(data, affine)
+    except nib.spatialimages.HeaderDataError:
+        image = nib.Nifti1Image(data, None)
+        image.header.set_sform(affine, code="scanner")
+        return image
 
 
 def nifti_inputs(inputs) -> list[Path]:
@@ -201,7 +200,8 @@ def _read_nifti(path) -> tuple[np.ndarray, SliceMeta]:
         raise BadFileError(path, f"truncated file (the header's shape {shape} needs {needed} bytes, "
                                  f"the file holds {len(raw)})")
     try:
-        data = np.asarray(image.dataobj, dtype=np.float32)
+        with np.errstate(all="ignore"):  # a huge scale factor overflows: the check below says so
+            data = np.asarray(image.dataobj, dtype=np.float32)
     except (ValueError, EOFError, OSError):
         raise BadFileError(path, "truncated file (less data than the header says)") from None
     except Exception as e:  # noqa: BLE001 -- nibabel raises assorted errors for odd headers

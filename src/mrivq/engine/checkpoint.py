@@ -10,13 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import reprlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from mrivq.compression.container import MAX_SCALE
+from mrivq.compression.entropy import PRIOR_BATCH
 from mrivq.config import Config, config_from_dict
-from mrivq.data.io import affine_problem
 from mrivq.errors import UserError
 from mrivq.nn import VQVAE2
 from mrivq.nn.prior import CodePrior
@@ -25,6 +27,9 @@ from mrivq.run_dir import atomic_write
 FORMAT = "mrivq-vqvae2"
 FORMAT_VERSION = 1
 PRIOR_KIND = "code-prior"  # a prior checkpoint's ``kind``
+#: A prior's key/value caches for a batch of ``PRIOR_BATCH`` slices (the prior coder's batch, and
+#: sample's) may take at most this much memory: a checkpoint cannot ask for more.
+MAX_PRIOR_CACHE_BYTES = 4 << 30
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
@@ -81,7 +86,7 @@ def build_checked(build, state, path: str | Path, what: str) -> torch.nn.Module:
     names and shapes ``build()`` makes: the model is first built on the meta device (no memory),
     so a stored config that asks for a huge model is refused before anything is allocated."""
     if not (isinstance(state, dict) and all(isinstance(key, str) and isinstance(value, torch.Tensor)
-                                            for key, value in state.items())):
+                                            and value.layout == torch.strided for key, value in state.items())):
         raise UserError(f"{path}: its {what} weights are not a mapping of names to tensors; not an mrivq checkpoint")
     try:
         with torch.device("meta"):
@@ -129,11 +134,11 @@ def run_config(config: Config, trained: Config, checkpoint: Path) -> tuple[Confi
     is given. Returns that config and a description of each explicit setting that differs
     from training (``"seed=1 (trained with 0)"``), for the log.
     """
-    # Where caches are written is the user's choice, never the checkpoint's (a file someone sent).
-    explicit = {key: getattr(config.data, key) for key in config.data.model_fields_set | {"cache_dir"}}
+    explicit = {key: getattr(config.data, key) for key in config.data.model_fields_set}
     differs = [f"data.{key}={value} (trained with {getattr(trained.data, key)})"
-               for key, value in explicit.items()
-               if value != getattr(trained.data, key) and key in config.data.model_fields_set]
+               for key, value in explicit.items() if value != getattr(trained.data, key)]
+    # Where caches are written is the user's choice, never the checkpoint's (a file someone sent).
+    explicit["cache_dir"] = config.data.cache_dir
     seed = config.seed if "seed" in config.model_fields_set else trained.seed
     if seed != trained.seed:
         differs.append(f"seed={seed} (trained with {trained.seed})")
@@ -148,7 +153,7 @@ def _checkpoint_output(trained: Config, checkpoint: Path):
     from where the file is, never from the folders its config names (a file someone sent must
     not choose where mrivq writes)."""
     folder = Path(checkpoint).expanduser().absolute().parent
-    if folder.name == "models" or folder == trained.model_dir:
+    if folder.name == "models":
         return trained.output.model_copy(update={"dir": folder.parent, "log_dir": None, "sample_dir": None,
                                                  "visual_dir": None, "model_dir": folder})
     raise UserError(f"{checkpoint} is not in a run directory's models/ folder; say where the outputs go "
@@ -214,32 +219,43 @@ def load_prior(path: str | Path, expect_fingerprint: str | None = None,
         raise UserError(f"{path}: holds no VQ-VAE; not a prior checkpoint mrivq wrote")
     vq_config = checkpoint_config(ckpt["vqvae"], path)
     config = prior_checkpoint_config(ckpt, path)
-    n_embed, top_grid = _prior_shape(ckpt, vq_config, path)
+    n_embed, top_grid = _prior_shape(ckpt, vq_config, config, path)
     prior = build_checked(lambda: prior_from_config(config, n_embed, top_grid), ckpt.get("prior"), path, "prior")
     vqvae = model_from_checkpoint(ckpt["vqvae"], path)
-    _check_reference(ckpt, vq_config, path)
     return prior.to(device).eval(), vqvae.to(device).eval(), ckpt
 
 
-def _prior_shape(ckpt: dict, vq_config: Config, path: Path) -> tuple[int, tuple[int, int]]:
-    """The prior's codebook size and top grid, which must be those of the VQ-VAE it holds."""
+def _prior_shape(ckpt: dict, vq_config: Config, config: Config, path: Path) -> tuple[int, tuple[int, int]]:
+    """The prior's codebook size and top grid, which must be those of the VQ-VAE it holds; and
+    the memory its key/value caches take when coding or sampling a batch, within a bound."""
     height, width = vq_config.data.image_size
     expected = {"n_embed": vq_config.model.n_embed, "top_grid": [-(-height // 8), -(-width // 8)]}
     if ckpt.get("prior_shape") != expected:
-        raise UserError(f"{path}: its prior_shape {ckpt.get('prior_shape')!r} is not its VQ-VAE's {expected}; "
-                        "not a prior checkpoint mrivq wrote, or damaged")
+        raise UserError(f"{path}: its prior_shape {reprlib.repr(ckpt.get('prior_shape'))} is not its VQ-VAE's "
+                        f"{expected}; not a prior checkpoint mrivq wrote, or damaged")
+    p, cells = config.prior, expected["top_grid"][0] * expected["top_grid"][1]
+    cache_bytes = (p.n_layer_top + 4 * p.n_layer_bottom) * cells * p.d_model * 2 * 4 * PRIOR_BATCH
+    if cache_bytes > MAX_PRIOR_CACHE_BYTES:
+        raise UserError(f"{path}: its prior would need {cache_bytes / 2**30:.1f} GiB of key/value caches for a "
+                        f"batch of {PRIOR_BATCH} slices (at most {MAX_PRIOR_CACHE_BYTES >> 30} GiB); "
+                        "not a prior mrivq trains")
     return expected["n_embed"], tuple(expected["top_grid"])
 
 
-def _check_reference(ckpt: dict, vq_config: Config, path: Path) -> None:
-    """The reference slice (``sample`` writes NIfTI with its affine and intensity scale)."""
+def prior_reference(ckpt: dict, path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """The reference slice of a prior checkpoint (``load_prior``'s): the affine ``(4, 4)`` and the
+    intensity scale ``(2,)`` that ``sample`` writes its slices with, checked."""
     reference = ckpt.get("reference")
     ok = isinstance(reference, dict) and isinstance(reference.get("image_size"), (list, tuple)) and all(
-        torch.is_tensor(reference.get(key)) and reference[key].is_floating_point() for key in ("affine", "norm"))
+        torch.is_tensor(reference.get(key)) and reference[key].is_floating_point()
+        and reference[key].layout == torch.strided for key in ("affine", "norm"))
     if ok:
-        affine, norm = reference["affine"].double().numpy(), reference["norm"].double().numpy()
+        affine, norm = reference["affine"].detach().double().numpy(), reference["norm"].detach().double().numpy()
+        vq_config = checkpoint_config(ckpt["vqvae"], path)
         ok = (list(reference["image_size"]) == list(vq_config.data.image_size) and norm.shape == (2,)
-              and np.isfinite(norm).all() and affine.shape == (4, 4) and affine_problem(affine) is None)
-    if not ok:
-        raise UserError(f"{path}: its reference slice (image size, affine, intensity scale) is missing or "
-                        "invalid; not a prior checkpoint mrivq wrote, or damaged")
+              and affine.shape == (4, 4) and np.isfinite(affine).all() and np.isfinite(norm).all()
+              and np.abs(norm).max() < MAX_SCALE)
+    if ok:
+        return affine, norm.astype(np.float32)
+    raise UserError(f"{path}: its reference slice (image size, affine, intensity scale) is missing or "
+                    "invalid; not a prior checkpoint mrivq wrote, or damaged")

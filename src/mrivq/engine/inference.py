@@ -13,6 +13,14 @@ import torch
 from mrivq.nn import VQVAE2
 from mrivq.run_dir import atomic_write
 
+#: The most pixels one batch of slices may hold (16 slices of 256 x 128): larger slices go in
+#: smaller batches, so memory does not grow with a model's image size.
+MAX_BATCH_PIXELS = 16 * 256 * 128
+
+
+def _batch(size: tuple[int, ...], batch_size: int) -> int:
+    return max(1, min(batch_size, MAX_BATCH_PIXELS // max(1, int(np.prod(size)))))
+
 
 def slices_to_batch(slices: np.ndarray, device: torch.device) -> torch.Tensor:
     """``(B, H, W)`` float32 array -> ``(B, 1, H, W)`` channels-last tensor on ``device``."""
@@ -35,6 +43,7 @@ def encode_images(model: VQVAE2, images: np.ndarray, batch_size: int = 32) -> tu
     model.eval()
     device = next(model.parameters()).device
     tops, bottoms = [], []
+    batch_size = _batch(np.shape(images[:1])[1:], batch_size)
     for lo in range(0, len(images), batch_size):
         top, bottom = model.encode(slices_to_batch(images[lo:lo + batch_size], device))
         tops.append(top.cpu().numpy())
@@ -49,6 +58,7 @@ def decode_images(model: VQVAE2, codes_top: np.ndarray, codes_bottom: np.ndarray
     model.eval()
     device = next(model.parameters()).device
     out = []
+    batch_size = _batch(tuple(8 * side for side in np.shape(codes_top)[1:]), batch_size)
     for lo in range(0, len(codes_top), batch_size):
         top = torch.as_tensor(np.asarray(codes_top[lo:lo + batch_size], dtype=np.int64), device=device)
         bottom = torch.as_tensor(np.asarray(codes_bottom[lo:lo + batch_size], dtype=np.int64), device=device)
