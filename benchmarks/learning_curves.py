@@ -17,8 +17,8 @@ markers)::
 
 ``--tables-only OUT`` redraws the table and picture from ``curves.jsonl``. Figures are
 measurements, never assertions: nothing here fails CI. The budget is wall clock of the training
-loops (evaluations included; reading the data and encoding the prior's training codes are not
-counted), so run nothing else beside it.
+loops (evaluations included) and, for the prior, of reading the slices and encoding its
+training codes too (reading the VQ-VAE's data is not counted), so run nothing else beside it.
 """
 
 from __future__ import annotations

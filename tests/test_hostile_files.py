@@ -197,6 +197,18 @@ def test_shapes_and_slice_counts_beyond_the_limits_are_refused(bases, tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
+def test_decode_holds_one_batch_of_slices_at_a_time(bases, tmp_path, monkeypatch):
+    """Many slices in a small file (blank ones code to almost nothing) are decoded and written a
+    batch at a time, so memory does not grow with the count."""
+    from mrivq.apps import decode as decode_app
+
+    events, real_decode, real_write = [], decode_app.decode_images, decode_app.atomic_write
+    monkeypatch.setattr(decode_app, "decode_images", lambda *a, **k: events.append("decode") or real_decode(*a, **k))
+    monkeypatch.setattr(decode_app, "atomic_write", lambda *a, **k: events.append("write") or real_write(*a, **k))
+    written = decode_app.decode(bases["vqvae"], bases["codes"], tmp_path / "out", batch_size=2)
+    assert len(written) == 6 and events == ["decode", "write", "write"] * 3
+
+
 def nifti_header_claiming(shape) -> bytes:
     header = nib.Nifti1Header()
     header.set_data_dtype(np.float32)

@@ -14,6 +14,7 @@ import torch
 from conftest import PINNED_PRECISION, comparable, run_main
 from prior_helpers import prior_overrides, train_tiny_vqvae
 
+from mrivq.apps import train_prior as train_prior_module
 from mrivq.apps.train_prior import prior_loop, train_prior
 from mrivq.config import load_config
 from mrivq.engine.checkpoint import load_checkpoint, load_prior, save_checkpoint
@@ -297,6 +298,7 @@ def test_prior_max_time_fits_the_prior_steps_to_the_budget(work, tiny_phantom, m
         self.clock = lambda: float(self.state.step)
 
     monkeypatch.setattr(TrainingLoop, "__init__", init_with_step_clock)
+    monkeypatch.setattr(train_prior_module, "_clock", lambda: 0.0)  # encoding the codes takes no time
     config = load_config(None, prior_overrides(tiny_phantom, work["root"], "timed", steps=5, interval=10,
                                                max_time="24s", min_lr_ratio=0.1))
     summary = train_prior(config, work["vqvae"])
@@ -305,3 +307,23 @@ def test_prior_max_time_fits_the_prior_steps_to_the_budget(work, tiny_phantom, m
     assert last["total_steps"] == 24
     assert last["scheduler"]["_last_lr"][0] == pytest.approx(config.prior.lr * 0.1, rel=1e-3)
     assert "prior.max_time 24 s: 24 steps in all" in (config.log_dir / "prior.log").read_text()
+
+
+def test_prior_max_time_counts_the_encoding_of_the_codes(work, tiny_phantom, monkeypatch):
+    """Encoding the training codes (and their augmented copies) is part of prior.max_time: with
+    10 of 24 seconds spent there, the loop fits 14 one-second steps."""
+    from mrivq.engine.loop import TrainingLoop
+
+    original_init = TrainingLoop.__init__
+
+    def init_with_step_clock(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.clock = lambda: float(self.state.step)
+
+    monkeypatch.setattr(TrainingLoop, "__init__", init_with_step_clock)
+    ticks = iter([0.0, 10.0])
+    monkeypatch.setattr(train_prior_module, "_clock", lambda: next(ticks))
+    config = load_config(None, prior_overrides(tiny_phantom, work["root"], "counted", steps=5, interval=10,
+                                               max_time="24s"))
+    assert train_prior(config, work["vqvae"])["steps"] == 14
+    assert "10 s went to reading the slices and encoding their codes" in (config.log_dir / "prior.log").read_text()

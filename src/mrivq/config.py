@@ -231,8 +231,9 @@ class PriorConfig(_Section):
     augment_shift: list[int] = [4, 8]
     augment_scale: list[float] = [0.92, 1.08]
     steps: int = Field(default=2500, ge=1)
-    # Wall-clock budget of the prior's loop ("90s", "10m", "2h" read too), as train.max_time:
-    # instead of prior.steps, as many steps as fit, the schedule fitted to them.
+    # Wall-clock budget of the prior ("90s", "10m", "2h" read too), as train.max_time: instead of
+    # prior.steps, as many steps as fit, the schedule fitted to them. Reading the slices and
+    # encoding the training codes (with their augmented copies) come out of it too.
     max_time: float | None = Field(default=None, gt=0)
     batch_size: int = Field(default=8, ge=1)
     lr: float = Field(default=2e-3, gt=0)

@@ -52,6 +52,7 @@ from mrivq.reporting.plots import plot_series
 from mrivq.run_dir import claim_run_dir, recording
 from mrivq.runtime import resolve_device, seed_everything, set_threads
 
+_clock = time.perf_counter  # times the encoding that prior.max_time includes (tests replace it)
 log = logging.getLogger("mrivq")
 
 BEST, LAST, METRICS, LOG = "prior_best.pt", "prior_last.pt", "prior_metrics.csv", "prior.log"
@@ -97,10 +98,16 @@ def train_prior(config: Config, checkpoint: str | Path | None = None, *, resume:
             for setting in differs:
                 log.warning("the prior trains with %s, given explicitly", setting)
         vqvae = vqvae.to(resolve_device(config.train.device))
+        started = _clock()
         codes, reference = _encode_splits(config, vq_config, vqvae)
+        encoding = _clock() - started
+        if config.prior.max_time and ckpt is None:
+            log.info("prior.max_time %.0f s: %.0f s went to reading the slices and encoding their codes; the "
+                     "loop gets the rest", config.prior.max_time, encoding)
         loop = prior_loop(config, codes, n_embed=vqvae.quantize_top.n_embed,
                           vqvae={"model": vqvae.state_dict(), "config": vq_config.to_dict()},
-                          fingerprint=model_fingerprint(vqvae), reference=reference)
+                          fingerprint=model_fingerprint(vqvae), reference=reference,
+                          spent=encoding if ckpt is None else 0.0)
         task, state, pc = loop.task, loop.state, config.prior
         if ckpt is not None:
             if ckpt.get("fingerprint") != task.fingerprint:
@@ -126,10 +133,12 @@ def train_prior(config: Config, checkpoint: str | Path | None = None, *, resume:
 
 
 def prior_loop(config: Config, codes: dict, *, n_embed: int, vqvae: dict, fingerprint: str,
-               reference: dict) -> TrainingLoop:
+               reference: dict, spent: float = 0.0) -> TrainingLoop:
     """The prior task (see :class:`PriorTraining` for the arguments) in the training loop, with
-    this command's plot hooked in; set up and not yet started."""
+    this command's plot hooked in; set up and not yet started. ``spent``: seconds of
+    ``prior.max_time`` already gone (reading the slices, encoding the codes)."""
     pc = config.prior
+    max_time = max(1.0, pc.max_time - spent) if pc.max_time else None
     device = resolve_device(config.train.device)
     # How long: prior.steps, or as many steps as fit prior.max_time.
     state = LoopState(total_steps=UNTIMED if pc.max_time else pc.steps)
@@ -137,7 +146,7 @@ def prior_loop(config: Config, codes: dict, *, n_embed: int, vqvae: dict, finger
                          reference=reference, device=device, state=state)
     return TrainingLoop(task, LoopSettings(
         total_steps=state.total_steps, interval=pc.interval, checkpoint_every=pc.checkpoint_every,
-        max_time=pc.max_time, max_time_key="prior.max_time", warmup_steps=pc.warmup_steps,
+        max_time=max_time, max_time_key="prior.max_time", warmup_steps=pc.warmup_steps,
         run_dir=config.run_dir, model_dir=config.model_dir, metrics_name=METRICS, columns=COLUMNS,
         best_name=BEST, last_name=LAST, resume_command="mrivq train-prior --resume", seed=config.seed,
         evaluate_at_epoch_end=False,
