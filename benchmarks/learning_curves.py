@@ -151,9 +151,9 @@ def picture(results: list[dict], path: Path, title: str) -> None:
                              textcoords="offset points", xytext=(-110, 8), fontsize=8)
         axes[0].annotate(f"{r['rates']['frequencies']['bpp']:.2f}", (r["minutes"], r["ssim"]),
                          textcoords="offset points", xytext=(4, -12), fontsize=8, color="tab:blue")
-    axes[0].legend(fontsize=7, loc="lower right")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))  # the legend below both plots, clear of every point
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
