@@ -97,9 +97,11 @@ def build_checked(build, state, path: str | Path, what: str) -> torch.nn.Module:
     if found != expected:
         differs = sorted(set(found) ^ set(expected)) or [n for n in sorted(found) if found[n] != expected[n]]
         name = differs[0]
+        shown = {key: list(shape) if shape is not None else "none" for key, shape in
+                 (("file", found.get(name)), ("config", expected.get(name)))}
         raise UserError(f"{path}: its {what} weights do not fit the model config stored with them ({name}: "
-                        f"{list(found.get(name, ['missing']))} in the file, {list(expected.get(name, ['none']))} "
-                        "expected); not a checkpoint mrivq wrote, or damaged")
+                        f"{shown['file']} in the file, {shown['config']} from the config); not a checkpoint "
+                        "mrivq wrote, or damaged")
     if not all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()):
         raise UserError(f"{path}: its {what} weights hold NaN or Inf; the file is damaged")
     model = build()
