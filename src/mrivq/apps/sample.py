@@ -108,8 +108,7 @@ def sample(prior_path: str | Path, n: int, out_dir: str | Path, *, temperature: 
 
 
 def _draw(prior, vqvae, reference: tuple[np.ndarray, np.ndarray], vq_config, n: int, out_dir: Path,
-          names: list[str], *, temperature: float,
-          top_p: float, generator: torch.Generator, batch_size: int) -> dict:
+          names: list[str], *, temperature: float, top_p: float, generator: torch.Generator, batch_size: int) -> dict:
     """Draw ``n`` slices a batch at a time, writing each batch's NIfTI files as it is decoded;
     after the first batch of a long job, say how long the whole will take."""
     height, width = vq_config.data.image_size
