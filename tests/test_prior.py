@@ -286,9 +286,8 @@ def test_prior_bad_input_is_one_line_and_exit_2(work, tiny_phantom, tmp_path, ca
     assert not (tmp_path / "c.mrvq").exists()
 
 
-def test_prior_max_time_fits_the_prior_steps_to_the_budget(work, tiny_phantom, monkeypatch):
-    """A clock on which every step takes one second: a 24-second budget is 24 prior steps,
-    whatever prior.steps says, and the learning rate ends at its floor."""
+def use_step_clock(monkeypatch):
+    """Every training loop's clock reads its step: each step takes one second."""
     from mrivq.engine.loop import TrainingLoop
 
     original_init = TrainingLoop.__init__
@@ -298,6 +297,12 @@ def test_prior_max_time_fits_the_prior_steps_to_the_budget(work, tiny_phantom, m
         self.clock = lambda: float(self.state.step)
 
     monkeypatch.setattr(TrainingLoop, "__init__", init_with_step_clock)
+
+
+def test_prior_max_time_fits_the_prior_steps_to_the_budget(work, tiny_phantom, monkeypatch):
+    """A clock on which every step takes one second: a 24-second budget is 24 prior steps,
+    whatever prior.steps says, and the learning rate ends at its floor."""
+    use_step_clock(monkeypatch)
     monkeypatch.setattr(train_prior_module, "_clock", lambda: 0.0)  # encoding the codes takes no time
     config = load_config(None, prior_overrides(tiny_phantom, work["root"], "timed", steps=5, interval=10,
                                                max_time="24s", min_lr_ratio=0.1))
@@ -312,15 +317,7 @@ def test_prior_max_time_fits_the_prior_steps_to_the_budget(work, tiny_phantom, m
 def test_prior_max_time_counts_the_encoding_of_the_codes(work, tiny_phantom, monkeypatch):
     """Encoding the training codes (and their augmented copies) is part of prior.max_time: with
     10 of 24 seconds spent there, the loop fits 14 one-second steps."""
-    from mrivq.engine.loop import TrainingLoop
-
-    original_init = TrainingLoop.__init__
-
-    def init_with_step_clock(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        self.clock = lambda: float(self.state.step)
-
-    monkeypatch.setattr(TrainingLoop, "__init__", init_with_step_clock)
+    use_step_clock(monkeypatch)
     ticks = iter([0.0, 10.0])
     monkeypatch.setattr(train_prior_module, "_clock", lambda: next(ticks))
     config = load_config(None, prior_overrides(tiny_phantom, work["root"], "counted", steps=5, interval=10,
