@@ -35,10 +35,11 @@ import torch
 from mrivq.apps.predict import predict
 from mrivq.apps.train import train
 from mrivq.apps.train_prior import train_prior
+from mrivq.compression.codecs import CODECS
 from mrivq.config import load_config
 from mrivq.runtime import resolve_device, resolve_precision
 
-CODEC_NAMES = {"jpeg": "JPEG", "jpeg2000": "JPEG 2000", "webp": "WebP"}
+CODEC_NAMES = {name: codec.label for name, codec in CODECS.items()}
 
 
 def cpu_kind() -> str:
@@ -129,7 +130,8 @@ def picture(results: list[dict], path: Path, title: str) -> None:
     results = sorted(results, key=lambda r: r["minutes"])
     minutes = [r["minutes"] for r in results]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    colours = {"jpeg": "tab:orange", "jpeg2000": "tab:green", "webp": "tab:red"}
+    colours = {"jpeg": "tab:orange", "jpeg2000": "tab:green", "webp": "tab:red", "avif": "tab:purple",
+               "jpegxl": "tab:brown", "htj2k": "tab:olive"}
     for ax, metric, label in ((axes[0], "ssim", "test SSIM"), (axes[1], "psnr", "test PSNR (dB)")):
         ax.plot(minutes, [r[metric] for r in results], "o-", color="tab:blue", lw=2, label="mrivq")
         for codec, colour in colours.items():

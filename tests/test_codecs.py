@@ -63,3 +63,15 @@ def test_a_rate_distortion_point_is_the_mean_file_size_of_one_encode_per_slice(p
     sizes = [len(codecs.encode(codecs.to_8bit(s), "jpeg", 50)) for s in slices]
     assert point["bits_per_pixel"] == pytest.approx(np.mean(sizes) * 8 / slices[0].size)
     assert 10 < point["psnr"] < 60
+
+
+def test_the_strongest_still_image_codecs_are_in_the_comparison():
+    assert {"jpeg", "jpeg2000", "webp", "avif", "jpegxl", "htj2k"} <= set(codecs.available_codecs())
+
+
+@pytest.mark.parametrize("codec", codecs.available_codecs())
+def test_each_codecs_curve_spends_more_bits_for_a_better_slice(phantom_slices, codec):
+    points = codecs.rate_distortion(phantom_slices[:2], [codec])[codec]
+    rates, ssims = [p["bits_per_pixel"] for p in points], [p["ssim"] for p in points]
+    assert (np.diff(rates) >= 0).all() and rates[-1] > 2 * rates[0]
+    assert ssims[-1] > ssims[0] and ssims[-1] <= 1

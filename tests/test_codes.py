@@ -15,12 +15,14 @@ from prior_helpers import train_tiny_vqvae
 from mrivq.apps.decode import decode
 from mrivq.apps.encode import encode
 from mrivq.compression.entropy import (
+    bits_per_pixel_map,
     code_counts,
     decode_with_frequencies,
     decode_with_prior,
     encode_with_frequencies,
     encode_with_prior,
     ideal_bits,
+    surprise_bits,
 )
 from mrivq.data.io import read_slice
 from mrivq.data.preprocess import Preprocessing, denormalize, fit_to_shape, preprocess_slice, unfit
@@ -107,6 +109,21 @@ def test_prior_coding_decodes_every_code_back():
         nll_top, nll_bottom = prior.nll_bits(top, bottom)
     information = 5 * (float(nll_top) * 8 + float(nll_bottom) * 32)
     assert information <= words.size * 32 <= information * 1.02 + 64
+
+
+def test_the_bits_mapped_per_code_add_up_to_the_prior_coded_stream():
+    torch.manual_seed(0)
+    prior = CodePrior(32, (4, 2), d_model=16, n_head=2, n_layer_top=1, n_layer_bottom=1).eval()
+    top, bottom = prior.sample(5, generator=torch.Generator().manual_seed(1))
+    bits_top, bits_bottom = surprise_bits(prior, top.numpy(), bottom.numpy(), batch_size=2)
+    assert bits_top.shape == (5, 4, 2) and bits_bottom.shape == (5, 8, 4) and (bits_top > 0).all()
+    total = float(bits_top.sum() + bits_bottom.sum())
+    words = encode_with_prior(prior, top.numpy(), bottom.numpy(), batch_size=2)
+    assert total <= words.size * 32 <= total * 1.02 + 64
+    maps = bits_per_pixel_map(bits_top, bits_bottom)  # 8x8 pixels per top code, 4x4 per bottom code
+    assert maps.shape == (5, 32, 16)
+    assert maps.sum(axis=(1, 2)) == pytest.approx(bits_top.sum(axis=(1, 2)) + bits_bottom.sum(axis=(1, 2)), rel=1e-5)
+    assert maps[0, :8, :8].min() >= bits_top[0, 0, 0] / 64  # the top code's share covers its block
 
 
 @pytest.mark.parametrize("size, policy", [((64, 36), "pad_crop"), ((60, 30), "pad_crop"), ((70, 40), "resize")])

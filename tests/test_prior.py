@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import PINNED_PRECISION, comparable, run_main
-from prior_helpers import prior_overrides, train_tiny_vqvae
+from prior_helpers import prior_overrides, tiny_data_overrides, train_tiny_vqvae
 
 from mrivq.apps import train_prior as train_prior_module
 from mrivq.apps.train_prior import prior_loop, train_prior
@@ -324,3 +325,44 @@ def test_prior_max_time_counts_the_encoding_of_the_codes(work, tiny_phantom, mon
                                                max_time="24s"))
     assert train_prior(config, work["vqvae"])["steps"] == 14
     assert "10 s went to reading the slices and encoding their codes" in (config.log_dir / "prior.log").read_text()
+
+
+def test_encode_and_predict_map_the_bits_the_prior_spends(work, tiny_phantom, tmp_path, capsys):
+    sets = prior_overrides(tiny_phantom, work["root"], "mapped", steps=2, interval=2)
+    assert run_main(["train-prior", "--checkpoint", str(work["vqvae"]), *set_args(sets)]) == 0
+    prior = str(work["root"] / "mapped" / "models/prior_best.pt")
+    test_split = tiny_phantom / "keras_slices_test"
+    maps = tmp_path / "maps"
+    encode_args = ["encode", "--checkpoint", str(work["vqvae"]), str(test_split), "--out", str(tmp_path / "t.mrvq"),
+                   "--prior", prior, "--surprise", str(maps)]
+    capsys.readouterr()
+    assert run_main([*encode_args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    total = 0.0
+    for source_path in sorted(test_split.glob("*.nii.gz")):
+        source, bits = nib.load(source_path), nib.load(maps / source_path.name.replace(".nii.gz", "_bits.nii.gz"))
+        assert bits.shape == source.shape and np.allclose(bits.affine, source.affine)
+        data = np.asarray(bits.dataobj)
+        assert np.isfinite(data).all() and (data > 0).all()
+        total += float(data.sum())
+    # the maps add up to the stream the range coder wrote (64x32 slices: no resampling)
+    stream_bits = report["bits_per_pixel"]["stream"] * report["pixels"]
+    assert total <= stream_bits <= total * 1.02 + 64
+    assert (maps / "surprise.png").stat().st_size > 1000
+    # a second encode into the same folder replaces the maps only when asked to
+    assert run_main(encode_args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert run_main([*encode_args, "--overwrite"]) == 0
+    # the maps measure the prior: none without it, and nothing written
+    capsys.readouterr()
+    assert run_main([a for a in encode_args if a != prior and a != "--prior"] + ["--overwrite"]) == 2
+    assert "give the prior with --prior" in capsys.readouterr().err
+
+    run = work["root"] / "mapped"
+    assert run_main(["predict", "--checkpoint", str(work["vqvae"]), "--prior", prior,
+                     *set_args(tiny_data_overrides(tiny_phantom, work["root"] / "cache")
+                               + [f"output.dir={run}", "predict.sample_size=2", "predict.sample_sets=1"])]) == 0
+    summary = json.loads((run / "predict" / "summary.json").read_text())
+    assert summary["surprise"]["bits_per_pixel_mean"] == pytest.approx(total / report["pixels"], rel=1e-4)
+    assert len(list((run / "predict" / "surprise").glob("*_bits.nii.gz"))) == summary["n_images"]
+    assert (run / "visuals" / "surprise.png").stat().st_size > 1000

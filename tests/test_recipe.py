@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from mrivq import metrics
 from mrivq.apps.train import train
 from mrivq.config import load_config
 from mrivq.engine import losses
+from mrivq.engine import step as steps
 from mrivq.engine.checkpoint import load_checkpoint
 from mrivq.engine.loop import TrainingLoop
 from mrivq.run_dir import read_metrics
@@ -74,8 +77,53 @@ def test_max_time_fits_the_schedule_to_the_budget_and_ends_with_checkpoints(tiny
     assert last["step"] == 30 and last["total_steps"] == 30
     assert (config.model_dir / "best.pt").is_file()
     assert read_metrics(config.run_dir / "metrics.csv")[-1]["step"] == 30
-    assert last["scheduler"]["_last_lr"][0] == pytest.approx(config.train.lr * 0.1, rel=1e-3)
+    assert last["scheduler"]["_last_lr"][0] == pytest.approx(steps.peak_lr(config.train.lr, 30) * 0.1, rel=1e-3)
     assert "train.max_time 30 s: 30 steps in all" in (config.log_dir / "training.log").read_text()
+
+
+def test_the_auto_learning_rate_follows_the_length_the_budget_fits(tiny_overrides, monkeypatch):
+    """train.lr auto, with the rule's ends moved to 40 and 80 steps: a 60-step budget (fitted
+    once the first steps are timed) peaks between the ends' rates and ends at its floor."""
+    monkeypatch.setattr(steps, "AUTO_LR", ((40, 2e-3), (80, 5e-4)))
+    config = load_config(None, tiny_overrides + ["train.max_time=60s", "train.epochs=1", "train.interval=30",
+                                                 "train.min_lr_ratio=0.1", "train.lr=auto",
+                                                 "train.warmup_steps=2"])
+    original_init = TrainingLoop.__init__
+
+    def init_with_step_clock(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.clock = lambda: float(self.state.step)
+
+    monkeypatch.setattr(TrainingLoop, "__init__", init_with_step_clock)
+    train(config)
+    peak = steps.auto_peak_lr(60)
+    assert 5e-4 < peak < 2e-3
+    last = load_checkpoint(config.model_dir / "last.pt")
+    assert last["step"] == 60
+    assert last["scheduler"]["_last_lr"][0] == pytest.approx(peak * 0.1, rel=1e-6)
+
+
+@pytest.mark.parametrize(("total", "peak"), [(1, 2e-3), (4_000, 2e-3), (13_000, 5e-4), (10**9, 5e-4)])
+def test_the_auto_peak_is_high_for_short_runs_and_low_for_long_ones(total, peak):
+    assert steps.auto_peak_lr(total) == peak
+    assert steps.peak_lr(1e-4, total) == 1e-4  # a number is the peak, whatever the length
+
+
+def test_the_auto_peak_falls_steadily_between_the_ends():
+    peaks = [steps.auto_peak_lr(n) for n in range(4_000, 13_001, 500)]
+    assert all(a > b for a, b in itertools.pairwise(peaks))
+
+
+def test_the_auto_learning_rate_trains_a_short_run_exactly_as_its_peak_would(tiny_overrides, tmp_path):
+    """The default phantom run is short: auto must give bit for bit the weights of lr 2e-3."""
+    weights = []
+    for lr in ("auto", "0.002"):
+        config = load_config(None, tiny_overrides + ["train.epochs=1", f"train.lr={lr}",
+                                                     f"output.dir={tmp_path / lr}", "train.precision=fp32"])
+        train(config)
+        weights.append(load_checkpoint(config.model_dir / "last.pt")["model"])
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def test_max_time_reads_units():

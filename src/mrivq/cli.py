@@ -80,8 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="CODES.mrvq")
     p.add_argument("--prior", metavar="FILE", help="range-code the codes under this trained prior "
                    "(models/prior_best.pt of the same VQ-VAE); decode then needs it too")
+    p.add_argument("--surprise", metavar="DIR", help="with --prior: write each slice's bits-per-pixel map "
+                   "under the prior (NIfTI on the slice's grid, <name>_bits.nii.gz) and surprise.png into DIR")
     p.add_argument("--json", action="store_true", help="print the bits report as JSON")
     _add_device_arg(p)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace maps an earlier mrivq command wrote in --surprise DIR (never other files)")
 
     p = sub.add_parser("decode", help="a codes file back to NIfTI slices in scanner intensities")
     p.add_argument("--checkpoint", required=True, metavar="FILE", help="the VQ-VAE that encoded the codes")

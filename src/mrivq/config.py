@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import reprlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -173,7 +173,9 @@ class TrainConfig(_Section):
     # One slice per step: in a fixed budget, more (noisier) updates beat bigger batches
     # (measured: README "Choosing the default recipe").
     batch_size: int = Field(default=1, ge=1)
-    lr: float = Field(default=2e-3, gt=0)
+    # Peak learning rate, or auto: by the run's length in steps (2e-3 up to 4,000 steps, 5e-4
+    # from 13,000, log-linear between; under max_time the length fitted to the budget).
+    lr: Annotated[float, Field(gt=0)] | Literal["auto"] = "auto"
     optimizer: Literal["adam", "adamw"] = "adam"
     weight_decay: float = Field(default=0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -212,6 +214,15 @@ class PredictConfig(_Section):
 class PriorConfig(_Section):
     """The autoregressive prior over codes (``mrivq train-prior``); grid shapes come from the VQ-VAE."""
 
+    # transformer: codes one at a time in raster order (a causal transformer); its files decode
+    # only on the kind of machine and device that coded them. passes: residual convolutions that
+    # predict each grid in a few interleaved passes, coded through an integer copy (files decode
+    # bit for bit anywhere, many times faster).
+    architecture: Literal["transformer", "passes"] = "transformer"
+    channels: int = Field(default=64, ge=8, le=1024)  # passes: width of the convolutions
+    layers: int = Field(default=6, ge=1, le=32)  # passes: residual 3x3 convolutions per grid
+    passes_top: int = Field(default=5, ge=1, le=5)  # passes: 1-5 (5: dyadic over 4x4 tiles)
+    passes_bottom: int = Field(default=2, ge=1, le=5)  # passes: 2 is a checkerboard
     d_model: int = Field(default=128, ge=8, le=4096)
     n_head: int = Field(default=4, ge=1, le=64)
     n_layer_top: int = Field(default=4, ge=1, le=64)

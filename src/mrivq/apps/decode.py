@@ -22,7 +22,7 @@ from mrivq.compression.container import CodesFile, read_codes_file, unpack_codes
 from mrivq.config import Config
 from mrivq.data.io import nifti_bytes, nifti_image
 from mrivq.data.preprocess import clip_to_input_range, denormalize, unfit
-from mrivq.engine.checkpoint import load_prior, load_vqvae, model_fingerprint
+from mrivq.engine.checkpoint import coding_fingerprint, load_prior, load_vqvae, model_fingerprint
 from mrivq.engine.inference import decode_images
 from mrivq.errors import UserError
 from mrivq.nn import VQVAE2
@@ -49,12 +49,13 @@ def decode(checkpoint: str | Path, codes_path: str | Path, out_dir: str | Path, 
     targets = [out_dir / source["name"] for source in header["sources"]]
     code_prior = None
     if header["coder"] == "prior" and prior is not None:
-        # The prior runs where it ran when encoding: the same arithmetic gives the same probabilities.
-        prior_device = header.get("prior_device", "cpu")
+        # A pass prior's integer copy gives the same probabilities on any device; a transformer
+        # prior runs where it ran when encoding, so that the same arithmetic gives them.
+        prior_device = device if header.get("prior_coding") == "passes" else header.get("prior_device", "cpu")
         if prior_device == "cuda" and not torch.cuda.is_available():
             raise UserError(f"{codes_path} was prior-coded on CUDA; decode it on a machine with a GPU")
         code_prior, _, _ = load_prior(prior, expect_fingerprint=fingerprint, device=prior_device)
-        if model_fingerprint(code_prior) != header["prior_fingerprint"]:
+        if coding_fingerprint(code_prior) != header["prior_fingerprint"]:
             raise UserError(f"{codes_path} was coded under another prior (fingerprint {header['prior_fingerprint']}); "
                             "give the prior that encoded it with --prior")
     codes_top, codes_bottom = unpack_codes(codes, code_prior, codes_path)

@@ -29,28 +29,37 @@ from mrivq.compression.container import (
     preprocessing_entry,
     source_entry,
 )
-from mrivq.data.io import nifti_inputs, read_slice
-from mrivq.data.preprocess import Preprocessing, preprocess_slice
-from mrivq.engine.checkpoint import load_prior, load_vqvae, model_fingerprint
+from mrivq.compression.entropy import bits_per_pixel_map, surprise_bits
+from mrivq.data.io import nifti_bytes, nifti_image, nifti_inputs, read_slice
+from mrivq.data.preprocess import Preprocessing, preprocess_slice, unfit
+from mrivq.engine.checkpoint import coding_fingerprint, load_prior, load_vqvae, model_fingerprint
 from mrivq.engine.inference import encode_images
 from mrivq.errors import UserError
+from mrivq.metrics import unit_range_images
 from mrivq.nn.prior import NonFiniteProbabilities
-from mrivq.run_dir import atomic_write
+from mrivq.reporting.plots import plot_surprise
+from mrivq.run_dir import atomic_write, claim_outputs
 from mrivq.runtime import resolve_device
 
 SUFFIX = ".mrvq"
 
 
 def encode(checkpoint: str | Path, inputs, out: str | Path, *, batch_size: int = 16,
-           prior: str | Path | None = None, device: str = "auto") -> dict:
+           prior: str | Path | None = None, device: str = "auto", surprise: str | Path | None = None,
+           overwrite: bool = False) -> dict:
     """Encode NIfTI slices (files or folders) into the codes file ``out`` (``.mrvq``); returns the bits report.
 
     ``prior``: a ``mrivq train-prior`` checkpoint of the same VQ-VAE; the codes are then coded
     under it (decode needs it too). ``device``: where the models run (``auto``: CUDA when present).
+    ``surprise`` (with ``prior``): a folder for each slice's bits-per-pixel map under the prior,
+    ``<name>_bits.nii.gz`` on the slice's own grid, and ``surprise.png``; ``overwrite`` replaces
+    maps an earlier command wrote there.
     """
     out = Path(out).expanduser()
     if out.suffix != SUFFIX:
         raise UserError(f"--out {out}: the codes file must end in {SUFFIX}")
+    if surprise is not None and prior is None:
+        raise UserError("--surprise maps the bits the prior spends: give the prior with --prior")
     _check_replaceable(out)
     device = resolve_device(device)
     model, trained = load_vqvae(checkpoint, device)
@@ -76,13 +85,40 @@ def encode(checkpoint: str | Path, inputs, out: str | Path, *, batch_size: int =
             codes_top, codes_bottom, n_embed=model.quantize_top.n_embed, preprocessing=preprocessing_entry(prep),
             model_fingerprint=fingerprint, sources=sources, norm=np.stack(norm), affines=np.stack(affines),
             shapes=np.array(shapes), prior=code_prior,
-            prior_fingerprint=None if prior is None else model_fingerprint(code_prior))
+            prior_fingerprint=None if prior is None else coding_fingerprint(code_prior))
     except NonFiniteProbabilities as exc:
         raise UserError(f"{prior}: {exc}; train the prior again") from None
+    maps = None
+    if surprise is not None:
+        maps = _surprise_maps(code_prior, codes_top, codes_bottom, Path(surprise).expanduser(), files, sources,
+                              inputs=[*files, checkpoint, prior, out], overwrite=overwrite)
     atomic_write(out, lambda fh: fh.write(blob))
+    if maps is not None:
+        maps(np.stack(slices), np.stack(shapes), prep)
     report = bits_report(codes, len(blob), input_bytes=sum(f.stat().st_size for f in files))
     report.update(codes_file=str(out), verified=True, device=device.type, **timing)
     return report
+
+
+def _surprise_maps(prior, codes_top: np.ndarray, codes_bottom: np.ndarray, folder: Path, files: list[Path],
+                   sources: list[dict], *, inputs: list, overwrite: bool):
+    """Claim ``folder``'s map files for this encode (refusing before anything is written), and
+    return the function that writes them once the codes file is written."""
+    targets = [folder / f"{entry['name'][:-len('.nii.gz')]}_bits.nii.gz" for entry in sources]
+    picture = folder / "surprise.png"
+    claim_outputs(folder, "encode", [*targets, picture], overwrite=overwrite, inputs=inputs)
+
+    def write(slices: np.ndarray, shapes: np.ndarray, prep: Preprocessing) -> None:
+        maps = bits_per_pixel_map(*surprise_bits(prior, codes_top, codes_bottom))
+        for i, (path, target) in enumerate(zip(files, targets)):
+            _, meta = read_slice(path)
+            grid = unfit(maps[i], tuple(shapes[i]), prep.fit).reshape(meta.shape)
+            blob = nifti_bytes(nifti_image(grid, meta.affine))
+            atomic_write(target, lambda fh, blob=blob: fh.write(blob), listed=False)
+        shown = list(range(min(8, len(maps))))
+        plot_surprise(unit_range_images(slices[shown], prep.normalize), maps[shown], picture,
+                      [f"{maps[i].mean():.3f} bpp" for i in shown])
+    return write
 
 
 def _check_replaceable(out: Path) -> None:
@@ -100,7 +136,8 @@ def _check_replaceable(out: Path) -> None:
 
 def main(args) -> int:
     """``mrivq encode --checkpoint FILE INPUT... --out CODES.mrvq [--prior FILE] [--json] [--device D]``."""
-    report = encode(args.checkpoint, args.inputs, args.out, prior=args.prior, device=args.device)
+    report = encode(args.checkpoint, args.inputs, args.out, prior=args.prior, device=args.device,
+                    surprise=args.surprise, overwrite=args.overwrite)
     if args.json:
         print(strict_json.dumps(report, indent=2))
         return 0
@@ -111,4 +148,6 @@ def main(args) -> int:
           f"compression ratio vs the input files {report['compression_ratio']:.1f}:1; "
           f"range coding {report['n_slices'] / report['coding_s']:.1f} slices/s, decoding the stream "
           f"{report['n_slices'] / report['decoding_s']:.1f} slices/s, on {report['device']}")
+    if args.surprise:
+        print(f"wrote the bits-per-pixel maps under the prior to {args.surprise} (<name>_bits.nii.gz, surprise.png)")
     return 0

@@ -21,21 +21,23 @@ import torch
 from mrivq import metrics, strict_json
 from mrivq.compression.codecs import (
     CODEC_PROTOCOL,
+    CODECS,
     available_codecs,
     compare_codecs,
     rate_distortion,
 )
 from mrivq.compression.container import bits_report, pack_checked, preprocessing_entry, source_entry
-from mrivq.compression.entropy import raw_bits_per_pixel
+from mrivq.compression.entropy import bits_per_pixel_map, raw_bits_per_pixel, surprise_bits
 from mrivq.config import Config, load_config
 from mrivq.data.cache import load_split
 from mrivq.data.hipmri import STRUCTURES, load_masks
-from mrivq.data.io import read_slice
-from mrivq.data.preprocess import Preprocessing
+from mrivq.data.io import nifti_bytes, nifti_image, nifti_stem, read_slice
+from mrivq.data.preprocess import Preprocessing, unfit
 from mrivq.data.sources import data_splits
 from mrivq.data.splits import file_list_hash, parse_name, shared_with_training
 from mrivq.engine.checkpoint import (
     checkpoint_config,
+    coding_fingerprint,
     load_checkpoint,
     load_prior,
     model_fingerprint,
@@ -50,6 +52,7 @@ from mrivq.reporting.html import write_report
 from mrivq.reporting.plots import (
     plot_codebook_usage,
     plot_rate_distortion,
+    plot_surprise,
     save_difference_grid,
     save_sample_grid,
 )
@@ -58,6 +61,10 @@ from mrivq.runtime import resolve_device, set_threads
 
 log = logging.getLogger("mrivq")
 
+SURPRISE_METHOD = (
+    "-log2 of the prior's probability of each code given the codes before it (teacher-forced), spread "
+    "evenly over the pixels the code covers (8 x 8 top, 4 x 4 bottom) and added; resampled to the "
+    "slice's own grid as the reconstructions are")
 RD_SLICES = 40  # test slices behind the codecs' rate-distortion curves
 RATE_NAMES = {"raw": "raw code indices", "frequencies": "codes file, frequency-coded",
               "prior": "codes file, prior-coded"}
@@ -136,6 +143,10 @@ def predict(config: Config, checkpoint: str | Path | None = None, prior: str | P
         rates = {"raw": bits_per_pixel, **{coder: f["bits_per_pixel"]["file"] for coder, f in files.items()}}
         coded_bits_per_pixel = rates["frequencies"]
         unit_images = metrics.unit_range_images(test.images, normalize)
+        surprise = None
+        if code_prior is not None:
+            surprise = _write_surprise(code_prior, result.codes, test, prep, unit_images, sets[0],
+                                       config.run_dir / "predict" / "surprise", config.visual_dir / "surprise.png")
         codec_tables = {}
         for rate_name, rate in rates.items():
             log.info("compressing the %d test slices with %s at %.3f bits per pixel (the model's %s rate)", n,
@@ -150,7 +161,7 @@ def predict(config: Config, checkpoint: str | Path | None = None, prior: str | P
         plot_rate_distortion(rd_curves, [
             {"label": f"VQ-VAE-2, {RATE_NAMES[name]}", "bits_per_pixel": rate, "ssim": model_ssim, "psnr": model_psnr}
             for name, rate in rates.items()
-        ], config.visual_dir / "rate_distortion.png")
+        ], config.visual_dir / "rate_distortion.png", {name: CODECS[name].label for name in rd_curves})
         summary = {
             "n_images": n,
             "ssim": metrics.summary_stats(result.ssim),
@@ -180,6 +191,7 @@ def predict(config: Config, checkpoint: str | Path | None = None, prior: str | P
                 "codec_slices": len(rd_slices),
             },
             "worst_slices": worst,
+            **({"surprise": surprise} if surprise else {}),
         }
         out_dir = config.run_dir / "predict"
         rows = _per_slice_csv(test.files, result)
@@ -210,6 +222,23 @@ def predict(config: Config, checkpoint: str | Path | None = None, prior: str | P
     return summary
 
 
+def _write_surprise(prior, codes: tuple[np.ndarray, np.ndarray], test, prep: Preprocessing, images: np.ndarray,
+                    shown: list[int], folder: Path, picture: Path) -> dict:
+    """``predict --prior``: each test slice's bits-per-pixel map under the prior as a NIfTI on the
+    slice's own grid and affine (``FOLDER/<name>_bits.nii.gz``), and the slices ``shown`` with
+    their maps as a picture."""
+    maps = bits_per_pixel_map(*surprise_bits(prior, *codes))
+    for i, path in enumerate(test.files):
+        _, meta = read_slice(path)
+        grid = unfit(maps[i], test.original_shapes[i], prep.fit).reshape(meta.shape)
+        blob = nifti_bytes(nifti_image(grid, meta.affine))
+        atomic_write(folder / f"{nifti_stem(path)}_bits.nii.gz", lambda fh, blob=blob: fh.write(blob))
+    plot_surprise(images[shown], maps[shown], picture, [f"{maps[i].mean():.3f} bpp" for i in shown])
+    log.info("bits-per-pixel maps under the prior: %s (one NIfTI per test slice), %s", folder, picture)
+    return {"bits_per_pixel_mean": float(maps.mean()), "maps": str(folder), "picture": str(picture),
+            "method": SURPRISE_METHOD}
+
+
 def _codes_files(codes: tuple[np.ndarray, np.ndarray], test, prep: Preprocessing, n_embed: int,
                  fingerprint: str, prior=None) -> dict:
     """The bits report of the codes file of these test codes, coded under the code frequencies and
@@ -224,7 +253,7 @@ def _codes_files(codes: tuple[np.ndarray, np.ndarray], test, prep: Preprocessing
         if coder == "prior" and prior is None:
             continue
         packed, blob, timing = pack_checked(*codes, **side, prior=model,
-                                            prior_fingerprint=None if model is None else model_fingerprint(model))
+                                            prior_fingerprint=None if model is None else coding_fingerprint(model))
         reports[coder] = {**bits_report(packed, len(blob)), **timing}
     return reports
 

@@ -27,6 +27,7 @@ from mrivq.data.preprocess import Preprocessing
 from mrivq.data.sources import data_splits
 from mrivq.data.splits import split_record
 from mrivq.engine import distributed
+from mrivq.engine import step as steps
 from mrivq.engine.checkpoint import checkpoint_config, export_safetensors, load_checkpoint
 from mrivq.engine.loop import (
     UNTIMED,
@@ -95,8 +96,12 @@ def _train(config: Config, dist: distributed.Context, ckpt: dict | None) -> dict
 
     length = (f"as many steps as fit train.max_time ({tc.max_time:.0f} s)" if state.total_steps == UNTIMED
               else f"{state.total_steps} steps in all")
-    log.info("training on %d slices, validating on %d; %d steps per epoch, %s",
-             task.n_examples, len(task.val_images), loop.steps_per_epoch, length)
+    peak = (f"peak learning rate {tc.lr:g}" if tc.lr != "auto" else
+            "peak learning rate by the run's length (train.lr auto), "
+            + (f"{steps.auto_peak_lr(state.total_steps):.2g}" if state.total_steps != UNTIMED
+               else "set once the budget's steps are timed"))
+    log.info("training on %d slices, validating on %d; %d steps per epoch, %s; %s",
+             task.n_examples, len(task.val_images), loop.steps_per_epoch, length, peak)
     log.info("device %s, precision %s (validation scored in %s), torch.compile %s, %d threads; "
              "model %.2fM parameters", dist.device, task.precision, metrics.SCORING_PRECISION,
              "on" if task.compile else "off", torch.get_num_threads(),

@@ -1,7 +1,8 @@
 """Standard image codecs at the model's bit rate, as a yardstick for the learned codes.
 
-Each slice (``(H, W)`` in [0, 1]) is quantised to 8 bits, the only depth all of Pillow's
-lossy codecs take, and compressed on its own with the best quality setting whose file
+Each slice (``(H, W)`` in [0, 1]) is quantised to 8 bits, the only depth all of these lossy
+codecs take (JPEG, JPEG 2000, WebP and AVIF through Pillow; JPEG XL and HTJ2K through
+imagecodecs), and compressed on its own with the best quality setting whose file
 (headers included) fits the bit budget ``bits_per_pixel * H * W``; when even the lowest
 quality is larger, the lowest is used and the achieved rate says so. The decoded slice is
 scored under the SSIM protocol of :mod:`mrivq.metrics`, like the model's reconstructions.
@@ -21,6 +22,8 @@ Example::
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,34 +31,88 @@ from PIL import Image, features
 
 from mrivq import metrics
 
-# name -> (Pillow format, Pillow feature, settings from best to worst quality, save options)
-_JPEG2000_RATIOS = tuple(float(r) for r in np.geomspace(2.0, 1000.0, 128))
+try:  # JPEG XL and HTJ2K: imagecodecs (a dependency; an install without it compares the rest)
+    import imagecodecs
+except ImportError:  # pragma: no cover - depends on the install
+    imagecodecs = None
+
+
+@dataclass(frozen=True)
+class Codec:
+    """A standard codec as the yardstick uses it: uint8 ``(H, W)`` slice <-> bytes."""
+
+    label: str  # how plots and tables name it
+    setting_name: str  # what ``settings`` are
+    settings: tuple  # from best to worst quality: the search for a bit budget walks them
+    curve: tuple  # the rate-distortion curve's settings, lowest quality first
+    write: Callable[[np.ndarray, object], bytes]  # (uint8 slice, setting) -> file
+    read: Callable[[bytes], np.ndarray]  # file -> uint8 (H, W)
+    available: Callable[[], bool]
+
+
+def _pillow_writer(fmt: str, options: Callable[[object], dict]) -> Callable[[np.ndarray, object], bytes]:
+    def write(slice8: np.ndarray, setting) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(slice8).save(buf, format=fmt, **options(setting))
+        return buf.getvalue()
+    return write
+
+
+def _pillow_read(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("L"))
+
+
+def _pillow_has(feature: str) -> Callable[[], bool]:
+    return lambda: bool(features.check(feature))
+
+
+def _imagecodecs_has(name: str) -> Callable[[], bool]:
+    return lambda: imagecodecs is not None and bool(getattr(imagecodecs, name).available)
+
+
 CODECS = {
-    "jpeg": ("JPEG", "jpg", tuple(range(95, 0, -1)), lambda q: {"quality": q, "optimize": True}),
-    "jpeg2000": ("JPEG2000", "jpg_2000", _JPEG2000_RATIOS,
-                 lambda r: {"quality_mode": "rates", "quality_layers": [r], "irreversible": True,
-                            "no_jp2": True}),
-    "webp": ("WEBP", "webp", tuple(range(100, -1, -1)),
-             lambda q: {"quality": q, "method": 4, "lossless": False}),
+    "jpeg": Codec("JPEG", "quality", tuple(range(95, 0, -1)), (5, 10, 20, 35, 50, 70, 85, 95),
+                  _pillow_writer("JPEG", lambda q: {"quality": q, "optimize": True}), _pillow_read,
+                  _pillow_has("jpg")),
+    "jpeg2000": Codec("JPEG 2000", "compression ratio", tuple(float(r) for r in np.geomspace(2.0, 1000.0, 128)),
+                      (200.0, 120.0, 64.0, 32.0, 16.0, 10.0, 6.0, 4.0),
+                      _pillow_writer("JPEG2000", lambda r: {"quality_mode": "rates", "quality_layers": [r],
+                                                            "irreversible": True, "no_jp2": True}),
+                      _pillow_read, _pillow_has("jpg_2000")),
+    "webp": Codec("WebP", "quality", tuple(range(100, -1, -1)), (0, 5, 15, 30, 50, 70, 85, 95),
+                  _pillow_writer("WEBP", lambda q: {"quality": q, "method": 4, "lossless": False}), _pillow_read,
+                  _pillow_has("webp")),
+    # AVIF (AV1 intra frames) through Pillow's libavif; quality 100 would be lossless.
+    "avif": Codec("AVIF", "quality", tuple(range(99, -1, -1)), (0, 15, 30, 45, 55, 65, 75, 85),
+                  _pillow_writer("AVIF", lambda q: {"quality": q, "speed": 6}), _pillow_read, _pillow_has("avif")),
+    # JPEG XL through imagecodecs' libjxl: the setting is the Butteraugli distance (1: visually
+    # lossless; libjxl's range ends at 25).
+    "jpegxl": Codec("JPEG XL", "distance", tuple(float(d) for d in np.geomspace(0.05, 25.0, 128)),
+                    (25.0, 12.0, 7.0, 4.5, 3.0, 2.0, 1.3, 0.8),
+                    lambda s8, d: bytes(imagecodecs.jpegxl_encode(s8, distance=d, effort=7, numthreads=1)),
+                    lambda data: imagecodecs.jpegxl_decode(data, numthreads=1), _imagecodecs_has("JPEGXL")),
+    # High-throughput JPEG 2000 (Part 15) through imagecodecs' OpenJPH: the setting is the
+    # quantisation step of the irreversible wavelet.
+    "htj2k": Codec("HTJ2K", "quantisation step", tuple(float(q) for q in np.geomspace(0.001, 1.0, 128)),
+                   (0.6, 0.3, 0.15, 0.08, 0.045, 0.025, 0.014, 0.008),
+                   lambda s8, q: bytes(imagecodecs.htj2k_encode(s8, level=q, reversible=False)),
+                   imagecodecs.htj2k_decode if imagecodecs is not None else None, _imagecodecs_has("HTJ2K")),
 }
 CODEC_PROTOCOL = (
     "Each test slice, quantised to 8 bits, is compressed on its own at the best quality setting "
     "whose file (headers included) fits the model's bits per pixel, decoded, and scored under "
     "the SSIM protocol; bits_per_pixel gives the rate achieved."
 )
-SETTING_NAMES = {"jpeg": "quality", "jpeg2000": "compression ratio", "webp": "quality"}
+SETTING_NAMES = {name: codec.setting_name for name, codec in CODECS.items()}
 # Settings of the rate-distortion curves, lowest quality first: on 256x128 MRI slices they
 # span about 0.05-2.8 bits per pixel (a blank slice's JPEG file alone is 0.07).
-RATE_DISTORTION_SETTINGS = {
-    "jpeg": (5, 10, 20, 35, 50, 70, 85, 95),
-    "jpeg2000": (200.0, 120.0, 64.0, 32.0, 16.0, 10.0, 6.0, 4.0),
-    "webp": (0, 5, 15, 30, 50, 70, 85, 95),
-}
+RATE_DISTORTION_SETTINGS = {name: codec.curve for name, codec in CODECS.items()}
 
 
 def available_codecs() -> list[str]:
-    """The codecs of :data:`CODECS` this Pillow build can write (JPEG always; the others if built in)."""
-    return [name for name, (_, feature, _, _) in CODECS.items() if features.check(feature)]
+    """The codecs of :data:`CODECS` this install can write (JPEG always; the others if built in)."""
+    return [name for name, codec in CODECS.items() if codec.available()]
 
 
 def to_8bit(slice2d: np.ndarray) -> np.ndarray:
@@ -64,17 +121,13 @@ def to_8bit(slice2d: np.ndarray) -> np.ndarray:
 
 
 def encode(slice8: np.ndarray, codec: str, setting) -> bytes:
-    """One uint8 ``(H, W)`` slice compressed by ``codec`` at ``setting`` (quality or ratio)."""
-    fmt, _, _, options = CODECS[codec]
-    buf = io.BytesIO()
-    Image.fromarray(slice8).save(buf, format=fmt, **options(setting))
-    return buf.getvalue()
+    """One uint8 ``(H, W)`` slice compressed by ``codec`` at ``setting`` (quality, ratio, ...)."""
+    return CODECS[codec].write(slice8, setting)
 
 
-def decode(data: bytes) -> np.ndarray:
-    """Compressed bytes -> float32 ``(H, W)`` in [0, 1]."""
-    with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+def decode(data: bytes, codec: str) -> np.ndarray:
+    """A ``codec`` file -> float32 ``(H, W)`` in [0, 1]."""
+    return np.asarray(CODECS[codec].read(data), dtype=np.float32) / 255.0
 
 
 def compress_at_rate(slice2d: np.ndarray, codec: str, bits_per_pixel: float) -> tuple[np.ndarray, float, object]:
@@ -86,7 +139,7 @@ def compress_at_rate(slice2d: np.ndarray, codec: str, bits_per_pixel: float) -> 
     """
     slice8 = to_8bit(slice2d)
     budget_bytes = bits_per_pixel * slice8.size / 8.0
-    settings = CODECS[codec][2]
+    settings = CODECS[codec].settings
     lo, hi = 0, len(settings) - 1
     best = None
     while lo <= hi:
@@ -99,7 +152,7 @@ def compress_at_rate(slice2d: np.ndarray, codec: str, bits_per_pixel: float) -> 
     if best is None:  # even the lowest quality is over budget
         best = (encode(slice8, codec, settings[-1]), settings[-1])
     data, setting = best
-    return decode(data), len(data) * 8.0 / slice8.size, setting
+    return decode(data, codec), len(data) * 8.0 / slice8.size, setting
 
 
 def compare_codecs(images: np.ndarray, bits_per_pixel: float, codecs: list[str] | None = None) -> dict:
@@ -148,7 +201,7 @@ def rate_distortion(images: np.ndarray, codecs: list[str] | None = None,
         points = []
         for setting in settings[codec]:
             encoded = [encode(slice8, codec, setting) for slice8 in slices8]
-            ssim, psnr = _score([decode(data) for data in encoded], target)
+            ssim, psnr = _score([decode(data, codec) for data in encoded], target)
             points.append({
                 "setting": setting,
                 "bits_per_pixel": float(np.mean([len(data) * 8.0 / slice8.size

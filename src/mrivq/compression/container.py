@@ -34,8 +34,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mrivq.compression.entropy import (
     PRIOR_BATCH,
     code_counts,
+    decode_in_passes,
     decode_with_frequencies,
     decode_with_prior,
+    encode_in_passes,
     encode_with_frequencies,
     encode_with_prior,
     ideal_bits,
@@ -43,6 +45,7 @@ from mrivq.compression.entropy import (
 )
 from mrivq.data.preprocess import FIT_POLICIES, NORMALIZE_POLICIES
 from mrivq.errors import BadFileError, UserError
+from mrivq.nn.pass_prior import PassPrior
 
 MAGIC = b"MRVQ"
 VERSION = 2
@@ -220,6 +223,9 @@ class CodesHeader(_Strict):
     prior_fingerprint: str | None = Field(default=None, pattern=r"^[0-9a-f]{16}$")
     prior_batch: int | None = Field(default=None, ge=1, le=PRIOR_BATCH)
     prior_device: Literal["cpu", "cuda"] | None = None
+    # How the prior coded: "sequential" (a transformer, one code at a time: batch and device fixed)
+    # or "passes" (a pass prior's integer copy, one stream per slice: any machine decodes it).
+    prior_coding: Literal["sequential", "passes"] | None = None
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -234,8 +240,13 @@ class CodesHeader(_Strict):
         names = [source.name.lower() for source in self.sources]
         if len(set(names)) != len(names):
             raise ValueError("two slices have the same name")
-        if (self.coder == "prior") != (self.prior_fingerprint is not None and self.prior_batch is not None):
-            raise ValueError("the prior's fingerprint and batch are given only for a prior-coded file")
+        if (self.coder == "prior") != (self.prior_fingerprint is not None):
+            raise ValueError("the prior's fingerprint is given only for a prior-coded file")
+        sequential = self.coder == "prior" and self.prior_coding in (None, "sequential")
+        if sequential != (self.prior_batch is not None and self.prior_device is not None):
+            raise ValueError("the prior's batch and device are given only for a sequentially prior-coded file")
+        if self.coder != "prior" and self.prior_coding is not None:
+            raise ValueError("prior_coding is given only for a prior-coded file")
         return self
 
 
@@ -343,10 +354,13 @@ def pack_codes(codes_top: np.ndarray, codes_bottom: np.ndarray, *, n_embed: int,
         header["coder"] = "frequencies"
         counts = code_counts(codes_top, codes_bottom, n_embed)
         stream = encode_with_frequencies(codes_top, codes_bottom, counts)
+    elif isinstance(prior, PassPrior):
+        header.update(coder="prior", prior_fingerprint=prior_fingerprint, prior_coding="passes")
+        stream = encode_in_passes(prior.integer, codes_top, codes_bottom, batch_size=prior_batch)
     else:
         device = next(prior.parameters()).device
         header.update(coder="prior", prior_fingerprint=prior_fingerprint, prior_batch=prior_batch,
-                      prior_device=device.type)
+                      prior_device=device.type, prior_coding="sequential")
         stream = encode_with_prior(prior, codes_top, codes_bottom, batch_size=prior_batch)
     return CodesFile(header, np.asarray(norm), np.asarray(affines), np.asarray(shapes), stream, counts)
 
@@ -359,8 +373,14 @@ def unpack_codes(codes: CodesFile, prior=None, path: Path | str = "codes file") 
     if header["coder"] == "prior" and prior is None:
         raise UserError(f"{path} was coded under a prior: give it with --prior (the models/prior_best.pt "
                         "that encoded it)")
+    passes = header.get("prior_coding") == "passes"
+    if header["coder"] == "prior" and passes != isinstance(prior, PassPrior):
+        raise UserError(f"{path} was coded under a {'pass' if passes else 'transformer'} prior, and --prior is "
+                        "another kind; give the prior that encoded it")
     try:
-        if header["coder"] == "prior":
+        if header["coder"] == "prior" and passes:
+            top, bottom = decode_in_passes(prior.integer, codes.stream, codes.n)
+        elif header["coder"] == "prior":
             top, bottom = decode_with_prior(prior, codes.stream, codes.n, batch_size=int(header["prior_batch"]))
         else:
             top, bottom = decode_with_frequencies(codes.stream, codes.counts, codes.n, top_grid)
@@ -368,7 +388,7 @@ def unpack_codes(codes: CodesFile, prior=None, path: Path | str = "codes file") 
         raise UserError(f"{path}: damaged codes file: its stream does not decode; encode the slices again") from None
     if codes_crc(top, bottom) != int(header["codes_crc32"]):
         where = (f" (it was prior-coded on {header.get('prior_device')}: decode on the same kind of machine and "
-                 "device)" if header["coder"] == "prior" else "")
+                 "device)" if header["coder"] == "prior" and not passes else "")
         raise UserError(f"{path}: the decoded codes do not match the encoder's checksum{where}; "
                         "the file is damaged, or encode the slices again")
     return top, bottom

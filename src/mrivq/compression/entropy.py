@@ -27,6 +27,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from mrivq.nn.integer_prior import IntegerPassPrior, to_numpy_frequencies
+from mrivq.nn.pass_prior import PassPrior
 from mrivq.nn.prior import CodePrior, NonFiniteProbabilities
 
 PRIOR_BATCH = 16  # slices coded together under the prior (the decoder must use the same)
@@ -161,3 +163,133 @@ def decode_with_prior(prior: CodePrior, words: np.ndarray, n: int, *,
     decoder = queue.RangeDecoder(np.ascontiguousarray(words, dtype=np.uint32))
     model = categorical(perfect=False)
     return _prior_pass(prior, n, batch_size, lambda level, probs, lo, t: decoder.decode(model, probs))
+
+
+# ---------------------------------------------------------------------------------------
+# Under the portable prior, in passes
+# ---------------------------------------------------------------------------------------
+
+#: ``code(level, probabilities (P, K) float64, slice, step) -> codes (P,) int64`` for the ``P``
+#: positions of pass ``step`` of one slice's grid (raster order).
+PassCoder = Callable[[str, np.ndarray, int, int], np.ndarray]
+
+
+@torch.inference_mode()
+def _passes(prior: IntegerPassPrior, n: int, batch_size: int, code: PassCoder) -> tuple[np.ndarray, np.ndarray]:
+    """The one path both pass coders take: each batch's top grids pass by pass, then its bottom
+    grids given the top. The integer copy's frequencies do not depend on the batch, the threads
+    or the device, and each slice has its own stream, so encoder and decoder may choose those
+    freely."""
+    device = prior.exp_table.device
+    grids = {"top": prior.top_grid, "bottom": (2 * prior.top_grid[0], 2 * prior.top_grid[1])}
+    out = {"top": [], "bottom": []}
+    for lo in range(0, n, batch_size):
+        size = min(batch_size, n - lo)
+        condition = None
+        for level in ("top", "bottom"):
+            if level == "bottom":
+                condition = prior.condition(torch.as_tensor(out["top"][-1], device=device))
+            codes = torch.zeros(size, *grids[level], dtype=torch.long, device=device)
+            for step in range(prior.passes[level]):
+                probs = to_numpy_frequencies(prior.frequencies(level, codes, step, condition))  # (size, P, K)
+                symbols = np.stack([code(level, probs[i], lo + i, step) for i in range(size)])
+                codes[:, prior.order(level) == step] = torch.as_tensor(symbols, dtype=torch.long, device=device)
+            out[level].append(codes.cpu().numpy())
+    return np.concatenate(out["top"]), np.concatenate(out["bottom"])
+
+
+def encode_in_passes(prior: IntegerPassPrior, codes_top: np.ndarray, codes_bottom: np.ndarray, *,
+                     batch_size: int = PRIOR_BATCH) -> np.ndarray:
+    """Range-code the codes under the integer copy of a pass prior, each slice in its own stream;
+    returns the uint32 words: the ``N`` streams' lengths, then the streams one after another.
+    :func:`decode_in_passes` gives the codes back on any machine, with any batch size."""
+    categorical, queue = _categorical()
+    model = categorical(perfect=False)
+    encoders = [queue.RangeEncoder() for _ in range(len(codes_top))]
+    truth = {"top": np.asarray(codes_top, dtype=np.int32), "bottom": np.asarray(codes_bottom, dtype=np.int32)}
+    orders = {level: prior.order(level).cpu().numpy() for level in truth}
+
+    def code(level, probs, i, step):
+        symbols = np.ascontiguousarray(truth[level][i][orders[level] == step])
+        encoders[i].encode(symbols, model, probs)
+        return symbols
+
+    _passes(prior, len(codes_top), batch_size, code)
+    streams = [encoder.get_compressed() for encoder in encoders]
+    return np.concatenate([np.array([len(s) for s in streams], dtype=np.uint32), *streams])
+
+
+def split_streams(words: np.ndarray, n: int) -> list[np.ndarray]:
+    """The ``n`` per-slice streams of :func:`encode_in_passes`'s words; ``ValueError`` when the
+    lengths do not add up to the words that follow them."""
+    words = np.asarray(words, dtype=np.uint32)
+    if words.size < n:
+        raise ValueError("fewer words than slices")
+    lengths = words[:n].astype(np.int64)
+    if int(lengths.sum()) != words.size - n:
+        raise ValueError("the per-slice stream lengths do not add up to the stream")
+    ends = n + np.cumsum(lengths)
+    return [words[end - length:end] for end, length in zip(ends, lengths)]
+
+
+def decode_in_passes(prior: IntegerPassPrior, words: np.ndarray, n: int, *,
+                     batch_size: int = PRIOR_BATCH) -> tuple[np.ndarray, np.ndarray]:
+    """Undo :func:`encode_in_passes`: ``n`` top and bottom grids, int64."""
+    categorical, queue = _categorical()
+    model = categorical(perfect=False)
+    decoders = [queue.RangeDecoder(np.ascontiguousarray(s)) for s in split_streams(words, n)]
+    return _passes(prior, n, batch_size, lambda level, probs, i, step: decoders[i].decode(model, probs))
+
+
+# ---------------------------------------------------------------------------------------
+# Where the bits go
+# ---------------------------------------------------------------------------------------
+
+TOP_STRIDE, BOTTOM_STRIDE = 8, 4  # pixels per code side at each level (VQ-VAE-2's encoders)
+
+
+@torch.inference_mode()
+def surprise_bits(prior: CodePrior, codes_top: np.ndarray, codes_bottom: np.ndarray, *,
+                  batch_size: int = PRIOR_BATCH) -> tuple[np.ndarray, np.ndarray]:
+    """The bits the prior spends on each code, ``-log2 p(code | the codes before it)``: float32
+    ``(N, h, w)`` and ``(N, 2h, 2w)``. One teacher-forced pass (the probabilities the range coder
+    is driven by, before it rounds them to integer frequencies): their sum is the prior-coded
+    stream's length to within the coder's rounding."""
+    if isinstance(prior, PassPrior) and prior.integer is not None:
+        return _surprise_in_passes(prior.integer, codes_top, codes_bottom, batch_size)
+    prior.eval()
+    device = next(prior.parameters()).device
+    tops, bottoms = [], []
+    for lo in range(0, len(codes_top), batch_size):
+        top = torch.as_tensor(np.asarray(codes_top[lo:lo + batch_size]), dtype=torch.long, device=device)
+        bottom = torch.as_tensor(np.asarray(codes_bottom[lo:lo + batch_size]), dtype=torch.long, device=device)
+        for logits, codes, out in zip(prior(top, bottom), (top, bottom), (tops, bottoms)):
+            nats = -torch.log_softmax(logits.float(), dim=1).gather(1, codes[:, None])[:, 0]
+            out.append((nats / math.log(2)).cpu().numpy())
+    return np.concatenate(tops), np.concatenate(bottoms)
+
+
+def _surprise_in_passes(prior: IntegerPassPrior, codes_top: np.ndarray, codes_bottom: np.ndarray,
+                        batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`surprise_bits` from the integer copy's frequencies: exactly what its coder spends."""
+    truth = {"top": np.asarray(codes_top, dtype=np.int64), "bottom": np.asarray(codes_bottom, dtype=np.int64)}
+    bits = {level: np.zeros(codes.shape, dtype=np.float32) for level, codes in truth.items()}
+    orders = {level: prior.order(level).cpu().numpy() for level in truth}
+
+    def code(level, probs, i, step):
+        here = orders[level] == step
+        symbols = truth[level][i][here]
+        bits[level][i][here] = -np.log2(probs[np.arange(len(symbols)), symbols])
+        return symbols
+
+    _passes(prior, len(codes_top), batch_size, code)
+    return bits["top"], bits["bottom"]
+
+
+def bits_per_pixel_map(bits_top: np.ndarray, bits_bottom: np.ndarray) -> np.ndarray:
+    """Per-code bits ``(N, h, w)`` and ``(N, 2h, 2w)`` spread evenly over the pixels each code
+    covers (8 x 8 at the top, 4 x 4 at the bottom) and added: ``(N, 8h, 8w)`` float32 bits per
+    pixel, whose mean over a slice is what its codes cost per pixel."""
+    def spread(bits, stride):
+        return np.repeat(np.repeat(np.asarray(bits, dtype=np.float32), stride, axis=1), stride, axis=2) / stride**2
+    return spread(bits_top, TOP_STRIDE) + spread(bits_bottom, BOTTOM_STRIDE)

@@ -21,6 +21,8 @@ from mrivq.compression.entropy import PRIOR_BATCH
 from mrivq.config import Config, config_from_dict
 from mrivq.errors import UserError
 from mrivq.nn import VQVAE2
+from mrivq.nn.integer_prior import IntegerPassPrior, integer_state_problem
+from mrivq.nn.pass_prior import PassPrior
 from mrivq.nn.prior import CodePrior
 from mrivq.run_dir import atomic_write
 
@@ -184,8 +186,11 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def prior_from_config(config: Config, n_embed: int, top_grid: tuple[int, int]) -> CodePrior:
+def prior_from_config(config: Config, n_embed: int, top_grid: tuple[int, int]) -> CodePrior | PassPrior:
     p = config.prior
+    if p.architecture == "passes":
+        return PassPrior(n_embed, top_grid, channels=p.channels, layers=p.layers, condition_layers=p.condition_blocks,
+                         passes_top=p.passes_top, passes_bottom=p.passes_bottom)
     return CodePrior(n_embed, top_grid, d_model=p.d_model, n_head=p.n_head, n_layer_top=p.n_layer_top,
                      n_layer_bottom=p.n_layer_bottom, condition_blocks=p.condition_blocks,
                      dropout=p.dropout, bottom_window_rows=p.bottom_window_rows, neighbours=p.neighbour_codes)
@@ -223,8 +228,20 @@ def load_prior(path: str | Path, expect_fingerprint: str | None = None,
     config = prior_checkpoint_config(ckpt, path)
     n_embed, top_grid = _prior_shape(ckpt, vq_config, config, path)
     prior = build_checked(lambda: prior_from_config(config, n_embed, top_grid), ckpt.get("prior"), path, "prior")
+    if isinstance(prior, PassPrior):
+        problem = integer_state_problem(ckpt.get("integer"), prior)
+        if problem:
+            raise UserError(f"{path}: its integer coding copy {problem}; not a prior checkpoint mrivq wrote, "
+                            "or damaged")
+        prior.integer = IntegerPassPrior(ckpt["integer"]).to(device)
     vqvae = model_from_checkpoint(ckpt["vqvae"], path)
     return prior.to(device).eval(), vqvae.to(device).eval(), ckpt
+
+
+def coding_fingerprint(prior: CodePrior | PassPrior) -> str:
+    """What a prior-coded file names its prior by: the integer copy's fingerprint for a pass
+    prior (the copy is what codes), the whole float model's otherwise."""
+    return prior.integer.fingerprint() if isinstance(prior, PassPrior) else model_fingerprint(prior)
 
 
 def _prior_shape(ckpt: dict, vq_config: Config, config: Config, path: Path) -> tuple[int, tuple[int, int]]:
@@ -236,9 +253,12 @@ def _prior_shape(ckpt: dict, vq_config: Config, config: Config, path: Path) -> t
         raise UserError(f"{path}: its prior_shape {reprlib.repr(ckpt.get('prior_shape'))} is not its VQ-VAE's "
                         f"{expected}; not a prior checkpoint mrivq wrote, or damaged")
     p, cells = config.prior, expected["top_grid"][0] * expected["top_grid"][1]
-    cache_bytes = (p.n_layer_top + 4 * p.n_layer_bottom) * cells * p.d_model * 2 * 4 * PRIOR_BATCH
+    if p.architecture == "passes":  # the integer copy's int64 stream and int8 columns of the bottom grid
+        what, cache_bytes = "working memory", 4 * cells * p.channels * (8 + 9 + 8) * PRIOR_BATCH
+    else:
+        what, cache_bytes = "key/value caches", (p.n_layer_top + 4 * p.n_layer_bottom) * cells * p.d_model * 2 * 4 * PRIOR_BATCH
     if cache_bytes > MAX_PRIOR_CACHE_BYTES:
-        raise UserError(f"{path}: its prior would need {cache_bytes / 2**30:.1f} GiB of key/value caches for a "
+        raise UserError(f"{path}: its prior would need {cache_bytes / 2**30:.1f} GiB of {what} for a "
                         f"batch of {PRIOR_BATCH} slices (at most {MAX_PRIOR_CACHE_BYTES >> 30} GiB); "
                         "not a prior mrivq trains")
     return expected["n_embed"], tuple(expected["top_grid"])

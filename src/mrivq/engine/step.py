@@ -85,6 +85,34 @@ def optimisation_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
     return result._replace(applied=finite)
 
 
+#: ``train.lr: auto``: the peak learning rate by the run's length in steps, (steps, peak) at the
+#: short and the long end, log-linear between. Measured at batch 1 on real scans and the phantom
+#: (docs/benchmarks.md): 2e-3 suits up to about 4,000 steps, and collapses the top codebook over
+#: a longer schedule, where 5e-4 keeps every code alive.
+AUTO_LR = ((4_000, 2e-3), (13_000, 5e-4))
+
+
+def auto_peak_lr(total_steps: int) -> float:
+    """The peak learning rate ``train.lr: auto`` gives a run of ``total_steps`` steps.
+
+    Example::
+
+        >>> auto_peak_lr(3600), auto_peak_lr(13000), round(auto_peak_lr(8000), 6)
+        (0.002, 0.0005, 0.000878)
+    """
+    (short, high), (long, low) = AUTO_LR
+    if total_steps <= short:
+        return high
+    if total_steps >= long:
+        return low
+    return high * (low / high) ** (math.log(total_steps / short) / math.log(long / short))
+
+
+def peak_lr(lr: float | str, total_steps: int) -> float:
+    """The peak learning rate of a ``lr`` setting (a number, or ``"auto"``) for ``total_steps``."""
+    return auto_peak_lr(total_steps) if lr == "auto" else float(lr)
+
+
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float) -> float:
     """Multiplier of the base learning rate at ``step`` (0-based): linear warm-up, then cosine
     down to ``min_ratio`` at ``total_steps`` (or ``constant``).

@@ -110,11 +110,14 @@ class VQVAETraining:
         self.sync_free = steps.sync_free_steps(self.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
-        self.optimizer = opt_cls(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
+        # train.lr auto: the peak follows the run's length (state.total_steps, fitted to max_time)
+        base_lr = steps.peak_lr(tc.lr, 0)
+        self.optimizer = opt_cls(params, lr=base_lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
                                  **({"fused": True} if self.sync_free else {}))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: steps.lr_factor(s, state.total_steps, tc.warmup_steps, tc.schedule,
-                                                      tc.min_lr_ratio))
+                                                      tc.min_lr_ratio)
+            * (steps.peak_lr(tc.lr, state.total_steps) / base_lr))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
         self.recon_loss_fn = functools.partial(reconstruction_loss, kind=tc.loss, ssim_weight=tc.ssim_weight,
                                                normalize=config.data.normalize)
@@ -208,7 +211,7 @@ class VQVAETraining:
                 f"(ppl {row['val_top_perplexity']:.0f}, {row.get('top_restarts', 0):.0f} restarts) "
                 f"bottom {row['val_bottom_used']}/{self.model.quantize_bottom.n_embed} "
                 f"(ppl {row['val_bottom_perplexity']:.0f}, {row.get('bottom_restarts', 0):.0f} restarts) | "
-                f"{row.get('train_images_per_s', nan):.1f} images/s")
+                f"lr {row.get('lr', nan):.2g}, {row.get('train_images_per_s', nan):.1f} images/s")
 
     # ------------------------------------------------------------------ state ----------
     def state_dict(self) -> dict:

@@ -150,17 +150,15 @@ def plot_codebook_usage(counts_top, counts_bottom, path: Path) -> None:
     save_figure(fig, path)
 
 
-CODEC_LABELS = {"jpeg": "JPEG", "jpeg2000": "JPEG 2000", "webp": "WebP"}
-
-
-def plot_rate_distortion(curves: dict, model_points: list[dict], path: Path) -> None:
+def plot_rate_distortion(curves: dict, model_points: list[dict], path: Path, labels: dict | None = None) -> None:
     """visuals/rate_distortion.png: SSIM and PSNR against bits per pixel, side by side.
 
     ``curves`` is :func:`mrivq.compression.codecs.rate_distortion`'s ``{codec: [{bits_per_pixel, ssim,
     psnr, ...}]}``, drawn as lines with markers; ``model_points`` are ``{label,
     bits_per_pixel, ssim, psnr}`` drawn as large single markers (e.g. the model's raw and
-    entropy-coded rates). Points with a non-finite value (PSNR of a perfect slice) are left
-    out of the panel they would break.
+    entropy-coded rates); ``labels`` names the codecs in the legend (default: their keys).
+    Points with a non-finite value (PSNR of a perfect slice) are left out of the panel they
+    would break.
     """
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     model_markers = ("D", "*", "P", "X")
@@ -168,7 +166,7 @@ def plot_rate_distortion(curves: dict, model_points: list[dict], path: Path) -> 
         for name, points in curves.items():
             shown = [(p["bits_per_pixel"], p[key]) for p in points if _finite(p["bits_per_pixel"], p[key])]
             if shown:
-                ax.plot(*zip(*shown), "o-", markersize=4, linewidth=1.2, label=CODEC_LABELS.get(name, name))
+                ax.plot(*zip(*shown), "o-", markersize=4, linewidth=1.2, label=(labels or {}).get(name, name))
         for i, point in enumerate(model_points):
             if _finite(point["bits_per_pixel"], point[key]):
                 ax.plot(point["bits_per_pixel"], point[key], model_markers[i % len(model_markers)],
@@ -187,6 +185,29 @@ def plot_rate_distortion(curves: dict, model_points: list[dict], path: Path) -> 
     fig.suptitle("Rate-distortion on the test set: codecs over their quality settings, the model's codes as points",
                  fontsize=10)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
+    save_figure(fig, path)
+
+
+def plot_surprise(slices: np.ndarray, maps: np.ndarray, path: Path, labels: list[str] | None = None) -> None:
+    """Slices ``(N, H, W)`` in [0, 1] (top row) over the same slices with their bits-per-pixel
+    maps ``(N, H, W)`` laid over them (bottom row), on one colour scale with a colour bar."""
+    n = len(slices)
+    h, w = display(slices[0]).shape
+    top = float(np.percentile(maps, 99.5)) if maps.size else 1.0
+    fig, axes = plt.subplots(2, n, figsize=(max(3.0, 1.6 * n * w / h + 1.2), 3.8), squeeze=False)
+    shown = None
+    for i in range(n):
+        axes[0, i].imshow(display(np.clip(slices[i], 0, 1)), cmap="gray", vmin=0, vmax=1)
+        axes[1, i].imshow(display(np.clip(slices[i], 0, 1)), cmap="gray", vmin=0, vmax=1)
+        shown = axes[1, i].imshow(display(maps[i]), cmap="inferno", vmin=0, vmax=max(top, 1e-6), alpha=0.75)
+        for ax in axes[:, i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        if labels:
+            axes[0, i].set_title(labels[i], fontsize=7)
+    fig.colorbar(shown, ax=axes[1, :].tolist(), fraction=0.03, pad=0.02, label="bits per pixel")
+    fig.suptitle("Where the prior-coded file spends its bits: slices (top), bits per pixel over them (bottom)",
+                 fontsize=9)
     save_figure(fig, path)
 
 

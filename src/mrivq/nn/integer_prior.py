@@ -1,0 +1,380 @@
+"""The fixed-point copy of a :class:`mrivq.nn.pass_prior.PassPrior`: coding probabilities in integers.
+
+A range coder's decoder must rebuild the encoder's frequencies exactly. Floating-point
+networks do not promise that across machines: another CPU kind, BLAS or oneDNN build,
+thread count, batch or a GPU moves results by an ulp, a quantised frequency changes and
+the stream is lost. This copy computes every frequency with integer arithmetic only, so it
+is the same wherever it runs:
+
+- Weights are int8 with one scale per output channel; activations after each ReLU are 8-bit
+  (uint8, shifted to int8 for the product), with one scale per layer calibrated on training
+  codes; products accumulate in int32 (``torch._int_mm``: exact, order-free).
+- The residual stream is int32 in one fixed unit; every rescaling is an integer multiply and a
+  right shift (``multiplier / 2**SHIFT`` approximates the float ratio, rounding down).
+- Logits come out in fixed units of ``1 / LOGIT_UNITS`` nat; a table of
+  ``exp(-d / LOGIT_UNITS)`` in integers (made once, when the copy is made, and stored with
+  it) turns them into frequencies that sum to exactly ``2**FREQUENCY_BITS``, at least 1 each.
+
+Everything the copy holds is integer tensors, made from the float prior and a calibration
+batch by :func:`integer_prior` (deterministic: the same float prior and batch give the same
+copy), and fingerprinted by :meth:`IntegerPassPrior.fingerprint`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mrivq.nn.pass_prior import PassPrior, TopFeatures
+
+SHIFT = 24  # rescaling: (value * multiplier) >> SHIFT, in int64
+STREAM_BITS = 20  # the residual stream's largest calibrated magnitude is 2**STREAM_BITS units
+STREAM_LIMIT = 1 << 42  # the stream is clamped here (only a damaged copy comes near it)
+LOGIT_UNITS = 64  # logits in units of 1/64 nat
+EXP_RANGE = 24  # nats: differences from the largest logit beyond this get the table's last entry
+EXP_BITS = 16  # the table holds round(2**EXP_BITS * exp(-d / LOGIT_UNITS))
+FREQUENCY_BITS = 24  # a position's frequencies sum to 2**FREQUENCY_BITS
+
+
+def _multiplier(ratio: float) -> int:
+    """The int64 multiplier ``m`` with ``m / 2**SHIFT`` closest to ``ratio`` (made once, stored)."""
+    return round(ratio * (1 << SHIFT))
+
+
+def _rescale(values: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
+    """``round(values * multiplier / 2**SHIFT)`` in int64 (half up): ``multiplier`` broadcasts."""
+    return (values.long() * multiplier + (1 << (SHIFT - 1))) >> SHIFT
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a (M, K) int8 @ b (K, N) int8`` -> int32, exact. Pads M past 16 and K, N to multiples
+    of 8 (``torch._int_mm``'s CUDA kernel needs them; zeros change no sum)."""
+    m, k = a.shape
+    n = b.shape[1]
+    pad_m = max(17 - m, 0) + (-(m + max(17 - m, 0)) % 8)
+    pad_k, pad_n = -k % 8, -n % 8
+    if pad_m or pad_k:
+        a = F.pad(a, (0, pad_k, 0, pad_m))
+    if pad_k or pad_n:
+        b = F.pad(b, (0, pad_n, 0, pad_k))
+    return torch._int_mm(a.contiguous(), b.contiguous())[:m, :n]
+
+
+def _columns(a: torch.Tensor, dilation: int) -> torch.Tensor:
+    """uint8 ``(B, C, H, W)`` -> int8 ``(B * H * W, 9 * C)``: each position's 3x3 neighbourhood at
+    ``dilation`` (zeros beyond the edges, as the float convolution pads), shifted by -128."""
+    batch, channels, height, width = a.shape
+    d = dilation
+    padded = F.pad(_shifted(a), (d, d, d, d), value=-128)
+    taps = [padded[:, :, i * d:i * d + height, j * d:j * d + width] for i in range(3) for j in range(3)]
+    stacked = torch.stack(taps, dim=1)  # (B, 9, C, H, W): taps outermost, as the weights are laid out
+    return stacked.permute(0, 3, 4, 1, 2).reshape(batch * height * width, 9 * channels)
+
+
+def _shifted(a: torch.Tensor) -> torch.Tensor:
+    """uint8 -> int8 ``a - 128`` (the product's correction adds ``128 * sum(weights)`` back)."""
+    return (a.to(torch.int16) - 128).to(torch.int8)
+
+
+class _Conv:
+    """One convolution of the copy: int8 weights ``(9C or C, N)``, the -128 shift's correction, and
+    per output channel the multiplier into the stream's unit and the bias in that unit."""
+
+    def __init__(self, state: dict) -> None:
+        self.weight = state["weight"]  # int8 (K, N)
+        self.correction = 128 * self.weight.long().sum(dim=0)  # int64 (N,)
+        self.multiplier = state["multiplier"]  # int64 (N,)
+        self.bias = state["bias"]  # int64 (N,)
+        self.dilation = int(state["dilation"])
+        self.kernel = int(state["kernel"])
+
+    def __call__(self, a: torch.Tensor) -> torch.Tensor:
+        """uint8 activations ``(B, C, H, W)`` -> int64 ``(B, N, H, W)`` in the output's unit."""
+        batch, channels, height, width = a.shape
+        if self.kernel == 3:
+            columns = _columns(a, self.dilation)
+        else:
+            columns = _shifted(a).permute(0, 2, 3, 1).reshape(-1, channels)
+        acc = int8_matmul(columns, self.weight).long() + self.correction
+        out = _rescale(acc, self.multiplier) + self.bias
+        return out.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
+
+
+def _activate(x: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
+    """ReLU of the stream ``x`` (int64) requantised to uint8 by ``multiplier``."""
+    return _rescale(x.clamp(min=0), multiplier).clamp(max=255).to(torch.uint8)
+
+
+class _IntegerNet:
+    """The fixed-point :class:`PassNet` (or :class:`TopFeatures`, without tables of steps and head)."""
+
+    def __init__(self, state: dict) -> None:
+        self.tables = {k: state[k] for k in ("code", "step", "row", "col") if k in state}  # int64, stream unit
+        self.order = state.get("order")
+        self.convs = [_Conv(s) for s in state["convs"]]
+        self.activations = state["activations"]  # int64 multipliers, one per ReLU
+        self.head = _Conv(state["head"]) if "head" in state else None
+        self.n_embed = int(state["n_embed"])
+
+    def stream(self, codes: torch.Tensor, step: int | None, condition: torch.Tensor | None) -> torch.Tensor:
+        """The residual stream after the last convolution, int64 ``(B, C, H, W)``."""
+        if step is None:  # TopFeatures: every code known
+            x = self.tables["code"][codes]
+        else:
+            known = self.order < step
+            x = self.tables["code"][torch.where(known[None], codes, self.n_embed)] + self.tables["step"][step]
+            x = x + self.tables["row"][:, None, :] + self.tables["col"][None, :, :]
+        x = x.permute(0, 3, 1, 2)
+        if condition is not None:
+            x = (x + condition).clamp(-STREAM_LIMIT, STREAM_LIMIT)
+        for conv, multiplier in zip(self.convs, self.activations):
+            x = (x + conv(_activate(x, multiplier))).clamp(-STREAM_LIMIT, STREAM_LIMIT)
+        return x
+
+    def logits(self, codes: torch.Tensor, step: int, condition: torch.Tensor | None) -> torch.Tensor:
+        """int64 ``(B, n_embed, H, W)`` logits in units of 1/LOGIT_UNITS nat."""
+        x = self.stream(codes, step, condition)
+        return self.head(_activate(x, self.activations[-1]))
+
+
+class IntegerPassPrior:
+    """The coding path of a :class:`PassPrior` in integers: :meth:`frequencies` of every code of a
+    pass, the same on any machine, thread count, batch and device."""
+
+    def __init__(self, state: dict) -> None:
+        self.state = state
+        self.n_embed = int(state["n_embed"])
+        self.top_grid = tuple(int(v) for v in state["top_grid"])
+        self.top = _IntegerNet(state["top"])
+        self.bottom = _IntegerNet(state["bottom"])
+        self.condition_net = _IntegerNet(state["condition"])
+        self.exp_table = state["exp_table"]  # int64 (EXP_RANGE * LOGIT_UNITS + 1,)
+        self.passes = {"top": int(state["top"]["passes"]), "bottom": int(state["bottom"]["passes"])}
+
+    def to(self, device) -> IntegerPassPrior:
+        return IntegerPassPrior(_map_tensors(self.state, lambda t: t.to(device)))
+
+    def order(self, level: str) -> torch.Tensor:
+        return getattr(self, level).order
+
+    def condition(self, codes_top: torch.Tensor) -> torch.Tensor:
+        x = self.condition_net.stream(codes_top, None, None)
+        return x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+
+    def frequencies(self, level: str, codes: torch.Tensor, step: int,
+                    condition: torch.Tensor | None = None) -> torch.Tensor:
+        """int64 ``(B, P, n_embed)``: for each grid of ``codes`` (those of earlier passes read),
+        the coder's frequencies at the ``P`` positions of pass ``step`` in raster order, each row
+        summing to ``2**FREQUENCY_BITS`` with every entry at least 1."""
+        logits = getattr(self, level).logits(codes, step, condition if level == "bottom" else None)
+        here = (self.order(level) == step).flatten()
+        logits = logits.flatten(2)[:, :, here].transpose(1, 2)  # (B, P, K)
+        return frequencies_from_logits(logits, self.exp_table)
+
+    def fingerprint(self) -> str:
+        return fingerprint_state(self.state)
+
+
+def frequencies_from_logits(logits: torch.Tensor, exp_table: torch.Tensor) -> torch.Tensor:
+    """int64 logits ``(..., K)`` in 1/LOGIT_UNITS nat -> integer frequencies ``(..., K)`` summing to
+    ``2**FREQUENCY_BITS``, each at least 1 (what is left after rounding down goes to the most
+    probable code)."""
+    gap = (logits.max(dim=-1, keepdim=True).values - logits).clamp(max=len(exp_table) - 1)
+    weights = exp_table[gap]
+    k = logits.shape[-1]
+    spare = (1 << FREQUENCY_BITS) - k
+    freq = 1 + weights * spare // weights.sum(dim=-1, keepdim=True)
+    short = (1 << FREQUENCY_BITS) - freq.sum(dim=-1, keepdim=True)
+    return freq.scatter_add(-1, weights.argmax(dim=-1, keepdim=True), short)
+
+
+def fingerprint_state(state) -> str:
+    """sha256 over every tensor (dtype, shape, bytes) and number of a copy's state, in key order."""
+    digest = hashlib.sha256()
+
+    def feed(value, key=""):
+        digest.update(key.encode())
+        if isinstance(value, dict):
+            for k in sorted(value):
+                feed(value[k], f"{key}/{k}")
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                feed(item, f"{key}[{i}]")
+        elif isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.numpy().tobytes())
+        else:
+            digest.update(repr(value).encode())
+    feed(state)
+    return digest.hexdigest()[:16]
+
+
+def _map_tensors(value, fn):
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_map_tensors(v, fn) for v in value]
+    return fn(value) if isinstance(value, torch.Tensor) else value
+
+
+# ---------------------------------------------------------------------------------------
+# Making the copy
+# ---------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def integer_prior(prior: PassPrior, codes_top: torch.Tensor, codes_bottom: torch.Tensor) -> IntegerPassPrior:
+    """The fixed-point copy of ``prior`` (float32, CPU), its activation scales calibrated on the
+    code grids ``codes_top`` ``(N, h, w)`` and ``codes_bottom`` ``(N, 2h, 2w)`` (a few dozen
+    training grids): each ReLU's 8-bit range is the largest value it reached over every pass."""
+    prior = copy.deepcopy(prior).float().cpu().eval()
+    codes_top, codes_bottom = codes_top.long().cpu(), codes_bottom.long().cpu()
+    records = {}
+    condition = _traced(prior.condition, records, "condition", codes_top)
+    for step in range(prior.top.passes):
+        _traced(prior.top, records, "top", codes_top, torch.full((len(codes_top),), step), None)
+    for step in range(prior.bottom.passes):
+        _traced(prior.bottom, records, "bottom", codes_bottom, torch.full((len(codes_bottom),), step), condition)
+    stream = max(records[name]["stream"] for name in records)
+    unit = stream / (1 << STREAM_BITS)  # one stream unit in float
+    state = {
+        "format": "mrivq-integer-pass-prior", "version": 1,
+        "n_embed": prior.n_embed, "top_grid": list(prior.top_grid),
+        "top": _net_state(prior.top, records["top"], unit, head=True),
+        "bottom": _net_state(prior.bottom, records["bottom"], unit, head=True),
+        "condition": _net_state(prior.condition, records["condition"], unit, head=False),
+        "exp_table": torch.tensor([round((1 << EXP_BITS) * math.exp(-d / LOGIT_UNITS))
+                                   for d in range(EXP_RANGE * LOGIT_UNITS + 1)], dtype=torch.int64),
+    }
+    return IntegerPassPrior(state)
+
+
+def _traced(net, records: dict, name: str, *args) -> torch.Tensor:
+    """Run ``net`` and keep, for ``name``, the largest |stream| and the largest input of each ReLU."""
+    record = records.setdefault(name, {"stream": 0.0, "relu": []})
+    if isinstance(net, TopFeatures):
+        x = net.code(args[0]).permute(0, 3, 1, 2)
+    else:
+        codes, step, condition = args
+        x = net.inputs(codes, step)
+        if condition is not None:
+            x = x + condition
+    relus = []
+    for conv in net.convs:
+        record["stream"] = max(record["stream"], float(x.abs().max()))
+        relus.append(float(x.clamp(min=0).max()))
+        x = x + conv(F.relu(x))
+    record["stream"] = max(record["stream"], float(x.abs().max()))
+    if isinstance(net, TopFeatures):
+        out = x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    else:
+        relus.append(float(x.clamp(min=0).max()))
+        out = net.head(F.relu(x))
+    record["relu"] = [max(a, b) for a, b in zip(record["relu"], relus)] if record["relu"] else relus
+    return out
+
+
+def _net_state(net, record: dict, unit: float, *, head: bool) -> dict:
+    """Integer tables, convolutions and activation multipliers of one net."""
+    relu_scales = [max(top, 1e-8) / 255 for top in record["relu"]]  # float per uint8 step
+    state = {"n_embed": net.code.num_embeddings - (0 if isinstance(net, TopFeatures) else 1),
+             "activations": torch.tensor([_multiplier(unit / s) for s in relu_scales], dtype=torch.int64),
+             "convs": [_conv_state(conv, relu_scales[i], unit) for i, conv in enumerate(net.convs)]}
+    state["code"] = _table(net.code.weight, unit)
+    if head:
+        state["step"] = _table(net.step.weight, unit)
+        state["row"] = _table(net.row.weight, unit)
+        state["col"] = _table(net.col.weight, unit)
+        state["order"] = net.order.clone()
+        state["passes"] = net.passes
+        state["head"] = _conv_state(net.head, relu_scales[-1], 1.0 / LOGIT_UNITS)
+    return state
+
+
+def _table(weight: torch.Tensor, unit: float) -> torch.Tensor:
+    return torch.round(weight.double() / unit).long()
+
+
+def _conv_state(conv: torch.nn.Conv2d, input_scale: float, output_unit: float) -> dict:
+    """int8 weights laid out as :func:`_columns` (tap-major, then input channel), per output
+    channel scale; multipliers from the int32 product's unit to ``output_unit``."""
+    w = conv.weight.detach().double()  # (N, C, k, k)
+    n, c, k, _ = w.shape
+    scale = w.abs().amax(dim=(1, 2, 3)).clamp(min=1e-12) / 127  # (N,)
+    q = torch.round(w / scale[:, None, None, None]).clamp(-127, 127)
+    layout = q.permute(2, 3, 1, 0).reshape(k * k * c, n)  # (taps, C) x N
+    bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros(n, dtype=torch.float64)
+    return {"weight": layout.to(torch.int8), "kernel": k, "dilation": int(conv.dilation[0]),
+            "multiplier": torch.tensor([_multiplier(input_scale * float(s) / output_unit) for s in scale],
+                                       dtype=torch.int64),
+            "bias": torch.round(bias / output_unit).long()}
+
+
+def to_numpy_frequencies(freq: torch.Tensor) -> np.ndarray:
+    """Integer frequencies -> the float64 probabilities constriction takes: ``freq / 2**FREQUENCY_BITS``,
+    exact (a dyadic fraction), so the coder quantises the same numbers on every machine."""
+    return freq.cpu().numpy().astype(np.float64) / float(1 << FREQUENCY_BITS)
+
+
+# ---------------------------------------------------------------------------------------
+# Checking a copy read from a file
+# ---------------------------------------------------------------------------------------
+
+#: |value| limits of a copy read from a file: with the stream clamped to STREAM_LIMIT, and at most
+#: 1024 channels (a product below 2**29), every product stays inside int64.
+_BOUNDS = {"multiplier": 1 << 34, "activations": 1 << 20, "bias": 1 << 40, "code": 1 << 36, "step": 1 << 36,
+           "row": 1 << 36, "col": 1 << 36}
+
+
+def integer_state_problem(state, prior: PassPrior) -> str | None:
+    """What is wrong with ``state`` as the integer copy of ``prior`` (a file's, so untrusted), or
+    None: the structure, every tensor's type and shape must be those the float prior's copy has,
+    the pass order the one its schedule gives, and the values within the bounds that keep every
+    product inside int64."""
+    grid = torch.zeros(1, *prior.top_grid, dtype=torch.long)
+    template = integer_prior(prior, grid, torch.zeros(1, *prior.bottom_grid, dtype=torch.long)).state
+    problem = _compare(state, template, "")
+    if problem:
+        return problem
+    for level in ("top", "bottom"):
+        if not torch.equal(state[level]["order"], template[level]["order"]):
+            return f"has another pass order for the {level} grid"
+    table = state["exp_table"]
+    if table[0] != 1 << EXP_BITS or (table < 0).any() or (table[1:] > table[:-1]).any():
+        return "has an exponential table that is not a falling one from 2**16"
+    return None
+
+
+def _compare(value, template, where: str) -> str | None:
+    if isinstance(template, dict):
+        if not isinstance(value, dict) or set(value) != set(template):
+            return f"has other entries at {where or 'its top'}"
+        for key in template:
+            problem = _compare(value[key], template[key], f"{where}/{key}")
+            if problem:
+                return problem
+        return None
+    if isinstance(template, list):
+        if not isinstance(value, list) or len(value) != len(template):
+            return f"has another number of entries at {where}"
+        for i, (v, t) in enumerate(zip(value, template)):
+            problem = _compare(v, t, f"{where}[{i}]")
+            if problem:
+                return problem
+        return None
+    if isinstance(template, torch.Tensor):
+        if not (isinstance(value, torch.Tensor) and value.dtype == template.dtype and value.shape == template.shape
+                and value.layout == torch.strided):
+            return f"has a tensor of another type or shape at {where}"
+        limit = _BOUNDS.get(where.rsplit("/", 1)[-1])
+        if limit is not None and value.numel() and int(value.abs().max()) >= limit:
+            return f"has values beyond {limit} at {where}"
+        return None
+    if type(value) is not type(template) or value != template:
+        return f"has {value!r:.40} where {template!r:.40} belongs at {where}"
+    return None

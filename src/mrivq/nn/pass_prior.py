@@ -1,0 +1,191 @@
+"""A prior over VQ-VAE-2 codes that codes each grid in a few parallel passes, built for integers.
+
+A raster-order prior needs one network evaluation per code: 2,560 of them for a 256x128
+slice, so coding is slow and serial. Here each grid is split into a few interleaved sets of
+positions (:func:`pass_map`), coded one set after another; every code of a set is predicted at
+once, from the codes of the sets before it (and, at the bottom level, from the whole top grid).
+The sets refine dyadically over 4x4 tiles of the grid (as in checkerboard context models, He
+et al. 2021, and multi-pass schedules such as M2T, Mentzer et al. 2023): one corner of every
+4x4 tile first, then its centre, then the two remaining even corners, then the odd-odd
+positions, then the other half (a checkerboard). With fewer passes the first sets merge: two
+passes are the checkerboard.
+
+The network is a plain stack of residual 3x3 convolutions and ReLUs over embeddings, with no
+normalisation, attention or other non-linearity: everything a fixed-point copy
+(:mod:`mrivq.nn.integer_prior`) can compute exactly in integers, so the probabilities that
+drive the range coder are the same bit for bit on any machine.
+
+Shapes: top codes ``(B, h, w)``, bottom codes ``(B, 2h, 2w)``, int64 in ``[0, n_embed)``;
+logits ``(B, n_embed, rows, cols)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: The order of the positions of a 4x4 tile, ``DYADIC[r % 4][c % 4]``: 0 first, 4 last.
+DYADIC = ((0, 4, 2, 4), (4, 3, 4, 3), (2, 4, 1, 4), (4, 3, 4, 3))
+MAX_PASSES = 5
+DILATIONS = (1, 2, 4)  # of the residual convolutions, in turn: a wide view in few layers
+
+
+def pass_map(grid: tuple[int, int], passes: int) -> torch.Tensor:
+    """``(rows, cols)`` int64: the pass (``0 .. passes - 1``) in which each position is coded.
+
+    Example::
+
+        >>> pass_map((4, 4), 2).tolist()
+        [[0, 1, 0, 1], [1, 0, 1, 0], [0, 1, 0, 1], [1, 0, 1, 0]]
+    """
+    if not 1 <= passes <= MAX_PASSES:
+        raise ValueError(f"passes must be 1 to {MAX_PASSES}, not {passes}")
+    rows, cols = grid
+    tile = torch.tensor(DYADIC)
+    order = tile[torch.arange(rows)[:, None] % 4, torch.arange(cols)[None, :] % 4]
+    return (order - (MAX_PASSES - passes)).clamp(min=0)
+
+
+class PassNet(nn.Module):
+    """Logits of every position of one grid given the codes of the passes before one pass.
+
+    The input at each position is the embedding of its code where it is known (an "unknown"
+    embedding elsewhere), plus the embedding of the pass being predicted, its row and column
+    embeddings and, when given, the condition; then residual 3x3 convolutions, ReLU, and a 1x1
+    convolution to the logits.
+    """
+
+    def __init__(self, n_embed: int, grid: tuple[int, int], channels: int, layers: int, passes: int) -> None:
+        super().__init__()
+        self.n_embed, self.grid, self.passes = n_embed, (int(grid[0]), int(grid[1])), passes
+        self.code = nn.Embedding(n_embed + 1, channels)  # index n_embed: unknown
+        self.step = nn.Embedding(passes, channels)
+        self.row = nn.Embedding(self.grid[0], channels)
+        self.col = nn.Embedding(self.grid[1], channels)
+        self.convs = nn.ModuleList(
+            nn.Conv2d(channels, channels, 3, padding=d, dilation=d) for d in
+            (DILATIONS[i % len(DILATIONS)] for i in range(layers)))
+        self.head = nn.Conv2d(channels, n_embed, 1)
+        self.register_buffer("order", pass_map(self.grid, passes), persistent=False)
+
+    def inputs(self, codes: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """``(B, channels, rows, cols)``: embeddings of the codes known before pass ``step`` ``(B,)``."""
+        known = self.order[None] < step[:, None, None]
+        x = self.code(torch.where(known, codes, self.n_embed)) + self.step(step)[:, None, None, :]
+        x = x + self.row.weight[None, :, None, :] + self.col.weight[None, None, :, :]
+        return x.permute(0, 3, 1, 2)
+
+    def forward(self, codes: torch.Tensor, step: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.inputs(codes, step)
+        if condition is not None:
+            x = x + condition
+        for conv in self.convs:
+            x = x + conv(F.relu(x))
+        return self.head(F.relu(x))
+
+
+class TopFeatures(nn.Module):
+    """Top codes ``(B, h, w)`` -> features ``(B, channels, 2h, 2w)`` for the bottom grid: an
+    embedding, residual 3x3 convolutions, each feature repeated over its 2x2 bottom positions."""
+
+    def __init__(self, n_embed: int, channels: int, layers: int) -> None:
+        super().__init__()
+        self.code = nn.Embedding(n_embed, channels)
+        self.convs = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in range(layers))
+
+    def forward(self, codes_top: torch.Tensor) -> torch.Tensor:
+        x = self.code(codes_top).permute(0, 3, 1, 2)
+        for conv in self.convs:
+            x = x + conv(F.relu(x))
+        return x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+
+
+class PassPrior(nn.Module):
+    """``p(top) p(bottom | top)``, each grid coded in ``passes_*`` parallel passes.
+
+    Example:
+        >>> prior = PassPrior(32, (8, 4), channels=16, layers=2)
+        >>> top, bottom = prior.sample(3)
+        >>> top.shape, bottom.shape
+        (torch.Size([3, 8, 4]), torch.Size([3, 16, 8]))
+    """
+
+    def __init__(self, n_embed: int, top_grid: tuple[int, int], *, channels: int = 64, layers: int = 6,
+                 condition_layers: int = 2, passes_top: int = 5, passes_bottom: int = 2) -> None:
+        super().__init__()
+        self.n_embed = n_embed
+        self.top_grid = (int(top_grid[0]), int(top_grid[1]))
+        self.bottom_grid = (2 * self.top_grid[0], 2 * self.top_grid[1])
+        self.top = PassNet(n_embed, self.top_grid, channels, layers, passes_top)
+        self.condition = TopFeatures(n_embed, channels, condition_layers)
+        self.bottom = PassNet(n_embed, self.bottom_grid, channels, layers, passes_bottom)
+        self.integer = None  # the integer copy that codes (mrivq.nn.integer_prior), once made or loaded
+
+    def levels(self):
+        return (("top", self.top), ("bottom", self.bottom))
+
+    def forward(self, codes_top: torch.Tensor, codes_bottom: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``(B, K, h, w)`` and ``(B, K, 2h, 2w)`` of every code given the codes of the passes
+        before its own (what the coder uses): one evaluation of each net per pass."""
+        condition = self.condition(codes_top)
+        return (_all_passes(self.top, codes_top, None), _all_passes(self.bottom, codes_bottom, condition))
+
+    def nll_bits(self, codes_top: torch.Tensor, codes_bottom: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean bits per code of each level. Training (``self.training``): each grid predicts the
+        codes of one pass drawn with the probability of its share of the grid, an unbiased estimate
+        at one evaluation per level; otherwise the exact figure over every pass."""
+        if not self.training:
+            logits_top, logits_bottom = self(codes_top, codes_bottom)
+            return (F.cross_entropy(logits_top.float(), codes_top) / math.log(2),
+                    F.cross_entropy(logits_bottom.float(), codes_bottom) / math.log(2))
+        condition = self.condition(codes_top)
+        return (_one_pass_bits(self.top, codes_top, None), _one_pass_bits(self.bottom, codes_bottom, condition))
+
+    @torch.no_grad()
+    def sample(self, n: int, *, temperature: float = 1.0, top_p: float = 1.0,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` new code pairs, each grid drawn pass by pass (``top_p`` < 1: nucleus sampling)."""
+        from mrivq.nn.prior import NonFiniteProbabilities, _nucleus
+
+        device = self.top.head.weight.device
+        grids = []
+        condition = None
+        for name, net in self.levels():
+            if name == "bottom":
+                condition = self.condition(grids[0])
+            codes = torch.zeros(n, *net.grid, dtype=torch.long, device=device)
+            for step in range(net.passes):
+                logits = net(codes, torch.full((n,), step, device=device), condition).float()
+                probs = torch.softmax(logits / temperature, dim=1).permute(0, 2, 3, 1).reshape(-1, self.n_embed)
+                if not torch.isfinite(probs).all():
+                    raise NonFiniteProbabilities("the prior's probabilities hold NaN or Inf (damaged weights)")
+                if top_p < 1:
+                    probs = _nucleus(probs, top_p)
+                drawn = torch.multinomial(probs, 1, generator=generator).reshape(n, *net.grid)
+                here = (net.order == step)[None]
+                codes = torch.where(here, drawn, codes)
+            grids.append(codes)
+        return grids[0], grids[1]
+
+
+def _all_passes(net: PassNet, codes: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
+    """Each position's logits from the evaluation of ``net`` for its own pass."""
+    out = None
+    for step in range(net.passes):
+        logits = net(codes, torch.full((len(codes),), step, device=codes.device), condition)
+        out = logits if out is None else torch.where((net.order == step)[None, None], logits, out)
+    return out
+
+
+def _one_pass_bits(net: PassNet, codes: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
+    """Mean bits per code at the positions of one random pass per grid, drawn by the pass's share
+    of the grid (so the mean over draws is the mean over every position)."""
+    counts = torch.bincount(net.order.flatten(), minlength=net.passes).float()
+    step = torch.multinomial(counts, len(codes), replacement=True).to(codes.device)
+    logits = net(codes, step, condition)
+    nats = F.cross_entropy(logits.float(), codes, reduction="none")  # (B, rows, cols)
+    here = (net.order[None] == step[:, None, None]).float()
+    return (nats * here).sum() / here.sum() / math.log(2)
