@@ -366,3 +366,44 @@ def test_encode_and_predict_map_the_bits_the_prior_spends(work, tiny_phantom, tm
     assert summary["surprise"]["bits_per_pixel_mean"] == pytest.approx(total / report["pixels"], rel=1e-4)
     assert len(list((run / "predict" / "surprise").glob("*_bits.nii.gz"))) == summary["n_images"]
     assert (run / "visuals" / "surprise.png").stat().st_size > 1000
+
+
+def test_a_pass_prior_codes_files_any_machine_decodes_and_refuses_a_damaged_copy(work, tiny_phantom, tmp_path,
+                                                                                   capsys):
+    sets = prior_overrides(tiny_phantom, work["root"], "passes", steps=4, interval=2) + [
+        "prior.architecture=passes", "prior.channels=16", "prior.layers=2"]
+    assert run_main(["train-prior", "--checkpoint", str(work["vqvae"]), *set_args(sets)]) == 0
+    prior_path = work["root"] / "passes" / "models/prior_best.pt"
+    ckpt = load_checkpoint(prior_path)
+    assert ckpt["integer_fingerprint"] == load_prior(prior_path)[0].integer.fingerprint()
+    test_split = tiny_phantom / "keras_slices_test"
+    coded = tmp_path / "passes.mrvq"
+    assert run_main(["encode", "--checkpoint", str(work["vqvae"]), str(test_split), "--out", str(coded),
+                     "--prior", str(prior_path)]) == 0
+    torch.set_num_threads(2)  # another thread count than the encoder's
+    assert run_main(["decode", "--checkpoint", str(work["vqvae"]), str(coded), "--out", str(tmp_path / "d"),
+                     "--prior", str(prior_path)]) == 0
+    torch.set_num_threads(1)
+    plain = tmp_path / "plain.mrvq"
+    assert run_main(["encode", "--checkpoint", str(work["vqvae"]), str(test_split), "--out", str(plain)]) == 0
+    assert run_main(["decode", "--checkpoint", str(work["vqvae"]), str(plain), "--out", str(tmp_path / "p")]) == 0
+    for source in test_split.glob("*.nii.gz"):
+        a, b = (np.asarray(nib.load(tmp_path / folder / source.name).dataobj) for folder in ("d", "p"))
+        assert np.array_equal(a, b), source.name
+    # a transformer prior cannot decode it, nor a copy whose tables were changed
+    capsys.readouterr()
+    other = work["root"] / "mapped" / "models/prior_best.pt"
+    if not other.exists():
+        other_sets = prior_overrides(tiny_phantom, work["root"], "mapped", steps=2, interval=2)
+        assert run_main(["train-prior", "--checkpoint", str(work["vqvae"]), *set_args(other_sets)]) == 0
+    assert run_main(["decode", "--checkpoint", str(work["vqvae"]), str(coded), "--out", str(tmp_path / "x"),
+                     "--prior", str(other)]) == 2
+    assert "another prior" in capsys.readouterr().err
+    ckpt["integer"]["top"]["convs"][0]["multiplier"] = ckpt["integer"]["top"]["convs"][0]["multiplier"] * 2**40
+    spoiled = tmp_path / "spoiled.pt"
+    save_checkpoint(spoiled, ckpt)
+    assert run_main(["decode", "--checkpoint", str(work["vqvae"]), str(coded), "--out", str(tmp_path / "x"),
+                     "--prior", str(spoiled)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "integer coding copy" in err[0] and "beyond" in err[0]
+    assert not (tmp_path / "x").exists()

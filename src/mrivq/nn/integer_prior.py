@@ -46,9 +46,9 @@ def _multiplier(ratio: float) -> int:
     return round(ratio * (1 << SHIFT))
 
 
-def _rescale(values: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
-    """``round(values * multiplier / 2**SHIFT)`` in int64 (half up): ``multiplier`` broadcasts."""
-    return (values.long() * multiplier + (1 << (SHIFT - 1))) >> SHIFT
+def _rescale_(values: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
+    """``round(values * multiplier / 2**SHIFT)`` (half up), in place on int64 ``values``."""
+    return values.mul_(multiplier).add_(1 << (SHIFT - 1)).bitwise_right_shift_(SHIFT)
 
 
 def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -66,24 +66,19 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _columns(a: torch.Tensor, dilation: int) -> torch.Tensor:
-    """uint8 ``(B, C, H, W)`` -> int8 ``(B * H * W, 9 * C)``: each position's 3x3 neighbourhood at
-    ``dilation`` (zeros beyond the edges, as the float convolution pads), shifted by -128."""
-    batch, channels, height, width = a.shape
+    """int8 activations ``(B, H, W, C)`` (shifted by -128) -> ``(B * H * W, 9 * C)``: each
+    position's 3x3 neighbourhood at ``dilation``, taps outermost as the weights are laid out;
+    beyond the edges -128, the shifted zero the float convolution pads with."""
+    batch, height, width, channels = a.shape
     d = dilation
-    padded = F.pad(_shifted(a), (d, d, d, d), value=-128)
-    taps = [padded[:, :, i * d:i * d + height, j * d:j * d + width] for i in range(3) for j in range(3)]
-    stacked = torch.stack(taps, dim=1)  # (B, 9, C, H, W): taps outermost, as the weights are laid out
-    return stacked.permute(0, 3, 4, 1, 2).reshape(batch * height * width, 9 * channels)
-
-
-def _shifted(a: torch.Tensor) -> torch.Tensor:
-    """uint8 -> int8 ``a - 128`` (the product's correction adds ``128 * sum(weights)`` back)."""
-    return (a.to(torch.int16) - 128).to(torch.int8)
+    padded = F.pad(a, (0, 0, d, d, d, d), value=-128)
+    taps = [padded[:, i * d:i * d + height, j * d:j * d + width] for i in range(3) for j in range(3)]
+    return torch.cat(taps, dim=-1).reshape(batch * height * width, 9 * channels)
 
 
 class _Conv:
     """One convolution of the copy: int8 weights ``(9C or C, N)``, the -128 shift's correction, and
-    per output channel the multiplier into the stream's unit and the bias in that unit."""
+    per output channel the multiplier into the output's unit and the bias in that unit."""
 
     def __init__(self, state: dict) -> None:
         self.weight = state["weight"]  # int8 (K, N)
@@ -94,20 +89,17 @@ class _Conv:
         self.kernel = int(state["kernel"])
 
     def __call__(self, a: torch.Tensor) -> torch.Tensor:
-        """uint8 activations ``(B, C, H, W)`` -> int64 ``(B, N, H, W)`` in the output's unit."""
-        batch, channels, height, width = a.shape
-        if self.kernel == 3:
-            columns = _columns(a, self.dilation)
-        else:
-            columns = _shifted(a).permute(0, 2, 3, 1).reshape(-1, channels)
-        acc = int8_matmul(columns, self.weight).long() + self.correction
-        out = _rescale(acc, self.multiplier) + self.bias
-        return out.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
+        """int8 activations ``(B, H, W, C)`` -> int64 ``(B, H, W, N)`` in the output's unit."""
+        batch, height, width, channels = a.shape
+        columns = _columns(a, self.dilation) if self.kernel == 3 else a.reshape(-1, channels)
+        acc = int8_matmul(columns, self.weight).long().add_(self.correction)
+        return _rescale_(acc, self.multiplier).add_(self.bias).reshape(batch, height, width, -1)
 
 
 def _activate(x: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
-    """ReLU of the stream ``x`` (int64) requantised to uint8 by ``multiplier``."""
-    return _rescale(x.clamp(min=0), multiplier).clamp(max=255).to(torch.uint8)
+    """ReLU of the stream ``x`` (int64), requantised to 8 bits by ``multiplier`` and shifted by -128
+    to int8 (the product's correction adds ``128 * sum(weights)`` back)."""
+    return _rescale_(x.clamp(min=0), multiplier).clamp_(max=255).sub_(128).to(torch.int8)
 
 
 class _IntegerNet:
@@ -128,18 +120,22 @@ class _IntegerNet:
         else:
             known = self.order < step
             x = self.tables["code"][torch.where(known[None], codes, self.n_embed)] + self.tables["step"][step]
-            x = x + self.tables["row"][:, None, :] + self.tables["col"][None, :, :]
-        x = x.permute(0, 3, 1, 2)
+            x += self.tables["row"][:, None, :] + self.tables["col"][None, :, :]
         if condition is not None:
-            x = (x + condition).clamp(-STREAM_LIMIT, STREAM_LIMIT)
+            x += condition
+        x.clamp_(-STREAM_LIMIT, STREAM_LIMIT)
         for conv, multiplier in zip(self.convs, self.activations):
-            x = (x + conv(_activate(x, multiplier))).clamp(-STREAM_LIMIT, STREAM_LIMIT)
+            x += conv(_activate(x, multiplier))
+            x.clamp_(-STREAM_LIMIT, STREAM_LIMIT)
         return x
 
     def logits(self, codes: torch.Tensor, step: int, condition: torch.Tensor | None) -> torch.Tensor:
-        """int64 ``(B, n_embed, H, W)`` logits in units of 1/LOGIT_UNITS nat."""
+        """int64 ``(B, P, n_embed)`` logits, in units of 1/LOGIT_UNITS nat, of the ``P`` positions of
+        pass ``step`` (raster order)."""
         x = self.stream(codes, step, condition)
-        return self.head(_activate(x, self.activations[-1]))
+        here = (self.order == step).flatten()
+        x = x.reshape(len(x), -1, x.shape[-1])[:, here]  # (B, P, C): the head is 1x1
+        return self.head(_activate(x, self.activations[-1])[:, :, None, :]).squeeze(2)
 
 
 class IntegerPassPrior:
@@ -163,8 +159,9 @@ class IntegerPassPrior:
         return getattr(self, level).order
 
     def condition(self, codes_top: torch.Tensor) -> torch.Tensor:
+        """int64 ``(B, 2h, 2w, C)``: the top grid's features over the bottom grid."""
         x = self.condition_net.stream(codes_top, None, None)
-        return x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+        return x.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
 
     def frequencies(self, level: str, codes: torch.Tensor, step: int,
                     condition: torch.Tensor | None = None) -> torch.Tensor:
@@ -172,8 +169,6 @@ class IntegerPassPrior:
         the coder's frequencies at the ``P`` positions of pass ``step`` in raster order, each row
         summing to ``2**FREQUENCY_BITS`` with every entry at least 1."""
         logits = getattr(self, level).logits(codes, step, condition if level == "bottom" else None)
-        here = (self.order(level) == step).flatten()
-        logits = logits.flatten(2)[:, :, here].transpose(1, 2)  # (B, P, K)
         return frequencies_from_logits(logits, self.exp_table)
 
     def fingerprint(self) -> str:
@@ -184,13 +179,12 @@ def frequencies_from_logits(logits: torch.Tensor, exp_table: torch.Tensor) -> to
     """int64 logits ``(..., K)`` in 1/LOGIT_UNITS nat -> integer frequencies ``(..., K)`` summing to
     ``2**FREQUENCY_BITS``, each at least 1 (what is left after rounding down goes to the most
     probable code)."""
-    gap = (logits.max(dim=-1, keepdim=True).values - logits).clamp(max=len(exp_table) - 1)
-    weights = exp_table[gap]
-    k = logits.shape[-1]
-    spare = (1 << FREQUENCY_BITS) - k
-    freq = 1 + weights * spare // weights.sum(dim=-1, keepdim=True)
+    gap = logits.max(dim=-1, keepdim=True).values - logits
+    weights = exp_table[gap.clamp_(max=len(exp_table) - 1)]
+    spare = (1 << FREQUENCY_BITS) - logits.shape[-1]
+    freq = (weights * spare).floor_divide_(weights.sum(dim=-1, keepdim=True)).add_(1)
     short = (1 << FREQUENCY_BITS) - freq.sum(dim=-1, keepdim=True)
-    return freq.scatter_add(-1, weights.argmax(dim=-1, keepdim=True), short)
+    return freq.scatter_add_(-1, gap.argmin(dim=-1, keepdim=True), short)
 
 
 def fingerprint_state(state) -> str:
