@@ -21,12 +21,12 @@ from mrivq.compression.entropy import (
     encode_with_prior,
 )
 from mrivq.nn.integer_prior import (
-    FREQUENCY_BITS,
+    EXP_BITS,
     IntegerPassPrior,
-    frequencies_from_logits,
     int8_matmul,
     integer_prior,
     integer_state_problem,
+    weights_from_logits,
 )
 from mrivq.nn.pass_prior import PassPrior, pass_map
 from mrivq.nn.prior import CodePrior
@@ -114,14 +114,13 @@ def test_int8_products_are_exact():
     assert torch.equal(int8_matmul(a, b).long(), a.long() @ b.long())
 
 
-def test_integer_frequencies_sum_exactly_and_follow_the_logits():
-    table = torch.tensor([round(2**16 * math.exp(-d / 64)) for d in range(24 * 64 + 1)])
+def test_integer_weights_follow_the_logits_and_are_never_zero():
+    table = torch.tensor([max(1, round(2**EXP_BITS * math.exp(-d / 64))) for d in range(16 * 64 + 1)])
     logits = torch.tensor([[0, -64, -128, -10**9], [5, 5, 5, 5]])
-    freq = frequencies_from_logits(logits, table)
-    assert (freq.sum(-1) == 2**FREQUENCY_BITS).all() and (freq >= 1).all()
-    assert freq[0, 0] > freq[0, 1] > freq[0, 2] > freq[0, 3] == 1
-    assert freq[0, 0] / freq[0, 1] == pytest.approx(math.e, rel=1e-3)
-    assert freq[1].max() - freq[1].min() <= 4  # equal logits: equal shares, the remainder to one
+    weights = weights_from_logits(logits, table)
+    assert weights[0, 0] == 2**EXP_BITS and weights[0, 3] == 1 and (weights >= 1).all()
+    assert weights[0, 0] / weights[0, 1] == pytest.approx(math.e, rel=1e-4)
+    assert (weights[1] == 2**EXP_BITS).all()
 
 
 def test_the_integer_copy_codes_at_the_float_priors_rate(fitted):
@@ -208,7 +207,7 @@ def test_the_copy_is_made_the_same_way_twice_and_its_fingerprint_says_so(fitted)
     (lambda s: s["top"]["convs"].pop(), "number of entries"),
     (lambda s: s["bottom"]["convs"][1].update(multiplier=s["bottom"]["convs"][1]["multiplier"] * 2**40), "beyond"),
     (lambda s: s["top"]["order"].fill_(0), "pass order"),
-    (lambda s: s["exp_table"].__setitem__(5, 2**20), "exponential table"),
+    (lambda s: s["exp_table"].__setitem__(5, 2**21), "exponential table"),
     (lambda s: s.update(n_embed=64), "where 32 belongs"),
     (lambda s: s.pop("condition"), "other entries"),
 ])

@@ -27,7 +27,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from mrivq.nn.integer_prior import IntegerPassPrior, to_numpy_frequencies
+from mrivq.nn.integer_prior import IntegerPassPrior, as_probabilities
 from mrivq.nn.pass_prior import PassPrior
 from mrivq.nn.prior import CodePrior, NonFiniteProbabilities
 
@@ -191,7 +191,7 @@ def _passes(prior: IntegerPassPrior, n: int, batch_size: int, code: PassCoder) -
                 condition = prior.condition(torch.as_tensor(out["top"][-1], device=device))
             codes = torch.zeros(size, *grids[level], dtype=torch.long, device=device)
             for step in range(prior.passes[level]):
-                probs = to_numpy_frequencies(prior.frequencies(level, codes, step, condition))  # (size, P, K)
+                probs = as_probabilities(prior.weights(level, codes, step, condition))  # (size, P, K)
                 symbols = np.stack([code(level, probs[i], lo + i, step) for i in range(size)])
                 codes[:, prior.order(level) == step] = torch.as_tensor(symbols, dtype=torch.long, device=device)
             out[level].append(codes.cpu().numpy())
@@ -279,7 +279,7 @@ def _surprise_in_passes(prior: IntegerPassPrior, codes_top: np.ndarray, codes_bo
     def code(level, probs, i, step):
         here = orders[level] == step
         symbols = truth[level][i][here]
-        bits[level][i][here] = -np.log2(probs[np.arange(len(symbols)), symbols])
+        bits[level][i][here] = -np.log2(probs[np.arange(len(symbols)), symbols] / probs.sum(axis=1))
         return symbols
 
     _passes(prior, len(codes_top), batch_size, code)

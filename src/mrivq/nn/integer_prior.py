@@ -13,7 +13,9 @@ is the same wherever it runs:
   right shift (``multiplier / 2**SHIFT`` approximates the float ratio, rounding down).
 - Logits come out in fixed units of ``1 / LOGIT_UNITS`` nat; a table of
   ``exp(-d / LOGIT_UNITS)`` in integers (made once, when the copy is made, and stored with
-  it) turns them into frequencies that sum to exactly ``2**FREQUENCY_BITS``, at least 1 each.
+  it) turns them into integer weights, at least 1 each. The range coder takes them as
+  float64 numbers, exactly, and normalises them itself (constriction: a fixed sequence of
+  IEEE operations in Rust, the same on every machine for one constriction version).
 
 Everything the copy holds is integer tensors, made from the float prior and a calibration
 batch by :func:`integer_prior` (deterministic: the same float prior and batch give the same
@@ -36,19 +38,13 @@ SHIFT = 24  # rescaling: (value * multiplier) >> SHIFT, in int64
 STREAM_BITS = 20  # the residual stream's largest calibrated magnitude is 2**STREAM_BITS units
 STREAM_LIMIT = 1 << 42  # the stream is clamped here (only a damaged copy comes near it)
 LOGIT_UNITS = 64  # logits in units of 1/64 nat
-EXP_RANGE = 24  # nats: differences from the largest logit beyond this get the table's last entry
-EXP_BITS = 16  # the table holds round(2**EXP_BITS * exp(-d / LOGIT_UNITS))
-FREQUENCY_BITS = 24  # a position's frequencies sum to 2**FREQUENCY_BITS
+EXP_RANGE = 16  # nats: differences from the largest logit beyond this get the table's last entry
+EXP_BITS = 20  # the table holds max(1, round(2**EXP_BITS * exp(-d / LOGIT_UNITS)))
 
 
 def _multiplier(ratio: float) -> int:
     """The int64 multiplier ``m`` with ``m / 2**SHIFT`` closest to ``ratio`` (made once, stored)."""
     return round(ratio * (1 << SHIFT))
-
-
-def _rescale_(values: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
-    """``round(values * multiplier / 2**SHIFT)`` (half up), in place on int64 ``values``."""
-    return values.mul_(multiplier).add_(1 << (SHIFT - 1)).bitwise_right_shift_(SHIFT)
 
 
 def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -82,24 +78,28 @@ class _Conv:
 
     def __init__(self, state: dict) -> None:
         self.weight = state["weight"]  # int8 (K, N)
-        self.correction = 128 * self.weight.long().sum(dim=0)  # int64 (N,)
         self.multiplier = state["multiplier"]  # int64 (N,)
-        self.bias = state["bias"]  # int64 (N,)
         self.dilation = int(state["dilation"])
         self.kernel = int(state["kernel"])
+        # round((acc + correction) * multiplier / 2**SHIFT) + bias in one addition before the shift
+        # (the same integers): the -128 shift's correction, the rounding half and the bias.
+        correction = 128 * self.weight.long().sum(dim=0)
+        self.offset = correction * self.multiplier + (1 << (SHIFT - 1)) + (state["bias"] << SHIFT)
 
     def __call__(self, a: torch.Tensor) -> torch.Tensor:
         """int8 activations ``(B, H, W, C)`` -> int64 ``(B, H, W, N)`` in the output's unit."""
         batch, height, width, channels = a.shape
         columns = _columns(a, self.dilation) if self.kernel == 3 else a.reshape(-1, channels)
-        acc = int8_matmul(columns, self.weight).long().add_(self.correction)
-        return _rescale_(acc, self.multiplier).add_(self.bias).reshape(batch, height, width, -1)
+        acc = int8_matmul(columns, self.weight).long().mul_(self.multiplier).add_(self.offset)
+        return acc.bitwise_right_shift_(SHIFT).reshape(batch, height, width, -1)
 
 
 def _activate(x: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
     """ReLU of the stream ``x`` (int64), requantised to 8 bits by ``multiplier`` and shifted by -128
-    to int8 (the product's correction adds ``128 * sum(weights)`` back)."""
-    return _rescale_(x.clamp(min=0), multiplier).clamp_(max=255).sub_(128).to(torch.int8)
+    to int8 (the product's correction adds ``128 * sum(weights)`` back): ``round(x * m / 2**SHIFT)``
+    clamped to [0, 255], minus 128, with the -128 folded in before the shift."""
+    scaled = (x * multiplier).add_((1 << (SHIFT - 1)) - (128 << SHIFT)).bitwise_right_shift_(SHIFT)
+    return scaled.clamp_(-128, 127).to(torch.int8)
 
 
 class _IntegerNet:
@@ -139,7 +139,7 @@ class _IntegerNet:
 
 
 class IntegerPassPrior:
-    """The coding path of a :class:`PassPrior` in integers: :meth:`frequencies` of every code of a
+    """The coding path of a :class:`PassPrior` in integers: :meth:`weights` of every code of a
     pass, the same on any machine, thread count, batch and device."""
 
     def __init__(self, state: dict) -> None:
@@ -163,28 +163,30 @@ class IntegerPassPrior:
         x = self.condition_net.stream(codes_top, None, None)
         return x.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
 
-    def frequencies(self, level: str, codes: torch.Tensor, step: int,
-                    condition: torch.Tensor | None = None) -> torch.Tensor:
-        """int64 ``(B, P, n_embed)``: for each grid of ``codes`` (those of earlier passes read),
-        the coder's frequencies at the ``P`` positions of pass ``step`` in raster order, each row
-        summing to ``2**FREQUENCY_BITS`` with every entry at least 1."""
+    def weights(self, level: str, codes: torch.Tensor, step: int,
+                condition: torch.Tensor | None = None) -> torch.Tensor:
+        """int64 ``(B, P, n_embed)``: for each grid of ``codes`` (those of earlier passes read), the
+        coder's weights of every code at the ``P`` positions of pass ``step`` in raster order,
+        proportional to the probabilities, each between 1 and ``2**EXP_BITS``."""
         logits = getattr(self, level).logits(codes, step, condition if level == "bottom" else None)
-        return frequencies_from_logits(logits, self.exp_table)
+        return weights_from_logits(logits, self.exp_table)
 
     def fingerprint(self) -> str:
         return fingerprint_state(self.state)
 
 
-def frequencies_from_logits(logits: torch.Tensor, exp_table: torch.Tensor) -> torch.Tensor:
-    """int64 logits ``(..., K)`` in 1/LOGIT_UNITS nat -> integer frequencies ``(..., K)`` summing to
-    ``2**FREQUENCY_BITS``, each at least 1 (what is left after rounding down goes to the most
-    probable code)."""
-    gap = logits.max(dim=-1, keepdim=True).values - logits
-    weights = exp_table[gap.clamp_(max=len(exp_table) - 1)]
-    spare = (1 << FREQUENCY_BITS) - logits.shape[-1]
-    freq = (weights * spare).floor_divide_(weights.sum(dim=-1, keepdim=True)).add_(1)
-    short = (1 << FREQUENCY_BITS) - freq.sum(dim=-1, keepdim=True)
-    return freq.scatter_add_(-1, gap.argmin(dim=-1, keepdim=True), short)
+def weights_from_logits(logits: torch.Tensor, exp_table: torch.Tensor) -> torch.Tensor:
+    """int64 logits ``(..., K)`` in 1/LOGIT_UNITS nat -> integer weights ``(..., K)``,
+    ``exp_table[largest logit - logit]``: the most probable code gets ``2**EXP_BITS``."""
+    gap = logits.amax(dim=-1, keepdim=True) - logits
+    return exp_table[gap.clamp_(max=len(exp_table) - 1)]
+
+
+def as_probabilities(weights: torch.Tensor) -> np.ndarray:
+    """Integer weights -> the float64 array the range coder takes (it normalises them itself).
+    The conversion is exact, and so is any sum of them (integers below 2**53), so the coder
+    sees the same numbers on every machine."""
+    return weights.cpu().numpy().astype(np.float64)
 
 
 def fingerprint_state(state) -> str:
@@ -242,7 +244,7 @@ def integer_prior(prior: PassPrior, codes_top: torch.Tensor, codes_bottom: torch
         "top": _net_state(prior.top, records["top"], unit, head=True),
         "bottom": _net_state(prior.bottom, records["bottom"], unit, head=True),
         "condition": _net_state(prior.condition, records["condition"], unit, head=False),
-        "exp_table": torch.tensor([round((1 << EXP_BITS) * math.exp(-d / LOGIT_UNITS))
+        "exp_table": torch.tensor([max(1, round((1 << EXP_BITS) * math.exp(-d / LOGIT_UNITS)))
                                    for d in range(EXP_RANGE * LOGIT_UNITS + 1)], dtype=torch.int64),
     }
     return IntegerPassPrior(state)
@@ -309,19 +311,16 @@ def _conv_state(conv: torch.nn.Conv2d, input_scale: float, output_unit: float) -
             "bias": torch.round(bias / output_unit).long()}
 
 
-def to_numpy_frequencies(freq: torch.Tensor) -> np.ndarray:
-    """Integer frequencies -> the float64 probabilities constriction takes: ``freq / 2**FREQUENCY_BITS``,
-    exact (a dyadic fraction), so the coder quantises the same numbers on every machine."""
-    return freq.cpu().numpy().astype(np.float64) / float(1 << FREQUENCY_BITS)
 
 
 # ---------------------------------------------------------------------------------------
 # Checking a copy read from a file
 # ---------------------------------------------------------------------------------------
 
-#: |value| limits of a copy read from a file: with the stream clamped to STREAM_LIMIT, and at most
-#: 1024 channels (a product below 2**29), every product stays inside int64.
-_BOUNDS = {"multiplier": 1 << 34, "activations": 1 << 20, "bias": 1 << 40, "code": 1 << 36, "step": 1 << 36,
+#: |value| limits of a copy read from a file: with the stream clamped to STREAM_LIMIT, at most
+#: 1024 channels (a product below 2**29) and the bias shifted up by SHIFT bits, every product and
+#: sum stays inside int64.
+_BOUNDS = {"multiplier": 1 << 34, "activations": 1 << 20, "bias": 1 << 30, "code": 1 << 36, "step": 1 << 36,
            "row": 1 << 36, "col": 1 << 36}
 
 
@@ -339,8 +338,8 @@ def integer_state_problem(state, prior: PassPrior) -> str | None:
         if not torch.equal(state[level]["order"], template[level]["order"]):
             return f"has another pass order for the {level} grid"
     table = state["exp_table"]
-    if table[0] != 1 << EXP_BITS or (table < 0).any() or (table[1:] > table[:-1]).any():
-        return "has an exponential table that is not a falling one from 2**16"
+    if table[0] != 1 << EXP_BITS or (table < 1).any() or (table[1:] > table[:-1]).any():
+        return f"has an exponential table that is not a falling one from 2**{EXP_BITS} to 1 or more"
     return None
 
 
