@@ -39,6 +39,7 @@ from mrivq.engine.checkpoint import (
 from mrivq.engine.inference import decode_images, encode_images
 from mrivq.engine.losses import ssim_per_image
 from mrivq.errors import UserError
+from mrivq.nn.pass_prior import PassPrior
 from mrivq.nn.prior import NonFiniteProbabilities
 from mrivq.reporting.plots import save_samples_grid
 from mrivq.run_dir import atomic_write, claim_outputs
@@ -101,7 +102,8 @@ def sample(prior_path: str | Path, n: int, out_dir: str | Path, *, temperature: 
     result = {"codes_top": codes_top, "codes_bottom": codes_bottom, "grid": str(grid),
               "nifti": [str(out_dir / name) for name in names], "seconds": drawn["seconds"],
               "samples_per_s": n / drawn["seconds"], "code_samples_per_s": n / drawn["code_seconds"],
-              "device": f"{device.type}" + (", 1 thread for the autoregressive loop" if device.type == "cpu" else "")}
+              "device": f"{device.type}" + (", 1 thread for the autoregressive loop"
+                                            if device.type == "cpu" and not isinstance(prior, PassPrior) else "")}
     if references:
         result.update(_nearest_training_slices(shown, references, vq_config, out_dir, vqvae, names))
     return result
@@ -117,9 +119,11 @@ def _draw(prior, vqvae, reference: tuple[np.ndarray, np.ndarray], vq_config, n: 
     tops, bottoms, shown, code_seconds = [], [], [], 0.0
     start = time.perf_counter()
     threads = torch.get_num_threads()
-    # One token per step makes every operation tiny: on the CPU, intra-op threads only add
-    # synchronisation (measured 10-50x slower with 2 threads on a busy 2-core machine).
-    torch.set_num_threads(1)
+    # A transformer prior draws one token per step, so every operation is tiny: on the CPU,
+    # intra-op threads only add synchronisation (measured 10-50x slower with 2 threads on a busy
+    # 2-core machine). A pass prior draws whole passes: it keeps the threads.
+    drawing_threads = threads if isinstance(prior, PassPrior) else 1
+    torch.set_num_threads(drawing_threads)
     try:
         batches = range(0, n, batch_size)
         for lo in tqdm(batches, desc="sample", unit="batch", disable=None, leave=False):
@@ -130,7 +134,7 @@ def _draw(prior, vqvae, reference: tuple[np.ndarray, np.ndarray], vq_config, n: 
             code_seconds += time.perf_counter() - began
             torch.set_num_threads(threads)
             slices = clip_to_input_range(decode_images(vqvae, top, bottom)[:, :height, :width], normalize)
-            torch.set_num_threads(1)
+            torch.set_num_threads(drawing_threads)
             for name, decoded in zip(names[lo:], slices):
                 blob = nifti_bytes(nifti_image(denormalize(decoded, norm), affine))
                 atomic_write(out_dir / name, lambda fh, blob=blob: fh.write(blob), listed=False)
