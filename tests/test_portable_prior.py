@@ -227,3 +227,30 @@ def _deep_copy(value):
     if isinstance(value, list):
         return [_deep_copy(v) for v in value]
     return value.clone() if isinstance(value, torch.Tensor) else value
+
+
+def test_a_stream_whose_slice_lengths_do_not_add_up_or_that_runs_on_is_refused(fitted):
+    prior, top, bottom = fitted
+    words = encode_in_passes(prior.integer, top.numpy(), bottom.numpy())
+    short = words.copy()
+    short[0] += 1
+    with pytest.raises(ValueError, match="do not add up"):
+        decode_in_passes(prior.integer, short, len(top))
+    n, first = len(top), int(words[0])
+    longer = np.concatenate([[first + 3], words[1:n], words[n:n + first], [1, 2, 3], words[n + first:]])
+    with pytest.raises(ValueError):
+        decode_in_passes(prior.integer, longer.astype(np.uint32), len(top))
+
+
+def test_a_prior_with_a_dead_layer_still_makes_a_copy_that_loads(fitted):
+    prior, top, bottom = fitted
+    dead = PassPrior(32, (8, 4), channels=16, layers=3, condition_layers=1)
+    dead.load_state_dict(prior.state_dict())
+    with torch.no_grad():
+        dead.top.convs[1].weight.zero_()
+        dead.top.convs[1].bias.fill_(-5.0)  # the stream below it stays, the layer adds nothing positive
+        dead.bottom.convs[0].weight.mul_(1e-9)
+    copy = integer_prior(dead, top, bottom)
+    assert integer_state_problem(copy.state, dead) is None
+    words = encode_in_passes(copy, top.numpy(), bottom.numpy())
+    assert np.array_equal(decode_in_passes(copy, words, len(top))[1], bottom.numpy())

@@ -238,7 +238,10 @@ def decode_in_passes(prior: IntegerPassPrior, words: np.ndarray, n: int, *,
     categorical, queue = _categorical()
     model = categorical(perfect=False)
     decoders = [queue.RangeDecoder(np.ascontiguousarray(s)) for s in split_streams(words, n)]
-    return _passes(prior, n, batch_size, lambda level, probs, i, step: decoders[i].decode(model, probs))
+    codes = _passes(prior, n, batch_size, lambda level, probs, i, step: decoders[i].decode(model, probs))
+    if not all(decoder.maybe_exhausted() for decoder in decoders):
+        raise ValueError("a slice's stream holds more words than its codes")
+    return codes
 
 
 # ---------------------------------------------------------------------------------------
@@ -271,7 +274,8 @@ def surprise_bits(prior: CodePrior, codes_top: np.ndarray, codes_bottom: np.ndar
 
 def _surprise_in_passes(prior: IntegerPassPrior, codes_top: np.ndarray, codes_bottom: np.ndarray,
                         batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`surprise_bits` from the integer copy's frequencies: exactly what its coder spends."""
+    """:func:`surprise_bits` from the integer copy's weights: what its coder spends, to within the
+    coder's rounding of them to 24-bit frequencies."""
     truth = {"top": np.asarray(codes_top, dtype=np.int64), "bottom": np.asarray(codes_bottom, dtype=np.int64)}
     bits = {level: np.zeros(codes.shape, dtype=np.float32) for level, codes in truth.items()}
     orders = {level: prior.order(level).cpu().numpy() for level in truth}

@@ -253,8 +253,8 @@ def _prior_shape(ckpt: dict, vq_config: Config, config: Config, path: Path) -> t
         raise UserError(f"{path}: its prior_shape {reprlib.repr(ckpt.get('prior_shape'))} is not its VQ-VAE's "
                         f"{expected}; not a prior checkpoint mrivq wrote, or damaged")
     p, cells = config.prior, expected["top_grid"][0] * expected["top_grid"][1]
-    if p.architecture == "passes":  # the integer copy's int64 stream and int8 columns of the bottom grid
-        what, cache_bytes = "working memory", 4 * cells * p.channels * (8 + 9 + 8) * PRIOR_BATCH
+    if p.architecture == "passes":  # the integer copy's int64 stream, its int8 columns and products
+        what, cache_bytes = "working memory", 4 * cells * p.channels * 40 * PRIOR_BATCH
     else:
         what, cache_bytes = "key/value caches", (p.n_layer_top + 4 * p.n_layer_bottom) * cells * p.d_model * 2 * 4 * PRIOR_BATCH
     if cache_bytes > MAX_PRIOR_CACHE_BYTES:

@@ -40,6 +40,9 @@ STREAM_LIMIT = 1 << 42  # the stream is clamped here (only a damaged copy comes 
 LOGIT_UNITS = 64  # logits in units of 1/64 nat
 EXP_RANGE = 16  # nats: differences from the largest logit beyond this get the table's last entry
 EXP_BITS = 20  # the table holds max(1, round(2**EXP_BITS * exp(-d / LOGIT_UNITS)))
+#: The constants of the arithmetic, stored in every copy (so its fingerprint covers them).
+ARITHMETIC = {"shift": SHIFT, "stream_bits": STREAM_BITS, "stream_limit": STREAM_LIMIT,
+              "logit_units": LOGIT_UNITS, "exp_range": EXP_RANGE, "exp_bits": EXP_BITS}
 
 
 def _multiplier(ratio: float) -> int:
@@ -94,11 +97,13 @@ class _Conv:
         return acc.bitwise_right_shift_(SHIFT).reshape(batch, height, width, -1)
 
 
-def _activate(x: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
+def _activate(x: torch.Tensor, multiplier: int) -> torch.Tensor:
     """ReLU of the stream ``x`` (int64), requantised to 8 bits by ``multiplier`` and shifted by -128
     to int8 (the product's correction adds ``128 * sum(weights)`` back): ``round(x * m / 2**SHIFT)``
-    clamped to [0, 255], minus 128, with the -128 folded in before the shift."""
-    scaled = (x * multiplier).add_((1 << (SHIFT - 1)) - (128 << SHIFT)).bitwise_right_shift_(SHIFT)
+    clamped to [0, 255], minus 128, with the -128 folded in before the shift. ``x`` is first
+    clamped to where the result saturates anyway, so the product stays near 2**32."""
+    top = ((255 << SHIFT) // max(multiplier, 1)) + 1
+    scaled = (x.clamp(-1, top) * multiplier).add_((1 << (SHIFT - 1)) - (128 << SHIFT)).bitwise_right_shift_(SHIFT)
     return scaled.clamp_(-128, 127).to(torch.int8)
 
 
@@ -109,7 +114,7 @@ class _IntegerNet:
         self.tables = {k: state[k] for k in ("code", "step", "row", "col") if k in state}  # int64, stream unit
         self.order = state.get("order")
         self.convs = [_Conv(s) for s in state["convs"]]
-        self.activations = state["activations"]  # int64 multipliers, one per ReLU
+        self.activations = [int(m) for m in state["activations"]]  # multipliers, one per ReLU
         self.head = _Conv(state["head"]) if "head" in state else None
         self.n_embed = int(state["n_embed"])
 
@@ -153,6 +158,13 @@ class IntegerPassPrior:
         self.passes = {"top": int(state["top"]["passes"]), "bottom": int(state["bottom"]["passes"])}
 
     def to(self, device) -> IntegerPassPrior:
+        """The copy on ``device``, or on the CPU where ``device`` cannot multiply int8 matrices
+        (the results are the same everywhere, so only the speed differs)."""
+        try:
+            probe = torch.ones(17, 8, dtype=torch.int8, device=device)
+            int8_matmul(probe, probe[:8])
+        except (RuntimeError, NotImplementedError):
+            device = "cpu"
         return IntegerPassPrior(_map_tensors(self.state, lambda t: t.to(device)))
 
     def order(self, level: str) -> torch.Tensor:
@@ -239,7 +251,9 @@ def integer_prior(prior: PassPrior, codes_top: torch.Tensor, codes_bottom: torch
     stream = max(records[name]["stream"] for name in records)
     unit = stream / (1 << STREAM_BITS)  # one stream unit in float
     state = {
-        "format": "mrivq-integer-pass-prior", "version": 1,
+        # Bump the version whenever the integer arithmetic changes: a stored copy of another
+        # version is then refused by name, never misread.
+        "format": "mrivq-integer-pass-prior", "version": 1, "arithmetic": ARITHMETIC,
         "n_embed": prior.n_embed, "top_grid": list(prior.top_grid),
         "top": _net_state(prior.top, records["top"], unit, head=True),
         "bottom": _net_state(prior.bottom, records["bottom"], unit, head=True),
@@ -247,6 +261,10 @@ def integer_prior(prior: PassPrior, codes_top: torch.Tensor, codes_bottom: torch
         "exp_table": torch.tensor([max(1, round((1 << EXP_BITS) * math.exp(-d / LOGIT_UNITS)))
                                    for d in range(EXP_RANGE * LOGIT_UNITS + 1)], dtype=torch.int64),
     }
+    problem = _bounds_problem(state, "")
+    if problem:
+        raise ValueError(f"the integer copy of this prior {problem}: its activations or weights are out of "
+                         "the fixed-point ranges; retrain the prior")
     return IntegerPassPrior(state)
 
 
@@ -276,8 +294,11 @@ def _traced(net, records: dict, name: str, *args) -> torch.Tensor:
 
 
 def _net_state(net, record: dict, unit: float, *, head: bool) -> dict:
-    """Integer tables, convolutions and activation multipliers of one net."""
-    relu_scales = [max(top, 1e-8) / 255 for top in record["relu"]]  # float per uint8 step
+    """Integer tables, convolutions and activation multipliers of one net. A ReLU that stayed
+    (nearly) dead in calibration gets the range of a 2**-12 share of the stream's, so its
+    multiplier stays bounded (its outputs are 0 either way)."""
+    floor = unit * (1 << STREAM_BITS) / 4096
+    relu_scales = [max(top, floor) / 255 for top in record["relu"]]  # float per uint8 step
     state = {"n_embed": net.code.num_embeddings - (0 if isinstance(net, TopFeatures) else 1),
              "activations": torch.tensor([_multiplier(unit / s) for s in relu_scales], dtype=torch.int64),
              "convs": [_conv_state(conv, relu_scales[i], unit) for i, conv in enumerate(net.convs)]}
@@ -320,18 +341,23 @@ def _conv_state(conv: torch.nn.Conv2d, input_scale: float, output_unit: float) -
 #: |value| limits of a copy read from a file: with the stream clamped to STREAM_LIMIT, at most
 #: 1024 channels (a product below 2**29) and the bias shifted up by SHIFT bits, every product and
 #: sum stays inside int64.
-_BOUNDS = {"multiplier": 1 << 34, "activations": 1 << 20, "bias": 1 << 30, "code": 1 << 36, "step": 1 << 36,
+_BOUNDS = {"multiplier": 1 << 34, "activations": 1 << 30, "bias": 1 << 30, "code": 1 << 36, "step": 1 << 36,
            "row": 1 << 36, "col": 1 << 36}
 
 
 def integer_state_problem(state, prior: PassPrior) -> str | None:
     """What is wrong with ``state`` as the integer copy of ``prior`` (a file's, so untrusted), or
-    None: the structure, every tensor's type and shape must be those the float prior's copy has,
-    the pass order the one its schedule gives, and the values within the bounds that keep every
-    product inside int64."""
-    grid = torch.zeros(1, *prior.top_grid, dtype=torch.long)
-    template = integer_prior(prior, grid, torch.zeros(1, *prior.bottom_grid, dtype=torch.long)).state
-    problem = _compare(state, template, "")
+    None: the structure, every tensor's type and shape must be those a copy of a prior of
+    ``prior``'s sizes has (the template is made from a fresh prior of those sizes, never from the
+    file's weights), the pass order the one its schedule gives, the exponential table a falling
+    one, and the values within the bounds that keep every product inside int64."""
+    with torch.random.fork_rng(devices=[]):
+        fresh = PassPrior(prior.n_embed, prior.top_grid, channels=prior.top.code.embedding_dim,
+                          layers=len(prior.top.convs), condition_layers=len(prior.condition.convs),
+                          passes_top=prior.top.passes, passes_bottom=prior.bottom.passes)
+    template = integer_prior(fresh, torch.zeros(1, *prior.top_grid, dtype=torch.long),
+                             torch.zeros(1, *prior.bottom_grid, dtype=torch.long)).state
+    problem = _compare(state, template, "") or _bounds_problem(state, "")
     if problem:
         return problem
     for level in ("top", "bottom"):
@@ -340,6 +366,18 @@ def integer_state_problem(state, prior: PassPrior) -> str | None:
     table = state["exp_table"]
     if table[0] != 1 << EXP_BITS or (table < 1).any() or (table[1:] > table[:-1]).any():
         return f"has an exponential table that is not a falling one from 2**{EXP_BITS} to 1 or more"
+    return None
+
+
+def _bounds_problem(value, where: str) -> str | None:
+    """The first tensor of a copy's state beyond its :data:`_BOUNDS` entry, named."""
+    if isinstance(value, dict):
+        return next(filter(None, (_bounds_problem(v, f"{where}/{k}") for k, v in value.items())), None)
+    if isinstance(value, list):
+        return next(filter(None, (_bounds_problem(v, f"{where}[{i}]") for i, v in enumerate(value))), None)
+    limit = _BOUNDS.get(where.rsplit("/", 1)[-1])
+    if isinstance(value, torch.Tensor) and limit is not None and value.numel() and int(value.abs().max()) >= limit:
+        return f"has values beyond {limit} at {where}"
     return None
 
 
@@ -364,9 +402,6 @@ def _compare(value, template, where: str) -> str | None:
         if not (isinstance(value, torch.Tensor) and value.dtype == template.dtype and value.shape == template.shape
                 and value.layout == torch.strided):
             return f"has a tensor of another type or shape at {where}"
-        limit = _BOUNDS.get(where.rsplit("/", 1)[-1])
-        if limit is not None and value.numel() and int(value.abs().max()) >= limit:
-            return f"has values beyond {limit} at {where}"
         return None
     if type(value) is not type(template) or value != template:
         return f"has {value!r:.40} where {template!r:.40} belongs at {where}"
