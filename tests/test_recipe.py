@@ -59,11 +59,8 @@ def test_training_with_the_ssim_l1_loss_logs_that_loss_for_training_and_validati
     assert load_checkpoint(config.model_dir / "best.pt")["config"]["train"]["loss"] == "ssim_l1"
 
 
-def test_max_time_fits_the_schedule_to_the_budget_and_ends_with_checkpoints(tiny_overrides, monkeypatch):
-    """A clock on which every step takes one second: a 30-second budget fits 30 steps, whatever
-    the epochs say, and the learning rate reaches its floor at the last of them."""
-    config = load_config(None, tiny_overrides + ["train.max_time=30s", "train.epochs=1", "train.interval=8",
-                                                 "train.min_lr_ratio=0.1"])
+def one_second_per_step(monkeypatch) -> None:
+    """Give every training loop a clock on which each step takes one second."""
     original_init = TrainingLoop.__init__
 
     def init_with_step_clock(self, *args, **kwargs):
@@ -71,6 +68,14 @@ def test_max_time_fits_the_schedule_to_the_budget_and_ends_with_checkpoints(tiny
         self.clock = lambda: float(self.state.step)
 
     monkeypatch.setattr(TrainingLoop, "__init__", init_with_step_clock)
+
+
+def test_max_time_fits_the_schedule_to_the_budget_and_ends_with_checkpoints(tiny_overrides, monkeypatch):
+    """A clock on which every step takes one second: a 30-second budget fits 30 steps, whatever
+    the epochs say, and the learning rate reaches its floor at the last of them."""
+    config = load_config(None, tiny_overrides + ["train.max_time=30s", "train.epochs=1", "train.interval=8",
+                                                 "train.min_lr_ratio=0.1"])
+    one_second_per_step(monkeypatch)
     summary = train(config)
     assert summary["steps"] == 30  # far more than one epoch of the tiny phantom (6 steps)
     last = load_checkpoint(config.model_dir / "last.pt")
@@ -88,13 +93,7 @@ def test_the_auto_learning_rate_follows_the_length_the_budget_fits(tiny_override
     config = load_config(None, tiny_overrides + ["train.max_time=60s", "train.epochs=1", "train.interval=30",
                                                  "train.min_lr_ratio=0.1", "train.lr=auto",
                                                  "train.warmup_steps=2"])
-    original_init = TrainingLoop.__init__
-
-    def init_with_step_clock(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        self.clock = lambda: float(self.state.step)
-
-    monkeypatch.setattr(TrainingLoop, "__init__", init_with_step_clock)
+    one_second_per_step(monkeypatch)
     train(config)
     peak = steps.auto_peak_lr(60)
     assert 5e-4 < peak < 2e-3
