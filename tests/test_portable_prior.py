@@ -254,3 +254,13 @@ def test_a_prior_with_a_dead_layer_still_makes_a_copy_that_loads(fitted):
     assert integer_state_problem(copy.state, dead) is None
     words = encode_in_passes(copy, top.numpy(), bottom.numpy())
     assert np.array_equal(decode_in_passes(copy, words, len(top))[1], bottom.numpy())
+
+
+def test_pass_sampling_draws_by_the_probabilities_within_the_nucleus():
+    from mrivq.nn.pass_prior import _draw
+
+    probs = torch.tensor([[0.2, 0.5, 0.3]]).repeat(20000, 1)
+    shares = torch.bincount(_draw(probs, 1.0, torch.Generator().manual_seed(1)), minlength=3) / 20000
+    assert torch.allclose(shares, torch.tensor([0.2, 0.5, 0.3]), atol=0.015)
+    shares = torch.bincount(_draw(probs, 0.6, torch.Generator().manual_seed(1)), minlength=3) / 20000
+    assert shares[0] == 0 and torch.allclose(shares[1:], torch.tensor([0.625, 0.375]), atol=0.015)

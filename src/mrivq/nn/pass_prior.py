@@ -148,7 +148,7 @@ class PassPrior(nn.Module):
     def sample(self, n: int, *, temperature: float = 1.0, top_p: float = 1.0,
                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` new code pairs, each grid drawn pass by pass (``top_p`` < 1: nucleus sampling)."""
-        from mrivq.nn.prior import NonFiniteProbabilities, _nucleus
+        from mrivq.nn.prior import NonFiniteProbabilities
 
         device = self.top.head.weight.device
         grids = []
@@ -158,17 +158,30 @@ class PassPrior(nn.Module):
                 condition = self.condition(grids[0])
             codes = torch.zeros(n, *net.grid, dtype=torch.long, device=device)
             for step in range(net.passes):
+                here = (net.order == step).flatten()  # only this pass's positions are drawn
                 logits = net(codes, torch.full((n,), step, device=device), condition).float()
-                probs = torch.softmax(logits / temperature, dim=1).permute(0, 2, 3, 1).reshape(-1, self.n_embed)
+                logits = logits.flatten(2)[:, :, here].transpose(1, 2).reshape(-1, self.n_embed)
+                probs = torch.softmax(logits / temperature, dim=1)
                 if not torch.isfinite(probs).all():
                     raise NonFiniteProbabilities("the prior's probabilities hold NaN or Inf (damaged weights)")
-                if top_p < 1:
-                    probs = _nucleus(probs, top_p)
-                drawn = torch.multinomial(probs, 1, generator=generator).reshape(n, *net.grid)
-                here = (net.order == step)[None]
-                codes = torch.where(here, drawn, codes)
+                drawn = _draw(probs, top_p, generator).reshape(n, -1)
+                codes = codes.flatten(1).index_put((torch.arange(n, device=device)[:, None],
+                                                    here.nonzero()[:, 0][None]), drawn).reshape(n, *net.grid)
             grids.append(codes)
         return grids[0], grids[1]
+
+
+def _draw(probs: torch.Tensor, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """One code per row of ``probs`` ``(rows, K)``, from the most probable codes that together hold
+    at least ``top_p`` of the probability (nucleus sampling; all of them at 1): the rows sorted
+    once, a uniform draw located in their cumulative sums."""
+    ordered, order = probs.sort(dim=-1, descending=True)
+    if top_p < 1:
+        ordered = ordered.masked_fill(ordered.cumsum(dim=-1) - ordered >= top_p, 0)
+    cumulative = ordered.cumsum(dim=-1)
+    u = torch.rand(len(probs), 1, generator=generator, device=probs.device) * cumulative[:, -1:]
+    index = torch.searchsorted(cumulative, u, right=True).clamp_(max=probs.shape[-1] - 1)
+    return order.gather(-1, index)[:, 0]
 
 
 def _all_passes(net: PassNet, codes: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
