@@ -123,6 +123,24 @@ def test_prior_header_keys_are_checked(bases, tmp_path, capsys, key):
         refused(decode_args(bases, path, tmp_path / "out", "--prior", bases["prior"]), capsys, "header")
 
 
+@pytest.mark.parametrize("edit", [{"prior_coding": "passes"}, {"prior_coding": "sideways"},
+                                  {"prior_batch": None}, {"prior_device": None}])
+def test_a_prior_coding_that_does_not_fit_the_header_is_refused(bases, tmp_path, capsys, edit):
+    """A sequentially coded file claiming passes (or with its batch or device gone), or another
+    coding, is refused by the header's schema before any prior runs."""
+    blob = bases["prior_codes"].read_bytes()
+    header = {**read_header(blob), **edit}
+    path = spoiled(tmp_path, "edited.mrvq", with_header(blob, header))
+    refused(decode_args(bases, path, tmp_path / "out", "--prior", bases["prior"]), capsys, "header")
+
+
+def test_prior_coding_on_a_frequency_coded_file_is_refused(bases, tmp_path, capsys):
+    blob = bases["codes"].read_bytes()
+    header = {**read_header(blob), "prior_coding": "passes"}
+    path = spoiled(tmp_path, "edited.mrvq", with_header(blob, header))
+    refused(decode_args(bases, path, tmp_path / "out"), capsys, "header")
+
+
 @pytest.mark.parametrize("field,value", [("name", 5), ("name", None), ("shape", "64x32"), ("shape", [64, -32]),
                                          ("dtype", 3), ("extra", 1)])
 def test_source_entries_are_checked(bases, tmp_path, capsys, field, value):
