@@ -90,30 +90,29 @@ def encode(checkpoint: str | Path, inputs, out: str | Path, *, batch_size: int =
         raise UserError(f"{prior}: {exc}; train the prior again") from None
     maps = None
     if surprise is not None:
-        maps = _surprise_maps(code_prior, codes_top, codes_bottom, Path(surprise).expanduser(), files, sources,
+        maps = _surprise_maps(code_prior, codes_top, codes_bottom, Path(surprise).expanduser(), sources,
                               inputs=[*files, checkpoint, prior, out], overwrite=overwrite)
     atomic_write(out, lambda fh: fh.write(blob))
     if maps is not None:
-        maps(np.stack(slices), np.stack(shapes), prep)
+        maps(np.stack(slices), shapes, affines, prep)
     report = bits_report(codes, len(blob), input_bytes=sum(f.stat().st_size for f in files))
     report.update(codes_file=str(out), verified=True, device=device.type, **timing)
     return report
 
 
-def _surprise_maps(prior, codes_top: np.ndarray, codes_bottom: np.ndarray, folder: Path, files: list[Path],
-                   sources: list[dict], *, inputs: list, overwrite: bool):
+def _surprise_maps(prior, codes_top: np.ndarray, codes_bottom: np.ndarray, folder: Path, sources: list[dict], *,
+                   inputs: list, overwrite: bool):
     """Claim ``folder``'s map files for this encode (refusing before anything is written), and
     return the function that writes them once the codes file is written."""
     targets = [folder / f"{entry['name'][:-len('.nii.gz')]}_bits.nii.gz" for entry in sources]
     picture = folder / "surprise.png"
     claim_outputs(folder, "encode", [*targets, picture], overwrite=overwrite, inputs=inputs)
 
-    def write(slices: np.ndarray, shapes: np.ndarray, prep: Preprocessing) -> None:
+    def write(slices: np.ndarray, shapes: list, affines: list, prep: Preprocessing) -> None:
         maps = bits_per_pixel_map(*surprise_bits(prior, codes_top, codes_bottom))
-        for i, (path, target) in enumerate(zip(files, targets)):
-            _, meta = read_slice(path)
-            grid = unfit(maps[i], tuple(shapes[i]), prep.fit).reshape(meta.shape)
-            blob = nifti_bytes(nifti_image(grid, meta.affine))
+        for i, target in enumerate(targets):  # on the slice's own grid, in its on-disk shape
+            grid = unfit(maps[i], tuple(shapes[i]), prep.fit).reshape(sources[i]["shape"])
+            blob = nifti_bytes(nifti_image(grid, affines[i]))
             atomic_write(target, lambda fh, blob=blob: fh.write(blob), listed=False)
         shown = list(range(min(8, len(maps))))
         plot_surprise(unit_range_images(slices[shown], prep.normalize), maps[shown], picture,
