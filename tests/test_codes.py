@@ -16,7 +16,7 @@ from mrivq.apps.decode import decode
 from mrivq.apps.encode import encode
 from mrivq.compression.entropy import (
     bits_per_pixel_map,
-    code_counts,
+    code_count_table,
     decode_with_frequencies,
     decode_with_prior,
     encode_with_frequencies,
@@ -87,7 +87,7 @@ def test_frequency_coding_round_trips_and_comes_close_to_the_entropy():
     probs = np.array([0.7, 0.2, 0.05, 0.05, 0.0])
     top = rng.choice(5, size=(40, 4, 2), p=probs)
     bottom = rng.choice(5, size=(40, 8, 4), p=probs[::-1])
-    counts = code_counts(top, bottom, 5)
+    counts = code_count_table(top, bottom, 5)
     words = encode_with_frequencies(top, bottom, counts)
     decoded_top, decoded_bottom = decode_with_frequencies(words, counts, 40, (4, 2))
     assert np.array_equal(decoded_top, top) and np.array_equal(decoded_bottom, bottom)

@@ -12,7 +12,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from mrivq.compression.entropy import (
-    code_counts,
+    code_count_table,
     decode_in_passes,
     decode_with_frequencies,
     decode_with_prior,
@@ -174,7 +174,7 @@ def test_the_same_nudge_loses_the_sequential_float_coders_stream():
 def test_the_frequency_coder_is_portable_too():
     rng = np.random.default_rng(0)
     top, bottom = rng.integers(0, 32, (6, 4, 2)), rng.integers(0, 32, (6, 8, 4))
-    counts = code_counts(top, bottom, 32)
+    counts = code_count_table(top, bottom, 32)
     words = encode_with_frequencies(top, bottom, counts)
     with OneUlp():
         again = encode_with_frequencies(top, bottom, counts)

@@ -340,7 +340,7 @@ class Config(_Section):
 
     def to_dict(self) -> dict:
         """Plain, YAML/JSON-friendly dict (paths as strings, tuples as lists)."""
-        return _plain(self.model_dump())
+        return _yaml_ready(self.model_dump())
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -350,11 +350,11 @@ def _resolve(path: Path) -> Path:
     return Path(path).expanduser().absolute()
 
 
-def _plain(obj):
+def _yaml_ready(obj):
     if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
+        return {k: _yaml_ready(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
+        return [_yaml_ready(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
     return obj

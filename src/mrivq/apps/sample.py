@@ -37,7 +37,7 @@ from mrivq.engine.checkpoint import (
     prior_reference,
 )
 from mrivq.engine.inference import decode_images, encode_images
-from mrivq.engine.losses import ssim_per_image
+from mrivq.engine.losses import differentiable_ssim
 from mrivq.errors import UserError
 from mrivq.nn.pass_prior import PassPrior
 from mrivq.nn.prior import NonFiniteProbabilities
@@ -222,7 +222,7 @@ def _mutual_ssim(slices: np.ndarray, normalize: str) -> float | None:
     images = _unit_batch(slices, normalize)
     first, second = torch.triu_indices(len(images), len(images), offset=1)
     with torch.inference_mode():
-        return float(ssim_per_image(images[first].clamp(0, 1), images[second].clamp(0, 1)).mean())
+        return float(differentiable_ssim(images[first].clamp(0, 1), images[second].clamp(0, 1)).mean())
 
 
 def _most_similar(slices: np.ndarray, train_images, normalize: str) -> tuple[list[int], list[float]]:
@@ -248,7 +248,7 @@ def _most_similar(slices: np.ndarray, train_images, normalize: str) -> tuple[lis
         for sample, chosen in zip(samples, candidates.tolist()):
             chosen = sorted(chosen)
             target = _unit_batch(train_images[chosen], normalize)
-            scores = ssim_per_image(sample.expand_as(target).clamp(0, 1), target)
+            scores = differentiable_ssim(sample.expand_as(target).clamp(0, 1), target)
             best_index.append(chosen[int(scores.argmax())])
             best_ssim.append(float(scores.max()))
     return best_index, best_ssim

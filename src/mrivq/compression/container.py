@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mrivq.compression.entropy import (
     PRIOR_BATCH,
-    code_counts,
+    code_count_table,
     decode_in_passes,
     decode_with_frequencies,
     decode_with_prior,
@@ -346,13 +346,13 @@ def pack_codes(codes_top: np.ndarray, codes_bottom: np.ndarray, *, n_embed: int,
     """
     n = len(codes_top)
     header = {"format": "mrivq-codes", "version": VERSION, "n": n, "n_embed": int(n_embed),
-              "top_grid": list(codes_top.shape[1:]), **{k: _plain(v) for k, v in preprocessing.items()},
+              "top_grid": list(codes_top.shape[1:]), **{k: _json_ready(v) for k, v in preprocessing.items()},
               "model_fingerprint": model_fingerprint, "codes_crc32": codes_crc(codes_top, codes_bottom),
               "sources": sources}
     counts = None
     if prior is None:
         header["coder"] = "frequencies"
-        counts = code_counts(codes_top, codes_bottom, n_embed)
+        counts = code_count_table(codes_top, codes_bottom, n_embed)
         stream = encode_with_frequencies(codes_top, codes_bottom, counts)
     elif isinstance(prior, PassPrior):
         header.update(coder="prior", prior_fingerprint=prior_fingerprint, prior_coding="passes")
@@ -476,5 +476,5 @@ def preprocessing_entry(prep) -> dict:
             "percentiles": list(prep.percentiles)}
 
 
-def _plain(value):
+def _json_ready(value):
     return list(value) if isinstance(value, tuple) else value

@@ -52,7 +52,7 @@ def _categorical():
 # Under code frequencies
 # ---------------------------------------------------------------------------------------
 
-def code_counts(codes_top: np.ndarray, codes_bottom: np.ndarray, n_embed: int) -> np.ndarray:
+def code_count_table(codes_top: np.ndarray, codes_bottom: np.ndarray, n_embed: int) -> np.ndarray:
     """``(2, n_embed)`` uint32: how often each code occurs at the top and at the bottom."""
     return np.stack([np.bincount(np.asarray(c).ravel(), minlength=n_embed) for c in (codes_top, codes_bottom)]
                     ).astype(np.uint32)
@@ -65,7 +65,7 @@ def _frequencies(counts: np.ndarray) -> np.ndarray:
 
 def encode_with_frequencies(codes_top: np.ndarray, codes_bottom: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Range-code ``codes_top`` ``(N, h, w)`` then ``codes_bottom`` ``(N, 2h, 2w)`` under each level's
-    ``counts`` (:func:`code_counts` of the same codes); returns the stream (uint32 words)."""
+    ``counts`` (:func:`code_count_table` of the same codes); returns the stream (uint32 words)."""
     categorical, queue = _categorical()
     encoder = queue.RangeEncoder()
     for codes, level_counts in zip((codes_top, codes_bottom), counts):

@@ -234,7 +234,7 @@ def _plan_volumes(cases: int, seed: int, fractions, hipmri_counts: bool) -> list
     else:
         if int(cases) != cases or cases < 1:
             raise UserError(f"cases must be a positive whole number, got {cases}")
-        counts = _split_counts(int(cases), fractions)
+        counts = _phantom_split_sizes(int(cases), fractions)
         weeks_per_case = {split: [1] * n for split, n in zip(SPLITS, counts)}
 
     n_cases = sum(len(w) for w in weeks_per_case.values())
@@ -252,7 +252,7 @@ def _plan_volumes(cases: int, seed: int, fractions, hipmri_counts: bool) -> list
     return planned
 
 
-def _split_counts(cases: int, fractions) -> tuple[int, int, int]:
+def _phantom_split_sizes(cases: int, fractions) -> tuple[int, int, int]:
     """Cases per split: proportional to ``fractions``, at least one each when ``cases >= 3``."""
     fractions = np.asarray(fractions, dtype=float)
     if fractions.shape != (3,) or (fractions < 0).any() or fractions.sum() <= 0:

@@ -38,7 +38,7 @@ def _gaussian(device: torch.device) -> torch.Tensor:
         return (window / window.sum()).to(device)
 
 
-def ssim_per_image(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def differentiable_ssim(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Differentiable SSIM of each image: ``(B, 1, H, W)`` on [0, 1] -> ``(B,)`` float32.
 
     The mean of the SSIM map over every pixel, the image reflection-padded by half the window
@@ -73,6 +73,6 @@ def reconstruction_loss(reconstruction: torch.Tensor, target: torch.Tensor, *, k
         return F.l1_loss(rec, tgt)
     if kind == "ssim_l1":
         rec, tgt = to_unit_range(rec, tgt, normalize)
-        ssim = ssim_per_image(rec, tgt).mean()
+        ssim = differentiable_ssim(rec, tgt).mean()
         return ssim_weight * (1 - ssim) + (1 - ssim_weight) * F.l1_loss(rec, tgt)
     raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {kind!r}")
