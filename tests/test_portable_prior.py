@@ -4,6 +4,7 @@ whatever floating-point results, threads, batches or device the decoder has."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -22,7 +23,6 @@ from mrivq.compression.entropy import (
 )
 from mrivq.nn.integer_prior import (
     EXP_BITS,
-    IntegerPassPrior,
     int8_matmul,
     integer_prior,
     integer_state_problem,
@@ -213,20 +213,11 @@ def test_the_copy_is_made_the_same_way_twice_and_its_fingerprint_says_so(fitted)
 ])
 def test_a_damaged_copy_is_named_before_it_is_used(fitted, spoil, message):
     prior, _, _ = fitted
-    state = {**prior.integer.state}
-    state = IntegerPassPrior(_deep_copy(state)).state
+    state = copy.deepcopy(prior.integer.state)
     assert integer_state_problem(state, prior) is None
     spoil(state)
     problem = integer_state_problem(state, prior)
     assert problem and message in problem
-
-
-def _deep_copy(value):
-    if isinstance(value, dict):
-        return {k: _deep_copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_deep_copy(v) for v in value]
-    return value.clone() if isinstance(value, torch.Tensor) else value
 
 
 def test_a_stream_whose_slice_lengths_do_not_add_up_or_that_runs_on_is_refused(fitted):
