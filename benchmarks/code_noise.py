@@ -19,11 +19,11 @@ import json
 import numpy as np
 import torch
 
+from mrivq.compression.codec import encode_images
 from mrivq.data.cache import load_split
 from mrivq.data.preprocess import Preprocessing
 from mrivq.data.sources import data_splits
 from mrivq.engine.checkpoint import load_vqvae
-from mrivq.engine.inference import encode_images
 
 
 def main() -> None:

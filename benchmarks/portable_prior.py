@@ -24,13 +24,13 @@ import time
 import numpy as np
 import torch
 
+from mrivq.compression.codec import encode_images
 from mrivq.compression.entropy import decode_in_passes, encode_in_passes
 from mrivq.config import load_config
 from mrivq.data.cache import load_split
 from mrivq.data.preprocess import Preprocessing
 from mrivq.data.sources import data_splits
 from mrivq.engine.checkpoint import load_prior
-from mrivq.engine.inference import encode_images
 from mrivq.nn.pass_prior import PassPrior
 
 

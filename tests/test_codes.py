@@ -3,6 +3,7 @@ bad codes files are one clear error."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import nibabel as nib
@@ -194,3 +195,31 @@ def test_bad_encode_inputs_are_one_line_exit_2(vqvae, tiny_phantom, tmp_path, ca
     one_line_exit_2(["encode", "--checkpoint", str(tmp_path / "none.pt"), str(text), "--out",
                      str(tmp_path / "c.mrvq")], capsys, "checkpoint not found")
     assert not (tmp_path / "c.mrvq").exists()
+
+
+def test_the_codec_compresses_slices_to_bytes_and_back_as_the_commands_do(vqvae, tiny_phantom, tmp_path):
+    """One interface: ``Codec.compress`` of a SliceSet gives the bytes ``mrivq encode`` writes, and
+    ``Codec.decompress`` of them the slices ``mrivq decode`` writes; a codec of another model refuses them."""
+    from mrivq.compression.codec import Codec, SliceSet
+    from mrivq.compression.container import CodesFile
+    from mrivq.data.io import nifti_inputs
+    from mrivq.engine.checkpoint import load_codec
+    from mrivq.errors import UserError
+
+    inputs = [tiny_phantom / "keras_slices_test"]
+    encode(vqvae, inputs, tmp_path / "codes.mrvq", device="cpu")
+    written = decode(vqvae, tmp_path / "codes.mrvq", tmp_path / "out", device="cpu")
+    codec = load_codec(vqvae, device="cpu")
+    packed = codec.compress(SliceSet.read(nifti_inputs(inputs), codec.prep))
+    assert packed.blob == (tmp_path / "codes.mrvq").read_bytes()
+    assert packed.report()["bits_per_pixel"]["file"] == len(packed.blob) * 8 / packed.report()["pixels"]
+    file = CodesFile.from_bytes(packed.blob)
+    slices = dict(codec.decompress(file))
+    assert sorted(slices) == list(range(len(written)))
+    for i, path in enumerate(written):
+        assert np.array_equal(slices[i], nib.load(path).get_fdata(dtype=np.float32))
+    other = copy.deepcopy(codec.model)
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    with pytest.raises(UserError, match="another model"):
+        Codec(other, codec.prep).decompress_codes(file)

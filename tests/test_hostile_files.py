@@ -219,11 +219,14 @@ def test_decode_holds_one_batch_of_slices_at_a_time(bases, tmp_path, monkeypatch
     """Many slices in a small file (blank ones code to almost nothing) are decoded and written a
     batch at a time, so memory does not grow with the count."""
     from mrivq.apps import decode as decode_app
+    from mrivq.compression import codec
 
-    events, real_decode, real_write = [], decode_app.decode_images, decode_app.atomic_write
-    monkeypatch.setattr(decode_app, "decode_images", lambda *a, **k: events.append("decode") or real_decode(*a, **k))
+    events, real_decode, real_write = [], codec.decode_images, decode_app.atomic_write
+    real_init = codec.Codec.__init__
+    monkeypatch.setattr(codec.Codec, "__init__", lambda self, *a, **k: real_init(self, *a, **{**k, "batch_size": 2}))
+    monkeypatch.setattr(codec, "decode_images", lambda *a, **k: events.append("decode") or real_decode(*a, **k))
     monkeypatch.setattr(decode_app, "atomic_write", lambda *a, **k: events.append("write") or real_write(*a, **k))
-    written = decode_app.decode(bases["vqvae"], bases["codes"], tmp_path / "out", batch_size=2)
+    written = decode_app.decode(bases["vqvae"], bases["codes"], tmp_path / "out")
     assert len(written) == 6 and events == ["decode", "write", "write"] * 3
 
 

@@ -21,22 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from mrivq import strict_json
-from mrivq.compression.container import (
-    MAGIC,
-    bits_report,
-    check_encodable,
-    pack_checked,
-    preprocessing_entry,
-    source_entry,
-)
-from mrivq.compression.entropy import bits_per_pixel_map, surprise_bits
-from mrivq.data.io import nifti_bytes, nifti_image, nifti_inputs, read_slice
-from mrivq.data.preprocess import Preprocessing, preprocess_slice, unfit
-from mrivq.engine.checkpoint import coding_fingerprint, load_prior, load_vqvae, model_fingerprint
-from mrivq.engine.inference import encode_images
+from mrivq.compression.codec import Codec, SliceSet
+from mrivq.compression.container import MAGIC
+from mrivq.data.io import nifti_bytes, nifti_image, nifti_inputs
+from mrivq.engine.checkpoint import load_codec
 from mrivq.errors import UserError
 from mrivq.metrics import unit_range_images
-from mrivq.nn.prior import NonFiniteProbabilities
 from mrivq.reporting.plots import plot_surprise
 from mrivq.run_dir import atomic_write, claim_outputs
 from mrivq.runtime import resolve_device
@@ -44,9 +34,8 @@ from mrivq.runtime import resolve_device
 SUFFIX = ".mrvq"
 
 
-def encode(checkpoint: str | Path, inputs, out: str | Path, *, batch_size: int = 16,
-           prior: str | Path | None = None, device: str = "auto", surprise: str | Path | None = None,
-           overwrite: bool = False) -> dict:
+def encode(checkpoint: str | Path, inputs, out: str | Path, *, prior: str | Path | None = None,
+           device: str = "auto", surprise: str | Path | None = None, overwrite: bool = False) -> dict:
     """Encode NIfTI slices (files or folders) into the codes file ``out`` (``.mrvq``); returns the bits report.
 
     ``prior``: a ``mrivq train-prior`` checkpoint of the same VQ-VAE; the codes are then coded
@@ -62,60 +51,36 @@ def encode(checkpoint: str | Path, inputs, out: str | Path, *, batch_size: int =
         raise UserError("--surprise maps the bits the prior spends: give the prior with --prior")
     _check_replaceable(out)
     device = resolve_device(device)
-    model, trained = load_vqvae(checkpoint, device)
-    fingerprint = model_fingerprint(model)
-    code_prior = None
-    if prior is not None:
-        code_prior, _, _ = load_prior(prior, expect_fingerprint=fingerprint, device=device)
-    prep = Preprocessing.from_settings(trained.data)
+    codec = load_codec(checkpoint, prior=prior, device=device)
     files = nifti_inputs(inputs)
-    slices, norm, affines, shapes, sources = [], [], [], [], []
-    for path in files:
-        raw, meta = read_slice(path)
-        x, params = preprocess_slice(raw, prep)
-        slices.append(x)
-        norm.append(params)
-        affines.append(meta.affine)
-        shapes.append(raw.shape)
-        sources.append(source_entry(path, meta))
-    check_encodable(sources, prep.image_size)
-    codes_top, codes_bottom = encode_images(model, np.stack(slices), batch_size)
-    try:
-        codes, blob, timing = pack_checked(
-            codes_top, codes_bottom, n_embed=model.quantize_top.n_embed, preprocessing=preprocessing_entry(prep),
-            model_fingerprint=fingerprint, sources=sources, norm=np.stack(norm), affines=np.stack(affines),
-            shapes=np.array(shapes), prior=code_prior,
-            prior_fingerprint=None if prior is None else coding_fingerprint(code_prior))
-    except NonFiniteProbabilities as exc:
-        raise UserError(f"{prior}: {exc}; train the prior again") from None
-    maps = None
+    slices = SliceSet.read(files, codec.prep)
+    packed = codec.compress(slices)
+    write_maps = None
     if surprise is not None:
-        maps = _surprise_maps(code_prior, codes_top, codes_bottom, Path(surprise).expanduser(), sources,
-                              inputs=[*files, checkpoint, prior, out], overwrite=overwrite)
-    atomic_write(out, lambda fh: fh.write(blob))
-    if maps is not None:
-        maps(np.stack(slices), shapes, affines, prep)
-    report = bits_report(codes, len(blob), input_bytes=sum(f.stat().st_size for f in files))
-    report.update(codes_file=str(out), verified=True, device=device.type, **timing)
+        write_maps = _claim_surprise_maps(Path(surprise).expanduser(), slices,
+                                          inputs=[*files, checkpoint, prior, out], overwrite=overwrite)
+    atomic_write(out, lambda fh: fh.write(packed.blob))
+    if write_maps is not None:
+        write_maps(codec, packed.codes)
+    report = packed.report(input_bytes=sum(f.stat().st_size for f in files))
+    report.update(codes_file=str(out), verified=True, device=device.type)
     return report
 
 
-def _surprise_maps(prior, codes_top: np.ndarray, codes_bottom: np.ndarray, folder: Path, sources: list[dict], *,
-                   inputs: list, overwrite: bool):
+def _claim_surprise_maps(folder: Path, slices: SliceSet, *, inputs: list, overwrite: bool):
     """Claim ``folder``'s map files for this encode (refusing before anything is written), and
     return the function that writes them once the codes file is written."""
-    targets = [folder / f"{entry['name'][:-len('.nii.gz')]}_bits.nii.gz" for entry in sources]
+    targets = [folder / f"{entry['name'][:-len('.nii.gz')]}_bits.nii.gz" for entry in slices.sources]
     picture = folder / "surprise.png"
     claim_outputs(folder, "encode", [*targets, picture], overwrite=overwrite, inputs=inputs)
 
-    def write(slices: np.ndarray, shapes: list, affines: list, prep: Preprocessing) -> None:
-        maps = bits_per_pixel_map(*surprise_bits(prior, codes_top, codes_bottom))
-        for i, target in enumerate(targets):  # on the slice's own grid, in its on-disk shape
-            grid = unfit(maps[i], tuple(shapes[i]), prep.fit).reshape(sources[i]["shape"])
-            blob = nifti_bytes(nifti_image(grid, affines[i]))
+    def write(codec: Codec, codes: tuple[np.ndarray, np.ndarray]) -> None:
+        maps = codec.surprise(codes)
+        for i, target in enumerate(targets):
+            blob = nifti_bytes(nifti_image(slices.on_own_grid(i, maps[i], codec.prep.fit), slices.affines[i]))
             atomic_write(target, lambda fh, blob=blob: fh.write(blob), listed=False)
         shown = list(range(min(8, len(maps))))
-        plot_surprise(unit_range_images(slices[shown], prep.normalize), maps[shown], picture,
+        plot_surprise(unit_range_images(slices.images[shown], codec.prep.normalize), maps[shown], picture,
                       [f"{maps[i].mean():.3f} bpp" for i in shown])
     return write
 

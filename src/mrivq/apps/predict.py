@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from mrivq import metrics, strict_json
+from mrivq.compression.codec import Codec, SliceSet, model_fingerprint, slices_to_batch
 from mrivq.compression.codecs import (
     CODEC_PROTOCOL,
     CODECS,
@@ -26,26 +27,22 @@ from mrivq.compression.codecs import (
     compare_codecs,
     rate_distortion,
 )
-from mrivq.compression.container import bits_report, pack_checked, preprocessing_entry, source_entry
-from mrivq.compression.entropy import bits_per_pixel_map, raw_bits_per_pixel, surprise_bits
+from mrivq.compression.entropy import raw_bits_per_pixel
 from mrivq.config import Config, load_config
 from mrivq.data.cache import load_split
 from mrivq.data.hipmri import STRUCTURES, load_masks
-from mrivq.data.io import nifti_bytes, nifti_image, nifti_stem, read_slice
-from mrivq.data.preprocess import Preprocessing, unfit
+from mrivq.data.io import nifti_bytes, nifti_image, nifti_stem
+from mrivq.data.preprocess import Preprocessing
 from mrivq.data.sources import data_splits
 from mrivq.data.splits import file_list_hash, parse_name, shared_with_training
 from mrivq.engine.checkpoint import (
     checkpoint_config,
-    coding_fingerprint,
     load_checkpoint,
     load_prior,
-    model_fingerprint,
     model_from_checkpoint,
     run_config,
 )
 from mrivq.engine.evaluator import Evaluation, evaluate
-from mrivq.engine.inference import slices_to_batch
 from mrivq.errors import UserError
 from mrivq.logs import interactive, run_logger
 from mrivq.reporting.html import write_report
@@ -139,13 +136,15 @@ def predict(config: Config, checkpoint: str | Path | None = None, prior: str | P
                             config.visual_dir / "codebook_usage.png")
         # The model's real rates: the size of the codes file `mrivq encode` would write for the
         # test split, coded under the code frequencies (and under the prior, when one is given).
-        files = _codes_files(result.codes, test, prep, model_cfg.n_embed, model_fingerprint(model), code_prior)
+        codec = Codec(model, prep, code_prior)
+        slices = SliceSet.preprocessed(test.files, test.images, test.norm, test.original_shapes)
+        files = _codes_files(codec, result.codes, slices)
         rates = {"raw": bits_per_pixel, **{coder: f["bits_per_pixel"]["file"] for coder, f in files.items()}}
         coded_bits_per_pixel = rates["frequencies"]
         unit_images = metrics.unit_range_images(test.images, normalize)
         surprise = None
         if code_prior is not None:
-            surprise = _write_surprise(code_prior, result.codes, test, prep, unit_images, sets[0],
+            surprise = _write_surprise(codec, result.codes, slices, test.files, unit_images, sets[0],
                                        config.run_dir / "predict" / "surprise", config.visual_dir / "surprise.png")
         codec_tables = {}
         for rate_name, rate in rates.items():
@@ -222,16 +221,14 @@ def predict(config: Config, checkpoint: str | Path | None = None, prior: str | P
     return summary
 
 
-def _write_surprise(prior, codes: tuple[np.ndarray, np.ndarray], test, prep: Preprocessing, images: np.ndarray,
-                    shown: list[int], folder: Path, picture: Path) -> dict:
+def _write_surprise(codec: Codec, codes: tuple[np.ndarray, np.ndarray], slices: SliceSet, files: list,
+                    images: np.ndarray, shown: list[int], folder: Path, picture: Path) -> dict:
     """``predict --prior``: each test slice's bits-per-pixel map under the prior as a NIfTI on the
     slice's own grid and affine (``FOLDER/<name>_bits.nii.gz``), and the slices ``shown`` with
     their maps as a picture."""
-    maps = bits_per_pixel_map(*surprise_bits(prior, *codes))
-    for i, path in enumerate(test.files):
-        _, meta = read_slice(path)
-        grid = unfit(maps[i], test.original_shapes[i], prep.fit).reshape(meta.shape)
-        blob = nifti_bytes(nifti_image(grid, meta.affine))
+    maps = codec.surprise(codes)
+    for i, path in enumerate(files):
+        blob = nifti_bytes(nifti_image(slices.on_own_grid(i, maps[i], codec.prep.fit), slices.affines[i]))
         atomic_write(folder / f"{nifti_stem(path)}_bits.nii.gz", lambda fh, blob=blob: fh.write(blob))
     plot_surprise(images[shown], maps[shown], picture, [f"{maps[i].mean():.3f} bpp" for i in shown])
     log.info("bits-per-pixel maps under the prior: %s (one NIfTI per test slice), %s", folder, picture)
@@ -239,23 +236,11 @@ def _write_surprise(prior, codes: tuple[np.ndarray, np.ndarray], test, prep: Pre
             "method": SURPRISE_METHOD}
 
 
-def _codes_files(codes: tuple[np.ndarray, np.ndarray], test, prep: Preprocessing, n_embed: int,
-                 fingerprint: str, prior=None) -> dict:
+def _codes_files(codec: Codec, codes: tuple[np.ndarray, np.ndarray], slices: SliceSet) -> dict:
     """The bits report of the codes file of these test codes, coded under the code frequencies and
-    (with ``prior``) under the prior, each decoded again to check it; by coder."""
-    metas = [read_slice(f)[1] for f in test.files]
-    side = {"n_embed": n_embed, "preprocessing": preprocessing_entry(prep), "model_fingerprint": fingerprint,
-            "sources": [source_entry(Path(f), meta) for f, meta in zip(test.files, metas)],
-            "norm": np.asarray(test.norm), "affines": np.stack([meta.affine for meta in metas]),
-            "shapes": np.array(test.original_shapes)}
-    reports = {}
-    for coder, model in (("frequencies", None), ("prior", prior)):
-        if coder == "prior" and prior is None:
-            continue
-        packed, blob, timing = pack_checked(*codes, **side, prior=model,
-                                            prior_fingerprint=None if model is None else coding_fingerprint(model))
-        reports[coder] = {**bits_report(packed, len(blob)), **timing}
-    return reports
+    (when the codec has a prior) under the prior, each decoded again to check it; by coder."""
+    coders = ("frequencies", "prior") if codec.prior is not None else ("frequencies",)
+    return {coder: codec.compress_codes(codes, slices, under_prior=coder == "prior").report() for coder in coders}
 
 
 def _refuse_training_slices(test_files: list, ckpt: dict, ckpt_path: Path) -> None:

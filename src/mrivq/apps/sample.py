@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from mrivq import metrics
+from mrivq.compression.codec import decode_images, encode_images, model_fingerprint
 from mrivq.data.cache import load_split
 from mrivq.data.io import nifti_bytes, nifti_image
 from mrivq.data.preprocess import Preprocessing, clip_to_input_range, denormalize
@@ -33,10 +34,8 @@ from mrivq.data.sources import data_splits
 from mrivq.engine.checkpoint import (
     checkpoint_config,
     load_prior,
-    model_fingerprint,
     prior_reference,
 )
-from mrivq.engine.inference import decode_images, encode_images
 from mrivq.engine.losses import differentiable_ssim
 from mrivq.errors import UserError
 from mrivq.nn.pass_prior import PassPrior

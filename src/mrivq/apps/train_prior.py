@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mrivq.compression.codec import model_fingerprint
 from mrivq.config import Config, config_from_dict, load_config
 from mrivq.data.augment import prior_training_copies
 from mrivq.data.cache import default_cache_dir, load_split
@@ -38,12 +39,11 @@ from mrivq.engine.checkpoint import (
     PRIOR_KIND,
     load_checkpoint,
     load_vqvae,
-    model_fingerprint,
     model_from_checkpoint,
     prior_checkpoint_config,
     run_config,
 )
-from mrivq.engine.inference import cached_codes
+from mrivq.engine.codes_cache import cached_codes
 from mrivq.engine.loop import UNTIMED, LoopSettings, LoopState, TrainingLoop, stop_on_signals
 from mrivq.engine.prior_training import COLUMNS, PriorTraining
 from mrivq.errors import ConfigError, UserError

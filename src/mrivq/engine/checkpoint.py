@@ -7,7 +7,6 @@ refused before any of its code could run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import reprlib
@@ -16,9 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mrivq.compression.container import MAX_SCALE
+from mrivq.compression.codec import Codec, prior_device
+from mrivq.compression.container import MAX_SCALE, CodesFile
 from mrivq.compression.entropy import PRIOR_BATCH
 from mrivq.config import Config, config_from_dict
+from mrivq.data.preprocess import Preprocessing
 from mrivq.errors import UserError
 from mrivq.nn import VQVAE2
 from mrivq.nn.integer_prior import IntegerPassPrior, integer_state_problem
@@ -176,16 +177,6 @@ def load_vqvae(path: str | Path, device: torch.device | str = "cpu") -> tuple[VQ
     return model, checkpoint_config(ckpt, path)
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """Short hash of a model's whole state (every parameter and buffer, by name): codes mean
-    something only under the very model that made them, and a prior only over its codes."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def prior_from_config(config: Config, n_embed: int, top_grid: tuple[int, int]) -> CodePrior | PassPrior:
     p = config.prior
     if p.architecture == "passes":
@@ -210,7 +201,7 @@ def load_prior(path: str | Path, expect_fingerprint: str | None = None,
                device: torch.device | str = "cpu") -> tuple[CodePrior, VQVAE2, dict]:
     """The prior and its VQ-VAE (eval mode, on ``device``) and the raw checkpoint of ``mrivq train-prior``.
 
-    ``expect_fingerprint``: the :func:`model_fingerprint` of the VQ-VAE the prior must belong to.
+    ``expect_fingerprint``: the :func:`~mrivq.compression.codec.model_fingerprint` of the VQ-VAE the prior must belong to.
     Everything the commands read from the checkpoint is checked first: its shape against the
     VQ-VAE it holds, its weights against its config, the reference slice ``sample`` writes with.
     """
@@ -236,12 +227,6 @@ def load_prior(path: str | Path, expect_fingerprint: str | None = None,
         prior.integer = IntegerPassPrior(ckpt["integer"]).to(device)
     vqvae = model_from_checkpoint(ckpt["vqvae"], path)
     return prior.to(device).eval(), vqvae.to(device).eval(), ckpt
-
-
-def coding_fingerprint(prior: CodePrior | PassPrior) -> str:
-    """What a prior-coded file names its prior by: the integer copy's fingerprint for a pass
-    prior (the copy is what codes), the whole float model's otherwise."""
-    return prior.integer.fingerprint() if isinstance(prior, PassPrior) else model_fingerprint(prior)
 
 
 def _prior_shape(ckpt: dict, vq_config: Config, config: Config, path: Path) -> tuple[int, tuple[int, int]]:
@@ -281,3 +266,22 @@ def prior_reference(ckpt: dict, path: str | Path) -> tuple[np.ndarray, np.ndarra
         return affine, norm.astype(np.float32)
     raise UserError(f"{path}: its reference slice (image size, affine, intensity scale) is missing or "
                     "invalid; not a prior checkpoint mrivq wrote, or damaged")
+
+
+def load_codec(checkpoint: str | Path, *, prior: str | Path | None = None, device: torch.device | str = "cpu",
+               codes_file: CodesFile | None = None, codes_path: Path | str = "codes file") -> Codec:
+    """The :class:`~mrivq.compression.codec.Codec` of a VQ-VAE checkpoint and (optionally) a prior of it.
+
+    To decode ``codes_file``, it is checked against the model first, the prior runs on the device
+    :func:`~mrivq.compression.codec.prior_device` gives for it, and its prior is checked too.
+    """
+    model, trained = load_vqvae(checkpoint, device)
+    codec = Codec(model, Preprocessing.from_settings(trained.data))
+    if codes_file is not None:
+        codec.check_model(codes_file, codes_path)
+    if prior is not None and (codes_file is None or codes_file.header["coder"] == "prior"):
+        where = device if codes_file is None else prior_device(codes_file.header, device, codes_path)
+        codec.prior, _, _ = load_prior(prior, expect_fingerprint=codec.fingerprint, device=where)
+    if codes_file is not None:
+        codec.check_prior(codes_file, codes_path)
+    return codec

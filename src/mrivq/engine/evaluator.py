@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mrivq import metrics
+from mrivq.compression.codec import slices_to_batch
 from mrivq.data.hipmri import STRUCTURES
-from mrivq.engine.inference import slices_to_batch
 
 
 @dataclass

@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 
 from mrivq import metrics
+from mrivq.compression.codec import slices_to_batch
 from mrivq.config import Config
 from mrivq.data.augment import augment
 from mrivq.engine import distributed
 from mrivq.engine import step as steps
 from mrivq.engine.checkpoint import load_model_state
 from mrivq.engine.evaluator import Evaluation, evaluate, merge_evaluations
-from mrivq.engine.inference import slices_to_batch
 from mrivq.engine.loop import LoopState, RunningSums
 from mrivq.engine.losses import reconstruction_loss
 from mrivq.errors import UserError

@@ -1,0 +1,280 @@
+"""The VQ-VAE-2 as a codec: slices in, the bytes of a codes file out, and back.
+
+In the spirit of CompressAI's ``compress`` / ``decompress``. A :class:`Codec` holds the VQ-VAE
+(the analysis and synthesis transforms), the preprocessing it was trained with and, optionally,
+a prior (the entropy model). Everything a file needs besides its stream is the codec's business:
+
+* the side information (each slice's normalisation, affine, on-disk shape, type and name:
+  a :class:`SliceSet`), so decoded slices are written back like their inputs;
+* the fingerprints that tie a file to its VQ-VAE and its prior (:func:`model_fingerprint`,
+  :func:`coding_fingerprint`), checked before a stream is decoded;
+* the device rule (:func:`prior_device`): a pass prior's integer copy gives the same
+  probabilities on any device; a transformer prior must run where it ran when encoding.
+
+Example::
+
+    >>> codec = Codec(model, prep, prior)
+    >>> packed = codec.compress(SliceSet.read(files, prep))
+    >>> for i, scanner in codec.decompress(CodesFile.from_bytes(packed.blob)): ...
+
+The apps (``encode``, ``decode``, ``predict``) only load the models (``engine.checkpoint.load_codec``)
+and write what the codec returns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mrivq.compression.container import (
+    CodesFile,
+    bits_report,
+    check_encodable,
+    pack_checked,
+    preprocessing_entry,
+    source_entry,
+    unpack_codes,
+)
+from mrivq.compression.entropy import bits_per_pixel_map, surprise_bits
+from mrivq.data.io import read_slice
+from mrivq.data.preprocess import (
+    Preprocessing,
+    clip_to_input_range,
+    denormalize,
+    preprocess_slice,
+    unfit,
+)
+from mrivq.errors import UserError
+from mrivq.nn import VQVAE2
+from mrivq.nn.pass_prior import PassPrior
+from mrivq.nn.prior import CodePrior, NonFiniteProbabilities
+
+#: The most pixels one batch of slices may hold (16 slices of 256 x 128): larger slices go in
+#: smaller batches, so memory does not grow with a model's image size.
+MAX_BATCH_PIXELS = 16 * 256 * 128
+
+
+def _batch(size: tuple[int, ...], batch_size: int) -> int:
+    return max(1, min(batch_size, MAX_BATCH_PIXELS // max(1, int(np.prod(size)))))
+
+
+def slices_to_batch(slices: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``(B, H, W)`` float32 array -> ``(B, 1, H, W)`` channels-last tensor on ``device``: the one
+    batch format of encoding, training and evaluation, so they see the same codes."""
+    # A copy: the cached slices are a read-only memory map, and the batch must not alias it.
+    batch = torch.from_numpy(np.array(slices, dtype=np.float32, copy=True)).unsqueeze(1)
+    if device.type == "cuda":
+        batch = batch.pin_memory()
+    return batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+
+
+@torch.inference_mode()
+def encode_images(model: VQVAE2, images: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Codes of ``images`` ``(N, H, W)`` float32 in model input range (an array, or anything
+    with ``len()`` that slices into such arrays, as :class:`mrivq.data.augment.TransformedSlices`).
+
+    Batches go in as :func:`slices_to_batch` makes them (channels-last), as in evaluation, so a
+    model in the same memory format gives the same codes here as :func:`mrivq.engine.evaluator.evaluate`.
+    Returns ``(codes_top, codes_bottom)``: int64 ``(N, h, w)`` and ``(N, 2h, 2w)``.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    tops, bottoms = [], []
+    batch_size = _batch(np.shape(images[:1])[1:], batch_size)
+    for lo in range(0, len(images), batch_size):
+        top, bottom = model.encode(slices_to_batch(images[lo:lo + batch_size], device))
+        tops.append(top.cpu().numpy())
+        bottoms.append(bottom.cpu().numpy())
+    return np.concatenate(tops), np.concatenate(bottoms)
+
+
+@torch.inference_mode()
+def decode_images(model: VQVAE2, codes_top: np.ndarray, codes_bottom: np.ndarray,
+                  batch_size: int = 32) -> np.ndarray:
+    """Slices from codes: ``(N, h, w)`` and ``(N, 2h, 2w)`` int -> ``(N, 8h, 8w)`` float32 (unclamped)."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    batch_size = _batch(tuple(8 * side for side in np.shape(codes_top)[1:]), batch_size)
+    for lo in range(0, len(codes_top), batch_size):
+        top = torch.as_tensor(np.asarray(codes_top[lo:lo + batch_size], dtype=np.int64), device=device)
+        bottom = torch.as_tensor(np.asarray(codes_bottom[lo:lo + batch_size], dtype=np.int64), device=device)
+        out.append(model.decode_codes(top, bottom)[:, 0].float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Short hash of a model's whole state (every parameter and buffer, by name): codes mean
+    something only under the very model that made them, and a prior only over its codes."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def coding_fingerprint(prior: CodePrior | PassPrior) -> str:
+    """What a prior-coded file names its prior by: the integer copy's fingerprint for a pass
+    prior (the copy is what codes), the whole float model's otherwise."""
+    return prior.integer.fingerprint() if isinstance(prior, PassPrior) else model_fingerprint(prior)
+
+
+def prior_device(header: dict, device: torch.device | str, path: Path | str = "codes file") -> str:
+    """The device a prior must run on to decode a file with ``header``: ``device`` for a pass
+    prior (its integer copy gives the same probabilities anywhere), the encoding device for a
+    transformer prior (only the same arithmetic gives the same probabilities)."""
+    if header.get("prior_coding") == "passes":
+        return torch.device(device).type
+    where = header.get("prior_device", "cpu")
+    if where == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{path} was prior-coded on CUDA; decode it on a machine with a GPU")
+    return where
+
+
+@dataclass
+class SliceSet:
+    """Preprocessed slices and what a codes file keeps to write each back like its input.
+
+    ``images`` ``(N, H, W)`` float32 model input; ``norm`` ``(N, 2)`` the normalisation;
+    ``affines`` ``(N, 4, 4)``; ``shapes`` ``(N, 2)`` the 2-D shape before fitting; ``sources``
+    per slice the output ``name``, on-disk ``shape`` and ``dtype``.
+    """
+
+    images: np.ndarray
+    norm: np.ndarray
+    affines: np.ndarray
+    shapes: np.ndarray
+    sources: list[dict]
+
+    @classmethod
+    def read(cls, files: list[Path], prep: Preprocessing) -> SliceSet:
+        """Read and preprocess NIfTI slices; refuses, before any work, what one codes file cannot hold."""
+        images, norm, affines, shapes, sources = [], [], [], [], []
+        for path in files:
+            raw, meta = read_slice(path)
+            x, params = preprocess_slice(raw, prep)
+            images.append(x)
+            norm.append(params)
+            affines.append(meta.affine)
+            shapes.append(raw.shape)
+            sources.append(source_entry(Path(path), meta))
+        check_encodable(sources, prep.image_size)
+        return cls(np.stack(images), np.stack(norm), np.stack(affines), np.array(shapes), sources)
+
+    @classmethod
+    def preprocessed(cls, files: list, images: np.ndarray, norm, shapes) -> SliceSet:
+        """Slices already preprocessed (a loaded split): the files are read again only for their
+        affines and on-disk shapes."""
+        metas = [read_slice(f)[1] for f in files]
+        return cls(images, np.asarray(norm), np.stack([meta.affine for meta in metas]), np.array(shapes),
+                   [source_entry(Path(f), meta) for f, meta in zip(files, metas)])
+
+    def on_own_grid(self, i: int, array: np.ndarray, fit: str) -> np.ndarray:
+        """A model-grid ``(H, W)`` array of slice ``i`` on the slice's own grid, in its on-disk shape."""
+        return unfit(array, tuple(self.shapes[i]), fit).reshape(self.sources[i]["shape"])
+
+
+@dataclass
+class Compressed:
+    """A compressed set of slices: the codes file, its bytes (checked to decode back to ``codes``),
+    the codes, and the seconds range coding and the check's decoding took."""
+
+    file: CodesFile
+    blob: bytes
+    codes: tuple[np.ndarray, np.ndarray]
+    coding_s: float
+    decoding_s: float
+
+    def report(self, input_bytes: int | None = None) -> dict:
+        """The file's bits report (:func:`mrivq.compression.container.bits_report`) with the timings."""
+        return {**bits_report(self.file, len(self.blob), input_bytes=input_bytes),
+                "coding_s": self.coding_s, "decoding_s": self.decoding_s}
+
+
+class Codec:
+    """Slices <-> the bytes of a codes file, under one VQ-VAE and (optionally) one prior."""
+
+    def __init__(self, model: VQVAE2, prep: Preprocessing, prior: CodePrior | PassPrior | None = None, *,
+                 batch_size: int = 16):
+        self.model, self.prep, self.prior, self.batch_size = model, prep, prior, batch_size
+        self.fingerprint = model_fingerprint(model)
+
+    @property
+    def n_embed(self) -> int:
+        return self.model.quantize_top.n_embed
+
+    # -- compress ---------------------------------------------------------------------------------
+
+    def compress(self, slices: SliceSet) -> Compressed:
+        """Encode the slices to codes, then :meth:`compress_codes` them."""
+        return self.compress_codes(encode_images(self.model, slices.images, self.batch_size), slices)
+
+    def compress_codes(self, codes: tuple[np.ndarray, np.ndarray], slices: SliceSet, *,
+                       under_prior: bool = True) -> Compressed:
+        """A codes file of ``codes`` (of ``slices``), range-coded under the prior when the codec has
+        one and ``under_prior``, else under the codes' frequencies; decoded again before returning."""
+        prior = self.prior if under_prior else None
+        try:
+            file, blob, timing = pack_checked(
+                *codes, n_embed=self.n_embed, preprocessing=preprocessing_entry(self.prep),
+                model_fingerprint=self.fingerprint, sources=slices.sources, norm=slices.norm,
+                affines=slices.affines, shapes=slices.shapes, prior=prior,
+                prior_fingerprint=None if prior is None else coding_fingerprint(prior))
+        except NonFiniteProbabilities as exc:
+            raise UserError(f"the prior: {exc}; train the prior again") from None
+        return Compressed(file, blob, codes, timing["coding_s"], timing["decoding_s"])
+
+    def surprise(self, codes: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        """Bits per pixel ``(N, H, W)`` on the model grid: each code's -log2 p under the prior, given
+        the codes coded before it, spread over the code's pixels (they add up to the stream)."""
+        if self.prior is None:
+            raise UserError("surprise maps show the bits a prior spends: give the prior with --prior")
+        return bits_per_pixel_map(*surprise_bits(self.prior, *codes))
+
+    # -- decompress -------------------------------------------------------------------------------
+
+    def check_model(self, file: CodesFile, path: Path | str = "codes file") -> None:
+        """Refuse a file encoded with another VQ-VAE, or whose preprocessing is not the model's."""
+        header = file.header
+        if header["n_embed"] != self.n_embed or header["model_fingerprint"] != self.fingerprint:
+            raise UserError(f"{path} was encoded with another model (fingerprint {header['model_fingerprint']}, "
+                            f"this checkpoint's {self.fingerprint}); decode with the checkpoint that encoded it")
+        stored = (tuple(header["image_size"]), header["fit"], header["normalize"])
+        if stored != (tuple(self.prep.image_size), self.prep.fit, self.prep.normalize):
+            raise UserError(f"{path}: damaged or altered codes file: its image size and preprocessing {stored} are "
+                            "not the ones its model was trained with; encode the slices again")
+
+    def check_prior(self, file: CodesFile, path: Path | str = "codes file") -> None:
+        """Refuse a prior-coded file whose prior is not this codec's."""
+        header = file.header
+        if header["coder"] == "prior" and self.prior is not None and (
+                coding_fingerprint(self.prior) != header["prior_fingerprint"]):
+            raise UserError(f"{path} was coded under another prior (fingerprint {header['prior_fingerprint']}); "
+                            "give the prior that encoded it with --prior")
+
+    def decompress_codes(self, file: CodesFile, path: Path | str = "codes file") -> tuple[np.ndarray, np.ndarray]:
+        """The file's codes, checked against its model, its prior and the encoder's checksum."""
+        self.check_model(file, path)
+        self.check_prior(file, path)
+        return unpack_codes(file, self.prior, path)
+
+    def decompress(self, file: CodesFile, path: Path | str = "codes file", *,
+                   codes: tuple[np.ndarray, np.ndarray] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """Each slice of the file in file order, ``(i, array)``: scanner intensities (the stored
+        normalisation undone) in the input file's on-disk shape. A batch is decoded at a time, so
+        memory does not grow with the file; ``codes``: those :meth:`decompress_codes` gave."""
+        top, bottom = codes if codes is not None else self.decompress_codes(file, path)
+        header = file.header
+        height, width = header["image_size"]
+        for lo in range(0, file.n, self.batch_size):
+            slices = decode_images(self.model, top[lo:lo + self.batch_size], bottom[lo:lo + self.batch_size],
+                                   self.batch_size)
+            slices = clip_to_input_range(slices[:, :height, :width], header["normalize"])
+            for i, decoded in enumerate(slices, start=lo):
+                scanner = denormalize(unfit(decoded, tuple(file.shapes[i]), header["fit"]), file.norm[i])
+                yield i, scanner.reshape(header["sources"][i]["shape"])
