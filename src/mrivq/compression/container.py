@@ -356,7 +356,7 @@ def pack_codes(codes_top: np.ndarray, codes_bottom: np.ndarray, *, n_embed: int,
         stream = encode_with_frequencies(codes_top, codes_bottom, counts)
     elif isinstance(prior, PassPrior):
         header.update(coder="prior", prior_fingerprint=prior_fingerprint, prior_coding="passes")
-        stream = encode_in_passes(prior.integer, codes_top, codes_bottom, batch_size=prior_batch)
+        stream = encode_in_passes(prior.integer, codes_top, codes_bottom)
     else:
         device = next(prior.parameters()).device
         header.update(coder="prior", prior_fingerprint=prior_fingerprint, prior_batch=prior_batch,

@@ -21,17 +21,22 @@ indices would take.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
-from mrivq.nn.integer_prior import IntegerPassPrior, as_probabilities
+from mrivq.nn.integer_prior import IntegerPassPrior
 from mrivq.nn.pass_prior import PassPrior
 from mrivq.nn.prior import CodePrior, NonFiniteProbabilities
 
-PRIOR_BATCH = 16  # slices coded together under the prior (the decoder must use the same)
+PRIOR_BATCH = 16  # slices coded together under a transformer prior (the decoder must use the same)
+#: Slices coded together under a pass prior (any batch decodes): 4 ran 1.5x as fast as 16 on
+#: 2 cores, whose caches then hold the residual stream (benchmarks/portable_prior.py).
+PASS_BATCH = 4
 
 
 def raw_bits_per_pixel(image_size: tuple[int, int], top_shape: tuple[int, int],
@@ -174,32 +179,55 @@ def decode_with_prior(prior: CodePrior, words: np.ndarray, n: int, *,
 PassCoder = Callable[[str, np.ndarray, int, int], np.ndarray]
 
 
-@torch.inference_mode()
 def _passes(prior: IntegerPassPrior, n: int, batch_size: int, code: PassCoder) -> tuple[np.ndarray, np.ndarray]:
     """The one path both pass coders take: each batch's top grids pass by pass, then its bottom
     grids given the top. The integer copy's frequencies do not depend on the batch, the threads
     or the device, and each slice has its own stream, so encoder and decoder may choose those
-    freely."""
+    freely. On the CPU, batches run side by side, one per thread (``torch.get_num_threads()``),
+    each op on one thread: small batches keep the int64 residual stream in the caches."""
+    starts = range(0, n, batch_size)
+    workers = min(torch.get_num_threads(), len(starts)) if prior.exp_table.device.type == "cpu" else 1
+
+    def run(lo: int) -> tuple[np.ndarray, np.ndarray]:
+        return _batch_in_passes(prior, lo, min(batch_size, n - lo), code)
+
+    if workers > 1:
+        with _single_threaded_ops(), ThreadPoolExecutor(workers) as pool:
+            parts = list(pool.map(run, starts))
+    else:
+        parts = [run(lo) for lo in starts]
+    return np.concatenate([top for top, _ in parts]), np.concatenate([bottom for _, bottom in parts])
+
+
+@contextlib.contextmanager
+def _single_threaded_ops():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@torch.inference_mode()
+def _batch_in_passes(prior: IntegerPassPrior, lo: int, size: int, code: PassCoder) -> tuple[np.ndarray, np.ndarray]:
+    """Slices ``lo`` to ``lo + size`` of :func:`_passes`: their top and bottom codes."""
     device = prior.exp_table.device
     grids = {"top": prior.top_grid, "bottom": (2 * prior.top_grid[0], 2 * prior.top_grid[1])}
-    out = {"top": [], "bottom": []}
-    for lo in range(0, n, batch_size):
-        size = min(batch_size, n - lo)
-        condition = None
-        for level in ("top", "bottom"):
-            if level == "bottom":
-                condition = prior.condition(torch.as_tensor(out["top"][-1], device=device))
-            codes = torch.zeros(size, *grids[level], dtype=torch.long, device=device)
-            for step in range(prior.passes[level]):
-                probs = as_probabilities(prior.weights(level, codes, step, condition))  # (size, P, K)
-                symbols = np.stack([code(level, probs[i], lo + i, step) for i in range(size)])
-                codes[:, prior.order(level) == step] = torch.as_tensor(symbols, dtype=torch.long, device=device)
-            out[level].append(codes.cpu().numpy())
-    return np.concatenate(out["top"]), np.concatenate(out["bottom"])
+    out = {}
+    for level in ("top", "bottom"):
+        condition = prior.condition(torch.as_tensor(out["top"], device=device)) if level == "bottom" else None
+        codes = torch.zeros(size, *grids[level], dtype=torch.long, device=device)
+        for step in range(prior.passes[level]):
+            symbols = np.stack([code(level, weights, lo + i, step)  # weights: (P, K) float64
+                                for i, weights in enumerate(prior.weights(level, codes, step, condition))])
+            codes[:, prior.order(level) == step] = torch.as_tensor(symbols, dtype=torch.long, device=device)
+        out[level] = codes.cpu().numpy()
+    return out["top"], out["bottom"]
 
 
 def encode_in_passes(prior: IntegerPassPrior, codes_top: np.ndarray, codes_bottom: np.ndarray, *,
-                     batch_size: int = PRIOR_BATCH) -> np.ndarray:
+                     batch_size: int = PASS_BATCH) -> np.ndarray:
     """Range-code the codes under the integer copy of a pass prior, each slice in its own stream;
     returns the uint32 words: the ``N`` streams' lengths, then the streams one after another.
     :func:`decode_in_passes` gives the codes back on any machine, with any batch size."""
@@ -233,7 +261,7 @@ def split_streams(words: np.ndarray, n: int) -> list[np.ndarray]:
 
 
 def decode_in_passes(prior: IntegerPassPrior, words: np.ndarray, n: int, *,
-                     batch_size: int = PRIOR_BATCH) -> tuple[np.ndarray, np.ndarray]:
+                     batch_size: int = PASS_BATCH) -> tuple[np.ndarray, np.ndarray]:
     """Undo :func:`encode_in_passes`: ``n`` top and bottom grids, int64."""
     categorical, queue = _categorical()
     model = categorical(perfect=False)
@@ -253,13 +281,14 @@ TOP_STRIDE, BOTTOM_STRIDE = 8, 4  # pixels per code side at each level (VQ-VAE-2
 
 @torch.inference_mode()
 def surprise_bits(prior: CodePrior, codes_top: np.ndarray, codes_bottom: np.ndarray, *,
-                  batch_size: int = PRIOR_BATCH) -> tuple[np.ndarray, np.ndarray]:
+                  batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The bits the prior spends on each code, ``-log2 p(code | the codes before it)``: float32
     ``(N, h, w)`` and ``(N, 2h, 2w)``. One teacher-forced pass (the probabilities the range coder
     is driven by, before it rounds them to integer frequencies): their sum is the prior-coded
     stream's length to within the coder's rounding."""
     if isinstance(prior, PassPrior) and prior.integer is not None:
-        return _surprise_in_passes(prior.integer, codes_top, codes_bottom, batch_size)
+        return _surprise_in_passes(prior.integer, codes_top, codes_bottom, batch_size or PASS_BATCH)
+    batch_size = batch_size or PRIOR_BATCH
     prior.eval()
     device = next(prior.parameters()).device
     tops, bottoms = [], []

@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -93,7 +94,7 @@ class _Conv:
         """int8 activations ``(B, H, W, C)`` -> int64 ``(B, H, W, N)`` in the output's unit."""
         batch, height, width, channels = a.shape
         columns = _columns(a, self.dilation) if self.kernel == 3 else a.reshape(-1, channels)
-        acc = int8_matmul(columns, self.weight).long().mul_(self.multiplier).add_(self.offset)
+        acc = torch.addcmul(self.offset, int8_matmul(columns, self.weight).long(), self.multiplier)
         return acc.bitwise_right_shift_(SHIFT).reshape(batch, height, width, -1)
 
 
@@ -103,7 +104,7 @@ def _activate(x: torch.Tensor, multiplier: int) -> torch.Tensor:
     clamped to [0, 255], minus 128, with the -128 folded in before the shift. ``x`` is first
     clamped to where the result saturates anyway, so the product stays near 2**32."""
     top = ((255 << SHIFT) // max(multiplier, 1)) + 1
-    scaled = (x.clamp(-1, top) * multiplier).add_((1 << (SHIFT - 1)) - (128 << SHIFT)).bitwise_right_shift_(SHIFT)
+    scaled = x.clamp(-1, top).mul_(multiplier).add_((1 << (SHIFT - 1)) - (128 << SHIFT)).bitwise_right_shift_(SHIFT)
     return scaled.clamp_(-128, 127).to(torch.int8)
 
 
@@ -134,13 +135,15 @@ class _IntegerNet:
             x.clamp_(-STREAM_LIMIT, STREAM_LIMIT)
         return x
 
-    def logits(self, codes: torch.Tensor, step: int, condition: torch.Tensor | None) -> torch.Tensor:
-        """int64 ``(B, P, n_embed)`` logits, in units of 1/LOGIT_UNITS nat, of the ``P`` positions of
-        pass ``step`` (raster order)."""
+    def head_input(self, codes: torch.Tensor, step: int, condition: torch.Tensor | None) -> torch.Tensor:
+        """int8 ``(B, P, C)``: the head's input at the ``P`` positions of pass ``step`` (raster order)."""
         x = self.stream(codes, step, condition)
         here = (self.order == step).flatten()
-        x = x.reshape(len(x), -1, x.shape[-1])[:, here]  # (B, P, C): the head is 1x1
-        return self.head(_activate(x, self.activations[-1])[:, :, None, :]).squeeze(2)
+        return _activate(x.reshape(len(x), -1, x.shape[-1])[:, here], self.activations[-1])
+
+    def logits(self, head_input: torch.Tensor) -> torch.Tensor:
+        """int64 ``(P, n_embed)`` logits, in units of 1/LOGIT_UNITS nat, of one grid's ``(P, C)`` head input."""
+        return self.head(head_input[:, None, None, :]).reshape(len(head_input), -1)
 
 
 class IntegerPassPrior:
@@ -155,6 +158,7 @@ class IntegerPassPrior:
         self.bottom = _IntegerNet(state["bottom"])
         self.condition_net = _IntegerNet(state["condition"])
         self.exp_table = state["exp_table"]  # int64 (EXP_RANGE * LOGIT_UNITS + 1,)
+        self._coder_table = coder_table(self.exp_table)
         self.passes = {"top": int(state["top"]["passes"]), "bottom": int(state["bottom"]["passes"])}
 
     def to(self, device) -> IntegerPassPrior:
@@ -176,29 +180,32 @@ class IntegerPassPrior:
         return x.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
 
     def weights(self, level: str, codes: torch.Tensor, step: int,
-                condition: torch.Tensor | None = None) -> torch.Tensor:
-        """int64 ``(B, P, n_embed)``: for each grid of ``codes`` (those of earlier passes read), the
-        coder's weights of every code at the ``P`` positions of pass ``step`` in raster order,
-        proportional to the probabilities, each between 1 and ``2**EXP_BITS``."""
-        logits = getattr(self, level).logits(codes, step, condition if level == "bottom" else None)
-        return weights_from_logits(logits, self.exp_table)
+                condition: torch.Tensor | None = None) -> Iterator[np.ndarray]:
+        """For each grid of ``codes`` (those of earlier passes read), float64 ``(P, n_embed)`` integers:
+        the coder's weights of every code at the ``P`` positions of pass ``step`` in raster order,
+        proportional to the probabilities, each between 1 and ``2**EXP_BITS``. The network runs
+        on the whole batch, the head one grid at a time (its logits then stay in the caches)."""
+        net = getattr(self, level)
+        for head_input in net.head_input(codes, step, condition if level == "bottom" else None):
+            yield weights_from_logits(net.logits(head_input), self._coder_table)
 
     def fingerprint(self) -> str:
         return fingerprint_state(self.state)
 
 
-def weights_from_logits(logits: torch.Tensor, exp_table: torch.Tensor) -> torch.Tensor:
-    """int64 logits ``(..., K)`` in 1/LOGIT_UNITS nat -> integer weights ``(..., K)``,
-    ``exp_table[largest logit - logit]``: the most probable code gets ``2**EXP_BITS``."""
-    gap = logits.amax(dim=-1, keepdim=True) - logits
-    return exp_table[gap.clamp_(max=len(exp_table) - 1)]
+def coder_table(exp_table: torch.Tensor) -> np.ndarray:
+    """The exponential table as the float64 numbers the range coder takes (it normalises them
+    itself): exact, as every entry is an integer below 2**53, and so is any sum of them, so the
+    coder sees the same numbers on every machine. Made outside torch: no torch float result."""
+    return exp_table.cpu().numpy().astype(np.float64)
 
 
-def as_probabilities(weights: torch.Tensor) -> np.ndarray:
-    """Integer weights -> the float64 array the range coder takes (it normalises them itself).
-    The conversion is exact, and so is any sum of them (integers below 2**53), so the coder
-    sees the same numbers on every machine."""
-    return weights.cpu().numpy().astype(np.float64)
+def weights_from_logits(logits: torch.Tensor, table: np.ndarray) -> np.ndarray:
+    """int64 logits ``(..., K)`` in 1/LOGIT_UNITS nat -> integer weights ``(..., K)`` as float64,
+    ``table[largest logit - logit]`` (:func:`coder_table`): the most probable code gets ``2**EXP_BITS``.
+    ``logits`` is overwritten."""
+    gap = logits.sub_(logits.amax(dim=-1, keepdim=True)).neg_().clamp_(max=len(table) - 1)
+    return np.take(table, gap.cpu().numpy())
 
 
 def fingerprint_state(state) -> str:
