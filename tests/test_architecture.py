@@ -35,7 +35,7 @@ def module_name(path: Path) -> str:
 def layer(module: str) -> str:
     if module in BASE:
         return "base"
-    if module in ("mrivq.cli", "mrivq.__main__"):
+    if module in ("mrivq.cli", "mrivq.__main__", "mrivq.docgen"):  # docgen: the CLI's reference pages
         return "cli"
     return module.split(".")[1]
 

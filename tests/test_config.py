@@ -1,17 +1,32 @@
-"""Config loading: validation names the key, overrides, the report's layout, paths."""
+"""Config loading: validation names the key, overrides, the report's layout, paths; the models'
+defaults are the config's."""
 
+import inspect
 from pathlib import Path
 
 import pytest
 
-from mrivq.config import Config, load_config
+from mrivq.config import ModelConfig, PriorConfig, load_config
 from mrivq.errors import ConfigError
+from mrivq.nn import VQVAE2
+from mrivq.nn.pass_prior import PassPrior
+from mrivq.nn.prior import CodePrior
 
-REPO = Path(__file__).resolve().parents[1]
+#: Constructor arguments whose config key has another name (as engine.checkpoint.prior_from_config maps them).
+CONFIG_KEY_OF = {"neighbours": "neighbour_codes", "condition_layers": "condition_blocks"}
 
 
-def test_example_config_lists_every_default():
-    assert load_config(REPO / "config/example_config.yaml").model_dump() == Config().model_dump()
+@pytest.mark.parametrize(("model", "section"), [(VQVAE2, ModelConfig), (CodePrior, PriorConfig),
+                                                (PassPrior, PriorConfig)])
+def test_every_model_constructor_default_is_the_config_default(model, section):
+    defaults = {name: parameter.default for name, parameter in inspect.signature(model).parameters.items()
+                if parameter.default is not inspect.Parameter.empty}
+    assert defaults  # the sizes have defaults, so there is something to compare
+    for name, default in defaults.items():
+        key = CONFIG_KEY_OF.get(name, name)
+        assert key in section.model_fields, f"{model.__name__}({name}=...) has no {section.__name__} key"
+        expected = section.model_fields[key].default
+        assert default == expected, f"{model.__name__}({name}={default!r}) but the config's {key} is {expected!r}"
 
 
 def test_set_overrides_parse_values_as_yaml():

@@ -60,29 +60,71 @@ MAX_IMAGE_SIDE = 1024
 
 
 class DataConfig(_Section):
-    root: Path | None = None
-    train_dir: Path | None = None
-    validate_dir: Path | None = None
-    test_dir: Path | None = None
-    image_size: tuple[int, int] = (256, 128)
-    fit: Literal["pad_crop", "resize"] = "pad_crop"
-    normalize: Literal["minmax", "percentile", "zscore"] = "minmax"
-    percentiles: tuple[float, float] = (0.5, 99.5)
-    on_bad_file: Literal["error", "skip"] = "error"
-    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    cache_dir: Path | None = None
-    workers: int | None = Field(default=None, ge=1)
-    phantom_cases: int = Field(default=16, ge=3, le=1024)
-    # Training-only augmentation (never validation or test), drawn per slice: flips with
-    # probability 1/2 (horizontal = left-right as the pictures show a slice: along its first
-    # axis, HipMRI's right-to-left; both = that and, independently, up-down: front to back)
-    # and an intensity factor uniform in [1 - augment_intensity, 1 + augment_intensity].
-    augment_flip: Literal["none", "horizontal", "both"] = "none"
-    augment_intensity: float = Field(default=0.0, ge=0, lt=1)
-    # Training-only: each step trains on an [h, w] window cut at a random place from its slices
-    # (sides multiples of 8, at most data.image_size), so a step costs h*w/(H*W) of a whole
-    # slice's and a time budget buys that many more steps; validation and test see whole slices.
-    train_crop: tuple[int, int] | None = None
+    """Where the slices come from and how each is read, fitted and normalised.
+
+    All of root, train_dir, validate_dir and test_dir null: the built-in synthetic phantom set,
+    generated once into the cache folder.
+    """
+
+    root: Path | None = Field(
+        default=None,
+        description="Folder holding keras_slices_train, keras_slices_validate and "
+                    "keras_slices_test (HipMRI's layout), or one flat folder of NIfTI slices "
+                    "split by case (data.split_fractions); null: the built-in phantom set.")
+    train_dir: Path | None = Field(
+        default=None, description="Folder of the training slices; the three split folders override root.")
+    validate_dir: Path | None = Field(default=None, description="Folder of the validation slices.")
+    test_dir: Path | None = Field(default=None, description="Folder of the test slices.")
+    image_size: tuple[int, int] = Field(
+        default=(256, 128),
+        description=f"Rows and columns every slice is fitted to; sides 8 to {MAX_IMAGE_SIDE} pixels.")
+    fit: Literal["pad_crop", "resize"] = Field(
+        default="pad_crop",
+        description="How a slice is fitted to image_size: pad_crop pads with the background or "
+                    "crops, centred; resize is bilinear.")
+    normalize: Literal["minmax", "percentile", "zscore"] = Field(
+        default="minmax",
+        description="Intensity normalisation per slice: minmax to [0, 1]; percentile clips to "
+                    "data.percentiles, then [0, 1]; zscore (scored after mapping each slice's own "
+                    "min..max to [0, 1]).")
+    percentiles: tuple[float, float] = Field(
+        default=(0.5, 99.5),
+        description="Low and high percentile of the clip range of normalize: percentile "
+                    "(0 <= low < high <= 100).")
+    on_bad_file: Literal["error", "skip"] = Field(
+        default="error",
+        description="A slice that cannot be read: error lists every bad file and stops; skip skips "
+                    "them and lists them.")
+    split_fractions: tuple[float, float, float] = Field(
+        default=(0.8, 0.1, 0.1),
+        description="Train, validate and test fractions, split by case, when root is one flat "
+                    "folder; non-negative, summing to 1.")
+    cache_dir: Path | None = Field(
+        default=None,
+        description="Cache of decoded slices (and of the phantom set); null: $MRIVQ_CACHE_DIR or "
+                    "~/.cache/mrivq.")
+    workers: int | None = Field(
+        default=None, ge=1, description="Processes decoding slices; null: one per CPU core.")
+    phantom_cases: int = Field(
+        default=16, ge=3, le=1024,
+        description="Case volumes (of 60 slices) in the built-in phantom set.")
+    augment_flip: Literal["none", "horizontal", "both"] = Field(
+        default="none",
+        description="Training batches only (never validation or test): each slice flipped with "
+                    "probability 1/2. horizontal: left-right as the pictures show a slice (along "
+                    "its first axis, HipMRI's right-to-left: the patient's sides swapped); both: "
+                    "that and, independently, up-down (front to back).")
+    augment_intensity: float = Field(
+        default=0.0, ge=0, lt=1,
+        description="Training batches only: each slice multiplied by a factor uniform in "
+                    "[1 - augment_intensity, 1 + augment_intensity]; 0: off.")
+    train_crop: tuple[int, int] | None = Field(
+        default=None,
+        description="Training steps only: each step trains on an [h, w] window (sides multiples "
+                    "of 8, at most image_size) cut at a random place from its slices, so a step "
+                    "costs (h x w)/(H x W) of a whole slice's and a time budget buys that many more "
+                    "steps ([128, 128] on 256x256 real MR: docs/benchmarks.md); validation and "
+                    "test see whole slices. null: whole slices.")
 
     @field_validator("image_size")
     @classmethod
@@ -134,30 +176,66 @@ STORED_MODEL_DEFAULTS = {"block": "report", "lookup": "euclidean", "restart_from
                          "kmeans_iters": 0, "bottom_dropout": 0.0}
 
 
+def _when_stored_without(key: str) -> str:
+    """The part of a model key's description that says what an older stored config gets."""
+    return f"A stored config without it loads as {STORED_MODEL_DEFAULTS[key]}."
+
+
 class ModelConfig(_Section):
+    """The VQ-VAE-2: the keyword arguments of ``mrivq.nn.VQVAE2``, both codebooks alike."""
+
     # Applied when the config is read and not stored: the stored config holds its values.
-    preset: Literal["report"] | None = Field(default=None, exclude=True)
-    in_channel: int = Field(default=1, ge=1, le=64)
-    channel: int = Field(default=128, ge=1, le=4096)
-    n_res_block: int = Field(default=2, ge=0, le=64)
-    n_res_channel: int = Field(default=32, ge=1, le=4096)
-    embed_dim: int = Field(default=64, ge=1, le=4096)
-    n_embed: int = Field(default=512, ge=2, le=65536)
-    decay: float = Field(default=0.99, gt=0, lt=1)
-    eps: float = Field(default=1e-5, gt=0)
-    init_from_data: bool = True
-    restart_dead_codes: bool = True
-    dead_code_threshold: float = Field(default=1.0, ge=0)
-    # Dead codes restart from random encoder outputs, or from the worst-served ones.
-    restart_from: Literal["random", "worst"] = "random"
-    kmeans_iters: int = Field(default=0, ge=0, le=100)  # Lloyd steps refining the data init
-    # Code lookup: euclidean (the report's) or cosine (unit-length vectors and codes).
-    lookup: Literal["euclidean", "cosine"] = "cosine"
-    # Residual block: report (ReLU, 3x3, 1x1 conv) | norm (GroupNorm, SiLU, two 3x3 convs).
-    block: Literal["report", "norm"] = "report"
-    # Training only: the fraction of training slices decoded from their top codes alone (bottom
-    # codes zeroed), so the top level must carry the layout a prior then draws.
-    bottom_dropout: float = Field(default=0.0, ge=0, lt=1)
+    preset: Literal["report"] | None = Field(
+        default=None, exclude=True,
+        description="report: the report's network ("
+                    + ", ".join(f"{key} {value}" for key, value in REPORT_MODEL.items())
+                    + ") for every model key the config does not set.")
+    in_channel: int = Field(default=1, ge=1, le=64, description="Image channels (1 for MRI slices).")
+    channel: int = Field(default=128, ge=1, le=4096, description="Width of the encoders and decoders.")
+    n_res_block: int = Field(
+        default=2, ge=0, le=64, description="Residual blocks in every encoder and decoder.")
+    n_res_channel: int = Field(
+        default=32, ge=1, le=4096, description="Hidden channels of each residual block.")
+    embed_dim: int = Field(default=64, ge=1, le=4096, description="Length of a code vector, both levels.")
+    n_embed: int = Field(
+        default=512, ge=2, le=65536, description="Codes per codebook (one codebook per level).")
+    decay: float = Field(default=0.99, gt=0, lt=1, description="EMA decay of the codebooks.")
+    eps: float = Field(default=1e-5, gt=0, description="Laplace smoothing of the EMA cluster sizes.")
+    init_from_data: bool = Field(
+        default=True,
+        description="Initialise the codebooks from the first training batch's encoder outputs; "
+                    "false: standard normal vectors.")
+    restart_dead_codes: bool = Field(
+        default=True,
+        description="Re-seed codes whose EMA usage falls below dead_code_threshold from encoder "
+                    "outputs of the current batch.")
+    dead_code_threshold: float = Field(
+        default=1.0, ge=0,
+        description="EMA cluster size (vectors per batch) below which a code counts as dead; 0 "
+                    "never restarts.")
+    restart_from: Literal["random", "worst"] = Field(
+        default="random",
+        description="A dead code restarts at a random encoder output (random) or at the ones "
+                    "farthest from their nearest code (worst). " + _when_stored_without("restart_from"))
+    kmeans_iters: int = Field(
+        default=0, ge=0, le=100,
+        description="Lloyd iterations refining the data initialisation on the first batch. "
+                    + _when_stored_without("kmeans_iters"))
+    lookup: Literal["euclidean", "cosine"] = Field(
+        default="cosine",
+        description="Code lookup: cosine looks codes up by direction (unit-length vectors and "
+                    "codes; keeps the top level alive); euclidean is the report's. "
+                    + _when_stored_without("lookup"))
+    block: Literal["report", "norm"] = Field(
+        default="report",
+        description="Residual block: report (ReLU, 3x3 conv, 1x1 conv) or norm (GroupNorm, SiLU, "
+                    "two 3x3 convs, identity at the start); hidden width n_res_channel. "
+                    + _when_stored_without("block"))
+    bottom_dropout: float = Field(
+        default=0.0, ge=0, lt=1,
+        description="Training only: the fraction of training slices decoded from their top codes "
+                    "alone (bottom codes zeroed), so the top level must carry the layout a prior "
+                    "then draws. " + _when_stored_without("bottom_dropout"))
 
     @model_validator(mode="before")
     @classmethod
@@ -168,92 +246,183 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(default=5, ge=1)
-    max_steps: int | None = Field(default=None, ge=1)
+    """Training the VQ-VAE-2 (``mrivq train``): its length, recipe, evaluation and machine."""
+
+    epochs: int = Field(
+        default=5, ge=1,
+        description="Passes over the training split (the default phantom run: 3,600 steps).")
+    max_steps: int | None = Field(
+        default=None, ge=1, description="Stop after this many optimiser steps; null: epochs decide.")
     # One slice per step: in a fixed budget, more (noisier) updates beat bigger batches
     # (measured: README "Choosing the default recipe").
-    batch_size: int = Field(default=1, ge=1)
-    # Peak learning rate, or auto: by the run's length in steps (2e-3 up to 4,000 steps, 5e-4
-    # from 13,000, log-linear between; under max_time the length fitted to the budget).
-    lr: Annotated[float, Field(gt=0)] | Literal["auto"] = "auto"
-    optimizer: Literal["adam", "adamw"] = "adam"
-    weight_decay: float = Field(default=0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    schedule: Literal["cosine", "constant"] = "cosine"
-    warmup_steps: int = Field(default=50, ge=0)
-    min_lr_ratio: float = Field(default=0.05, ge=0, le=1)
-    grad_clip: float | None = Field(default=1.0, gt=0)
-    latent_loss_weight: float = Field(default=0.25, ge=0)
-    # Reconstruction loss: mse (the report's), l1, or ssim_l1 = ssim_weight x (1 - SSIM) +
-    # (1 - ssim_weight) x L1, SSIM on the scoring range with the protocol's window (fp32).
-    loss: Literal["mse", "l1", "ssim_l1"] = "mse"
-    ssim_weight: float = Field(default=0.84, ge=0, le=1)
-    # Wall-clock budget in seconds ("90s", "10m", "2h" read too): the schedule is fitted to it.
-    max_time: float | None = Field(default=None, gt=0)
+    batch_size: int = Field(
+        default=1, ge=1,
+        description="Slices per step (the report's 10 learns less in the same time).")
+    lr: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
+        default="auto",
+        description="Peak learning rate, or auto: by the run's length in steps (2e-3 up to 4,000 "
+                    "steps, 5e-4 from 13,000, log-linear between; under max_time the length "
+                    "fitted to the budget).")
+    optimizer: Literal["adam", "adamw"] = Field(default="adam", description="The optimiser.")
+    weight_decay: float = Field(default=0.0, ge=0, description="The optimiser's weight decay.")
+    betas: tuple[float, float] = Field(
+        default=(0.9, 0.999), description="The optimiser's moment decay rates.")
+    schedule: Literal["cosine", "constant"] = Field(
+        default="cosine",
+        description="Learning rate after the warm-up: a cosine down to lr x min_lr_ratio, or "
+                    "constant.")
+    warmup_steps: int = Field(
+        default=50, ge=0, description="Steps of linear learning-rate warm-up.")
+    min_lr_ratio: float = Field(
+        default=0.05, ge=0, le=1, description="The cosine ends at lr x min_lr_ratio.")
+    grad_clip: float | None = Field(
+        default=1.0, gt=0, description="Largest gradient norm; null: no clipping.")
+    latent_loss_weight: float = Field(
+        default=0.25, ge=0, description="Weight of the commitment loss.")
+    loss: Literal["mse", "l1", "ssim_l1"] = Field(
+        default="mse",
+        description="Reconstruction loss: mse (the report's), l1, or ssim_l1 = ssim_weight x "
+                    "(1 - SSIM) + (1 - ssim_weight) x L1, on [0, 1] in fp32 (SSIM with the "
+                    "scoring protocol's window).")
+    ssim_weight: float = Field(
+        default=0.84, ge=0, le=1, description="The SSIM share of loss: ssim_l1.")
+    max_time: float | None = Field(
+        default=None, gt=0,
+        description="Wall-clock budget of the training loop in seconds (\"90s\", \"10m\", \"2h\" "
+                    "read too): after the warm-up the steps are timed (evaluations included) and "
+                    "the schedule is fitted to the budget; epochs no longer cap the run.")
 
     _seconds = field_validator("max_time", mode="before")(lambda cls, value: _seconds(value))
-    interval: int = Field(default=720, ge=1)
-    checkpoint_every: int = Field(default=250, ge=1)
-    max_nonfinite_steps: int = Field(default=10, ge=1)
-    sample_size: int = Field(default=8, ge=1)
-    val_batch_size: int | None = Field(default=16, ge=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    compile: Literal["auto"] | bool = "auto"
-    num_threads: int | None = Field(default=None, ge=1)
-    tensorboard: bool = False
+    interval: int = Field(
+        default=720, ge=1,
+        description="Evaluate on the validation split every N steps (and at each epoch end, "
+                    "unless max_time is set).")
+    checkpoint_every: int = Field(
+        default=250, ge=1, description="Write models/last.pt every N steps (and at each evaluation).")
+    max_nonfinite_steps: int = Field(
+        default=10, ge=1,
+        description="Stop after this many NaN/Inf losses or gradients in a row (such steps are "
+                    "skipped).")
+    sample_size: int = Field(
+        default=8, ge=1, description="Validation slices in samples/epoch_{i}.png.")
+    val_batch_size: int | None = Field(
+        default=16, ge=1, description="Slices per validation forward pass; null: batch_size.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="Where training runs; auto: CUDA when present, else the CPU.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto",
+        description="Training precision; auto: bf16 on CUDA and on CPUs with native bf16, else "
+                    "fp32. Validation and every score run in fp32.")
+    compile: Literal["auto"] | bool = Field(
+        default="auto",
+        description="torch.compile the training step; auto: on CUDA, not on the CPU (slower in a "
+                    "measured CPU run); eager if compiling fails.")
+    num_threads: int | None = Field(
+        default=None, ge=1, description="CPU threads for torch; null: torch's default.")
+    tensorboard: bool = Field(
+        default=False,
+        description="Also log to logging/tensorboard (pip install 'mrivq[tensorboard]').")
 
 
 class PredictConfig(_Section):
-    batch_size: int = Field(default=10, ge=1)
-    sample_sets: int = Field(default=3, ge=0)
-    sample_size: int = Field(default=10, ge=1)
-    checkpoint: Path | None = None
+    """Scoring a trained model on the test split (``mrivq predict``)."""
+
+    batch_size: int = Field(default=10, ge=1, description="Test slices per forward pass.")
+    sample_sets: int = Field(
+        default=3, ge=0, description="Number of samples/predict_set_{i}.png grids.")
+    sample_size: int = Field(default=10, ge=1, description="Slices per grid.")
+    checkpoint: Path | None = Field(
+        default=None, description="The model to score; null: output.dir/models/best.pt.")
 
 
 class PriorConfig(_Section):
-    """The autoregressive prior over codes (``mrivq train-prior``); grid shapes come from the VQ-VAE."""
+    """The autoregressive prior over codes (``mrivq train-prior``); grid shapes come from the VQ-VAE.
 
-    # transformer: codes one at a time in raster order (a causal transformer); its files decode
-    # only on the kind of machine and device that coded them. passes: residual convolutions that
-    # predict each grid in a few interleaved passes, coded through an integer copy (files decode
-    # bit for bit anywhere, many times faster).
-    architecture: Literal["transformer", "passes"] = "transformer"
-    channels: int = Field(default=64, ge=8, le=1024)  # passes: width of the convolutions
-    layers: int = Field(default=6, ge=1, le=32)  # passes: residual 3x3 convolutions per grid
-    passes_top: int = Field(default=5, ge=1, le=5)  # passes: 1-5 (5: dyadic over 4x4 tiles)
-    passes_bottom: int = Field(default=2, ge=1, le=5)  # passes: 2 is a checkerboard
-    d_model: int = Field(default=128, ge=8, le=4096)
-    n_head: int = Field(default=4, ge=1, le=64)
-    n_layer_top: int = Field(default=4, ge=1, le=64)
-    n_layer_bottom: int = Field(default=3, ge=1, le=64)
-    bottom_window_rows: int | None = Field(default=2, ge=1, le=4096)
-    condition_blocks: int = Field(default=2, ge=0, le=64)
-    # Each position is also given the codes left, two left, above-left, above, above-right and
-    # two above it (mrivq.nn.prior.NEIGHBOURS); false: attention alone finds them.
-    neighbour_codes: bool = True
-    dropout: float = Field(default=0.0, ge=0, lt=1)
-    # The training codes also include those of every training slice moved by each augment_shift
-    # pixels up, down, left and right and zoomed by each augment_scale about the centre, and,
-    # with augment_flip "horizontal", of it and each of those mirrored left-right (the patient's
-    # sides swapped: a mirrored pelvis is still a plausible pelvis); encoded once and cached.
-    # Directions as the pictures show a slice. Validation never.
-    augment_flip: Literal["none", "horizontal"] = "horizontal"
-    augment_shift: list[int] = [4, 8]
-    augment_scale: list[float] = [0.92, 1.08]
-    steps: int = Field(default=2500, ge=1)
-    # Wall-clock budget of the prior ("90s", "10m", "2h" read too), as train.max_time: instead of
-    # prior.steps, as many steps as fit, the schedule fitted to them. Reading the slices and
-    # encoding the training codes (with their augmented copies) come out of it too.
-    max_time: float | None = Field(default=None, gt=0)
-    batch_size: int = Field(default=8, ge=1)
-    lr: float = Field(default=2e-3, gt=0)
-    weight_decay: float = Field(default=0.01, ge=0)
-    warmup_steps: int = Field(default=50, ge=0)
-    min_lr_ratio: float = Field(default=0.05, ge=0, le=1)
-    grad_clip: float | None = Field(default=1.0, gt=0)
-    interval: int = Field(default=250, ge=1)
-    checkpoint_every: int = Field(default=100, ge=1)
+    A prior over the top codes and one over the bottom codes given the top. The transformer's
+    defaults are sized for a CPU (about 27 minutes on 2 cores with bf16); on a GPU try d_model
+    256, 8 + 8 layers, bottom_window_rows null, batch_size 32 and several thousand steps.
+    """
+
+    architecture: Literal["transformer", "passes"] = Field(
+        default="transformer",
+        description="transformer: causal transformers coding one code at a time in raster order; "
+                    "its files decode only on the kind of machine and device that coded them. "
+                    "passes: residual convolutions predicting each grid in a few interleaved "
+                    "passes, coded through an integer copy: files decode bit for bit anywhere, "
+                    "many times faster.")
+    channels: int = Field(
+        default=64, ge=8, le=1024, description="passes: width of the convolutions.")
+    layers: int = Field(
+        default=6, ge=1, le=32,
+        description="passes: residual 3x3 convolutions per grid (dilations 1, 2, 4 in turn).")
+    passes_top: int = Field(
+        default=5, ge=1, le=5, description="passes: passes over the top grid (5: dyadic over 4x4 tiles).")
+    passes_bottom: int = Field(
+        default=2, ge=1, le=5, description="passes: passes over the bottom grid (2: a checkerboard).")
+    d_model: int = Field(
+        default=128, ge=8, le=4096,
+        description="transformer: width of both transformers.")
+    n_head: int = Field(
+        default=4, ge=1, le=64, description="transformer: attention heads; must divide d_model.")
+    n_layer_top: int = Field(
+        default=4, ge=1, le=64,
+        description="transformer: blocks of the top-code prior (full causal attention).")
+    n_layer_bottom: int = Field(
+        default=3, ge=1, le=64, description="transformer: blocks of the bottom-code prior.")
+    bottom_window_rows: int | None = Field(
+        default=2, ge=1, le=4096,
+        description="transformer: the bottom prior's attention sees this many code rows back; "
+                    "null: the whole past.")
+    condition_blocks: int = Field(
+        default=2, ge=0, le=64,
+        description="Residual blocks over the top codes that condition the bottom prior (both "
+                    "architectures).")
+    neighbour_codes: bool = Field(
+        default=True,
+        description="transformer: each position is also given the codes left, two left, "
+                    "above-left, above, above-right and two above it (mrivq.nn.prior.NEIGHBOURS); "
+                    "false: attention alone finds them. A stored prior config without it loads "
+                    "as false.")
+    dropout: float = Field(
+        default=0.0, ge=0, lt=1,
+        description="transformer: dropout on the residual branches; worth 0.1 for long runs on "
+                    "small data.")
+    augment_flip: Literal["none", "horizontal"] = Field(
+        default="horizontal",
+        description="horizontal: the training codes also include those of every training slice "
+                    "and each shifted or zoomed copy mirrored left-right as the pictures show a "
+                    "slice (the patient's sides swapped: a mirrored pelvis is still a plausible "
+                    "pelvis); none: not.")
+    augment_shift: list[int] = Field(
+        default=[4, 8],
+        description="The training codes also include those of every training slice moved by "
+                    "each of these whole pixels up, down, left and right (edges repeated); "
+                    "encoded once and cached, validation never. [] or 0: none.")
+    augment_scale: list[float] = Field(
+        default=[0.92, 1.08],
+        description="And of every training slice zoomed by each of these factors about the "
+                    "centre (in [0.5, 2], not 1). [] or 0: none.")
+    steps: int = Field(default=2500, ge=1, description="Optimiser steps.")
+    max_time: float | None = Field(
+        default=None, gt=0,
+        description="Wall-clock budget of the prior in seconds (\"90s\", \"10m\", \"2h\" read "
+                    "too), as train.max_time: instead of prior.steps, as many steps as fit, the "
+                    "schedule fitted to them. Reading the slices and encoding the training codes "
+                    "(with their augmented copies) come out of it too.")
+    batch_size: int = Field(default=8, ge=1, description="Code grids per step.")
+    lr: float = Field(
+        default=2e-3, gt=0,
+        description="Peak learning rate (AdamW), linear warm-up then cosine.")
+    weight_decay: float = Field(default=0.01, ge=0, description="AdamW's weight decay.")
+    warmup_steps: int = Field(default=50, ge=0, description="Steps of linear learning-rate warm-up.")
+    min_lr_ratio: float = Field(
+        default=0.05, ge=0, le=1, description="The cosine ends at lr x min_lr_ratio.")
+    grad_clip: float | None = Field(
+        default=1.0, gt=0, description="Largest gradient norm; null: no clipping.")
+    interval: int = Field(default=250, ge=1, description="Validation NLL every N steps.")
+    checkpoint_every: int = Field(
+        default=100, ge=1,
+        description="Write models/prior_last.pt every N steps (and at each evaluation).")
 
     _seconds = field_validator("max_time", mode="before")(lambda cls, value: _seconds(value))
 
@@ -287,21 +456,37 @@ class PriorConfig(_Section):
 
 
 class OutputConfig(_Section):
-    dir: Path = Path("runs/default")
-    log_dir: Path | None = None
-    sample_dir: Path | None = None
-    visual_dir: Path | None = None
-    model_dir: Path | None = None
+    """Where a run writes: the run directory and its four folders."""
+
+    dir: Path = Field(
+        default=Path("runs/default"),
+        description="The run directory (config, metrics, report, manifest); the four folders "
+                    "below are its children unless set. A report-layout config without dir: "
+                    "their common parent, or runs/default if that is the working directory.")
+    log_dir: Path | None = Field(default=None, description="Logs; null: output.dir/logging.")
+    sample_dir: Path | None = Field(default=None, description="Sample grids; null: output.dir/samples.")
+    visual_dir: Path | None = Field(default=None, description="Plots; null: output.dir/visuals.")
+    model_dir: Path | None = Field(default=None, description="Checkpoints; null: output.dir/models.")
+
+
+def _section(section: type[_Section]):
+    """A section of :class:`Config`, its defaults by default, described by its docstring's first line."""
+    return Field(default_factory=section, description=section.__doc__.splitlines()[0])
 
 
 class Config(_Section):
-    seed: int = 0
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    predict: PredictConfig = Field(default_factory=PredictConfig)
-    prior: PriorConfig = Field(default_factory=PriorConfig)
-    output: OutputConfig = Field(default_factory=OutputConfig)
+    """A whole mrivq config: the seed and one section each for data, model, train, predict, prior
+    and output."""
+
+    seed: int = Field(
+        default=0,
+        description="Seeds Python, NumPy and torch; also the seed of a flat folder's split.")
+    data: DataConfig = _section(DataConfig)
+    model: ModelConfig = _section(ModelConfig)
+    train: TrainConfig = _section(TrainConfig)
+    predict: PredictConfig = _section(PredictConfig)
+    prior: PriorConfig = _section(PriorConfig)
+    output: OutputConfig = _section(OutputConfig)
     _source: Path | None = PrivateAttr(default=None)
 
     @property

@@ -283,7 +283,7 @@ class CodePrior(nn.Module):
         n_embed: codes per level (the VQ-VAE's ``n_embed``).
         top_grid: ``(h, w)`` of the top codes; the bottom grid is ``(2h, 2w)``.
         d_model, n_head, n_layer_top, n_layer_bottom, condition_blocks, dropout: sizes
-            (``prior.*`` in the config).
+            (``prior.*`` in the config, whose defaults they share).
         bottom_window_rows: the bottom prior's attention sees this many code rows back
             (``rows x cols`` positions); None: the whole past. The top grid always sees it all.
         neighbours: give each position the codes at ``NEIGHBOURS`` directly (both levels);
@@ -297,8 +297,8 @@ class CodePrior(nn.Module):
     """
 
     def __init__(self, n_embed: int, top_grid: tuple[int, int], *, d_model: int = 128, n_head: int = 4,
-                 n_layer_top: int = 4, n_layer_bottom: int = 4, condition_blocks: int = 2,
-                 dropout: float = 0.0, bottom_window_rows: int | None = None, neighbours: bool = True) -> None:
+                 n_layer_top: int = 4, n_layer_bottom: int = 3, condition_blocks: int = 2,
+                 dropout: float = 0.0, bottom_window_rows: int | None = 2, neighbours: bool = True) -> None:
         super().__init__()
         self.n_embed = n_embed
         self.top_grid = (int(top_grid[0]), int(top_grid[1]))

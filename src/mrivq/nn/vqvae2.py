@@ -157,6 +157,9 @@ class VQVAE2(nn.Module):
         lookup: ``"euclidean"`` or ``"cosine"`` (the quantizers' ``cosine``).
         block: residual block of every encoder and decoder: ``"report"`` (:class:`ResBlock`)
             or ``"norm"`` (:class:`NormResBlock`).
+        bottom_dropout: training only, the fraction of slices decoded from their top codes alone.
+
+    Every default is the config's (``model.*``, :class:`mrivq.config.ModelConfig`).
 
     Parts usable on their own: :meth:`encode` (images -> codes, never touches the codebooks)
     and :meth:`decode_codes` (codes -> images). In eval mode
@@ -186,7 +189,7 @@ class VQVAE2(nn.Module):
         block: str = "report",
         restart_from: str = "random",
         kmeans_iters: int = 0,
-        lookup: str = "euclidean",
+        lookup: str = "cosine",
         bottom_dropout: float = 0.0,
     ) -> None:
         super().__init__()
