@@ -257,3 +257,20 @@ def test_pass_sampling_draws_by_the_probabilities_within_the_nucleus():
     assert torch.allclose(shares, torch.tensor([0.2, 0.5, 0.3]), atol=0.015)
     shares = torch.bincount(_draw(probs, 0.6, torch.Generator().manual_seed(1)), minlength=3) / 20000
     assert shares[0] == 0 and torch.allclose(shares[1:], torch.tensor([0.625, 0.375]), atol=0.015)
+
+
+def test_pass_sampling_finds_a_nucleus_wider_than_its_candidates():
+    """Rows whose nucleus holds more codes than the candidates looked at first are sorted whole;
+    peaked rows in the same batch stay within theirs."""
+    from mrivq.nn.pass_prior import NUCLEUS_CANDIDATES, _draw
+
+    flat = torch.arange(400, 200, -1, dtype=torch.float64)  # 200 codes, slowly falling
+    flat /= flat.sum()
+    nucleus = int((flat.cumsum(0) - flat < 0.5).sum())  # codes before which less than half lies
+    assert nucleus > NUCLEUS_CANDIDATES
+    peaked = torch.zeros(200, dtype=torch.float64)
+    peaked[[7, 3]] = torch.tensor([0.7, 0.3], dtype=torch.float64)
+    probs = torch.stack([flat, peaked]).repeat(5000, 1)
+    drawn = _draw(probs, 0.5, torch.Generator().manual_seed(2)).reshape(5000, 2)
+    assert drawn[:, 0].max() < nucleus and drawn[:, 0].max() >= NUCLEUS_CANDIDATES
+    assert (drawn[:, 1] == 7).all()

@@ -78,13 +78,23 @@ class PassNet(nn.Module):
         x = x + self.row.weight[None, :, None, :] + self.col.weight[None, None, :, :]
         return x.permute(0, 3, 1, 2)
 
-    def forward(self, codes: torch.Tensor, step: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+    def features(self, codes: torch.Tensor, step: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, channels, rows, cols)``: the head's input."""
         x = self.inputs(codes, step)
         if condition is not None:
             x = x + condition
         for conv in self.convs:
             x = x + conv(F.relu(x))
-        return self.head(F.relu(x))
+        return F.relu(x)
+
+    def forward(self, codes: torch.Tensor, step: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.features(codes, step, condition))
+
+    def logits_at(self, codes: torch.Tensor, step: torch.Tensor, condition: torch.Tensor | None,
+                  here: torch.Tensor) -> torch.Tensor:
+        """``(B, P, n_embed)``: the logits at the ``P`` positions ``here`` (a flat bool mask) only."""
+        x = self.features(codes, step, condition).flatten(2)[:, :, here]
+        return F.conv1d(x, self.head.weight[..., 0], self.head.bias).transpose(1, 2)
 
 
 class TopFeatures(nn.Module):
@@ -105,6 +115,9 @@ class TopFeatures(nn.Module):
 
 class PassPrior(nn.Module):
     """``p(top) p(bottom | top)``, each grid coded in ``passes_*`` parallel passes.
+
+    The sizes are ``prior.*`` in the config (``condition_layers``: ``prior.condition_blocks``),
+    whose defaults they share.
 
     Example:
         >>> prior = PassPrior(32, (8, 4), channels=16, layers=2)
@@ -159,8 +172,8 @@ class PassPrior(nn.Module):
             codes = torch.zeros(n, *net.grid, dtype=torch.long, device=device)
             for step in range(net.passes):
                 here = (net.order == step).flatten()  # only this pass's positions are drawn
-                logits = net(codes, torch.full((n,), step, device=device), condition).float()
-                logits = logits.flatten(2)[:, :, here].transpose(1, 2).reshape(-1, self.n_embed)
+                logits = net.logits_at(codes, torch.full((n,), step, device=device), condition, here)
+                logits = logits.float().reshape(-1, self.n_embed)
                 probs = torch.softmax(logits / temperature, dim=1)
                 if not torch.isfinite(probs).all():
                     raise NonFiniteProbabilities("the prior's probabilities hold NaN or Inf (damaged weights)")
@@ -171,16 +184,35 @@ class PassPrior(nn.Module):
         return grids[0], grids[1]
 
 
+#: Nucleus sampling looks first among this many most probable codes of each position, and sorts
+#: all of them only where those hold less than ``top_p`` of the probability.
+NUCLEUS_CANDIDATES = 64
+
+
 def _draw(probs: torch.Tensor, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
     """One code per row of ``probs`` ``(rows, K)``, from the most probable codes that together hold
-    at least ``top_p`` of the probability (nucleus sampling; all of them at 1): the rows sorted
-    once, a uniform draw located in their cumulative sums."""
-    ordered, order = probs.sort(dim=-1, descending=True)
-    if top_p < 1:
-        ordered = ordered.masked_fill(ordered.cumsum(dim=-1) - ordered >= top_p, 0)
+    at least ``top_p`` of the probability (nucleus sampling; all of them at 1): a uniform draw
+    located in the cumulative sums of the candidates, most probable first."""
+    u = torch.rand(len(probs), 1, generator=generator, device=probs.device)
+    if top_p >= 1:
+        cumulative = probs.cumsum(dim=-1)
+        return torch.searchsorted(cumulative, u * cumulative[:, -1:], right=True).clamp_(max=probs.shape[-1] - 1)[:, 0]
+    ordered, order = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)
+    limit = top_p * probs.sum(dim=-1, keepdim=True)  # the nucleus's probability
+    drawn = torch.empty(len(probs), dtype=torch.long, device=probs.device)
+    wide = ordered.sum(dim=-1) < limit[:, 0]  # the nucleus reaches past the candidates
+    if wide.any():
+        drawn[wide] = _draw_in_order(*probs[wide].sort(dim=-1, descending=True), limit[wide], u[wide])
+    drawn[~wide] = _draw_in_order(ordered[~wide], order[~wide], limit[~wide], u[~wide])
+    return drawn
+
+
+def _draw_in_order(ordered: torch.Tensor, order: torch.Tensor, limit: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """:func:`_draw` among candidates ``ordered`` (most probable first, codes ``order``): those
+    before which less than ``limit`` of the probability lies."""
+    ordered = ordered.masked_fill(ordered.cumsum(dim=-1) - ordered >= limit, 0)
     cumulative = ordered.cumsum(dim=-1)
-    u = torch.rand(len(probs), 1, generator=generator, device=probs.device) * cumulative[:, -1:]
-    index = torch.searchsorted(cumulative, u, right=True).clamp_(max=probs.shape[-1] - 1)
+    index = torch.searchsorted(cumulative, u * cumulative[:, -1:], right=True).clamp_(max=ordered.shape[-1] - 1)
     return order.gather(-1, index)[:, 0]
 
 
