@@ -60,10 +60,8 @@ class PriorTraining:
         self.n_embed = n_embed
         self.top_grid = tuple(self.train_top.shape[1:])
         self.model = prior_from_config(config, n_embed, self.top_grid).to(device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=pc.lr, weight_decay=pc.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: steps.lr_factor(s, state.total_steps, pc.warmup_steps, "cosine",
-                                                      pc.min_lr_ratio))
+        self.optimizer = steps.build_optimizer(self.model.parameters(), pc)
+        self.scheduler = steps.build_schedule(self.optimizer, pc, state)
         self.precision = resolve_precision(config.train.precision, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.vqvae, self.fingerprint, self.reference = vqvae, fingerprint, reference

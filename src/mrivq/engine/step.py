@@ -129,3 +129,22 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(params, settings, *, fused: bool = False) -> torch.optim.Optimizer:
+    """The optimiser of a config section's optimisation settings (``train`` or ``prior``: a
+    :class:`mrivq.config.Optimisation`), at the peak learning rate of a run's first step;
+    ``fused``: the fused kernel (CUDA, whose ``found_inf`` lets a step skip without a sync)."""
+    optimizer = torch.optim.AdamW if settings.optimizer == "adamw" else torch.optim.Adam
+    return optimizer(params, lr=peak_lr(settings.lr, 0), betas=tuple(settings.betas),
+                     weight_decay=settings.weight_decay, **({"fused": True} if fused else {}))
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, settings, state) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule of ``settings`` over a run of ``state.total_steps`` steps, read
+    at each step (a time budget fixes it once steps are timed): warm-up, then cosine or constant,
+    the peak following the length when ``lr`` is ``auto``."""
+    base = peak_lr(settings.lr, 0)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, state.total_steps, settings.warmup_steps, settings.schedule,
+                                       settings.min_lr_ratio) * (peak_lr(settings.lr, state.total_steps) / base))

@@ -109,15 +109,8 @@ class VQVAETraining:
         # anyway, so the plain (foreach) Adam and an exact per-step check serve.
         self.sync_free = steps.sync_free_steps(self.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        opt_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
-        # train.lr auto: the peak follows the run's length (state.total_steps, fitted to max_time)
-        base_lr = steps.peak_lr(tc.lr, 0)
-        self.optimizer = opt_cls(params, lr=base_lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
-                                 **({"fused": True} if self.sync_free else {}))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: steps.lr_factor(s, state.total_steps, tc.warmup_steps, tc.schedule,
-                                                      tc.min_lr_ratio)
-            * (steps.peak_lr(tc.lr, state.total_steps) / base_lr))
+        self.optimizer = steps.build_optimizer(params, tc, fused=self.sync_free)
+        self.scheduler = steps.build_schedule(self.optimizer, tc, state)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
         self.recon_loss_fn = functools.partial(reconstruction_loss, kind=tc.loss, ssim_weight=tc.ssim_weight,
                                                normalize=config.data.normalize)
