@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mrivq.config import Config, config_from_dict, validate
+from mrivq.config import Config, config_from_dict, load_config, validate
 from mrivq.engine.checkpoint import model_from_checkpoint
 from mrivq.metrics import code_counts, ssim_per_image
 from mrivq.nn import VQVAE2, NormResBlock, VQVAE2Output
@@ -103,7 +103,7 @@ def test_commitment_loss_is_the_sum_of_both_levels():
     assert out.commitment_loss.dtype == torch.float32
 
 
-@pytest.mark.parametrize("block", ["report", "norm"])
+@pytest.mark.parametrize("block", ["relu", "norm"])
 @pytest.mark.parametrize(("height", "width"), [(64, 32), (60, 37)])
 def test_decoding_the_encoded_codes_equals_the_forward_reconstruction_in_eval(
     height, width, block
@@ -294,7 +294,7 @@ def test_report_preset_gives_the_report_model_and_an_explicit_key_wins():
     report = validate({"model": {"preset": "report"}}).model
     assert (report.channel, report.n_res_block, report.n_res_channel) == (128, 2, 32)
     assert (report.embed_dim, report.n_embed, report.decay) == (64, 512, 0.99)
-    assert report.block == "report"
+    assert report.block == "relu"
     mixed = validate({"model": {"preset": "report", "channel": 64, "block": "norm"}}).model
     assert (mixed.channel, mixed.block, mixed.n_res_channel) == (64, "norm", 32)
     assert "preset" not in validate({"model": {"preset": "report"}}).to_dict()["model"]
@@ -305,9 +305,9 @@ def test_a_stored_config_without_block_loads_as_the_report_block():
     stored["model"].update(channel=8, n_res_block=1, n_res_channel=4, embed_dim=4, n_embed=16)
     del stored["model"]["block"]  # as written before model.block existed
     loaded = config_from_dict(stored).model
-    assert loaded.block == "report" and "block" in loaded.model_fields_set  # not today's default
+    assert loaded.block == "relu" and "block" in loaded.model_fields_set  # not today's default
     assert "block" not in stored["model"]  # the caller's dict is left as it was
-    weights = VQVAE2(**TINY, block="report").state_dict()
+    weights = VQVAE2(**TINY, block="relu").state_dict()
     model = model_from_checkpoint({"config": stored, "model": weights})
     assert any(type(m).__name__ == "ResBlock" for m in model.modules())
     assert not any(isinstance(m, NormResBlock) for m in model.modules())
@@ -321,3 +321,12 @@ def test_a_stored_config_written_before_the_lookup_key_keeps_euclidean_lookup():
     assert (loaded.lookup, loaded.restart_from, loaded.kmeans_iters, loaded.bottom_dropout) == \
         ("euclidean", "random", 0, 0.0)
     assert config_from_dict({**stored, "model": {**stored["model"], "lookup": "cosine"}}).model.lookup == "cosine"
+
+
+def test_the_old_block_name_report_reads_as_relu():
+    """``model.block: report`` named a document users do not have; configs and checkpoints that
+    say it still load, as the same block."""
+    stored = Config().to_dict()
+    stored["model"].update(channel=8, n_res_block=1, n_res_channel=4, embed_dim=4, n_embed=16, block="report")
+    assert config_from_dict(stored).model.block == "relu"
+    assert load_config(None, ["model.block=report"]).model.block == "relu"

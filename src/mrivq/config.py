@@ -170,9 +170,9 @@ class DataConfig(_Section):
 
 #: The report's network; ``model.preset: report`` fills these for keys the config leaves out.
 REPORT_MODEL = {"channel": 128, "n_res_block": 2, "n_res_channel": 32, "embed_dim": 64,
-                "n_embed": 512, "decay": 0.99, "block": "report", "lookup": "euclidean"}
+                "n_embed": 512, "decay": 0.99, "block": "relu", "lookup": "euclidean"}
 # Model keys added after checkpoints were first written, with the value those checkpoints used.
-STORED_MODEL_DEFAULTS = {"block": "report", "lookup": "euclidean", "restart_from": "random",
+STORED_MODEL_DEFAULTS = {"block": "relu", "lookup": "euclidean", "restart_from": "random",
                          "kmeans_iters": 0, "bottom_dropout": 0.0}
 
 
@@ -226,16 +226,21 @@ class ModelConfig(_Section):
         description="Code lookup: cosine looks codes up by direction (unit-length vectors and "
                     "codes; keeps the top level alive); euclidean is the report's. "
                     + _when_stored_without("lookup"))
-    block: Literal["report", "norm"] = Field(
-        default="report",
-        description="Residual block: report (ReLU, 3x3 conv, 1x1 conv) or norm (GroupNorm, SiLU, "
-                    "two 3x3 convs, identity at the start); hidden width n_res_channel. "
-                    + _when_stored_without("block"))
+    block: Literal["relu", "norm"] = Field(
+        default="relu",
+        description="Residual block: relu (the report's: ReLU, 3x3 conv, ReLU, 1x1 conv) or norm "
+                    "(GroupNorm, SiLU, two 3x3 convs, identity at the start); hidden width "
+                    "n_res_channel. report, its old name, reads as relu. " + _when_stored_without("block"))
     bottom_dropout: float = Field(
         default=0.0, ge=0, lt=1,
         description="Training only: the fraction of training slices decoded from their top codes "
                     "alone (bottom codes zeroed), so the top level must carry the layout a prior "
                     "then draws. " + _when_stored_without("bottom_dropout"))
+
+    @field_validator("block", mode="before")
+    @classmethod
+    def _old_block_name(cls, value):
+        return "relu" if value == "report" else value
 
     @model_validator(mode="before")
     @classmethod

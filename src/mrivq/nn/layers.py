@@ -56,4 +56,4 @@ class NormResBlock(nn.Module):
 
 
 #: Residual block classes by ``model.block``; each maps ``(in_channel, hidden) -> module``.
-RESIDUAL_BLOCKS: dict[str, type[nn.Module]] = {"report": ResBlock, "norm": NormResBlock}
+RESIDUAL_BLOCKS: dict[str, type[nn.Module]] = {"relu": ResBlock, "norm": NormResBlock}

@@ -15,7 +15,7 @@ Sides that are not multiples of 8 are padded (replicate, bottom/right) to the ne
 of 8 and the reconstruction is cropped back, so codes are ``(ceil(H/8), ceil(W/8))`` at the
 top and twice that at the bottom.
 
-Residual blocks (``block``): ``report`` is the report's :class:`ResBlock`; ``norm`` is
+Residual blocks (``block``): ``relu`` is the report's :class:`ResBlock`; ``norm`` is
 :class:`NormResBlock` (GroupNorm, SiLU, two 3x3 convolutions, identity at initialisation).
 """
 
@@ -57,7 +57,7 @@ class Encoder(nn.Module):
         n_res_block: int,
         n_res_channel: int,
         stride: int,
-        block: str = "report",
+        block: str = "relu",
     ) -> None:
         super().__init__()
         if stride == 4:
@@ -101,7 +101,7 @@ class Decoder(nn.Module):
         n_res_block: int,
         n_res_channel: int,
         stride: int,
-        block: str = "report",
+        block: str = "relu",
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Conv2d(in_channel, channel, 3, padding=1)]
@@ -155,7 +155,7 @@ class VQVAE2(nn.Module):
             kmeans_iters: passed to both :class:`VectorQuantizer` levels; see there (threshold
             default 1.0 vector per batch).
         lookup: ``"euclidean"`` or ``"cosine"`` (the quantizers' ``cosine``).
-        block: residual block of every encoder and decoder: ``"report"`` (:class:`ResBlock`)
+        block: residual block of every encoder and decoder: ``"relu"`` (:class:`ResBlock`)
             or ``"norm"`` (:class:`NormResBlock`).
         bottom_dropout: training only, the fraction of slices decoded from their top codes alone.
 
@@ -186,7 +186,7 @@ class VQVAE2(nn.Module):
         init_from_data: bool = True,
         restart_dead_codes: bool = True,
         dead_code_threshold: float = 1.0,
-        block: str = "report",
+        block: str = "relu",
         restart_from: str = "random",
         kmeans_iters: int = 0,
         lookup: str = "cosine",
