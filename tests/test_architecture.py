@@ -11,7 +11,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "mrivq"
 
 #: Modules at the top of the package that everything may use.
-BASE = {"mrivq", "mrivq.errors", "mrivq.strict_json", "mrivq.config", "mrivq.runtime", "mrivq.run_dir",
+BASE = {"mrivq", "mrivq.compat", "mrivq.errors", "mrivq.strict_json", "mrivq.config", "mrivq.runtime", "mrivq.run_dir",
         "mrivq.logs"}
 #: What each layer may import besides itself (docs/ARCHITECTURE.md, "Dependencies").
 ALLOWED = {

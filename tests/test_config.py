@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mrivq.config import ModelConfig, PriorConfig, load_config
+from mrivq.config import Config, ModelConfig, PriorConfig, load_config
 from mrivq.errors import ConfigError
 from mrivq.nn import VQVAE2
 from mrivq.nn.pass_prior import PassPrior
@@ -98,3 +98,16 @@ def test_prior_augmentation_lists_read_one_number_as_a_list_and_zero_as_none():
     for bad in ("prior.augment_shift=[4, -2]", "prior.augment_scale=1", "prior.augment_scale=[3]"):
         with pytest.raises(ConfigError, match=r"prior\.augment_s"):
             load_config(None, [bad])
+
+
+def test_a_stored_prior_config_without_the_newer_keys_loads_as_it_trained():
+    """Priors stored before ``prior.architecture`` and ``prior.neighbour_codes`` existed were
+    transformers without neighbour codes, whatever today's defaults say (mrivq.compat)."""
+    from mrivq.config import config_from_dict
+
+    stored = Config().to_dict()
+    for key in ("architecture", "neighbour_codes"):
+        del stored["prior"][key]
+    loaded = config_from_dict(stored).prior
+    assert (loaded.architecture, loaded.neighbour_codes) == ("transformer", False)
+    assert "architecture" not in stored["prior"]  # the caller's dict is left as it was

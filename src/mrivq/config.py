@@ -35,6 +35,7 @@ from pydantic import (
     model_validator,
 )
 
+from mrivq.compat import new_name, stored_config, stored_default
 from mrivq.errors import ConfigError
 
 
@@ -171,16 +172,6 @@ class DataConfig(_Section):
 #: The report's network; ``model.preset: report`` fills these for keys the config leaves out.
 REPORT_MODEL = {"channel": 128, "n_res_block": 2, "n_res_channel": 32, "embed_dim": 64,
                 "n_embed": 512, "decay": 0.99, "block": "relu", "lookup": "euclidean"}
-# Model keys added after checkpoints were first written, with the value those checkpoints used.
-STORED_MODEL_DEFAULTS = {"block": "relu", "lookup": "euclidean", "restart_from": "random",
-                         "kmeans_iters": 0, "bottom_dropout": 0.0}
-
-
-def _when_stored_without(key: str) -> str:
-    """The part of a model key's description that says what an older stored config gets."""
-    return f"A stored config without it loads as {STORED_MODEL_DEFAULTS[key]}."
-
-
 class ModelConfig(_Section):
     """The VQ-VAE-2: the keyword arguments of ``mrivq.nn.VQVAE2``, both codebooks alike."""
 
@@ -216,31 +207,31 @@ class ModelConfig(_Section):
     restart_from: Literal["random", "worst"] = Field(
         default="random",
         description="A dead code restarts at a random encoder output (random) or at the ones "
-                    "farthest from their nearest code (worst). " + _when_stored_without("restart_from"))
+                    "farthest from their nearest code (worst). " + stored_default("model", "restart_from"))
     kmeans_iters: int = Field(
         default=0, ge=0, le=100,
         description="Lloyd iterations refining the data initialisation on the first batch. "
-                    + _when_stored_without("kmeans_iters"))
+                    + stored_default("model", "kmeans_iters"))
     lookup: Literal["euclidean", "cosine"] = Field(
         default="cosine",
         description="Code lookup: cosine looks codes up by direction (unit-length vectors and "
                     "codes; keeps the top level alive); euclidean is the report's. "
-                    + _when_stored_without("lookup"))
+                    + stored_default("model", "lookup"))
     block: Literal["relu", "norm"] = Field(
         default="relu",
         description="Residual block: relu (the report's: ReLU, 3x3 conv, ReLU, 1x1 conv) or norm "
                     "(GroupNorm, SiLU, two 3x3 convs, identity at the start); hidden width "
-                    "n_res_channel. report, its old name, reads as relu. " + _when_stored_without("block"))
+                    "n_res_channel. report, its old name, reads as relu. " + stored_default("model", "block"))
     bottom_dropout: float = Field(
         default=0.0, ge=0, lt=1,
         description="Training only: the fraction of training slices decoded from their top codes "
                     "alone (bottom codes zeroed), so the top level must carry the layout a prior "
-                    "then draws. " + _when_stored_without("bottom_dropout"))
+                    "then draws. " + stored_default("model", "bottom_dropout"))
 
     @field_validator("block", mode="before")
     @classmethod
     def _old_block_name(cls, value):
-        return "relu" if value == "report" else value
+        return new_name("model", "block", value)
 
     @model_validator(mode="before")
     @classmethod
@@ -667,10 +658,6 @@ def config_from_dict(raw: dict) -> Config:
     """Rebuild a Config from the plain dict stored in a run directory or checkpoint.
 
     Keys added since the config was stored take the value that reproduces what was trained,
-    not today's default (:data:`STORED_MODEL_DEFAULTS`): a model section without ``block`` was
-    the report's ``ResBlock``, one without ``lookup`` looked codes up by euclidean distance.
+    not today's default (:func:`mrivq.compat.stored_config`).
     """
-    model = raw.get("model") or {}
-    if isinstance(model, dict):
-        raw = {**raw, "model": {**STORED_MODEL_DEFAULTS, **model}}
-    return validate(raw, source="stored config")
+    return validate(stored_config(raw) if isinstance(raw, dict) else raw, source="stored config")

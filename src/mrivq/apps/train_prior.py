@@ -37,10 +37,10 @@ from mrivq.data.sources import data_splits
 from mrivq.engine import distributed
 from mrivq.engine.checkpoint import (
     PRIOR_KIND,
+    checkpoint_config,
     load_checkpoint,
     load_vqvae,
     model_from_checkpoint,
-    prior_checkpoint_config,
     run_config,
 )
 from mrivq.engine.codes_cache import cached_codes
@@ -75,7 +75,7 @@ def train_prior(config: Config, checkpoint: str | Path | None = None, *, resume:
         ckpt = load_checkpoint(last)
         if ckpt.get("kind") != PRIOR_KIND:
             raise UserError(f"{last}: not a prior checkpoint")
-        config = prior_checkpoint_config(ckpt)
+        config = checkpoint_config(ckpt)
         config.output.dir = run_dir
         vq_config = config_from_dict(ckpt["vqvae"]["config"])
         vqvae = model_from_checkpoint(ckpt["vqvae"], last).eval()

@@ -187,16 +187,6 @@ def prior_from_config(config: Config, n_embed: int, top_grid: tuple[int, int]) -
                      dropout=p.dropout, bottom_window_rows=p.bottom_window_rows, neighbours=p.neighbour_codes)
 
 
-def prior_checkpoint_config(ckpt: dict, path: str | Path = "checkpoint") -> Config:
-    """The config a prior checkpoint was trained with. One written before ``prior.neighbour_codes``
-    existed trained without neighbour codes, whatever today's default says."""
-    stored = ckpt.get("config")
-    if isinstance(stored, dict) and isinstance(stored.get("prior", {}), dict) and (
-            "neighbour_codes" not in stored.get("prior", {})):
-        stored = {**stored, "prior": {**stored.get("prior", {}), "neighbour_codes": False}}
-    return checkpoint_config({"config": stored}, path)
-
-
 def load_prior(path: str | Path, expect_fingerprint: str | None = None,
                device: torch.device | str = "cpu") -> tuple[CodePrior, VQVAE2, dict]:
     """The prior and its VQ-VAE (eval mode, on ``device``) and the raw checkpoint of ``mrivq train-prior``.
@@ -216,7 +206,7 @@ def load_prior(path: str | Path, expect_fingerprint: str | None = None,
     if not isinstance(ckpt.get("vqvae"), dict):
         raise UserError(f"{path}: holds no VQ-VAE; not a prior checkpoint mrivq wrote")
     vq_config = checkpoint_config(ckpt["vqvae"], path)
-    config = prior_checkpoint_config(ckpt, path)
+    config = checkpoint_config(ckpt, path)
     n_embed, top_grid = _prior_shape(ckpt, vq_config, config, path)
     prior = build_checked(lambda: prior_from_config(config, n_embed, top_grid), ckpt.get("prior"), path, "prior")
     if isinstance(prior, PassPrior):

@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from mrivq import compat
 from mrivq.engine import distributed
 from mrivq.engine.checkpoint import save_checkpoint
 from mrivq.errors import TrainingInterrupted, UserError
@@ -87,9 +88,7 @@ class RunningSums:
         return distributed.sum_(dist, self.sums.clone()) / dist.world_size
 
     def load_state_dict(self, state: dict) -> None:
-        sums = state["sums"].double()
-        sums = torch.cat([sums, sums.new_zeros(max(0, len(self.sums) - len(sums)))])  # older, shorter rows
-        self.sums = sums.to(self.sums.device)
+        self.sums = compat.running_sums(state["sums"], int(state["steps"]), len(self.sums)).to(self.sums.device)
         self.steps, self.items = int(state["steps"]), int(state.get("images", state.get("codes", 0)))
         self.time = float(state["time"])
 

@@ -227,8 +227,4 @@ class VQVAETraining:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
-        running = dict(ckpt["running"])
-        if len(running["sums"]) == 5:  # written before the applied-steps count existed: all steps were applied
-            running["sums"] = torch.cat([running["sums"], torch.tensor([float(running["steps"])],
-                                                                       dtype=running["sums"].dtype)])
-        self.running.load_state_dict(running)
+        self.running.load_state_dict(ckpt["running"])
