@@ -6,7 +6,7 @@ from pathlib import Path
 
 from conftest import PINNED_PRECISION, TINY_MODEL
 
-TINY_PRIOR = {"d_model": 16, "n_head": 2, "n_layer_top": 1, "n_layer_bottom": 1, "condition_blocks": 1,
+TINY_PRIOR = {"architecture": "transformer", "d_model": 16, "n_head": 2, "n_layer_top": 1, "n_layer_bottom": 1, "condition_blocks": 1,
               "batch_size": 8, "warmup_steps": 2, "dropout": 0.0, "augment_shift": 2}
 
 

@@ -341,18 +341,20 @@ class PredictConfig(_Section):
 class PriorConfig(Optimisation):
     """The autoregressive prior over codes (``mrivq train-prior``); grid shapes come from the VQ-VAE.
 
-    A prior over the top codes and one over the bottom codes given the top. The transformer's
-    defaults are sized for a CPU (about 27 minutes on 2 cores with bf16); on a GPU try d_model
-    256, 8 + 8 layers, bottom_window_rows null, batch_size 32 and several thousand steps.
+    A prior over the top codes and one over the bottom codes given the top. The defaults are
+    sized for a CPU (the pass prior: about 13 minutes on 2 cores with bf16; the transformer about
+    27); on a GPU try the transformer with d_model 256, 8 + 8 layers, bottom_window_rows null,
+    batch_size 32 and several thousand steps.
     """
 
-    architecture: Literal["transformer", "passes"] = Field(
-        default="transformer",
-        description="transformer: causal transformers coding one code at a time in raster order; "
-                    "its files decode only on the kind of machine and device that coded them. "
-                    "passes: residual convolutions predicting each grid in a few interleaved "
-                    "passes, coded through an integer copy: files decode bit for bit anywhere, "
-                    "many times faster.")
+    architecture: Literal["passes", "transformer"] = Field(
+        default="passes",
+        description="passes: residual convolutions predicting each grid in a few interleaved "
+                    "passes, coded through an integer copy: files decode bit for bit on any "
+                    "machine, thread count or device, and code about 9x faster. transformer: "
+                    "causal transformers coding one code at a time in raster order: files about "
+                    "a fifth smaller, but they decode only on the kind of machine and device "
+                    "that coded them. " + stored_default("prior", "architecture"))
     channels: int = Field(
         default=64, ge=8, le=1024, description="passes: width of the convolutions.")
     layers: int = Field(
@@ -384,8 +386,7 @@ class PriorConfig(Optimisation):
         default=True,
         description="transformer: each position is also given the codes left, two left, "
                     "above-left, above, above-right and two above it (mrivq.nn.prior.NEIGHBOURS); "
-                    "false: attention alone finds them. A stored prior config without it loads "
-                    "as false.")
+                    "false: attention alone finds them. " + stored_default("prior", "neighbour_codes"))
     dropout: float = Field(
         default=0.0, ge=0, lt=1,
         description="transformer: dropout on the residual branches; worth 0.1 for long runs on "
