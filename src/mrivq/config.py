@@ -276,7 +276,7 @@ class TrainConfig(Optimisation):
     max_steps: int | None = Field(
         default=None, ge=1, description="Stop after this many optimiser steps; null: epochs decide.")
     # One slice per step: in a fixed budget, more (noisier) updates beat bigger batches
-    # (measured: README "Choosing the default recipe").
+    # (measured: docs/benchmarks.md, "Choosing the default recipe").
     batch_size: int = Field(
         default=1, ge=1,
         description="Slices per step (the report's 10 learns less in the same time).")
