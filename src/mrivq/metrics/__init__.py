@@ -1,4 +1,4 @@
-"""Scores of reconstructions and codes, all in float32 on [0, 1] (see docs/ARCHITECTURE.md).
+"""Scores of reconstructions and codes, all in float32 on [0, 1] (the SSIM protocol: docs/contracts.md).
 
 ``image`` holds the SSIM protocol (whole slices), ``regions`` the scores inside mask
 structures, ``codebook`` code counts and perplexity, ``stats`` the per-slice summary.

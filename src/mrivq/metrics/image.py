@@ -1,4 +1,4 @@
-"""Whole-image metrics, following the SSIM protocol in docs/ARCHITECTURE.md.
+"""Whole-image metrics, following the SSIM protocol in docs/contracts.md.
 
 SSIM: Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, ``data_range=1``, computed per
 image and averaged over images. Inputs are expected in [0, 1]; reconstructions are
