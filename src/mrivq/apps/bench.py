@@ -9,6 +9,7 @@ on a number.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import resource
 import sys
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from mrivq import strict_json
+from mrivq.apps import flags
 from mrivq.config import Config, load_config
 from mrivq.data.cache import load_split
 from mrivq.data.phantom import make_volume
@@ -38,6 +40,12 @@ from mrivq.runtime import (
     seed_everything,
     set_threads,
 )
+
+# What ``benchmark`` and ``mrivq bench`` time unless told otherwise.
+BATCH_SIZE = 10  # slices per step
+IMAGE_SIZE = (256, 128)  # HipMRI's slices
+STEPS = 10  # timed steps per figure
+WARMUP = 3  # untimed steps before them
 
 
 def phantom_batch(batch_size: int, image_size: tuple[int, int]) -> torch.Tensor:
@@ -108,8 +116,8 @@ def hipmri_phantom_root(config: Config) -> Path:
     return phantom_set(config.data.cache_dir, cases=None)
 
 
-def benchmark(config: Config, *, batch_size: int = 10, image_size: tuple[int, int] = (256, 128),
-              steps: int = 10, warmup: int = 3, load: bool = True, log=print) -> list[dict]:
+def benchmark(config: Config, *, batch_size: int = BATCH_SIZE, image_size: tuple[int, int] = IMAGE_SIZE,
+              steps: int = STEPS, warmup: int = WARMUP, load: bool = True, log=print) -> list[dict]:
     """Figures as ``{"figure", "value", "unit"}`` dicts (see the module docstring)."""
     set_threads(config.train.num_threads)
     device = resolve_device(config.train.device)
@@ -145,8 +153,19 @@ def benchmark(config: Config, *, batch_size: int = 10, image_size: tuple[int, in
     return figures
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    flags.add_config(parser)
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    parser.add_argument("--image-size", type=int, nargs=2, default=list(IMAGE_SIZE), metavar=("H", "W"))
+    parser.add_argument("--steps", type=int, default=STEPS, help="timed steps per figure (default %(default)s)")
+    parser.add_argument("--warmup", type=int, default=WARMUP, help="untimed steps first (default %(default)s)")
+    parser.add_argument("--no-load", action="store_true",
+                        help="skip timing the HipMRI-size phantom load (generated once, ~1-2 min)")
+    parser.add_argument("--json", action="store_true", help='one JSON object per line: {"figure", "value", "unit"}')
+
+
 def main(args) -> int:
-    """``mrivq bench``: print each figure (``--json``: one JSON object per line)."""
+    """Print each figure (``--json``: one JSON object per line)."""
     if min(args.batch_size, args.steps, *args.image_size) < 1:
         raise UserError("--batch-size, --steps and --image-size must be positive")
     config = load_config(args.config, args.overrides)

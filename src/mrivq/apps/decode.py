@@ -13,10 +13,12 @@ Example::
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from tqdm import tqdm
 
+from mrivq.apps import flags
 from mrivq.compression.container import read_codes_file
 from mrivq.data.io import nifti_bytes, nifti_image
 from mrivq.engine.checkpoint import load_codec
@@ -47,8 +49,16 @@ def decode(checkpoint: str | Path, codes_path: str | Path, out_dir: str | Path, 
     return targets
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="FILE", help="the VQ-VAE that encoded the codes")
+    parser.add_argument("codes", metavar="CODES.mrvq")
+    parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument("--prior", metavar="FILE", help="the prior a prior-coded file was encoded with")
+    flags.add_device(parser)
+    flags.add_overwrite(parser)
+
+
 def main(args) -> int:
-    """``mrivq decode --checkpoint FILE CODES.mrvq --out DIR [--prior FILE] [--device D] [--overwrite]``."""
     written = decode(args.checkpoint, args.codes, args.out, prior=args.prior, device=args.device,
                      overwrite=args.overwrite)
     print(f"wrote {len(written)} slices to {args.out}")

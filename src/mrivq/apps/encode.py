@@ -16,11 +16,13 @@ Example::
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
 
 from mrivq import strict_json
+from mrivq.apps import flags
 from mrivq.compression.codec import Codec, SliceSet
 from mrivq.compression.container import MAGIC
 from mrivq.data.io import nifti_bytes, nifti_image, nifti_inputs
@@ -98,8 +100,22 @@ def _check_replaceable(out: Path) -> None:
             raise UserError(f"--out {out} exists and is not an mrivq codes file; move it or choose another name")
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="FILE",
+                        help="the VQ-VAE (e.g. runs/default/models/best.pt)")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI slices or folders of them")
+    parser.add_argument("--out", required=True, metavar="CODES.mrvq")
+    parser.add_argument("--prior", metavar="FILE", help="range-code the codes under this trained prior "
+                        "(models/prior_best.pt of the same VQ-VAE); decode then needs it too")
+    parser.add_argument("--surprise", metavar="DIR", help="with --prior: write each slice's bits-per-pixel map "
+                        "under the prior (NIfTI on the slice's grid, <name>_bits.nii.gz) and surprise.png into DIR")
+    parser.add_argument("--json", action="store_true", help="print the bits report as JSON")
+    flags.add_device(parser)
+    flags.add_overwrite(parser, "maps an earlier mrivq command wrote in --surprise DIR (never other files)")
+
+
 def main(args) -> int:
-    """``mrivq encode --checkpoint FILE INPUT... --out CODES.mrvq [--prior FILE] [--json] [--device D]``."""
+    """Encode, then print the bits report (``--json``: as JSON)."""
     report = encode(args.checkpoint, args.inputs, args.out, prior=args.prior, device=args.device,
                     surprise=args.surprise, overwrite=args.overwrite)
     if args.json:

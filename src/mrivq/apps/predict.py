@@ -9,16 +9,19 @@ per_slice.csv and report.html.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import logging
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from mrivq import metrics, strict_json
+from mrivq.apps import flags
 from mrivq.compression.codec import Codec, SliceSet, model_fingerprint, slices_to_batch
 from mrivq.compression.codecs import (
     CODEC_PROTOCOL,
@@ -93,132 +96,209 @@ def predict(config: Config, checkpoint: str | Path | None = None, prior: str | P
     splits = data_splits(config.data, config.seed)
     _refuse_training_slices(splits.test, ckpt, ckpt_path)
     with recording(config.run_dir, "predict"), run_logger(config.log_dir / "predict.log"):
-        model = model_from_checkpoint(ckpt, ckpt_path).to(device).to(memory_format=torch.channels_last)
-        code_prior = None
-        if prior is not None:  # its codes file is coded on the CPU, as `mrivq encode --device cpu` does
-            code_prior, _, _ = load_prior(prior, expect_fingerprint=model_fingerprint(model))
-        log.info("checkpoint %s (step %s, validation SSIM %.4f)", ckpt_path, ckpt.get("step"),
-                 float(ckpt.get("best_ssim", float("nan"))))
-        for setting in differs:
-            log.warning("predict uses %s, given explicitly", setting)
+        model, code_prior = _load_models(ckpt, ckpt_path, prior, device)
         training_precision = str(ckpt.get("precision", "unknown"))
-        log.info("device %s; the model trained in %s, scores computed in %s", device, training_precision,
-                 metrics.SCORING_PRECISION)
-        prep = Preprocessing.from_settings(config.data)
-        test = load_split(splits.test, prep, cache_dir=config.data.cache_dir,
-                          on_bad_file=config.data.on_bad_file, workers=config.data.workers,
-                          progress=interactive(), name="test")
-        n = len(test.images)
-        rng = np.random.default_rng(config.seed)
-        per_set = min(config.predict.sample_size, n)
-        sets = [sorted(rng.choice(n, size=per_set, replace=False).tolist())
-                for _ in range(config.predict.sample_sets)]
-        masks, has_mask = load_masks(test.files, test.original_shapes, prep)
-        log.info("masks found for %d of %d test slices", int(has_mask.sum()), n)
-        normalize = config.data.normalize
+        _log_setup(ckpt, ckpt_path, differs, device, training_precision)
+        test, prep, masks, has_mask = _test_slices(config, splits.test)
+        sets = _sample_sets(len(test.images), config)
+        # Compute: every test slice scored once, in float32, and the pictures of it.
         result = evaluate(model, test.images, batch_size=config.predict.batch_size, device=device,
-                          normalize=normalize, keep=sorted({i for s in sets for i in s}),
+                          normalize=config.data.normalize, keep=sorted({i for s in sets for i in s}),
                           progress=interactive(), desc="predict",
                           masks=masks if has_mask.any() else None, keep_codes=True)
-        for k, chosen in enumerate(sets):
-            save_sample_grid(np.stack([result.kept[i][0] for i in chosen]),
-                             np.stack([result.kept[i][1] for i in chosen]),
-                             config.sample_dir / f"predict_set_{k}.png",
-                             title=f"test set {k}: inputs (top) and reconstructions (bottom)",
-                             labels=[f"SSIM {float(result.ssim[i]):.3f}" for i in chosen])
-        model_cfg = trained.model
-        top_shape, bottom_shape = result.code_shapes
-        bits_per_pixel = raw_bits_per_pixel(
-            tuple(config.data.image_size), top_shape, bottom_shape, model_cfg.n_embed, model_cfg.n_embed)
-        worst = _save_worst_slices(model, test, result, masks, device, normalize,
-                                   config.sample_dir / "predict_worst.png")
-        plot_codebook_usage(result.counts_top, result.counts_bottom,
-                            config.visual_dir / "codebook_usage.png")
-        # The model's real rates: the size of the codes file `mrivq encode` would write for the
-        # test split, coded under the code frequencies (and under the prior, when one is given).
+        worst = _save_pictures(config, model, test, result, masks, sets, device)
+        # Rates: the model's, and standard codecs at them and over their quality settings.
         codec = Codec(model, prep, code_prior)
         slices = SliceSet.preprocessed(test.files, test.images, test.norm, test.original_shapes)
-        files = _codes_files(codec, result.codes, slices)
-        rates = {"raw": bits_per_pixel, **{coder: f["bits_per_pixel"]["file"] for coder, f in files.items()}}
-        coded_bits_per_pixel = rates["frequencies"]
-        unit_images = metrics.unit_range_images(test.images, normalize)
+        rates, files = _model_rates(codec, result, slices, config.data.image_size, trained.model.n_embed)
+        unit_images = metrics.unit_range_images(test.images, config.data.normalize)
         surprise = None
         if code_prior is not None:
             surprise = _write_surprise(codec, result.codes, slices, test.files, unit_images, sets[0],
                                        config.run_dir / "predict" / "surprise", config.visual_dir / "surprise.png")
-        codec_tables = {}
-        for rate_name, rate in rates.items():
-            log.info("compressing the %d test slices with %s at %.3f bits per pixel (the model's %s rate)", n,
-                     ", ".join(available_codecs()), rate, RATE_NAMES[rate_name])
-            codec_tables[rate_name] = compare_codecs(unit_images, rate)
-        # The curves are a picture: up to RD_SLICES test slices, evenly spaced, keep it cheap
-        # (every point scores its slices with SSIM, ~1.5 s per 120 slices on 2 CPU cores).
-        rd_slices = np.linspace(0, n - 1, min(n, RD_SLICES)).round().astype(int)
-        log.info("rate-distortion curves: %d test slices at each quality setting of each codec", len(rd_slices))
-        rd_curves = rate_distortion(unit_images[rd_slices])
-        model_ssim, model_psnr = metrics.summary_stats(result.ssim)["mean"], metrics.summary_stats(result.psnr)["mean"]
-        plot_rate_distortion(rd_curves, [
-            {"label": f"VQ-VAE-2, {RATE_NAMES[name]}", "bits_per_pixel": rate, "ssim": model_ssim, "psnr": model_psnr}
-            for name, rate in rates.items()
-        ], config.visual_dir / "rate_distortion.png", {name: CODECS[name].label for name in rd_curves})
-        summary = {
-            "n_images": n,
-            "ssim": metrics.summary_stats(result.ssim),
-            "psnr": metrics.summary_stats(result.psnr),
-            "mse": float(result.mse.double().mean()),
-            "mae": float(result.mae.double().mean()),
-            "codebook": result.usage(),
-            "bits_per_pixel": bits_per_pixel,
-            "bits_per_pixel_entropy_coded": coded_bits_per_pixel,
-            **({"bits_per_pixel_prior_coded": rates["prior"]} if "prior" in rates else {}),
-            "codes_file": files,
-            "checkpoint": str(ckpt_path),
-            "protocol": metrics.SSIM_PROTOCOL,
-            "precision": {"training": training_precision, "scoring": metrics.SCORING_PRECISION},
-            "data": {"seed": config.seed, "normalize": normalize,
-                     "test_split_sha256": file_list_hash(splits.test),
-                     "settings_given_explicitly": differs},
-            "images_per_s": result.images_per_s,
-            "skipped_files": [f for f, _ in test.skipped],
-            "regions": _region_summary(result, has_mask),
-            "codecs": _codec_summary(result, rates, codec_tables),
-            "rate_distortion": {
-                "model": {"bits_per_pixel_raw": bits_per_pixel, "bits_per_pixel_entropy_coded": coded_bits_per_pixel,
-                          **({"bits_per_pixel_prior_coded": rates["prior"]} if "prior" in rates else {}),
-                          "ssim": model_ssim, "psnr": model_psnr},
-                "codecs": rd_curves,
-                "codec_slices": len(rd_slices),
-            },
-            "worst_slices": worst,
-            **({"surprise": surprise} if surprise else {}),
-        }
-        out_dir = config.run_dir / "predict"
-        rows = _per_slice_csv(test.files, result)
-        atomic_write(out_dir / "per_slice.csv", lambda fh: fh.write(rows.encode()))
-        atomic_write(out_dir / "summary.json",
-                     lambda fh: fh.write(strict_json.dumps(summary, indent=2).encode()))
-        log.info("test: %d slices, SSIM %.4f ± %.4f (p5 %.4f, min %.4f), PSNR %.2f dB, %.1f images/s",
-                 n, summary["ssim"]["mean"], summary["ssim"]["std"], summary["ssim"]["p5"],
-                 summary["ssim"]["min"], summary["psnr"]["mean"], result.images_per_s)
-        log.info("codebook use: top %d/%d (perplexity %.1f), bottom %d/%d (perplexity %.1f); "
-                 "%.3f bits per pixel", summary["codebook"]["top"]["used"], model_cfg.n_embed,
-                 summary["codebook"]["top"]["perplexity"], summary["codebook"]["bottom"]["used"],
-                 model_cfg.n_embed, summary["codebook"]["bottom"]["perplexity"], summary["bits_per_pixel"])
-        for coder, report in files.items():
-            log.info("codes file of the test split, range-coded under %s: %d bytes, %.3f bits per pixel "
-                     "(checked to decode)", "the prior" if coder == "prior" else "the code frequencies",
-                     report["file_bytes"], report["bits_per_pixel"]["file"])
-        for name, region in (summary["regions"] or {}).get("structures", {}).items():
-            log.info("%-10s (%3d slices): SSIM %.4f, PSNR %.2f dB, MAE %.4f", name, region["n_slices"],
-                     region["ssim"]["mean"], region["psnr"]["mean"], region["mae"]["mean"])
-        for table in summary["codecs"]["rates"]:
-            for codec, scores in table["codecs"].items():
-                log.info("%-9s at %.3f bpp (the model's %s rate): SSIM %.4f, PSNR %.2f dB (model: SSIM %.4f, "
-                         "PSNR %.2f dB)", codec, scores["bits_per_pixel"]["mean"], table["rate"],
-                         scores["ssim"]["mean"], scores["psnr"]["mean"], summary["ssim"]["mean"], summary["psnr"]["mean"])
-        log.info("wrote %s", out_dir / "summary.json")
+        comparison = _compare_codecs(unit_images, rates)
+        data = {"seed": config.seed, "normalize": config.data.normalize,
+                "test_split_sha256": file_list_hash(splits.test), "settings_given_explicitly": differs}
+        summary = summarize(result, rates, files, comparison, has_mask=has_mask, worst=worst, surprise=surprise,
+                            checkpoint=ckpt_path, training_precision=training_precision, data=data,
+                            skipped_files=[f for f, _ in test.skipped])
+        summary_path = _write_outputs(config, summary, rates, test.files, result)
+        _log_results(summary, files, trained.model.n_embed)
+        log.info("wrote %s", summary_path)
         log.info("wrote %s", write_report(config.run_dir))
     return summary
+
+
+class CodecComparison(NamedTuple):
+    """Standard codecs beside the model: their scores at each of the model's rates (by rate name),
+    and their rate-distortion curves over ``curve_slices`` test slices."""
+
+    tables: dict
+    curves: dict
+    curve_slices: int
+
+
+def summarize(result: Evaluation, rates: dict, files: dict, comparison: CodecComparison, *, has_mask: np.ndarray,
+              worst: list[dict], surprise: dict | None, checkpoint: Path, training_precision: str, data: dict,
+              skipped_files: list[str]) -> dict:
+    """predict/summary.json from what predict computed (no I/O): the scores, codebook use and rates
+    of the model, the codecs beside it, and what it was run on.
+
+    ``rates``: bits per pixel by rate name (``raw``, ``frequencies``, ``prior``); ``files``: the
+    codes files' bits reports by coder; ``has_mask`` ``(N,)`` bool; ``worst``: the lowest-SSIM
+    slices; ``surprise``: the prior's bits-per-pixel maps (None without a prior); ``data``: the
+    seed, the normalisation, the test split's hash and the settings given explicitly.
+    """
+    ssim, psnr = metrics.summary_stats(result.ssim), metrics.summary_stats(result.psnr)
+    prior_coded = {"bits_per_pixel_prior_coded": rates["prior"]} if "prior" in rates else {}
+    return {
+        "n_images": len(result.ssim),
+        "ssim": ssim,
+        "psnr": psnr,
+        "mse": float(result.mse.double().mean()),
+        "mae": float(result.mae.double().mean()),
+        "codebook": result.usage(),
+        "bits_per_pixel": rates["raw"],
+        "bits_per_pixel_entropy_coded": rates["frequencies"],
+        **prior_coded,
+        "codes_file": files,
+        "checkpoint": str(checkpoint),
+        "protocol": metrics.SSIM_PROTOCOL,
+        "precision": {"training": training_precision, "scoring": metrics.SCORING_PRECISION},
+        "data": data,
+        "images_per_s": result.images_per_s,
+        "skipped_files": skipped_files,
+        "regions": _region_summary(result, has_mask),
+        "codecs": _codec_summary(result, rates, comparison.tables),
+        "rate_distortion": {
+            "model": {"bits_per_pixel_raw": rates["raw"], "bits_per_pixel_entropy_coded": rates["frequencies"],
+                      **prior_coded, "ssim": ssim["mean"], "psnr": psnr["mean"]},
+            "codecs": comparison.curves,
+            "codec_slices": comparison.curve_slices,
+        },
+        "worst_slices": worst,
+        **({"surprise": surprise} if surprise else {}),
+    }
+
+
+def _load_models(ckpt: dict, ckpt_path: Path, prior: str | Path | None, device: torch.device):
+    """The VQ-VAE of ``ckpt`` on ``device`` in channels-last, and the code prior at ``prior`` (or None)."""
+    model = model_from_checkpoint(ckpt, ckpt_path).to(device).to(memory_format=torch.channels_last)
+    code_prior = None
+    if prior is not None:  # its codes file is coded on the CPU, as `mrivq encode --device cpu` does
+        code_prior, _, _ = load_prior(prior, expect_fingerprint=model_fingerprint(model))
+    return model, code_prior
+
+
+def _log_setup(ckpt: dict, ckpt_path: Path, differs: list[str], device: torch.device, training_precision: str) -> None:
+    """The checkpoint, the settings given explicitly, the device and both precisions."""
+    log.info("checkpoint %s (step %s, validation SSIM %.4f)", ckpt_path, ckpt.get("step"),
+             float(ckpt.get("best_ssim", float("nan"))))
+    for setting in differs:
+        log.warning("predict uses %s, given explicitly", setting)
+    log.info("device %s; the model trained in %s, scores computed in %s", device, training_precision,
+             metrics.SCORING_PRECISION)
+
+
+def _test_slices(config: Config, files: list):
+    """The test slices (preprocessed as the model was trained), the preprocessing, and the masks
+    ``(N, H, W)`` with which slices have one ``(N,)``."""
+    prep = Preprocessing.from_settings(config.data)
+    test = load_split(files, prep, cache_dir=config.data.cache_dir,
+                      on_bad_file=config.data.on_bad_file, workers=config.data.workers,
+                      progress=interactive(), name="test")
+    masks, has_mask = load_masks(test.files, test.original_shapes, prep)
+    log.info("masks found for %d of %d test slices", int(has_mask.sum()), len(test.images))
+    return test, prep, masks, has_mask
+
+
+def _sample_sets(n: int, config: Config) -> list[list[int]]:
+    """``predict.sample_sets`` seeded draws of ``predict.sample_size`` of the ``n`` test slices."""
+    rng = np.random.default_rng(config.seed)
+    per_set = min(config.predict.sample_size, n)
+    return [sorted(rng.choice(n, size=per_set, replace=False).tolist()) for _ in range(config.predict.sample_sets)]
+
+
+def _save_pictures(config: Config, model: torch.nn.Module, test, result: Evaluation, masks: np.ndarray,
+                   sets: list[list[int]], device: torch.device) -> list[dict]:
+    """samples/predict_set_{k}.png, samples/predict_worst.png and visuals/codebook_usage.png;
+    returns the worst slices (see :func:`_save_worst_slices`)."""
+    for k, chosen in enumerate(sets):
+        save_sample_grid(np.stack([result.kept[i][0] for i in chosen]),
+                         np.stack([result.kept[i][1] for i in chosen]),
+                         config.sample_dir / f"predict_set_{k}.png",
+                         title=f"test set {k}: inputs (top) and reconstructions (bottom)",
+                         labels=[f"SSIM {float(result.ssim[i]):.3f}" for i in chosen])
+    worst = _save_worst_slices(model, test, result, masks, device, config.data.normalize,
+                               config.sample_dir / "predict_worst.png")
+    plot_codebook_usage(result.counts_top, result.counts_bottom, config.visual_dir / "codebook_usage.png")
+    return worst
+
+
+def _model_rates(codec: Codec, result: Evaluation, slices: SliceSet, image_size, n_embed: int) -> tuple[dict, dict]:
+    """The model's bits per pixel by rate name, and the codes files' bits reports by coder.
+
+    ``raw``: fixed-width code indices. ``frequencies`` (and ``prior``, when the codec has one): the
+    real rates, the size of the codes file `mrivq encode` would write for the test split, coded
+    under the code frequencies (under the prior)."""
+    top_shape, bottom_shape = result.code_shapes
+    raw = raw_bits_per_pixel(tuple(image_size), top_shape, bottom_shape, n_embed, n_embed)
+    files = _codes_files(codec, result.codes, slices)
+    return {"raw": raw, **{coder: f["bits_per_pixel"]["file"] for coder, f in files.items()}}, files
+
+
+def _compare_codecs(unit_images: np.ndarray, rates: dict) -> CodecComparison:
+    """Standard codecs on the test slices ``(N, H, W)`` on [0, 1]: at each of the model's rates, and
+    over their quality settings on up to RD_SLICES slices."""
+    n = len(unit_images)
+    tables = {}
+    for rate_name, rate in rates.items():
+        log.info("compressing the %d test slices with %s at %.3f bits per pixel (the model's %s rate)", n,
+                 ", ".join(available_codecs()), rate, RATE_NAMES[rate_name])
+        tables[rate_name] = compare_codecs(unit_images, rate)
+    # The curves are a picture: up to RD_SLICES test slices, evenly spaced, keep it cheap
+    # (every point scores its slices with SSIM, ~1.5 s per 120 slices on 2 CPU cores).
+    rd_slices = np.linspace(0, n - 1, min(n, RD_SLICES)).round().astype(int)
+    log.info("rate-distortion curves: %d test slices at each quality setting of each codec", len(rd_slices))
+    return CodecComparison(tables, rate_distortion(unit_images[rd_slices]), len(rd_slices))
+
+
+def _write_outputs(config: Config, summary: dict, rates: dict, test_files: list[str], result: Evaluation) -> Path:
+    """visuals/rate_distortion.png, predict/per_slice.csv and predict/summary.json; returns the
+    summary's path."""
+    model, curves = summary["rate_distortion"]["model"], summary["rate_distortion"]["codecs"]
+    plot_rate_distortion(curves, [
+        {"label": f"VQ-VAE-2, {RATE_NAMES[name]}", "bits_per_pixel": rate, "ssim": model["ssim"], "psnr": model["psnr"]}
+        for name, rate in rates.items()
+    ], config.visual_dir / "rate_distortion.png", {name: CODECS[name].label for name in curves})
+    out_dir = config.run_dir / "predict"
+    rows = _per_slice_csv(test_files, result)
+    atomic_write(out_dir / "per_slice.csv", lambda fh: fh.write(rows.encode()))
+    atomic_write(out_dir / "summary.json", lambda fh: fh.write(strict_json.dumps(summary, indent=2).encode()))
+    return out_dir / "summary.json"
+
+
+def _log_results(summary: dict, files: dict, n_embed: int) -> None:
+    """The summary in the log: scores, codebook use, the codes files, regions, codecs."""
+    ssim, psnr, codebook = summary["ssim"], summary["psnr"], summary["codebook"]
+    log.info("test: %d slices, SSIM %.4f ± %.4f (p5 %.4f, min %.4f), PSNR %.2f dB, %.1f images/s",
+             summary["n_images"], ssim["mean"], ssim["std"], ssim["p5"], ssim["min"], psnr["mean"],
+             summary["images_per_s"])
+    log.info("codebook use: top %d/%d (perplexity %.1f), bottom %d/%d (perplexity %.1f); "
+             "%.3f bits per pixel", codebook["top"]["used"], n_embed, codebook["top"]["perplexity"],
+             codebook["bottom"]["used"], n_embed, codebook["bottom"]["perplexity"], summary["bits_per_pixel"])
+    for coder, report in files.items():
+        log.info("codes file of the test split, range-coded under %s: %d bytes, %.3f bits per pixel "
+                 "(checked to decode)", "the prior" if coder == "prior" else "the code frequencies",
+                 report["file_bytes"], report["bits_per_pixel"]["file"])
+    for name, region in (summary["regions"] or {}).get("structures", {}).items():
+        log.info("%-10s (%3d slices): SSIM %.4f, PSNR %.2f dB, MAE %.4f", name, region["n_slices"],
+                 region["ssim"]["mean"], region["psnr"]["mean"], region["mae"]["mean"])
+    for table in summary["codecs"]["rates"]:
+        for codec, scores in table["codecs"].items():
+            log.info("%-9s at %.3f bpp (the model's %s rate): SSIM %.4f, PSNR %.2f dB (model: SSIM %.4f, "
+                     "PSNR %.2f dB)", codec, scores["bits_per_pixel"]["mean"], table["rate"],
+                     scores["ssim"]["mean"], scores["psnr"]["mean"], ssim["mean"], psnr["mean"])
 
 
 def _write_surprise(codec: Codec, codes: tuple[np.ndarray, np.ndarray], slices: SliceSet, files: list,
@@ -324,7 +404,13 @@ def _save_worst_slices(model: torch.nn.Module, test, result: Evaluation, masks: 
             for i in order]
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    flags.add_config(parser)
+    parser.add_argument("--checkpoint", metavar="FILE", help="checkpoint to load (default: output.dir/models/best.pt)")
+    parser.add_argument("--prior", metavar="FILE", help="also code the test codes under this prior "
+                        "(models/prior_best.pt of the same model) and compare codecs at that rate")
+
+
 def main(args) -> int:
-    """``mrivq predict [--config FILE] [--set K=V] [--checkpoint FILE] [--prior FILE]``."""
     predict(load_config(args.config, args.overrides), checkpoint=args.checkpoint, prior=args.prior)
     return 0

@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import argparse
 import logging
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from mrivq.apps import flags
 from mrivq.data.io import nifti_bytes, nifti_inputs, nifti_stem, read_slice, read_volume
 from mrivq.data.preprocess import clip_to_input_range, denormalize, normalize
 from mrivq.engine.checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint
@@ -36,6 +38,8 @@ from mrivq.run_dir import atomic_write, claim_outputs
 from mrivq.runtime import resolve_device
 
 log = logging.getLogger("mrivq")
+
+BATCH_SIZE = 16  # slices per forward pass unless told otherwise
 
 
 def _read_slices(path: Path) -> tuple[np.ndarray, object, bool]:
@@ -90,7 +94,7 @@ def _outputs(path: Path, out_dir: Path) -> dict[str, Path]:
 
 
 def reconstruct(checkpoint: str | Path, inputs: list[str | Path], out_dir: str | Path, *,
-                device: str = "auto", batch_size: int = 16, overwrite: bool = False) -> list[dict]:
+                device: str = "auto", batch_size: int = BATCH_SIZE, overwrite: bool = False) -> list[dict]:
     """Reconstruct NIfTI slices or volumes with a trained model; see the module docstring.
 
     ``overwrite``: replace the outputs of an earlier run in ``out_dir`` (never other files).
@@ -130,8 +134,18 @@ def reconstruct(checkpoint: str | Path, inputs: list[str | Path], out_dir: str |
     return written
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="FILE",
+                        help="the model (e.g. runs/default/models/best.pt)")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI slices or 3-D volumes, or folders of them")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for NAME_recon.nii.gz and NAME_diff.nii.gz")
+    flags.add_device(parser)
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                        help="slices per forward pass (default %(default)s)")
+    flags.add_overwrite(parser)
+
+
 def main(args) -> int:
-    """``mrivq reconstruct --checkpoint FILE INPUT... --out DIR``."""
     for item in reconstruct(args.checkpoint, args.inputs, args.out, device=args.device, batch_size=args.batch_size,
                             overwrite=args.overwrite):
         print(f"{item['input']}: {item['reconstruction']}, {item['difference']}")

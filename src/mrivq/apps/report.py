@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+
 from mrivq.reporting.html import write_report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR")
 
 
 def main(args) -> int:

@@ -16,6 +16,7 @@ VQ-VAE stored in the prior checkpoint, and writes::
 
 from __future__ import annotations
 
+import argparse
 import io
 import sys
 import time
@@ -26,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from mrivq import metrics
+from mrivq.apps import flags
 from mrivq.compression.codec import decode_images, encode_images, model_fingerprint
 from mrivq.data.cache import load_split
 from mrivq.data.io import nifti_bytes, nifti_image
@@ -46,10 +48,11 @@ from mrivq.runtime import resolve_device
 
 SHORTLIST = 32  # training slices scored with SSIM per sample, of those that correlate best
 SHOWN = 64  # samples in samples.png and scored against the training slices (the first ones drawn)
+TOP_P = 0.8  # nucleus sampling's share of the probability unless told otherwise
 
 
 def sample(prior_path: str | Path, n: int, out_dir: str | Path, *, temperature: float = 1.0,
-           top_p: float = 0.8, seed: int = 0, batch_size: int = 16, device: str = "auto", nearest: bool = True,
+           top_p: float = TOP_P, seed: int = 0, batch_size: int = 16, device: str = "auto", nearest: bool = True,
            overwrite: bool = False) -> dict:
     """Draw ``n`` new slices and write them to ``out_dir``; returns codes, timings and paths.
 
@@ -260,8 +263,21 @@ def _unit_batch(slices, normalize: str) -> torch.Tensor:
                                        dtype=np.float32))[:, None]
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prior", required=True, metavar="FILE", help="models/prior_best.pt of `mrivq train-prior`")
+    parser.add_argument("--n", type=int, default=16, help="number of slices (default 16)")
+    parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1.0)")
+    parser.add_argument("--top-p", type=float, default=TOP_P, metavar="P",
+                        help="nucleus sampling: draw each code from the most probable codes that hold P of the "
+                             "probability (default %(default)s; 1: from all codes)")
+    parser.add_argument("--seed", type=int, default=0)
+    flags.add_device(parser)
+    flags.add_overwrite(parser)
+
+
 def main(args) -> int:
-    """``mrivq sample --prior FILE --n N --out DIR [--temperature T] [--top-p P] [--seed K] [--overwrite]``."""
+    """Sample, then say how the samples compare with the training slices."""
     result = sample(args.prior, args.n, args.out, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                     device=args.device, overwrite=args.overwrite)
     print(f"wrote {result['grid']} and {len(result['nifti'])} NIfTI slices; "

@@ -6,13 +6,14 @@ task (model, optimiser, loss: :class:`mrivq.engine.vqvae_training.VQVAETraining`
 checkpoints) with this command's reporting hooked in (model.safetensors, curves, sample grids,
 report.html, TensorBoard) -> a summary.
 
-The run directory (see docs/ARCHITECTURE.md): config.yaml, logging/training.log, metrics.csv,
+The run directory (see docs/contracts.md): config.yaml, logging/training.log, metrics.csv,
 samples/epoch_{i}.png, visuals/{losses,ssims}.png, models/{best,last}.pt,
 models/model.safetensors and report.html.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 from pathlib import Path
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from mrivq import metrics
+from mrivq.apps import flags
 from mrivq.config import Config, load_config
 from mrivq.data.cache import load_split
 from mrivq.data.preprocess import Preprocessing
@@ -228,8 +230,13 @@ def _tensorboard_writer(log_dir: Path):
     return SummaryWriter(str(log_dir))
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    flags.add_config(parser)
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from models/last.pt")
+    flags.add_overwrite(parser, "a run already in output.dir (only the files mrivq wrote for it) instead of refusing")
+
+
 def main(args) -> int:
-    """``mrivq train [--config FILE] [--set K=V] [--resume RUN_DIR] [--overwrite]``."""
     if args.resume and (args.config or args.overrides):
         raise UserError("--resume continues a run with its own saved config; "
                         "drop --config/--set, or start a new run")

@@ -19,6 +19,7 @@ CPU run continues with the same batches and dropout masks as an uninterrupted on
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import time
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mrivq.apps import flags
 from mrivq.compression.codec import model_fingerprint
 from mrivq.config import Config, config_from_dict, load_config
 from mrivq.data.augment import prior_training_copies
@@ -67,36 +69,16 @@ def train_prior(config: Config, checkpoint: str | Path | None = None, *, resume:
     VQ-VAE.
     """
     if resume is not None:
-        run_dir = Path(resume).expanduser().absolute()
-        last = run_dir / "models" / LAST
-        if not last.is_file():
-            raise UserError(f"{run_dir}: not a prior run to resume (expected models/{LAST} from an "
-                            "earlier `mrivq train-prior`)")
-        ckpt = load_checkpoint(last)
-        if ckpt.get("kind") != PRIOR_KIND:
-            raise UserError(f"{last}: not a prior checkpoint")
-        config = checkpoint_config(ckpt)
-        config.output.dir = run_dir
-        vq_config = config_from_dict(ckpt["vqvae"]["config"])
-        vqvae = model_from_checkpoint(ckpt["vqvae"], last).eval()
+        config, vq_config, vqvae, ckpt, last = _resumed_run(resume)
+        differs = []
     else:
-        if checkpoint is None:
-            raise UserError("train-prior needs the VQ-VAE: --checkpoint FILE (e.g. runs/default/models/best.pt)")
-        vqvae, vq_config = load_vqvae(checkpoint)
-        # The VQ-VAE's own data, seed and run directory, unless given explicitly.
-        config, differs = run_config(config, vq_config, Path(checkpoint))
-        size = vq_config.data.image_size
-        if max(config.prior.augment_shift, default=0) >= min(size):
-            raise ConfigError(f"prior.augment_shift ({max(config.prior.augment_shift)}) must be smaller than the "
-                              f"slices ({size[0]} x {size[1]}); [] turns shifting off")
-        claim_run_dir(config, "train-prior", overwrite)
-        ckpt = None
+        config, vq_config, vqvae, differs = _new_run(config, checkpoint, overwrite)
+        ckpt = last = None
     with recording(config.run_dir, "train-prior"), run_logger(config.log_dir / LOG):
         set_threads(config.train.num_threads)
         seed_everything(config.seed)
-        if ckpt is None:
-            for setting in differs:
-                log.warning("the prior trains with %s, given explicitly", setting)
+        for setting in differs:
+            log.warning("the prior trains with %s, given explicitly", setting)
         vqvae = vqvae.to(resolve_device(config.train.device))
         started = _clock()
         codes, reference = _encode_splits(config, vq_config, vqvae)
@@ -108,21 +90,66 @@ def train_prior(config: Config, checkpoint: str | Path | None = None, *, resume:
                           vqvae={"model": vqvae.state_dict(), "config": vq_config.to_dict()},
                           fingerprint=model_fingerprint(vqvae), reference=reference,
                           spent=encoding if ckpt is None else 0.0)
-        task, state, pc = loop.task, loop.state, config.prior
         if ckpt is not None:
-            if ckpt.get("fingerprint") != task.fingerprint:
+            if ckpt.get("fingerprint") != loop.task.fingerprint:
                 raise UserError(f"{last}: its VQ-VAE does not match its codes; start a new run")
             loop.load_state_dict(ckpt, last)
-            log.info("resumed %s at step %d", config.run_dir, state.step)
-        log.info("prior: %d training and %d validation code grids; top %s, bottom %s, %d codes per level; "
-                 "%.2fM parameters; %s on %s in %s (validation in fp32)", len(task.train_top), len(task.val_top),
-                 "x".join(map(str, task.top_grid)), "x".join(map(str, task.train_bottom.shape[1:])),
-                 task.n_embed, sum(p.numel() for p in task.model.parameters()) / 1e6,
-                 f"as many steps as fit prior.max_time ({pc.max_time:.0f} s)" if pc.max_time else f"{pc.steps} steps",
-                 task.device,
-                 task.precision)
+            log.info("resumed %s at step %d", config.run_dir, loop.state.step)
+        _log_plan(config, loop.task)
         with stop_on_signals(loop):
             history = loop.run()
+    return _finish(config, loop, history)
+
+
+def _resumed_run(resume: str | Path) -> tuple[Config, Config, torch.nn.Module, dict, Path]:
+    """``--resume RUN_DIR``: the run's saved config (its outputs in ``RUN_DIR``), the VQ-VAE's
+    config and weights from its last checkpoint, that checkpoint and its path."""
+    run_dir = Path(resume).expanduser().absolute()
+    last = run_dir / "models" / LAST
+    if not last.is_file():
+        raise UserError(f"{run_dir}: not a prior run to resume (expected models/{LAST} from an "
+                        "earlier `mrivq train-prior`)")
+    ckpt = load_checkpoint(last)
+    if ckpt.get("kind") != PRIOR_KIND:
+        raise UserError(f"{last}: not a prior checkpoint")
+    config = checkpoint_config(ckpt)
+    config.output.dir = run_dir
+    vq_config = config_from_dict(ckpt["vqvae"]["config"])
+    vqvae = model_from_checkpoint(ckpt["vqvae"], last).eval()
+    return config, vq_config, vqvae, ckpt, last
+
+
+def _new_run(config: Config, checkpoint: str | Path | None,
+             overwrite: bool) -> tuple[Config, Config, torch.nn.Module, list[str]]:
+    """A new run on the VQ-VAE at ``checkpoint``: the config to train with (the VQ-VAE's own data,
+    seed and run directory, unless given explicitly), the VQ-VAE's config and weights, and the
+    settings given explicitly; the run directory is claimed."""
+    if checkpoint is None:
+        raise UserError("train-prior needs the VQ-VAE: --checkpoint FILE (e.g. runs/default/models/best.pt)")
+    vqvae, vq_config = load_vqvae(checkpoint)
+    config, differs = run_config(config, vq_config, Path(checkpoint))
+    size = vq_config.data.image_size
+    if max(config.prior.augment_shift, default=0) >= min(size):
+        raise ConfigError(f"prior.augment_shift ({max(config.prior.augment_shift)}) must be smaller than the "
+                          f"slices ({size[0]} x {size[1]}); [] turns shifting off")
+    claim_run_dir(config, "train-prior", overwrite)
+    return config, vq_config, vqvae, differs
+
+
+def _log_plan(config: Config, task: PriorTraining) -> None:
+    """One line: the codes, the prior's size, how long it trains, where and in what precision."""
+    pc = config.prior
+    log.info("prior: %d training and %d validation code grids; top %s, bottom %s, %d codes per level; "
+             "%.2fM parameters; %s on %s in %s (validation in fp32)", len(task.train_top), len(task.val_top),
+             "x".join(map(str, task.top_grid)), "x".join(map(str, task.train_bottom.shape[1:])),
+             task.n_embed, sum(p.numel() for p in task.model.parameters()) / 1e6,
+             f"as many steps as fit prior.max_time ({pc.max_time:.0f} s)" if pc.max_time else f"{pc.steps} steps",
+             task.device, task.precision)
+
+
+def _finish(config: Config, loop: TrainingLoop, history: list[dict]) -> dict:
+    """Log the end of the run and return what :func:`train_prior` returns."""
+    state, task = loop.state, loop.task
     best = min(history, key=lambda r: r["val_nll"]) if history else {}
     uniform = math.log2(task.n_embed)
     log.info("done: %d steps in %.0f s; best validation NLL %.3f bits per code (uniform: %.3f) at step %s",
@@ -196,8 +223,16 @@ def _encode_splits(config: Config, vq_config: Config, vqvae) -> tuple[dict, dict
     return codes, reference
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    flags.add_config(parser)
+    parser.add_argument("--checkpoint", metavar="FILE", help="the VQ-VAE (e.g. runs/default/models/best.pt)")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue the prior run in RUN_DIR from models/prior_last.pt")
+    flags.add_device(parser, default=None, help="where the VQ-VAE and the prior run (default: train.device, auto)")
+    flags.add_overwrite(parser, "a prior run already in output.dir (only the files mrivq wrote for it)")
+
+
 def main(args) -> int:
-    """``mrivq train-prior --checkpoint FILE [--config FILE] [--set K=V] | --resume RUN_DIR``."""
     if args.resume and (args.config or args.overrides or args.checkpoint or args.device):
         raise UserError("--resume continues a prior run with its own saved config and VQ-VAE; "
                         "drop --config/--set/--checkpoint/--device, or start a new run")

@@ -102,33 +102,13 @@ def load_split(
     if not paths:
         raise UserError(f"split '{name}' has no files; check the data folders in the config")
     cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    slices_dir = cache_root / "slices"
     key = cache_key(paths, prep)
-    entry = slices_dir / key
+    entry = cache_root / "slices" / key
 
     slice_set = _open_entry(entry, key, prep)
     if slice_set is None:
-        started = time.perf_counter()
-        _build_entry(
-            entry,
-            key,
-            paths,
-            prep,
-            on_bad_file=on_bad_file,
-            workers=workers,
-            progress=progress,
-            name=name,
-        )
-        slice_set = _open_entry(entry, key, prep)
-        if slice_set is None:
-            raise RuntimeError(f"cache entry {entry} was built but cannot be opened")
-        log.info(
-            "decoded split '%s': %d slices in %.1f s into %s",
-            name,
-            len(slice_set),
-            time.perf_counter() - started,
-            entry,
-        )
+        slice_set = _build_and_open(entry, key, paths, prep, on_bad_file=on_bad_file, workers=workers,
+                                    progress=progress, name=name)
     else:
         log.debug("split '%s': %d slices from cache %s", name, len(slice_set), entry)
 
@@ -197,17 +177,21 @@ def _open_entry(entry: Path, key: str, prep: Preprocessing) -> SliceSet | None:
 # ---------------------------------------------------------------------------- building an entry
 
 
-def _build_entry(
-    entry: Path,
-    key: str,
-    paths: list[str],
-    prep: Preprocessing,
-    *,
-    on_bad_file,
-    workers,
-    progress,
-    name,
-) -> None:
+def _build_and_open(entry: Path, key: str, paths: list[str], prep: Preprocessing, *, on_bad_file, workers,
+                    progress, name) -> SliceSet:
+    """Build ``entry`` (see :func:`_build_entry`), open it and log how long decoding took."""
+    started = time.perf_counter()
+    _build_entry(entry, key, paths, prep, on_bad_file=on_bad_file, workers=workers, progress=progress, name=name)
+    slice_set = _open_entry(entry, key, prep)
+    if slice_set is None:
+        raise RuntimeError(f"cache entry {entry} was built but cannot be opened")
+    log.info("decoded split '%s': %d slices in %.1f s into %s", name, len(slice_set),
+             time.perf_counter() - started, entry)
+    return slice_set
+
+
+def _build_entry(entry: Path, key: str, paths: list[str], prep: Preprocessing, *, on_bad_file, workers,
+                 progress, name) -> None:
     """Decode ``paths`` into a temporary folder and rename it to ``entry`` once complete.
 
     With ``on_bad_file="error"`` and any bad file nothing is kept: the error lists them all.
@@ -218,20 +202,7 @@ def _build_entry(
     building.mkdir()
     try:
         partial = building / _PARTIAL_IMAGES
-        np.lib.format.open_memmap(
-            partial, mode="w+", dtype=np.float32, shape=(len(paths), *prep.image_size)
-        ).flush()
-        norm = np.zeros((len(paths), 2), dtype=np.float32)
-        shapes: list[tuple[int, int] | None] = [None] * len(paths)
-        problems: dict[int, str] = {}
-        for rows, row_norm, row_shapes, row_problems in _decode_all(
-            partial, paths, prep, workers, progress, name
-        ):
-            norm[rows] = row_norm
-            for row, shape in zip(rows, row_shapes):
-                shapes[row] = shape
-            problems.update(row_problems)
-
+        norm, shapes, problems = _decode_into(partial, paths, prep, workers, progress, name)
         if problems and on_bad_file == "error":
             raise _bad_files_error([(paths[i], p) for i, p in sorted(problems.items())], name)
         good = [i for i in range(len(paths)) if i not in problems]
@@ -262,6 +233,25 @@ def _build_entry(
     finally:
         if building.exists():
             shutil.rmtree(building, ignore_errors=True)
+
+
+def _decode_into(partial: Path, paths: list[str], prep: Preprocessing, workers, progress, name):
+    """Decode every file of ``paths`` into row ``i`` of a new ``(N, H, W)`` float32 ``.npy`` at
+    ``partial``; returns ``(norm (N, 2), shapes [(h, w)], problems {row: problem})``."""
+    np.lib.format.open_memmap(
+        partial, mode="w+", dtype=np.float32, shape=(len(paths), *prep.image_size)
+    ).flush()
+    norm = np.zeros((len(paths), 2), dtype=np.float32)
+    shapes: list[tuple[int, int] | None] = [None] * len(paths)
+    problems: dict[int, str] = {}
+    for rows, row_norm, row_shapes, row_problems in _decode_all(
+        partial, paths, prep, workers, progress, name
+    ):
+        norm[rows] = row_norm
+        for row, shape in zip(rows, row_shapes):
+            shapes[row] = shape
+        problems.update(row_problems)
+    return norm, shapes, problems
 
 
 def _decode_all(partial: Path, paths: list[str], prep: Preprocessing, workers, progress, name):

@@ -164,46 +164,56 @@ def synthesize(out_dir, *, cases: int = 16, seed: int = 0, slices_per_volume: in
                         "choose a new folder or remove it first")
 
     volumes = _plan_volumes(cases, seed, fractions, hipmri_counts)
+    partial = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     wide_width = round(width * WIDE_WIDTH_RATIO)
     montage_rows = _montage_picks(volumes) if montage else set()
+    jobs = [
+        _VolumeJob(partial, v.split, v.case_id, v.week, seed, slices_per_volume,
+                   (height, wide_width if v.wide else width), v.singleton_axis,
+                   keep_for_montage=i in montage_rows)
+        for i, v in enumerate(volumes)
+    ]
+    _write_dataset(jobs, partial, out_dir, montage=montage, progress=progress)
+    return _dataset_summary(out_dir, volumes, slices_per_volume, montage=montage,
+                            seconds=round(time.perf_counter() - started, 2))
 
+
+def _write_dataset(jobs: list[_VolumeJob], partial: Path, out_dir: Path, *, montage: bool,
+                   progress: bool) -> None:
+    """Write every volume (and the montage) into the hidden folder ``partial``, the jobs' root,
+    then rename it to ``out_dir``; on any failure ``partial`` is removed and nothing is left."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     try:
         for split in SPLITS:
             (partial / f"keras_slices_{split}").mkdir(parents=True)
             (partial / f"keras_slices_seg_{split}").mkdir(parents=True)
-        jobs = [
-            _VolumeJob(partial, v.split, v.case_id, v.week, seed, slices_per_volume,
-                       (height, wide_width if v.wide else width), v.singleton_axis,
-                       keep_for_montage=i in montage_rows)
-            for i, v in enumerate(volumes)
-        ]
         kept = {}
         for i, result in enumerate(_run_jobs(jobs, progress)):
             if result is not None:
                 kept[i] = result
-        montage_path = None
         if montage:
             _write_montage(partial / "montage.png", [(jobs[i], kept[i]) for i in sorted(kept)])
-            montage_path = out_dir / "montage.png"
         if out_dir.exists():
-            out_dir.rmdir()  # empty, checked above
+            out_dir.rmdir()  # empty, checked by synthesize
         os.replace(partial, out_dir)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
 
+
+def _dataset_summary(out_dir: Path, volumes: list[_PlannedVolume], slices_per_volume: int, *,
+                     montage: bool, seconds: float) -> dict:
+    """What :func:`synthesize` returns: the folder, the montage, per-split counts, odd volumes."""
     summary: dict = {"out_dir": str(out_dir),
-                     "montage": str(montage_path) if montage_path else None}
+                     "montage": str(out_dir / "montage.png") if montage else None}
     for split in SPLITS:
         in_split = [v for v in volumes if v.split == split]
         summary[split] = {"cases": len({v.case_id for v in in_split}), "volumes": len(in_split),
                           "slices": len(in_split) * slices_per_volume}
     summary["wide_volumes"] = sum(v.wide for v in volumes)
     summary["singleton_axis_volumes"] = sum(v.singleton_axis for v in volumes)
-    summary["seconds"] = round(time.perf_counter() - started, 2)
+    summary["seconds"] = seconds
     return summary
 
 

@@ -97,24 +97,8 @@ def resolve_splits(
     """
     root = Path(root).expanduser() if root is not None else None
     explicit = dict(zip(SPLIT_NAMES, (train_dir, validate_dir, test_dir)))
-
     if any(folder is not None for folder in explicit.values()):
-        folders = {}
-        for split, folder in explicit.items():
-            if folder is not None:
-                folders[split] = Path(folder).expanduser()
-            elif root is not None and (root / f"{KERAS_PREFIX}{split}").is_dir():
-                folders[split] = root / f"{KERAS_PREFIX}{split}"
-            else:
-                where = (
-                    f"and {root} has no {KERAS_PREFIX}{split} folder"
-                    if root is not None
-                    else "and data.root is not set"
-                )
-                raise UserError(
-                    f"data.{split}_dir is not set {where}; set data.{split}_dir to the {split} slice folder"
-                )
-        splits = Splits(**{split: list_nifti(folder) for split, folder in folders.items()})
+        splits = _explicit_splits(root, explicit)
     elif root is None:
         raise UserError(
             "no data given; set data.root (a folder with keras_slices_train/validate/test) or data.train_dir, data.validate_dir and data.test_dir"
@@ -125,22 +109,45 @@ def resolve_splits(
             f"data.root {root} {what}; set data.root to the folder that holds keras_slices_train, keras_slices_validate and keras_slices_test"
         )
     else:
-        keras = {split: root / f"{KERAS_PREFIX}{split}" for split in SPLIT_NAMES}
-        present = [split for split, folder in keras.items() if folder.is_dir()]
-        if present:
-            missing = [f"{KERAS_PREFIX}{split}" for split in SPLIT_NAMES if split not in present]
-            if missing:
-                raise UserError(
-                    f"data.root {root} has {', '.join(KERAS_PREFIX + s for s in present)} but no {', '.join(missing)}; "
-                    f"add the missing folder or set data.{SPLIT_NAMES[0]}_dir, data.validate_dir, data.test_dir"
-                )
-            splits = Splits(**{split: list_nifti(folder) for split, folder in keras.items()})
-        else:
-            images = _flat_images(root)
-            splits = split_by_case(images, fractions=fractions, seed=seed)
-
+        splits = _root_splits(root, fractions=fractions, seed=seed)
     _warn_shared_cases(splits)
     return splits
+
+
+def _explicit_splits(root: Path | None, explicit: dict) -> Splits:
+    """The given split folders; a missing one is ``root/keras_slices_<split>`` if it exists."""
+    folders = {}
+    for split, folder in explicit.items():
+        if folder is not None:
+            folders[split] = Path(folder).expanduser()
+        elif root is not None and (root / f"{KERAS_PREFIX}{split}").is_dir():
+            folders[split] = root / f"{KERAS_PREFIX}{split}"
+        else:
+            where = (
+                f"and {root} has no {KERAS_PREFIX}{split} folder"
+                if root is not None
+                else "and data.root is not set"
+            )
+            raise UserError(
+                f"data.{split}_dir is not set {where}; set data.{split}_dir to the {split} slice folder"
+            )
+    return Splits(**{split: list_nifti(folder) for split, folder in folders.items()})
+
+
+def _root_splits(root: Path, *, fractions, seed: int) -> Splits:
+    """The HipMRI ``keras_slices_*`` folders under ``root`` (all three), else its flat folder of
+    slices split by case."""
+    keras = {split: root / f"{KERAS_PREFIX}{split}" for split in SPLIT_NAMES}
+    present = [split for split, folder in keras.items() if folder.is_dir()]
+    if not present:
+        return split_by_case(_flat_images(root), fractions=fractions, seed=seed)
+    missing = [f"{KERAS_PREFIX}{split}" for split in SPLIT_NAMES if split not in present]
+    if missing:
+        raise UserError(
+            f"data.root {root} has {', '.join(KERAS_PREFIX + s for s in present)} but no {', '.join(missing)}; "
+            f"add the missing folder or set data.{SPLIT_NAMES[0]}_dir, data.validate_dir, data.test_dir"
+        )
+    return Splits(**{split: list_nifti(folder) for split, folder in keras.items()})
 
 
 def _flat_images(root: Path) -> list[Path]:

@@ -75,61 +75,124 @@ def evaluate(model: torch.nn.Module, images: np.ndarray, *, batch_size: int, dev
     are the same on every machine (and match ``mrivq encode``). The losses are in model space;
     the metrics and the kept pictures are on [0, 1] (see :func:`mrivq.metrics.to_unit_range`).
     ``loss_fn(reconstruction, x)`` is the reconstruction loss training uses (default MSE).
+    Besides the scores, on request: ``keep`` lists slice indices whose input and reconstruction
+    are returned for pictures; ``masks`` ``(N, H, W)`` integer labels (all zero for a slice
+    without a mask) add the region metrics of :data:`mrivq.data.hipmri.STRUCTURES`;
     ``keep_codes`` returns every slice's codes too (the same as ``model.encode`` gives).
-    ``keep`` lists slice indices whose input and reconstruction are returned for pictures.
-    ``masks`` ``(N, H, W)`` integer labels (all zero for a slice without a mask) add the
-    region metrics of :data:`mrivq.data.hipmri.STRUCTURES`.
     """
     was_training = model.training
     model.eval()
-    quant_top, quant_bottom = model.quantize_top, model.quantize_bottom
-    counts_top = torch.zeros(quant_top.n_embed, dtype=torch.long, device=device)
-    counts_bottom = torch.zeros(quant_bottom.n_embed, dtype=torch.long, device=device)
-    ssim, psnr, mse, mae = [], [], [], []
-    regions = {name: {"ssim": [], "psnr": [], "mae": []} for name in STRUCTURES} if masks is not None else {}
-    recon_sum = torch.zeros((), device=device, dtype=torch.float64)
-    commit_sum = torch.zeros((), device=device, dtype=torch.float64)
-    keep_set, kept = set(keep), {}
-    codes_top, codes_bottom = [], []
-    code_shapes = None
+    totals = _Totals(model, device, loss_fn or F.mse_loss)
+    scores = _SliceScores()
+    regions = _RegionScores(masks) if masks is not None else None
+    pictures = _KeptPictures(keep)
+    codes = _KeptCodes() if keep_codes else None
     n = len(images)
     start = time.perf_counter()
     for lo in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
         x = slices_to_batch(images[lo:lo + batch_size], device)
         out = model(x)
         rec = out.reconstruction.float()
-        recon_sum += (loss_fn or F.mse_loss)(rec, x).double() * len(x)
-        commit_sum += out.commitment_loss.double() * len(x)
-        counts_top += metrics.code_counts(out.codes_top, quant_top.n_embed)
-        counts_bottom += metrics.code_counts(out.codes_bottom, quant_bottom.n_embed)
-        code_shapes = (tuple(out.codes_top.shape[1:]), tuple(out.codes_bottom.shape[1:]))
-        if keep_codes:
-            codes_top.append(out.codes_top.cpu().numpy())
-            codes_bottom.append(out.codes_bottom.cpu().numpy())
+        totals.add(out, rec, x)
+        if codes is not None:
+            codes.add(out)
         rec01, x01 = metrics.to_unit_range(rec, x, normalize)
-        ssim.append(metrics.ssim_per_image(rec01, x01))
-        psnr.append(metrics.psnr_per_image(rec01, x01))
-        mse.append(metrics.mse_per_image(rec01, x01))
-        mae.append(metrics.mae_per_image(rec01, x01))
-        if masks is not None:
-            batch_masks = torch.from_numpy(np.asarray(masks[lo:lo + len(x)], dtype=np.int64))
-            for name, values in metrics.region_metrics(rec01, x01, batch_masks, STRUCTURES).items():
-                for key, v in values.items():
-                    regions[name][key].append(v)
-        for i in range(lo, lo + len(x)):
-            if i in keep_set:
-                kept[i] = (x01[i - lo, 0].cpu().numpy(), rec01[i - lo, 0].clamp(0, 1).cpu().numpy())
+        scores.add(rec01, x01)
+        if regions is not None:
+            regions.add(lo, rec01, x01)
+        pictures.add(lo, rec01, x01)
     result = Evaluation(
-        ssim=torch.cat(ssim).cpu(), psnr=torch.cat(psnr).cpu(), mse=torch.cat(mse).cpu(),
-        recon_loss=float(recon_sum) / n, commitment_loss=float(commit_sum) / n,
-        counts_top=counts_top.cpu(), counts_bottom=counts_bottom.cpu(),
-        images_per_s=n / (time.perf_counter() - start), code_shapes=code_shapes, kept=kept,
-        codes=(np.concatenate(codes_top), np.concatenate(codes_bottom)) if keep_codes else None,
-        mae=torch.cat(mae).cpu(),
-        regions={name: {k: torch.cat(v).cpu() for k, v in values.items()} for name, values in regions.items()},
+        **scores.result(), **totals.result(n), images_per_s=n / (time.perf_counter() - start),
+        kept=pictures.kept, codes=codes.result() if codes is not None else None,
+        regions=regions.result() if regions is not None else {},
     )
     model.train(was_training)
     return result
+
+
+class _Totals:
+    """The mean losses over the slices, each codebook's use and the code grids' shapes."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, loss_fn):
+        self.loss_fn = loss_fn
+        self.n_embed = (model.quantize_top.n_embed, model.quantize_bottom.n_embed)
+        self.counts_top = torch.zeros(self.n_embed[0], dtype=torch.long, device=device)
+        self.counts_bottom = torch.zeros(self.n_embed[1], dtype=torch.long, device=device)
+        self.recon_sum = torch.zeros((), device=device, dtype=torch.float64)
+        self.commit_sum = torch.zeros((), device=device, dtype=torch.float64)
+        self.code_shapes = None
+
+    def add(self, out, rec: torch.Tensor, x: torch.Tensor) -> None:
+        self.recon_sum += self.loss_fn(rec, x).double() * len(x)
+        self.commit_sum += out.commitment_loss.double() * len(x)
+        self.counts_top += metrics.code_counts(out.codes_top, self.n_embed[0])
+        self.counts_bottom += metrics.code_counts(out.codes_bottom, self.n_embed[1])
+        self.code_shapes = (tuple(out.codes_top.shape[1:]), tuple(out.codes_bottom.shape[1:]))
+
+    def result(self, n: int) -> dict:
+        return {"recon_loss": float(self.recon_sum) / n, "commitment_loss": float(self.commit_sum) / n,
+                "counts_top": self.counts_top.cpu(), "counts_bottom": self.counts_bottom.cpu(),
+                "code_shapes": self.code_shapes}
+
+
+class _SliceScores:
+    """SSIM, PSNR, MSE and MAE of each slice on [0, 1]."""
+
+    def __init__(self):
+        self.scores = {"ssim": [], "psnr": [], "mse": [], "mae": []}
+
+    def add(self, rec01: torch.Tensor, x01: torch.Tensor) -> None:
+        self.scores["ssim"].append(metrics.ssim_per_image(rec01, x01))
+        self.scores["psnr"].append(metrics.psnr_per_image(rec01, x01))
+        self.scores["mse"].append(metrics.mse_per_image(rec01, x01))
+        self.scores["mae"].append(metrics.mae_per_image(rec01, x01))
+
+    def result(self) -> dict:
+        return {key: torch.cat(values).cpu() for key, values in self.scores.items()}
+
+
+class _RegionScores:
+    """SSIM, PSNR and MAE of each slice inside each structure of its mask (NaN where absent)."""
+
+    def __init__(self, masks: np.ndarray):
+        self.masks = masks
+        self.scores = {name: {"ssim": [], "psnr": [], "mae": []} for name in STRUCTURES}
+
+    def add(self, lo: int, rec01: torch.Tensor, x01: torch.Tensor) -> None:
+        batch_masks = torch.from_numpy(np.asarray(self.masks[lo:lo + len(x01)], dtype=np.int64))
+        for name, values in metrics.region_metrics(rec01, x01, batch_masks, STRUCTURES).items():
+            for key, v in values.items():
+                self.scores[name][key].append(v)
+
+    def result(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {name: {k: torch.cat(v).cpu() for k, v in values.items()} for name, values in self.scores.items()}
+
+
+class _KeptPictures:
+    """The input and the clamped reconstruction, (H, W) on [0, 1], of the slices at ``keep``."""
+
+    def __init__(self, keep):
+        self.keep = set(keep)
+        self.kept: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def add(self, lo: int, rec01: torch.Tensor, x01: torch.Tensor) -> None:
+        for i in range(lo, lo + len(x01)):
+            if i in self.keep:
+                self.kept[i] = (x01[i - lo, 0].cpu().numpy(), rec01[i - lo, 0].clamp(0, 1).cpu().numpy())
+
+
+class _KeptCodes:
+    """Every slice's codes: ``(codes_top (N, h, w), codes_bottom (N, 2h, 2w))`` int64 arrays."""
+
+    def __init__(self):
+        self.top, self.bottom = [], []
+
+    def add(self, out) -> None:
+        self.top.append(out.codes_top.cpu().numpy())
+        self.bottom.append(out.codes_bottom.cpu().numpy())
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.concatenate(self.top), np.concatenate(self.bottom)
 
 
 def merge_evaluations(parts: list[tuple[np.ndarray, Evaluation]], n: int) -> Evaluation:

@@ -239,7 +239,7 @@ class TrainingLoop:
         return self.history
 
     def _loop(self) -> None:
-        s, state, task = self.settings, self.state, self.task
+        state, task = self.state, self.task
         self.loop_start = self.clock()
         bar = tqdm(total=None if state.total_steps == UNTIMED else state.total_steps, initial=state.step,
                    desc="train", disable=not (interactive() and self.dist.is_main), dynamic_ncols=True)
@@ -253,50 +253,60 @@ class TrainingLoop:
             for b in range(state.batch_in_epoch, self.steps_per_epoch):  # empty if the epoch is done
                 if state.step >= state.total_steps:
                     break
-                t0 = time.perf_counter()
-                batch = task.batch(np.sort(order[b * task.batch_size:(b + 1) * task.batch_size]))
-                applied = task.train_step(batch)
-                state.step += 1
-                state.batch_in_epoch = b + 1
-                epoch_done = state.batch_in_epoch == self.steps_per_epoch
-                due = (state.step % s.interval == 0 or state.step % s.checkpoint_every == 0 or epoch_done
-                       or state.step == state.total_steps)
-                # Per-step checks read the verdict now; sync-free ones every SYNC_EVERY steps and before any save.
-                check = not task.sync_free or due or state.step % SYNC_EVERY == 0
-                self._count_nonfinite(applied, check)
-                if self.dist.device.type == "cuda" and state.step % s.interval == 0:
-                    torch.cuda.synchronize()
-                dt = time.perf_counter() - t0
-                task.running.time += dt
-                state.elapsed += dt
-                bar.update(1)
-                if state.step == self.fit_after:
-                    self._fit_to_budget(bar)
-                elif s.max_time and not self.dist.active and self.wall_clock() >= s.max_time:
-                    state.total_steps = state.step  # out of time: evaluate, save and end now
-                stopping = self.stop_signal is not None  # one snapshot: the handler may fire any time
-                if self.dist.active:
-                    # A signal may reach the ranks at different steps: stop only on an agreed value,
-                    # checked where every rank checks, so all make the same collective calls.
-                    stopping = check and distributed.any_rank(self.dist, stopping)
-                    if stopping and self.stop_signal is None:
-                        self.stop_signal = signal.SIGTERM
-                if self.nonfinite_in_a_row and state.step < state.total_steps and not stopping:
-                    pass  # nothing new to evaluate or save: last.pt stays the last good step
-                elif (state.step % s.interval == 0 or state.step == state.total_steps
-                      or (epoch_done and s.evaluate_at_epoch_end)):
-                    self.evaluate_and_save(epoch_end=epoch_done)
-                    self._fit_to_budget(bar)  # evaluations take time too: refit
-                elif state.step % s.checkpoint_every == 0 or stopping:
-                    self.save_last()
-                if stopping:
-                    raise TrainingInterrupted(self.stop_signal, state.step, s.run_dir,
-                                              checkpoint=s.model_dir / s.last_name, command=s.resume_command)
+                self._step(b, order[b * task.batch_size:(b + 1) * task.batch_size], bar)
             if state.batch_in_epoch == self.steps_per_epoch:
                 state.epoch += 1
                 state.batch_in_epoch = 0
                 state.epoch_shuffle = next_epoch_shuffle
         bar.close()
+
+    def _step(self, b: int, examples: np.ndarray, bar) -> None:
+        """Train batch ``b`` of the epoch (these examples), then do what falls due at its step: count
+        NaN/Inf steps, keep to the time budget, evaluate or save, stop on a signal."""
+        s, state, task = self.settings, self.state, self.task
+        t0 = time.perf_counter()
+        applied = task.train_step(task.batch(np.sort(examples)))
+        state.step += 1
+        state.batch_in_epoch = b + 1
+        epoch_done = state.batch_in_epoch == self.steps_per_epoch
+        at_interval, at_checkpoint = state.step % s.interval == 0, state.step % s.checkpoint_every == 0
+        # Per-step checks read the verdict now; sync-free ones every SYNC_EVERY steps and before any save.
+        check = (not task.sync_free or at_interval or at_checkpoint or epoch_done
+                 or state.step == state.total_steps or state.step % SYNC_EVERY == 0)
+        self._count_nonfinite(applied, check)
+        if self.dist.device.type == "cuda" and at_interval:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        task.running.time += dt
+        state.elapsed += dt
+        bar.update(1)
+        if state.step == self.fit_after:
+            self._fit_to_budget(bar)
+        elif s.max_time and not self.dist.active and self.wall_clock() >= s.max_time:
+            state.total_steps = state.step  # out of time: evaluate, save and end now
+        last = state.step == state.total_steps  # the budget may have made this step the last
+        stopping = self._stop_agreed(check)
+        if self.nonfinite_in_a_row and not last and not stopping:
+            return  # nothing new to evaluate or save: last.pt stays the last good step
+        if at_interval or last or (epoch_done and s.evaluate_at_epoch_end):
+            self.evaluate_and_save(epoch_end=epoch_done)
+            self._fit_to_budget(bar)  # evaluations take time too: refit
+        elif at_checkpoint or stopping:
+            self.save_last()
+        if stopping:
+            raise TrainingInterrupted(self.stop_signal, state.step, s.run_dir,
+                                      checkpoint=s.model_dir / s.last_name, command=s.resume_command)
+
+    def _stop_agreed(self, check: bool) -> bool:
+        """Whether to stop after this step: a signal arrived (one snapshot: the handler may fire
+        any time). Under torchrun a signal may reach the ranks at different steps: stop only on
+        an agreed value, checked where every rank checks, so all make the same collective calls."""
+        if not self.dist.active:
+            return self.stop_signal is not None
+        stopping = check and distributed.any_rank(self.dist, self.stop_signal is not None)
+        if stopping and self.stop_signal is None:
+            self.stop_signal = signal.SIGTERM
+        return stopping
 
     def _count_nonfinite(self, applied: torch.Tensor, check: bool) -> None:
         """Count NaN/Inf steps in a row; stop the run after ``max_nonfinite_steps`` of them."""

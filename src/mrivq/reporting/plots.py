@@ -13,11 +13,6 @@ import io
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-import matplotlib.ticker
 import numpy as np
 import torch
 
@@ -25,10 +20,22 @@ from mrivq.metrics.codebook import codebook_usage
 from mrivq.run_dir import atomic_write
 
 
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend, imported at the first picture rather than with
+    this module: every ``mrivq`` command imports it (through its app), most draw nothing, and
+    pyplot costs a third of a second."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+
+    return matplotlib.pyplot
+
+
 def save_figure(fig, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    _pyplot().close(fig)
     atomic_write(Path(path), lambda fh: fh.write(buf.getvalue()))
 
 
@@ -44,7 +51,7 @@ def save_sample_grid(inputs: np.ndarray, reconstructions: np.ndarray, path: Path
     """Inputs (top row) over reconstructions (bottom row). Arrays ``(N, H, W)`` in [0, 1]."""
     n = len(inputs)
     h, w = display(inputs[0]).shape
-    fig, axes = plt.subplots(2, n, figsize=(max(2.0, 1.6 * n * w / h), 3.6), squeeze=False)
+    fig, axes = _pyplot().subplots(2, n, figsize=(max(2.0, 1.6 * n * w / h), 3.6), squeeze=False)
     for i in range(n):
         for row, arr in enumerate((inputs, reconstructions)):
             ax = axes[row, i]
@@ -64,7 +71,7 @@ def save_sample_grid(inputs: np.ndarray, reconstructions: np.ndarray, path: Path
 def plot_series(rows: list[dict], curves: list[tuple[str, str, str]], *, title: str, ylabel: str,
                  path: Path, log_scale: bool = False) -> None:
     """One figure of metric columns against step; ``curves`` are (column, label, line style)."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _pyplot().subplots(figsize=(6, 4))
     for key, label, style in curves:
         points = [(r["step"], float(r[key])) for r in rows if r.get(key) not in (None, "")]
         if points:
@@ -107,7 +114,7 @@ def save_difference_grid(inputs: np.ndarray, reconstructions: np.ndarray, path: 
     h, w = display(inputs[0]).shape
     diffs = np.clip(reconstructions, 0, 1) - inputs
     limit = max(float(np.abs(diffs).max()), 1e-3)
-    fig, axes = plt.subplots(3, n, figsize=(max(3.0, 1.9 * n * w / h + 1.0), 5.6), squeeze=False)
+    fig, axes = _pyplot().subplots(3, n, figsize=(max(3.0, 1.9 * n * w / h + 1.0), 5.6), squeeze=False)
     for i in range(n):
         axes[0, i].imshow(display(np.clip(inputs[i], 0, 1)), cmap="gray", vmin=0, vmax=1)
         if masks is not None:
@@ -136,7 +143,7 @@ def save_difference_grid(inputs: np.ndarray, reconstructions: np.ndarray, path: 
 
 def plot_codebook_usage(counts_top, counts_bottom, path: Path) -> None:
     """visuals/codebook_usage.png: how often each code is used, per level, most used first."""
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig, axes = _pyplot().subplots(1, 2, figsize=(9, 3.2))
     for ax, level, counts in zip(axes, ("top", "bottom"), (counts_top, counts_bottom)):
         used, perplexity = codebook_usage(torch.as_tensor(np.asarray(counts)))
         counts = np.sort(np.asarray(counts, dtype=np.float64))[::-1]
@@ -160,7 +167,9 @@ def plot_rate_distortion(curves: dict, model_points: list[dict], path: Path, lab
     Points with a non-finite value (PSNR of a perfect slice) are left out of the panel they
     would break.
     """
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    from matplotlib import ticker
+
+    fig, axes = _pyplot().subplots(1, 2, figsize=(11, 4.2))
     model_markers = ("D", "*", "P", "X")
     for ax, key, ylabel in zip(axes, ("ssim", "psnr"), ("SSIM (mean per slice)", "PSNR (dB, mean per slice)")):
         for name, points in curves.items():
@@ -173,9 +182,9 @@ def plot_rate_distortion(curves: dict, model_points: list[dict], path: Path, lab
                         markersize=12, markeredgecolor="black", color=f"C{5 + i}", linestyle="none",
                         label=point["label"], zorder=5)
         ax.set_xscale("log")
-        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xlabel("bits per pixel (log scale)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, which="both")
@@ -194,7 +203,7 @@ def plot_surprise(slices: np.ndarray, maps: np.ndarray, path: Path, labels: list
     n = len(slices)
     h, w = display(slices[0]).shape
     top = float(np.percentile(maps, 99.5)) if maps.size else 1.0
-    fig, axes = plt.subplots(2, n, figsize=(max(3.0, 1.6 * n * w / h + 1.2), 3.8), squeeze=False)
+    fig, axes = _pyplot().subplots(2, n, figsize=(max(3.0, 1.6 * n * w / h + 1.2), 3.8), squeeze=False)
     shown = None
     for i in range(n):
         axes[0, i].imshow(display(np.clip(slices[i], 0, 1)), cmap="gray", vmin=0, vmax=1)
@@ -223,7 +232,7 @@ def save_samples_grid(slices: np.ndarray, path: Path, low: float = 0.0, high: fl
     cols = min(columns, n)
     rows = math.ceil(n / cols)
     h, w = display(slices[0]).shape
-    fig, axes = plt.subplots(rows, cols, figsize=(max(2.0, 1.6 * cols * w / h), 1.8 * rows + 0.4),
+    fig, axes = _pyplot().subplots(rows, cols, figsize=(max(2.0, 1.6 * cols * w / h), 1.8 * rows + 0.4),
                              squeeze=False)
     for k, ax in enumerate(axes.flat):
         ax.set_xticks([])
