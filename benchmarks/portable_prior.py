@@ -8,7 +8,8 @@ test split of its VQ-VAE's data settings, prints one JSON object:
 - ``integer_bits_per_pixel``: the length of the range-coded stream under the integer copy (one
   stream per slice, each with its length word), and ``ratio`` of the two;
 - for 1 and 2 threads, encoding and decoding slices per second of the coder alone (codes in,
-  words out and back; the VQ-VAE and file I/O are not counted), each decode checked.
+  words out and back; the VQ-VAE and file I/O are not counted; the fastest of 3 rounds), each
+  decode checked, and once more decoding in batches of 7.
 
     python benchmarks/portable_prior.py runs/default/models/prior_best.pt [--set data.root=...]
 
@@ -32,6 +33,8 @@ from mrivq.data.preprocess import Preprocessing
 from mrivq.data.sources import data_splits
 from mrivq.engine.checkpoint import load_prior
 from mrivq.nn.pass_prior import PassPrior
+
+ROUNDS = 3
 
 
 def main() -> None:
@@ -57,15 +60,20 @@ def main() -> None:
     out = {"slices": n, "float_bits_per_pixel": float_bits / (n * pixels)}
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        start = time.perf_counter()
-        words = encode_in_passes(prior.integer, top, bottom)
-        coded = time.perf_counter()
-        decoded = decode_in_passes(prior.integer, words, n, batch_size=7)
-        done = time.perf_counter()
-        if not (np.array_equal(decoded[0], top) and np.array_equal(decoded[1], bottom)):
-            raise SystemExit("the stream did not decode back to the codes")
-        out[f"threads_{threads}"] = {"encode_slices_per_s": round(n / (coded - start), 1),
-                                     "decode_slices_per_s": round(n / (done - coded), 1)}
+        encode_s = decode_s = float("inf")
+        for _ in range(ROUNDS):  # the fastest round: the machine's other work only slows a round
+            start = time.perf_counter()
+            words = encode_in_passes(prior.integer, top, bottom)
+            coded = time.perf_counter()
+            decoded = decode_in_passes(prior.integer, words, n)
+            encode_s, decode_s = min(encode_s, coded - start), min(decode_s, time.perf_counter() - coded)
+            if not (np.array_equal(decoded[0], top) and np.array_equal(decoded[1], bottom)):
+                raise SystemExit("the stream did not decode back to the codes")
+        out[f"threads_{threads}"] = {"encode_slices_per_s": round(n / encode_s, 1),
+                                     "decode_slices_per_s": round(n / decode_s, 1)}
+    other_batch = decode_in_passes(prior.integer, words, n, batch_size=7)  # any batch decodes
+    if not (np.array_equal(other_batch[0], top) and np.array_equal(other_batch[1], bottom)):
+        raise SystemExit("the stream did not decode back to the codes in batches of 7")
     out["integer_bits_per_pixel"] = words.size * 32 / (n * pixels)
     out["ratio"] = out["integer_bits_per_pixel"] / out["float_bits_per_pixel"]
     print(json.dumps(out, indent=1))
