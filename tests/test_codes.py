@@ -198,9 +198,9 @@ def test_bad_encode_inputs_are_one_line_exit_2(vqvae, tiny_phantom, tmp_path, ca
 
 
 def test_the_codec_compresses_slices_to_bytes_and_back_as_the_commands_do(vqvae, tiny_phantom, tmp_path):
-    """One interface: ``Codec.compress`` of a SliceSet gives the bytes ``mrivq encode`` writes, and
+    """One interface: ``Codec.compress`` of a CodecInput gives the bytes ``mrivq encode`` writes, and
     ``Codec.decompress`` of them the slices ``mrivq decode`` writes; a codec of another model refuses them."""
-    from mrivq.compression.codec import Codec, SliceSet
+    from mrivq.compression.codec import Codec, CodecInput
     from mrivq.compression.container import CodesFile
     from mrivq.data.io import nifti_inputs
     from mrivq.engine.checkpoint import load_codec
@@ -210,7 +210,7 @@ def test_the_codec_compresses_slices_to_bytes_and_back_as_the_commands_do(vqvae,
     encode(vqvae, inputs, tmp_path / "codes.mrvq", device="cpu")
     written = decode(vqvae, tmp_path / "codes.mrvq", tmp_path / "out", device="cpu")
     codec = load_codec(vqvae, device="cpu")
-    packed = codec.compress(SliceSet.read(nifti_inputs(inputs), codec.prep))
+    packed = codec.compress(CodecInput.read(nifti_inputs(inputs), codec.prep))
     assert packed.blob == (tmp_path / "codes.mrvq").read_bytes()
     assert packed.report()["bits_per_pixel"]["file"] == len(packed.blob) * 8 / packed.report()["pixels"]
     file = CodesFile.from_bytes(packed.blob)

@@ -23,6 +23,7 @@ from mrivq.compression.entropy import (
 )
 from mrivq.nn.integer_prior import (
     EXP_BITS,
+    _float_matmul,
     coder_table,
     int8_matmul,
     integer_prior,
@@ -108,11 +109,31 @@ def test_a_pass_sees_only_the_codes_of_the_passes_before_it():
             assert not torch.equal(net(earlier, torch.tensor([step])), same[0])
 
 
-def test_int8_products_are_exact():
+def test_int8_products_are_exact_even_where_a_kernel_would_saturate():
+    """Long sums of extreme products: oneDNN's int8 kernel for CPUs without VNNI saturates 16-bit
+    pair sums on them, so there the products go through floating point, exactly."""
     rng = torch.Generator().manual_seed(0)
-    a = torch.randint(-128, 128, (5, 19), generator=rng, dtype=torch.int8)
-    b = torch.randint(-128, 128, (19, 3), generator=rng, dtype=torch.int8)
-    assert torch.equal(int8_matmul(a, b).long(), a.long() @ b.long())
+    cases = [torch.randint(-128, 128, (5, 19), generator=rng, dtype=torch.int8),
+             torch.randint(-128, 128, (40, 1200), generator=rng, dtype=torch.int8)]
+    cases += [torch.full((20, 576), value, dtype=torch.int8) for value in (127, -128)]
+    for a in cases:
+        for b in (a.T.contiguous(), -a.T.contiguous().clamp(min=-127)):
+            exact = a.long() @ b.long()
+            assert torch.equal(int8_matmul(a, b).long(), exact)
+            assert torch.equal(_float_matmul(a, b).long(), exact)
+
+
+def test_a_file_coded_through_float_products_decodes_through_int8_products(fitted, monkeypatch):
+    """What a CPU without VNNI codes (floating-point products) decodes on one with them, and back."""
+    from mrivq.nn import integer_prior as module
+
+    prior, top, bottom = fitted
+    monkeypatch.setattr(module, "int_mm_is_exact", lambda device: False)
+    words = encode_in_passes(prior.integer, top.numpy(), bottom.numpy())
+    monkeypatch.undo()
+    decoded = decode_in_passes(prior.integer, words, len(top))
+    assert np.array_equal(decoded[0], top.numpy()) and np.array_equal(decoded[1], bottom.numpy())
+    assert np.array_equal(words, encode_in_passes(prior.integer, top.numpy(), bottom.numpy()))
 
 
 def test_integer_weights_follow_the_logits_and_are_never_zero():

@@ -15,8 +15,6 @@ the epoch (:mod:`mrivq.engine.loop`), which no version since can resume.
 
 from __future__ import annotations
 
-import torch
-
 #: Per section, keys added after configs were first stored, with the value those configs meant.
 STORED_DEFAULTS = {
     "model": {"block": "relu", "lookup": "euclidean", "restart_from": "random", "kmeans_iters": 0,
@@ -48,10 +46,11 @@ def stored_default(section: str, key: str) -> str:
     return f"A stored config without it loads as {STORED_DEFAULTS[section][key]}."
 
 
-def running_sums(sums: torch.Tensor, steps: int, size: int) -> torch.Tensor:
-    """Running sums of a resumed run, grown to ``size`` entries: sums saved before the
-    applied-steps count (the VQ-VAE's sixth entry) existed had every step applied."""
-    sums = sums.double()
+def running_sums(sums, steps: int, size: int):
+    """Running sums (a float tensor) of a resumed run, grown to ``size`` entries: sums saved before
+    the applied-steps count (the VQ-VAE's sixth entry) existed had every step applied."""
+    out = sums.double().new_zeros(max(size, len(sums)))
+    out[:len(sums)] = sums.double()
     if len(sums) == 5 and size == 6:
-        return torch.cat([sums, sums.new_tensor([float(steps)])])
-    return torch.cat([sums, sums.new_zeros(max(0, size - len(sums)))])
+        out[5] = float(steps)
+    return out

@@ -172,6 +172,8 @@ class DataConfig(_Section):
 #: The report's network; ``model.preset: report`` fills these for keys the config leaves out.
 REPORT_MODEL = {"channel": 128, "n_res_block": 2, "n_res_channel": 32, "embed_dim": 64,
                 "n_embed": 512, "decay": 0.99, "block": "relu", "lookup": "euclidean"}
+
+
 class ModelConfig(_Section):
     """The VQ-VAE-2: the keyword arguments of ``mrivq.nn.VQVAE2``, both codebooks alike."""
 
@@ -343,7 +345,7 @@ class PriorConfig(Optimisation):
 
     A prior over the top codes and one over the bottom codes given the top. The defaults are
     sized for a CPU (the pass prior: about 13 minutes on 2 cores with bf16; the transformer about
-    27); on a GPU try the transformer with d_model 256, 8 + 8 layers, bottom_window_rows null,
+    30); on a GPU try the transformer with d_model 256, 8 + 8 layers, bottom_window_rows null,
     batch_size 32 and several thousand steps.
     """
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from mrivq import strict_json
 from mrivq.apps import flags
-from mrivq.compression.codec import Codec, SliceSet
+from mrivq.compression.codec import Codec, CodecInput
 from mrivq.compression.container import MAGIC
 from mrivq.data.io import nifti_bytes, nifti_image, nifti_inputs
 from mrivq.engine.checkpoint import load_codec
@@ -55,7 +55,7 @@ def encode(checkpoint: str | Path, inputs, out: str | Path, *, prior: str | Path
     device = resolve_device(device)
     codec = load_codec(checkpoint, prior=prior, device=device)
     files = nifti_inputs(inputs)
-    slices = SliceSet.read(files, codec.prep)
+    slices = CodecInput.read(files, codec.prep)
     packed = codec.compress(slices)
     write_maps = None
     if surprise is not None:
@@ -69,7 +69,7 @@ def encode(checkpoint: str | Path, inputs, out: str | Path, *, prior: str | Path
     return report
 
 
-def _claim_surprise_maps(folder: Path, slices: SliceSet, *, inputs: list, overwrite: bool):
+def _claim_surprise_maps(folder: Path, slices: CodecInput, *, inputs: list, overwrite: bool):
     """Claim ``folder``'s map files for this encode (refusing before anything is written), and
     return the function that writes them once the codes file is written."""
     targets = [folder / f"{entry['name'][:-len('.nii.gz')]}_bits.nii.gz" for entry in slices.sources]

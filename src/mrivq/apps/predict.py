@@ -22,7 +22,7 @@ import torch
 
 from mrivq import metrics, strict_json
 from mrivq.apps import flags
-from mrivq.compression.codec import Codec, SliceSet, model_fingerprint, slices_to_batch
+from mrivq.compression.codec import Codec, CodecInput, model_fingerprint, slices_to_batch
 from mrivq.compression.codecs import (
     CODEC_PROTOCOL,
     CODECS,
@@ -108,13 +108,14 @@ def predict(config: Config, checkpoint: str | Path | None = None, prior: str | P
                           masks=masks if has_mask.any() else None, keep_codes=True)
         worst = _save_pictures(config, model, test, result, masks, sets, device)
         # Rates: the model's, and standard codecs at them and over their quality settings.
-        codec = Codec(model, prep, code_prior)
-        slices = SliceSet.preprocessed(test.files, test.images, test.norm, test.original_shapes)
+        codec = Codec(model, prep, code_prior, prior_name=str(prior))
+        slices = CodecInput.of_split(test)
         rates, files = _model_rates(codec, result, slices, config.data.image_size, trained.model.n_embed)
         unit_images = metrics.unit_range_images(test.images, config.data.normalize)
         surprise = None
         if code_prior is not None:
-            surprise = _write_surprise(codec, result.codes, slices, test.files, unit_images, sets[0],
+            shown = sets[0] if sets else list(range(min(8, len(test.images))))  # predict.sample_sets may be 0
+            surprise = _write_surprise(codec, result.codes, slices, test.files, unit_images, shown,
                                        config.run_dir / "predict" / "surprise", config.visual_dir / "surprise.png")
         comparison = _compare_codecs(unit_images, rates)
         data = {"seed": config.seed, "normalize": config.data.normalize,
@@ -235,7 +236,7 @@ def _save_pictures(config: Config, model: torch.nn.Module, test, result: Evaluat
     return worst
 
 
-def _model_rates(codec: Codec, result: Evaluation, slices: SliceSet, image_size, n_embed: int) -> tuple[dict, dict]:
+def _model_rates(codec: Codec, result: Evaluation, slices: CodecInput, image_size, n_embed: int) -> tuple[dict, dict]:
     """The model's bits per pixel by rate name, and the codes files' bits reports by coder.
 
     ``raw``: fixed-width code indices. ``frequencies`` (and ``prior``, when the codec has one): the
@@ -301,7 +302,7 @@ def _log_results(summary: dict, files: dict, n_embed: int) -> None:
                      scores["ssim"]["mean"], scores["psnr"]["mean"], ssim["mean"], psnr["mean"])
 
 
-def _write_surprise(codec: Codec, codes: tuple[np.ndarray, np.ndarray], slices: SliceSet, files: list,
+def _write_surprise(codec: Codec, codes: tuple[np.ndarray, np.ndarray], slices: CodecInput, files: list,
                     images: np.ndarray, shown: list[int], folder: Path, picture: Path) -> dict:
     """``predict --prior``: each test slice's bits-per-pixel map under the prior as a NIfTI on the
     slice's own grid and affine (``FOLDER/<name>_bits.nii.gz``), and the slices ``shown`` with
@@ -316,7 +317,7 @@ def _write_surprise(codec: Codec, codes: tuple[np.ndarray, np.ndarray], slices: 
             "method": SURPRISE_METHOD}
 
 
-def _codes_files(codec: Codec, codes: tuple[np.ndarray, np.ndarray], slices: SliceSet) -> dict:
+def _codes_files(codec: Codec, codes: tuple[np.ndarray, np.ndarray], slices: CodecInput) -> dict:
     """The bits report of the codes file of these test codes, coded under the code frequencies and
     (when the codec has a prior) under the prior, each decoded again to check it; by coder."""
     coders = ("frequencies", "prior") if codec.prior is not None else ("frequencies",)

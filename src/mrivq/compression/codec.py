@@ -5,7 +5,7 @@ In the spirit of CompressAI's ``compress`` / ``decompress``. A :class:`Codec` ho
 a prior (the entropy model). Everything a file needs besides its stream is the codec's business:
 
 * the side information (each slice's normalisation, affine, on-disk shape, type and name:
-  a :class:`SliceSet`), so decoded slices are written back like their inputs;
+  a :class:`CodecInput`), so decoded slices are written back like their inputs;
 * the fingerprints that tie a file to its VQ-VAE and its prior (:func:`model_fingerprint`,
   :func:`coding_fingerprint`), checked before a stream is decoded;
 * the device rule (:func:`prior_device`): a pass prior's integer copy gives the same
@@ -14,7 +14,7 @@ a prior (the entropy model). Everything a file needs besides its stream is the c
 Example::
 
     >>> codec = Codec(model, prep, prior)
-    >>> packed = codec.compress(SliceSet.read(files, prep))
+    >>> packed = codec.compress(CodecInput.read(files, prep))
     >>> for i, scanner in codec.decompress(CodesFile.from_bytes(packed.blob)): ...
 
 The apps (``encode``, ``decode``, ``predict``) only load the models (``engine.checkpoint.load_codec``)
@@ -137,7 +137,7 @@ def prior_device(header: dict, device: torch.device | str, path: Path | str = "c
 
 
 @dataclass
-class SliceSet:
+class CodecInput:
     """Preprocessed slices and what a codes file keeps to write each back like its input.
 
     ``images`` ``(N, H, W)`` float32 model input; ``norm`` ``(N, 2)`` the normalisation;
@@ -152,7 +152,7 @@ class SliceSet:
     sources: list[dict]
 
     @classmethod
-    def read(cls, files: list[Path], prep: Preprocessing) -> SliceSet:
+    def read(cls, files: list[Path], prep: Preprocessing) -> CodecInput:
         """Read and preprocess NIfTI slices; refuses, before any work, what one codes file cannot hold."""
         images, norm, affines, shapes, sources = [], [], [], [], []
         for path in files:
@@ -167,12 +167,13 @@ class SliceSet:
         return cls(np.stack(images), np.stack(norm), np.stack(affines), np.array(shapes), sources)
 
     @classmethod
-    def preprocessed(cls, files: list, images: np.ndarray, norm, shapes) -> SliceSet:
-        """Slices already preprocessed (a loaded split): the files are read again only for their
-        affines and on-disk shapes."""
-        metas = [read_slice(f)[1] for f in files]
-        return cls(images, np.asarray(norm), np.stack([meta.affine for meta in metas]), np.array(shapes),
-                   [source_entry(Path(f), meta) for f, meta in zip(files, metas)])
+    def of_split(cls, split) -> CodecInput:
+        """A loaded split's slices (:class:`mrivq.data.cache.SliceSet`, already preprocessed): the
+        files are read again only for their affines and on-disk shapes."""
+        metas = [read_slice(f)[1] for f in split.files]
+        return cls(split.images, np.asarray(split.norm), np.stack([meta.affine for meta in metas]),
+                   np.array(split.original_shapes),
+                   [source_entry(Path(f), meta) for f, meta in zip(split.files, metas)])
 
     def on_own_grid(self, i: int, array: np.ndarray, fit: str) -> np.ndarray:
         """A model-grid ``(H, W)`` array of slice ``i`` on the slice's own grid, in its on-disk shape."""
@@ -200,8 +201,9 @@ class Codec:
     """Slices <-> the bytes of a codes file, under one VQ-VAE and (optionally) one prior."""
 
     def __init__(self, model: VQVAE2, prep: Preprocessing, prior: CodePrior | PassPrior | None = None, *,
-                 batch_size: int = 16):
+                 batch_size: int = 16, prior_name: str = "the prior"):
         self.model, self.prep, self.prior, self.batch_size = model, prep, prior, batch_size
+        self.prior_name = prior_name  # what an error about the prior calls it (its file)
         self.fingerprint = model_fingerprint(model)
 
     @property
@@ -210,11 +212,11 @@ class Codec:
 
     # -- compress ---------------------------------------------------------------------------------
 
-    def compress(self, slices: SliceSet) -> Compressed:
+    def compress(self, slices: CodecInput) -> Compressed:
         """Encode the slices to codes, then :meth:`compress_codes` them."""
         return self.compress_codes(encode_images(self.model, slices.images, self.batch_size), slices)
 
-    def compress_codes(self, codes: tuple[np.ndarray, np.ndarray], slices: SliceSet, *,
+    def compress_codes(self, codes: tuple[np.ndarray, np.ndarray], slices: CodecInput, *,
                        under_prior: bool = True) -> Compressed:
         """A codes file of ``codes`` (of ``slices``), range-coded under the prior when the codec has
         one and ``under_prior``, else under the codes' frequencies; decoded again before returning."""
@@ -226,7 +228,7 @@ class Codec:
                 affines=slices.affines, shapes=slices.shapes, prior=prior,
                 prior_fingerprint=None if prior is None else coding_fingerprint(prior))
         except NonFiniteProbabilities as exc:
-            raise UserError(f"the prior: {exc}; train the prior again") from None
+            raise UserError(f"{self.prior_name}: {exc}; train the prior again") from None
         return Compressed(file, blob, codes, timing["coding_s"], timing["decoding_s"])
 
     def surprise(self, codes: tuple[np.ndarray, np.ndarray]) -> np.ndarray:

@@ -38,7 +38,7 @@ except ImportError:  # pragma: no cover - depends on the install
 
 
 @dataclass(frozen=True)
-class Codec:
+class ImageCodec:
     """A standard codec as the yardstick uses it: uint8 ``(H, W)`` slice <-> bytes."""
 
     label: str  # how plots and tables name it
@@ -72,29 +72,29 @@ def _imagecodecs_has(name: str) -> Callable[[], bool]:
 
 
 CODECS = {
-    "jpeg": Codec("JPEG", "quality", tuple(range(95, 0, -1)), (5, 10, 20, 35, 50, 70, 85, 95),
+    "jpeg": ImageCodec("JPEG", "quality", tuple(range(95, 0, -1)), (5, 10, 20, 35, 50, 70, 85, 95),
                   _pillow_writer("JPEG", lambda q: {"quality": q, "optimize": True}), _pillow_read,
                   _pillow_has("jpg")),
-    "jpeg2000": Codec("JPEG 2000", "compression ratio", tuple(float(r) for r in np.geomspace(2.0, 1000.0, 128)),
+    "jpeg2000": ImageCodec("JPEG 2000", "compression ratio", tuple(float(r) for r in np.geomspace(2.0, 1000.0, 128)),
                       (200.0, 120.0, 64.0, 32.0, 16.0, 10.0, 6.0, 4.0),
                       _pillow_writer("JPEG2000", lambda r: {"quality_mode": "rates", "quality_layers": [r],
                                                             "irreversible": True, "no_jp2": True}),
                       _pillow_read, _pillow_has("jpg_2000")),
-    "webp": Codec("WebP", "quality", tuple(range(100, -1, -1)), (0, 5, 15, 30, 50, 70, 85, 95),
+    "webp": ImageCodec("WebP", "quality", tuple(range(100, -1, -1)), (0, 5, 15, 30, 50, 70, 85, 95),
                   _pillow_writer("WEBP", lambda q: {"quality": q, "method": 4, "lossless": False}), _pillow_read,
                   _pillow_has("webp")),
     # AVIF (AV1 intra frames) through Pillow's libavif; quality 100 would be lossless.
-    "avif": Codec("AVIF", "quality", tuple(range(99, -1, -1)), (0, 15, 30, 45, 55, 65, 75, 85),
+    "avif": ImageCodec("AVIF", "quality", tuple(range(99, -1, -1)), (0, 15, 30, 45, 55, 65, 75, 85),
                   _pillow_writer("AVIF", lambda q: {"quality": q, "speed": 6}), _pillow_read, _pillow_has("avif")),
     # JPEG XL through imagecodecs' libjxl: the setting is the Butteraugli distance (1: visually
     # lossless; libjxl's range ends at 25).
-    "jpegxl": Codec("JPEG XL", "distance", tuple(float(d) for d in np.geomspace(0.05, 25.0, 128)),
+    "jpegxl": ImageCodec("JPEG XL", "distance", tuple(float(d) for d in np.geomspace(0.05, 25.0, 128)),
                     (25.0, 12.0, 7.0, 4.5, 3.0, 2.0, 1.3, 0.8),
                     lambda s8, d: bytes(imagecodecs.jpegxl_encode(s8, distance=d, effort=7, numthreads=1)),
                     lambda data: imagecodecs.jpegxl_decode(data, numthreads=1), _imagecodecs_has("JPEGXL")),
     # High-throughput JPEG 2000 (Part 15) through imagecodecs' OpenJPH: the setting is the
     # quantisation step of the irreversible wavelet.
-    "htj2k": Codec("HTJ2K", "quantisation step", tuple(float(q) for q in np.geomspace(0.001, 1.0, 128)),
+    "htj2k": ImageCodec("HTJ2K", "quantisation step", tuple(float(q) for q in np.geomspace(0.001, 1.0, 128)),
                    (0.6, 0.3, 0.15, 0.08, 0.045, 0.025, 0.014, 0.008),
                    lambda s8, q: bytes(imagecodecs.htj2k_encode(s8, level=q, reversible=False)),
                    imagecodecs.htj2k_decode if imagecodecs is not None else None, _imagecodecs_has("HTJ2K")),

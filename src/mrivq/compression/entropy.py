@@ -1,22 +1,25 @@
 """Codes as bitstreams: range coding (``constriction``) under code frequencies or under the prior.
 
-Two coders, each an encoder and the decoder that undoes it exactly:
+Three coders, each an encoder and the decoder that undoes it exactly:
 
 - **frequencies**: every code of a level is coded under that level's code counts over the coded
   set (the counts travel with the stream): :func:`encode_with_frequencies`,
-  :func:`decode_with_frequencies`.
-- **prior**: every code is coded under the prior's conditional probabilities given the codes
-  before it. Encoder and decoder obtain each position's probabilities through one sequential
-  path (:meth:`mrivq.nn.prior.CodeTransformer.cached_logits`, one position at a time, slices in
-  fixed batches of ``batch_size``, one CPU thread), turned into the coder's integer
-  frequencies the same way on both sides, so the decoder rebuilds the codes bit for bit on the
-  same kind of machine and device: :func:`encode_with_prior`, :func:`decode_with_prior`.
+  :func:`decode_with_frequencies`. One stream: every top code slice by slice, then every bottom
+  code.
+- **passes** (a pass prior, the default): each grid's codes pass by pass under the weights of
+  the prior's integer copy (:class:`mrivq.nn.integer_prior.IntegerPassPrior`), integers that
+  are the same on any machine, thread count, batch or device, so any of them decodes; one
+  stream per slice: :func:`encode_in_passes`, :func:`decode_in_passes`.
+- **sequential** (a transformer prior): every code under the prior's conditional probabilities
+  given the codes before it. Encoder and decoder obtain each position's probabilities through
+  one sequential path (:meth:`mrivq.nn.prior.CodeTransformer.cached_logits`, one position at a
+  time, slices in fixed batches of ``batch_size``, one CPU thread), turned into the coder's
+  integer frequencies the same way on both sides, so the decoder rebuilds the codes bit for bit
+  on the same kind of machine and device only: :func:`encode_with_prior`,
+  :func:`decode_with_prior`. One stream: every top code batch by batch, then every bottom code.
 
-One stream holds both levels: every top code (slice by slice for frequencies, batch by batch
-for the prior), then every bottom code. Streams are uint32 words.
-
-*raw* bits are ``log2(n_embed)`` per code (:func:`raw_bits_per_pixel`): what fixed-width
-indices would take.
+Streams are uint32 words. *raw* bits are ``log2(n_embed)`` per code
+(:func:`raw_bits_per_pixel`): what fixed-width indices would take.
 """
 
 from __future__ import annotations
@@ -183,17 +186,24 @@ def _passes(prior: IntegerPassPrior, n: int, batch_size: int, code: PassCoder) -
     """The one path both pass coders take: each batch's top grids pass by pass, then its bottom
     grids given the top. The integer copy's frequencies do not depend on the batch, the threads
     or the device, and each slice has its own stream, so encoder and decoder may choose those
-    freely. On the CPU, batches run side by side, one per thread (``torch.get_num_threads()``),
-    each op on one thread: small batches keep the int64 residual stream in the caches."""
+    freely. On the CPU, batches run side by side, one per thread (``torch.get_num_threads()``, at
+    most PRIOR_BATCH slices at once: the memory a prior checkpoint is checked for), each op on
+    one thread: small batches keep the int64 residual stream in the caches."""
     starts = range(0, n, batch_size)
-    workers = min(torch.get_num_threads(), len(starts)) if prior.exp_table.device.type == "cpu" else 1
+    workers = 1
+    if prior.exp_table.device.type == "cpu":
+        workers = max(1, min(torch.get_num_threads(), len(starts), PRIOR_BATCH // batch_size))
 
     def run(lo: int) -> tuple[np.ndarray, np.ndarray]:
         return _batch_in_passes(prior, lo, min(batch_size, n - lo), code)
 
     if workers > 1:
-        with _single_threaded_ops(), ThreadPoolExecutor(workers) as pool:
-            parts = list(pool.map(run, starts))
+        with _single_threaded_ops():
+            pool = ThreadPoolExecutor(workers)
+            try:
+                parts = list(pool.map(run, starts))
+            finally:  # on an error or Ctrl-C, the batches not yet started are dropped
+                pool.shutdown(wait=True, cancel_futures=True)
     else:
         parts = [run(lo) for lo in starts]
     return np.concatenate([top for top, _ in parts]), np.concatenate([bottom for _, bottom in parts])

@@ -272,6 +272,7 @@ def load_codec(checkpoint: str | Path, *, prior: str | Path | None = None, devic
     if prior is not None and (codes_file is None or codes_file.header["coder"] == "prior"):
         where = device if codes_file is None else prior_device(codes_file.header, device, codes_path)
         codec.prior, _, _ = load_prior(prior, expect_fingerprint=codec.fingerprint, device=where)
+        codec.prior_name = str(prior)
     if codes_file is not None:
         codec.check_prior(codes_file, codes_path)
     return codec

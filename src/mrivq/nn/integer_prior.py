@@ -25,6 +25,7 @@ copy), and fingerprinted by :meth:`IntegerPassPrior.fingerprint`.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import math
 from collections.abc import Iterator
@@ -52,8 +53,17 @@ def _multiplier(ratio: float) -> int:
 
 
 def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a (M, K) int8 @ b (K, N) int8`` -> int32, exact. Pads M past 16 and K, N to multiples
-    of 8 (``torch._int_mm``'s CUDA kernel needs them; zeros change no sum)."""
+    """``a (M, K) int8 @ b (K, N) int8`` -> int32, exact on every machine: through
+    ``torch._int_mm`` where it is exact (:func:`int_mm_is_exact`), else (CPUs without VNNI) in
+    floating point, where every product and partial sum is an integer small enough to be exact."""
+    if a.device.type == "cpu" and not int_mm_is_exact("cpu"):
+        return _float_matmul(a, b)
+    return _int_mm(a, b)
+
+
+def _int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch._int_mm``, padding M past 16 and K, N to multiples of 8 (its CUDA kernel needs
+    them; zeros change no sum)."""
     m, k = a.shape
     n = b.shape[1]
     pad_m = max(17 - m, 0) + (-(m + max(17 - m, 0)) % 8)
@@ -63,6 +73,33 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if pad_k or pad_n:
         b = F.pad(b, (0, pad_n, 0, pad_k))
     return torch._int_mm(a.contiguous(), b.contiguous())[:m, :n]
+
+
+@functools.cache
+def int_mm_is_exact(device: str) -> bool:
+    """Whether ``torch._int_mm`` sums int8 products exactly on ``device`` (a type: ``cpu``,
+    ``cuda``). oneDNN's kernel for CPUs without VNNI adds pairs of products in 16 bits and
+    saturates (all 127 over 576 terms gave 73,440, not 9,290,304), so every extreme pairing is
+    tried once over a long sum."""
+    for x, y in ((127, 127), (-128, -128), (-128, 127), (127, -128)):
+        try:
+            product = _int_mm(torch.full((17, 1024), x, dtype=torch.int8, device=device),
+                              torch.full((1024, 8), y, dtype=torch.int8, device=device))
+        except (RuntimeError, NotImplementedError):
+            return False
+        if not bool((product == x * y * 1024).all()):
+            return False
+    return True
+
+
+def _float_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """:func:`int8_matmul` on the CPU in float32 (K up to 1024: every partial sum is an integer of
+    at most 2**24, which float32 holds exactly, whatever the order of the sums) or float64 (K up
+    to 2**39). The result is rounded to the nearest integer outside torch, so even a last-bit
+    error of the floating-point library could not change it."""
+    dtype = torch.float32 if a.shape[1] <= 1024 else torch.float64
+    product = (a.to(dtype) @ b.to(dtype)).numpy()
+    return torch.from_numpy(np.rint(product).astype(np.int32))
 
 
 def _columns(a: torch.Tensor, dilation: int) -> torch.Tensor:
@@ -120,7 +157,7 @@ class _IntegerNet:
         self.n_embed = int(state["n_embed"])
 
     def stream(self, codes: torch.Tensor, step: int | None, condition: torch.Tensor | None) -> torch.Tensor:
-        """The residual stream after the last convolution, int64 ``(B, C, H, W)``."""
+        """The residual stream after the last convolution, int64 ``(B, H, W, C)`` (channels last)."""
         if step is None:  # TopFeatures: every code known
             x = self.tables["code"][codes]
         else:
@@ -163,11 +200,8 @@ class IntegerPassPrior:
 
     def to(self, device) -> IntegerPassPrior:
         """The copy on ``device``, or on the CPU where ``device`` cannot multiply int8 matrices
-        (the results are the same everywhere, so only the speed differs)."""
-        try:
-            probe = torch.ones(17, 8, dtype=torch.int8, device=device)
-            int8_matmul(probe, probe[:8])
-        except (RuntimeError, NotImplementedError):
+        exactly (the results are the same everywhere, so only the speed differs)."""
+        if torch.device(device).type != "cpu" and not int_mm_is_exact(torch.device(device).type):
             device = "cpu"
         return IntegerPassPrior(_map_tensors(self.state, lambda t: t.to(device)))
 
