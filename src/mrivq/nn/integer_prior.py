@@ -131,7 +131,7 @@ class _Conv:
         """int8 activations ``(B, H, W, C)`` -> int64 ``(B, H, W, N)`` in the output's unit."""
         batch, height, width, channels = a.shape
         columns = _columns(a, self.dilation) if self.kernel == 3 else a.reshape(-1, channels)
-        acc = torch.addcmul(self.offset, int8_matmul(columns, self.weight).long(), self.multiplier)
+        acc = int8_matmul(columns, self.weight).long().mul_(self.multiplier).add_(self.offset)
         return acc.bitwise_right_shift_(SHIFT).reshape(batch, height, width, -1)
 
 
