@@ -363,7 +363,10 @@ class PriorConfig(Optimisation):
         default=6, ge=1, le=32,
         description="passes: residual 3x3 convolutions per grid (dilations 1, 2, 4 in turn).")
     passes_top: int = Field(
-        default=5, ge=1, le=5, description="passes: passes over the top grid (5: dyadic over 4x4 tiles).")
+        default=3, ge=1, le=5,
+        description="passes: passes over the top grid (5: dyadic over 4x4 tiles; 3: a quarter, a "
+                    "quarter, then the checkerboard's other half: 0.7 % more bits, 12 % faster "
+                    "coding than 5, measured in docs/compression.md).")
     passes_bottom: int = Field(
         default=2, ge=1, le=5, description="passes: passes over the bottom grid (2: a checkerboard).")
     d_model: int = Field(

@@ -127,7 +127,7 @@ class PassPrior(nn.Module):
     """
 
     def __init__(self, n_embed: int, top_grid: tuple[int, int], *, channels: int = 64, layers: int = 6,
-                 condition_layers: int = 2, passes_top: int = 5, passes_bottom: int = 2) -> None:
+                 condition_layers: int = 2, passes_top: int = 3, passes_bottom: int = 2) -> None:
         super().__init__()
         self.n_embed = n_embed
         self.top_grid = (int(top_grid[0]), int(top_grid[1]))
