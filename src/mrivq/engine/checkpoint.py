@@ -7,6 +7,7 @@ refused before any of its code could run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 import reprlib
@@ -92,7 +93,7 @@ def build_checked(build, state, path: str | Path, what: str) -> torch.nn.Module:
                                             and value.layout == torch.strided for key, value in state.items())):
         raise UserError(f"{path}: its {what} weights are not a mapping of names to tensors; not an mrivq checkpoint")
     try:
-        with torch.device("meta"):
+        with _shapes_only():
             expected = {name: tuple(t.shape) for name, t in build().state_dict().items()}
     except (ValueError, TypeError) as exc:
         raise UserError(f"{path}: its stored {what} config cannot build a model ({exc})") from None
@@ -110,6 +111,27 @@ def build_checked(build, state, path: str | Path, what: str) -> torch.nn.Module:
     model = build()
     load_model_state(model, state, path)
     return model
+
+
+#: The initialisers models call (``torch.nn.init``), skipped when only shapes are wanted.
+_INITIALISERS = ("normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+                 "xavier_normal_", "zeros_", "ones_", "constant_")
+
+
+@contextlib.contextmanager
+def _shapes_only():
+    """Modules built on the meta device (no memory) with their initialisers skipped: only the
+    shapes are wanted, and the first ``normal_`` on the meta device imports ``torch._dynamo``
+    (a second of every command that loads a checkpoint)."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INITIALISERS}
+    for name in _INITIALISERS:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, initialiser in saved.items():
+            setattr(torch.nn.init, name, initialiser)
 
 
 def load_model_state(model: torch.nn.Module, state: dict, path: str | Path = "checkpoint") -> None:

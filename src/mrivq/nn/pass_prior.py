@@ -44,8 +44,10 @@ def pass_map(grid: tuple[int, int], passes: int) -> torch.Tensor:
     if not 1 <= passes <= MAX_PASSES:
         raise ValueError(f"passes must be 1 to {MAX_PASSES}, not {passes}")
     rows, cols = grid
-    tile = torch.tensor(DYADIC)
-    order = tile[torch.arange(rows)[:, None] % 4, torch.arange(cols)[None, :] % 4]
+    # on the CPU even while a model is built on the meta device (where indexing runs through
+    # torch's Python decompositions, whose first use imports torch._dynamo: a second)
+    tile = torch.tensor(DYADIC, device="cpu")
+    order = tile[torch.arange(rows, device="cpu")[:, None] % 4, torch.arange(cols, device="cpu")[None, :] % 4]
     return (order - (MAX_PASSES - passes)).clamp(min=0)
 
 
