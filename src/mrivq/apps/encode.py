@@ -25,7 +25,7 @@ from mrivq import strict_json
 from mrivq.apps import flags
 from mrivq.compression.codec import Codec, CodecInput
 from mrivq.compression.container import MAGIC
-from mrivq.data.io import nifti_bytes, nifti_image, nifti_inputs
+from mrivq.data.io import nifti_inputs
 from mrivq.engine.checkpoint import load_codec
 from mrivq.errors import UserError
 from mrivq.metrics import unit_range_images
@@ -79,7 +79,7 @@ def _claim_surprise_maps(folder: Path, slices: CodecInput, *, inputs: list, over
     def write(codec: Codec, codes: tuple[np.ndarray, np.ndarray]) -> None:
         maps = codec.surprise(codes)
         for i, target in enumerate(targets):
-            blob = nifti_bytes(nifti_image(slices.on_own_grid(i, maps[i], codec.prep.fit), slices.affines[i]))
+            blob = slices.as_nifti(i, maps[i], codec.prep.fit)
             atomic_write(target, lambda fh, blob=blob: fh.write(blob), listed=False)
         shown = list(range(min(8, len(maps))))
         plot_surprise(unit_range_images(slices.images[shown], codec.prep.normalize), maps[shown], picture,

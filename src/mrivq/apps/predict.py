@@ -34,7 +34,7 @@ from mrivq.compression.entropy import raw_bits_per_pixel
 from mrivq.config import Config, load_config
 from mrivq.data.cache import load_split
 from mrivq.data.hipmri import STRUCTURES, load_masks
-from mrivq.data.io import nifti_bytes, nifti_image, nifti_stem
+from mrivq.data.io import nifti_stem
 from mrivq.data.preprocess import Preprocessing
 from mrivq.data.sources import data_splits
 from mrivq.data.splits import file_list_hash, parse_name, shared_with_training
@@ -309,7 +309,7 @@ def _write_surprise(codec: Codec, codes: tuple[np.ndarray, np.ndarray], slices: 
     their maps as a picture."""
     maps = codec.surprise(codes)
     for i, path in enumerate(files):
-        blob = nifti_bytes(nifti_image(slices.on_own_grid(i, maps[i], codec.prep.fit), slices.affines[i]))
+        blob = slices.as_nifti(i, maps[i], codec.prep.fit)
         atomic_write(folder / f"{nifti_stem(path)}_bits.nii.gz", lambda fh, blob=blob: fh.write(blob))
     plot_surprise(images[shown], maps[shown], picture, [f"{maps[i].mean():.3f} bpp" for i in shown])
     log.info("bits-per-pixel maps under the prior: %s (one NIfTI per test slice), %s", folder, picture)

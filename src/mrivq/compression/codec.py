@@ -41,7 +41,7 @@ from mrivq.compression.container import (
     unpack_codes,
 )
 from mrivq.compression.entropy import bits_per_pixel_map, surprise_bits
-from mrivq.data.io import read_slice
+from mrivq.data.io import nifti_bytes, nifti_image, read_slice
 from mrivq.data.preprocess import (
     Preprocessing,
     clip_to_input_range,
@@ -175,9 +175,11 @@ class CodecInput:
                    np.array(split.original_shapes),
                    [source_entry(Path(f), meta) for f, meta in zip(split.files, metas)])
 
-    def on_own_grid(self, i: int, array: np.ndarray, fit: str) -> np.ndarray:
-        """A model-grid ``(H, W)`` array of slice ``i`` on the slice's own grid, in its on-disk shape."""
-        return unfit(array, tuple(self.shapes[i]), fit).reshape(self.sources[i]["shape"])
+    def as_nifti(self, i: int, array: np.ndarray, fit: str) -> bytes:
+        """A model-grid ``(H, W)`` array of slice ``i`` (a surprise map) as the bytes of a NIfTI on
+        the slice's own grid: its on-disk shape and affine."""
+        grid = unfit(array, tuple(self.shapes[i]), fit).reshape(self.sources[i]["shape"])
+        return nifti_bytes(nifti_image(grid, self.affines[i]))
 
 
 @dataclass
