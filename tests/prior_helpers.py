@@ -1,10 +1,14 @@
-"""A tiny trained VQ-VAE-2 for the codes and prior tests (not a test module)."""
+"""A tiny trained VQ-VAE-2 for the codes and prior tests, and the one-ulp nudge of the
+portability tests (not a test module)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import torch
 from conftest import PINNED_PRECISION, TINY_MODEL
+from torch.overrides import TorchFunctionMode
 
 TINY_PRIOR = {"architecture": "transformer", "d_model": 16, "n_head": 2, "n_layer_top": 1, "n_layer_bottom": 1, "condition_blocks": 1,
               "batch_size": 8, "warmup_steps": 2, "dropout": 0.0, "augment_shift": 2}
@@ -32,3 +36,19 @@ def prior_overrides(phantom: Path, work: Path, run: str, **extra) -> list[str]:
     sets = tiny_data_overrides(phantom, work / "cache") + [f"output.dir={work / run}"]
     sets += [f"prior.{k}={v}" for k, v in {**TINY_PRIOR, **extra}.items()]
     return sets
+
+
+class OneUlp(TorchFunctionMode):
+    """Every floating-point tensor a torch function returns, moved one ulp (up and down in turn)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.is_floating_point() and out.numel():
+            self.calls += 1
+            towards = math.inf if self.calls % 2 else -math.inf
+            return torch.nextafter(out, torch.full_like(out, towards))
+        return out

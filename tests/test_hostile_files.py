@@ -115,23 +115,30 @@ def test_header_keys_missing_or_of_the_wrong_type_are_refused(bases, tmp_path, c
 
 @pytest.mark.parametrize("key", ["prior_batch", "prior_fingerprint"])
 def test_prior_header_keys_are_checked(bases, tmp_path, capsys, key):
-    blob = bases["prior_codes"].read_bytes()
-    for value in (None, "16", -1, [16]):
+    blob = bases["prior_codes"].read_bytes()  # raster-coded: a batch is never given, so even 16 is refused
+    for value in ((None,) if key == "prior_fingerprint" else (16,)) + ("16", -1, [16]):
         header = read_header(blob)
         header[key] = value
         path = spoiled(tmp_path, "edited.mrvq", with_header(blob, header))
         refused(decode_args(bases, path, tmp_path / "out", "--prior", bases["prior"]), capsys, "header")
 
 
-@pytest.mark.parametrize("edit", [{"prior_coding": "passes"}, {"prior_coding": "sideways"},
-                                  {"prior_batch": None}, {"prior_device": None}])
+@pytest.mark.parametrize("edit", [{"prior_coding": "sequential"}, {"prior_coding": "sideways"},
+                                  {"prior_batch": 16}, {"prior_device": "cpu"}])
 def test_a_prior_coding_that_does_not_fit_the_header_is_refused(bases, tmp_path, capsys, edit):
-    """A sequentially coded file claiming passes (or with its batch or device gone), or another
-    coding, is refused by the header's schema before any prior runs."""
+    """A raster-coded file claiming to be sequential (without the batch and device that coding
+    fixes) or given them, or another coding, is refused by the header's schema before any prior
+    runs."""
     blob = bases["prior_codes"].read_bytes()
     header = {**read_header(blob), **edit}
     path = spoiled(tmp_path, "edited.mrvq", with_header(blob, header))
     refused(decode_args(bases, path, tmp_path / "out", "--prior", bases["prior"]), capsys, "header")
+
+
+def test_a_file_claiming_another_kind_of_prior_is_refused(bases, tmp_path, capsys):
+    blob = bases["prior_codes"].read_bytes()
+    path = spoiled(tmp_path, "edited.mrvq", with_header(blob, {**read_header(blob), "prior_coding": "passes"}))
+    refused(decode_args(bases, path, tmp_path / "out", "--prior", bases["prior"]), capsys, "coded under a pass prior")
 
 
 def test_prior_coding_on_a_frequency_coded_file_is_refused(bases, tmp_path, capsys):

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
+from prior_helpers import OneUlp
 
 from mrivq.compression.entropy import (
     code_count_table,
@@ -32,22 +32,6 @@ from mrivq.nn.integer_prior import (
 )
 from mrivq.nn.pass_prior import PassPrior, pass_map
 from mrivq.nn.prior import CodePrior
-
-
-class OneUlp(TorchFunctionMode):
-    """Every floating-point tensor a torch function returns, moved one ulp (up and down in turn)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if isinstance(out, torch.Tensor) and out.is_floating_point() and out.numel():
-            self.calls += 1
-            towards = math.inf if self.calls % 2 else -math.inf
-            return torch.nextafter(out, torch.full_like(out, towards))
-        return out
 
 
 def trained_prior(seed: int = 0) -> tuple[PassPrior, torch.Tensor, torch.Tensor]:

@@ -8,8 +8,9 @@ a prior (the entropy model). Everything a file needs besides its stream is the c
   a :class:`CodecInput`), so decoded slices are written back like their inputs;
 * the fingerprints that tie a file to its VQ-VAE and its prior (:func:`model_fingerprint`,
   :func:`coding_fingerprint`), checked before a stream is decoded;
-* the device rule (:func:`prior_device`): a pass prior's integer copy gives the same
-  probabilities on any device; a transformer prior must run where it ran when encoding.
+* the device rule (:func:`prior_device`): a prior's integer copy gives the same probabilities
+  on any device; a transformer prior of an earlier mrivq, without one, must run where it ran
+  when encoding.
 
 Example::
 
@@ -119,16 +120,16 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 def coding_fingerprint(prior: CodePrior | PassPrior) -> str:
-    """What a prior-coded file names its prior by: the integer copy's fingerprint for a pass
-    prior (the copy is what codes), the whole float model's otherwise."""
-    return prior.integer.fingerprint() if isinstance(prior, PassPrior) else model_fingerprint(prior)
+    """What a prior-coded file names its prior by: its integer copy's fingerprint (the copy is what
+    codes), or the whole float model's for a transformer prior of an earlier mrivq without one."""
+    return prior.integer.fingerprint() if prior.integer is not None else model_fingerprint(prior)
 
 
 def prior_device(header: dict, device: torch.device | str, path: Path | str = "codes file") -> str:
-    """The device a prior must run on to decode a file with ``header``: ``device`` for a pass
-    prior (its integer copy gives the same probabilities anywhere), the encoding device for a
-    transformer prior (only the same arithmetic gives the same probabilities)."""
-    if header.get("prior_coding") == "passes":
+    """The device a prior must run on to decode a file with ``header``: ``device`` where an integer
+    copy coded it (the same probabilities anywhere), the encoding device for a transformer prior
+    that coded in floating point (only the same arithmetic gives the same probabilities)."""
+    if header.get("prior_coding") in ("passes", "raster"):
         return torch.device(device).type
     where = header.get("prior_device", "cpu")
     if where == "cuda" and not torch.cuda.is_available():

@@ -35,9 +35,11 @@ from mrivq.compression.entropy import (
     PRIOR_BATCH,
     code_count_table,
     decode_in_passes,
+    decode_in_raster,
     decode_with_frequencies,
     decode_with_prior,
     encode_in_passes,
+    encode_in_raster,
     encode_with_frequencies,
     encode_with_prior,
     ideal_bits,
@@ -223,9 +225,10 @@ class CodesHeader(_Strict):
     prior_fingerprint: str | None = Field(default=None, pattern=r"^[0-9a-f]{16}$")
     prior_batch: int | None = Field(default=None, ge=1, le=PRIOR_BATCH)
     prior_device: Literal["cpu", "cuda"] | None = None
-    # How the prior coded: "sequential" (a transformer, one code at a time: batch and device fixed)
-    # or "passes" (a pass prior's integer copy, one stream per slice: any machine decodes it).
-    prior_coding: Literal["sequential", "passes"] | None = None
+    # How the prior coded: "passes" (a pass prior's integer copy) or "raster" (a transformer
+    # prior's integer copy), one stream per slice, which any machine decodes; or "sequential" (a
+    # transformer prior without an integer copy, in floating point: batch and device fixed).
+    prior_coding: Literal["sequential", "passes", "raster"] | None = None
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -243,7 +246,8 @@ class CodesHeader(_Strict):
         if (self.coder == "prior") != (self.prior_fingerprint is not None):
             raise ValueError("the prior's fingerprint is given only for a prior-coded file")
         sequential = self.coder == "prior" and self.prior_coding in (None, "sequential")
-        if sequential != (self.prior_batch is not None and self.prior_device is not None):
+        given = (self.prior_batch is not None, self.prior_device is not None)
+        if given != (sequential, sequential):
             raise ValueError("the prior's batch and device are given only for a sequentially prior-coded file")
         if self.coder != "prior" and self.prior_coding is not None:
             raise ValueError("prior_coding is given only for a prior-coded file")
@@ -333,6 +337,19 @@ def read_codes_file(path: str | Path) -> CodesFile:
     return CodesFile.from_bytes(data, path)
 
 
+#: What each ``prior_coding`` is, in messages.
+CODING_NAMES = {"passes": "a pass prior", "raster": "a transformer prior's integer copy",
+                "sequential": "a transformer prior in floating point (an older prior without an integer copy)"}
+
+
+def prior_coding(prior) -> str:
+    """How ``prior`` codes: ``passes``, ``raster`` (a transformer with its integer copy) or
+    ``sequential`` (a transformer of an earlier mrivq, without one)."""
+    if isinstance(prior, PassPrior):
+        return "passes"
+    return "raster" if prior.integer is not None else "sequential"
+
+
 def pack_codes(codes_top: np.ndarray, codes_bottom: np.ndarray, *, n_embed: int, preprocessing: dict,
                model_fingerprint: str, sources: list[dict], norm: np.ndarray, affines: np.ndarray,
                shapes: np.ndarray, prior=None, prior_fingerprint: str | None = None,
@@ -354,9 +371,11 @@ def pack_codes(codes_top: np.ndarray, codes_bottom: np.ndarray, *, n_embed: int,
         header["coder"] = "frequencies"
         counts = code_count_table(codes_top, codes_bottom, n_embed)
         stream = encode_with_frequencies(codes_top, codes_bottom, counts)
-    elif isinstance(prior, PassPrior):
-        header.update(coder="prior", prior_fingerprint=prior_fingerprint, prior_coding="passes")
-        stream = encode_in_passes(prior.integer, codes_top, codes_bottom)
+    elif prior_coding(prior) != "sequential":
+        coding = prior_coding(prior)
+        header.update(coder="prior", prior_fingerprint=prior_fingerprint, prior_coding=coding)
+        encode = encode_in_passes if coding == "passes" else encode_in_raster
+        stream = encode(prior.integer, codes_top, codes_bottom)
     else:
         device = next(prior.parameters()).device
         header.update(coder="prior", prior_fingerprint=prior_fingerprint, prior_batch=prior_batch,
@@ -373,13 +392,16 @@ def unpack_codes(codes: CodesFile, prior=None, path: Path | str = "codes file") 
     if header["coder"] == "prior" and prior is None:
         raise UserError(f"{path} was coded under a prior: give it with --prior (the models/prior_best.pt "
                         "that encoded it)")
-    passes = header.get("prior_coding") == "passes"
-    if header["coder"] == "prior" and passes != isinstance(prior, PassPrior):
-        raise UserError(f"{path} was coded under a {'pass' if passes else 'transformer'} prior, and --prior is "
-                        "another kind; give the prior that encoded it")
+    coding = header.get("prior_coding") or "sequential"
+    if header["coder"] == "prior" and coding != prior_coding(prior):
+        raise UserError(f"{path} was coded under {CODING_NAMES[coding]}, and --prior is "
+                        f"{CODING_NAMES[prior_coding(prior)]}; give the prior that encoded it")
+    portable = coding != "sequential"  # any machine decodes it
     try:
-        if header["coder"] == "prior" and passes:
+        if header["coder"] == "prior" and coding == "passes":
             top, bottom = decode_in_passes(prior.integer, codes.stream, codes.n)
+        elif header["coder"] == "prior" and coding == "raster":
+            top, bottom = decode_in_raster(prior.integer, codes.stream, codes.n)
         elif header["coder"] == "prior":
             top, bottom = decode_with_prior(prior, codes.stream, codes.n, batch_size=int(header["prior_batch"]))
         else:
@@ -388,7 +410,7 @@ def unpack_codes(codes: CodesFile, prior=None, path: Path | str = "codes file") 
         raise UserError(f"{path}: damaged codes file: its stream does not decode; encode the slices again") from None
     if codes_crc(top, bottom) != int(header["codes_crc32"]):
         where = (f" (it was prior-coded on {header.get('prior_device')}: decode on the same kind of machine and "
-                 "device)" if header["coder"] == "prior" and not passes else "")
+                 "device)" if header["coder"] == "prior" and not portable else "")
         raise UserError(f"{path}: the decoded codes do not match the encoder's checksum{where}; "
                         "the file is damaged, or encode the slices again")
     return top, bottom

@@ -32,7 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from mrivq.nn.integer_prior import IntegerPassPrior
+from mrivq.nn.integer_prior import IntegerPassPrior, weights_from_logits
+from mrivq.nn.integer_transformer import CHUNK, IntegerCodePrior
 from mrivq.nn.pass_prior import PassPrior
 from mrivq.nn.prior import CodePrior, NonFiniteProbabilities
 
@@ -186,26 +187,29 @@ def _passes(prior: IntegerPassPrior, n: int, batch_size: int, code: PassCoder) -
     """The one path both pass coders take: each batch's top grids pass by pass, then its bottom
     grids given the top. The integer copy's frequencies do not depend on the batch, the threads
     or the device, and each slice has its own stream, so encoder and decoder may choose those
-    freely. On the CPU, batches run side by side, one per thread (``torch.get_num_threads()``, at
-    most PRIOR_BATCH slices at once: the memory a prior checkpoint is checked for), each op on
-    one thread: small batches keep the int64 residual stream in the caches."""
+    freely."""
+    return _in_batches(n, batch_size, prior.exp_table.device,
+                       lambda lo, size: _batch_in_passes(prior, lo, size, code))
+
+
+def _in_batches(n: int, batch_size: int, device: torch.device, run) -> tuple[np.ndarray, np.ndarray]:
+    """``run(lo, size) -> (top, bottom)`` over the batches of ``n`` slices, concatenated. On the CPU,
+    batches run side by side, one per thread (``torch.get_num_threads()``, at most PRIOR_BATCH
+    slices at once: the memory a prior checkpoint is checked for), each op on one thread: small
+    batches keep the integer working set in the caches."""
     starts = range(0, n, batch_size)
     workers = 1
-    if prior.exp_table.device.type == "cpu":
+    if device.type == "cpu":
         workers = max(1, min(torch.get_num_threads(), len(starts), PRIOR_BATCH // batch_size))
-
-    def run(lo: int) -> tuple[np.ndarray, np.ndarray]:
-        return _batch_in_passes(prior, lo, min(batch_size, n - lo), code)
-
     if workers > 1:
         with _single_threaded_ops():
             pool = ThreadPoolExecutor(workers)
             try:
-                parts = list(pool.map(run, starts))
+                parts = list(pool.map(lambda lo: run(lo, min(batch_size, n - lo)), starts))
             finally:  # on an error or Ctrl-C, the batches not yet started are dropped
                 pool.shutdown(wait=True, cancel_futures=True)
     else:
-        parts = [run(lo) for lo in starts]
+        parts = [run(lo, min(batch_size, n - lo)) for lo in starts]
     return np.concatenate([top for top, _ in parts]), np.concatenate([bottom for _, bottom in parts])
 
 
@@ -283,6 +287,82 @@ def decode_in_passes(prior: IntegerPassPrior, words: np.ndarray, n: int, *,
 
 
 # ---------------------------------------------------------------------------------------
+# Under the portable transformer prior, in raster order
+# ---------------------------------------------------------------------------------------
+
+#: Slices a raster coder runs together: the encoder, teacher-forced chunk by chunk, is fastest
+#: with few; the decoder, one position at a time, spreads each step's fixed cost over more.
+RASTER_ENCODE_BATCH, RASTER_DECODE_BATCH = 4, 8
+
+
+def _raster(prior: IntegerCodePrior, n: int, batch_size: int, code: PassCoder,
+            known: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The one path both raster coders take: each batch's top grid in raster order, then its
+    bottom grid given the top. ``code(level, weights (P, K), slice, position)`` codes the ``P``
+    positions from ``position`` of one slice. With the codes ``known`` (``{level: (N, L)}``: the
+    encoder), CHUNK positions at a time, teacher-forced; else one position at a time, each
+    given the codes decoded before it. The copy's integers do not depend on the batch, the
+    chunk, the threads or the device, so encoder and decoder choose them freely."""
+    return _in_batches(n, batch_size, prior.exp_table.device,
+                       lambda lo, size: _batch_in_raster(prior, lo, size, code, known))
+
+
+@torch.inference_mode()
+def _batch_in_raster(prior: IntegerCodePrior, lo: int, size: int, code: PassCoder,
+                     known: dict[str, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
+    device = prior.exp_table.device
+    chunk = 1 if known is None else CHUNK
+    out = {}
+    for level in ("top", "bottom"):
+        net = getattr(prior, level)
+        condition = prior.condition(torch.as_tensor(out["top"], device=device)) if level == "bottom" else None
+        codes = torch.zeros(size, net.length, dtype=torch.long, device=device)
+        if known is not None:
+            codes[:] = torch.as_tensor(known[level][lo:lo + size], dtype=torch.long, device=device)
+        cache = net.new_cache(size)
+        for position in range(0, net.length, chunk):
+            length = min(chunk, net.length - position)
+            weights = weights_from_logits(net.logits(codes, position, length, cache, condition), prior.coder_table)
+            symbols = np.stack([code(level, w, lo + i, position) for i, w in enumerate(weights)])
+            codes[:, position:position + length] = torch.as_tensor(symbols, dtype=torch.long, device=device)
+        out[level] = codes.reshape(size, *net.grid).cpu().numpy()
+    return out["top"], out["bottom"]
+
+
+def encode_in_raster(prior: IntegerCodePrior, codes_top: np.ndarray, codes_bottom: np.ndarray, *,
+                     batch_size: int = RASTER_ENCODE_BATCH) -> np.ndarray:
+    """Range-code the codes in raster order under the integer copy of a transformer prior, each
+    slice in its own stream, in :func:`encode_in_passes`'s layout (the lengths, then the streams).
+    :func:`decode_in_raster` gives the codes back on any machine, with any batch size."""
+    categorical, queue = _categorical()
+    model = categorical(perfect=False)
+    encoders = [queue.RangeEncoder() for _ in range(len(codes_top))]
+    truth = {"top": np.asarray(codes_top, dtype=np.int32).reshape(len(codes_top), -1),
+             "bottom": np.asarray(codes_bottom, dtype=np.int32).reshape(len(codes_bottom), -1)}
+
+    def code(level, probs, i, position):
+        symbols = np.ascontiguousarray(truth[level][i, position:position + len(probs)])
+        encoders[i].encode(symbols, model, probs)
+        return symbols
+
+    _raster(prior, len(codes_top), batch_size, code, truth)
+    streams = [encoder.get_compressed() for encoder in encoders]
+    return np.concatenate([np.array([len(s) for s in streams], dtype=np.uint32), *streams])
+
+
+def decode_in_raster(prior: IntegerCodePrior, words: np.ndarray, n: int, *,
+                     batch_size: int = RASTER_DECODE_BATCH) -> tuple[np.ndarray, np.ndarray]:
+    """Undo :func:`encode_in_raster`: ``n`` top and bottom grids, int64."""
+    categorical, queue = _categorical()
+    model = categorical(perfect=False)
+    decoders = [queue.RangeDecoder(np.ascontiguousarray(s)) for s in split_streams(words, n)]
+    codes = _raster(prior, n, batch_size, lambda level, probs, i, position: decoders[i].decode(model, probs))
+    if not all(decoder.maybe_exhausted() for decoder in decoders):
+        raise ValueError("a slice's stream holds more words than its codes")
+    return codes
+
+
+# ---------------------------------------------------------------------------------------
 # Where the bits go
 # ---------------------------------------------------------------------------------------
 
@@ -297,7 +377,9 @@ def surprise_bits(prior: CodePrior, codes_top: np.ndarray, codes_bottom: np.ndar
     is driven by, before it rounds them to integer frequencies): their sum is the prior-coded
     stream's length to within the coder's rounding."""
     if isinstance(prior, PassPrior) and prior.integer is not None:
-        return _surprise_in_passes(prior.integer, codes_top, codes_bottom, batch_size or PASS_BATCH)
+        return _surprise_of_copy(prior.integer, codes_top, codes_bottom, batch_size or PASS_BATCH)
+    if prior.integer is not None:
+        return _surprise_of_copy(prior.integer, codes_top, codes_bottom, batch_size or RASTER_ENCODE_BATCH)
     batch_size = batch_size or PRIOR_BATCH
     prior.eval()
     device = next(prior.parameters()).device
@@ -311,21 +393,32 @@ def surprise_bits(prior: CodePrior, codes_top: np.ndarray, codes_bottom: np.ndar
     return np.concatenate(tops), np.concatenate(bottoms)
 
 
-def _surprise_in_passes(prior: IntegerPassPrior, codes_top: np.ndarray, codes_bottom: np.ndarray,
-                        batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`surprise_bits` from the integer copy's weights: what its coder spends, to within the
-    coder's rounding of them to 24-bit frequencies."""
+def _surprise_of_copy(prior: IntegerPassPrior | IntegerCodePrior, codes_top: np.ndarray, codes_bottom: np.ndarray,
+                      batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`surprise_bits` from an integer copy's weights, along its coder's own path: what the
+    coder spends, to within its rounding of them to 24-bit frequencies."""
     truth = {"top": np.asarray(codes_top, dtype=np.int64), "bottom": np.asarray(codes_bottom, dtype=np.int64)}
     bits = {level: np.zeros(codes.shape, dtype=np.float32) for level, codes in truth.items()}
-    orders = {level: prior.order(level).cpu().numpy() for level in truth}
+    if isinstance(prior, IntegerPassPrior):
+        orders = {level: prior.order(level).cpu().numpy() for level in truth}
+
+        def where(level, step, count):
+            return orders[level] == step
+    else:  # raster order: the ``count`` positions from ``step``
+        def where(level, step, count):
+            return np.unravel_index(np.arange(step, step + count), truth[level].shape[1:])
 
     def code(level, probs, i, step):
-        here = orders[level] == step
+        here = where(level, step, len(probs))
         symbols = truth[level][i][here]
         bits[level][i][here] = -np.log2(probs[np.arange(len(symbols)), symbols] / probs.sum(axis=1))
         return symbols
 
-    _passes(prior, len(codes_top), batch_size, code)
+    if isinstance(prior, IntegerPassPrior):
+        _passes(prior, len(codes_top), batch_size, code)
+    else:
+        known = {level: codes.reshape(len(codes), -1) for level, codes in truth.items()}
+        _raster(prior, len(codes_top), batch_size, code, known)
     return bits["top"], bits["bottom"]
 
 

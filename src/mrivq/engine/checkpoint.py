@@ -24,6 +24,7 @@ from mrivq.data.preprocess import Preprocessing
 from mrivq.errors import UserError
 from mrivq.nn import VQVAE2
 from mrivq.nn.integer_prior import IntegerPassPrior, integer_state_problem
+from mrivq.nn.integer_transformer import IntegerCodePrior, integer_transformer_problem
 from mrivq.nn.pass_prior import PassPrior
 from mrivq.nn.prior import CodePrior
 from mrivq.run_dir import atomic_write
@@ -231,12 +232,16 @@ def load_prior(path: str | Path, expect_fingerprint: str | None = None,
     config = checkpoint_config(ckpt, path)
     n_embed, top_grid = _prior_shape(ckpt, vq_config, config, path)
     prior = build_checked(lambda: prior_from_config(config, n_embed, top_grid), ckpt.get("prior"), path, "prior")
-    if isinstance(prior, PassPrior):
-        problem = integer_state_problem(ckpt.get("integer"), prior)
+    # the integer copy that codes; transformer priors written before such copies existed have none
+    # (they code in floating point, for one kind of machine)
+    if isinstance(prior, PassPrior) or "integer" in ckpt:
+        check, copy = ((integer_state_problem, IntegerPassPrior) if isinstance(prior, PassPrior)
+                       else (integer_transformer_problem, IntegerCodePrior))
+        problem = check(ckpt.get("integer"), prior)
         if problem:
             raise UserError(f"{path}: its integer coding copy {problem}; not a prior checkpoint mrivq wrote, "
                             "or damaged")
-        prior.integer = IntegerPassPrior(ckpt["integer"]).to(device)
+        prior.integer = copy(ckpt["integer"]).to(device)
     vqvae = model_from_checkpoint(ckpt["vqvae"], path)
     return prior.to(device).eval(), vqvae.to(device).eval(), ckpt
 
@@ -253,7 +258,8 @@ def _prior_shape(ckpt: dict, vq_config: Config, config: Config, path: Path) -> t
     if p.architecture == "passes":  # the integer copy's int64 stream, its int8 columns and products
         what, cache_bytes = "working memory", 4 * cells * p.channels * 40 * PRIOR_BATCH
     else:
-        what, cache_bytes = "key/value caches", (p.n_layer_top + 4 * p.n_layer_bottom) * cells * p.d_model * 2 * 4 * PRIOR_BATCH
+        # float64 keys and values (the integer copy's), for the top and the 4x longer bottom grid
+        what, cache_bytes = "key/value caches", (p.n_layer_top + 4 * p.n_layer_bottom) * cells * p.d_model * 2 * 8 * PRIOR_BATCH
     if cache_bytes > MAX_PRIOR_CACHE_BYTES:
         raise UserError(f"{path}: its prior would need {cache_bytes / 2**30:.1f} GiB of {what} for a "
                         f"batch of {PRIOR_BATCH} slices (at most {MAX_PRIOR_CACHE_BYTES >> 30} GiB); "

@@ -22,10 +22,11 @@ from mrivq.engine.checkpoint import PRIOR_KIND, prior_from_config
 from mrivq.engine.loop import LoopState, RunningSums
 from mrivq.errors import UserError
 from mrivq.nn.integer_prior import integer_prior
+from mrivq.nn.integer_transformer import integer_transformer
 from mrivq.nn.pass_prior import PassPrior
 from mrivq.runtime import autocast, resolve_precision
 
-CALIBRATION_GRIDS = 32  # training grids whose activations set a pass prior's integer copy's 8-bit ranges
+CALIBRATION_GRIDS = 32  # training grids whose activations set the ranges of a prior's integer copy
 COLUMNS = [
     "step", "epoch", "lr", "train_nll_top", "train_nll_bottom", "train_nll", "val_nll_top",
     "val_nll_bottom", "val_nll", "uniform_bits", "val_bits_per_pixel", "train_codes_per_s", "elapsed_s",
@@ -129,11 +130,11 @@ class PriorTraining:
 
     # ------------------------------------------------------------------ state ----------
     def state_dict(self) -> dict:
-        coding = {}
-        if isinstance(self.model, PassPrior):  # the integer copy that codes, made from these weights
-            grids = slice(0, CALIBRATION_GRIDS)
-            copy = integer_prior(self.model, self.train_top[grids], self.train_bottom[grids])
-            coding = {"integer": copy.state, "integer_fingerprint": copy.fingerprint()}
+        # the integer copy that codes, made from these weights
+        grids = slice(0, CALIBRATION_GRIDS)
+        make = integer_prior if isinstance(self.model, PassPrior) else integer_transformer
+        copy = make(self.model, self.train_top[grids], self.train_bottom[grids])
+        coding = {"integer": copy.state, "integer_fingerprint": copy.fingerprint()}
         return {
             **coding,
             "kind": PRIOR_KIND,

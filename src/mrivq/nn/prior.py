@@ -308,6 +308,9 @@ class CodePrior(nn.Module):
         self.condition = TopCondition(n_embed, d_model, condition_blocks)
         self.bottom = CodeTransformer(n_embed, self.bottom_grid, d_model, n_head, n_layer_bottom, dropout,
                                       window_rows=bottom_window_rows, neighbours=neighbours)
+        # the integer copy that codes (mrivq.nn.integer_transformer), once made or loaded; None in
+        # priors of earlier mrivq versions, which code in floating point (one kind of machine)
+        self.integer = None
 
     def forward(self, codes_top: torch.Tensor, codes_bottom: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced logits ``(B, K, h, w)`` and ``(B, K, 2h, 2w)``."""
