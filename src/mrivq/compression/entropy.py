@@ -192,15 +192,16 @@ def _passes(prior: IntegerPassPrior, n: int, batch_size: int, code: PassCoder) -
                        lambda lo, size: _batch_in_passes(prior, lo, size, code))
 
 
-def _in_batches(n: int, batch_size: int, device: torch.device, run) -> tuple[np.ndarray, np.ndarray]:
+def _in_batches(n: int, batch_size: int, device: torch.device, run, in_flight: int = PRIOR_BATCH,
+                ) -> tuple[np.ndarray, np.ndarray]:
     """``run(lo, size) -> (top, bottom)`` over the batches of ``n`` slices, concatenated. On the CPU,
-    batches run side by side, one per thread (``torch.get_num_threads()``, at most PRIOR_BATCH
-    slices at once: the memory a prior checkpoint is checked for), each op on one thread: small
-    batches keep the integer working set in the caches."""
+    batches run side by side, one per thread (``torch.get_num_threads()``, at most ``in_flight``
+    slices at once: within the memory a prior checkpoint is checked for), each op on one thread:
+    small batches keep the integer working set in the caches."""
     starts = range(0, n, batch_size)
     workers = 1
     if device.type == "cpu":
-        workers = max(1, min(torch.get_num_threads(), len(starts), PRIOR_BATCH // batch_size))
+        workers = max(1, min(torch.get_num_threads(), len(starts), in_flight // batch_size))
     if workers > 1:
         with _single_threaded_ops():
             pool = ThreadPoolExecutor(workers)
@@ -292,7 +293,10 @@ def decode_in_passes(prior: IntegerPassPrior, words: np.ndarray, n: int, *,
 
 #: Slices a raster coder runs together: the encoder, teacher-forced chunk by chunk, is fastest
 #: with few; the decoder, one position at a time, spreads each step's fixed cost over more.
-RASTER_ENCODE_BATCH, RASTER_DECODE_BATCH = 4, 8
+RASTER_ENCODE_BATCH, RASTER_DECODE_BATCH = 4, 16
+#: Slices a raster coder has in flight: the decoder's key/value caches hold the top grid and only
+#: the window of the bottom, 4 MiB a slice for the default prior.
+RASTER_IN_FLIGHT = 32
 
 
 def _raster(prior: IntegerCodePrior, n: int, batch_size: int, code: PassCoder,
@@ -304,7 +308,7 @@ def _raster(prior: IntegerCodePrior, n: int, batch_size: int, code: PassCoder,
     given the codes decoded before it. The copy's integers do not depend on the batch, the
     chunk, the threads or the device, so encoder and decoder choose them freely."""
     return _in_batches(n, batch_size, prior.exp_table.device,
-                       lambda lo, size: _batch_in_raster(prior, lo, size, code, known))
+                       lambda lo, size: _batch_in_raster(prior, lo, size, code, known), RASTER_IN_FLIGHT)
 
 
 @torch.inference_mode()
@@ -319,7 +323,7 @@ def _batch_in_raster(prior: IntegerCodePrior, lo: int, size: int, code: PassCode
         codes = torch.zeros(size, net.length, dtype=torch.long, device=device)
         if known is not None:
             codes[:] = torch.as_tensor(known[level][lo:lo + size], dtype=torch.long, device=device)
-        cache = net.new_cache(size)
+        cache = net.new_cache(size, one_at_a_time=known is None)
         for position in range(0, net.length, chunk):
             length = min(chunk, net.length - position)
             weights = weights_from_logits(net.logits(codes, position, length, cache, condition), prior.coder_table)

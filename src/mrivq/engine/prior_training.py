@@ -26,7 +26,8 @@ from mrivq.nn.integer_transformer import integer_transformer
 from mrivq.nn.pass_prior import PassPrior
 from mrivq.runtime import autocast, resolve_precision
 
-CALIBRATION_GRIDS = 32  # training grids whose activations set the ranges of a prior's integer copy
+CALIBRATION_GRIDS = 32  # training grids whose activations set the ranges of a pass prior's integer copy
+TRANSFORMER_CALIBRATION_GRIDS = 16  # the same for a transformer prior (fewer: every save runs the prior on them)
 COLUMNS = [
     "step", "epoch", "lr", "train_nll_top", "train_nll_bottom", "train_nll", "val_nll_top",
     "val_nll_bottom", "val_nll", "uniform_bits", "val_bits_per_pixel", "train_codes_per_s", "elapsed_s",
@@ -130,9 +131,14 @@ class PriorTraining:
 
     # ------------------------------------------------------------------ state ----------
     def state_dict(self) -> dict:
-        # the integer copy that codes, made from these weights
-        grids = slice(0, CALIBRATION_GRIDS)
-        make = integer_prior if isinstance(self.model, PassPrior) else integer_transformer
+        # the integer copy that codes, made from these weights: a pass prior's calibrated on the
+        # first training grids (as its measured rates were), a transformer's on grids spread
+        # over the training set (the first are one case's neighbouring slices)
+        if isinstance(self.model, PassPrior):
+            make, grids = integer_prior, slice(0, CALIBRATION_GRIDS)
+        else:
+            make = integer_transformer
+            grids = torch.linspace(0, len(self.train_top) - 1, min(TRANSFORMER_CALIBRATION_GRIDS, len(self.train_top))).long()
         copy = make(self.model, self.train_top[grids], self.train_bottom[grids])
         coding = {"integer": copy.state, "integer_fingerprint": copy.fingerprint()}
         return {

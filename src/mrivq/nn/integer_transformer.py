@@ -91,11 +91,9 @@ def _rescale(acc: torch.Tensor, multiplier, offset, shift: int) -> torch.Tensor:
 
 def _isqrt(v: torch.Tensor) -> torch.Tensor:
     """``floor(sqrt(v))`` of int64 ``v >= 0``: a float estimate, corrected in integers."""
-    r = torch.sqrt(v.double()).long()
-    for _ in range(2):
-        r = r - (r * r > v).long()
-        r = r + ((r + 1) * (r + 1) <= v).long()
-    return r
+    r = torch.sqrt(v.double()).long()  # within one of the root for v < 2**53, even a few ulps off
+    r -= (r * r > v).long()
+    return r + ((r + 1) * (r + 1) <= v).long()
 
 
 def _floor_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -120,8 +118,8 @@ def _normalise(x: torch.Tensor, eps: int) -> torch.Tensor:
     """The integer layer norm of the stream ``x`` int64 ``(..., C)``: ``(x - mean) / sqrt(var + eps)``
     in units of 2**-NORM_BITS (rounded, clamped to ACT_LIMIT); ``eps`` in squared stream units."""
     channels = x.shape[-1]
-    centred = x - _floor_div(x.sum(dim=-1, keepdim=True), torch.tensor(channels))
-    var = _floor_div((centred * centred).sum(dim=-1, keepdim=True), torch.tensor(channels)) + eps
+    centred = x - torch.div(x.sum(dim=-1, keepdim=True), channels, rounding_mode="floor")
+    var = torch.div((centred * centred).sum(dim=-1, keepdim=True), channels, rounding_mode="floor") + eps
     std = _isqrt(var).clamp_(min=1)
     return _floor_div(centred * (2 << NORM_BITS) + std, 2 * std).clamp_(-ACT_LIMIT, ACT_LIMIT)
 
@@ -147,17 +145,25 @@ class _Block:
                    for t in self.qkv(_normalise(x, self.eps_attn)).split(channels, dim=2))
         keys, values = cache
         end = position + length
-        keys[:, :, position:end] = k.double()
-        values[:, :, position:end] = v.double()
-        start = 0 if self.window is None else max(0, position + 1 - self.window)
-        query_at = torch.arange(position, end, device=x.device)[:, None]
-        key_at = torch.arange(start, end, device=x.device)[None, :]
-        visible = key_at <= query_at
-        if self.window is not None:
-            visible &= key_at > query_at - self.window
+        if keys.shape[2] < end:  # a ring of the window's positions, filled one at a time
+            slot = position % keys.shape[2]
+            keys[:, :, slot] = k[:, :, 0].double()
+            values[:, :, slot] = v[:, :, 0].double()
+            keys, values = keys[:, :, :end], values[:, :, :end]
+            start, end = 0, min(end, keys.shape[2])
+        else:
+            keys[:, :, position:end] = k.double()
+            values[:, :, position:end] = v.double()
+            start = 0 if self.window is None else max(0, position + 1 - self.window)
         scores = exact_matmul(q.double(), keys[:, :, start:end].transpose(-1, -2))
         scores = _rescale(scores, self.score, 1 << (self.score_shift - 1), self.score_shift)
-        scores = scores.masked_fill(~visible, torch.iinfo(torch.int64).min // 2)
+        if length > 1:  # one query sees every key from start; a chunk's queries see only keys up to their own
+            query_at = torch.arange(position, end, device=x.device)[:, None]
+            key_at = torch.arange(start, end, device=x.device)[None, :]
+            visible = key_at <= query_at
+            if self.window is not None:
+                visible &= key_at > query_at - self.window
+            scores = scores.masked_fill(~visible, torch.iinfo(torch.int64).min // 2)
         gap = (scores.amax(dim=-1, keepdim=True) - scores).clamp_(max=len(self.att_table) - 1)
         weights = self.att_table[gap]  # the largest gets 2**ATT_BITS, the masked 0
         total = weights.sum(dim=-1, keepdim=True)
@@ -185,9 +191,13 @@ class _Transformer:
         self.eps_out = int(state["eps_out"])
         self.head = _Linear(state["head"])
 
-    def new_cache(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def new_cache(self, n: int, *, one_at_a_time: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """float64 key/value caches of ``n`` grids, one ``(keys, values)`` pair per block. For
+        ``one_at_a_time`` (positions one by one) under windowed attention, only the window: a ring
+        (the order of the keys changes no sum, so the integers are the same)."""
         channels = self.token.shape[1]
-        shape = (n, self.n_head, self.length, channels // self.n_head)
+        slots = self.window if one_at_a_time and self.window is not None else self.length
+        shape = (n, self.n_head, slots, channels // self.n_head)
         device = self.token.device
         return [(torch.zeros(shape, dtype=torch.float64, device=device),
                  torch.zeros(shape, dtype=torch.float64, device=device)) for _ in self.blocks]
@@ -379,9 +389,10 @@ def _trace_condition(cond, codes_top: torch.Tensor, rec: _Recorder) -> torch.Ten
 @torch.no_grad()
 def integer_transformer(prior: CodePrior, codes_top: torch.Tensor, codes_bottom: torch.Tensor) -> IntegerCodePrior:
     """The fixed-point copy of ``prior``, its units calibrated on the code grids ``codes_top``
-    ``(N, h, w)`` and ``codes_bottom`` ``(N, 2h, 2w)`` (a few dozen training grids). Deterministic:
-    the same prior and grids give the same copy (made in float64 on the CPU)."""
-    prior = copy.deepcopy(prior).double().cpu().eval()
+    ``(N, h, w)`` and ``codes_bottom`` ``(N, 2h, 2w)`` (a few dozen training grids): the same prior
+    and grids give the same copy (on one machine: the calibration runs in float32 on the CPU; the
+    copy is made once, when the prior is saved, and travels with it)."""
+    prior = copy.deepcopy(prior).float().cpu().eval()
     codes_top, codes_bottom = codes_top.long().cpu(), codes_bottom.long().cpu()
     rec = _Recorder()
     condition = _trace_condition(prior.condition, codes_top, rec)
