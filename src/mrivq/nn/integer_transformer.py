@@ -148,12 +148,12 @@ class _Block:
         if keys.shape[2] < end:  # a ring of the window's positions, filled one at a time
             slot = position % keys.shape[2]
             keys[:, :, slot] = k[:, :, 0].double()
-            values[:, :, slot] = v[:, :, 0].double()
-            keys, values = keys[:, :, :end], values[:, :, :end]
+            values[:, :, :, slot] = v[:, :, 0].double()
+            keys, values = keys[:, :, :end], values[..., :end]
             start, end = 0, min(end, keys.shape[2])
         else:
             keys[:, :, position:end] = k.double()
-            values[:, :, position:end] = v.double()
+            values[..., position:end] = v.transpose(-1, -2).double()
             start = 0 if self.window is None else max(0, position + 1 - self.window)
         scores = exact_matmul(q.double(), keys[:, :, start:end].transpose(-1, -2))
         scores = _rescale(scores, self.score, 1 << (self.score_shift - 1), self.score_shift)
@@ -167,7 +167,7 @@ class _Block:
         gap = (scores.amax(dim=-1, keepdim=True) - scores).clamp_(max=len(self.att_table) - 1)
         weights = self.att_table[gap]  # the largest gets 2**ATT_BITS, the masked 0
         total = weights.sum(dim=-1, keepdim=True)
-        mixed = exact_matmul(weights.double(), values[:, :, start:end])
+        mixed = exact_matmul(values[..., start:end], weights.double().transpose(-1, -2)).transpose(-1, -2)
         out = _floor_div(2 * mixed + total, 2 * total).transpose(1, 2).reshape(batch, length, channels)
         x = (x + self.proj(out)).clamp_(-STREAM_LIMIT, STREAM_LIMIT)
         hidden = self.fc1(_normalise(x, self.eps_mlp)).clamp_(-HIDDEN_LIMIT, HIDDEN_LIMIT)
@@ -192,15 +192,18 @@ class _Transformer:
         self.head = _Linear(state["head"])
 
     def new_cache(self, n: int, *, one_at_a_time: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """float64 key/value caches of ``n`` grids, one ``(keys, values)`` pair per block. For
-        ``one_at_a_time`` (positions one by one) under windowed attention, only the window: a ring
-        (the order of the keys changes no sum, so the integers are the same)."""
+        """float64 key/value caches of ``n`` grids, one ``(keys, values)`` pair per block: keys
+        ``(n, H, slots, head size)``, values transposed, ``(n, H, head size, slots)`` (a query's
+        weighted sum then reads them in order). For ``one_at_a_time`` (positions one by one)
+        under windowed attention, the slots are only the window's: a ring (the order of the keys
+        changes no sum, so the integers are the same)."""
         channels = self.token.shape[1]
         slots = self.window if one_at_a_time and self.window is not None else self.length
         shape = (n, self.n_head, slots, channels // self.n_head)
         device = self.token.device
         return [(torch.zeros(shape, dtype=torch.float64, device=device),
-                 torch.zeros(shape, dtype=torch.float64, device=device)) for _ in self.blocks]
+                 torch.zeros(shape, dtype=torch.float64, device=device).transpose(-1, -2).contiguous())
+                for _ in self.blocks]
 
     def logits(self, codes: torch.Tensor, position: int, length: int, cache: list,
                condition: torch.Tensor | None) -> torch.Tensor:
