@@ -17,6 +17,7 @@ from prior_helpers import prior_overrides, tiny_data_overrides, train_tiny_vqvae
 
 from mrivq.apps import train_prior as train_prior_module
 from mrivq.apps.train_prior import prior_loop, train_prior
+from mrivq.compression.container import read_codes_file
 from mrivq.config import load_config
 from mrivq.engine.checkpoint import load_checkpoint, load_prior, save_checkpoint
 from mrivq.engine.prior_training import PriorTraining
@@ -217,18 +218,36 @@ def test_train_prior_then_sample_writes_valid_slices(work, tiny_phantom, tmp_pat
     assert not (tmp_path / "x").exists()
 
 
-def test_a_prior_checkpoint_from_before_the_neighbour_inputs_still_loads(work, tiny_phantom, tmp_path):
+def test_a_prior_checkpoint_from_before_the_neighbour_inputs_and_integer_copies_still_loads_and_codes(
+        work, tiny_phantom, tmp_path, capsys):
     config = load_config(None, prior_overrides(tiny_phantom, work["root"], "older", steps=2, interval=2,
                                                neighbour_codes="false"))
     train_prior(config, work["vqvae"])
     ckpt = load_checkpoint(work["root"] / "older" / "models/prior_best.pt")
     assert not any(name.endswith("neighbour.weight") for name in ckpt["prior"])
-    del ckpt["config"]["prior"]["neighbour_codes"]  # as older versions wrote it
-    save_checkpoint(tmp_path / "older.pt", {k: v for k, v in ckpt.items() if k not in ("format", "format_version")})
+    assert load_prior(work["root"] / "older" / "models/prior_best.pt")[0].integer is not None
+    del ckpt["config"]["prior"]["neighbour_codes"]  # as older versions wrote it, without an integer copy
+    older = {k: v for k, v in ckpt.items() if k not in ("format", "format_version", "integer", "integer_fingerprint")}
+    save_checkpoint(tmp_path / "older.pt", older)
     prior, _, _ = load_prior(tmp_path / "older.pt")
-    assert prior.top.neighbour is None and prior.bottom.neighbour is None
+    assert prior.top.neighbour is None and prior.bottom.neighbour is None and prior.integer is None
     top, bottom = prior.sample(2)
     assert top.shape == (2, 8, 4) and bottom.shape == (2, 16, 8)
+    # it still codes, in floating point, and its file says where it decodes
+    test_split = tiny_phantom / "keras_slices_test"
+    coded = tmp_path / "older.mrvq"
+    assert run_main(["encode", "--checkpoint", str(work["vqvae"]), str(test_split), "--out", str(coded),
+                     "--prior", str(tmp_path / "older.pt")]) == 0
+    header = read_codes_file(coded).header
+    assert header["prior_coding"] == "sequential" and header["prior_device"] == "cpu"
+    assert run_main(["decode", "--checkpoint", str(work["vqvae"]), str(coded), "--out", str(tmp_path / "d"),
+                     "--prior", str(tmp_path / "older.pt")]) == 0
+    # a new prior's file is raster-coded by its integer copy: no device or batch fixed
+    capsys.readouterr()
+    assert run_main(["encode", "--checkpoint", str(work["vqvae"]), str(test_split), "--out", str(tmp_path / "n.mrvq"),
+                     "--prior", str(work["root"] / "older" / "models/prior_best.pt")]) == 0
+    header = read_codes_file(tmp_path / "n.mrvq").header
+    assert header["prior_coding"] == "raster" and "prior_device" not in header and "prior_batch" not in header
 
 
 def test_train_prior_resumes_to_the_same_result(work, tiny_phantom, monkeypatch):
