@@ -246,20 +246,43 @@ def encode_in_passes(prior: IntegerPassPrior, codes_top: np.ndarray, codes_botto
     """Range-code the codes under the integer copy of a pass prior, each slice in its own stream;
     returns the uint32 words: the ``N`` streams' lengths, then the streams one after another.
     :func:`decode_in_passes` gives the codes back on any machine, with any batch size."""
-    categorical, queue = _categorical()
-    model = categorical(perfect=False)
-    encoders = [queue.RangeEncoder() for _ in range(len(codes_top))]
     truth = {"top": np.asarray(codes_top, dtype=np.int32), "bottom": np.asarray(codes_bottom, dtype=np.int32)}
     orders = {level: prior.order(level).cpu().numpy() for level in truth}
 
-    def code(level, probs, i, step):
-        symbols = np.ascontiguousarray(truth[level][i][orders[level] == step])
+    def run(encode):
+        def code(level, probs, i, step):
+            return encode(i, np.ascontiguousarray(truth[level][i][orders[level] == step]), probs)
+        _passes(prior, len(codes_top), batch_size, code)
+
+    return _encoded_per_slice(len(codes_top), run)
+
+
+def _encoded_per_slice(n: int, run) -> np.ndarray:
+    """``run(encode)``, where ``encode(i, symbols, weights)`` range-codes ``symbols`` into slice
+    ``i``'s stream (and returns them); then the ``n`` streams' lengths and the streams."""
+    categorical, queue = _categorical()
+    model = categorical(perfect=False)
+    encoders = [queue.RangeEncoder() for _ in range(n)]
+
+    def encode(i, symbols, probs):
         encoders[i].encode(symbols, model, probs)
         return symbols
 
-    _passes(prior, len(codes_top), batch_size, code)
+    run(encode)
     streams = [encoder.get_compressed() for encoder in encoders]
     return np.concatenate([np.array([len(s) for s in streams], dtype=np.uint32), *streams])
+
+
+def _decoded_per_slice(words: np.ndarray, n: int, run) -> tuple[np.ndarray, np.ndarray]:
+    """``run(decode)``, where ``decode(i, weights)`` decodes slice ``i``'s next codes from its stream
+    in ``words`` (:func:`split_streams`); its codes, once every stream is used up exactly."""
+    categorical, queue = _categorical()
+    model = categorical(perfect=False)
+    decoders = [queue.RangeDecoder(np.ascontiguousarray(s)) for s in split_streams(words, n)]
+    codes = run(lambda i, probs: decoders[i].decode(model, probs))
+    if not all(decoder.maybe_exhausted() for decoder in decoders):
+        raise ValueError("a slice's stream holds more words than its codes")
+    return codes
 
 
 def split_streams(words: np.ndarray, n: int) -> list[np.ndarray]:
@@ -278,13 +301,8 @@ def split_streams(words: np.ndarray, n: int) -> list[np.ndarray]:
 def decode_in_passes(prior: IntegerPassPrior, words: np.ndarray, n: int, *,
                      batch_size: int = PASS_BATCH) -> tuple[np.ndarray, np.ndarray]:
     """Undo :func:`encode_in_passes`: ``n`` top and bottom grids, int64."""
-    categorical, queue = _categorical()
-    model = categorical(perfect=False)
-    decoders = [queue.RangeDecoder(np.ascontiguousarray(s)) for s in split_streams(words, n)]
-    codes = _passes(prior, n, batch_size, lambda level, probs, i, step: decoders[i].decode(model, probs))
-    if not all(decoder.maybe_exhausted() for decoder in decoders):
-        raise ValueError("a slice's stream holds more words than its codes")
-    return codes
+    return _decoded_per_slice(words, n, lambda decode: _passes(
+        prior, n, batch_size, lambda level, probs, i, step: decode(i, probs)))
 
 
 # ---------------------------------------------------------------------------------------
@@ -338,32 +356,22 @@ def encode_in_raster(prior: IntegerCodePrior, codes_top: np.ndarray, codes_botto
     """Range-code the codes in raster order under the integer copy of a transformer prior, each
     slice in its own stream, in :func:`encode_in_passes`'s layout (the lengths, then the streams).
     :func:`decode_in_raster` gives the codes back on any machine, with any batch size."""
-    categorical, queue = _categorical()
-    model = categorical(perfect=False)
-    encoders = [queue.RangeEncoder() for _ in range(len(codes_top))]
     truth = {"top": np.asarray(codes_top, dtype=np.int32).reshape(len(codes_top), -1),
              "bottom": np.asarray(codes_bottom, dtype=np.int32).reshape(len(codes_bottom), -1)}
 
-    def code(level, probs, i, position):
-        symbols = np.ascontiguousarray(truth[level][i, position:position + len(probs)])
-        encoders[i].encode(symbols, model, probs)
-        return symbols
+    def run(encode):
+        def code(level, probs, i, position):
+            return encode(i, np.ascontiguousarray(truth[level][i, position:position + len(probs)]), probs)
+        _raster(prior, len(codes_top), batch_size, code, truth)
 
-    _raster(prior, len(codes_top), batch_size, code, truth)
-    streams = [encoder.get_compressed() for encoder in encoders]
-    return np.concatenate([np.array([len(s) for s in streams], dtype=np.uint32), *streams])
+    return _encoded_per_slice(len(codes_top), run)
 
 
 def decode_in_raster(prior: IntegerCodePrior, words: np.ndarray, n: int, *,
                      batch_size: int = RASTER_DECODE_BATCH) -> tuple[np.ndarray, np.ndarray]:
     """Undo :func:`encode_in_raster`: ``n`` top and bottom grids, int64."""
-    categorical, queue = _categorical()
-    model = categorical(perfect=False)
-    decoders = [queue.RangeDecoder(np.ascontiguousarray(s)) for s in split_streams(words, n)]
-    codes = _raster(prior, n, batch_size, lambda level, probs, i, position: decoders[i].decode(model, probs))
-    if not all(decoder.maybe_exhausted() for decoder in decoders):
-        raise ValueError("a slice's stream holds more words than its codes")
-    return codes
+    return _decoded_per_slice(words, n, lambda decode: _raster(
+        prior, n, batch_size, lambda level, probs, i, position: decode(i, probs)))
 
 
 # ---------------------------------------------------------------------------------------
