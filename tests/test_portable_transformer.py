@@ -131,6 +131,9 @@ def test_the_copy_is_made_the_same_way_twice_and_its_fingerprint_says_so(fitted)
     (lambda s: s["top"]["neighbour_at"].fill_(0), "neighbour positions"),
     (lambda s: s["condition"]["up_in"][0].fill_(2**50), "leave int64"),
     (lambda s: s["top"]["token"].fill_(2**40), "2**36"),
+    (lambda s: s["top"]["token"].fill_(-2**63), "2**36"),  # abs() of the least int64 is itself
+    (lambda s: s["condition"]["embed"].fill_(-2**40), "2**36"),
+    (lambda s: s["bottom"]["blocks"][1]["gelu"].fill_(-2**31), "GELU table"),
     (lambda s: s.update(n_embed=64), "where 32 belongs"),
 ])
 def test_a_damaged_copy_is_named_before_it_is_used(fitted, spoil, message):
@@ -149,3 +152,17 @@ def test_a_raster_stream_that_runs_on_is_refused(fitted):
     longer = np.concatenate([[first + 3], words[1:n], words[n:n + first], [1, 2, 3], words[n + first:]])
     with pytest.raises(ValueError):
         decode_in_raster(prior.integer, longer.astype(np.uint32), n)
+
+
+def test_a_window_longer_than_the_grid_sees_the_whole_grid_and_keeps_no_more_keys():
+    torch.manual_seed(3)
+    prior = CodePrior(32, (2, 4), d_model=16, n_head=2, n_layer_top=1, n_layer_bottom=1, condition_blocks=1,
+                      bottom_window_rows=1000).eval()
+    top, bottom = prior.sample(3, generator=torch.Generator().manual_seed(4))
+    prior.integer = integer_transformer(prior, top, bottom)
+    assert integer_transformer_problem(prior.integer.state, prior) is None
+    net = prior.integer.bottom
+    assert net.window is None and net.new_cache(2, one_at_a_time=True)[0][0].shape[2] == net.length
+    words = encode_in_raster(prior.integer, top.numpy(), bottom.numpy())
+    decoded = decode_in_raster(prior.integer, words, 3)
+    assert np.array_equal(decoded[1], bottom.numpy())

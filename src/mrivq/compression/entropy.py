@@ -1,6 +1,6 @@
 """Codes as bitstreams: range coding (``constriction``) under code frequencies or under the prior.
 
-Three coders, each an encoder and the decoder that undoes it exactly:
+Four coders, each an encoder and the decoder that undoes it exactly:
 
 - **frequencies**: every code of a level is coded under that level's code counts over the coded
   set (the counts travel with the stream): :func:`encode_with_frequencies`,
@@ -10,9 +10,14 @@ Three coders, each an encoder and the decoder that undoes it exactly:
   the prior's integer copy (:class:`mrivq.nn.integer_prior.IntegerPassPrior`), integers that
   are the same on any machine, thread count, batch or device, so any of them decodes; one
   stream per slice: :func:`encode_in_passes`, :func:`decode_in_passes`.
-- **sequential** (a transformer prior): every code under the prior's conditional probabilities
-  given the codes before it. Encoder and decoder obtain each position's probabilities through
-  one sequential path (:meth:`mrivq.nn.prior.CodeTransformer.cached_logits`, one position at a
+- **raster** (a transformer prior): every code in raster order under the weights of the prior's
+  integer copy (:class:`mrivq.nn.integer_transformer.IntegerCodePrior`) given the codes before
+  it, the same integers on any machine; one stream per slice: the encoder teacher-forced in
+  chunks of positions, the decoder one position at a time: :func:`encode_in_raster`,
+  :func:`decode_in_raster`.
+- **sequential** (a transformer prior saved before integer copies existed): every code under the
+  prior's float probabilities given the codes before it. Encoder and decoder obtain each
+  position's probabilities through one sequential path (:meth:`mrivq.nn.prior.CodeTransformer.cached_logits`, one position at a
   time, slices in fixed batches of ``batch_size``, one CPU thread), turned into the coder's
   integer frequencies the same way on both sides, so the decoder rebuilds the codes bit for bit
   on the same kind of machine and device only: :func:`encode_with_prior`,
@@ -312,8 +317,9 @@ def decode_in_passes(prior: IntegerPassPrior, words: np.ndarray, n: int, *,
 #: Slices a raster coder runs together: the encoder, teacher-forced chunk by chunk, is fastest
 #: with few; the decoder, one position at a time, spreads each step's fixed cost over more.
 RASTER_ENCODE_BATCH, RASTER_DECODE_BATCH = 4, 16
-#: Slices a raster coder has in flight: the decoder's key/value caches hold the top grid and only
-#: the window of the bottom, 4 MiB a slice for the default prior.
+#: Slices the raster decoder has in flight (the encoder: PRIOR_BATCH): its key/value caches hold
+#: the top grid and only the window of the bottom, 4 MiB a slice for the default prior (both
+#: within what a prior checkpoint is checked for: engine.checkpoint).
 RASTER_IN_FLIGHT = 32
 
 
@@ -326,7 +332,8 @@ def _raster(prior: IntegerCodePrior, n: int, batch_size: int, code: PassCoder,
     given the codes decoded before it. The copy's integers do not depend on the batch, the
     chunk, the threads or the device, so encoder and decoder choose them freely."""
     return _in_batches(n, batch_size, prior.exp_table.device,
-                       lambda lo, size: _batch_in_raster(prior, lo, size, code, known), RASTER_IN_FLIGHT)
+                       lambda lo, size: _batch_in_raster(prior, lo, size, code, known),
+                       PRIOR_BATCH if known is not None else RASTER_IN_FLIGHT)
 
 
 @torch.inference_mode()

@@ -18,7 +18,7 @@ import torch
 
 from mrivq.compression.codec import Codec, prior_device
 from mrivq.compression.container import MAX_SCALE, CodesFile
-from mrivq.compression.entropy import PRIOR_BATCH
+from mrivq.compression.entropy import PRIOR_BATCH, RASTER_IN_FLIGHT
 from mrivq.config import Config, config_from_dict
 from mrivq.data.preprocess import Preprocessing
 from mrivq.errors import UserError
@@ -254,12 +254,17 @@ def _prior_shape(ckpt: dict, vq_config: Config, config: Config, path: Path) -> t
     if ckpt.get("prior_shape") != expected:
         raise UserError(f"{path}: its prior_shape {reprlib.repr(ckpt.get('prior_shape'))} is not its VQ-VAE's "
                         f"{expected}; not a prior checkpoint mrivq wrote, or damaged")
-    p, cells = config.prior, expected["top_grid"][0] * expected["top_grid"][1]
+    p, (top_rows, top_cols) = config.prior, expected["top_grid"]
+    cells = top_rows * top_cols
     if p.architecture == "passes":  # the integer copy's int64 stream, its int8 columns and products
         what, cache_bytes = "working memory", 4 * cells * p.channels * 40 * PRIOR_BATCH
     else:
-        # float64 keys and values (the integer copy's), for the top and the 4x longer bottom grid
-        what, cache_bytes = "key/value caches", (p.n_layer_top + 4 * p.n_layer_bottom) * cells * p.d_model * 2 * 8 * PRIOR_BATCH
+        # float64 keys and values (the integer copy's): the encoder's for the top and the 4x longer
+        # bottom grid, PRIOR_BATCH slices; the decoder's for the top and the bottom's window only
+        window = 4 * cells if p.bottom_window_rows is None else min(4 * cells, p.bottom_window_rows * 2 * top_cols)
+        what, cache_bytes = "key/value caches", 2 * 8 * p.d_model * max(
+            (p.n_layer_top + 4 * p.n_layer_bottom) * cells * PRIOR_BATCH,
+            (p.n_layer_top * cells + p.n_layer_bottom * window) * RASTER_IN_FLIGHT)
     if cache_bytes > MAX_PRIOR_CACHE_BYTES:
         raise UserError(f"{path}: its prior would need {cache_bytes / 2**30:.1f} GiB of {what} for a "
                         f"batch of {PRIOR_BATCH} slices (at most {MAX_PRIOR_CACHE_BYTES >> 30} GiB); "

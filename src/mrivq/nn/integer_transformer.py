@@ -12,7 +12,7 @@ batch, device or order of summation gives the same integers:
   is read back to int64 with half a unit of margin (:func:`exact_matmul`). A last-bit error in
   any floating-point operation cannot change it.
 - **Rescaling** is an int64 multiply, an added offset (bias and rounding) and a right shift; the
-  copy's state bounds every one of them (:func:`integer_state_problem` checks a file's).
+  copy's state bounds every one of them (:func:`integer_transformer_problem` checks a file's).
 - **Layer norm**: integer mean, integer variance, an integer square root; the norm's gain and
   shift are folded into the linear layer after it.
 - **GELU**: a table over the 14-bit input, made once with the copy and stored in it.
@@ -51,7 +51,7 @@ from mrivq.nn.prior import CodePrior, CodeTransformer
 
 ACT_LIMIT = (1 << 15) - 1  # every product's inputs (activations and weights) are within this
 HIDDEN_LIMIT = (1 << 13) - 1  # the GELU's input: its table has 2 * HIDDEN_LIMIT + 1 entries
-NORM_BITS = 11  # a layer norm's output in units of 2**-11 (so +-16 fits ACT_LIMIT)
+NORM_BITS = 11  # a layer norm's output in units of 2**-11 (up to +-16, clamped to ACT_LIMIT)
 STREAM_BITS = 20  # the residual stream's largest calibrated magnitude is 2**STREAM_BITS units
 STREAM_LIMIT = 1 << 24  # the stream is clamped here (only a damaged copy comes near it)
 MAX_SHIFT = 40  # rescaling: (value * multiplier + offset) >> shift, shift <= MAX_SHIFT
@@ -146,6 +146,8 @@ class _Block:
         keys, values = cache
         end = position + length
         if keys.shape[2] < end:  # a ring of the window's positions, filled one at a time
+            if length != 1:
+                raise ValueError("a ring cache takes one position at a time")
             slot = position % keys.shape[2]
             keys[:, :, slot] = k[:, :, 0].double()
             values[:, :, :, slot] = v[:, :, 0].double()
@@ -182,8 +184,8 @@ class _Transformer:
         self.grid = tuple(int(v) for v in state["grid"])
         self.length = self.grid[0] * self.grid[1]
         self.n_head = int(state["n_head"])
-        window = state["window"]
-        self.window = None if window is None else int(window)
+        window = state["window"]  # a window as long as the grid (or longer) sees it all
+        self.window = None if window is None or int(window) >= self.length else int(window)
         self.token, self.position = state["token"], state["position"]  # int64 tables, stream unit
         self.neighbour = state.get("neighbour")
         self.neighbour_at = state.get("neighbour_at")
@@ -240,7 +242,7 @@ class _Condition:
         self.up = _Linear(state["up"])
 
     def __call__(self, codes_top: torch.Tensor) -> torch.Tensor:
-        x = self.embed[codes_top]  # (B, h, w, C)
+        x = self.embed[codes_top].clamp_(-STREAM_LIMIT, STREAM_LIMIT)  # (B, h, w, C)
         for conv3, conv1, relu_in, relu_mid in self.blocks:
             hidden = _quantise(conv3(_patches(_quantise(x.clamp(min=0), relu_in), 3, 1)).clamp_(min=0), relu_mid)
             x = (x + conv1(hidden)).clamp_(-STREAM_LIMIT, STREAM_LIMIT)
@@ -517,7 +519,7 @@ def _state_bounds_problem(state: dict) -> str | None:
     below MAX_SUM, each rescaling inside int64, each table and epsilon within its bound."""
     for where, linear in _linears(state):
         shift = int(linear["shift"])
-        if int(linear["weight"].abs().max()) > ACT_LIMIT or not 1 <= shift <= MAX_SHIFT:
+        if _beyond(linear["weight"], ACT_LIMIT) or not 1 <= shift <= MAX_SHIFT:
             return f"has weights beyond {ACT_LIMIT} or a shift out of range at {where}"
         acc = linear["weight"].long().abs().sum(dim=0) * ACT_LIMIT  # (N,) the largest |sum| any input gives
         if int(acc.max()) >= MAX_SUM:
@@ -531,26 +533,33 @@ def _state_bounds_problem(state: dict) -> str | None:
     for level in ("top", "bottom"):
         net = state[level]
         channels = net["token"].shape[1]
-        keys = net["window"] if net["window"] is not None else net["grid"][0] * net["grid"][1]
+        length = net["grid"][0] * net["grid"][1]
+        keys = length if net["window"] is None else min(net["window"], length)
         if channels > 4096 or keys * (1 << ATT_BITS) * ACT_LIMIT >= MAX_SUM:
             return f"has too many channels or attended positions for its arithmetic at {level}"
         for key in ("token", "position", "neighbour"):
-            if key in net and int(net[key].abs().max()) >= 1 << 36:
+            if key in net and _beyond(net[key], (1 << 36) - 1):
                 return f"has values beyond 2**36 at {level}.{key}"
         for i, block in enumerate(net["blocks"]):
             head_size = channels // net["n_head"]
             if not 1 <= int(block["score_shift"]) <= MAX_SHIFT or (block["score"] < 0).any() or _leaves_int64(
                     torch.tensor([head_size * ACT_LIMIT**2]), block["score"].flatten(), torch.zeros(1, dtype=torch.long)):
                 return f"has an attention scale out of range at {level}.blocks[{i}]"
-            if int(block["gelu"].abs().max()) > ACT_LIMIT:
+            if _beyond(block["gelu"], ACT_LIMIT):
                 return f"has a GELU table beyond {ACT_LIMIT} at {level}.blocks[{i}]"
             if not all(1 <= int(block[k]) <= MAX_EPS for k in ("eps_attn", "eps_mlp")):
                 return f"has a layer norm epsilon out of range at {level}.blocks[{i}]"
         if not 1 <= int(net["eps_out"]) <= MAX_EPS:
             return f"has a layer norm epsilon out of range at {level}"
-    if int(state["condition"]["embed"].abs().max()) >= 1 << 36:
+    if _beyond(state["condition"]["embed"], (1 << 36) - 1):
         return "has values beyond 2**36 at condition.embed"
     return None
+
+
+def _beyond(table: torch.Tensor, limit: int) -> bool:
+    """Whether any value of ``table`` lies outside ``[-limit, limit]`` (by its least and greatest
+    value: ``abs`` of an integer type's least value wraps to itself)."""
+    return table.numel() > 0 and (int(table.min()) < -limit or int(table.max()) > limit)
 
 
 def _leaves_int64(largest_input: torch.Tensor, multiplier: torch.Tensor, offset: torch.Tensor) -> bool:
@@ -594,8 +603,11 @@ def integer_transformer_problem(state, prior: CodePrior) -> str | None:
     None: structure, types and shapes those of a copy of a prior of ``prior``'s sizes (from a
     fresh prior, never the file's weights), the tables and neighbour indices those the sizes
     give, and every product and rescaling within int64 for any input."""
-    template = integer_transformer(_fresh_like(prior), torch.zeros(1, *prior.top_grid, dtype=torch.long),
-                                   torch.zeros(1, *prior.bottom_grid, dtype=torch.long)).state
+    try:
+        template = integer_transformer(_fresh_like(prior), torch.zeros(1, *prior.top_grid, dtype=torch.long),
+                                       torch.zeros(1, *prior.bottom_grid, dtype=torch.long)).state
+    except ValueError as exc:  # sizes whose arithmetic cannot be bounded
+        return str(exc).removeprefix("the integer copy of this prior ")
     problem = _compare(state, template, "")
     if problem:
         return problem
