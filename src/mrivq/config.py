@@ -352,11 +352,10 @@ class PriorConfig(Optimisation):
     architecture: Literal["passes", "transformer"] = Field(
         default="passes",
         description="passes: residual convolutions predicting each grid in a few interleaved "
-                    "passes, coded through an integer copy: files decode bit for bit on any "
-                    "machine, thread count or device, and code about 9x faster. transformer: "
-                    "causal transformers coding one code at a time in raster order: files about "
-                    "a fifth smaller, but they decode only on the kind of machine and device "
-                    "that coded them. " + stored_default("prior", "architecture"))
+                    "passes. transformer: causal transformers coding one code at a time in raster "
+                    "order: files about a fifth smaller, coding an order of magnitude slower. Both "
+                    "code through an integer copy, so their files decode bit for bit on any "
+                    "machine, thread count or device. " + stored_default("prior", "architecture"))
     channels: int = Field(
         default=64, ge=8, le=1024, description="passes: width of the convolutions.")
     layers: int = Field(
