@@ -371,8 +371,7 @@ def pack_codes(codes_top: np.ndarray, codes_bottom: np.ndarray, *, n_embed: int,
         header["coder"] = "frequencies"
         counts = code_count_table(codes_top, codes_bottom, n_embed)
         stream = encode_with_frequencies(codes_top, codes_bottom, counts)
-    elif prior_coding(prior) != "sequential":
-        coding = prior_coding(prior)
+    elif (coding := prior_coding(prior)) != "sequential":  # through the prior's integer copy
         header.update(coder="prior", prior_fingerprint=prior_fingerprint, prior_coding=coding)
         encode = encode_in_passes if coding == "passes" else encode_in_raster
         stream = encode(prior.integer, codes_top, codes_bottom)
