@@ -138,3 +138,30 @@ def test_no_function_is_longer_than_a_screen():
                 if lines > MAX_FUNCTION_LINES and (name, node.name) not in LONG_FUNCTIONS:
                     long.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name}: {lines} lines")
     assert not long, f"functions longer than {MAX_FUNCTION_LINES} lines:\n" + "\n".join(long)
+
+
+def _loaded_after(code: str) -> list[str]:
+    """The modules a fresh interpreter holds after running ``code``."""
+    probe = f"import sys\n{code}\nprint('\\n'.join(sorted(sys.modules)))"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+
+
+def test_a_command_imports_its_own_app_only():
+    """``mrivq decode`` reads its own flags only: the other commands (and what they import) stay unloaded."""
+    loaded = _loaded_after("from mrivq.cli import build_parser\nbuild_parser('decode').parse_args("
+                           "['decode', '--checkpoint', 'm.pt', '--out', 'd', 'c.mrvq'])")
+    assert [m for m in loaded if m.startswith("mrivq.apps.")] == ["mrivq.apps.decode", "mrivq.apps.flags"]
+    assert "matplotlib" not in loaded
+    every = _loaded_after("from mrivq.cli import build_parser\nbuild_parser()")  # mrivq --help: all of them
+    assert {"mrivq.apps.train", "mrivq.apps.sample", "mrivq.apps.bench"} <= set(every)
+
+
+def test_checking_a_checkpoints_shapes_does_not_import_torchs_symbolic_shapes():
+    """The shapes-only build of every model (meta device, initialisers skipped) runs no torch
+    reference implementation, whose first use imports sympy and torch's symbolic shapes
+    (a third of a second of every command that loads a model)."""
+    loaded = _loaded_after(
+        "from mrivq.engine.checkpoint import _shapes_only\nfrom mrivq.nn import VQVAE2\n"
+        "from mrivq.nn.pass_prior import PassPrior\nfrom mrivq.nn.prior import CodePrior\n"
+        "with _shapes_only():\n    VQVAE2(); PassPrior(512, (32, 16)); CodePrior(512, (32, 16))")
+    assert "sympy" not in loaded and "torch.fx.experimental.symbolic_shapes" not in loaded

@@ -84,9 +84,10 @@ def nifti_stem(path) -> str:
     return name
 
 
-def nifti_bytes(image, *, gz: bool = True, compresslevel: int = 6) -> bytes:
+def nifti_bytes(image, *, gz: bool = True, compresslevel: int = 1) -> bytes:
     """A nibabel image as the bytes of a ``.nii.gz`` file (``gz=False``: ``.nii``); ``mtime=0``
-    keeps the bytes of the same image the same."""
+    keeps the bytes of the same image the same. Level 1, as nibabel writes ``.nii.gz``: a
+    fraction of the time of level 6, for files a few per cent larger."""
     raw = image.to_bytes()
     return gzip.compress(raw, compresslevel=compresslevel, mtime=0) if gz else raw
 

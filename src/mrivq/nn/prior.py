@@ -138,12 +138,13 @@ NEIGHBOURS = ((0, -1), (0, -2), (-1, -1), (-1, 0), (-1, 1), (-2, 0))
 
 def neighbour_index(grid: tuple[int, int]) -> torch.Tensor:
     """``(rows x cols, len(NEIGHBOURS))`` raster indices of each position's neighbours; -1 where a
-    neighbour lies outside the grid."""
+    neighbour lies outside the grid. On the CPU even while a model is built on the meta device
+    (as :func:`mrivq.nn.pass_prior.pass_map`)."""
     rows, cols = grid
-    r = torch.arange(rows)[:, None, None]
-    c = torch.arange(cols)[None, :, None]
-    dr = torch.tensor([o[0] for o in NEIGHBOURS])
-    dc = torch.tensor([o[1] for o in NEIGHBOURS])
+    r = torch.arange(rows, device="cpu")[:, None, None]
+    c = torch.arange(cols, device="cpu")[None, :, None]
+    dr = torch.tensor([o[0] for o in NEIGHBOURS], device="cpu")
+    dc = torch.tensor([o[1] for o in NEIGHBOURS], device="cpu")
     nr, nc = r + dr, c + dc  # (rows, cols, n)
     inside = (nr >= 0) & (nr < rows) & (nc >= 0) & (nc < cols)
     return torch.where(inside, nr * cols + nc, -1).reshape(rows * cols, len(NEIGHBOURS))
@@ -171,7 +172,8 @@ class CodeTransformer(nn.Module):
             # One table for all offsets: row o * (n_embed + 1) + code; code n_embed is "outside".
             self.neighbour = nn.Embedding(len(NEIGHBOURS) * (n_embed + 1), d_model)
             self.register_buffer("neighbour_at", neighbour_index(self.grid), persistent=False)
-            self.register_buffer("neighbour_row", torch.arange(len(NEIGHBOURS)) * (n_embed + 1), persistent=False)
+            self.register_buffer("neighbour_row", torch.arange(len(NEIGHBOURS), device="cpu") * (n_embed + 1),
+                                 persistent=False)
         self.row = nn.Embedding(self.grid[0], d_model)
         self.col = nn.Embedding(self.grid[1], d_model)
         self.drop = nn.Dropout(dropout)

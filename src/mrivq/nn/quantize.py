@@ -142,7 +142,8 @@ class VectorQuantizer(nn.Module):
         self.kmeans_iters = int(kmeans_iters)
         self.cosine = bool(cosine)
 
-        embed = torch.randn(n_embed, embed_dim)
+        # (nn.init, not torch.randn: the same numbers, and a shapes-only build skips it)
+        embed = nn.init.normal_(torch.empty(n_embed, embed_dim))
         self.register_buffer("embed", embed)
         self.register_buffer("cluster_size", torch.ones(n_embed))
         self.register_buffer("embed_avg", embed.clone())
