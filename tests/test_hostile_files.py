@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import zlib
 from pathlib import Path
 
@@ -224,17 +225,31 @@ def test_shapes_and_slice_counts_beyond_the_limits_are_refused(bases, tmp_path, 
 
 def test_decode_holds_one_batch_of_slices_at_a_time(bases, tmp_path, monkeypatch):
     """Many slices in a small file (blank ones code to almost nothing) are decoded and written a
-    batch at a time, so memory does not grow with the count."""
+    batch at a time (one batch written while the next is decoded), so memory does not grow with
+    the count."""
     from mrivq.apps import decode as decode_app
     from mrivq.compression import codec
 
-    events, real_decode, real_write = [], codec.decode_images, decode_app.atomic_write
-    real_init = codec.Codec.__init__
+    lock, waiting, most = threading.Lock(), [0], [0]
+    real_decode, real_write, real_init = codec.decode_images, decode_app.atomic_write, codec.Codec.__init__
+
+    def decode_images(model, top, *args, **kwargs):
+        with lock:  # slices decoded and not yet written, once this batch is decoded
+            waiting[0] += len(top)
+            most[0] = max(most[0], waiting[0])
+        return real_decode(model, top, *args, **kwargs)
+
+    def write(*args, **kwargs):
+        real_write(*args, **kwargs)
+        with lock:
+            waiting[0] -= 1
+
     monkeypatch.setattr(codec.Codec, "__init__", lambda self, *a, **k: real_init(self, *a, **{**k, "batch_size": 2}))
-    monkeypatch.setattr(codec, "decode_images", lambda *a, **k: events.append("decode") or real_decode(*a, **k))
-    monkeypatch.setattr(decode_app, "atomic_write", lambda *a, **k: events.append("write") or real_write(*a, **k))
+    monkeypatch.setattr(codec, "decode_images", decode_images)
+    monkeypatch.setattr(decode_app, "atomic_write", write)
     written = decode_app.decode(bases["vqvae"], bases["codes"], tmp_path / "out")
-    assert len(written) == 6 and events == ["decode", "write", "write"] * 3
+    assert len(written) == 6 and all(path.exists() for path in written) and waiting[0] == 0
+    assert most[0] <= 2 * 2  # the batch being decoded and at most one batch of 2 waiting to be written
 
 
 def nifti_header_claiming(shape) -> bytes:

@@ -14,6 +14,8 @@ Example::
 from __future__ import annotations
 
 import argparse
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tqdm import tqdm
@@ -42,11 +44,26 @@ def decode(checkpoint: str | Path, codes_path: str | Path, out_dir: str | Path, 
     targets = [out_dir / source["name"] for source in codes.header["sources"]]
     decoded = codec.decompress_codes(codes, codes_path)
     claim_outputs(out_dir, "decode", targets, overwrite=overwrite, inputs=[codes_path, checkpoint, prior])
-    for i, scanner in tqdm(codec.decompress(codes, codes_path, codes=decoded), total=codes.n, desc="decode",
-                           unit="slice", disable=None, leave=False):
-        blob = nifti_bytes(nifti_image(scanner, codes.affines[i]))
-        atomic_write(targets[i], lambda fh, blob=blob: fh.write(blob), listed=False)
+    slices = tqdm(codec.decompress(codes, codes_path, codes=decoded), total=codes.n, desc="decode", unit="slice",
+                  disable=None, leave=False)
+    # Each slice is compressed and written on a second thread while the next batch is decoded
+    # (zlib and the file system release the GIL); at most a batch waits, so memory stays bounded.
+    writer, pending = ThreadPoolExecutor(1), deque()
+    try:
+        for i, scanner in slices:
+            pending.append(writer.submit(_write_nifti, targets[i], scanner, codes.affines[i]))
+            while len(pending) > codec.batch_size or (pending and pending[0].done()):
+                pending.popleft().result()
+        while pending:
+            pending.popleft().result()
+    finally:  # on an error or Ctrl-C, the slices not yet started are dropped; none is left half-written
+        writer.shutdown(wait=True, cancel_futures=True)
     return targets
+
+
+def _write_nifti(path: Path, scanner, affine) -> None:
+    blob = nifti_bytes(nifti_image(scanner, affine))
+    atomic_write(path, lambda fh: fh.write(blob), listed=False)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
