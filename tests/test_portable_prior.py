@@ -279,3 +279,20 @@ def test_pass_sampling_finds_a_nucleus_wider_than_its_candidates():
     drawn = _draw(probs, 0.5, torch.Generator().manual_seed(2)).reshape(5000, 2)
     assert drawn[:, 0].max() < nucleus and drawn[:, 0].max() >= NUCLEUS_CANDIDATES
     assert (drawn[:, 1] == 7).all()
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_pass_sampling_refuses_probabilities_that_are_not_numbers(bad):
+    """One damaged weight of the output layer spoils one code's probability at every position:
+    sampling says so instead of drawing from them."""
+    from mrivq.nn.prior import NonFiniteProbabilities
+
+    torch.manual_seed(0)
+    prior = PassPrior(16, (4, 4), channels=8, layers=2, condition_layers=1)
+    with torch.no_grad():
+        prior.bottom.head.bias[5] = bad
+    with pytest.raises(NonFiniteProbabilities):
+        prior.sample(2)
+    with torch.no_grad():
+        prior.bottom.head.bias[5] = 0.0
+    assert prior.sample(2)[1].shape == (2, 8, 8)

@@ -177,7 +177,7 @@ class PassPrior(nn.Module):
                 logits = net.logits_at(codes, torch.full((n,), step, device=device), condition, here)
                 logits = logits.float().reshape(-1, self.n_embed)
                 probs = torch.softmax(logits / temperature, dim=1)
-                if not torch.isfinite(probs).all():
+                if not torch.isfinite(probs.sum()):  # a NaN or Inf anywhere (probabilities cannot overflow a sum)
                     raise NonFiniteProbabilities("the prior's probabilities hold NaN or Inf (damaged weights)")
                 drawn = _draw(probs, top_p, generator).reshape(n, -1)
                 codes = codes.flatten(1).index_put((torch.arange(n, device=device)[:, None],
