@@ -428,3 +428,18 @@ def test_a_pass_prior_codes_files_any_machine_decodes_and_refuses_a_damaged_copy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "integer coding copy" in err[0] and "beyond" in err[0]
     assert not (tmp_path / "x").exists()
+
+
+def test_the_samples_mutual_ssim_is_the_mean_over_every_pair_whatever_the_chunks(monkeypatch):
+    from mrivq.apps import sample as sample_app
+    from mrivq.engine.losses import differentiable_ssim
+
+    rng = np.random.default_rng(0)
+    slices = rng.random((7, 32, 16)).astype(np.float32)
+    slices[3] = slices[2]  # one pair alike
+    images = torch.from_numpy(slices)[:, None]
+    expected = np.mean([float(differentiable_ssim(images[i:i + 1], images[j:j + 1]))
+                        for i in range(7) for j in range(i + 1, 7)])
+    monkeypatch.setattr(sample_app, "PAIR_CHUNK", 4)  # 21 pairs: 5 full chunks and one of 1
+    assert sample_app._mutual_ssim(slices, "minmax") == pytest.approx(expected, abs=1e-6)
+    assert sample_app._mutual_ssim(slices[:1], "minmax") is None

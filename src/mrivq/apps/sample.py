@@ -48,6 +48,7 @@ from mrivq.runtime import resolve_device
 
 SHORTLIST = 32  # training slices scored with SSIM per sample, of those that correlate best
 SHOWN = 64  # samples in samples.png and scored against the training slices (the first ones drawn)
+PAIR_CHUNK = 128  # pairs of slices scored at once (memory: ~2 MiB of SSIM maps a pair of 256 x 128)
 TOP_P = 0.8  # nucleus sampling's share of the probability unless told otherwise
 
 
@@ -221,10 +222,15 @@ def _mutual_ssim(slices: np.ndarray, normalize: str) -> float | None:
     fewer than two."""
     if len(slices) < 2:
         return None
-    images = _unit_batch(slices, normalize)
+    images = _unit_batch(slices, normalize).clamp(0, 1)
     first, second = torch.triu_indices(len(images), len(images), offset=1)
-    with torch.inference_mode():
-        return float(differentiable_ssim(images[first].clamp(0, 1), images[second].clamp(0, 1)).mean())
+    total = torch.zeros((), dtype=torch.float64)
+    with torch.inference_mode():  # PAIR_CHUNK pairs at a time: 64 slices make 2,016 pairs
+        for lo in tqdm(range(0, len(first), PAIR_CHUNK), desc="sample: SSIM between samples", unit="chunk",
+                       disable=None, leave=False):
+            pairs = slice(lo, lo + PAIR_CHUNK)
+            total += differentiable_ssim(images[first[pairs]], images[second[pairs]]).double().sum()
+    return float(total / len(first))
 
 
 def _most_similar(slices: np.ndarray, train_images, normalize: str) -> tuple[list[int], list[float]]:
@@ -247,7 +253,8 @@ def _most_similar(slices: np.ndarray, train_images, normalize: str) -> tuple[lis
             correlations.append(query @ thumbnails(chunk).T)
         candidates = torch.cat(correlations, dim=1).topk(shortlist, dim=1).indices  # (n, shortlist)
         best_ssim, best_index = [], []
-        for sample, chosen in zip(samples, candidates.tolist()):
+        for sample, chosen in tqdm(list(zip(samples, candidates.tolist())), desc="sample: nearest training slices",
+                                   unit="sample", disable=None, leave=False):
             chosen = sorted(chosen)
             target = _unit_batch(train_images[chosen], normalize)
             scores = differentiable_ssim(sample.expand_as(target).clamp(0, 1), target)
