@@ -296,3 +296,32 @@ def test_pass_sampling_refuses_probabilities_that_are_not_numbers(bad):
     with torch.no_grad():
         prior.bottom.head.bias[5] = 0.0
     assert prior.sample(2)[1].shape == (2, 8, 8)
+
+
+def test_the_coders_count_every_slice_on_their_progress_bar(fitted, monkeypatch):
+    """On a terminal a bar counts the slices coded, from whichever thread finished them."""
+    from mrivq.compression import entropy
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, **kwargs):
+            self.total, self.done, self.closed = total, 0, False
+            bars.append(self)
+
+        def update(self, size):
+            self.done += size
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(entropy, "tqdm", Bar)
+    prior, top, bottom = fitted
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # batches side by side on two threads
+    try:
+        words = encode_in_passes(prior.integer, top[:5].numpy(), bottom[:5].numpy(), batch_size=2)
+        decode_in_passes(prior.integer, words, 5, batch_size=3)
+    finally:
+        torch.set_num_threads(threads)
+    assert [(bar.total, bar.done, bar.closed) for bar in bars] == [(5, 5, True), (5, 5, True)]

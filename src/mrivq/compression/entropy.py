@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from mrivq.nn.integer_prior import IntegerPassPrior, weights_from_logits
 from mrivq.nn.integer_transformer import CHUNK, IntegerCodePrior
@@ -202,20 +203,32 @@ def _in_batches(n: int, batch_size: int, device: torch.device, run, in_flight: i
     """``run(lo, size) -> (top, bottom)`` over the batches of ``n`` slices, concatenated. On the CPU,
     batches run side by side, one per thread (``torch.get_num_threads()``, at most ``in_flight``
     slices at once: within the memory a prior checkpoint is checked for), each op on one thread:
-    small batches keep the integer working set in the caches."""
+    small batches keep the integer working set in the caches. A progress bar counts the slices
+    (on a terminal: a transformer prior takes minutes for a few hundred)."""
     starts = range(0, n, batch_size)
     workers = 1
     if device.type == "cpu":
         workers = max(1, min(torch.get_num_threads(), len(starts), in_flight // batch_size))
-    if workers > 1:
-        with _single_threaded_ops():
-            pool = ThreadPoolExecutor(workers)
-            try:
-                parts = list(pool.map(lambda lo: run(lo, min(batch_size, n - lo)), starts))
-            finally:  # on an error or Ctrl-C, the batches not yet started are dropped
-                pool.shutdown(wait=True, cancel_futures=True)
-    else:
-        parts = [run(lo, min(batch_size, n - lo)) for lo in starts]
+    bar = tqdm(total=n, desc="prior coder", unit="slice", disable=None, leave=False)
+
+    def counted(lo: int):
+        size = min(batch_size, n - lo)
+        part = run(lo, size)
+        bar.update(size)
+        return part
+
+    try:
+        if workers > 1:
+            with _single_threaded_ops():
+                pool = ThreadPoolExecutor(workers)
+                try:
+                    parts = list(pool.map(counted, starts))
+                finally:  # on an error or Ctrl-C, the batches not yet started are dropped
+                    pool.shutdown(wait=True, cancel_futures=True)
+        else:
+            parts = [counted(lo) for lo in starts]
+    finally:
+        bar.close()
     return np.concatenate([top for top, _ in parts]), np.concatenate([bottom for _, bottom in parts])
 
 
