@@ -87,7 +87,10 @@ def _commands(checkpoint: str, prior: Path, data: Path, n: int, work: Path, roun
     for label, argv, clean in (("encode", encode, codes), ("decode", decode, decoded), ("sample", sample, drawn)):
         best, printed = None, ""
         for _ in range(rounds):
-            shutil.rmtree(clean, ignore_errors=True) if clean.is_dir() else clean.unlink(missing_ok=True)
+            if clean.is_dir():
+                shutil.rmtree(clean)
+            else:
+                clean.unlink(missing_ok=True)
             began = time.perf_counter()
             done = subprocess.run([sys.executable, "-m", "mrivq", *argv], capture_output=True, text=True, check=True)
             seconds = time.perf_counter() - began
