@@ -71,7 +71,7 @@ def _phantom_test_split() -> Path:
 def _without_integer_copy(path: Path, out: Path) -> Path | None:
     """A copy of a transformer prior as mrivq wrote it before integer copies; None for a pass prior."""
     ckpt = load_checkpoint(path)
-    if ckpt["config"]["prior"].get("architecture") != "transformer" or "integer" not in ckpt:
+    if ckpt["config"]["prior"].get("kind") != "transformer" or "integer" not in ckpt:
         return None
     save_checkpoint(out, {k: v for k, v in ckpt.items()
                           if k not in ("format", "format_version", "integer", "integer_fingerprint")})

@@ -4,7 +4,7 @@ Prints one JSON object per figure: training step time, and sampling samples/s wi
 cache against a naive sampler that reruns the full forward pass at every position (measured
 on the top grid only, where it is affordable, and reported per position).
 
-    python benchmarks/prior_speed.py [--set prior.d_model=128 ...] [--image-size 256 128] [--n 8]
+    python benchmarks/prior_speed.py [--set prior.transformer.d_model=128 ...] [--image-size 256 128] [--n 8]
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ import torch
 from conftest import PINNED_PRECISION, TINY_MODEL
 from torch.overrides import TorchFunctionMode
 
-TINY_PRIOR = {"architecture": "transformer", "d_model": 16, "n_head": 2, "n_layer_top": 1, "n_layer_bottom": 1, "condition_blocks": 1,
-              "batch_size": 8, "warmup_steps": 2, "dropout": 0.0, "augment_shift": 2}
+TINY_PRIOR = {"kind": "transformer", "transformer.d_model": 16, "transformer.n_head": 2, "transformer.n_layer_top": 1,
+              "transformer.n_layer_bottom": 1, "transformer.condition_blocks": 1, "batch_size": 8, "warmup_steps": 2,
+              "transformer.dropout": 0.0, "copies.shift": 2}
 
 
 def tiny_data_overrides(phantom: Path, cache: Path) -> list[str]:
@@ -52,3 +53,17 @@ class OneUlp(TorchFunctionMode):
             towards = math.inf if self.calls % 2 else -math.inf
             return torch.nextafter(out, torch.full_like(out, towards))
         return out
+
+
+def flat_prior(prior: dict) -> dict:
+    """A config's prior section (today's nested shape, as ``Config.to_dict`` gives it) in the flat
+    shape mrivq stored before the section was nested (``mrivq.compat.PRIOR_MOVED`` backwards);
+    the shared ``condition_blocks`` from the selected kind's section."""
+    from mrivq.compat import PRIOR_MOVED
+
+    out = {key: value for key, value in prior.items() if key not in ("kind", "passes", "transformer", "copies")}
+    for old, new in PRIOR_MOVED.items():
+        key = next((key for key in new if key.startswith(f"{prior['kind']}.")), new[0])
+        section, _, name = key.rpartition(".")
+        out[old] = (prior[section] if section else prior)[name]
+    return out

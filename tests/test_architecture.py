@@ -162,6 +162,6 @@ def test_checking_a_checkpoints_shapes_does_not_import_torchs_symbolic_shapes():
     (a third of a second of every command that loads a model)."""
     loaded = _loaded_after(
         "from mrivq.engine.checkpoint import _shapes_only\nfrom mrivq.nn import VQVAE2\n"
-        "from mrivq.nn.pass_prior import PassPrior\nfrom mrivq.nn.prior import CodePrior\n"
-        "with _shapes_only():\n    VQVAE2(); PassPrior(512, (32, 16)); CodePrior(512, (32, 16))")
+        "from mrivq.nn.pass_prior import PassPrior\nfrom mrivq.nn.transformer_prior import TransformerPrior\n"
+        "with _shapes_only():\n    VQVAE2(); PassPrior(512, (32, 16)); TransformerPrior(512, (32, 16))")
     assert "sympy" not in loaded and "torch.fx.experimental.symbolic_shapes" not in loaded

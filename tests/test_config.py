@@ -6,18 +6,31 @@ from pathlib import Path
 
 import pytest
 
-from mrivq.config import Config, ModelConfig, PriorConfig, load_config
+import yaml
+from prior_helpers import flat_prior
+from pydantic import BaseModel, Field
+
+from mrivq.config import (
+    PRIOR_SECTIONS,
+    Config,
+    ModelConfig,
+    PassPriorSettings,
+    TransformerPriorSettings,
+    config_from_dict,
+    load_config,
+    register_prior_section,
+)
 from mrivq.errors import ConfigError
 from mrivq.nn import VQVAE2
 from mrivq.nn.pass_prior import PassPrior
-from mrivq.nn.prior import CodePrior
+from mrivq.nn.transformer_prior import TransformerPrior
 
 #: Constructor arguments whose config key has another name (as engine.checkpoint.prior_from_config maps them).
 CONFIG_KEY_OF = {"neighbours": "neighbour_codes", "condition_layers": "condition_blocks"}
 
 
-@pytest.mark.parametrize(("model", "section"), [(VQVAE2, ModelConfig), (CodePrior, PriorConfig),
-                                                (PassPrior, PriorConfig)])
+@pytest.mark.parametrize(("model", "section"), [(VQVAE2, ModelConfig), (TransformerPrior, TransformerPriorSettings),
+                                                (PassPrior, PassPriorSettings)])
 def test_every_model_constructor_default_is_the_config_default(model, section):
     defaults = {name: parameter.default for name, parameter in inspect.signature(model).parameters.items()
                 if parameter.default is not inspect.Parameter.empty}
@@ -90,24 +103,118 @@ def test_report_layout_is_translated(tmp_path):
     assert c.model_dir.name == "models" and c.output.dir == c.model_dir.parent
 
 
-def test_prior_augmentation_lists_read_one_number_as_a_list_and_zero_as_none():
-    assert load_config(None, ["prior.augment_shift=4"]).prior.augment_shift == [4]
-    assert load_config(None, ["prior.augment_shift=0"]).prior.augment_shift == []
-    assert load_config(None, ["prior.augment_scale=[0.9, 1.1]"]).prior.augment_scale == [0.9, 1.1]
-    assert load_config(None, ["prior.augment_scale=[]"]).prior.augment_scale == []
-    for bad in ("prior.augment_shift=[4, -2]", "prior.augment_scale=1", "prior.augment_scale=[3]"):
-        with pytest.raises(ConfigError, match=r"prior\.augment_s"):
+def test_prior_copies_lists_read_one_number_as_a_list_and_zero_as_none():
+    assert load_config(None, ["prior.copies.shift=4"]).prior.copies.shift == [4]
+    assert load_config(None, ["prior.copies.shift=0"]).prior.copies.shift == []
+    assert load_config(None, ["prior.copies.scale=[0.9, 1.1]"]).prior.copies.scale == [0.9, 1.1]
+    assert load_config(None, ["prior.copies.scale=[]"]).prior.copies.scale == []
+    for bad in ("prior.copies.shift=[4, -2]", "prior.copies.scale=1", "prior.copies.scale=[3]"):
+        with pytest.raises(ConfigError, match=r"prior\.copies\.s"):
             load_config(None, [bad])
+
+
+#: An old flat prior section (as mrivq stored and users wrote it before the section was nested)
+#: and where each of its values is now.
+OLD_PRIOR = {"architecture": "transformer", "channels": 32, "layers": 3, "passes_top": 5, "passes_bottom": 1,
+             "d_model": 64, "n_head": 2, "n_layer_top": 2, "n_layer_bottom": 1, "bottom_window_rows": None,
+             "condition_blocks": 1, "neighbour_codes": False, "dropout": 0.1, "augment_flip": "none",
+             "augment_shift": [2], "augment_scale": [], "steps": 7}
+NEW_PRIOR = {"kind": "transformer",
+             "passes": {"channels": 32, "layers": 3, "passes_top": 5, "passes_bottom": 1, "condition_blocks": 1},
+             "transformer": {"d_model": 64, "n_head": 2, "n_layer_top": 2, "n_layer_bottom": 1,
+                             "bottom_window_rows": None, "condition_blocks": 1, "neighbour_codes": False,
+                             "dropout": 0.1},
+             "copies": {"flip": "none", "shift": [2], "scale": []}, "steps": 7}
+
+
+def _nested(prior) -> dict:
+    return {key: value for key, value in prior.model_dump().items() if key in NEW_PRIOR}
+
+
+def test_an_old_flat_prior_section_in_a_user_config_loads_nested_with_a_deprecation_line(tmp_path, capsys):
+    cfg = tmp_path / "old.yaml"
+    cfg.write_text(yaml.safe_dump({"prior": OLD_PRIOR}))
+    assert _nested(load_config(cfg).prior) == NEW_PRIOR
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == len(OLD_PRIOR) - 1  # one per old key (steps kept its name)
+    assert "mrivq: prior.channels is now prior.passes.channels (the old name still loads)" in lines
+    assert ("mrivq: prior.condition_blocks is now prior.passes.condition_blocks and "
+            "prior.transformer.condition_blocks (the old name still loads)") in lines
+    assert "mrivq: prior.architecture is now prior.kind (the old name still loads)" in lines
+
+    # --set overrides too, over today's keys in the file; both names in one file are an error
+    cfg.write_text(yaml.safe_dump({"prior": NEW_PRIOR}))
+    loaded = load_config(cfg, ["prior.architecture=passes", "prior.augment_shift=3", "prior.condition_blocks=4"])
+    assert (loaded.prior.kind, loaded.prior.copies.shift) == ("passes", [3])
+    assert loaded.prior.passes.condition_blocks == loaded.prior.transformer.condition_blocks == 4
+    assert capsys.readouterr().err.splitlines() == [
+        "mrivq: prior.architecture is now prior.kind (the old name still loads)",
+        "mrivq: prior.augment_shift is now prior.copies.shift (the old name still loads)",
+        "mrivq: prior.condition_blocks is now prior.passes.condition_blocks and prior.transformer.condition_blocks "
+        "(the old name still loads)"]
+    cfg.write_text(yaml.safe_dump({"prior": {**NEW_PRIOR, "d_model": 32}}))
+    with pytest.raises(ConfigError, match=r"prior\.d_model and prior\.transformer\.d_model"):
+        load_config(cfg)
+
+
+def test_an_old_flat_prior_section_in_a_stored_config_loads_nested_silently(capsys):
+    stored = {**Config().to_dict(), "prior": dict(OLD_PRIOR)}
+    assert _nested(config_from_dict(stored).prior) == NEW_PRIOR
+    assert stored["prior"] == OLD_PRIOR  # the caller's dict is left as it was
+    assert capsys.readouterr().err == ""
+    today = load_config(None, ["prior.kind=transformer", "prior.transformer.d_model=64"])
+    assert config_from_dict(today.to_dict()) == today  # today's shape is read as is
+    assert config_from_dict({**today.to_dict(), "prior": flat_prior(today.to_dict()["prior"])}) == today
 
 
 def test_a_stored_prior_config_without_the_newer_keys_loads_as_it_trained():
     """Priors stored before ``prior.architecture`` and ``prior.neighbour_codes`` existed were
-    transformers without neighbour codes, whatever today's defaults say (mrivq.compat)."""
-    from mrivq.config import config_from_dict
-
+    transformers without neighbour codes, whatever today's defaults say (mrivq.compat); a stored
+    config of today's nested shape is read as is."""
     stored = Config().to_dict()
+    stored["prior"] = flat_prior(stored["prior"])
     for key in ("architecture", "neighbour_codes"):
         del stored["prior"][key]
     loaded = config_from_dict(stored).prior
-    assert (loaded.architecture, loaded.neighbour_codes) == ("transformer", False)
+    assert (loaded.kind, loaded.transformer.neighbour_codes) == ("transformer", False)
     assert "architecture" not in stored["prior"]  # the caller's dict is left as it was
+    nested = Config().to_dict()
+    del nested["prior"]["transformer"]["neighbour_codes"]
+    loaded = config_from_dict(nested).prior
+    assert (loaded.kind, loaded.transformer.neighbour_codes) == ("passes", True)
+
+
+def test_the_settings_are_the_selected_kinds_section():
+    assert load_config(None, []).prior.settings == PassPriorSettings()
+    prior = load_config(None, ["prior.kind=transformer", "prior.transformer.n_head=8"]).prior
+    assert prior.settings is prior.transformer and prior.settings.n_head == 8
+
+
+class LinearSettings(BaseModel):  # a plain model: it would ignore unknown keys, the config does not
+    width: int = Field(default=3, ge=1)
+
+
+def test_a_registered_prior_kind_has_its_own_section_validated_by_its_class(monkeypatch, tmp_path):
+    monkeypatch.setitem(PRIOR_SECTIONS, "linear", None)  # undone after the test
+    register_prior_section("linear", LinearSettings)
+    assert load_config(None, ["prior.kind=linear"]).prior.settings == LinearSettings()
+    config = load_config(None, ["prior.kind=linear", "prior.linear.width=7"])
+    assert config.prior.settings == LinearSettings(width=7)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(config.to_yaml())
+    assert load_config(cfg).prior == config.prior and config_from_dict(config.to_dict()) == config
+    for bad, key in (("prior.linear.widht=2", r"unknown config key 'prior\.linear\.widht'"),
+                     ("prior.linear.width=0", r"'prior\.linear\.width'"),
+                     ("prior.lineer.width=2", r"unknown config key 'prior\.lineer'")):
+        with pytest.raises(ConfigError, match=key):
+            load_config(None, ["prior.kind=linear", bad])
+    for name in ("steps", "copies", "passes"):  # a prior key, or a built-in kind with another class
+        with pytest.raises(ValueError, match=name):
+            register_prior_section(name, LinearSettings)
+
+
+def test_an_unknown_prior_kind_names_prior_kind_and_the_known_kinds():
+    with pytest.raises(ConfigError, match=r"'prior\.kind'.*'pixelcnn'.*passes, transformer"):
+        load_config(None, ["prior.kind=pixelcnn"])
+    with pytest.raises(ConfigError, match=r"'prior\.kind'"):
+        load_config(None, ["prior.architecture=pixelcnn"])

@@ -124,22 +124,25 @@ def test_prior_header_keys_are_checked(bases, tmp_path, capsys, key):
         refused(decode_args(bases, path, tmp_path / "out", "--prior", bases["prior"]), capsys, "header")
 
 
-@pytest.mark.parametrize("edit", [{"prior_coding": "sequential"}, {"prior_coding": "sideways"},
-                                  {"prior_batch": 16}, {"prior_device": "cpu"}])
-def test_a_prior_coding_that_does_not_fit_the_header_is_refused(bases, tmp_path, capsys, edit):
-    """A raster-coded file claiming to be sequential (without the batch and device that coding
-    fixes) or given them, or another coding, is refused by the header's schema before any prior
-    runs."""
+@pytest.mark.parametrize("edit, message", [
+    ({"prior_coding": "sequential"}, "header"), ({"prior_batch": 16}, "header"), ({"prior_device": "cpu"}, "header"),
+    ({"prior_coding": "Side ways"}, "header"), ({"prior_coding": "sideways"}, "coded in sideways order"),
+    ({"prior_coding": "sequential", "prior_batch": 16, "prior_device": "cpu"}, "mrivq 0.1.0 from before 2026-12-04")])
+def test_a_prior_coding_that_does_not_fit_the_header_is_refused(bases, tmp_path, capsys, edit, message):
+    """A raster-coded file claiming the retired floating-point coding without the batch and device
+    it fixed, or given them alone, or a coding that is no name, is refused by the header's schema;
+    one whose coding no prior here has, by name; one of the retired coding, by the version that
+    wrote it. No prior runs."""
     blob = bases["prior_codes"].read_bytes()
     header = {**read_header(blob), **edit}
     path = spoiled(tmp_path, "edited.mrvq", with_header(blob, header))
-    refused(decode_args(bases, path, tmp_path / "out", "--prior", bases["prior"]), capsys, "header")
+    refused(decode_args(bases, path, tmp_path / "out", "--prior", bases["prior"]), capsys, message)
 
 
 def test_a_file_claiming_another_kind_of_prior_is_refused(bases, tmp_path, capsys):
     blob = bases["prior_codes"].read_bytes()
     path = spoiled(tmp_path, "edited.mrvq", with_header(blob, {**read_header(blob), "prior_coding": "passes"}))
-    refused(decode_args(bases, path, tmp_path / "out", "--prior", bases["prior"]), capsys, "coded under a pass prior")
+    refused(decode_args(bases, path, tmp_path / "out", "--prior", bases["prior"]), capsys, "coded in passes order")
 
 
 def test_prior_coding_on_a_frequency_coded_file_is_refused(bases, tmp_path, capsys):
@@ -156,7 +159,7 @@ def test_source_entries_are_checked(bases, tmp_path, capsys, field, value):
     header = read_header(blob)
     header["sources"][0][field] = value
     path = spoiled(tmp_path, "edited.mrvq", with_header(blob, header))
-    refused(decode_args(bases, path, tmp_path / "out"), capsys, "header sources.0")
+    refused(decode_args(bases, path, tmp_path / "out"), capsys, "header's sources.0")
 
 
 def test_a_deeply_nested_header_is_refused(bases, tmp_path, capsys):
@@ -209,12 +212,12 @@ def test_shapes_and_slice_counts_beyond_the_limits_are_refused(bases, tmp_path, 
     big = json.loads(json.dumps(header))
     big["sources"][0]["shape"] = [65535, 65535]
     refused(decode_args(bases, spoiled(tmp_path, "shape.mrvq", with_header(blob, big)), tmp_path / "out"), capsys,
-            "header sources.0.shape")
+            "header's sources.0.shape")
     many = json.loads(json.dumps(header))
     many["n"] = MAX_SLICES + 1
     many["sources"] = [dict(header["sources"][0], name=f"s{i}.nii.gz") for i in range(MAX_SLICES + 1)]
     refused(decode_args(bases, spoiled(tmp_path, "many.mrvq", with_header(blob, many)), tmp_path / "out"), capsys,
-            "header n")
+            "header's n")
     fewer = json.loads(json.dumps(header))
     fewer["n"] = header["n"] + 1000  # more slices than the side data describes
     fewer["sources"] = [dict(header["sources"][0], name=f"s{i}.nii.gz") for i in range(fewer["n"])]
@@ -307,13 +310,14 @@ def renamed(bases, tmp_path, names) -> Path:
 def test_names_decode_would_misuse_are_refused(bases, tmp_path, capsys, name, message):
     out = tmp_path / "out" / "new"
     path = renamed(bases, tmp_path, [name])
-    refused(decode_args(bases, path, out), capsys, "header sources.0.name", message)
+    refused(decode_args(bases, path, out), capsys, "header's sources.0.name", message)
     assert not out.exists() and not (tmp_path / "out").exists()
 
 
 def test_two_slices_with_one_name_are_refused(bases, tmp_path, capsys):
     path = renamed(bases, tmp_path, ["same.nii.gz", "SAME.nii.gz"])
-    refused(decode_args(bases, path, tmp_path / "out"), capsys, "same name")
+    line = refused(decode_args(bases, path, tmp_path / "out"), capsys, "in its header, two slices have the same name")
+    assert "Value error" not in line and "header header" not in line  # a sentence, not the validator's words
 
 
 def test_decode_never_replaces_a_file_it_did_not_write(bases, tmp_path, capsys):
@@ -361,8 +365,8 @@ def test_encode_replaces_only_codes_files(bases, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda h: h.update(image_size=[-64, 32]), "header image_size"),
-    (lambda h: h["sources"][0].update(shape=[0, 32]), "header sources.0.shape"),
+    (lambda h: h.update(image_size=[-64, 32]), "header's image_size"),
+    (lambda h: h["sources"][0].update(shape=[0, 32]), "header's sources.0.shape"),
     (lambda h: h.update(image_size=[128, 32], top_grid=[16, 4]), "frequency tables do not count the codes"),
     (lambda h: h.update(normalize="zscore"), "not the ones its model was trained with"),
     (lambda h: h.update(fit="resize"), "not the ones its model was trained with"),
@@ -423,9 +427,9 @@ def test_vqvae_checkpoints_are_checked_before_anything_is_built(bases, tmp_path,
 @pytest.mark.parametrize("edit,message", [
     (lambda c: c.pop("prior_shape"), "prior_shape"),
     (lambda c: c.update(prior_shape={"n_embed": 16, "top_grid": [1000, 1000]}), "prior_shape"),
-    (lambda c: c["config"]["prior"].update(d_model=4096), "do not fit the model config"),
-    (lambda c: c["config"]["prior"].update(d_model=10**7), "stored config is invalid"),
-    (lambda c: c["config"]["prior"].update(d_model=4096, n_layer_bottom=64), "key/value caches"),
+    (lambda c: c["config"]["prior"]["transformer"].update(d_model=4096), "do not fit the model config"),
+    (lambda c: c["config"]["prior"]["transformer"].update(d_model=10**7), "stored config is invalid"),
+    (lambda c: c["config"]["prior"]["transformer"].update(d_model=4096, n_layer_bottom=64), "key/value caches"),
     (lambda c: c.update(prior=[1, 2]), "not a mapping of names to tensors"),
     (lambda c: c.update(vqvae="x"), "holds no VQ-VAE"),
     (lambda c: c["reference"].update(affine=torch.full((4, 4), float("nan"))), "reference slice"),
@@ -523,9 +527,9 @@ def test_sample_without_its_training_data_still_samples_and_says_so(bases, tmp_p
 
 def test_an_interrupted_sample_keeps_what_it_drew(bases, tmp_path, monkeypatch):
     from mrivq.apps import sample as sample_app
-    from mrivq.nn.prior import CodePrior
+    from mrivq.nn.transformer_prior import TransformerPrior
 
-    real, calls = CodePrior.sample, []
+    real, calls = TransformerPrior.sample, []
 
     def interrupted(self, *args, **kwargs):
         calls.append(1)
@@ -533,7 +537,7 @@ def test_an_interrupted_sample_keeps_what_it_drew(bases, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(CodePrior, "sample", interrupted)
+    monkeypatch.setattr(TransformerPrior, "sample", interrupted)
     with pytest.raises(KeyboardInterrupt):
         sample_app.sample(bases["prior"], 40, tmp_path / "s", batch_size=16, nearest=False)
     kept = sorted(p.name for p in (tmp_path / "s").glob("sample_*.nii.gz"))

@@ -11,19 +11,15 @@ import pytest
 import torch
 from prior_helpers import OneUlp
 
-from mrivq.compression.entropy import decode_in_raster, encode_in_raster, surprise_bits
-from mrivq.nn.integer_transformer import (
-    exact_matmul,
-    integer_transformer,
-    integer_transformer_problem,
-)
-from mrivq.nn.prior import CodePrior
+from mrivq.compression import driver
+from mrivq.compression.portable.transformer import exact_matmul, transformer_copy, transformer_copy_problem
+from mrivq.nn.transformer_prior import TransformerPrior
 
 
-def trained_transformer(seed: int = 0) -> tuple[CodePrior, torch.Tensor, torch.Tensor]:
+def trained_transformer(seed: int = 0) -> tuple[TransformerPrior, torch.Tensor, torch.Tensor]:
     """A tiny transformer prior fitted for a few dozen steps to its own samples, and 6 held-out grids."""
     torch.manual_seed(seed)
-    prior = CodePrior(32, (8, 4), d_model=16, n_head=2, n_layer_top=2, n_layer_bottom=2, condition_blocks=1,
+    prior = TransformerPrior(32, (8, 4), d_model=16, n_head=2, n_layer_top=2, n_layer_bottom=2, condition_blocks=1,
                       bottom_window_rows=1).eval()
     top, bottom = prior.sample(30, generator=torch.Generator().manual_seed(seed + 1))
     optimizer = torch.optim.Adam(prior.parameters(), lr=3e-3)
@@ -34,7 +30,7 @@ def trained_transformer(seed: int = 0) -> tuple[CodePrior, torch.Tensor, torch.T
         (nll_top + nll_bottom).backward()
         optimizer.step()
     prior.eval()
-    prior.integer = integer_transformer(prior, top[:24], bottom[:24])
+    prior.integer = transformer_copy(prior, top[:24], bottom[:24])
     return prior, top[24:], bottom[24:]
 
 
@@ -74,11 +70,11 @@ def test_the_copys_logits_follow_the_float_priors_and_do_not_depend_on_the_chunk
 
 def test_the_raster_coder_codes_at_the_float_priors_rate(fitted):
     prior, top, bottom = fitted
-    words = encode_in_raster(prior.integer, top.numpy(), bottom.numpy())
+    words = driver.encode(prior.integer, top.numpy(), bottom.numpy())
     with torch.inference_mode():
         nll_top, nll_bottom = prior.nll_bits(top, bottom)
     float_bits = len(top) * (float(nll_top) * top[0].numel() + float(nll_bottom) * bottom[0].numel())
-    bits_top, bits_bottom = surprise_bits(prior, top.numpy(), bottom.numpy())
+    bits_top, bits_bottom = driver.surprise_bits(prior.integer, top.numpy(), bottom.numpy())
     assert abs(float(bits_top.sum() + bits_bottom.sum()) - float_bits) < 0.01 * float_bits
     # one stream per slice: a length word each and the coder's last words
     assert words.size * 32 <= float_bits * 1.02 + len(top) * 96
@@ -87,14 +83,14 @@ def test_the_raster_coder_codes_at_the_float_priors_rate(fitted):
 def test_raster_decoding_is_exact_whatever_the_floating_point_results_threads_and_batches(fitted):
     prior, top, bottom = fitted
     torch.set_num_threads(1)
-    words = encode_in_raster(prior.integer, top.numpy(), bottom.numpy(), batch_size=4)
+    words = driver.encode(prior.integer, top.numpy(), bottom.numpy(), batch_size=4)
     with OneUlp():
-        decoded = decode_in_raster(prior.integer, words, len(top), batch_size=5)
+        decoded = driver.decode(prior.integer, words, len(top), batch_size=5)
     assert np.array_equal(decoded[0], top.numpy()) and np.array_equal(decoded[1], bottom.numpy())
     torch.set_num_threads(2)  # batches side by side on two threads
     try:
-        decoded = decode_in_raster(prior.integer, words, len(top), batch_size=1)
-        assert np.array_equal(encode_in_raster(prior.integer, top.numpy(), bottom.numpy(), batch_size=2), words)
+        decoded = driver.decode(prior.integer, words, len(top), batch_size=1)
+        assert np.array_equal(driver.encode(prior.integer, top.numpy(), bottom.numpy(), batch_size=2), words)
     finally:
         torch.set_num_threads(1)
     assert np.array_equal(decoded[0], top.numpy()) and np.array_equal(decoded[1], bottom.numpy())
@@ -104,19 +100,19 @@ def test_raster_decoding_is_exact_whatever_the_floating_point_results_threads_an
 def test_a_raster_file_coded_on_the_cpu_decodes_on_cuda_and_back(fitted):
     prior, top, bottom = fitted
     on_gpu = prior.integer.to("cuda")
-    words = encode_in_raster(prior.integer, top.numpy(), bottom.numpy())
-    decoded = decode_in_raster(on_gpu, words, len(top), batch_size=3)
+    words = driver.encode(prior.integer, top.numpy(), bottom.numpy())
+    decoded = driver.decode(on_gpu, words, len(top), batch_size=3)
     assert np.array_equal(decoded[0], top.numpy()) and np.array_equal(decoded[1], bottom.numpy())
-    words_gpu = encode_in_raster(on_gpu, top.numpy(), bottom.numpy(), batch_size=6)
+    words_gpu = driver.encode(on_gpu, top.numpy(), bottom.numpy(), batch_size=6)
     assert np.array_equal(words_gpu, words)
-    decoded = decode_in_raster(prior.integer, words_gpu, len(top))
+    decoded = driver.decode(prior.integer, words_gpu, len(top))
     assert np.array_equal(decoded[0], top.numpy()) and np.array_equal(decoded[1], bottom.numpy())
 
 
 def test_the_copy_is_made_the_same_way_twice_and_its_fingerprint_says_so(fitted):
     prior, top, bottom = fitted
-    assert integer_transformer(prior, top, bottom).fingerprint() == integer_transformer(prior, top, bottom).fingerprint()
-    assert integer_transformer(prior, top[:1], bottom[:1]).fingerprint() != prior.integer.fingerprint()
+    assert transformer_copy(prior, top, bottom).fingerprint() == transformer_copy(prior, top, bottom).fingerprint()
+    assert transformer_copy(prior, top[:1], bottom[:1]).fingerprint() != prior.integer.fingerprint()
 
 
 @pytest.mark.parametrize("spoil, message", [
@@ -139,30 +135,30 @@ def test_the_copy_is_made_the_same_way_twice_and_its_fingerprint_says_so(fitted)
 def test_a_damaged_copy_is_named_before_it_is_used(fitted, spoil, message):
     prior, _, _ = fitted
     state = copy.deepcopy(prior.integer.state)
-    assert integer_transformer_problem(state, prior) is None
+    assert transformer_copy_problem(state, prior) is None
     spoil(state)
-    problem = integer_transformer_problem(state, prior)
+    problem = transformer_copy_problem(state, prior)
     assert problem and message in problem
 
 
 def test_a_raster_stream_that_runs_on_is_refused(fitted):
     prior, top, bottom = fitted
-    words = encode_in_raster(prior.integer, top.numpy(), bottom.numpy())
+    words = driver.encode(prior.integer, top.numpy(), bottom.numpy())
     n, first = len(top), int(words[0])
     longer = np.concatenate([[first + 3], words[1:n], words[n:n + first], [1, 2, 3], words[n + first:]])
     with pytest.raises(ValueError):
-        decode_in_raster(prior.integer, longer.astype(np.uint32), n)
+        driver.decode(prior.integer, longer.astype(np.uint32), n)
 
 
 def test_a_window_longer_than_the_grid_sees_the_whole_grid_and_keeps_no_more_keys():
     torch.manual_seed(3)
-    prior = CodePrior(32, (2, 4), d_model=16, n_head=2, n_layer_top=1, n_layer_bottom=1, condition_blocks=1,
+    prior = TransformerPrior(32, (2, 4), d_model=16, n_head=2, n_layer_top=1, n_layer_bottom=1, condition_blocks=1,
                       bottom_window_rows=1000).eval()
     top, bottom = prior.sample(3, generator=torch.Generator().manual_seed(4))
-    prior.integer = integer_transformer(prior, top, bottom)
-    assert integer_transformer_problem(prior.integer.state, prior) is None
+    prior.integer = transformer_copy(prior, top, bottom)
+    assert transformer_copy_problem(prior.integer.state, prior) is None
     net = prior.integer.bottom
     assert net.window is None and net.new_cache(2, one_at_a_time=True)[0][0].shape[2] == net.length
-    words = encode_in_raster(prior.integer, top.numpy(), bottom.numpy())
-    decoded = decode_in_raster(prior.integer, words, 3)
+    words = driver.encode(prior.integer, top.numpy(), bottom.numpy())
+    decoded = driver.decode(prior.integer, words, 3)
     assert np.array_equal(decoded[1], bottom.numpy())

@@ -69,8 +69,9 @@ def test_train_prior_with_only_a_checkpoint_encodes_the_vqvae_training_split(fla
     work, flat = flat_run
     monkeypatch.chdir(tmp_path)
     best = work / "run" / "models" / "best.pt"
-    prior = ["prior.architecture=transformer", "prior.d_model=16", "prior.n_head=2", "prior.n_layer_top=1", "prior.n_layer_bottom=1",
-             "prior.condition_blocks=1", "prior.batch_size=4", "prior.steps=2", "prior.interval=2",
+    prior = ["prior.kind=transformer", "prior.transformer.d_model=16", "prior.transformer.n_head=2",
+             "prior.transformer.n_layer_top=1", "prior.transformer.n_layer_bottom=1",
+             "prior.transformer.condition_blocks=1", "prior.batch_size=4", "prior.steps=2", "prior.interval=2",
              "prior.warmup_steps=1"]
     assert run_main(["train-prior", "--checkpoint", str(best), *set_args(prior)]) == 0
     n_train = len(split_by_case(sorted(flat.glob("*.nii.gz")), seed=1).train)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import PINNED_PRECISION, comparable, run_main
-from prior_helpers import prior_overrides, tiny_data_overrides, train_tiny_vqvae
+from prior_helpers import flat_prior, prior_overrides, tiny_data_overrides, train_tiny_vqvae
 
 from mrivq.apps import train_prior as train_prior_module
 from mrivq.apps.train_prior import prior_loop, train_prior
@@ -21,7 +21,7 @@ from mrivq.compression.container import read_codes_file
 from mrivq.config import load_config
 from mrivq.engine.checkpoint import load_checkpoint, load_prior, save_checkpoint
 from mrivq.engine.prior_training import PriorTraining
-from mrivq.nn.prior import CodePrior
+from mrivq.nn.transformer_prior import TransformerPrior
 from mrivq.run_dir import read_metrics
 
 
@@ -48,7 +48,7 @@ def set_args(overrides: list[str]) -> list[str]:
 @pytest.mark.parametrize("chunks", [[1] * 48, [4, 4, 40], [5, 1, 7, 3, 32]], ids=["one-by-one", "fours", "uneven"])
 def test_logits_teacher_forced_through_the_cache_equal_the_full_pass(window_rows, chunks):
     torch.manual_seed(0)
-    prior = CodePrior(32, (4, 3), d_model=16, n_head=2, n_layer_top=2, n_layer_bottom=2,
+    prior = TransformerPrior(32, (4, 3), d_model=16, n_head=2, n_layer_top=2, n_layer_bottom=2,
                       bottom_window_rows=window_rows).eval()  # bottom grid 8x6: a row is 6 positions
     top = torch.randint(0, 32, (2, 4, 3))
     bottom = torch.randint(0, 32, (2, 8, 6))
@@ -70,7 +70,7 @@ def test_each_position_sees_earlier_codes_only_and_its_neighbours_beyond_the_win
     torch.manual_seed(0)
     # Attention window of one row (6 positions): the codes one and two rows above reach a
     # position only through the neighbour inputs.
-    prior = CodePrior(32, (4, 3), d_model=16, n_head=2, n_layer_top=1, n_layer_bottom=1,
+    prior = TransformerPrior(32, (4, 3), d_model=16, n_head=2, n_layer_top=1, n_layer_bottom=1,
                       bottom_window_rows=1).eval()
     top, bottom = torch.randint(0, 32, (1, 4, 3)), torch.randint(0, 32, (1, 48))
     with torch.inference_mode():
@@ -88,7 +88,7 @@ def test_each_position_sees_earlier_codes_only_and_its_neighbours_beyond_the_win
 
 
 def test_sliding_window_attention_equals_masked_full_attention():
-    from mrivq.nn.prior import _sliding_window_attention
+    from mrivq.nn.transformer_prior import _sliding_window_attention
 
     q, k, v = (torch.randn(2, 3, 37, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
     for window in (1, 5, 8, 36):
@@ -99,7 +99,7 @@ def test_sliding_window_attention_equals_masked_full_attention():
 
 
 def test_nucleus_keeps_the_fewest_most_probable_codes_that_reach_top_p():
-    from mrivq.nn.prior import _nucleus
+    from mrivq.nn.transformer_prior import _nucleus
 
     probs = torch.tensor([[0.1, 0.5, 0.15, 0.25], [0.7, 0.1, 0.1, 0.1]])
     kept = _nucleus(probs, 0.8)  # 0.5 + 0.25 = 0.75 < 0.8: the 0.15 code is needed too
@@ -112,7 +112,7 @@ def test_nucleus_keeps_the_fewest_most_probable_codes_that_reach_top_p():
 
 def test_a_tiny_top_p_samples_each_most_probable_code():
     torch.manual_seed(0)
-    prior = CodePrior(16, (4, 3), d_model=16, n_head=2, n_layer_top=1, n_layer_bottom=1, condition_blocks=1).eval()
+    prior = TransformerPrior(16, (4, 3), d_model=16, n_head=2, n_layer_top=1, n_layer_bottom=1, condition_blocks=1).eval()
     torch.nn.init.normal_(prior.top.head.weight, std=1.0)  # peaky logits: no near-ties
     top, _ = prior.sample(3, top_p=1e-9, generator=torch.Generator().manual_seed(1))
     again, _ = prior.sample(3, top_p=1e-9, generator=torch.Generator().manual_seed(2))
@@ -128,10 +128,12 @@ def test_tiny_prior_learns_a_tiny_code_distribution(tmp_path):
     top = patterns[rng.integers(0, 4, size=48)]
     bottom = top.repeat(2, axis=1).repeat(2, axis=2)
     codes = {"train": (top[:40], bottom[:40]), "validate": (top[40:], bottom[40:])}
-    config = load_config(None, [f"output.dir={tmp_path}", "prior.d_model=32", "prior.n_head=2",
-                                "prior.n_layer_top=1", "prior.n_layer_bottom=1", "prior.condition_blocks=1",
+    config = load_config(None, [f"output.dir={tmp_path}", "prior.kind=transformer", "prior.transformer.d_model=32",
+                                "prior.transformer.n_head=2", "prior.transformer.n_layer_top=1",
+                                "prior.transformer.n_layer_bottom=1", "prior.transformer.condition_blocks=1",
                                 "prior.steps=120", "prior.interval=40", "prior.batch_size=8",
-                                "prior.lr=3e-3", "prior.warmup_steps=5", "prior.dropout=0", *PINNED_PRECISION])
+                                "prior.lr=3e-3", "prior.warmup_steps=5", "prior.transformer.dropout=0",
+                                *PINNED_PRECISION])
     loop = prior_loop(config, codes, n_embed=32, vqvae={}, fingerprint="-", reference={"image_size": [64, 32]})
     loop.run()
     uniform = math.log2(32)
@@ -221,29 +223,28 @@ def test_train_prior_then_sample_writes_valid_slices(work, tiny_phantom, tmp_pat
 def test_a_prior_checkpoint_from_before_the_neighbour_inputs_and_integer_copies_still_loads_and_codes(
         work, tiny_phantom, tmp_path, capsys):
     config = load_config(None, prior_overrides(tiny_phantom, work["root"], "older", steps=2, interval=2,
-                                               neighbour_codes="false"))
+                                               **{"transformer.neighbour_codes": "false"}))
     train_prior(config, work["vqvae"])
     ckpt = load_checkpoint(work["root"] / "older" / "models/prior_best.pt")
     assert not any(name.endswith("neighbour.weight") for name in ckpt["prior"])
     assert load_prior(work["root"] / "older" / "models/prior_best.pt")[0].integer is not None
-    del ckpt["config"]["prior"]["neighbour_codes"]  # as older versions wrote it, without an integer copy
+    # as older versions wrote it: a flat prior section without neighbour_codes, no integer copy
+    ckpt["config"]["prior"] = flat_prior(ckpt["config"]["prior"])
+    del ckpt["config"]["prior"]["neighbour_codes"]
     older = {k: v for k, v in ckpt.items() if k not in ("format", "format_version", "integer", "integer_fingerprint")}
     save_checkpoint(tmp_path / "older.pt", older)
     prior, _, _ = load_prior(tmp_path / "older.pt")
     assert prior.top.neighbour is None and prior.bottom.neighbour is None and prior.integer is None
     top, bottom = prior.sample(2)
     assert top.shape == (2, 8, 4) and bottom.shape == (2, 16, 8)
-    # it still codes, in floating point, and its file says where it decodes
+    # without an integer copy it cannot code: one line says so, nothing is written
     test_split = tiny_phantom / "keras_slices_test"
     coded = tmp_path / "older.mrvq"
-    assert run_main(["encode", "--checkpoint", str(work["vqvae"]), str(test_split), "--out", str(coded),
-                     "--prior", str(tmp_path / "older.pt")]) == 0
-    header = read_codes_file(coded).header
-    assert header["prior_coding"] == "sequential" and header["prior_device"] == "cpu"
-    assert run_main(["decode", "--checkpoint", str(work["vqvae"]), str(coded), "--out", str(tmp_path / "d"),
-                     "--prior", str(tmp_path / "older.pt")]) == 0
-    # a new prior's file is raster-coded by its integer copy: no device or batch fixed
     capsys.readouterr()
+    assert run_main(["encode", "--checkpoint", str(work["vqvae"]), str(test_split), "--out", str(coded),
+                     "--prior", str(tmp_path / "older.pt")]) == 2
+    assert "without the integer copy that codes" in capsys.readouterr().err and not coded.exists()
+    # a new prior's file is raster-coded by its integer copy: no device or batch fixed
     assert run_main(["encode", "--checkpoint", str(work["vqvae"]), str(test_split), "--out", str(tmp_path / "n.mrvq"),
                      "--prior", str(work["root"] / "older" / "models/prior_best.pt")]) == 0
     header = read_codes_file(tmp_path / "n.mrvq").header
@@ -252,11 +253,11 @@ def test_a_prior_checkpoint_from_before_the_neighbour_inputs_and_integer_copies_
 
 def test_train_prior_resumes_to_the_same_result(work, tiny_phantom, monkeypatch):
     straight = load_config(None, prior_overrides(tiny_phantom, work["root"], "straight", steps=6, interval=3,
-                                                 checkpoint_every=2, dropout=0.1))
+                                                 checkpoint_every=2, **{"transformer.dropout": 0.1}))
     train_prior(straight, work["vqvae"])
 
     interrupted = prior_overrides(tiny_phantom, work["root"], "interrupted", steps=6, interval=3,
-                                  checkpoint_every=2, dropout=0.1)
+                                  checkpoint_every=2, **{"transformer.dropout": 0.1})
     step = PriorTraining.train_step
 
     def stop_after_step_4(self, batch):
@@ -291,11 +292,11 @@ def test_prior_bad_input_is_one_line_and_exit_2(work, tiny_phantom, tmp_path, ca
         (["encode", "--checkpoint", str(work["vqvae"]), str(tiny_phantom / "keras_slices_test"),
           "--out", str(tmp_path / "c.mrvq"), "--prior", str(work["vqvae"])], "not a prior checkpoint"),
         (["sample", "--prior", str(work["vqvae"]), "--out", str(tmp_path / "s"), "--top-p", "0"], "--top-p"),
-        (["train-prior", "--set", "prior.n_head=3"], "prior"),
+        (["train-prior", "--set", "prior.transformer.n_head=3"], "prior"),
         (["train-prior", "--checkpoint", str(work["vqvae"]), "--set", f"output.dir={tmp_path / 'r'}",
-          "--set", "prior.augment_shift=32"], "prior.augment_shift (32) must be smaller than the slices (64 x 32)"),
+          "--set", "prior.copies.shift=32"], "prior.copies.shift (32) must be smaller than the slices (64 x 32)"),
         (["train-prior", "--checkpoint", str(work["vqvae"]), "--set", f"output.dir={tmp_path / 'r'}",
-          "--set", "prior.augment_scale=[1.08, 3]"], "prior.augment_scale"),
+          "--set", "prior.copies.scale=[1.08, 3]"], "prior.copies.scale"),
     ]
     for args, message in cases:
         capsys.readouterr()
@@ -392,7 +393,7 @@ def test_encode_and_predict_map_the_bits_the_prior_spends(work, tiny_phantom, tm
 def test_a_pass_prior_codes_files_any_machine_decodes_and_refuses_a_damaged_copy(work, tiny_phantom, tmp_path,
                                                                                    capsys):
     sets = prior_overrides(tiny_phantom, work["root"], "passes", steps=4, interval=2) + [
-        "prior.architecture=passes", "prior.channels=16", "prior.layers=2"]
+        "prior.kind=passes", "prior.passes.channels=16", "prior.passes.layers=2"]
     assert run_main(["train-prior", "--checkpoint", str(work["vqvae"]), *set_args(sets)]) == 0
     prior_path = work["root"] / "passes" / "models/prior_best.pt"
     ckpt = load_checkpoint(prior_path)

@@ -34,8 +34,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
-from mrivq.compat import new_name, stored_config, stored_default
+from mrivq.compat import PRIOR_MOVED, current_keys, moved_keys, new_name, stored_config, stored_default
 from mrivq.errors import ConfigError
 
 
@@ -340,76 +341,172 @@ class PredictConfig(_Section):
         default=None, description="The model to score; null: output.dir/models/best.pt.")
 
 
-class PriorConfig(Optimisation):
-    """The autoregressive prior over codes (``mrivq train-prior``); grid shapes come from the VQ-VAE.
+class PassPriorSettings(_Section):
+    """The pass prior (prior.kind: passes): residual convolutions over each grid."""
 
-    A prior over the top codes and one over the bottom codes given the top. The defaults are
-    sized for a CPU (the pass prior: about 13 minutes on 2 cores with bf16; the transformer about
-    30); on a GPU try the transformer with d_model 256, 8 + 8 layers, bottom_window_rows null,
-    batch_size 32 and several thousand steps.
-    """
-
-    architecture: Literal["passes", "transformer"] = Field(
-        default="passes",
-        description="passes: residual convolutions predicting each grid in a few interleaved "
-                    "passes. transformer: causal transformers coding one code at a time in raster "
-                    "order: files about a fifth smaller, coding an order of magnitude slower. Both "
-                    "code through an integer copy, so their files decode bit for bit on any "
-                    "machine, thread count or device. " + stored_default("prior", "architecture"))
     channels: int = Field(
-        default=64, ge=8, le=1024, description="passes: width of the convolutions.")
+        default=64, ge=8, le=1024, description="Width of the convolutions.")
     layers: int = Field(
         default=6, ge=1, le=32,
-        description="passes: residual 3x3 convolutions per grid (dilations 1, 2, 4 in turn).")
+        description="Residual 3x3 convolutions per grid (dilations 1, 2, 4 in turn).")
     passes_top: int = Field(
         default=3, ge=1, le=5,
-        description="passes: passes over the top grid (5: dyadic over 4x4 tiles; 3: a quarter, a "
+        description="Passes over the top grid (5: dyadic over 4x4 tiles; 3: a quarter, a "
                     "quarter, then the checkerboard's other half: 0.7 % more bits, 12 % faster "
                     "coding than 5, measured in docs/compression.md).")
     passes_bottom: int = Field(
-        default=2, ge=1, le=5, description="passes: passes over the bottom grid (2: a checkerboard).")
-    d_model: int = Field(
-        default=128, ge=8, le=4096,
-        description="transformer: width of both transformers.")
-    n_head: int = Field(
-        default=4, ge=1, le=64, description="transformer: attention heads; must divide d_model.")
-    n_layer_top: int = Field(
-        default=4, ge=1, le=64,
-        description="transformer: blocks of the top-code prior (full causal attention).")
-    n_layer_bottom: int = Field(
-        default=3, ge=1, le=64, description="transformer: blocks of the bottom-code prior.")
-    bottom_window_rows: int | None = Field(
-        default=2, ge=1, le=4096,
-        description="transformer: the bottom prior's attention sees this many code rows back; "
-                    "null: the whole past.")
+        default=2, ge=1, le=5, description="Passes over the bottom grid (2: a checkerboard).")
     condition_blocks: int = Field(
         default=2, ge=0, le=64,
-        description="Residual blocks over the top codes that condition the bottom prior (both "
-                    "architectures).")
+        description="Residual blocks over the top codes that condition the bottom prior.")
+
+
+class TransformerPriorSettings(_Section):
+    """The transformer prior (prior.kind: transformer): causal transformers over each grid."""
+
+    d_model: int = Field(
+        default=128, ge=8, le=4096, description="Width of both transformers.")
+    n_head: int = Field(
+        default=4, ge=1, le=64, description="Attention heads; must divide d_model.")
+    n_layer_top: int = Field(
+        default=4, ge=1, le=64,
+        description="Blocks of the top-code prior (full causal attention).")
+    n_layer_bottom: int = Field(
+        default=3, ge=1, le=64, description="Blocks of the bottom-code prior.")
+    bottom_window_rows: int | None = Field(
+        default=2, ge=1, le=4096,
+        description="The bottom prior's attention sees this many code rows back; null: the whole "
+                    "past.")
+    condition_blocks: int = Field(
+        default=2, ge=0, le=64,
+        description="Residual blocks over the top codes that condition the bottom prior.")
     neighbour_codes: bool = Field(
         default=True,
-        description="transformer: each position is also given the codes left, two left, "
-                    "above-left, above, above-right and two above it (mrivq.nn.prior.NEIGHBOURS); "
+        description="Each position is also given the codes left, two left, above-left, above, "
+                    "above-right and two above it (mrivq.nn.transformer_prior.NEIGHBOURS); "
                     "false: attention alone finds them. " + stored_default("prior", "neighbour_codes"))
     dropout: float = Field(
         default=0.0, ge=0, lt=1,
-        description="transformer: dropout on the residual branches; worth 0.1 for long runs on "
-                    "small data.")
-    augment_flip: Literal["none", "horizontal"] = Field(
+        description="Dropout on the residual branches; worth 0.1 for long runs on small data.")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self):
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_head ({self.n_head})")
+        return self
+
+
+class PriorCopies(_Section):
+    """The training copies: more training codes from moved, zoomed and mirrored training slices."""
+
+    flip: Literal["none", "horizontal"] = Field(
         default="horizontal",
         description="horizontal: the training codes also include those of every training slice "
                     "and each shifted or zoomed copy mirrored left-right as the pictures show a "
                     "slice (the patient's sides swapped: a mirrored pelvis is still a plausible "
                     "pelvis); none: not.")
-    augment_shift: list[int] = Field(
+    shift: list[int] = Field(
         default=[4, 8],
         description="The training codes also include those of every training slice moved by "
                     "each of these whole pixels up, down, left and right (edges repeated); "
                     "encoded once and cached, validation never. [] or 0: none.")
-    augment_scale: list[float] = Field(
+    scale: list[float] = Field(
         default=[0.92, 1.08],
         description="And of every training slice zoomed by each of these factors about the "
                     "centre (in [0.5, 2], not 1). [] or 0: none.")
+
+    @field_validator("shift", "scale", mode="before")
+    @classmethod
+    def _one_or_more(cls, value):
+        """One number reads as a list of one; 0 (or none) as no copies."""
+        if value is None or value == 0:
+            return []
+        return [value] if isinstance(value, (int, float)) else value
+
+    @field_validator("shift")
+    @classmethod
+    def _shifts_positive(cls, value):
+        if any(shift < 1 for shift in value):
+            raise ValueError("shifts are whole pixels, at least 1 (0 or [] for none)")
+        return value
+
+    @field_validator("scale")
+    @classmethod
+    def _scales_near_one(cls, value):
+        if any(not 0.5 <= scale <= 2 or scale == 1 for scale in value):
+            raise ValueError("zoom factors must lie in [0.5, 2] and not be 1 ([] for none)")
+        return value
+
+
+#: The settings section of each prior kind: ``prior.kind: NAME`` selects the kind, ``prior.NAME``
+#: holds its settings, validated by the class. More kinds: :func:`register_prior_section`.
+PRIOR_SECTIONS: dict[str, type[BaseModel]] = {"passes": PassPriorSettings,
+                                              "transformer": TransformerPriorSettings}
+
+#: The kinds PriorConfig declares a section for; registered kinds' sections are checked by
+#: PriorConfig._registered_sections.
+_BUILT_IN_KINDS = tuple(PRIOR_SECTIONS)
+
+
+def register_prior_section(name: str, settings: type[BaseModel]) -> None:
+    """Register a prior kind at run time: ``prior.kind: name`` selects it and ``prior.<name>``
+    holds its settings, validated by ``settings`` (unknown keys in it are errors naming the key).
+    Registering a name again replaces its class; tests may also ``monkeypatch.setitem`` the
+    registry :data:`PRIOR_SECTIONS`."""
+    if not (isinstance(settings, type) and issubclass(settings, BaseModel)):
+        raise TypeError(f"prior section {name!r}: expected a pydantic model class, got {settings!r}")
+    if name in _BUILT_IN_KINDS and settings is not PRIOR_SECTIONS[name] or (
+            name not in _BUILT_IN_KINDS and (not name.isidentifier() or name in PriorConfig.model_fields)):
+        raise ValueError(f"{name!r} cannot name a prior kind: it is a prior key already, or not a "
+                         "plain name")
+    PRIOR_SECTIONS[name] = settings
+
+
+def _nested(name: str, settings: type[BaseModel]):
+    """The section ``prior.<name>``: its defaults (a dict, validated into ``settings``, so the
+    generated reference can show them), described by its docstring's first line and then each of
+    its keys with its old flat name and its bounds (the reference pages list a section's keys,
+    not the keys inside it)."""
+    old = {new: old for old, moved in PRIOR_MOVED.items() for new in moved}
+    signs = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    keys = []
+    for key, field in settings.model_fields.items():
+        notes = [f"was prior.{old[f'{name}.{key}']}"] if f"{name}.{key}" in old else []
+        notes += [f"{sign} {getattr(item, attr)}" for item in field.metadata
+                  for attr, sign in signs.items() if getattr(item, attr, None) is not None]
+        keys.append(f"prior.{name}.{key} ({', '.join(notes)}): {field.description}")
+    return Field(default_factory=lambda: settings().model_dump(), validate_default=True,
+                 description=" ".join([settings.__doc__.splitlines()[0], *keys]))
+
+
+class PriorConfig(Optimisation):
+    """The autoregressive prior over codes (``mrivq train-prior``); grid shapes come from the VQ-VAE.
+
+    A prior over the top codes and one over the bottom codes given the top. `prior.kind` chooses
+    the kind and `prior.<kind>` holds its sizes (`prior.passes`, `prior.transformer`);
+    `prior.copies` the training copies. The defaults are sized for a CPU (the pass prior: about
+    13 minutes on 2 cores with bf16; the transformer about 30); on a GPU try the transformer with
+    transformer.d_model 256, 8 + 8 layers, transformer.bottom_window_rows null, batch_size 32 and
+    several thousand steps.
+
+    Earlier the prior's keys were flat (prior.architecture, prior.channels, prior.d_model,
+    prior.condition_blocks, prior.augment_shift, ...); those names still load, each with one
+    line on stderr naming its new key (stored configs silently).
+    """
+
+    kind: str = Field(
+        default="passes",
+        description="Which prior (was prior.architecture). passes: residual convolutions "
+                    "predicting each grid in a few interleaved passes (sizes in prior.passes). "
+                    "transformer: causal transformers coding one code at a time in raster order "
+                    "(sizes in prior.transformer): files about a fifth smaller, coding an order "
+                    "of magnitude slower. Both code through an integer copy, so their files "
+                    "decode bit for bit on any machine, thread count or device. A kind "
+                    "registered at run time (mrivq.config.register_prior_section) takes its "
+                    "settings from prior.<kind>. " + stored_default("prior", "architecture"))
+    passes: PassPriorSettings = _nested("passes", PassPriorSettings)
+    transformer: TransformerPriorSettings = _nested("transformer", TransformerPriorSettings)
+    copies: PriorCopies = _nested("copies", PriorCopies)
     steps: int = Field(default=2500, ge=1, description="Optimiser steps.")
     # Where the prior's optimisation differs from the VQ-VAE's (measured at these values):
     lr: float = Field(
@@ -429,35 +526,65 @@ class PriorConfig(Optimisation):
         default=100, ge=1,
         description="Write models/prior_last.pt every N steps (and at each evaluation).")
 
+    # Sections of kinds registered at run time are extra keys, each validated by its class.
+    model_config = ConfigDict(extra="allow")
+
     _seconds = field_validator("max_time", mode="before")(lambda cls, value: _seconds(value))
 
-    @field_validator("augment_shift", "augment_scale", mode="before")
+    @field_validator("kind")
     @classmethod
-    def _one_or_more(cls, value):
-        """One number reads as a list of one; 0 (or none) as no copies."""
-        if value is None or value == 0:
-            return []
-        return [value] if isinstance(value, (int, float)) else value
-
-    @field_validator("augment_shift")
-    @classmethod
-    def _shifts_positive(cls, value):
-        if any(shift < 1 for shift in value):
-            raise ValueError("shifts are whole pixels, at least 1 (0 or [] for none)")
+    def _known_kind(cls, value):
+        if value not in PRIOR_SECTIONS:
+            raise ValueError(f"unknown prior kind {value!r}; known kinds: {', '.join(PRIOR_SECTIONS)}")
         return value
 
-    @field_validator("augment_scale")
+    @model_validator(mode="before")
     @classmethod
-    def _scales_near_one(cls, value):
-        if any(not 0.5 <= scale <= 2 or scale == 1 for scale in value):
-            raise ValueError("zoom factors must lie in [0.5, 2] and not be 1 ([] for none)")
-        return value
+    def _registered_sections(cls, data):
+        """``prior.<name>`` of a kind registered at run time, validated by its class (the selected
+        kind's with its defaults when not given); any other key not declared is an error."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        kind = data.get("kind")
+        if isinstance(kind, str) and kind not in cls.model_fields and kind in PRIOR_SECTIONS:
+            data.setdefault(kind, {})
+        errors = []
+        for key in [key for key in data if key not in cls.model_fields]:
+            settings = PRIOR_SECTIONS.get(key)
+            if settings is None:
+                errors.append({"type": "extra_forbidden", "loc": (key,), "input": data[key]})
+                continue
+            try:
+                data[key] = _registered(settings, data[key])
+            except ValidationError as exc:  # the same errors, at prior.<key>.<what>
+                errors += [{"type": PydanticCustomError(error["type"], error["msg"]),
+                            "loc": (key, *error["loc"]), "input": error["input"]} for error in exc.errors()]
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        return data
 
-    @model_validator(mode="after")
-    def _heads_divide_width(self):
-        if self.d_model % self.n_head:
-            raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_head ({self.n_head})")
-        return self
+    @property
+    def settings(self) -> BaseModel:
+        """The settings of the selected kind: ``prior.passes``, ``prior.transformer``, or the
+        ``prior.<kind>`` of a registered kind (its class's defaults when the config has none)."""
+        if self.kind in _BUILT_IN_KINDS:
+            return getattr(self, self.kind)
+        given = (self.__pydantic_extra__ or {}).get(self.kind)
+        return given if given is not None else PRIOR_SECTIONS[self.kind]()
+
+
+def _registered(settings: type[BaseModel], value) -> BaseModel:
+    """A registered kind's section validated by its class; a key it does not declare is an error
+    even where the class would ignore it."""
+    if isinstance(value, settings):
+        return value
+    if isinstance(value, dict) and settings.model_config.get("extra") not in ("allow", "forbid"):
+        unknown = [{"type": "extra_forbidden", "loc": (key,), "input": item}
+                   for key, item in value.items() if key not in settings.model_fields]
+        if unknown:
+            raise ValidationError.from_exception_data(settings.__name__, unknown)
+    return settings.model_validate(value)
 
 
 class OutputConfig(_Section):
@@ -619,6 +746,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                               f"got a {type(raw).__name__}")
         if _REPORT_SECTIONS & raw.keys():
             raw = from_report_layout(raw)
+        try:
+            raw = moved_keys(raw)  # old key names, each with a deprecation line (mrivq.compat)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
     for item in overrides:
         apply_override(raw, item)
     config = validate(raw, source=str(path) if path else "defaults")
@@ -627,22 +758,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def apply_override(raw: dict, item: str) -> None:
-    """Apply one ``section.key=value`` override in place; the value is parsed as YAML."""
+    """Apply one ``section.key=value`` override in place; the value is parsed as YAML.
+
+    A key under an old name sets today's key(s), with a deprecation line (:mod:`mrivq.compat`).
+    """
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.epochs=3")
-    parts = key.strip().split(".")
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
-    node = raw
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {item!r}: {part} is not a section")
-        node = child
-    node[parts[-1]] = value
+    for dotted in current_keys(key.strip()):
+        parts = dotted.split(".")
+        node = raw
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a section")
+            node = child
+        node[parts[-1]] = copy.deepcopy(value)
 
 
 def validate(raw: dict, source: str = "config") -> Config:

@@ -73,6 +73,17 @@ def set_threads(num_threads: int | None) -> None:
         torch.set_num_threads(num_threads)
 
 
+@contextlib.contextmanager
+def torch_threads(num_threads: int):
+    """torch's intra-op threads set to ``num_threads`` inside the block, restored after it."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def capture_rng() -> dict:
     """The global RNG states (torch CPU and CUDA, NumPy, Python) as a checkpoint-safe dict."""
     _name, keys, pos, has_gauss, gauss = np.random.get_state()

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from mrivq import metrics
 from mrivq.apps import flags
 from mrivq.compression.codec import decode_images, encode_images, model_fingerprint
+from mrivq.compression.priors import kind_of
 from mrivq.data.cache import load_split
 from mrivq.data.io import nifti_bytes, nifti_image
 from mrivq.data.preprocess import Preprocessing, clip_to_input_range, denormalize
@@ -40,11 +41,10 @@ from mrivq.engine.checkpoint import (
 )
 from mrivq.engine.losses import differentiable_ssim
 from mrivq.errors import UserError
-from mrivq.nn.pass_prior import PassPrior
-from mrivq.nn.prior import NonFiniteProbabilities
+from mrivq.nn.transformer_prior import NonFiniteProbabilities
 from mrivq.reporting.plots import save_samples_grid
 from mrivq.run_dir import atomic_write, claim_outputs
-from mrivq.runtime import resolve_device
+from mrivq.runtime import resolve_device, torch_threads
 
 SHORTLIST = 32  # training slices scored with SSIM per sample, of those that correlate best
 SHOWN = 64  # samples in samples.png and scored against the training slices (the first ones drawn)
@@ -58,7 +58,7 @@ def sample(prior_path: str | Path, n: int, out_dir: str | Path, *, temperature: 
     """Draw ``n`` new slices and write them to ``out_dir``; returns codes, timings and paths.
 
     ``temperature`` and ``top_p`` (nucleus sampling) shape each code's distribution, as in
-    :meth:`mrivq.nn.prior.CodeTransformer.sample`.
+    :meth:`mrivq.nn.transformer_prior.CodeTransformer.sample`.
 
     ``nearest``: also find each sample's most similar training slice (SSIM) and write
     ``nearest.png`` (samples over them) and ``nearest.csv``, so memorisation is visible; skipped,
@@ -106,7 +106,7 @@ def sample(prior_path: str | Path, n: int, out_dir: str | Path, *, temperature: 
               "nifti": [str(out_dir / name) for name in names], "seconds": drawn["seconds"],
               "samples_per_s": n / drawn["seconds"], "code_samples_per_s": n / drawn["code_seconds"],
               "device": f"{device.type}" + (", 1 thread for the autoregressive loop"
-                                            if device.type == "cpu" and not isinstance(prior, PassPrior) else "")}
+                                            if device.type == "cpu" and not kind_of(prior).threads_draw else "")}
     if references:
         result.update(_nearest_training_slices(shown, references, vq_config, out_dir, vqvae, names))
     return result
@@ -121,36 +121,30 @@ def _draw(prior, vqvae, reference: tuple[np.ndarray, np.ndarray], vq_config, n: 
     normalize = vq_config.data.normalize
     tops, bottoms, shown, code_seconds = [], [], [], 0.0
     start = time.perf_counter()
-    threads = torch.get_num_threads()
-    # A transformer prior draws one token per step, so every operation is tiny: on the CPU,
-    # intra-op threads only add synchronisation (measured 10-50x slower with 2 threads on a busy
-    # 2-core machine). A pass prior draws whole passes: it keeps the threads.
-    drawing_threads = threads if isinstance(prior, PassPrior) else 1
-    torch.set_num_threads(drawing_threads)
-    try:
-        batches = range(0, n, batch_size)
-        for lo in tqdm(batches, desc="sample", unit="batch", disable=None, leave=False):
-            began = time.perf_counter()
+    # A prior that draws one token per step (the transformer) makes every operation tiny: on the
+    # CPU, intra-op threads only add synchronisation (measured 10-50x slower with 2 threads on a
+    # busy 2-core machine). A pass prior draws whole passes: it keeps the threads.
+    drawing_threads = torch.get_num_threads() if kind_of(prior).threads_draw else 1
+    batches = range(0, n, batch_size)
+    for lo in tqdm(batches, desc="sample", unit="batch", disable=None, leave=False):
+        began = time.perf_counter()
+        with torch_threads(drawing_threads):
             top, bottom = prior.sample(min(batch_size, n - lo), temperature=temperature, top_p=top_p,
                                        generator=generator)
-            top, bottom = top.cpu().numpy(), bottom.cpu().numpy()
-            code_seconds += time.perf_counter() - began
-            torch.set_num_threads(threads)
-            slices = clip_to_input_range(decode_images(vqvae, top, bottom)[:, :height, :width], normalize)
-            torch.set_num_threads(drawing_threads)
-            for name, decoded in zip(names[lo:], slices):
-                blob = nifti_bytes(nifti_image(denormalize(decoded, norm), affine))
-                atomic_write(out_dir / name, lambda fh, blob=blob: fh.write(blob), listed=False)
-            tops.append(top.astype(np.uint16))
-            bottoms.append(bottom.astype(np.uint16))
-            shown += list(slices[:max(0, SHOWN - len(shown))])
-            if lo == 0 and n > batch_size:
-                rate = len(top) / (time.perf_counter() - start)
-                tqdm.write(f"mrivq sample: {n} slices will take about {_duration(n / rate)} at {rate:.2f} "
-                           f"slices/s; each is written as it is drawn (an interrupted run keeps them)",
-                           file=sys.stderr)
-    finally:
-        torch.set_num_threads(threads)
+        top, bottom = top.cpu().numpy(), bottom.cpu().numpy()
+        code_seconds += time.perf_counter() - began
+        slices = clip_to_input_range(decode_images(vqvae, top, bottom)[:, :height, :width], normalize)
+        for name, decoded in zip(names[lo:], slices):
+            blob = nifti_bytes(nifti_image(denormalize(decoded, norm), affine))
+            atomic_write(out_dir / name, lambda fh, blob=blob: fh.write(blob), listed=False)
+        tops.append(top.astype(np.uint16))
+        bottoms.append(bottom.astype(np.uint16))
+        shown += list(slices[:max(0, SHOWN - len(shown))])
+        if lo == 0 and n > batch_size:
+            rate = len(top) / (time.perf_counter() - start)
+            tqdm.write(f"mrivq sample: {n} slices will take about {_duration(n / rate)} at {rate:.2f} "
+                       f"slices/s; each is written as it is drawn (an interrupted run keeps them)",
+                       file=sys.stderr)
     return {"codes_top": np.concatenate(tops), "codes_bottom": np.concatenate(bottoms), "shown": np.stack(shown),
             "seconds": time.perf_counter() - start, "code_seconds": code_seconds}
 

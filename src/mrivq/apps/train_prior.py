@@ -1,7 +1,7 @@
 """Training the code prior (``mrivq train-prior``): encode the splits -> the loop -> checkpoints.
 
 ``train_prior(config, checkpoint)`` encodes the configured train and validation splits with
-a trained VQ-VAE-2 (preprocessed as that model was trained), fits :class:`CodePrior` to the
+a trained VQ-VAE-2 (preprocessed as that model was trained), fits :class:`TransformerPrior` to the
 codes by maximum likelihood (:class:`mrivq.engine.prior_training.PriorTraining` in the loop both
 trainers use, :class:`mrivq.engine.loop.TrainingLoop`), and writes into ``output.dir``:
 
@@ -129,8 +129,8 @@ def _new_run(config: Config, checkpoint: str | Path | None,
     vqvae, vq_config = load_vqvae(checkpoint)
     config, differs = run_config(config, vq_config, Path(checkpoint))
     size = vq_config.data.image_size
-    if max(config.prior.augment_shift, default=0) >= min(size):
-        raise ConfigError(f"prior.augment_shift ({max(config.prior.augment_shift)}) must be smaller than the "
+    if max(config.prior.copies.shift, default=0) >= min(size):
+        raise ConfigError(f"prior.copies.shift ({max(config.prior.copies.shift)}) must be smaller than the "
                           f"slices ({size[0]} x {size[1]}); [] turns shifting off")
     claim_run_dir(config, "train-prior", overwrite)
     return config, vq_config, vqvae, differs
@@ -201,9 +201,9 @@ def _encode_splits(config: Config, vq_config: Config, vqvae) -> tuple[dict, dict
         slices = load_split(files, prep, name=name, **load)
         versions = {"": slices.images}
         if name == "train":  # the training codes only: validation scores the slices as they are
-            versions.update(prior_training_copies(slices.images, flip=config.prior.augment_flip,
-                                                  shifts=config.prior.augment_shift,
-                                                  scales=config.prior.augment_scale))
+            copies = config.prior.copies
+            versions.update(prior_training_copies(slices.images, flip=copies.flip, shifts=copies.shift,
+                                                  scales=copies.scale))
         grids = []
         for version, images in versions.items():
             t0 = time.perf_counter()

@@ -6,11 +6,11 @@ a prior (the entropy model). Everything a file needs besides its stream is the c
 
 * the side information (each slice's normalisation, affine, on-disk shape, type and name:
   a :class:`CodecInput`), so decoded slices are written back like their inputs;
-* the fingerprints that tie a file to its VQ-VAE and its prior (:func:`model_fingerprint`,
-  :func:`coding_fingerprint`), checked before a stream is decoded;
-* the device rule (:func:`prior_device`): a prior's integer copy gives the same probabilities
-  on any device; a transformer prior of an earlier mrivq, without one, must run where it ran
-  when encoding.
+* the fingerprints that tie a file to its VQ-VAE (:func:`model_fingerprint`) and to the integer
+  copy of its prior, checked before a stream is decoded;
+* which coder runs: the codes' frequencies (:mod:`mrivq.compression.entropy`), or the prior's
+  integer copy in its own order (:mod:`mrivq.compression.driver`), the same weights on any
+  machine, thread count or device. The file's format is :mod:`mrivq.compression.container`'s.
 
 Example::
 
@@ -25,6 +25,7 @@ and write what the codec returns.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,16 +33,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mrivq.compression import driver
 from mrivq.compression.container import (
+    VERSION,
     CodesFile,
     bits_report,
     check_encodable,
-    pack_checked,
+    codes_crc,
     preprocessing_entry,
     source_entry,
-    unpack_codes,
 )
-from mrivq.compression.entropy import bits_per_pixel_map, surprise_bits
+from mrivq.compression.entropy import (
+    bits_per_pixel_map,
+    code_count_table,
+    decode_with_frequencies,
+    encode_with_frequencies,
+)
+from mrivq.compression.priors import kind_of
 from mrivq.data.io import nifti_bytes, nifti_image, read_slice
 from mrivq.data.preprocess import (
     Preprocessing,
@@ -52,8 +60,6 @@ from mrivq.data.preprocess import (
 )
 from mrivq.errors import UserError
 from mrivq.nn import VQVAE2
-from mrivq.nn.pass_prior import PassPrior
-from mrivq.nn.prior import CodePrior, NonFiniteProbabilities
 
 #: The most pixels one batch of slices may hold (16 slices of 256 x 128): larger slices go in
 #: smaller batches, so memory does not grow with a model's image size.
@@ -117,24 +123,6 @@ def model_fingerprint(model: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def coding_fingerprint(prior: CodePrior | PassPrior) -> str:
-    """What a prior-coded file names its prior by: its integer copy's fingerprint (the copy is what
-    codes), or the whole float model's for a transformer prior of an earlier mrivq without one."""
-    return prior.integer.fingerprint() if prior.integer is not None else model_fingerprint(prior)
-
-
-def prior_device(header: dict, device: torch.device | str, path: Path | str = "codes file") -> str:
-    """The device a prior must run on to decode a file with ``header``: ``device`` where an integer
-    copy coded it (the same probabilities anywhere), the encoding device for a transformer prior
-    that coded in floating point (only the same arithmetic gives the same probabilities)."""
-    if header.get("prior_coding") in ("passes", "raster"):
-        return torch.device(device).type
-    where = header.get("prior_device", "cpu")
-    if where == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"{path} was prior-coded on CUDA; decode it on a machine with a GPU")
-    return where
 
 
 @dataclass
@@ -203,7 +191,7 @@ class Compressed:
 class Codec:
     """Slices <-> the bytes of a codes file, under one VQ-VAE and (optionally) one prior."""
 
-    def __init__(self, model: VQVAE2, prep: Preprocessing, prior: CodePrior | PassPrior | None = None, *,
+    def __init__(self, model: VQVAE2, prep: Preprocessing, prior: torch.nn.Module | None = None, *,
                  batch_size: int = 16, prior_name: str = "the prior"):
         self.model, self.prep, self.prior, self.batch_size = model, prep, prior, batch_size
         self.prior_name = prior_name  # what an error about the prior calls it (its file)
@@ -221,25 +209,48 @@ class Codec:
 
     def compress_codes(self, codes: tuple[np.ndarray, np.ndarray], slices: CodecInput, *,
                        under_prior: bool = True) -> Compressed:
-        """A codes file of ``codes`` (of ``slices``), range-coded under the prior when the codec has
-        one and ``under_prior``, else under the codes' frequencies; decoded again before returning."""
-        prior = self.prior if under_prior else None
-        try:
-            file, blob, timing = pack_checked(
-                *codes, n_embed=self.n_embed, preprocessing=preprocessing_entry(self.prep),
-                model_fingerprint=self.fingerprint, sources=slices.sources, norm=slices.norm,
-                affines=slices.affines, shapes=slices.shapes, prior=prior,
-                prior_fingerprint=None if prior is None else coding_fingerprint(prior))
-        except NonFiniteProbabilities as exc:
-            raise UserError(f"{self.prior_name}: {exc}; train the prior again") from None
-        return Compressed(file, blob, codes, timing["coding_s"], timing["decoding_s"])
+        """A codes file of ``codes`` (of ``slices``), range-coded under the prior's integer copy when
+        the codec has a prior and ``under_prior``, else under the codes' frequencies; decoded again
+        through the decoder's own path before returning (a file that would not decode back is a
+        bug here, never a file written)."""
+        top, bottom = codes
+        start = time.perf_counter()
+        header = {"format": "mrivq-codes", "version": VERSION, "n": len(top), "n_embed": self.n_embed,
+                  "top_grid": list(top.shape[1:]), **preprocessing_entry(self.prep),
+                  "model_fingerprint": self.fingerprint, "codes_crc32": codes_crc(top, bottom),
+                  "sources": slices.sources}
+        counts = None
+        if self.prior is not None and under_prior:
+            copy = self.coding_copy()
+            header.update(coder="prior", prior_fingerprint=copy.fingerprint(), prior_coding=copy.coding)
+            stream = driver.encode(copy, top, bottom)
+        else:
+            counts = code_count_table(top, bottom, self.n_embed)
+            header["coder"] = "frequencies"
+            stream = encode_with_frequencies(top, bottom, counts)
+        file = CodesFile(header, np.asarray(slices.norm), np.asarray(slices.affines), np.asarray(slices.shapes),
+                         stream, counts)
+        blob = file.to_bytes()
+        coded = time.perf_counter()
+        again = self._decode_stream(CodesFile.from_bytes(blob))
+        if not (np.array_equal(again[0], top) and np.array_equal(again[1], bottom)):
+            raise RuntimeError(f"the {header['coder']} codes stream did not decode back to the codes")
+        return Compressed(file, blob, codes, coded - start, time.perf_counter() - coded)
+
+    def coding_copy(self):
+        """The integer copy of the codec's prior, which codes; a prior saved before such copies
+        existed has none, and is refused in one line."""
+        if self.prior.integer is None:
+            raise UserError(f"{self.prior_name} was saved by an earlier mrivq without the integer copy that "
+                            "codes (it still samples); train the prior again with `mrivq train-prior`")
+        return self.prior.integer
 
     def surprise(self, codes: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         """Bits per pixel ``(N, H, W)`` on the model grid: each code's -log2 p under the prior, given
         the codes coded before it, spread over the code's pixels (they add up to the stream)."""
         if self.prior is None:
             raise UserError("surprise maps show the bits a prior spends: give the prior with --prior")
-        return bits_per_pixel_map(*surprise_bits(self.prior, *codes))
+        return bits_per_pixel_map(*driver.surprise_bits(self.coding_copy(), *codes))
 
     # -- decompress -------------------------------------------------------------------------------
 
@@ -258,7 +269,7 @@ class Codec:
         """Refuse a prior-coded file whose prior is not this codec's."""
         header = file.header
         if header["coder"] == "prior" and self.prior is not None and (
-                coding_fingerprint(self.prior) != header["prior_fingerprint"]):
+                self.coding_copy().fingerprint() != header["prior_fingerprint"]):
             raise UserError(f"{path} was coded under another prior (fingerprint {header['prior_fingerprint']}); "
                             "give the prior that encoded it with --prior")
 
@@ -266,7 +277,30 @@ class Codec:
         """The file's codes, checked against its model, its prior and the encoder's checksum."""
         self.check_model(file, path)
         self.check_prior(file, path)
-        return unpack_codes(file, self.prior, path)
+        return self._decode_stream(file, path)
+
+    def _decode_stream(self, file: CodesFile, path: Path | str = "codes file") -> tuple[np.ndarray, np.ndarray]:
+        """The codes of the file's stream, under the coder its header names, checked against the
+        encoder's checksum: ``(codes_top (N, h, w), codes_bottom (N, 2h, 2w))`` int64."""
+        header = file.header
+        try:
+            if header["coder"] == "frequencies":
+                top, bottom = decode_with_frequencies(file.stream, file.counts, file.n, tuple(header["top_grid"]))
+            elif self.prior is None:
+                raise UserError(f"{path} was coded under a prior: give it with --prior (the models/prior_best.pt "
+                                "that encoded it)")
+            elif header["prior_coding"] != self.coding_copy().coding:
+                raise UserError(f"{path} was coded in {header['prior_coding']} order, and --prior is "
+                                f"{kind_of(self.prior).label}, which codes in {self.coding_copy().coding} order; give "
+                                "the prior that encoded it")
+            else:
+                top, bottom = driver.decode(self.coding_copy(), file.stream, file.n)
+        except (AssertionError, ValueError):  # the range decoder meets data its model cannot have coded
+            raise UserError(f"{path}: damaged codes file: its stream does not decode; encode the slices again") from None
+        if codes_crc(top, bottom) != int(header["codes_crc32"]):
+            raise UserError(f"{path}: the decoded codes do not match the encoder's checksum; the file is damaged, "
+                            "or encode the slices again")
+        return top, bottom
 
     def decompress(self, file: CodesFile, path: Path | str = "codes file", *,
                    codes: tuple[np.ndarray, np.ndarray] | None = None) -> Iterator[tuple[int, np.ndarray]]:

@@ -4,16 +4,19 @@ Layout (little-endian)::
 
     b"MRVQ", version (u8)
     sections, each: name length (u8), name (ASCII), payload length (u32), payload
-      header   zlib(JSON): coder ("frequencies" or "prior"), slice count, codebook size, grids,
-               image size, fit and normalisation, the VQ-VAE's fingerprint (and the prior's),
-               a CRC-32 of the codes, and each slice's file name, on-disk shape and data type
+      header   zlib(JSON): coder ("frequencies" or "prior"; for a prior, the order its integer
+               copy codes in: prior_coding), slice count, codebook size, grids, image size, fit
+               and normalisation, the VQ-VAE's fingerprint (and the prior's), a CRC-32 of the
+               codes, and each slice's file name, on-disk shape and data type
       side     zlib: per slice (offset, scale) float32, the affine's top 3x4 rows float32
                (NIfTI stores them as float32), the original (h, w) uint16
       tables   zlib: the per-level code counts, uint32 (2, n_embed) (frequencies coder only)
-      stream   the range-coded codes, uint32 words (:mod:`mrivq.compression.entropy`)
+      stream   the range-coded codes, uint32 words (:mod:`mrivq.compression.entropy` under
+               frequencies, :mod:`mrivq.compression.driver` under a prior)
 
-Everything decode needs is in the file, and the bits per pixel a report gives are the file's
-own size x 8 over the pixels coded.
+This module is the format only: it reads and writes sections and the header, and checks them
+against each other and the limits; which coder runs is :mod:`mrivq.compression.codec`'s. The
+bits per pixel a report gives are the file's own size x 8 over the pixels coded.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import io
 import json
 import math
 import struct
-import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,23 +33,9 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mrivq.compression.entropy import (
-    PRIOR_BATCH,
-    code_count_table,
-    decode_in_passes,
-    decode_in_raster,
-    decode_with_frequencies,
-    decode_with_prior,
-    encode_in_passes,
-    encode_in_raster,
-    encode_with_frequencies,
-    encode_with_prior,
-    ideal_bits,
-    raw_bits_per_pixel,
-)
+from mrivq.compression.entropy import ideal_bits, raw_bits_per_pixel
 from mrivq.data.preprocess import FIT_POLICIES, NORMALIZE_POLICIES
 from mrivq.errors import BadFileError, UserError
-from mrivq.nn.pass_prior import PassPrior
 
 MAGIC = b"MRVQ"
 VERSION = 2
@@ -64,6 +52,9 @@ MAX_SLICE_PIXELS = 1 << 24  # a decoded slice's on-disk pixels (4096 x 4096)
 MAX_OUTPUT_PIXELS = 1 << 30  # all decoded slices' pixels (4 GiB of float32; HipMRI's 12,660: 0.47 G)
 MAX_SCALE = 1e30  # an intensity offset or scale: beyond it, scanner units overflow float32
 MAX_SIDE = 32767  # NIfTI-1 stores each dimension as a 16-bit signed integer
+#: The day the floating-point coding of transformer priors (``prior_coding: sequential``) was
+#: retired: files coded that way were written by an mrivq 0.1.0 from before it.
+RETIRED_SEQUENTIAL = "2026-12-04"
 _SIDE_BYTES = 8 + 48 + 4  # per slice: (offset, scale) f4, affine rows 3x4 f4, (h, w) u2
 
 
@@ -133,6 +124,10 @@ class CodesFile:
             if len(stream) % 4 or len(stream) > 4 * (n * cells + 64):
                 raise _Invalid(f"its stream is {len(stream)} bytes, not whole 32-bit words within the "
                                "codes' size")
+            if header.coder == "prior" and header.prior_coding in (None, "sequential"):
+                raise UserError(f"{path}: coded under a transformer prior in floating point by an mrivq 0.1.0 "
+                                f"from before {RETIRED_SEQUENTIAL}, a coding this version no longer decodes; "
+                                "decode it with that version, or encode the slices again")
             codes = cls(header.model_dump(exclude_none=True), *_side_arrays(side, n),
                         np.frombuffer(stream, dtype="<u4").astype(np.uint32), counts,
                         {name: len(payload) for name, payload in payloads.items()})
@@ -223,12 +218,12 @@ class CodesHeader(_Strict):
     codes_crc32: int = Field(ge=0, lt=1 << 32)
     sources: list[SourceEntry]
     prior_fingerprint: str | None = Field(default=None, pattern=r"^[0-9a-f]{16}$")
-    prior_batch: int | None = Field(default=None, ge=1, le=PRIOR_BATCH)
+    # The order the prior's integer copy coded in (its kind's: "passes", "raster", ...), one
+    # stream per slice. Files of the retired floating-point coder say "sequential" (or nothing)
+    # and carry the batch and device it ran with: read only to be refused by name.
+    prior_coding: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9_-]{0,31}$")
+    prior_batch: int | None = Field(default=None, ge=1, le=1 << 16)
     prior_device: Literal["cpu", "cuda"] | None = None
-    # How the prior coded: "passes" (a pass prior's integer copy) or "raster" (a transformer
-    # prior's integer copy), one stream per slice, which any machine decodes; or "sequential" (a
-    # transformer prior without an integer copy, in floating point: batch and device fixed).
-    prior_coding: Literal["sequential", "passes", "raster"] | None = None
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -255,12 +250,15 @@ class CodesHeader(_Strict):
 
 
 def _parse_header(text: bytes) -> CodesHeader:
+    """The header, or :class:`_Invalid` saying in one plain sentence what is wrong with it."""
     try:
         return CodesHeader.model_validate_json(text)
     except ValidationError as exc:
         error = exc.errors()[0]
-        where = ".".join(str(part) for part in error["loc"]) or "header"
-        raise _Invalid(f"header {where}: {error['msg']}") from None
+        message = error["msg"].removeprefix("Value error, ")
+        where = ".".join(str(part) for part in error["loc"])
+        raise _Invalid(f"its header's {where} is not valid ({message[:1].lower() + message[1:]})" if where
+                       else f"in its header, {message}") from None
     except RecursionError:
         raise _Invalid("its header is nested too deeply") from None
 
@@ -335,99 +333,6 @@ def read_codes_file(path: str | Path) -> CodesFile:
         raise UserError(f"{path}: larger than the {MAX_FILE_BYTES >> 20} MiB a codes file may be; "
                         "encode the slices in several files")
     return CodesFile.from_bytes(data, path)
-
-
-#: What each ``prior_coding`` is, in messages.
-CODING_NAMES = {"passes": "a pass prior", "raster": "a transformer prior's integer copy",
-                "sequential": "a transformer prior in floating point (an older prior without an integer copy)"}
-
-
-def prior_coding(prior) -> str:
-    """How ``prior`` codes: ``passes``, ``raster`` (a transformer with its integer copy) or
-    ``sequential`` (a transformer of an earlier mrivq, without one)."""
-    if isinstance(prior, PassPrior):
-        return "passes"
-    return "raster" if prior.integer is not None else "sequential"
-
-
-def pack_codes(codes_top: np.ndarray, codes_bottom: np.ndarray, *, n_embed: int, preprocessing: dict,
-               model_fingerprint: str, sources: list[dict], norm: np.ndarray, affines: np.ndarray,
-               shapes: np.ndarray, prior=None, prior_fingerprint: str | None = None,
-               prior_batch: int = PRIOR_BATCH) -> CodesFile:
-    """A codes file for ``codes_top`` ``(N, h, w)`` and ``codes_bottom`` ``(N, 2h, 2w)``: range-coded
-    under their frequencies, or under ``prior`` (a :class:`mrivq.nn.CodePrior`) when given.
-
-    ``preprocessing``: ``image_size``, ``fit``, ``normalize``, ``percentiles`` of the model;
-    ``sources``: per slice, the output ``name``, the on-disk ``shape`` and ``dtype``; ``norm``,
-    ``affines``, ``shapes``: per slice, as :class:`CodesFile` holds them.
-    """
-    n = len(codes_top)
-    header = {"format": "mrivq-codes", "version": VERSION, "n": n, "n_embed": int(n_embed),
-              "top_grid": list(codes_top.shape[1:]), **{k: _json_ready(v) for k, v in preprocessing.items()},
-              "model_fingerprint": model_fingerprint, "codes_crc32": codes_crc(codes_top, codes_bottom),
-              "sources": sources}
-    counts = None
-    if prior is None:
-        header["coder"] = "frequencies"
-        counts = code_count_table(codes_top, codes_bottom, n_embed)
-        stream = encode_with_frequencies(codes_top, codes_bottom, counts)
-    elif (coding := prior_coding(prior)) != "sequential":  # through the prior's integer copy
-        header.update(coder="prior", prior_fingerprint=prior_fingerprint, prior_coding=coding)
-        encode = encode_in_passes if coding == "passes" else encode_in_raster
-        stream = encode(prior.integer, codes_top, codes_bottom)
-    else:
-        device = next(prior.parameters()).device
-        header.update(coder="prior", prior_fingerprint=prior_fingerprint, prior_batch=prior_batch,
-                      prior_device=device.type, prior_coding="sequential")
-        stream = encode_with_prior(prior, codes_top, codes_bottom, batch_size=prior_batch)
-    return CodesFile(header, np.asarray(norm), np.asarray(affines), np.asarray(shapes), stream, counts)
-
-
-def unpack_codes(codes: CodesFile, prior=None, path: Path | str = "codes file") -> tuple[np.ndarray, np.ndarray]:
-    """Decode the stream of ``codes`` (with its prior for a prior-coded file) and check the result
-    against the encoder's CRC: ``(codes_top (N, h, w), codes_bottom (N, 2h, 2w))`` int64."""
-    header = codes.header
-    top_grid = tuple(int(v) for v in header["top_grid"])
-    if header["coder"] == "prior" and prior is None:
-        raise UserError(f"{path} was coded under a prior: give it with --prior (the models/prior_best.pt "
-                        "that encoded it)")
-    coding = header.get("prior_coding") or "sequential"
-    if header["coder"] == "prior" and coding != prior_coding(prior):
-        raise UserError(f"{path} was coded under {CODING_NAMES[coding]}, and --prior is "
-                        f"{CODING_NAMES[prior_coding(prior)]}; give the prior that encoded it")
-    portable = coding != "sequential"  # any machine decodes it
-    try:
-        if header["coder"] == "prior" and coding == "passes":
-            top, bottom = decode_in_passes(prior.integer, codes.stream, codes.n)
-        elif header["coder"] == "prior" and coding == "raster":
-            top, bottom = decode_in_raster(prior.integer, codes.stream, codes.n)
-        elif header["coder"] == "prior":
-            top, bottom = decode_with_prior(prior, codes.stream, codes.n, batch_size=int(header["prior_batch"]))
-        else:
-            top, bottom = decode_with_frequencies(codes.stream, codes.counts, codes.n, top_grid)
-    except (AssertionError, ValueError):  # the range decoder meets data its model cannot have coded
-        raise UserError(f"{path}: damaged codes file: its stream does not decode; encode the slices again") from None
-    if codes_crc(top, bottom) != int(header["codes_crc32"]):
-        where = (f" (it was prior-coded on {header.get('prior_device')}: decode on the same kind of machine and "
-                 "device)" if header["coder"] == "prior" and not portable else "")
-        raise UserError(f"{path}: the decoded codes do not match the encoder's checksum{where}; "
-                        "the file is damaged, or encode the slices again")
-    return top, bottom
-
-
-def pack_checked(codes_top: np.ndarray, codes_bottom: np.ndarray, *, prior=None,
-                 **side) -> tuple[CodesFile, bytes, dict]:
-    """:func:`pack_codes`, serialised, then decoded again from those bytes through the decoder's own
-    path (:func:`unpack_codes`) and compared: ``(the file, its bytes, {"coding_s", "decoding_s"})``.
-    A file that would not decode back is a bug here, never a file written."""
-    start = time.perf_counter()
-    codes = pack_codes(codes_top, codes_bottom, prior=prior, **side)
-    blob = codes.to_bytes()
-    coded = time.perf_counter()
-    top, bottom = unpack_codes(CodesFile.from_bytes(blob), prior)
-    if not (np.array_equal(top, codes_top) and np.array_equal(bottom, codes_bottom)):
-        raise RuntimeError(f"the {codes.header['coder']} codes stream did not decode back to the codes")
-    return codes, blob, {"coding_s": coded - start, "decoding_s": time.perf_counter() - coded}
 
 
 def bits_report(codes: CodesFile, file_bytes: int, *, input_bytes: int | None = None) -> dict:

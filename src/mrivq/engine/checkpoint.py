@@ -16,24 +16,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mrivq.compression.codec import Codec, prior_device
+from mrivq.compression.codec import Codec
 from mrivq.compression.container import MAX_SCALE, CodesFile
-from mrivq.compression.entropy import PRIOR_BATCH, RASTER_IN_FLIGHT
+from mrivq.compression.priors import PRIORS, build_prior
 from mrivq.config import Config, config_from_dict
 from mrivq.data.preprocess import Preprocessing
 from mrivq.errors import UserError
 from mrivq.nn import VQVAE2
-from mrivq.nn.integer_prior import IntegerPassPrior, integer_state_problem
-from mrivq.nn.integer_transformer import IntegerCodePrior, integer_transformer_problem
-from mrivq.nn.pass_prior import PassPrior
-from mrivq.nn.prior import CodePrior
 from mrivq.run_dir import atomic_write
 
 FORMAT = "mrivq-vqvae2"
 FORMAT_VERSION = 1
 PRIOR_KIND = "code-prior"  # a prior checkpoint's ``kind``
-#: A prior's key/value caches for a batch of ``PRIOR_BATCH`` slices (the prior coder's batch, and
-#: sample's) may take at most this much memory: a checkpoint cannot ask for more.
+#: What a prior's integer copy needs to code the slices it has in flight (its kind's
+#: ``working_memory``) may be at most this much: a checkpoint cannot ask for more.
 MAX_PRIOR_CACHE_BYTES = 4 << 30
 
 
@@ -200,18 +196,8 @@ def load_vqvae(path: str | Path, device: torch.device | str = "cpu") -> tuple[VQ
     return model, checkpoint_config(ckpt, path)
 
 
-def prior_from_config(config: Config, n_embed: int, top_grid: tuple[int, int]) -> CodePrior | PassPrior:
-    p = config.prior
-    if p.architecture == "passes":
-        return PassPrior(n_embed, top_grid, channels=p.channels, layers=p.layers, condition_layers=p.condition_blocks,
-                         passes_top=p.passes_top, passes_bottom=p.passes_bottom)
-    return CodePrior(n_embed, top_grid, d_model=p.d_model, n_head=p.n_head, n_layer_top=p.n_layer_top,
-                     n_layer_bottom=p.n_layer_bottom, condition_blocks=p.condition_blocks,
-                     dropout=p.dropout, bottom_window_rows=p.bottom_window_rows, neighbours=p.neighbour_codes)
-
-
 def load_prior(path: str | Path, expect_fingerprint: str | None = None,
-               device: torch.device | str = "cpu") -> tuple[CodePrior, VQVAE2, dict]:
+               device: torch.device | str = "cpu") -> tuple[torch.nn.Module, VQVAE2, dict]:
     """The prior and its VQ-VAE (eval mode, on ``device``) and the raw checkpoint of ``mrivq train-prior``.
 
     ``expect_fingerprint``: the :func:`~mrivq.compression.codec.model_fingerprint` of the VQ-VAE the prior must belong to.
@@ -231,44 +217,31 @@ def load_prior(path: str | Path, expect_fingerprint: str | None = None,
     vq_config = checkpoint_config(ckpt["vqvae"], path)
     config = checkpoint_config(ckpt, path)
     n_embed, top_grid = _prior_shape(ckpt, vq_config, config, path)
-    prior = build_checked(lambda: prior_from_config(config, n_embed, top_grid), ckpt.get("prior"), path, "prior")
-    # the integer copy that codes; transformer priors written before such copies existed have none
-    # (they code in floating point, for one kind of machine)
-    if isinstance(prior, PassPrior) or "integer" in ckpt:
-        check, copy = ((integer_state_problem, IntegerPassPrior) if isinstance(prior, PassPrior)
-                       else (integer_transformer_problem, IntegerCodePrior))
-        problem = check(ckpt.get("integer"), prior)
+    prior = build_checked(lambda: build_prior(config.prior, n_embed, top_grid), ckpt.get("prior"), path, "prior")
+    # the integer copy that codes (priors saved before such copies existed have none: they sample only)
+    if "integer" in ckpt:
+        kind = PRIORS[config.prior.kind]
+        problem = kind.copy_problem(ckpt["integer"], prior)
         if problem:
             raise UserError(f"{path}: its integer coding copy {problem}; not a prior checkpoint mrivq wrote, "
                             "or damaged")
-        prior.integer = copy(ckpt["integer"]).to(device)
+        prior.integer = kind.load_copy(ckpt["integer"]).to(device)
     vqvae = model_from_checkpoint(ckpt["vqvae"], path)
     return prior.to(device).eval(), vqvae.to(device).eval(), ckpt
 
 
 def _prior_shape(ckpt: dict, vq_config: Config, config: Config, path: Path) -> tuple[int, tuple[int, int]]:
     """The prior's codebook size and top grid, which must be those of the VQ-VAE it holds; and
-    the memory its key/value caches take when coding or sampling a batch, within a bound."""
+    the memory its integer copy takes when coding, within a bound."""
     height, width = vq_config.data.image_size
     expected = {"n_embed": vq_config.model.n_embed, "top_grid": [-(-height // 8), -(-width // 8)]}
     if ckpt.get("prior_shape") != expected:
         raise UserError(f"{path}: its prior_shape {reprlib.repr(ckpt.get('prior_shape'))} is not its VQ-VAE's "
                         f"{expected}; not a prior checkpoint mrivq wrote, or damaged")
-    p, (top_rows, top_cols) = config.prior, expected["top_grid"]
-    cells = top_rows * top_cols
-    if p.architecture == "passes":  # the integer copy's int64 stream, its int8 columns and products
-        what, cache_bytes = "working memory", 4 * cells * p.channels * 40 * PRIOR_BATCH
-    else:
-        # float64 keys and values (the integer copy's): the encoder's for the top and the 4x longer
-        # bottom grid, PRIOR_BATCH slices; the decoder's for the top and the bottom's window only
-        window = 4 * cells if p.bottom_window_rows is None else min(4 * cells, p.bottom_window_rows * 2 * top_cols)
-        what, cache_bytes = "key/value caches", 2 * 8 * p.d_model * max(
-            (p.n_layer_top + 4 * p.n_layer_bottom) * cells * PRIOR_BATCH,
-            (p.n_layer_top * cells + p.n_layer_bottom * window) * RASTER_IN_FLIGHT)
-    if cache_bytes > MAX_PRIOR_CACHE_BYTES:
-        raise UserError(f"{path}: its prior would need {cache_bytes / 2**30:.1f} GiB of {what} for a "
-                        f"batch of {PRIOR_BATCH} slices (at most {MAX_PRIOR_CACHE_BYTES >> 30} GiB); "
-                        "not a prior mrivq trains")
+    what, size = PRIORS[config.prior.kind].working_memory(config.prior.settings, expected["top_grid"])
+    if size > MAX_PRIOR_CACHE_BYTES:
+        raise UserError(f"{path}: its prior would need {size / 2**30:.1f} GiB of {what} to code (at most "
+                        f"{MAX_PRIOR_CACHE_BYTES >> 30} GiB); not a prior mrivq trains")
     return expected["n_embed"], tuple(expected["top_grid"])
 
 
@@ -295,16 +268,14 @@ def load_codec(checkpoint: str | Path, *, prior: str | Path | None = None, devic
                codes_file: CodesFile | None = None, codes_path: Path | str = "codes file") -> Codec:
     """The :class:`~mrivq.compression.codec.Codec` of a VQ-VAE checkpoint and (optionally) a prior of it.
 
-    To decode ``codes_file``, it is checked against the model first, the prior runs on the device
-    :func:`~mrivq.compression.codec.prior_device` gives for it, and its prior is checked too.
+    To decode ``codes_file``, it is checked against the model first, and its prior too.
     """
     model, trained = load_vqvae(checkpoint, device)
     codec = Codec(model, Preprocessing.from_settings(trained.data))
     if codes_file is not None:
         codec.check_model(codes_file, codes_path)
     if prior is not None and (codes_file is None or codes_file.header["coder"] == "prior"):
-        where = device if codes_file is None else prior_device(codes_file.header, device, codes_path)
-        codec.prior, _, _ = load_prior(prior, expect_fingerprint=codec.fingerprint, device=where)
+        codec.prior, _, _ = load_prior(prior, expect_fingerprint=codec.fingerprint, device=device)
         codec.prior_name = str(prior)
     if codes_file is not None:
         codec.check_prior(codes_file, codes_path)

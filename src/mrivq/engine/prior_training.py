@@ -1,6 +1,6 @@
 """What fitting the code prior adds to the loop: the prior, its optimiser, and its validation NLL.
 
-The prior (:class:`mrivq.nn.CodePrior`) is fitted to a VQ-VAE's codes by maximum likelihood:
+The prior (of any kind in :mod:`mrivq.compression.priors`) is fitted to a VQ-VAE's codes by maximum likelihood:
 the loss is the mean number of bits per code over both levels, weighted by how many codes each
 level has. Training steps run under ``train.precision``'s autocast (bf16 where the CPU has it);
 validation, like every use of a trained prior (sampling, coding), runs in float32. The learning
@@ -16,18 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mrivq.compression.priors import build_prior, make_copy
 from mrivq.config import Config
 from mrivq.engine import step as steps
-from mrivq.engine.checkpoint import PRIOR_KIND, prior_from_config
+from mrivq.engine.checkpoint import PRIOR_KIND
 from mrivq.engine.loop import LoopState, RunningSums
 from mrivq.errors import UserError
-from mrivq.nn.integer_prior import integer_prior
-from mrivq.nn.integer_transformer import integer_transformer
-from mrivq.nn.pass_prior import PassPrior
 from mrivq.runtime import autocast, resolve_precision
 
-CALIBRATION_GRIDS = 32  # training grids whose activations set the ranges of a pass prior's integer copy
-TRANSFORMER_CALIBRATION_GRIDS = 16  # the same for a transformer prior (fewer: every save runs the prior on them)
 COLUMNS = [
     "step", "epoch", "lr", "train_nll_top", "train_nll_bottom", "train_nll", "val_nll_top",
     "val_nll_bottom", "val_nll", "uniform_bits", "val_bits_per_pixel", "train_codes_per_s", "elapsed_s",
@@ -61,7 +57,7 @@ class PriorTraining:
         self.batch_size = min(pc.batch_size, self.n_examples)
         self.n_embed = n_embed
         self.top_grid = tuple(self.train_top.shape[1:])
-        self.model = prior_from_config(config, n_embed, self.top_grid).to(device)
+        self.model = build_prior(config.prior, n_embed, self.top_grid).to(device)
         self.optimizer = steps.build_optimizer(self.model.parameters(), pc)
         self.scheduler = steps.build_schedule(self.optimizer, pc, state)
         self.precision = resolve_precision(config.train.precision, device)
@@ -131,18 +127,10 @@ class PriorTraining:
 
     # ------------------------------------------------------------------ state ----------
     def state_dict(self) -> dict:
-        # the integer copy that codes, made from these weights: a pass prior's calibrated on the
-        # first training grids (as its measured rates were), a transformer's on grids spread
-        # over the training set (the first are one case's neighbouring slices)
-        if isinstance(self.model, PassPrior):
-            make, grids = integer_prior, slice(0, CALIBRATION_GRIDS)
-        else:
-            make = integer_transformer
-            grids = torch.linspace(0, len(self.train_top) - 1, min(TRANSFORMER_CALIBRATION_GRIDS, len(self.train_top))).long()
-        copy = make(self.model, self.train_top[grids], self.train_bottom[grids])
-        coding = {"integer": copy.state, "integer_fingerprint": copy.fingerprint()}
+        copy = make_copy(self.model, self.train_top, self.train_bottom)  # the integer copy that codes
         return {
-            **coding,
+            "integer": copy.state,
+            "integer_fingerprint": copy.fingerprint(),
             "kind": PRIOR_KIND,
             "prior": self.model.state_dict(),
             "prior_shape": {"n_embed": self.n_embed, "top_grid": list(self.top_grid)},

@@ -12,7 +12,7 @@ passes are the checkerboard.
 
 The network is a plain stack of residual 3x3 convolutions and ReLUs over embeddings, with no
 normalisation, attention or other non-linearity: everything a fixed-point copy
-(:mod:`mrivq.nn.integer_prior`) can compute exactly in integers, so the probabilities that
+(:mod:`mrivq.compression.portable.passes`) can compute exactly in integers, so the probabilities that
 drive the range coder are the same bit for bit on any machine.
 
 Shapes: top codes ``(B, h, w)``, bottom codes ``(B, 2h, 2w)``, int64 in ``[0, n_embed)``;
@@ -131,13 +131,23 @@ class PassPrior(nn.Module):
     def __init__(self, n_embed: int, top_grid: tuple[int, int], *, channels: int = 64, layers: int = 6,
                  condition_layers: int = 2, passes_top: int = 3, passes_bottom: int = 2) -> None:
         super().__init__()
+        self.sizes = {"channels": channels, "layers": layers, "condition_layers": condition_layers,
+                      "passes_top": passes_top, "passes_bottom": passes_bottom}
         self.n_embed = n_embed
         self.top_grid = (int(top_grid[0]), int(top_grid[1]))
         self.bottom_grid = (2 * self.top_grid[0], 2 * self.top_grid[1])
         self.top = PassNet(n_embed, self.top_grid, channels, layers, passes_top)
         self.condition = TopFeatures(n_embed, channels, condition_layers)
         self.bottom = PassNet(n_embed, self.bottom_grid, channels, layers, passes_bottom)
-        self.integer = None  # the integer copy that codes (mrivq.nn.integer_prior), once made or loaded
+        self.integer = None  # the integer copy that codes (mrivq.compression.portable.passes), once made or loaded
+
+    kind = "passes"  # its entry in mrivq.compression.priors
+
+    def fresh(self) -> PassPrior:
+        """A newly initialised prior of the same sizes (what its integer copy is checked against),
+        drawn without touching the global random state."""
+        with torch.random.fork_rng(devices=[]):
+            return type(self)(self.n_embed, self.top_grid, **self.sizes)
 
     def levels(self):
         return (("top", self.top), ("bottom", self.bottom))
@@ -163,7 +173,7 @@ class PassPrior(nn.Module):
     def sample(self, n: int, *, temperature: float = 1.0, top_p: float = 1.0,
                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` new code pairs, each grid drawn pass by pass (``top_p`` < 1: nucleus sampling)."""
-        from mrivq.nn.prior import NonFiniteProbabilities
+        from mrivq.nn.transformer_prior import NonFiniteProbabilities
 
         device = self.top.head.weight.device
         grids = []

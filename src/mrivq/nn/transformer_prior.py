@@ -189,7 +189,7 @@ class CodeTransformer(nn.Module):
         cols = self.col.weight[None, :, :].expand(*self.grid, -1)
         return (rows + cols).reshape(self.length, -1)
 
-    def _inputs(self, flat: torch.Tensor, position: int, length: int) -> torch.Tensor:
+    def inputs(self, flat: torch.Tensor, position: int, length: int) -> torch.Tensor:
         """Token (+ neighbour) + position embeddings ``(B, length, d_model)`` of positions
         ``position .. position + length - 1``, from ``flat`` ``(B, L)``, which must hold every
         code before the last of them (later entries are not read)."""
@@ -211,7 +211,7 @@ class CodeTransformer(nn.Module):
         ``condition``: ``(B, d_model, rows, cols)`` or None.
         """
         batch = codes.shape[0]
-        x = self._inputs(codes.reshape(batch, self.length), 0, self.length)
+        x = self.inputs(codes.reshape(batch, self.length), 0, self.length)
         if condition is not None:
             x = x + condition.flatten(2).transpose(1, 2)
         x = self.drop(x)
@@ -236,7 +236,7 @@ class CodeTransformer(nn.Module):
         None. Returns ``(n, length, n_embed)`` float32, equal (to rounding) to :meth:`forward`'s
         at those positions.
         """
-        x = self._inputs(codes, position, length)
+        x = self.inputs(codes, position, length)
         if condition is not None:
             x = x + condition.flatten(2).transpose(1, 2)[:, position:position + length]
         for block, layer_cache in zip(self.blocks, cache):
@@ -278,7 +278,7 @@ class TopCondition(nn.Module):
         return self.up(self.blocks(x))
 
 
-class CodePrior(nn.Module):
+class TransformerPrior(nn.Module):
     """The VQ-VAE-2 prior: ``p(top) p(bottom | top)``.
 
     Args:
@@ -292,7 +292,7 @@ class CodePrior(nn.Module):
             False: the prior of earlier mrivq versions, whose checkpoints still load.
 
     Example:
-        >>> prior = CodePrior(32, (8, 4), d_model=16, n_head=2, n_layer_top=1, n_layer_bottom=1)
+        >>> prior = TransformerPrior(32, (8, 4), d_model=16, n_head=2, n_layer_top=1, n_layer_bottom=1)
         >>> top, bottom = prior.sample(3)
         >>> top.shape, bottom.shape
         (torch.Size([3, 8, 4]), torch.Size([3, 16, 8]))
@@ -302,6 +302,9 @@ class CodePrior(nn.Module):
                  n_layer_top: int = 4, n_layer_bottom: int = 3, condition_blocks: int = 2,
                  dropout: float = 0.0, bottom_window_rows: int | None = 2, neighbours: bool = True) -> None:
         super().__init__()
+        self.sizes = {"d_model": d_model, "n_head": n_head, "n_layer_top": n_layer_top, "n_layer_bottom": n_layer_bottom,
+                      "condition_blocks": condition_blocks, "dropout": dropout,
+                      "bottom_window_rows": bottom_window_rows, "neighbours": neighbours}
         self.n_embed = n_embed
         self.top_grid = (int(top_grid[0]), int(top_grid[1]))
         self.bottom_grid = (2 * self.top_grid[0], 2 * self.top_grid[1])
@@ -310,9 +313,17 @@ class CodePrior(nn.Module):
         self.condition = TopCondition(n_embed, d_model, condition_blocks)
         self.bottom = CodeTransformer(n_embed, self.bottom_grid, d_model, n_head, n_layer_bottom, dropout,
                                       window_rows=bottom_window_rows, neighbours=neighbours)
-        # the integer copy that codes (mrivq.nn.integer_transformer), once made or loaded; None in
-        # priors of earlier mrivq versions, which code in floating point (one kind of machine)
+        # the integer copy that codes (mrivq.compression.portable.transformer), once made or loaded; None in
+        # priors saved before such copies existed, which cannot code (they still sample)
         self.integer = None
+
+    kind = "transformer"  # its entry in mrivq.compression.priors
+
+    def fresh(self) -> TransformerPrior:
+        """A newly initialised prior of the same sizes (what its integer copy is checked against),
+        drawn without touching the global random state."""
+        with torch.random.fork_rng(devices=[]):
+            return type(self)(self.n_embed, self.top_grid, **self.sizes)
 
     def forward(self, codes_top: torch.Tensor, codes_bottom: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced logits ``(B, K, h, w)`` and ``(B, K, 2h, 2w)``."""

@@ -1,0 +1,132 @@
+"""One range-coding driver for every prior: slices coded in the order their prior's integer copy
+gives, each slice in its own stream, encoder and decoder as mirror images.
+
+A copy (:mod:`mrivq.compression.portable`; one per prior kind, :mod:`mrivq.compression.priors`)
+runs its own order over a batch of slices (``code_batch``: in passes, in raster order, ...) and
+calls ``code(level, weights, slice, positions)`` for each group of a slice's positions it has
+weights for: float64 integers ``(P, K)``, the same on every machine. Here ``code`` either
+range-codes the known codes there (:func:`encode`), decodes them (:func:`decode`) or counts what
+they cost (:func:`surprise_bits`); the copy goes on with what it returns. The weights do not
+depend on the batch, the threads or the device, and each slice has its own stream, so encoder
+and decoder choose those freely.
+
+The stream: the ``N`` slices' stream lengths, then the streams one after another (uint32 words).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mrivq.runtime import torch_threads
+
+
+def _coder():
+    import constriction  # imported when coding: the compression layer stays light to import
+
+    return constriction.stream.model.Categorical(perfect=False), constriction.stream.queue
+
+
+def encode(copy, codes_top: np.ndarray, codes_bottom: np.ndarray, *, batch_size: int | None = None) -> np.ndarray:
+    """Range-code ``codes_top`` ``(N, h, w)`` and ``codes_bottom`` ``(N, 2h, 2w)`` under ``copy``;
+    returns the uint32 words (:func:`decode` gives the codes back on any machine, with any
+    ``batch_size``: slices coded together, by default the copy's own)."""
+    model, queue = _coder()
+    truth = _flat(codes_top, codes_bottom)
+    encoders = [queue.RangeEncoder() for _ in range(len(codes_top))]
+
+    def code(level, weights, i, where):
+        symbols = np.ascontiguousarray(truth[level][i, where], dtype=np.int32)
+        encoders[i].encode(symbols, model, weights)
+        return symbols
+
+    run(copy, len(codes_top), code, truth, batch_size)
+    streams = [encoder.get_compressed() for encoder in encoders]
+    return np.concatenate([np.array([len(s) for s in streams], dtype=np.uint32), *streams])
+
+
+def decode(copy, words: np.ndarray, n: int, *, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Undo :func:`encode`: ``n`` top and bottom grids, int64. ``ValueError`` for a stream whose
+    lengths do not add up, or that holds more words than its codes."""
+    model, queue = _coder()
+    decoders = [queue.RangeDecoder(np.ascontiguousarray(s)) for s in split_streams(words, n)]
+
+    def code(level, weights, i, where):
+        return decoders[i].decode(model, weights)
+
+    top, bottom = run(copy, n, code, None, batch_size)
+    if not all(decoder.maybe_exhausted() for decoder in decoders):
+        raise ValueError("a slice's stream holds more words than its codes")
+    return top, bottom
+
+
+def surprise_bits(copy, codes_top: np.ndarray, codes_bottom: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The bits ``copy`` spends on each code, ``-log2 p(code | the codes coded before it)``: float32
+    ``(N, h, w)`` and ``(N, 2h, 2w)``, along the encoder's own path (their sum is the stream's
+    length to within the coder's rounding of the weights to 24-bit frequencies)."""
+    truth = _flat(codes_top, codes_bottom)
+    bits = {level: np.zeros(codes.shape, dtype=np.float32) for level, codes in truth.items()}
+
+    def code(level, weights, i, where):
+        symbols = truth[level][i, where]
+        bits[level][i, where] = -np.log2(weights[np.arange(len(symbols)), symbols] / weights.sum(axis=1))
+        return symbols
+
+    run(copy, len(codes_top), code, truth)
+    return bits["top"].reshape(np.shape(codes_top)), bits["bottom"].reshape(np.shape(codes_bottom))
+
+
+def _flat(codes_top: np.ndarray, codes_bottom: np.ndarray) -> dict[str, np.ndarray]:
+    return {level: np.asarray(codes, dtype=np.int64).reshape(len(codes), -1)
+            for level, codes in (("top", codes_top), ("bottom", codes_bottom))}
+
+
+def run(copy, n: int, code, known: dict[str, np.ndarray] | None, batch_size: int | None = None,
+        ) -> tuple[np.ndarray, np.ndarray]:
+    """``copy.code_batch`` over the batches of ``n`` slices, concatenated (``known``: the codes, when
+    encoding). On the CPU, batches run side by side, one per thread, each op on one thread, at most
+    ``copy.in_flight`` slices at once (within the memory a prior checkpoint is checked for): small
+    batches keep the integer working set in the caches. A progress bar counts the slices (on a
+    terminal: a transformer prior takes minutes for a few hundred)."""
+    side = "decode" if known is None else "encode"
+    batch_size = batch_size or copy.batch[side]
+    starts = range(0, n, batch_size)
+    workers = 1
+    if copy.device.type == "cpu":
+        workers = max(1, min(torch.get_num_threads(), len(starts), copy.in_flight[side] // batch_size))
+    bar = tqdm(total=n, desc="prior coder", unit="slice", disable=None, leave=False)
+
+    def counted(lo: int):
+        size = min(batch_size, n - lo)
+        part = copy.code_batch(lo, size, code, known)
+        bar.update(size)
+        return part
+
+    try:
+        if workers > 1:
+            with torch_threads(1), ThreadPoolExecutor(workers) as pool:
+                try:
+                    parts = list(pool.map(counted, starts))
+                finally:  # on an error or Ctrl-C, the batches not yet started are dropped
+                    pool.shutdown(wait=True, cancel_futures=True)
+        else:
+            parts = [counted(lo) for lo in starts]
+    finally:
+        bar.close()
+    return np.concatenate([top for top, _ in parts]), np.concatenate([bottom for _, bottom in parts])
+
+
+def split_streams(words: np.ndarray, n: int) -> list[np.ndarray]:
+    """The ``n`` per-slice streams of :func:`encode`'s words; ``ValueError`` when the lengths do
+    not add up to the words that follow them."""
+    words = np.asarray(words, dtype=np.uint32)
+    if words.size < n:
+        raise ValueError("fewer words than slices")
+    lengths = words[:n].astype(np.int64)
+    if int(lengths.sum()) != words.size - n:
+        raise ValueError("the per-slice stream lengths do not add up to the stream")
+    ends = n + np.cumsum(lengths)
+    return [words[end - length:end] for end, length in zip(ends, lengths)]

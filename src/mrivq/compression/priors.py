@@ -1,0 +1,130 @@
+"""The prior kinds: one entry each, everything mrivq does with a kind of prior in one place.
+
+A prior over a VQ-VAE's codes is ``p(top) p(bottom | top)``. A kind (:class:`PriorKind`) names
+its config section (``prior.<name>``, selected by ``prior.kind``), builds its float network
+(:mod:`mrivq.nn`: trained, sampled), makes, checks and loads the integer copy that codes
+(:mod:`mrivq.compression.portable`: its weights are the same bit for bit on every machine), and
+bounds the memory that copy needs. The copy's ``code_batch`` is its coding order, which
+:mod:`mrivq.compression.driver` runs; a codes file names the order (``prior_coding``).
+
+Adding a kind is one :func:`register` call, as a standard codec is one entry of
+:data:`mrivq.compression.codecs.CODECS`::
+
+    register(PriorKind(name="mine", label="my prior", settings=MySettings, build=MyPrior,
+                       make_copy=my_copy, copy_problem=my_copy_problem, load_copy=MyIntegerPrior,
+                       working_memory=lambda settings, top_grid: ("working memory", 2**20)))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel
+
+from mrivq.compression.portable.passes import IntegerPassPrior, pass_copy, pass_copy_problem
+from mrivq.compression.portable.transformer import (
+    IntegerTransformerPrior,
+    transformer_copy,
+    transformer_copy_problem,
+)
+from mrivq.config import PassPriorSettings, PriorConfig, TransformerPriorSettings, register_prior_section
+from mrivq.nn.pass_prior import PassPrior
+from mrivq.nn.transformer_prior import TransformerPrior
+
+
+@dataclass(frozen=True)
+class PriorKind:
+    """One kind of prior.
+
+    ``build(settings, n_embed, top_grid)``: the float network (``nll_bits``, ``sample``, ``fresh``);
+    ``make_copy(prior, codes_top, codes_bottom)``: its integer copy, calibrated on training grids
+    (``calibration_grids`` of them: the first ones, or ``spread`` over the training set);
+    ``copy_problem(state, prior)``: what is wrong with a stored copy, or None;
+    ``load_copy(state)``: a checked copy (``coding``, ``batch``, ``in_flight``, ``device``, ``to``,
+    ``code_batch``, ``fingerprint``, ``state``); ``working_memory(settings, top_grid)``: what
+    coding ``in_flight`` slices needs at most, ``(what, bytes)``; ``threads_draw``: whether
+    sampling uses several CPU threads (a prior that draws one code at a time does not).
+    """
+
+    name: str
+    label: str
+    settings: type[BaseModel]
+    build: Callable
+    make_copy: Callable
+    copy_problem: Callable
+    load_copy: Callable
+    working_memory: Callable
+    calibration_grids: int = 32
+    spread: bool = False
+    threads_draw: bool = True
+
+
+#: The kinds, by ``prior.kind``.
+PRIORS: dict[str, PriorKind] = {}
+
+
+def register(kind: PriorKind) -> PriorKind:
+    """Add ``kind`` (and its config section ``prior.<name>``); returns it."""
+    register_prior_section(kind.name, kind.settings)
+    PRIORS[kind.name] = kind
+    return kind
+
+
+def build_prior(config: PriorConfig, n_embed: int, top_grid: tuple[int, int]) -> torch.nn.Module:
+    """The float prior ``config.kind`` describes, over ``n_embed`` codes and a ``top_grid`` top grid."""
+    kind = PRIORS[config.kind]
+    prior = kind.build(config.settings, n_embed, tuple(top_grid))
+    prior.kind = kind.name
+    return prior
+
+
+def kind_of(prior: torch.nn.Module) -> PriorKind:
+    """The entry of a prior :func:`build_prior` made."""
+    return PRIORS[prior.kind]
+
+
+def make_copy(prior: torch.nn.Module, codes_top: torch.Tensor, codes_bottom: torch.Tensor):
+    """The integer copy of ``prior``, calibrated on its kind's choice of the training grids
+    ``codes_top`` ``(N, h, w)`` and ``codes_bottom`` ``(N, 2h, 2w)``."""
+    kind = kind_of(prior)
+    count = min(kind.calibration_grids, len(codes_top))
+    grids = torch.linspace(0, len(codes_top) - 1, count).long() if kind.spread else slice(0, count)
+    return kind.make_copy(prior, codes_top[grids], codes_bottom[grids])
+
+
+def _pass_memory(settings: PassPriorSettings, top_grid) -> tuple[str, int]:
+    """The int64 stream, the int8 columns and the products of ``in_flight`` slices."""
+    return "working memory", 4 * math.prod(top_grid) * settings.channels * 40 * IntegerPassPrior.in_flight["encode"]
+
+
+def _transformer_memory(settings: TransformerPriorSettings, top_grid) -> tuple[str, int]:
+    """float64 keys and values: the encoder's for the top and the 4x longer bottom grid; the
+    decoder's for the top and the bottom's window only."""
+    cells = math.prod(top_grid)
+    rows = settings.bottom_window_rows
+    window = 4 * cells if rows is None else min(4 * cells, rows * 2 * top_grid[1])
+    flight = IntegerTransformerPrior.in_flight
+    return "key/value caches", 2 * 8 * settings.d_model * max(
+        (settings.n_layer_top + 4 * settings.n_layer_bottom) * cells * flight["encode"],
+        (settings.n_layer_top * cells + settings.n_layer_bottom * window) * flight["decode"])
+
+
+register(PriorKind(
+    name="passes", label="a pass prior", settings=PassPriorSettings,
+    build=lambda s, n_embed, top_grid: PassPrior(
+        n_embed, top_grid, channels=s.channels, layers=s.layers, condition_layers=s.condition_blocks,
+        passes_top=s.passes_top, passes_bottom=s.passes_bottom),
+    make_copy=pass_copy, copy_problem=pass_copy_problem, load_copy=IntegerPassPrior,
+    working_memory=_pass_memory, calibration_grids=32))
+
+register(PriorKind(
+    name="transformer", label="a transformer prior", settings=TransformerPriorSettings,
+    build=lambda s, n_embed, top_grid: TransformerPrior(
+        n_embed, top_grid, d_model=s.d_model, n_head=s.n_head, n_layer_top=s.n_layer_top,
+        n_layer_bottom=s.n_layer_bottom, condition_blocks=s.condition_blocks, dropout=s.dropout,
+        bottom_window_rows=s.bottom_window_rows, neighbours=s.neighbour_codes),
+    make_copy=transformer_copy, copy_problem=transformer_copy_problem, load_copy=IntegerTransformerPrior,
+    working_memory=_transformer_memory, calibration_grids=16, spread=True, threads_draw=False))

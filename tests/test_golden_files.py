@@ -1,0 +1,73 @@
+"""Golden files: codes files an earlier mrivq wrote (tests/golden/, see its README.md) still decode,
+their codes bit for bit and their slices to within another CPU's float rounding."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from conftest import run_main
+
+GOLDEN = Path(__file__).parent / "golden"
+
+# name -> the prior it was coded under (None: code frequencies)
+FILES = {"frequencies": None, "passes": "prior_passes.pt", "raster": "prior_transformer.pt"}
+
+
+@pytest.fixture(scope="module")
+def expected():
+    import numpy as np
+
+    with np.load(GOLDEN / "expected.npz") as stored:
+        return {key: stored[key] for key in stored.files}
+
+
+def prior_args(name: str) -> list[str]:
+    return [] if FILES[name] is None else ["--prior", str(GOLDEN / FILES[name])]
+
+
+@pytest.mark.parametrize("name", list(FILES))
+def test_golden_file_is_unchanged(name, expected):
+    """The stored file itself is the one the earlier version wrote (nobody regenerated it)."""
+    data = (GOLDEN / f"{name}.mrvq").read_bytes()
+    assert len(data) == int(expected[f"{name}/size"])
+    assert hashlib.sha256(data).hexdigest() == str(expected[f"{name}/sha256"])
+
+
+@pytest.mark.parametrize("name", list(FILES))
+def test_golden_file_decodes_to_the_same_codes(name, expected):
+    """The codes come back exactly: the file format and the entropy coders are unchanged."""
+    import numpy as np
+
+    from mrivq.compression.container import read_codes_file
+    from mrivq.engine.checkpoint import load_codec
+
+    prior = None if FILES[name] is None else GOLDEN / FILES[name]
+    codec = load_codec(GOLDEN / "vqvae.pt", prior=prior)
+    top, bottom = codec.decompress_codes(read_codes_file(GOLDEN / f"{name}.mrvq"))
+    for level, codes in (("top", top), ("bottom", bottom)):
+        stored = expected[f"{name}/{level}"]
+        codes = np.asarray(codes)
+        assert codes.shape == stored.shape, level
+        assert np.array_equal(codes, stored), f"{name}: {level} codes differ"
+
+
+@pytest.mark.parametrize("name", list(FILES))
+def test_golden_file_decodes_to_the_same_slices(name, expected, tmp_path):
+    """``mrivq decode`` writes the same slices, to a tolerance for the VQ-VAE decoder's float
+    rounding on another CPU (1e-3 of each slice's intensity range)."""
+    import nibabel as nib
+    import numpy as np
+
+    out = tmp_path / "out"
+    args = ["decode", "--device", "cpu", "--checkpoint", str(GOLDEN / "vqvae.pt"), *prior_args(name),
+            str(GOLDEN / f"{name}.mrvq"), "--out", str(out)]
+    assert run_main(args) == 0
+    names = [str(n) for n in expected[f"{name}/names"]]
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == names
+    for written, stored in zip(names, expected[f"{name}/slices"]):
+        decoded = np.asarray(nib.load(out / written).dataobj, dtype=np.float32)
+        assert decoded.shape == stored.shape, written
+        tolerance = 1e-3 * float(stored.max() - stored.min())
+        np.testing.assert_allclose(decoded, stored, rtol=0, atol=tolerance, err_msg=f"{name}: {written}")
