@@ -16,7 +16,13 @@ from prior_helpers import train_tiny_vqvae
 from mrivq.apps.decode import decode
 from mrivq.apps.encode import encode
 from mrivq.compression import driver
-from mrivq.compression.entropy import bits_per_pixel_map, code_count_table, decode_with_frequencies, encode_with_frequencies, ideal_bits
+from mrivq.compression.entropy import (
+    bits_per_pixel_map,
+    code_count_table,
+    decode_with_frequencies,
+    encode_with_frequencies,
+    ideal_bits,
+)
 from mrivq.compression.portable.transformer import transformer_copy
 from mrivq.data.io import read_slice
 from mrivq.data.preprocess import Preprocessing, denormalize, fit_to_shape, preprocess_slice, unfit

@@ -5,7 +5,6 @@ import inspect
 from pathlib import Path
 
 import pytest
-
 import yaml
 from prior_helpers import flat_prior
 from pydantic import BaseModel, Field

@@ -13,9 +13,18 @@ import torch
 from prior_helpers import OneUlp
 
 from mrivq.compression import driver
-from mrivq.compression.entropy import code_count_table, decode_with_frequencies, encode_with_frequencies
+from mrivq.compression.entropy import (
+    code_count_table,
+    decode_with_frequencies,
+    encode_with_frequencies,
+)
 from mrivq.compression.portable.fixed_point import EXP_BITS, coder_table, weights_from_logits
-from mrivq.compression.portable.passes import _float_matmul, int8_matmul, pass_copy, pass_copy_problem
+from mrivq.compression.portable.passes import (
+    _float_matmul,
+    int8_matmul,
+    pass_copy,
+    pass_copy_problem,
+)
 from mrivq.nn.pass_prior import PassPrior, pass_map
 
 
@@ -182,6 +191,7 @@ def test_the_copy_is_made_the_same_way_twice_and_its_fingerprint_says_so(fitted)
     (lambda s: s["top"]["convs"].pop(), "number of entries"),
     (lambda s: s["bottom"]["convs"][1].update(multiplier=s["bottom"]["convs"][1]["multiplier"] * 2**40), "beyond"),
     (lambda s: s["top"]["order"].fill_(0), "pass order"),
+    (lambda s: s["top"]["code"].fill_(-2**63), "at /top/code"),  # abs() of the least int64 is itself
     (lambda s: s["exp_table"].__setitem__(5, 2**21), "exponential table"),
     (lambda s: s.update(n_embed=64), "where 32 belongs"),
     (lambda s: s.pop("condition"), "other entries"),
@@ -222,7 +232,8 @@ def test_a_prior_with_a_dead_layer_still_makes_a_copy_that_loads(fitted):
     assert np.array_equal(driver.decode(copy, words, len(top))[1], bottom.numpy())
 
 
-def test_pass_sampling_draws_by_the_probabilities_within_the_nucleus():
+def test_sampling_draws_by_the_probabilities_within_the_nucleus():
+    """Both priors draw through one function (nucleus sampling: the fewest most probable codes holding top_p)."""
     from mrivq.nn.pass_prior import _draw
 
     probs = torch.tensor([[0.2, 0.5, 0.3]]).repeat(20000, 1)
@@ -253,7 +264,7 @@ def test_pass_sampling_finds_a_nucleus_wider_than_its_candidates():
 def test_pass_sampling_refuses_probabilities_that_are_not_numbers(bad):
     """One damaged weight of the output layer spoils one code's probability at every position:
     sampling says so instead of drawing from them."""
-    from mrivq.nn.transformer_prior import NonFiniteProbabilities
+    from mrivq.nn.pass_prior import NonFiniteProbabilities
 
     torch.manual_seed(0)
     prior = PassPrior(16, (4, 4), channels=8, layers=2, condition_layers=1)
@@ -268,7 +279,6 @@ def test_pass_sampling_refuses_probabilities_that_are_not_numbers(bad):
 
 def test_the_coders_count_every_slice_on_their_progress_bar(fitted, monkeypatch):
     """On a terminal a bar counts the slices coded, from whichever thread finished them."""
-    from mrivq.compression import entropy
 
     bars = []
 

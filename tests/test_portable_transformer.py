@@ -12,7 +12,11 @@ import torch
 from prior_helpers import OneUlp
 
 from mrivq.compression import driver
-from mrivq.compression.portable.transformer import exact_matmul, transformer_copy, transformer_copy_problem
+from mrivq.compression.portable.transformer import (
+    exact_matmul,
+    transformer_copy,
+    transformer_copy_problem,
+)
 from mrivq.nn.transformer_prior import TransformerPrior
 
 
@@ -126,10 +130,10 @@ def test_the_copy_is_made_the_same_way_twice_and_its_fingerprint_says_so(fitted)
     (lambda s: s["top"]["blocks"][0]["eps_attn"].fill_(-1), "epsilon"),
     (lambda s: s["top"]["neighbour_at"].fill_(0), "neighbour positions"),
     (lambda s: s["condition"]["up_in"][0].fill_(2**50), "leave int64"),
-    (lambda s: s["top"]["token"].fill_(2**40), "2**36"),
-    (lambda s: s["top"]["token"].fill_(-2**63), "2**36"),  # abs() of the least int64 is itself
-    (lambda s: s["condition"]["embed"].fill_(-2**40), "2**36"),
-    (lambda s: s["bottom"]["blocks"][1]["gelu"].fill_(-2**31), "GELU table"),
+    (lambda s: s["top"]["token"].fill_(2**40), "beyond 68719476736 at /top/token"),
+    (lambda s: s["top"]["token"].fill_(-2**63), "at /top/token"),  # abs() of the least int64 is itself
+    (lambda s: s["condition"]["embed"].fill_(-2**40), "at /condition/embed"),
+    (lambda s: s["bottom"]["blocks"][1]["gelu"].fill_(-2**31), "beyond 32767 at /bottom/blocks[1]/gelu"),
     (lambda s: s.update(n_embed=64), "where 32 belongs"),
 ])
 def test_a_damaged_copy_is_named_before_it_is_used(fitted, spoil, message):

@@ -98,18 +98,6 @@ def test_sliding_window_attention_equals_masked_full_attention():
         torch.testing.assert_close(_sliding_window_attention(q, k, v, window), expected)
 
 
-def test_nucleus_keeps_the_fewest_most_probable_codes_that_reach_top_p():
-    from mrivq.nn.transformer_prior import _nucleus
-
-    probs = torch.tensor([[0.1, 0.5, 0.15, 0.25], [0.7, 0.1, 0.1, 0.1]])
-    kept = _nucleus(probs, 0.8)  # 0.5 + 0.25 = 0.75 < 0.8: the 0.15 code is needed too
-    assert torch.equal(kept[0], torch.tensor([0.0, 0.5, 0.15, 0.25]))
-    kept = _nucleus(probs, 0.75)  # 0.7 < 0.75: one of the 0.1 codes too (a tie decides which)
-    assert (kept[1] > 0).sum() == 2 and kept[1, 0] == 0.7 and kept[1].sum() == probs[1, :2].sum()
-    assert torch.equal(_nucleus(probs, 1e-9), torch.tensor([[0.0, 0.5, 0.0, 0.0], [0.7, 0.0, 0.0, 0.0]]))
-    assert torch.equal(_nucleus(probs, 1.0), probs)
-
-
 def test_a_tiny_top_p_samples_each_most_probable_code():
     torch.manual_seed(0)
     prior = TransformerPrior(16, (4, 3), d_model=16, n_head=2, n_layer_top=1, n_layer_bottom=1, condition_blocks=1).eval()

@@ -36,7 +36,14 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from mrivq.compat import PRIOR_MOVED, current_keys, moved_keys, new_name, stored_config, stored_default
+from mrivq.compat import (
+    PRIOR_MOVED,
+    current_keys,
+    moved_keys,
+    new_name,
+    stored_config,
+    stored_default,
+)
 from mrivq.errors import ConfigError
 
 

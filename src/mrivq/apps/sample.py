@@ -41,7 +41,7 @@ from mrivq.engine.checkpoint import (
 )
 from mrivq.engine.losses import differentiable_ssim
 from mrivq.errors import UserError
-from mrivq.nn.transformer_prior import NonFiniteProbabilities
+from mrivq.nn.pass_prior import NonFiniteProbabilities
 from mrivq.reporting.plots import save_samples_grid
 from mrivq.run_dir import atomic_write, claim_outputs
 from mrivq.runtime import resolve_device, torch_threads

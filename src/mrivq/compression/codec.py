@@ -49,6 +49,7 @@ from mrivq.compression.entropy import (
     decode_with_frequencies,
     encode_with_frequencies,
 )
+from mrivq.compression.layers import LAYERS
 from mrivq.compression.priors import kind_of
 from mrivq.data.io import nifti_bytes, nifti_image, read_slice
 from mrivq.data.preprocess import (
@@ -139,11 +140,12 @@ class CodecInput:
     affines: np.ndarray
     shapes: np.ndarray
     sources: list[dict]
+    originals: list[np.ndarray] | None = None  # the read slices ``(h, w)``, for coding layers
 
     @classmethod
     def read(cls, files: list[Path], prep: Preprocessing) -> CodecInput:
         """Read and preprocess NIfTI slices; refuses, before any work, what one codes file cannot hold."""
-        images, norm, affines, shapes, sources = [], [], [], [], []
+        images, norm, affines, shapes, sources, originals = [], [], [], [], [], []
         for path in files:
             raw, meta = read_slice(path)
             x, params = preprocess_slice(raw, prep)
@@ -151,9 +153,10 @@ class CodecInput:
             norm.append(params)
             affines.append(meta.affine)
             shapes.append(raw.shape)
+            originals.append(raw)
             sources.append(source_entry(Path(path), meta))
         check_encodable(sources, prep.image_size)
-        return cls(np.stack(images), np.stack(norm), np.stack(affines), np.array(shapes), sources)
+        return cls(np.stack(images), np.stack(norm), np.stack(affines), np.array(shapes), sources, originals)
 
     @classmethod
     def of_split(cls, split) -> CodecInput:
@@ -203,16 +206,17 @@ class Codec:
 
     # -- compress ---------------------------------------------------------------------------------
 
-    def compress(self, slices: CodecInput) -> Compressed:
+    def compress(self, slices: CodecInput, layers: tuple[str, ...] = ()) -> Compressed:
         """Encode the slices to codes, then :meth:`compress_codes` them."""
-        return self.compress_codes(encode_images(self.model, slices.images, self.batch_size), slices)
+        return self.compress_codes(encode_images(self.model, slices.images, self.batch_size), slices, layers=layers)
 
     def compress_codes(self, codes: tuple[np.ndarray, np.ndarray], slices: CodecInput, *,
-                       under_prior: bool = True) -> Compressed:
+                       under_prior: bool = True, layers: tuple[str, ...] = ()) -> Compressed:
         """A codes file of ``codes`` (of ``slices``), range-coded under the prior's integer copy when
         the codec has a prior and ``under_prior``, else under the codes' frequencies; decoded again
         through the decoder's own path before returning (a file that would not decode back is a
-        bug here, never a file written)."""
+        bug here, never a file written). ``layers``: coding layers (:mod:`mrivq.compression.layers`)
+        on top of the codes, in the order they apply."""
         top, bottom = codes
         start = time.perf_counter()
         header = {"format": "mrivq-codes", "version": VERSION, "n": len(top), "n_embed": self.n_embed,
@@ -230,12 +234,26 @@ class Codec:
             stream = encode_with_frequencies(top, bottom, counts)
         file = CodesFile(header, np.asarray(slices.norm), np.asarray(slices.affines), np.asarray(slices.shapes),
                          stream, counts)
+        if layers:
+            self._add_layers(file, codes, slices, layers)
         blob = file.to_bytes()
         coded = time.perf_counter()
         again = self._decode_stream(CodesFile.from_bytes(blob))
         if not (np.array_equal(again[0], top) and np.array_equal(again[1], bottom)):
             raise RuntimeError(f"the {header['coder']} codes stream did not decode back to the codes")
         return Compressed(file, blob, codes, coded - start, time.perf_counter() - coded)
+
+    def _add_layers(self, file: CodesFile, codes, slices: CodecInput, layers: tuple[str, ...]) -> None:
+        """Each layer's payload of each slice, given the slice as the layers before it leave it."""
+        unknown = [name for name in layers if name not in LAYERS]
+        if unknown or slices.originals is None:
+            raise UserError(f"coding layer {unknown[0]!r} is not one of {sorted(LAYERS)}" if unknown
+                            else "coding layers need the slices as read (CodecInput.read)")
+        file.header["layers"], file.layers = list(layers), {name: [] for name in layers}
+        for i, decoded in self._decoded(file, *codes):
+            for name in layers:
+                file.layers[name].append(LAYERS[name].encode(slices.originals[i], decoded))
+                decoded = LAYERS[name].decode(file.layers[name][-1], decoded)
 
     def coding_copy(self):
         """The integer copy of the codec's prior, which codes; a prior saved before such copies
@@ -308,6 +326,21 @@ class Codec:
         normalisation undone) in the input file's on-disk shape. A batch is decoded at a time, so
         memory does not grow with the file; ``codes``: those :meth:`decompress_codes` gave."""
         top, bottom = codes if codes is not None else self.decompress_codes(file, path)
+        for name in file.header.get("layers", []):
+            if name not in LAYERS:
+                raise UserError(f"{path} carries the coding layer {name!r}, which this mrivq does not know; "
+                                "decode it with the mrivq that wrote it")
+        for i, scanner in self._decoded(file, top, bottom):
+            for name in file.header.get("layers", []):
+                try:
+                    scanner = LAYERS[name].decode(file.layers[name][i], scanner)
+                except ValueError:
+                    raise UserError(f"{path}: damaged codes file: slice {i}'s {name} layer does not decode; "
+                                    "encode the slices again") from None
+            yield i, scanner.reshape(file.header["sources"][i]["shape"])
+
+    def _decoded(self, file: CodesFile, top: np.ndarray, bottom: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        """Each slice decoded from the codes, ``(i, (h, w) scanner intensities)``, a batch at a time."""
         header = file.header
         height, width = header["image_size"]
         for lo in range(0, file.n, self.batch_size):
@@ -315,5 +348,4 @@ class Codec:
                                    self.batch_size)
             slices = clip_to_input_range(slices[:, :height, :width], header["normalize"])
             for i, decoded in enumerate(slices, start=lo):
-                scanner = denormalize(unfit(decoded, tuple(file.shapes[i]), header["fit"]), file.norm[i])
-                yield i, scanner.reshape(header["sources"][i]["shape"])
+                yield i, denormalize(unfit(decoded, tuple(file.shapes[i]), header["fit"]), file.norm[i])

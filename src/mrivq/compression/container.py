@@ -13,6 +13,8 @@ Layout (little-endian)::
       tables   zlib: the per-level code counts, uint32 (2, n_embed) (frequencies coder only)
       stream   the range-coded codes, uint32 words (:mod:`mrivq.compression.entropy` under
                frequencies, :mod:`mrivq.compression.driver` under a prior)
+      layer-NAME  per coding layer the header lists (:mod:`mrivq.compression.layers`): the N
+               slices' payload lengths (u32), then the payloads
 
 This module is the format only: it reads and writes sections and the header, and checks them
 against each other and the limits; which coder runs is :mod:`mrivq.compression.codec`'s. The
@@ -39,8 +41,8 @@ from mrivq.errors import BadFileError, UserError
 
 MAGIC = b"MRVQ"
 VERSION = 2
-CODERS = ("frequencies", "prior")
 _SECTIONS = ("header", "side", "tables", "stream")
+_LAYER = "layer-"  # a coding layer's section: layer-NAME
 
 #: Limits on what a codes file may ask for, whatever it says: the file is read whole, each
 #: compressed section is inflated to at most its allowance, and decoding is bounded by them.
@@ -69,6 +71,7 @@ class CodesFile:
     shapes: np.ndarray
     stream: np.ndarray
     counts: np.ndarray | None = None
+    layers: dict[str, list[bytes]] = field(default_factory=dict)  # per layer the header lists, per slice
     section_bytes: dict = field(default_factory=dict)  # filled by to_bytes / from_bytes
 
     @property
@@ -85,9 +88,11 @@ class CodesFile:
                     "stream": np.asarray(self.stream, dtype="<u4").tobytes()}
         if self.counts is not None:
             payloads["tables"] = zlib.compress(np.asarray(self.counts, dtype="<u4").tobytes(), 9)
+        for name, parts in self.layers.items():
+            payloads[_LAYER + name] = np.array([len(p) for p in parts], dtype="<u4").tobytes() + b"".join(parts)
         out = io.BytesIO()
         out.write(MAGIC + struct.pack("<B", VERSION))
-        for name in _SECTIONS:
+        for name in (*_SECTIONS, *(_LAYER + name for name in self.layers)):
             if name in payloads:
                 out.write(struct.pack("<B", len(name)) + name.encode() + struct.pack("<I", len(payloads[name])))
                 out.write(payloads[name])
@@ -128,8 +133,11 @@ class CodesFile:
                 raise UserError(f"{path}: coded under a transformer prior in floating point by an mrivq 0.1.0 "
                                 f"from before {RETIRED_SEQUENTIAL}, a coding this version no longer decodes; "
                                 "decode it with that version, or encode the slices again")
+            layers = {name: _split_payloads(payloads.get(_LAYER + name, b""), n, name) for name in header.layers or []}
+            if {_LAYER + name for name in header.layers or []} != {name for name in payloads if name.startswith(_LAYER)}:
+                raise _Invalid("its coding layers are not the ones its header lists")
             codes = cls(header.model_dump(exclude_none=True), *_side_arrays(side, n),
-                        np.frombuffer(stream, dtype="<u4").astype(np.uint32), counts,
+                        np.frombuffer(stream, dtype="<u4").astype(np.uint32), counts, layers,
                         {name: len(payload) for name, payload in payloads.items()})
             _check_consistency(codes)
         except _Invalid as exc:
@@ -152,7 +160,7 @@ def _sections(data: bytes) -> dict[str, bytes]:
         start = at + 5 + size
         if start + length > len(data):
             raise _Invalid(f"truncated (section {name!r} runs past the end)")
-        if name not in _SECTIONS or name in payloads:
+        if (name not in _SECTIONS and not name.startswith(_LAYER)) or name in payloads:
             raise _Invalid(f"unknown or repeated section {name!r}")
         payloads[name] = data[start:start + length]
         at = start + length
@@ -160,6 +168,15 @@ def _sections(data: bytes) -> dict[str, bytes]:
     if missing:
         raise _Invalid(f"it lacks its {', '.join(missing)}")
     return payloads
+
+
+def _split_payloads(payload: bytes, n: int, layer: str) -> list[bytes]:
+    """A layer section's ``n`` per-slice payloads (lengths, then the payloads)."""
+    lengths = np.frombuffer(payload[:4 * n], dtype="<u4").astype(np.int64) if len(payload) >= 4 * n else None
+    if lengths is None or int(lengths.sum()) != len(payload) - 4 * n:
+        raise _Invalid(f"its {layer} layer's slice lengths do not add up to the section")
+    ends = 4 * n + np.cumsum(lengths)
+    return [payload[end - length:end] for end, length in zip(ends, lengths)]
 
 
 def _inflate(payload: bytes, limit: int, what: str, *, exact: bool = False) -> bytes:
@@ -206,7 +223,7 @@ class CodesHeader(_Strict):
 
     format: Literal["mrivq-codes"]
     version: Literal[VERSION]
-    coder: Literal[CODERS]
+    coder: Literal["frequencies", "prior"]
     n: int = Field(ge=1, le=MAX_SLICES)
     n_embed: int = Field(ge=2, le=1 << 16)
     top_grid: _Pair
@@ -224,6 +241,8 @@ class CodesHeader(_Strict):
     prior_coding: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9_-]{0,31}$")
     prior_batch: int | None = Field(default=None, ge=1, le=1 << 16)
     prior_device: Literal["cpu", "cuda"] | None = None
+    # The coding layers on top of the codes, in the order they apply (mrivq.compression.layers).
+    layers: list[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")]] | None = Field(default=None, max_length=8)
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -246,6 +265,8 @@ class CodesHeader(_Strict):
             raise ValueError("the prior's batch and device are given only for a sequentially prior-coded file")
         if self.coder != "prior" and self.prior_coding is not None:
             raise ValueError("prior_coding is given only for a prior-coded file")
+        if self.layers is not None and len(set(self.layers)) != len(self.layers):
+            raise ValueError("a coding layer is listed twice")
         return self
 
 
@@ -401,6 +422,3 @@ def preprocessing_entry(prep) -> dict:
     return {"image_size": list(prep.image_size), "fit": prep.fit, "normalize": prep.normalize,
             "percentiles": list(prep.percentiles)}
 
-
-def _json_ready(value):
-    return list(value) if isinstance(value, tuple) else value

@@ -1,14 +1,12 @@
 """One range-coding driver for every prior: slices coded in the order their prior's integer copy
 gives, each slice in its own stream, encoder and decoder as mirror images.
 
-A copy (:mod:`mrivq.compression.portable`; one per prior kind, :mod:`mrivq.compression.priors`)
-runs its own order over a batch of slices (``code_batch``: in passes, in raster order, ...) and
-calls ``code(level, weights, slice, positions)`` for each group of a slice's positions it has
-weights for: float64 integers ``(P, K)``, the same on every machine. Here ``code`` either
-range-codes the known codes there (:func:`encode`), decodes them (:func:`decode`) or counts what
-they cost (:func:`surprise_bits`); the copy goes on with what it returns. The weights do not
-depend on the batch, the threads or the device, and each slice has its own stream, so encoder
-and decoder choose those freely.
+An integer copy (one per prior kind) runs its own order over a batch of slices (``code_batch``:
+in passes, in raster order, ...), calling ``code(level, weights, slice, positions)`` for each
+group of a slice's positions it has weights for (float64 integers ``(P, K)``, the same on every
+machine) and going on with the codes it returns: :func:`encode` codes the known ones,
+:func:`decode` decodes them, :func:`surprise_bits` counts what they cost. Each slice has its own
+stream, so encoder and decoder choose batches, threads and device freely.
 
 The stream: the ``N`` slices' stream lengths, then the streams one after another (uint32 words).
 """
@@ -24,17 +22,20 @@ from tqdm import tqdm
 from mrivq.runtime import torch_threads
 
 
-def _coder():
-    import constriction  # imported when coding: the compression layer stays light to import
+def coder():
+    """constriction's categorical model class and range coders (imported when coding: the
+    compression layer stays light to import)."""
+    import constriction
 
-    return constriction.stream.model.Categorical(perfect=False), constriction.stream.queue
+    return constriction.stream.model.Categorical, constriction.stream.queue
 
 
 def encode(copy, codes_top: np.ndarray, codes_bottom: np.ndarray, *, batch_size: int | None = None) -> np.ndarray:
     """Range-code ``codes_top`` ``(N, h, w)`` and ``codes_bottom`` ``(N, 2h, 2w)`` under ``copy``;
     returns the uint32 words (:func:`decode` gives the codes back on any machine, with any
     ``batch_size``: slices coded together, by default the copy's own)."""
-    model, queue = _coder()
+    categorical, queue = coder()
+    model = categorical(perfect=False)
     truth = _flat(codes_top, codes_bottom)
     encoders = [queue.RangeEncoder() for _ in range(len(codes_top))]
 
@@ -51,7 +52,8 @@ def encode(copy, codes_top: np.ndarray, codes_bottom: np.ndarray, *, batch_size:
 def decode(copy, words: np.ndarray, n: int, *, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Undo :func:`encode`: ``n`` top and bottom grids, int64. ``ValueError`` for a stream whose
     lengths do not add up, or that holds more words than its codes."""
-    model, queue = _coder()
+    categorical, queue = coder()
+    model = categorical(perfect=False)
     decoders = [queue.RangeDecoder(np.ascontiguousarray(s)) for s in split_streams(words, n)]
 
     def code(level, weights, i, where):

@@ -15,6 +15,8 @@ import math
 
 import numpy as np
 
+from mrivq.compression.driver import coder
+
 
 def raw_bits_per_pixel(image_size: tuple[int, int], top_shape: tuple[int, int],
                        bottom_shape: tuple[int, int], n_embed_top: int, n_embed_bottom: int) -> float:
@@ -22,12 +24,6 @@ def raw_bits_per_pixel(image_size: tuple[int, int], top_shape: tuple[int, int],
     bits = (math.prod(top_shape) * math.log2(n_embed_top)
             + math.prod(bottom_shape) * math.log2(n_embed_bottom))
     return bits / math.prod(image_size)
-
-
-def _categorical():
-    import constriction  # imported when coding: the model and compression layers stay light to import
-
-    return constriction.stream.model.Categorical, constriction.stream.queue
 
 
 # ---------------------------------------------------------------------------------------
@@ -48,7 +44,7 @@ def _frequencies(counts: np.ndarray) -> np.ndarray:
 def encode_with_frequencies(codes_top: np.ndarray, codes_bottom: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Range-code ``codes_top`` ``(N, h, w)`` then ``codes_bottom`` ``(N, 2h, 2w)`` under each level's
     ``counts`` (:func:`code_count_table` of the same codes); returns the stream (uint32 words)."""
-    categorical, queue = _categorical()
+    categorical, queue = coder()
     encoder = queue.RangeEncoder()
     for codes, level_counts in zip((codes_top, codes_bottom), counts):
         encoder.encode(np.ascontiguousarray(codes, dtype=np.int32).ravel(),
@@ -60,7 +56,7 @@ def decode_with_frequencies(words: np.ndarray, counts: np.ndarray, n: int, top_g
                             ) -> tuple[np.ndarray, np.ndarray]:
     """Undo :func:`encode_with_frequencies`: ``n`` top grids ``top_grid`` and bottom grids twice as
     large, int64."""
-    categorical, queue = _categorical()
+    categorical, queue = coder()
     decoder = queue.RangeDecoder(np.ascontiguousarray(words, dtype=np.uint32))
     grids = (tuple(top_grid), (2 * top_grid[0], 2 * top_grid[1]))
     return tuple(decoder.decode(categorical(_frequencies(level_counts), perfect=False), n * math.prod(grid))

@@ -3,16 +3,10 @@
 A prior over a VQ-VAE's codes is ``p(top) p(bottom | top)``. A kind (:class:`PriorKind`) names
 its config section (``prior.<name>``, selected by ``prior.kind``), builds its float network
 (:mod:`mrivq.nn`: trained, sampled), makes, checks and loads the integer copy that codes
-(:mod:`mrivq.compression.portable`: its weights are the same bit for bit on every machine), and
-bounds the memory that copy needs. The copy's ``code_batch`` is its coding order, which
-:mod:`mrivq.compression.driver` runs; a codes file names the order (``prior_coding``).
-
-Adding a kind is one :func:`register` call, as a standard codec is one entry of
-:data:`mrivq.compression.codecs.CODECS`::
-
-    register(PriorKind(name="mine", label="my prior", settings=MySettings, build=MyPrior,
-                       make_copy=my_copy, copy_problem=my_copy_problem, load_copy=MyIntegerPrior,
-                       working_memory=lambda settings, top_grid: ("working memory", 2**20)))
+(:mod:`mrivq.compression.portable`), and bounds the memory that copy needs. The copy's
+``code_batch`` is its coding order, which :mod:`mrivq.compression.driver` runs. Adding a kind is
+one :func:`register` call (``tests/test_registry.py`` registers one), as a standard codec is one
+entry of :data:`mrivq.compression.codecs.CODECS`.
 """
 
 from __future__ import annotations
@@ -30,7 +24,12 @@ from mrivq.compression.portable.transformer import (
     transformer_copy,
     transformer_copy_problem,
 )
-from mrivq.config import PassPriorSettings, PriorConfig, TransformerPriorSettings, register_prior_section
+from mrivq.config import (
+    PassPriorSettings,
+    PriorConfig,
+    TransformerPriorSettings,
+    register_prior_section,
+)
 from mrivq.nn.pass_prior import PassPrior
 from mrivq.nn.transformer_prior import TransformerPrior
 

@@ -118,7 +118,7 @@ class TopFeatures(nn.Module):
 class PassPrior(nn.Module):
     """``p(top) p(bottom | top)``, each grid coded in ``passes_*`` parallel passes.
 
-    The sizes are ``prior.*`` in the config (``condition_layers``: ``prior.condition_blocks``),
+    The sizes are ``prior.passes.*`` in the config (``condition_layers``: ``condition_blocks``),
     whose defaults they share.
 
     Example:
@@ -173,8 +173,6 @@ class PassPrior(nn.Module):
     def sample(self, n: int, *, temperature: float = 1.0, top_p: float = 1.0,
                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` new code pairs, each grid drawn pass by pass (``top_p`` < 1: nucleus sampling)."""
-        from mrivq.nn.transformer_prior import NonFiniteProbabilities
-
         device = self.top.head.weight.device
         grids = []
         condition = None
@@ -185,11 +183,7 @@ class PassPrior(nn.Module):
             for step in range(net.passes):
                 here = (net.order == step).flatten()  # only this pass's positions are drawn
                 logits = net.logits_at(codes, torch.full((n,), step, device=device), condition, here)
-                logits = logits.float().reshape(-1, self.n_embed)
-                probs = torch.softmax(logits / temperature, dim=1)
-                if not torch.isfinite(probs.sum()):  # a NaN or Inf anywhere (probabilities cannot overflow a sum)
-                    raise NonFiniteProbabilities("the prior's probabilities hold NaN or Inf (damaged weights)")
-                drawn = _draw(probs, top_p, generator).reshape(n, -1)
+                drawn = draw(logits.reshape(-1, self.n_embed), temperature, top_p, generator).reshape(n, -1)
                 codes = codes.flatten(1).index_put((torch.arange(n, device=device)[:, None],
                                                     here.nonzero()[:, 0][None]), drawn).reshape(n, *net.grid)
             grids.append(codes)
@@ -199,6 +193,19 @@ class PassPrior(nn.Module):
 #: Nucleus sampling looks first among this many most probable codes of each position, and sorts
 #: all of them only where those hold less than ``top_p`` of the probability.
 NUCLEUS_CANDIDATES = 64
+
+
+class NonFiniteProbabilities(ValueError):
+    """A prior gave NaN or Inf probabilities: its weights are damaged (finite, but overflowing)."""
+
+
+def draw(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """One code per row of ``logits`` ``(rows, K)`` (both priors sample through it): softmax at
+    ``temperature``, then :func:`_draw`; NaN or Inf anywhere is refused."""
+    probs = torch.softmax(logits.float() / temperature, dim=1)
+    if not torch.isfinite(probs.sum()):  # a NaN or Inf anywhere (probabilities cannot overflow a sum)
+        raise NonFiniteProbabilities("the prior's probabilities hold NaN or Inf (damaged weights)")
+    return _draw(probs, top_p, generator)
 
 
 def _draw(probs: torch.Tensor, top_p: float, generator: torch.Generator | None) -> torch.Tensor:

@@ -11,7 +11,7 @@ entries.
 
 The bottom grid is 4x longer than the top (2048 positions for 256x128 slices), and full
 attention over it costs ``O(L^2)``; its attention can be limited to a window of the last few
-code rows (``prior.bottom_window_rows``), computed chunk by chunk in ``O(L x window)``. The
+code rows (``prior.transformer.bottom_window_rows``), computed chunk by chunk in ``O(L x window)``. The
 global layout still reaches every bottom position through the top-code condition, as in
 VQ-VAE-2, whose bottom prior has a local receptive field too.
 
@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mrivq.nn.layers import ResBlock
+from mrivq.nn.pass_prior import draw
 
 
 class CausalSelfAttention(nn.Module):
@@ -255,12 +256,7 @@ class CodeTransformer(nn.Module):
         out = torch.zeros(n, self.length, dtype=torch.long, device=self.head.weight.device)
         for t in range(self.length):
             logits = self.cached_logits(out, t, cache, condition)[:, 0]
-            probs = torch.softmax(logits / temperature, dim=-1)
-            if not torch.isfinite(probs).all():
-                raise NonFiniteProbabilities("the prior's probabilities hold NaN or Inf (damaged weights)")
-            if top_p < 1:
-                probs = _nucleus(probs, top_p)
-            out[:, t] = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            out[:, t] = draw(logits, temperature, top_p, generator)
         return out.reshape(n, *self.grid)
 
 
@@ -285,7 +281,7 @@ class TransformerPrior(nn.Module):
         n_embed: codes per level (the VQ-VAE's ``n_embed``).
         top_grid: ``(h, w)`` of the top codes; the bottom grid is ``(2h, 2w)``.
         d_model, n_head, n_layer_top, n_layer_bottom, condition_blocks, dropout: sizes
-            (``prior.*`` in the config, whose defaults they share).
+            (``prior.transformer.*`` in the config, whose defaults they share).
         bottom_window_rows: the bottom prior's attention sees this many code rows back
             (``rows x cols`` positions); None: the whole past. The top grid always sees it all.
         neighbours: give each position the codes at ``NEIGHBOURS`` directly (both levels);
@@ -344,18 +340,6 @@ class TransformerPrior(nn.Module):
         bottom = self.bottom.sample(n, temperature=temperature, top_p=top_p, condition=self.condition(top),
                                     generator=generator)
         return top, bottom
-
-
-class NonFiniteProbabilities(ValueError):
-    """A prior gave NaN or Inf probabilities: its weights are damaged (finite, but overflowing)."""
-
-
-def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """``probs`` ``(n, K)`` with every code outside the smallest most-probable set holding at
-    least ``top_p`` of the probability set to 0 (not renormalised: ``multinomial`` need not be)."""
-    ordered, order = probs.sort(dim=-1, descending=True)
-    before = ordered.cumsum(dim=-1) - ordered  # the probability of the more probable codes
-    return probs.scatter(-1, order, ordered.masked_fill(before >= top_p, 0))
 
 
 def _init_weights(module: nn.Module) -> None:

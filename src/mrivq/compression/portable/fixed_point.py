@@ -1,24 +1,17 @@
-"""The fixed-point toolkit of the integer copies (:mod:`mrivq.compression.portable`).
+"""The fixed-point toolkit every integer copy uses (a range decoder must rebuild the encoder's
+frequencies exactly, which floating point does not promise across machines):
 
-A range coder's decoder must rebuild the encoder's frequencies exactly, and floating-point
-networks do not promise that across machines, thread counts, batches or devices. An integer
-copy computes every weight it hands the coder with exact integer operations; what they share
-is here:
-
-- **Logits to weights**: logits in units of ``1 / LOGIT_UNITS`` nat; a table of
-  ``max(1, round(2**EXP_BITS * exp(-d / LOGIT_UNITS)))`` (made once with a copy and stored in
-  it: :func:`exp_table`) turns each gap to the largest logit into an integer weight, handed to
-  the coder as float64 (exact: integers below 2**53), which normalises them itself
-  (constriction: a fixed sequence of IEEE operations, the same on every machine).
-- **Checks of a copy read from a file** (untrusted): its structure, types and shapes against a
-  template made from a fresh float prior of the same sizes (:func:`compare`), its tables within
-  named limits by their least and greatest values (:func:`bounds_problem`, :func:`beyond`:
-  ``abs`` of an integer type's least value wraps to itself), its exponential table a falling one.
+- **Logits to weights**: logits in ``1 / LOGIT_UNITS`` nat; the table :func:`exp_table` (stored
+  in each copy) turns each gap to the largest logit into an integer weight, handed to the coder
+  as float64 (exact), which normalises them itself the same way on every machine.
+- **Checks of a copy read from a file**: structure, types and shapes against a template made
+  from a fresh prior of the same sizes (:func:`template_problem`); tables within named limits by
+  their least and greatest values (:func:`bounds_problem`: ``abs`` of int64's least value wraps).
 - **Fingerprints** over every tensor and number of a copy's state (:func:`fingerprint_state`).
 
-Each copy's own arithmetic (its stream unit, its clamp ``stream_limit`` on the residual
-stream, its shifts) is a dict of constants stored in the copy, so its fingerprint covers them
-and a copy of other arithmetic is refused by the template comparison.
+Each copy's own arithmetic (stream unit, its clamp ``stream_limit``, shifts) is a dict of
+constants stored in the copy: its fingerprint covers them, and the template comparison refuses
+a copy of other arithmetic.
 """
 
 from __future__ import annotations
@@ -33,6 +26,27 @@ import torch.nn.functional as F
 LOGIT_UNITS = 64  # logits in units of 1/64 nat
 EXP_RANGE = 16  # nats: gaps to the largest logit beyond this get the table's last entry
 EXP_BITS = 20  # the most probable code's weight is 2**EXP_BITS
+
+
+class IntegerCopy:
+    """What every integer copy holds: its ``state`` (integer tensors and numbers; the exponential
+    table at ``exp_table``), the coder's table, its device and fingerprint. A kind's copy adds
+    ``coding`` (its order's name in a codes file), ``batch`` and ``in_flight`` (slices coded
+    together and at most at once, ``{"encode": .., "decode": ..}``) and ``code_batch`` (its order,
+    run by :mod:`mrivq.compression.driver`)."""
+
+    def __init__(self, state: dict) -> None:
+        self.state = state
+        self.exp_table = state["exp_table"]  # int64 (EXP_RANGE * LOGIT_UNITS + 1,)
+        self.coder_table = coder_table(self.exp_table)
+        self.device = self.exp_table.device
+
+    def to(self, device):
+        """The copy on ``device`` (the same integers there)."""
+        return type(self)(map_tensors(self.state, lambda t: t.to(device)))
+
+    def fingerprint(self) -> str:
+        return fingerprint_state(self.state)
 
 
 def exp_table() -> torch.Tensor:

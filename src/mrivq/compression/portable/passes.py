@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -29,11 +28,9 @@ from mrivq.compression.portable.fixed_point import (
     EXP_BITS,
     EXP_RANGE,
     LOGIT_UNITS,
+    IntegerCopy,
     bounds_problem,
-    coder_table,
     exp_table,
-    fingerprint_state,
-    map_tensors,
     patches,
     table,
     template_problem,
@@ -181,7 +178,7 @@ class _IntegerNet:
         return self.head(head_input[:, None, None, :]).reshape(len(head_input), -1)
 
 
-class IntegerPassPrior:
+class IntegerPassPrior(IntegerCopy):
     """The coding path of a :class:`PassPrior` in integers: the coder's weights of every code of a
     pass, the same on any machine, thread count, batch and device."""
 
@@ -192,44 +189,30 @@ class IntegerPassPrior:
     in_flight = {"encode": 16, "decode": 16}
 
     def __init__(self, state: dict) -> None:
-        self.state = state
-        self.n_embed = int(state["n_embed"])
-        self.top_grid = tuple(int(v) for v in state["top_grid"])
+        super().__init__(state)
         self.top = _IntegerNet(state["top"])
         self.bottom = _IntegerNet(state["bottom"])
         self.condition_net = _IntegerNet(state["condition"])
-        self.exp_table = state["exp_table"]  # int64 (EXP_RANGE * LOGIT_UNITS + 1,)
-        self.coder_table = coder_table(self.exp_table)
-        self.device = self.exp_table.device
 
     def to(self, device) -> IntegerPassPrior:
         """The copy on ``device``, or on the CPU where ``device`` cannot multiply int8 matrices
         exactly (the results are the same everywhere, so only the speed differs)."""
         if torch.device(device).type != "cpu" and not int_mm_is_exact(torch.device(device).type):
             device = "cpu"
-        return IntegerPassPrior(map_tensors(self.state, lambda t: t.to(device)))
+        return super().to(device)
 
     def condition(self, codes_top: torch.Tensor) -> torch.Tensor:
         """int64 ``(B, 2h, 2w, C)``: the top grid's features over the bottom grid."""
         x = self.condition_net.stream(codes_top, None, None)
         return x.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
 
-    def weights(self, level: str, codes: torch.Tensor, step: int,
-                condition: torch.Tensor | None = None) -> Iterator[np.ndarray]:
-        """For each grid of ``codes`` (those of earlier passes read), float64 ``(P, n_embed)`` integers:
-        the coder's weights of every code at the ``P`` positions of pass ``step`` in raster order,
-        proportional to the probabilities, each between 1 and ``2**EXP_BITS``. The network runs
-        on the whole batch, the head one grid at a time (its logits then stay in the caches)."""
-        net = getattr(self, level)
-        for head_input in net.head_input(codes, step, condition if level == "bottom" else None):
-            yield weights_from_logits(net.logits(head_input), self.coder_table)
-
     @torch.inference_mode()
     def code_batch(self, lo: int, size: int, code, known=None) -> tuple[np.ndarray, np.ndarray]:
         """Slices ``lo`` to ``lo + size``, each grid pass by pass, the bottom given the top:
         ``code(level, weights (P, K), slice, positions)`` codes one slice's ``P`` flat positions of a
-        pass and returns their codes (the driver's coding order; ``known`` is not needed: a pass
-        reads only the codes of the passes before it)."""
+        pass and returns their codes (``known`` is not needed: a pass reads only the codes of the
+        passes before it). The weights are integers from 1 to ``2**EXP_BITS``; the network runs on
+        the whole batch, the head one grid at a time (its logits then stay in the caches)."""
         out = {}
         for level, net in (("top", self.top), ("bottom", self.bottom)):
             condition = self.condition(torch.as_tensor(out["top"], device=self.device)) if level == "bottom" else None
@@ -237,14 +220,12 @@ class IntegerPassPrior:
             for step in range(net.passes):
                 here = (net.order.flatten() == step).nonzero()[:, 0]
                 where = here.cpu().numpy()
-                symbols = np.stack([code(level, weights, lo + i, where) for i, weights in
-                                    enumerate(self.weights(level, codes.view(size, *net.order.shape), step, condition))])
+                head_inputs = net.head_input(codes.view(size, *net.order.shape), step, condition)
+                symbols = np.stack([code(level, weights_from_logits(net.logits(head_input), self.coder_table), lo + i,
+                                         where) for i, head_input in enumerate(head_inputs)])
                 codes[:, here] = torch.as_tensor(symbols, dtype=torch.long, device=self.device)
             out[level] = codes.view(size, *net.order.shape).cpu().numpy()
         return out["top"], out["bottom"]
-
-    def fingerprint(self) -> str:
-        return fingerprint_state(self.state)
 
 
 # ---------------------------------------------------------------------------------------

@@ -36,7 +36,6 @@ import copy
 import math
 
 import numpy as np
-
 import torch
 import torch.nn.functional as F
 
@@ -44,11 +43,9 @@ from mrivq.compression.portable.fixed_point import (
     EXP_BITS,
     EXP_RANGE,
     LOGIT_UNITS,
-    beyond,
-    coder_table,
+    IntegerCopy,
+    bounds_problem,
     exp_table,
-    fingerprint_state,
-    map_tensors,
     patches,
     table,
     template_problem,
@@ -272,7 +269,7 @@ def _upsampled(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class IntegerTransformerPrior:
+class IntegerTransformerPrior(IntegerCopy):
     """The coding path of a :class:`TransformerPrior` in integers: logits of every position, the
     same on any machine, thread count, batch and device, teacher-forced or one position at a time."""
 
@@ -284,18 +281,10 @@ class IntegerTransformerPrior:
     in_flight = {"encode": 16, "decode": 32}
 
     def __init__(self, state: dict) -> None:
-        self.state = state
-        self.n_embed = int(state["n_embed"])
-        self.top_grid = tuple(int(v) for v in state["top_grid"])
+        super().__init__(state)
         self.top = _Transformer(state["top"])
         self.bottom = _Transformer(state["bottom"])
         self.condition = _Condition(state["condition"])
-        self.exp_table = state["exp_table"]
-        self.coder_table = coder_table(self.exp_table)
-        self.device = self.exp_table.device
-
-    def to(self, device) -> IntegerTransformerPrior:
-        return IntegerTransformerPrior(map_tensors(self.state, lambda t: t.to(device)))
 
     @torch.inference_mode()
     def code_batch(self, lo: int, size: int, code, known: dict[str, np.ndarray] | None = None,
@@ -321,9 +310,6 @@ class IntegerTransformerPrior:
                 codes[:, position:position + length] = torch.as_tensor(symbols, dtype=torch.long, device=self.device)
             out[level] = codes.reshape(size, *net.grid).cpu().numpy()
         return out["top"], out["bottom"]
-
-    def fingerprint(self) -> str:
-        return fingerprint_state(self.state)
 
 
 # ---------------------------------------------------------------------------------------
@@ -540,16 +526,22 @@ def _taps_first(weight: torch.Tensor) -> torch.Tensor:
 # Checking a copy
 # ---------------------------------------------------------------------------------------
 
+#: Limits of the tables and weights of a copy read from a file, by key (the toolkit's scheme);
+#: what products and rescalings could reach is computed from them in :func:`_state_bounds_problem`.
+BOUNDS = {"weight": ACT_LIMIT, "gelu": ACT_LIMIT, "token": 1 << 36, "position": 1 << 36, "neighbour": 1 << 36,
+          "embed": 1 << 36}
+
+
 def _state_bounds_problem(state: dict) -> str | None:
-    """What could overflow, for any input within the clamps: each product's partial sums must stay
-    below MAX_SUM, each rescaling inside int64, each table and epsilon within its bound."""
+    """What could overflow, for any input within the clamps: each table within :data:`BOUNDS`, each
+    product's partial sums below MAX_SUM, each rescaling inside int64, each epsilon in range."""
+    problem = bounds_problem(state, BOUNDS)
+    if problem:
+        return problem
     for where, linear in _linears(state):
-        shift = int(linear["shift"])
-        if beyond(linear["weight"], ACT_LIMIT) or not 1 <= shift <= MAX_SHIFT:
-            return f"has weights beyond {ACT_LIMIT} or a shift out of range at {where}"
         acc = linear["weight"].long().abs().sum(dim=0) * ACT_LIMIT  # (N,) the largest |sum| any input gives
-        if int(acc.max()) >= MAX_SUM:
-            return f"has a product that could reach 2**45 at {where}"
+        if not 1 <= int(linear["shift"]) <= MAX_SHIFT or int(acc.max()) >= MAX_SUM:
+            return f"has a shift out of range or a product that could reach 2**45 at {where}"
         if _leaves_int64(acc, linear["multiplier"], linear["offset"]):
             return f"has a rescaling that could leave int64 at {where}"
     for where, requantiser in _requantisers(state):
@@ -563,22 +555,15 @@ def _state_bounds_problem(state: dict) -> str | None:
         keys = length if net["window"] is None else min(net["window"], length)
         if channels > 4096 or keys * (1 << ATT_BITS) * ACT_LIMIT >= MAX_SUM:
             return f"has too many channels or attended positions for its arithmetic at {level}"
-        for key in ("token", "position", "neighbour"):
-            if key in net and beyond(net[key], (1 << 36) - 1):
-                return f"has values beyond 2**36 at {level}.{key}"
         for i, block in enumerate(net["blocks"]):
             head_size = channels // net["n_head"]
             if not 1 <= int(block["score_shift"]) <= MAX_SHIFT or (block["score"] < 0).any() or _leaves_int64(
                     torch.tensor([head_size * ACT_LIMIT**2]), block["score"].flatten(), torch.zeros(1, dtype=torch.long)):
                 return f"has an attention scale out of range at {level}.blocks[{i}]"
-            if beyond(block["gelu"], ACT_LIMIT):
-                return f"has a GELU table beyond {ACT_LIMIT} at {level}.blocks[{i}]"
             if not all(1 <= int(block[k]) <= MAX_EPS for k in ("eps_attn", "eps_mlp")):
                 return f"has a layer norm epsilon out of range at {level}.blocks[{i}]"
         if not 1 <= int(net["eps_out"]) <= MAX_EPS:
             return f"has a layer norm epsilon out of range at {level}"
-    if beyond(state["condition"]["embed"], (1 << 36) - 1):
-        return "has values beyond 2**36 at condition.embed"
     return None
 
 
