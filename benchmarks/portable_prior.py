@@ -9,9 +9,7 @@ this mrivq) and the test split of its VQ-VAE's data settings, prints one JSON ob
   stream per slice, each with its length word), and ``ratio`` of the two;
 - for 1 and 2 threads, encoding and decoding slices per second of the coder alone (codes in,
   words out and back; the VQ-VAE and file I/O are not counted; the fastest of ``--rounds``),
-  each decode checked, and once more decoding in batches of 7;
-- for a transformer prior, ``float_sequential``: the same for the floating-point coder that
-  such priors used before (one kind of machine only), and its stream's bits per pixel.
+  each decode checked, and once more decoding in batches of 7.
 
     python benchmarks/portable_prior.py runs/default/models/prior_best.pt [--rounds 3] [--set data.root=...]
 
@@ -27,21 +25,13 @@ import time
 import numpy as np
 import torch
 
+from mrivq.compression import driver
 from mrivq.compression.codec import encode_images
-from mrivq.compression.entropy import (
-    decode_in_passes,
-    decode_in_raster,
-    decode_with_prior,
-    encode_in_passes,
-    encode_in_raster,
-    encode_with_prior,
-)
 from mrivq.config import load_config
 from mrivq.data.cache import load_split
 from mrivq.data.preprocess import Preprocessing
 from mrivq.data.sources import data_splits
 from mrivq.engine.checkpoint import load_prior
-from mrivq.nn.pass_prior import PassPrior
 
 
 def main() -> None:
@@ -54,8 +44,7 @@ def main() -> None:
     prior, vqvae, _ = load_prior(args.prior)
     if prior.integer is None:
         raise SystemExit(f"{args.prior} has no integer copy (a transformer prior of an earlier mrivq)")
-    encode, decode = ((encode_in_passes, decode_in_passes) if isinstance(prior, PassPrior)
-                      else (encode_in_raster, decode_in_raster))
+    encode, decode = driver.encode, driver.decode
     config = load_config(None, args.overrides)
     test = load_split(data_splits(config.data, config.seed).test, Preprocessing.from_settings(config.data),
                       name="test", cache_dir=config.data.cache_dir)
@@ -72,10 +61,6 @@ def main() -> None:
         torch.set_num_threads(threads)
         words, out[f"threads_{threads}"] = _timed(lambda: encode(prior.integer, top, bottom),
                                                   lambda w: decode(prior.integer, w, n), top, bottom, args.rounds)
-    if not isinstance(prior, PassPrior):  # the coder such priors had before: floating point, one thread
-        float_words, out["float_sequential"] = _timed(lambda: encode_with_prior(prior, top, bottom),
-                                                      lambda w: decode_with_prior(prior, w, n), top, bottom, 1)
-        out["float_sequential"]["bits_per_pixel"] = float_words.size * 32 / (n * pixels)
     other_batch = decode(prior.integer, words, n, batch_size=7)  # any batch decodes
     if not (np.array_equal(other_batch[0], top) and np.array_equal(other_batch[1], bottom)):
         raise SystemExit("the stream did not decode back to the codes in batches of 7")

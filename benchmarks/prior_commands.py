@@ -7,13 +7,10 @@ wall seconds of each command (the fastest of ``--rounds``), slices per second of
 coder's own rates that ``encode`` prints, and ``sample``'s samples per second (its own figure:
 drawing, decoding and writing; ``--n`` slices).
 
-``--before``: also time each transformer prior as it coded before integer copies existed (a
-copy of the checkpoint without its integer copy, which codes in floating point on one kind of
-machine), the yardstick of "faster than before" on the same machine and the same day: speeds
-of different days here differ by up to 2x.
+Speeds of different days here differ by up to 2x: compare priors measured in one run.
 
     python benchmarks/prior_commands.py runs/default/models/best.pt runs/default/models/prior_best.pt \\
-        [runs/tf/models/prior_best.pt --before] [--rounds 2] [--n 16]
+        [runs/tf/models/prior_best.pt] [--rounds 2] [--n 16]
 
 Figures are measurements, never assertions: nothing here fails CI.
 """
@@ -32,7 +29,6 @@ from pathlib import Path
 
 from mrivq.config import load_config
 from mrivq.data.sources import data_splits
-from mrivq.engine.checkpoint import load_checkpoint, save_checkpoint
 
 
 def main() -> None:
@@ -42,8 +38,6 @@ def main() -> None:
     parser.add_argument("--data", help="a folder of NIfTI slices (default: the phantom's test split)")
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds; the fastest counts")
     parser.add_argument("--n", type=int, default=16, help="slices each sample command draws")
-    parser.add_argument("--before", action="store_true",
-                        help="also time transformer priors without their integer copy (the floating-point coder)")
     args = parser.parse_args()
     data = Path(args.data) if args.data else _phantom_test_split()
     n = sum(1 for f in data.iterdir() if f.name.endswith((".nii", ".nii.gz")))
@@ -51,11 +45,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         priors = {Path(p).parent.parent.name + "/" + Path(p).name: Path(p) for p in args.priors}
-        if args.before:
-            for name, path in list(priors.items()):
-                before = _without_integer_copy(path, work / f"before_{len(priors)}.pt")
-                if before is not None:
-                    priors[name + " (float, before)"] = before
         for name, prior in priors.items():
             results[name] = _commands(args.checkpoint, prior, data, n, work, args.rounds, args.n)
             print(f"{name}: {results[name]}", file=sys.stderr, flush=True)
@@ -66,16 +55,6 @@ def _phantom_test_split() -> Path:
     config = load_config(None, [])
     files = data_splits(config.data, config.seed).test
     return Path(files[0]).parent
-
-
-def _without_integer_copy(path: Path, out: Path) -> Path | None:
-    """A copy of a transformer prior as mrivq wrote it before integer copies; None for a pass prior."""
-    ckpt = load_checkpoint(path)
-    if ckpt["config"]["prior"].get("kind") != "transformer" or "integer" not in ckpt:
-        return None
-    save_checkpoint(out, {k: v for k, v in ckpt.items()
-                          if k not in ("format", "format_version", "integer", "integer_fingerprint")})
-    return out
 
 
 def _commands(checkpoint: str, prior: Path, data: Path, n: int, work: Path, rounds: int, samples: int) -> dict:

@@ -15,8 +15,8 @@ import time
 
 import torch
 
+from mrivq.compression.priors import build_prior
 from mrivq.config import load_config
-from mrivq.engine.checkpoint import prior_from_config
 from mrivq.nn import code_grid_shapes
 
 
@@ -32,7 +32,7 @@ def main() -> None:
     torch.manual_seed(0)
     top_grid, bottom_grid = code_grid_shapes(tuple(args.image_size))
     n_embed = config.model.n_embed
-    prior = prior_from_config(config, n_embed, top_grid)
+    prior = build_prior(config.prior, n_embed, top_grid)
 
     top = torch.randint(0, n_embed, (config.prior.batch_size, *top_grid))
     bottom = torch.randint(0, n_embed, (config.prior.batch_size, *bottom_grid))

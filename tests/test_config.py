@@ -24,7 +24,7 @@ from mrivq.nn import VQVAE2
 from mrivq.nn.pass_prior import PassPrior
 from mrivq.nn.transformer_prior import TransformerPrior
 
-#: Constructor arguments whose config key has another name (as engine.checkpoint.prior_from_config maps them).
+#: Constructor arguments whose config key has another name (as compression.priors maps them).
 CONFIG_KEY_OF = {"neighbours": "neighbour_codes", "condition_layers": "condition_blocks"}
 
 

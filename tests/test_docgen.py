@@ -41,10 +41,14 @@ def test_every_config_key_has_a_description():
 
 
 def test_every_key_is_in_the_pages(pages):
+    """Every key of every section, and of the sections inside a section (prior.passes), has its row
+    and its line in the example config."""
     for name, section in docgen.sections():
-        for key in section.model_fields:
-            assert f"`{name}.{key}`" in pages[docgen.CONFIG_PAGE]
-            assert f"\n  {key}: " in pages[docgen.EXAMPLE_CONFIG]
+        for key, field in section.model_fields.items():
+            inner = docgen._subsection(field)
+            for sub in inner.model_fields if inner else [None]:
+                assert (f"`{name}.{key}.{sub}`" if sub else f"`{name}.{key}`") in pages[docgen.CONFIG_PAGE]
+                assert (f"\n    {sub}: " if sub else f"\n  {key}: ") in pages[docgen.EXAMPLE_CONFIG]
     assert "`--top-p P` | `0.8` |" in pages[docgen.CLI_PAGE]
 
 

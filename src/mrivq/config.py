@@ -470,20 +470,10 @@ def register_prior_section(name: str, settings: type[BaseModel]) -> None:
 
 
 def _nested(name: str, settings: type[BaseModel]):
-    """The section ``prior.<name>``: its defaults (a dict, validated into ``settings``, so the
-    generated reference can show them), described by its docstring's first line and then each of
-    its keys with its old flat name and its bounds (the reference pages list a section's keys,
-    not the keys inside it)."""
-    old = {new: old for old, moved in PRIOR_MOVED.items() for new in moved}
-    signs = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
-    keys = []
-    for key, field in settings.model_fields.items():
-        notes = [f"was prior.{old[f'{name}.{key}']}"] if f"{name}.{key}" in old else []
-        notes += [f"{sign} {getattr(item, attr)}" for item in field.metadata
-                  for attr, sign in signs.items() if getattr(item, attr, None) is not None]
-        keys.append(f"prior.{name}.{key} ({', '.join(notes)}): {field.description}")
-    return Field(default_factory=lambda: settings().model_dump(), validate_default=True,
-                 description=" ".join([settings.__doc__.splitlines()[0], *keys]))
+    """The section ``prior.<name>``, its defaults those of ``settings``; its description names the
+    flat keys it replaces."""
+    old = [f"prior.{old}" for old, moved in PRIOR_MOVED.items() if any(m.startswith(f"{name}.") for m in moved)]
+    return Field(default_factory=settings, description=f"{settings.__doc__.splitlines()[0]} (were {', '.join(old)}).")
 
 
 class PriorConfig(Optimisation):
@@ -509,7 +499,7 @@ class PriorConfig(Optimisation):
                     "(sizes in prior.transformer): files about a fifth smaller, coding an order "
                     "of magnitude slower. Both code through an integer copy, so their files "
                     "decode bit for bit on any machine, thread count or device. A kind "
-                    "registered at run time (mrivq.config.register_prior_section) takes its "
+                    "registered at run time (mrivq.compression.priors.register) takes its "
                     "settings from prior.<kind>. " + stored_default("prior", "architecture"))
     passes: PassPriorSettings = _nested("passes", PassPriorSettings)
     transformer: TransformerPriorSettings = _nested("transformer", TransformerPriorSettings)

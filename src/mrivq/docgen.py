@@ -146,9 +146,19 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("<", "&lt;")
 
 
-def _key_table(prefix: str, fields: dict[str, FieldInfo]) -> list[str]:
-    rows = ["| key | type | default | allowed | description |", "|---|---|---|---|---|"]
+def _subsection(field: FieldInfo) -> type[BaseModel] | None:
+    """The settings class of a key that is a section of its own (``prior.passes``), or None."""
+    annotation = field.annotation
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _key_table(prefix: str, fields: dict[str, FieldInfo], header: bool = True) -> list[str]:
+    """A row per key; a key that is a section of its own gives a row per key inside it."""
+    rows = ["| key | type | default | allowed | description |", "|---|---|---|---|---|"] if header else []
     for name, field in fields.items():
+        if (inner := _subsection(field)) is not None:
+            rows += _key_table(f"{prefix}{name}.", inner.model_fields, header=False)
+            continue
         cells = [f"`{prefix}{name}`", type_text(field), f"`{yaml_value(default_of(field))}`",
                  allowed_text(field), field.description or ""]
         rows.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
@@ -200,10 +210,19 @@ def example_config() -> str:
     for name, field in top_level_keys().items():
         lines += ["", *_comment(field.description or "", ""), f"{name}: {yaml_value(default_of(field))}"]
     for name, section in sections():
-        lines += ["", *_comment(docstring(section), ""), f"{name}:"]
-        for key, field in section.model_fields.items():
-            lines += [*_comment(field.description or "", "  "), f"  {key}: {yaml_value(default_of(field))}"]
+        lines += ["", *_comment(docstring(section), ""), f"{name}:", *_example_keys(section, "  ")]
     return "\n".join(lines) + "\n"
+
+
+def _example_keys(section: type[BaseModel], indent: str) -> list[str]:
+    lines = []
+    for key, field in section.model_fields.items():
+        if (inner := _subsection(field)) is not None:
+            lines += [*_comment(field.description or docstring(inner), indent), f"{indent}{key}:",
+                      *_example_keys(inner, indent + "  ")]
+        else:
+            lines += [*_comment(field.description or "", indent), f"{indent}{key}: {yaml_value(default_of(field))}"]
+    return lines
 
 
 # ---------------------------------------------------------------------------------------

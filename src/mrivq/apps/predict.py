@@ -183,7 +183,7 @@ def summarize(result: Evaluation, rates: dict, files: dict, comparison: CodecCom
 
 
 def _load_models(ckpt: dict, ckpt_path: Path, prior: str | Path | None, device: torch.device):
-    """The VQ-VAE of ``ckpt`` on ``device`` in channels-last, and the code prior at ``prior`` (or None)."""
+    """The VQ-VAE of ``ckpt`` on ``device`` in channels-last, and the prior at ``prior`` (or None)."""
     model = model_from_checkpoint(ckpt, ckpt_path).to(device).to(memory_format=torch.channels_last)
     code_prior = None
     if prior is not None:  # its codes file is coded on the CPU, as `mrivq encode --device cpu` does

@@ -1,4 +1,4 @@
-"""Training the code prior (``mrivq train-prior``): encode the splits -> the loop -> checkpoints.
+"""Training a prior over the codes (``mrivq train-prior``): encode the splits -> the loop -> checkpoints.
 
 ``train_prior(config, checkpoint)`` encodes the configured train and validation splits with
 a trained VQ-VAE-2 (preprocessed as that model was trained), fits :class:`TransformerPrior` to the
@@ -62,7 +62,7 @@ BEST, LAST, METRICS, LOG = "prior_best.pt", "prior_last.pt", "prior_metrics.csv"
 
 def train_prior(config: Config, checkpoint: str | Path | None = None, *, resume: str | Path | None = None,
                 overwrite: bool = False) -> dict:
-    """Fit the code prior to the codes a trained VQ-VAE gives the configured data; returns a summary.
+    """Fit a prior to the codes a trained VQ-VAE gives the configured data; returns a summary.
 
     ``checkpoint``: the VQ-VAE (``models/best.pt`` of a training run). ``resume``: a run
     directory holding ``models/prior_last.pt``; the run continues with its saved config and

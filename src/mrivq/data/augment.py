@@ -1,5 +1,5 @@
 """Training-only augmentation: random flips and intensity factors of model-space batches, and the
-fixed mirrored, shifted and zoomed copies of a split that the code prior trains on.
+fixed mirrored, shifted and zoomed copies of a split that the prior trains on.
 
 Used by training alone; validation, test and every score see the slices as they are. The
 random draws come from the global torch CPU RNG, which the trainer saves in ``last.pt``, so a
@@ -88,7 +88,7 @@ def _flip_chosen(slices: torch.Tensor, chosen: torch.Tensor, dim: int) -> torch.
 
 def prior_training_copies(images: np.ndarray, *, flip: str = "none", shifts: Sequence[int] = (),
                           scales: Sequence[float] = ()) -> dict:
-    """The extra versions of ``images`` ``(N, H, W)`` whose codes the code prior also trains on.
+    """The extra versions of ``images`` ``(N, H, W)`` whose codes the prior also trains on.
 
     Directions are those of the pictures (:func:`mrivq.reporting.plots.display`: the array's
     first axis runs left to right, its second top to bottom). For each ``s`` in ``shifts``, four

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic saves, weights-only loads, and the models they describe (VQ-VAE-2, code prior).
+"""Checkpoints: atomic saves, weights-only loads, and the models they describe (VQ-VAE-2, prior).
 
 A checkpoint is a dict of tensors and plain containers (numbers, strings, lists, dicts),
 so it loads with ``torch.load(weights_only=True)``: a file carrying pickled objects is
@@ -75,7 +75,7 @@ def model_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> VQVAE2
     """Build the VQ-VAE-2 described by a checkpoint's config and load its weights (the config
     checked against the weights' shapes before the model is built)."""
     if not isinstance(ckpt, dict) or "model" not in ckpt:
-        kind = " (it is a code prior's: give the VQ-VAE's models/best.pt)" if isinstance(ckpt, dict) and ckpt.get(
+        kind = " (it is a prior's: give the VQ-VAE's models/best.pt)" if isinstance(ckpt, dict) and ckpt.get(
             "kind") else ""
         raise UserError(f"{path}: holds no VQ-VAE weights{kind}")
     config = checkpoint_config(ckpt, path)

@@ -1,4 +1,4 @@
-"""What fitting the code prior adds to the loop: the prior, its optimiser, and its validation NLL.
+"""What fitting a prior adds to the loop: the prior, its optimiser, and its validation NLL.
 
 The prior (of any kind in :mod:`mrivq.compression.priors`) is fitted to a VQ-VAE's codes by maximum likelihood:
 the loss is the mean number of bits per code over both levels, weighted by how many codes each

@@ -1,4 +1,4 @@
-"""Residual blocks shared by the VQ-VAE-2 and the code prior.
+"""Residual blocks shared by the VQ-VAE-2 and the priors.
 
 ``ResBlock`` is the seed report's block; ``NormResBlock`` adds GroupNorm and SiLU and starts
 as the identity. Both map ``(B, C, H, W)`` to the same shape.

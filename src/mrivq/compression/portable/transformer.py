@@ -26,7 +26,7 @@ Because every position's integers are the same however the work is cut, the enco
 level teacher-forced in chunks of positions (fast), and the decoder position by position with
 a key/value cache: both get the same weights.
 
-Units are calibrated on training codes when the copy is made (:func:`integer_transformer`):
+Units are calibrated on training codes when the copy is made (:func:`transformer_copy`):
 each quantised value's largest magnitude there maps to the top of its integer range.
 """
 
