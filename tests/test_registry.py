@@ -39,7 +39,7 @@ class PositionSettings(BaseModel):
     """prior.position: a prior that knows only where a code is."""
 
     model_config = ConfigDict(extra="forbid")
-    smoothing: float = Field(default=0.0, ge=0, description="Added to every logit's gradient scale (unused).")
+    smoothing: float = Field(default=0.0, ge=0, description="A setting of its own (it travels with the config).")
 
 
 class PositionPrior(nn.Module):
