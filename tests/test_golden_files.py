@@ -88,3 +88,31 @@ def test_the_same_codes_are_coded_into_the_same_bytes_today(name):
     codes = codec.decompress_codes(file)
     slices = CodecInput(None, file.norm, file.affines, file.shapes, file.header["sources"])
     assert codec.compress_codes(codes, slices).blob == (GOLDEN / f"{name}.mrvq").read_bytes()
+
+
+@pytest.mark.parametrize("name", ["passes", "raster"])
+def test_golden_prior_coded_files_decode_the_same_with_every_float_result_one_ulp_off(name, expected, monkeypatch):
+    """The integer copies' weights do not move when every floating-point result does (one thread:
+    torch function modes hold in the thread that enters them). The pass prior's copy takes its
+    float32-products path, as on a CPU without VNNI, so that there are float results to move."""
+    import numpy as np
+    import torch
+    from prior_helpers import OneUlp
+
+    from mrivq.compression.container import read_codes_file
+    from mrivq.compression.portable import passes
+    from mrivq.engine.checkpoint import load_codec
+
+    monkeypatch.setattr(passes, "int_mm_is_exact", lambda device: False)
+
+    codec = load_codec(GOLDEN / "vqvae.pt", prior=GOLDEN / FILES[name])
+    file = read_codes_file(GOLDEN / f"{name}.mrvq")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with OneUlp() as nudge:
+            top, bottom = codec.decompress_codes(file)
+    finally:
+        torch.set_num_threads(threads)
+    assert nudge.calls > 0
+    assert np.array_equal(top, expected[f"{name}/top"]) and np.array_equal(bottom, expected[f"{name}/bottom"])

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_main
-from hostile_helpers import build_bases, read_header, split_sections, with_header, with_section
+from hostile_helpers import build_bases, join_sections, read_header, split_sections, with_header, with_section
 
 from mrivq.compression.container import MAX_SLICES
 from mrivq.engine.checkpoint import load_checkpoint, run_config
@@ -579,3 +579,36 @@ def test_fuzzed_files(bases, tmp_path):
     assert result["cases"] >= 500 and not result["failures"], result["failures"][:5]
     assert result["exit_2"] > 0.5 * result["cases"]
     assert result["peak_mib"] < 1200, result["peak_mib"]
+
+
+def _with_layer(blob: bytes, listed, section: tuple[str, bytes] | None) -> bytes:
+    """``blob`` whose header lists the coding layers ``listed`` (None: no entry), with ``section`` added."""
+    header = read_header(blob)
+    if listed is not None:
+        header["layers"] = listed
+    blob = with_header(blob, header)
+    return join_sections(blob, split_sections(blob) + ([section] if section else []))
+
+
+@pytest.mark.parametrize("listed, section, message", [
+    (["exact"], None, "coding layers are not the ones its header lists"),
+    (None, ("layer-exact", b"\0" * 64), "coding layers are not the ones its header lists"),
+    (["exact"], ("layer-other", b"\0" * 64), "coding layers are not the ones its header lists"),
+    (["exact"], ("layer-exact", b"\xff" * 64), "slice lengths do not add up"),
+    (["exact"], ("layer-exact", b"\0" * 2), "slice lengths do not add up"),
+    (5, None, "header's layers"), (["../x"], None, "header's layers.0"), (["a", "a"], None, "listed twice"),
+    (["exact"] * 9, None, "header's layers"),
+    (["unknown"], ("layer-unknown", None), "coding layer 'unknown', which this mrivq does not know"),
+])
+def test_coding_layer_sections_that_do_not_fit_are_refused(bases, tmp_path, capsys, listed, section, message):
+    """A layer section the header does not list, a listed one missing, per-slice lengths that do
+    not add up (or a length a million times too large), a list of the wrong type, a name that is
+    a path, a layer this mrivq does not know: one line, exit 2, nothing written."""
+    blob = bases["codes"].read_bytes()
+    n = read_header(blob)["n"]
+    if section is not None and section[1] is None:  # a well-formed section of n empty payloads
+        section = (section[0], b"\0" * (4 * n))
+    path = spoiled(tmp_path, "layered.mrvq", _with_layer(blob, listed, section))
+    out = tmp_path / "out"
+    refused(decode_args(bases, path, out), capsys, message)
+    assert not list(out.glob("*.nii.gz")) if out.exists() else True

@@ -179,7 +179,7 @@ def test_a_coding_layer_registered_in_a_test_travels_in_the_file_and_applies_on_
     vqvae = train_tiny_vqvae(tiny_phantom, tmp_path)
     files = sorted((tiny_phantom / "keras_slices_test").glob("*.nii.gz"))[:3]
     codec = load_codec(vqvae)
-    packed = codec.compress(CodecInput.read(files, codec.prep), layers=("exact",))
+    packed = codec.compress(CodecInput.read(files, codec.prep, originals=True), layers=("exact",))
     coded = tmp_path / "exact.mrvq"
     coded.write_bytes(packed.blob)
     assert read_codes_file(coded).header["layers"] == ["exact"]

@@ -1,7 +1,7 @@
 """Training a prior over the codes (``mrivq train-prior``): encode the splits -> the loop -> checkpoints.
 
 ``train_prior(config, checkpoint)`` encodes the configured train and validation splits with
-a trained VQ-VAE-2 (preprocessed as that model was trained), fits :class:`TransformerPrior` to the
+a trained VQ-VAE-2 (preprocessed as that model was trained), fits a prior of ``prior.kind`` (:mod:`mrivq.compression.priors`) to the
 codes by maximum likelihood (:class:`mrivq.engine.prior_training.PriorTraining` in the loop both
 trainers use, :class:`mrivq.engine.loop.TrainingLoop`), and writes into ``output.dir``:
 

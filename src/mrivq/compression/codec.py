@@ -143,9 +143,10 @@ class CodecInput:
     originals: list[np.ndarray] | None = None  # the read slices ``(h, w)``, for coding layers
 
     @classmethod
-    def read(cls, files: list[Path], prep: Preprocessing) -> CodecInput:
-        """Read and preprocess NIfTI slices; refuses, before any work, what one codes file cannot hold."""
-        images, norm, affines, shapes, sources, originals = [], [], [], [], [], []
+    def read(cls, files: list[Path], prep: Preprocessing, *, originals: bool = False) -> CodecInput:
+        """Read and preprocess NIfTI slices; refuses, before any work, what one codes file cannot hold.
+        ``originals``: keep the slices as read too (what coding layers need; memory grows with them)."""
+        images, norm, affines, shapes, sources, kept = [], [], [], [], [], []
         for path in files:
             raw, meta = read_slice(path)
             x, params = preprocess_slice(raw, prep)
@@ -153,10 +154,11 @@ class CodecInput:
             norm.append(params)
             affines.append(meta.affine)
             shapes.append(raw.shape)
-            originals.append(raw)
+            kept.append(raw)
             sources.append(source_entry(Path(path), meta))
         check_encodable(sources, prep.image_size)
-        return cls(np.stack(images), np.stack(norm), np.stack(affines), np.array(shapes), sources, originals)
+        return cls(np.stack(images), np.stack(norm), np.stack(affines), np.array(shapes), sources,
+                   kept if originals else None)
 
     @classmethod
     def of_split(cls, split) -> CodecInput:
@@ -248,7 +250,7 @@ class Codec:
         unknown = [name for name in layers if name not in LAYERS]
         if unknown or slices.originals is None:
             raise UserError(f"coding layer {unknown[0]!r} is not one of {sorted(LAYERS)}" if unknown
-                            else "coding layers need the slices as read (CodecInput.read)")
+                            else "coding layers need the slices as read (CodecInput.read(..., originals=True))")
         file.header["layers"], file.layers = list(layers), {name: [] for name in layers}
         for i, decoded in self._decoded(file, *codes):
             for name in layers:
@@ -307,12 +309,12 @@ class Codec:
             elif self.prior is None:
                 raise UserError(f"{path} was coded under a prior: give it with --prior (the models/prior_best.pt "
                                 "that encoded it)")
-            elif header["prior_coding"] != self.coding_copy().coding:
+            elif header["prior_coding"] != (copy := self.coding_copy()).coding:
                 raise UserError(f"{path} was coded in {header['prior_coding']} order, and --prior is "
-                                f"{kind_of(self.prior).label}, which codes in {self.coding_copy().coding} order; give "
-                                "the prior that encoded it")
+                                f"{kind_of(self.prior).label}, which codes in {copy.coding} order; give the prior "
+                                "that encoded it")
             else:
-                top, bottom = driver.decode(self.coding_copy(), file.stream, file.n)
+                top, bottom = driver.decode(copy, file.stream, file.n)
         except (AssertionError, ValueError):  # the range decoder meets data its model cannot have coded
             raise UserError(f"{path}: damaged codes file: its stream does not decode; encode the slices again") from None
         if codes_crc(top, bottom) != int(header["codes_crc32"]):

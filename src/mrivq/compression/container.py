@@ -54,9 +54,6 @@ MAX_SLICE_PIXELS = 1 << 24  # a decoded slice's on-disk pixels (4096 x 4096)
 MAX_OUTPUT_PIXELS = 1 << 30  # all decoded slices' pixels (4 GiB of float32; HipMRI's 12,660: 0.47 G)
 MAX_SCALE = 1e30  # an intensity offset or scale: beyond it, scanner units overflow float32
 MAX_SIDE = 32767  # NIfTI-1 stores each dimension as a 16-bit signed integer
-#: The day the floating-point coding of transformer priors (``prior_coding: sequential``) was
-#: retired: files coded that way were written by an mrivq 0.1.0 from before it.
-RETIRED_SEQUENTIAL = "2026-12-04"
 _SIDE_BYTES = 8 + 48 + 4  # per slice: (offset, scale) f4, affine rows 3x4 f4, (h, w) u2
 
 
@@ -129,13 +126,13 @@ class CodesFile:
             if len(stream) % 4 or len(stream) > 4 * (n * cells + 64):
                 raise _Invalid(f"its stream is {len(stream)} bytes, not whole 32-bit words within the "
                                "codes' size")
-            if header.coder == "prior" and header.prior_coding in (None, "sequential"):
+            if header.coder == "prior" and header.prior_coding in (None, "sequential"):  # the retired coder's
                 raise UserError(f"{path}: coded under a transformer prior in floating point by an mrivq 0.1.0 "
-                                f"from before {RETIRED_SEQUENTIAL}, a coding this version no longer decodes; "
+                                "from before 2026-12-04, a coding this version no longer decodes; "
                                 "decode it with that version, or encode the slices again")
-            layers = {name: _split_payloads(payloads.get(_LAYER + name, b""), n, name) for name in header.layers or []}
             if {_LAYER + name for name in header.layers or []} != {name for name in payloads if name.startswith(_LAYER)}:
                 raise _Invalid("its coding layers are not the ones its header lists")
+            layers = {name: _split_payloads(payloads[_LAYER + name], n, name) for name in header.layers or []}
             codes = cls(header.model_dump(exclude_none=True), *_side_arrays(side, n),
                         np.frombuffer(stream, dtype="<u4").astype(np.uint32), counts, layers,
                         {name: len(payload) for name, payload in payloads.items()})

@@ -10,6 +10,7 @@ untrusted: ``decode`` bounds what it allocates and raises ``ValueError`` on a da
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,5 +33,7 @@ LAYERS: dict[str, CodingLayer] = {}
 
 
 def register(layer: CodingLayer) -> CodingLayer:
+    if not re.fullmatch(r"[a-z][a-z0-9_]{0,31}", layer.name):  # what a codes file's header accepts
+        raise ValueError(f"a coding layer's name is 1-32 lowercase letters, digits or _, not {layer.name!r}")
     LAYERS[layer.name] = layer
     return layer
