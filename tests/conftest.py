@@ -32,6 +32,18 @@ PINNED_PRECISION = ["train.precision=fp32"]
 TINY_MODEL = {"channel": 16, "n_res_block": 1, "n_res_channel": 8, "embed_dim": 8, "n_embed": 32}
 
 
+@pytest.fixture(autouse=True, scope="session")
+def prior_files_even_when_larger():
+    """The tiny priors of the suite often predict worse than the codes' frequencies; encode would
+    then write the frequency-coded file. Tests of the prior coders want their files all the same
+    (tests/test_volume_prior.py checks the rule itself)."""
+    from mrivq.compression import codec
+
+    with pytest.MonkeyPatch.context() as patch:  # before any fixture of a wider scope writes a file
+        patch.setattr(codec, "SMALLEST_FILE", False)
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_phantom(tmp_path_factory):
     """A HipMRI-layout phantom of 64x32 slices: 6 cases of 6 slices each."""

@@ -39,6 +39,19 @@ def prior_overrides(phantom: Path, work: Path, run: str, **extra) -> list[str]:
     return sets
 
 
+def use_step_clock(monkeypatch):
+    """Every training loop's clock reads its step: each step takes one second."""
+    from mrivq.engine.loop import TrainingLoop
+
+    original_init = TrainingLoop.__init__
+
+    def init_with_step_clock(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.clock = lambda: float(self.state.step)
+
+    monkeypatch.setattr(TrainingLoop, "__init__", init_with_step_clock)
+
+
 class OneUlp(TorchFunctionMode):
     """Every floating-point tensor a torch function returns, moved one ulp (up and down in turn)."""
 
@@ -61,7 +74,7 @@ def flat_prior(prior: dict) -> dict:
     the shared ``condition_blocks`` from the selected kind's section."""
     from mrivq.compat import PRIOR_MOVED
 
-    out = {key: value for key, value in prior.items() if key not in ("kind", "passes", "transformer", "copies")}
+    out = {key: value for key, value in prior.items() if key not in ("kind", "passes", "volume", "transformer", "copies")}
     for old, new in PRIOR_MOVED.items():
         key = next((key for key in new if key.startswith(f"{prior['kind']}.")), new[0])
         section, _, name = key.rpartition(".")

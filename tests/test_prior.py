@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import PINNED_PRECISION, comparable, run_main
-from prior_helpers import flat_prior, prior_overrides, tiny_data_overrides, train_tiny_vqvae
+from prior_helpers import (
+    flat_prior,
+    prior_overrides,
+    tiny_data_overrides,
+    train_tiny_vqvae,
+    use_step_clock,
+)
 
 from mrivq.apps import train_prior as train_prior_module
 from mrivq.apps.train_prior import prior_loop, train_prior
@@ -293,19 +299,6 @@ def test_prior_bad_input_is_one_line_and_exit_2(work, tiny_phantom, tmp_path, ca
         assert len(err) == 1 and message in err[0] and "Traceback" not in err[0], err
     assert not (tmp_path / "r").exists() and not (tmp_path / "s").exists()
     assert not (tmp_path / "c.mrvq").exists()
-
-
-def use_step_clock(monkeypatch):
-    """Every training loop's clock reads its step: each step takes one second."""
-    from mrivq.engine.loop import TrainingLoop
-
-    original_init = TrainingLoop.__init__
-
-    def init_with_step_clock(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        self.clock = lambda: float(self.state.step)
-
-    monkeypatch.setattr(TrainingLoop, "__init__", init_with_step_clock)
 
 
 def test_prior_max_time_fits_the_prior_steps_to_the_budget(work, tiny_phantom, monkeypatch):

@@ -368,6 +368,17 @@ class PassPriorSettings(_Section):
         description="Residual blocks over the top codes that condition the bottom prior.")
 
 
+class VolumePriorSettings(PassPriorSettings):
+    """The volume prior (prior.kind: volume): a pass prior that codes each slice given the codes
+    of the slice before it in its volume (HipMRI's case_NNN_week_W_slice_S names)."""
+
+    key_every: int = Field(
+        default=8, ge=1, le=1024,
+        description="A slice is coded afresh, as a key slice with no slice before it, every this "
+                    "many consecutive slices of a volume (1: every slice alone), so decoding one "
+                    "slice decodes at most this many.")
+
+
 class TransformerPriorSettings(_Section):
     """The transformer prior (prior.kind: transformer): causal transformers over each grid."""
 
@@ -447,7 +458,7 @@ class PriorCopies(_Section):
 
 #: The settings section of each prior kind: ``prior.kind: NAME`` selects the kind, ``prior.NAME``
 #: holds its settings, validated by the class. More kinds: :func:`register_prior_section`.
-PRIOR_SECTIONS: dict[str, type[BaseModel]] = {"passes": PassPriorSettings,
+PRIOR_SECTIONS: dict[str, type[BaseModel]] = {"passes": PassPriorSettings, "volume": VolumePriorSettings,
                                               "transformer": TransformerPriorSettings}
 
 #: The kinds PriorConfig declares a section for; registered kinds' sections are checked by
@@ -473,14 +484,15 @@ def _nested(name: str, settings: type[BaseModel]):
     """The section ``prior.<name>``, its defaults those of ``settings``; its description names the
     flat keys it replaces."""
     old = [f"prior.{old}" for old, moved in PRIOR_MOVED.items() if any(m.startswith(f"{name}.") for m in moved)]
-    return Field(default_factory=settings, description=f"{settings.__doc__.splitlines()[0]} (were {', '.join(old)}).")
+    were = f" (were {', '.join(old)})" if old else ""
+    return Field(default_factory=settings, description=f"{settings.__doc__.splitlines()[0]}{were}.")
 
 
 class PriorConfig(Optimisation):
     """The autoregressive prior over codes (``mrivq train-prior``); grid shapes come from the VQ-VAE.
 
     A prior over the top codes and one over the bottom codes given the top. `prior.kind` chooses
-    the kind and `prior.<kind>` holds its sizes (`prior.passes`, `prior.transformer`);
+    the kind and `prior.<kind>` holds its sizes (`prior.passes`, `prior.volume`, `prior.transformer`);
     `prior.copies` the training copies. The defaults are sized for a CPU (the pass prior: about
     13 minutes on 2 cores with bf16; the transformer about 30); on a GPU try the transformer with
     transformer.d_model 256, 8 + 8 layers, transformer.bottom_window_rows null, batch_size 32 and
@@ -495,13 +507,17 @@ class PriorConfig(Optimisation):
         default="passes",
         description="Which prior (was prior.architecture). passes: residual convolutions "
                     "predicting each grid in a few interleaved passes (sizes in prior.passes). "
+                    "volume: a pass prior that codes each slice of a volume given the slice "
+                    "before it (sizes and key_every in prior.volume; slices named "
+                    "case_NNN_week_W_slice_S are volumes, other names single slices). "
                     "transformer: causal transformers coding one code at a time in raster order "
                     "(sizes in prior.transformer): files about a fifth smaller, coding an order "
-                    "of magnitude slower. Both code through an integer copy, so their files "
+                    "of magnitude slower. All code through an integer copy, so their files "
                     "decode bit for bit on any machine, thread count or device. A kind "
                     "registered at run time (mrivq.compression.priors.register) takes its "
                     "settings from prior.<kind>. " + stored_default("prior", "architecture"))
     passes: PassPriorSettings = _nested("passes", PassPriorSettings)
+    volume: VolumePriorSettings = _nested("volume", VolumePriorSettings)
     transformer: TransformerPriorSettings = _nested("transformer", TransformerPriorSettings)
     copies: PriorCopies = _nested("copies", PriorCopies)
     steps: int = Field(default=2500, ge=1, description="Optimiser steps.")

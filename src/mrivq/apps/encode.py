@@ -77,7 +77,7 @@ def _claim_surprise_maps(folder: Path, slices: CodecInput, *, inputs: list, over
     claim_outputs(folder, "encode", [*targets, picture], overwrite=overwrite, inputs=inputs)
 
     def write(codec: Codec, codes: tuple[np.ndarray, np.ndarray]) -> None:
-        maps = codec.surprise(codes)
+        maps = codec.surprise(codes, [source["name"] for source in slices.sources])
         for i, target in enumerate(targets):
             blob = slices.as_nifti(i, maps[i], codec.prep.fit)
             atomic_write(target, lambda fh, blob=blob: fh.write(blob), listed=False)
@@ -128,6 +128,9 @@ def main(args) -> int:
           f"compression ratio vs the input files {report['compression_ratio']:.1f}:1; "
           f"range coding {report['n_slices'] / report['coding_s']:.1f} slices/s, decoding the stream "
           f"{report['n_slices'] / report['decoding_s']:.1f} slices/s, on {report['device']}")
+    if "prior_file_bytes" in report:
+        print(f"the prior's file would have been {report['prior_file_bytes']} bytes, larger than the frequency-coded "
+              f"one: wrote that instead (decode needs no --prior for it); train the prior longer, or on scans like these")
     if args.surprise:
         print(f"wrote the bits-per-pixel maps under the prior to {args.surprise} (<name>_bits.nii.gz, surprise.png)")
     return 0

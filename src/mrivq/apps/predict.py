@@ -307,7 +307,7 @@ def _write_surprise(codec: Codec, codes: tuple[np.ndarray, np.ndarray], slices: 
     """``predict --prior``: each test slice's bits-per-pixel map under the prior as a NIfTI on the
     slice's own grid and affine (``FOLDER/<name>_bits.nii.gz``), and the slices ``shown`` with
     their maps as a picture."""
-    maps = codec.surprise(codes)
+    maps = codec.surprise(codes, [source["name"] for source in slices.sources])
     for i, path in enumerate(files):
         blob = slices.as_nifti(i, maps[i], codec.prep.fit)
         atomic_write(folder / f"{nifti_stem(path)}_bits.nii.gz", lambda fh, blob=blob: fh.write(blob))

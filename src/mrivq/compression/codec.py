@@ -59,8 +59,14 @@ from mrivq.data.preprocess import (
     preprocess_slice,
     unfit,
 )
+from mrivq.data.volumes import predecessors
 from mrivq.errors import UserError
 from mrivq.nn import VQVAE2
+
+#: A prior-coded file is written only where it is smaller than the frequency-coded one (a prior
+#: trained too briefly, or on other scans, can cost more); the suite's tiny priors switch it off
+#: to exercise their coders (tests/conftest.py).
+SMALLEST_FILE = True
 
 #: The most pixels one batch of slices may hold (16 slices of 256 x 128): larger slices go in
 #: smaller batches, so memory does not grow with a model's image size.
@@ -179,18 +185,25 @@ class CodecInput:
 @dataclass
 class Compressed:
     """A compressed set of slices: the codes file, its bytes (checked to decode back to ``codes``),
-    the codes, and the seconds range coding and the check's decoding took."""
+    the codes, and the seconds range coding and the check's decoding took. ``prior_bytes``: the
+    size the prior-coded file would have had, where the frequency-coded one was smaller and was
+    written instead."""
 
     file: CodesFile
     blob: bytes
     codes: tuple[np.ndarray, np.ndarray]
     coding_s: float
     decoding_s: float
+    prior_bytes: int | None = None
 
     def report(self, input_bytes: int | None = None) -> dict:
-        """The file's bits report (:func:`mrivq.compression.container.bits_report`) with the timings."""
-        return {**bits_report(self.file, len(self.blob), input_bytes=input_bytes),
-                "coding_s": self.coding_s, "decoding_s": self.decoding_s}
+        """The file's bits report (:func:`mrivq.compression.container.bits_report`) with the timings
+        (and ``prior_file_bytes`` where the prior's file lost to the frequency-coded one)."""
+        report = {**bits_report(self.file, len(self.blob), input_bytes=input_bytes),
+                  "coding_s": self.coding_s, "decoding_s": self.decoding_s}
+        if self.prior_bytes is not None:
+            report["prior_file_bytes"] = self.prior_bytes
+        return report
 
 
 class Codec:
@@ -215,7 +228,8 @@ class Codec:
     def compress_codes(self, codes: tuple[np.ndarray, np.ndarray], slices: CodecInput, *,
                        under_prior: bool = True, layers: tuple[str, ...] = ()) -> Compressed:
         """A codes file of ``codes`` (of ``slices``), range-coded under the prior's integer copy when
-        the codec has a prior and ``under_prior``, else under the codes' frequencies; decoded again
+        the codec has a prior and ``under_prior`` and that file is the smaller (:data:`SMALLEST_FILE`),
+        else under the codes' frequencies; decoded again
         through the decoder's own path before returning (a file that would not decode back is a
         bug here, never a file written). ``layers``: coding layers (:mod:`mrivq.compression.layers`)
         on top of the codes, in the order they apply."""
@@ -225,25 +239,31 @@ class Codec:
                   "top_grid": list(top.shape[1:]), **preprocessing_entry(self.prep),
                   "model_fingerprint": self.fingerprint, "codes_crc32": codes_crc(top, bottom),
                   "sources": slices.sources}
-        counts = None
+        counts = code_count_table(top, bottom, self.n_embed)
+        files = [CodesFile({**header, "coder": "frequencies"}, np.asarray(slices.norm), np.asarray(slices.affines),
+                           np.asarray(slices.shapes), encode_with_frequencies(top, bottom, counts), counts)]
         if self.prior is not None and under_prior:
             copy = self.coding_copy()
             header.update(coder="prior", prior_fingerprint=copy.fingerprint(), prior_coding=copy.coding)
-            stream = driver.encode(copy, top, bottom)
-        else:
-            counts = code_count_table(top, bottom, self.n_embed)
-            header["coder"] = "frequencies"
-            stream = encode_with_frequencies(top, bottom, counts)
-        file = CodesFile(header, np.asarray(slices.norm), np.asarray(slices.affines), np.asarray(slices.shapes),
-                         stream, counts)
-        if layers:
-            self._add_layers(file, codes, slices, layers)
-        blob = file.to_bytes()
+            previous = None
+            if getattr(copy, "volumes", False):  # each slice after the one before it in its volume
+                previous = predecessors([source["name"] for source in slices.sources], self.prior.key_every)
+                header["previous"] = previous.tolist()
+            files.insert(0, CodesFile(header, np.asarray(slices.norm), np.asarray(slices.affines),
+                                      np.asarray(slices.shapes), driver.encode(copy, top, bottom, previous=previous)))
+        if layers:  # the same payloads on both files
+            self._add_layers(files[0], codes, slices, layers)
+            for other in files[1:]:
+                other.header["layers"], other.layers = files[0].header["layers"], files[0].layers
+        blobs = [file.to_bytes() for file in files]
+        file, blob = min(zip(files, blobs), key=lambda pair: len(pair[1])) if SMALLEST_FILE else (files[0], blobs[0])
+        header = file.header
         coded = time.perf_counter()
         again = self._decode_stream(CodesFile.from_bytes(blob))
         if not (np.array_equal(again[0], top) and np.array_equal(again[1], bottom)):
             raise RuntimeError(f"the {header['coder']} codes stream did not decode back to the codes")
-        return Compressed(file, blob, codes, coded - start, time.perf_counter() - coded)
+        fallback = len(blobs[0]) if file is not files[0] else None
+        return Compressed(file, blob, codes, coded - start, time.perf_counter() - coded, fallback)
 
     def _add_layers(self, file: CodesFile, codes, slices: CodecInput, layers: tuple[str, ...]) -> None:
         """Each layer's payload of each slice, given the slice as the layers before it leave it."""
@@ -265,12 +285,16 @@ class Codec:
                             "codes (it still samples); train the prior again with `mrivq train-prior`")
         return self.prior.integer
 
-    def surprise(self, codes: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    def surprise(self, codes: tuple[np.ndarray, np.ndarray], names: list[str] | None = None) -> np.ndarray:
         """Bits per pixel ``(N, H, W)`` on the model grid: each code's -log2 p under the prior, given
-        the codes coded before it, spread over the code's pixels (they add up to the stream)."""
+        the codes coded before it, spread over the code's pixels (they add up to the stream);
+        ``names``: the slices' names, by which a volume prior finds each slice's predecessor."""
         if self.prior is None:
             raise UserError("surprise maps show the bits a prior spends: give the prior with --prior")
-        return bits_per_pixel_map(*driver.surprise_bits(self.coding_copy(), *codes))
+        copy = self.coding_copy()
+        volumes = getattr(copy, "volumes", False) and names is not None
+        previous = predecessors(names, self.prior.key_every) if volumes else None
+        return bits_per_pixel_map(*driver.surprise_bits(copy, *codes, previous=previous))
 
     # -- decompress -------------------------------------------------------------------------------
 
@@ -314,7 +338,8 @@ class Codec:
                                 f"{kind_of(self.prior).label}, which codes in {copy.coding} order; give the prior "
                                 "that encoded it")
             else:
-                top, bottom = driver.decode(copy, file.stream, file.n)
+                previous = header.get("previous") if getattr(copy, "volumes", False) else None
+                top, bottom = driver.decode(copy, file.stream, file.n, previous=previous)
         except (AssertionError, ValueError):  # the range decoder meets data its model cannot have coded
             raise UserError(f"{path}: damaged codes file: its stream does not decode; encode the slices again") from None
         if codes_crc(top, bottom) != int(header["codes_crc32"]):

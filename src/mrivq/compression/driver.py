@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mrivq.data.volumes import chain_depths
 from mrivq.runtime import torch_threads
 
 
@@ -30,10 +31,12 @@ def coder():
     return constriction.stream.model.Categorical, constriction.stream.queue
 
 
-def encode(copy, codes_top: np.ndarray, codes_bottom: np.ndarray, *, batch_size: int | None = None) -> np.ndarray:
+def encode(copy, codes_top: np.ndarray, codes_bottom: np.ndarray, *, batch_size: int | None = None,
+           previous: np.ndarray | None = None) -> np.ndarray:
     """Range-code ``codes_top`` ``(N, h, w)`` and ``codes_bottom`` ``(N, 2h, 2w)`` under ``copy``;
     returns the uint32 words (:func:`decode` gives the codes back on any machine, with any
-    ``batch_size``: slices coded together, by default the copy's own)."""
+    ``batch_size``: slices coded together, by default the copy's own; ``previous``: the slice each
+    one is coded after, as :func:`run` takes it)."""
     categorical, queue = coder()
     model = categorical(perfect=False)
     truth = _flat(codes_top, codes_bottom)
@@ -44,12 +47,13 @@ def encode(copy, codes_top: np.ndarray, codes_bottom: np.ndarray, *, batch_size:
         encoders[i].encode(symbols, model, weights)
         return symbols
 
-    run(copy, len(codes_top), code, truth, batch_size)
+    run(copy, len(codes_top), code, truth, batch_size, previous)
     streams = [encoder.get_compressed() for encoder in encoders]
     return np.concatenate([np.array([len(s) for s in streams], dtype=np.uint32), *streams])
 
 
-def decode(copy, words: np.ndarray, n: int, *, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def decode(copy, words: np.ndarray, n: int, *, batch_size: int | None = None,
+           previous: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Undo :func:`encode`: ``n`` top and bottom grids, int64. ``ValueError`` for a stream whose
     lengths do not add up, or that holds more words than its codes."""
     categorical, queue = coder()
@@ -59,13 +63,14 @@ def decode(copy, words: np.ndarray, n: int, *, batch_size: int | None = None) ->
     def code(level, weights, i, where):
         return decoders[i].decode(model, weights)
 
-    top, bottom = run(copy, n, code, None, batch_size)
+    top, bottom = run(copy, n, code, None, batch_size, previous)
     if not all(decoder.maybe_exhausted() for decoder in decoders):
         raise ValueError("a slice's stream holds more words than its codes")
     return top, bottom
 
 
-def surprise_bits(copy, codes_top: np.ndarray, codes_bottom: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def surprise_bits(copy, codes_top: np.ndarray, codes_bottom: np.ndarray,
+                  previous: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The bits ``copy`` spends on each code, ``-log2 p(code | the codes coded before it)``: float32
     ``(N, h, w)`` and ``(N, 2h, 2w)``, along the encoder's own path (their sum is the stream's
     length to within the coder's rounding of the weights to 24-bit frequencies)."""
@@ -77,7 +82,7 @@ def surprise_bits(copy, codes_top: np.ndarray, codes_bottom: np.ndarray) -> tupl
         bits[level][i, where] = -np.log2(weights[np.arange(len(symbols)), symbols] / weights.sum(axis=1))
         return symbols
 
-    run(copy, len(codes_top), code, truth)
+    run(copy, len(codes_top), code, truth, previous=previous)
     return bits["top"].reshape(np.shape(codes_top)), bits["bottom"].reshape(np.shape(codes_bottom))
 
 
@@ -87,38 +92,83 @@ def _flat(codes_top: np.ndarray, codes_bottom: np.ndarray) -> dict[str, np.ndarr
 
 
 def run(copy, n: int, code, known: dict[str, np.ndarray] | None, batch_size: int | None = None,
-        ) -> tuple[np.ndarray, np.ndarray]:
+        previous: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``copy.code_batch`` over the batches of ``n`` slices, concatenated (``known``: the codes, when
     encoding). On the CPU, batches run side by side, one per thread, each op on one thread, at most
     ``copy.in_flight`` slices at once (within the memory a prior checkpoint is checked for): small
     batches keep the integer working set in the caches. A progress bar counts the slices (on a
-    terminal: a transformer prior takes minutes for a few hundred)."""
+    terminal: a transformer prior takes minutes for a few hundred).
+
+    ``previous`` (int ``(N,)``, chains as :func:`mrivq.data.volumes.chain_depths` checks them): the
+    slice each slice is coded after, or -1; its codes go to ``code_batch`` as ``previous``
+    (``(codes_top, codes_bottom)`` of the batch's slices, ``n_embed`` where there is none). The
+    encoder knows them all and codes every slice at once; the decoder decodes the slices in waves,
+    each slice once the one before it is decoded."""
     side = "decode" if known is None else "encode"
     batch_size = batch_size or copy.batch[side]
-    starts = range(0, n, batch_size)
-    workers = 1
-    if copy.device.type == "cpu":
-        workers = max(1, min(torch.get_num_threads(), len(starts), copy.in_flight[side] // batch_size))
+    if previous is None:
+        waves = [np.arange(n)]
+    else:
+        previous = np.asarray(previous, dtype=np.int64)
+        depth = chain_depths(previous)
+        waves = [np.arange(n)] if known is not None else [np.flatnonzero(depth == d) for d in range(depth.max() + 1)]
+    order = np.concatenate(waves)  # position p of the walk codes slice order[p]
+    in_order = known if previous is None else {level: codes[order] for level, codes in known.items()} if known else None
     bar = tqdm(total=n, desc="prior coder", unit="slice", disable=None, leave=False)
+    out = []
 
-    def counted(lo: int):
-        size = min(batch_size, n - lo)
-        part = copy.code_batch(lo, size, code, known)
+    def counted(lo: int, size: int):
+        extra = {} if previous is None else {"previous": _previous_codes(out, known, previous[order[lo:lo + size]])}
+        part = copy.code_batch(lo, size, lambda level, w, p, where: code(level, w, order[p], where), in_order, **extra)
         bar.update(size)
         return part
 
     try:
-        if workers > 1:
-            with torch_threads(1), ThreadPoolExecutor(workers) as pool:
-                try:
-                    parts = list(pool.map(counted, starts))
-                finally:  # on an error or Ctrl-C, the batches not yet started are dropped
-                    pool.shutdown(wait=True, cancel_futures=True)
-        else:
-            parts = [counted(lo) for lo in starts]
+        done = 0
+        for wave in waves:
+            starts = range(done, done + len(wave), batch_size)
+            jobs = [(lo, min(batch_size, done + len(wave) - lo)) for lo in starts]
+            workers = 1
+            if copy.device.type == "cpu":
+                workers = max(1, min(torch.get_num_threads(), len(jobs), copy.in_flight[side] // batch_size))
+            if workers > 1:
+                with torch_threads(1), ThreadPoolExecutor(workers) as pool:
+                    try:
+                        parts = list(pool.map(lambda job: counted(*job), jobs))
+                    finally:  # on an error or Ctrl-C, the batches not yet started are dropped
+                        pool.shutdown(wait=True, cancel_futures=True)
+            else:
+                parts = [counted(*job) for job in jobs]
+            _place(out, parts, order[done:done + len(wave)], n)
+            done += len(wave)
     finally:
         bar.close()
-    return np.concatenate([top for top, _ in parts]), np.concatenate([bottom for _, bottom in parts])
+    return out[0], out[1]
+
+
+def _place(out: list, parts: list, slices: np.ndarray, n: int) -> None:
+    """Put the codes of ``parts`` (batches of ``slices``, in turn) in their slices' places of
+    ``out`` (``[top, bottom]``, made at the first parts)."""
+    for level in range(2):
+        codes = np.concatenate([part[level] for part in parts])
+        if len(out) <= level:
+            out.append(np.zeros((n, *codes.shape[1:]), dtype=codes.dtype))
+        out[level][slices] = codes
+
+
+def _previous_codes(out: list, known: dict | None, before: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The flat codes ``(B, h * w)`` and ``(B, 4 h w)`` of the slices ``before`` (-1 where there
+    is none, and there the codes are -1) from the known codes or those decoded so far; None when
+    no slice of the batch has one."""
+    if (before < 0).all():
+        return None
+    grids = []
+    for level, name in enumerate(("top", "bottom")):
+        source = known[name] if known is not None else out[level].reshape(len(out[level]), -1)
+        codes = source[np.maximum(before, 0)].copy()
+        codes[before < 0] = -1
+        grids.append(codes)
+    return grids[0], grids[1]
 
 
 def split_streams(words: np.ndarray, n: int) -> list[np.ndarray]:

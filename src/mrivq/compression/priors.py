@@ -18,7 +18,12 @@ from dataclasses import dataclass
 import torch
 from pydantic import BaseModel
 
-from mrivq.compression.portable.passes import IntegerPassPrior, pass_copy, pass_copy_problem
+from mrivq.compression.portable.passes import (
+    IntegerPassPrior,
+    IntegerVolumePrior,
+    pass_copy,
+    pass_copy_problem,
+)
 from mrivq.compression.portable.transformer import (
     IntegerTransformerPrior,
     transformer_copy,
@@ -28,9 +33,10 @@ from mrivq.config import (
     PassPriorSettings,
     PriorConfig,
     TransformerPriorSettings,
+    VolumePriorSettings,
     register_prior_section,
 )
-from mrivq.nn.pass_prior import PassPrior
+from mrivq.nn.pass_prior import PassPrior, VolumePrior
 from mrivq.nn.transformer_prior import TransformerPrior
 
 
@@ -45,7 +51,9 @@ class PriorKind:
     ``load_copy(state)``: a checked copy (``coding``, ``batch``, ``in_flight``, ``device``, ``to``,
     ``code_batch``, ``fingerprint``, ``state``); ``working_memory(settings, top_grid)``: what
     coding ``in_flight`` slices needs at most, ``(what, bytes)``; ``threads_draw``: whether
-    sampling uses several CPU threads (a prior that draws one code at a time does not).
+    sampling uses several CPU threads (a prior that draws one code at a time does not). A copy
+    whose ``volumes`` is true codes each slice after the one before it in its volume
+    (``code_batch(..., previous=...)``), its float prior's ``key_every`` slices a chain.
     """
 
     name: str
@@ -117,6 +125,14 @@ register(PriorKind(
         n_embed, top_grid, channels=s.channels, layers=s.layers, condition_layers=s.condition_blocks,
         passes_top=s.passes_top, passes_bottom=s.passes_bottom),
     make_copy=pass_copy, copy_problem=pass_copy_problem, load_copy=IntegerPassPrior,
+    working_memory=_pass_memory, calibration_grids=32))
+
+register(PriorKind(
+    name="volume", label="a volume prior", settings=VolumePriorSettings,
+    build=lambda s, n_embed, top_grid: VolumePrior(
+        n_embed, top_grid, channels=s.channels, layers=s.layers, condition_layers=s.condition_blocks,
+        passes_top=s.passes_top, passes_bottom=s.passes_bottom, key_every=s.key_every),
+    make_copy=pass_copy, copy_problem=pass_copy_problem, load_copy=IntegerVolumePrior,
     working_memory=_pass_memory, calibration_grids=32))
 
 register(PriorKind(

@@ -152,22 +152,29 @@ class PassPrior(nn.Module):
     def levels(self):
         return (("top", self.top), ("bottom", self.bottom))
 
-    def forward(self, codes_top: torch.Tensor, codes_bottom: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def condition_for(self, level: str, codes_top: torch.Tensor | None, previous=None) -> torch.Tensor | None:
+        """What ``level``'s net adds to its inputs ``(B, channels, rows, cols)``: nothing for the
+        top grid, the top grid's features for the bottom (``previous``: for a volume prior)."""
+        return self.condition(codes_top) if level == "bottom" else None
+
+    def forward(self, codes_top: torch.Tensor, codes_bottom: torch.Tensor,
+                previous=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``(B, K, h, w)`` and ``(B, K, 2h, 2w)`` of every code given the codes of the passes
         before its own (what the coder uses): one evaluation of each net per pass."""
-        condition = self.condition(codes_top)
-        return (_all_passes(self.top, codes_top, None), _all_passes(self.bottom, codes_bottom, condition))
+        return (_all_passes(self.top, codes_top, self.condition_for("top", codes_top, previous)),
+                _all_passes(self.bottom, codes_bottom, self.condition_for("bottom", codes_top, previous)))
 
-    def nll_bits(self, codes_top: torch.Tensor, codes_bottom: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def nll_bits(self, codes_top: torch.Tensor, codes_bottom: torch.Tensor,
+                 previous=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean bits per code of each level. Training (``self.training``): each grid predicts the
         codes of one pass drawn with the probability of its share of the grid, an unbiased estimate
         at one evaluation per level; otherwise the exact figure over every pass."""
         if not self.training:
-            logits_top, logits_bottom = self(codes_top, codes_bottom)
+            logits_top, logits_bottom = self(codes_top, codes_bottom, previous)
             return (F.cross_entropy(logits_top.float(), codes_top) / math.log(2),
                     F.cross_entropy(logits_bottom.float(), codes_bottom) / math.log(2))
-        condition = self.condition(codes_top)
-        return (_one_pass_bits(self.top, codes_top, None), _one_pass_bits(self.bottom, codes_bottom, condition))
+        return (_one_pass_bits(self.top, codes_top, self.condition_for("top", codes_top, previous)),
+                _one_pass_bits(self.bottom, codes_bottom, self.condition_for("bottom", codes_top, previous)))
 
     @torch.no_grad()
     def sample(self, n: int, *, temperature: float = 1.0, top_p: float = 1.0,
@@ -175,10 +182,8 @@ class PassPrior(nn.Module):
         """``n`` new code pairs, each grid drawn pass by pass (``top_p`` < 1: nucleus sampling)."""
         device = self.top.head.weight.device
         grids = []
-        condition = None
         for name, net in self.levels():
-            if name == "bottom":
-                condition = self.condition(grids[0])
+            condition = self.condition_for(name, grids[0] if grids else None)
             codes = torch.zeros(n, *net.grid, dtype=torch.long, device=device)
             for step in range(net.passes):
                 here = (net.order == step).flatten()  # only this pass's positions are drawn
@@ -188,6 +193,44 @@ class PassPrior(nn.Module):
                                                     here.nonzero()[:, 0][None]), drawn).reshape(n, *net.grid)
             grids.append(codes)
         return grids[0], grids[1]
+
+
+class VolumePrior(PassPrior):
+    """A pass prior over the codes of a slice given those of the slice before it in its volume:
+    ``p(top | before) p(bottom | top, before)``. Each net also adds, at every position, the
+    embedding of the code at the same place of the previous slice (its own grid's), or of "no
+    slice before" for a key slice; its convolutions see the previous slice's neighbourhood too.
+
+    ``previous``: ``(codes_top, codes_bottom)`` of the slices before, int64 grids with
+    ``n_embed`` (or -1) where a slice has none; None: none has (key slices, and sampling).
+    ``key_every``: the coder starts a chain afresh every ``key_every`` slices.
+
+    Example:
+        >>> prior = VolumePrior(32, (8, 4), channels=16, layers=2)
+        >>> top, bottom = prior.sample(2)
+        >>> prior.nll_bits(top, bottom, (top, bottom))[0].shape
+        torch.Size([])
+    """
+
+    kind = "volume"
+
+    def __init__(self, n_embed: int, top_grid: tuple[int, int], *, key_every: int = 8, **sizes) -> None:
+        super().__init__(n_embed, top_grid, **sizes)
+        self.key_every = self.sizes["key_every"] = key_every  # a chain of slices starts afresh every key_every
+        channels = self.sizes["channels"]
+        self.previous_top = nn.Embedding(n_embed + 1, channels)  # index n_embed: no slice before
+        self.previous_bottom = nn.Embedding(n_embed + 1, channels)
+
+    def condition_for(self, level: str, codes_top: torch.Tensor | None, previous=None) -> torch.Tensor | None:
+        table = self.previous_top if level == "top" else self.previous_bottom
+        net = self.top if level == "top" else self.bottom
+        if previous is None:
+            seen = table.weight[self.n_embed][None, :, None, None].expand(1, -1, *net.grid)
+        else:
+            codes = previous[0 if level == "top" else 1].reshape(-1, *net.grid)
+            seen = table(torch.where(codes < 0, self.n_embed, codes)).permute(0, 3, 1, 2)
+        own = super().condition_for(level, codes_top)
+        return seen if own is None else own + seen
 
 
 #: Nucleus sampling looks first among this many most probable codes of each position, and sorts

@@ -33,7 +33,10 @@ class IntegerCopy:
     table at ``exp_table``), the coder's table, its device and fingerprint. A kind's copy adds
     ``coding`` (its order's name in a codes file), ``batch`` and ``in_flight`` (slices coded
     together and at most at once, ``{"encode": .., "decode": ..}``) and ``code_batch`` (its order,
-    run by :mod:`mrivq.compression.driver`)."""
+    run by :mod:`mrivq.compression.driver`). ``volumes``: whether ``code_batch`` codes each slice
+    given the slice before it in its volume (its ``previous``)."""
+
+    volumes = False
 
     def __init__(self, state: dict) -> None:
         self.state = state

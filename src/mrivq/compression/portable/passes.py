@@ -36,7 +36,7 @@ from mrivq.compression.portable.fixed_point import (
     template_problem,
     weights_from_logits,
 )
-from mrivq.nn.pass_prior import PassPrior, TopFeatures
+from mrivq.nn.pass_prior import PassPrior, TopFeatures, VolumePrior
 
 SHIFT = 24  # rescaling: (value * multiplier) >> SHIFT, in int64
 STREAM_BITS = 20  # the residual stream's largest calibrated magnitude is 2**STREAM_BITS units
@@ -201,21 +201,25 @@ class IntegerPassPrior(IntegerCopy):
             device = "cpu"
         return super().to(device)
 
-    def condition(self, codes_top: torch.Tensor) -> torch.Tensor:
-        """int64 ``(B, 2h, 2w, C)``: the top grid's features over the bottom grid."""
-        x = self.condition_net.stream(codes_top, None, None)
+    def condition(self, level: str, codes_top: np.ndarray | None, previous) -> torch.Tensor | None:
+        """int64 ``(B, rows, cols, C)`` or None: what ``level``'s net adds to its inputs (the top
+        grid's features over the bottom grid; ``previous``: for a volume copy)."""
+        if level == "top":
+            return None
+        x = self.condition_net.stream(torch.as_tensor(codes_top, device=self.device), None, None)
         return x.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
 
     @torch.inference_mode()
-    def code_batch(self, lo: int, size: int, code, known=None) -> tuple[np.ndarray, np.ndarray]:
+    def code_batch(self, lo: int, size: int, code, known=None, previous=None) -> tuple[np.ndarray, np.ndarray]:
         """Slices ``lo`` to ``lo + size``, each grid pass by pass, the bottom given the top:
         ``code(level, weights (P, K), slice, positions)`` codes one slice's ``P`` flat positions of a
         pass and returns their codes (``known`` is not needed: a pass reads only the codes of the
-        passes before it). The weights are integers from 1 to ``2**EXP_BITS``; the network runs on
-        the whole batch, the head one grid at a time (its logits then stay in the caches)."""
+        passes before it; ``previous``: the codes of the slices before, for a volume copy). The
+        weights are integers from 1 to ``2**EXP_BITS``; the network runs on the whole batch, the
+        head one grid at a time (its logits then stay in the caches)."""
         out = {}
         for level, net in (("top", self.top), ("bottom", self.bottom)):
-            condition = self.condition(torch.as_tensor(out["top"], device=self.device)) if level == "bottom" else None
+            condition = self.condition(level, out.get("top"), previous)
             codes = torch.zeros(size, net.order.numel(), dtype=torch.long, device=self.device)
             for step in range(net.passes):
                 here = (net.order.flatten() == step).nonzero()[:, 0]
@@ -226,6 +230,26 @@ class IntegerPassPrior(IntegerCopy):
                 codes[:, here] = torch.as_tensor(symbols, dtype=torch.long, device=self.device)
             out[level] = codes.view(size, *net.order.shape).cpu().numpy()
         return out["top"], out["bottom"]
+
+
+class IntegerVolumePrior(IntegerPassPrior):
+    """The coding path of a :class:`VolumePrior`: each net also adds the table entry of the code
+    at the same place of the slice before (``previous`` of :meth:`code_batch`: flat codes, -1
+    where a slice has none, as :func:`mrivq.compression.driver.run` gives them)."""
+
+    coding = "volume"
+    volumes = True
+
+    def condition(self, level: str, codes_top: np.ndarray | None, previous) -> torch.Tensor:
+        own = super().condition(level, codes_top, previous)
+        table = self.state[f"previous_{level}"]
+        net = self.top if level == "top" else self.bottom
+        if previous is None:
+            seen = table[self.top.n_embed].expand(1, *net.order.shape, -1)
+        else:
+            codes = torch.as_tensor(previous[0 if level == "top" else 1], device=self.device)
+            seen = table[torch.where(codes < 0, self.top.n_embed, codes)].reshape(len(codes), *net.order.shape, -1)
+        return seen if own is None else own + seen
 
 
 # ---------------------------------------------------------------------------------------
@@ -239,12 +263,16 @@ def pass_copy(prior: PassPrior, codes_top: torch.Tensor, codes_bottom: torch.Ten
     training grids): each ReLU's 8-bit range is the largest value it reached over every pass."""
     prior = copy.deepcopy(prior).float().cpu().eval()
     codes_top, codes_bottom = codes_top.long().cpu(), codes_bottom.long().cpu()
+    volume = isinstance(prior, VolumePrior)
     records = {}
-    condition = _traced(prior.condition, records, "condition", codes_top)
-    for step in range(prior.top.passes):
-        _traced(prior.top, records, "top", codes_top, torch.full((len(codes_top),), step), None)
-    for step in range(prior.bottom.passes):
-        _traced(prior.bottom, records, "bottom", codes_bottom, torch.full((len(codes_bottom),), step), condition)
+    _traced(prior.condition, records, "condition", codes_top)
+    # A volume prior is calibrated on key slices and on slices after another (here the grid before
+    # each in the batch: consecutive training slices are neighbours).
+    for previous in (None, (codes_top.roll(1, 0), codes_bottom.roll(1, 0)))[:1 + volume]:
+        for level, net, codes in (("top", prior.top, codes_top), ("bottom", prior.bottom, codes_bottom)):
+            condition = prior.condition_for(level, codes_top, previous)
+            for step in range(net.passes):
+                _traced(net, records, level, codes, torch.full((len(codes),), step), condition)
     stream = max(records[name]["stream"] for name in records)
     unit = stream / (1 << STREAM_BITS)  # one stream unit in float
     state = {
@@ -257,11 +285,15 @@ def pass_copy(prior: PassPrior, codes_top: torch.Tensor, codes_bottom: torch.Ten
         "condition": _net_state(prior.condition, records["condition"], unit, head=False),
         "exp_table": exp_table(),
     }
+    if volume:
+        state["format"] = "mrivq-integer-volume-prior"
+        state["previous_top"] = table(prior.previous_top.weight, unit)
+        state["previous_bottom"] = table(prior.previous_bottom.weight, unit)
     problem = bounds_problem(state, BOUNDS)
     if problem:
         raise ValueError(f"the integer copy of this prior {problem}: its activations or weights are out of "
                          "the fixed-point ranges; retrain the prior")
-    return IntegerPassPrior(state)
+    return (IntegerVolumePrior if volume else IntegerPassPrior)(state)
 
 
 def _traced(net, records: dict, name: str, *args) -> torch.Tensor:
@@ -334,7 +366,7 @@ def _conv_state(conv: torch.nn.Conv2d, input_scale: float, output_unit: float) -
 #: STREAM_LIMIT, at most 1024 channels (a product below 2**29) and the bias shifted up by SHIFT
 #: bits, every product and sum stays inside int64.
 BOUNDS = {"multiplier": 1 << 34, "activations": 1 << 30, "bias": 1 << 30, "code": 1 << 36, "step": 1 << 36,
-          "row": 1 << 36, "col": 1 << 36}
+          "row": 1 << 36, "col": 1 << 36, "previous_top": 1 << 36, "previous_bottom": 1 << 36}
 
 
 def pass_copy_problem(state, prior: PassPrior) -> str | None:

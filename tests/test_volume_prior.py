@@ -1,0 +1,198 @@
+"""Slices coded as volumes: the chains HipMRI's names give, a volume prior whose integer copy codes
+each slice given the one before it (bit for bit on any machine, thread count or batch), the
+files that carry the chains, and a prior file never larger than the frequency-coded one."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_main, set_args
+from prior_helpers import OneUlp, prior_overrides, train_tiny_vqvae, use_step_clock
+
+from mrivq.apps import train_prior as train_prior_module
+from mrivq.compression import codec, driver
+from mrivq.compression.container import read_codes_file
+from mrivq.compression.portable.passes import IntegerVolumePrior, pass_copy, pass_copy_problem
+from mrivq.data.volumes import chain_depths, predecessors, volume_place
+from mrivq.engine.checkpoint import load_checkpoint
+from mrivq.nn.pass_prior import VolumePrior
+
+
+@pytest.fixture(scope="module")
+def work(tiny_phantom, tmp_path_factory):
+    root = tmp_path_factory.mktemp("volume")
+    return {"root": root, "vqvae": train_tiny_vqvae(tiny_phantom, root)}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread avoids OpenMP contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_slices_are_chained_by_their_hipmri_names_not_their_order():
+    names = ["case_004_week_0_slice_2.nii.gz", "case_004_week_0_slice_0.nii.gz", "case_004_week_1_slice_1.nii.gz",
+             "case_004_week_0_slice_1.nii.gz", "scan.nii.gz", "case_004_week_0_slice_4.nii.gz",
+             "case_004_week_0_slice_3.nii"]
+    assert volume_place("keras/case_004_week_0_slice_12.nii.gz") == ("case_004_week_0", 12)
+    assert volume_place("scan.nii.gz") is None
+    assert predecessors(names).tolist() == [3, -1, -1, 1, -1, 6, 0]  # week 1's slice 1 has no slice 0
+    assert predecessors(names, key_every=2).tolist() == [-1, -1, -1, 1, -1, -1, 0]
+    assert predecessors(names, key_every=1).tolist() == [-1] * 7
+
+
+@pytest.mark.parametrize("previous", [[1, 0], [0], [-1, 0, 0], [-1, 5], [-2, -1], [2, 0, 1]],
+                         ids=["cycle", "itself", "two-after-one", "out-of-range", "below-minus-one", "loop-of-three"])
+def test_predecessors_that_are_not_chains_are_refused(previous):
+    assert chain_depths(previous) is None
+
+
+def test_chain_depths_count_the_slices_each_waits_on():
+    assert chain_depths([1, -1, -1, 0, 3]).tolist() == [1, 0, 0, 2, 3]
+
+
+def fitted_volume_prior(seed: int = 0):
+    """A tiny volume prior (8 codes) fitted to chains in which each grid repeats the one before it
+    with a tenth of its codes redrawn: it learns to lean on the slice before. Returns the prior, 12 held-back
+    grids and their chains (two of six)."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    grids = [rng.integers(0, 8, size=(8, 4))]
+    for _ in range(59):
+        grid = grids[-1].copy()
+        change = rng.random(grid.shape) < 0.1
+        grid[change] = rng.integers(0, 8, size=int(change.sum()))
+        grids.append(grid)
+    top = torch.as_tensor(np.stack(grids))
+    bottom = top.repeat_interleave(2, 1).repeat_interleave(2, 2)
+    before = torch.arange(-1, 59)
+    prior = VolumePrior(8, (8, 4), channels=16, layers=3, condition_layers=1)
+    optimizer = torch.optim.Adam(prior.parameters(), lr=1e-2)
+    for _ in range(100):
+        i = torch.as_tensor(rng.integers(1, 48, size=8))
+        b = torch.where(torch.rand(8) < 0.2, -1, before[i])
+        previous = tuple(torch.where((b >= 0)[:, None, None], g[b.clamp(min=0)], -1) for g in (top, bottom))
+        nll_top, nll_bottom = prior.nll_bits(top[i], bottom[i], previous)
+        optimizer.zero_grad()
+        (nll_top + 4 * nll_bottom).backward()
+        optimizer.step()
+    prior.eval()
+    prior.integer = pass_copy(prior, top[:32], bottom[:32])
+    chains = np.array([-1, 0, 1, 2, 3, 4, -1, 6, 7, 8, 9, 10])
+    return prior, top[48:], bottom[48:], chains
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield fitted_volume_prior()
+    torch.set_num_threads(threads)
+
+
+def test_a_slice_coded_after_the_one_before_costs_less_than_alone(fitted):
+    prior, top, bottom, chains = fitted
+    assert isinstance(prior.integer, IntegerVolumePrior) and pass_copy_problem(prior.integer.state, prior) is None
+    after = driver.encode(prior.integer, top.numpy(), bottom.numpy(), previous=chains)
+    alone = driver.encode(prior.integer, top.numpy(), bottom.numpy(), previous=np.full(12, -1))
+    assert after.size < 0.85 * alone.size
+    # the stream is what the float prior's probabilities cost (to the coder's rounding)
+    with torch.inference_mode():
+        b = torch.as_tensor(chains)
+        previous = tuple(torch.where((b >= 0)[:, None, None], g[b.clamp(min=0)], -1) for g in (top, bottom))
+        nll_top, nll_bottom = prior.nll_bits(top, bottom, previous)
+    float_bits = 12 * (float(nll_top) * 32 + float(nll_bottom) * 128)
+    assert after.size * 32 <= float_bits * 1.02 + 12 * 96
+
+
+def test_a_volume_decodes_exactly_whatever_the_floating_point_results_threads_and_batches(fitted):
+    prior, top, bottom, chains = fitted
+    words = driver.encode(prior.integer, top.numpy(), bottom.numpy(), batch_size=5, previous=chains)
+    torch.set_num_threads(1)
+    with OneUlp():
+        decoded = driver.decode(prior.integer, words, 12, batch_size=1, previous=chains)
+    assert np.array_equal(decoded[0], top.numpy()) and np.array_equal(decoded[1], bottom.numpy())
+    torch.set_num_threads(2)
+    try:
+        decoded = driver.decode(prior.integer, words, 12, batch_size=3, previous=chains)
+    finally:
+        torch.set_num_threads(1)
+    assert np.array_equal(decoded[0], top.numpy()) and np.array_equal(decoded[1], bottom.numpy())
+    # a decoder told other chains gets other codes (or a stream that does not decode): they matter
+    try:
+        wrong = driver.decode(prior.integer, words, 12, previous=np.full(12, -1))
+        assert not np.array_equal(wrong[1], bottom.numpy())
+    except ValueError:
+        pass
+
+
+def test_volume_prior_trains_on_consecutive_slices_and_codes_files_decode_reads(work, tiny_phantom, tmp_path, capsys):
+    sets = prior_overrides(tiny_phantom, work["root"], "volume", kind="volume", steps=40, interval=20,
+                           **{"volume.channels": 32, "volume.layers": 2, "volume.key_every": 4})
+    assert run_main(["train-prior", "--checkpoint", str(work["vqvae"]), *set_args(sets)]) == 0
+    prior = work["root"] / "volume" / "models" / "prior_best.pt"
+    test = tiny_phantom / "keras_slices_test"
+    coded, plain = tmp_path / "volume.mrvq", tmp_path / "plain.mrvq"
+    assert run_main(["encode", "--checkpoint", str(work["vqvae"]), str(test), "--out", str(coded),
+                     "--prior", str(prior)]) == 0
+    assert run_main(["encode", "--checkpoint", str(work["vqvae"]), str(test), "--out", str(plain)]) == 0
+    header = read_codes_file(coded).header
+    names = [source["name"] for source in header["sources"]]
+    assert header["coder"] == "prior" and header["prior_coding"] == "volume"
+    assert header["previous"] == predecessors(names, key_every=4).tolist()
+    assert max(chain_depths(header["previous"])) == 3  # six slices a volume: chains of 4 and 2
+    capsys.readouterr()
+    for path, out, extra in ((coded, "a", ["--prior", str(prior)]), (plain, "b", [])):
+        assert run_main(["decode", "--checkpoint", str(work["vqvae"]), str(path), "--out", str(tmp_path / out),
+                         *extra]) == 0
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    # chains that are not chains are refused before any decoding
+    file = read_codes_file(coded)
+    file.header["previous"] = [1, 0, *file.header["previous"][2:]]
+    damaged = tmp_path / "damaged.mrvq"
+    damaged.write_bytes(file.to_bytes())
+    assert run_main(["decode", "--checkpoint", str(work["vqvae"]), str(damaged), "--out", str(tmp_path / "c"),
+                     "--prior", str(prior)]) == 2
+    assert "predecessors are not chains" in capsys.readouterr().err
+
+
+def test_encode_never_writes_a_prior_file_larger_than_the_frequency_coded_one(work, tiny_phantom, tmp_path, capsys,
+                                                                            monkeypatch):
+    """A prior trained for one step predicts worse than the codes' own frequencies: encode writes
+    the frequency-coded file and says so."""
+    monkeypatch.setattr(codec, "SMALLEST_FILE", True)  # the suite turns it off for the other tests
+    sets = prior_overrides(tiny_phantom, work["root"], "starved", steps=1, interval=1)
+    assert run_main(["train-prior", "--checkpoint", str(work["vqvae"]), *set_args(sets)]) == 0
+    test = tiny_phantom / "keras_slices_test"
+    out, plain = tmp_path / "starved.mrvq", tmp_path / "plain.mrvq"
+    capsys.readouterr()
+    assert run_main(["encode", "--checkpoint", str(work["vqvae"]), str(test), "--out", str(out), "--prior",
+                     str(work["root"] / "starved" / "models" / "prior_best.pt")]) == 0
+    said = capsys.readouterr().out
+    assert "larger than the frequency-coded one" in said
+    assert run_main(["encode", "--checkpoint", str(work["vqvae"]), str(test), "--out", str(plain)]) == 0
+    assert read_codes_file(out).header["coder"] == "frequencies"
+    assert out.read_bytes() == plain.read_bytes()
+
+
+def test_a_short_prior_budget_encodes_only_the_copies_that_fit_its_share(work, tiny_phantom, monkeypatch):
+    """On a clock that moves 3 s at each look, each version of the training codes takes 3 s: with
+    prior.max_time 100 s, a quarter (25 s) holds the plain codes and two copies; the checkpoint
+    says two, so a resumed run reads the same ones."""
+    use_step_clock(monkeypatch)  # and the loop's clock reads its step
+    ticks = iter(range(0, 10_000, 3))
+    monkeypatch.setattr(train_prior_module, "_copies_clock", lambda: float(next(ticks)))
+    sets = prior_overrides(tiny_phantom, work["root"], "budget", max_time="100s", interval=100,
+                           checkpoint_every=100)
+    assert run_main(["train-prior", "--checkpoint", str(work["vqvae"]), *set_args(sets)]) == 0
+    log = (work["root"] / "budget" / "logging" / "prior.log").read_text()
+    assert re.search(r"prior.max_time: 2 of the 13 training copies encoded", log)
+    last = load_checkpoint(work["root"] / "budget" / "models" / "prior_last.pt")
+    assert last["reference"]["training_copies"] == 2
