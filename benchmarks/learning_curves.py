@@ -35,11 +35,11 @@ import torch
 from mrivq.apps.predict import predict
 from mrivq.apps.train import train
 from mrivq.apps.train_prior import train_prior
-from mrivq.compression.codecs import CODECS
+from mrivq.compression.codecs import CODECS, SEQUENCE_CODEC, SEQUENCE_LABEL
 from mrivq.config import load_config
 from mrivq.runtime import resolve_device, resolve_precision
 
-CODEC_NAMES = {name: codec.label for name, codec in CODECS.items()}
+CODEC_NAMES = {**{name: codec.label for name, codec in CODECS.items()}, SEQUENCE_CODEC: SEQUENCE_LABEL}
 
 
 def cpu_kind() -> str:

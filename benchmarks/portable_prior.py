@@ -11,6 +11,11 @@ this mrivq) and the test split of its VQ-VAE's data settings, prints one JSON ob
   words out and back; the VQ-VAE and file I/O are not counted; the fastest of ``--rounds``),
   each decode checked, and once more decoding in batches of 7.
 
+A volume prior codes each test slice given the one before it in its volume (by the slices'
+names), a key slice every ``key_every`` (its own setting); ``--key-every 1 16 ...`` adds the
+integer rate at other intervals (``key_every_<K>_bits_per_pixel``; 1: every slice alone), and
+``key_slices_bits_per_pixel`` / ``other_slices_bits_per_pixel`` split the stream at its own.
+
     python benchmarks/portable_prior.py runs/default/models/prior_best.pt [--rounds 3] [--set data.root=...]
 
 Figures are measurements, never assertions: nothing here fails CI.
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,6 +37,7 @@ from mrivq.config import load_config
 from mrivq.data.cache import load_split
 from mrivq.data.preprocess import Preprocessing
 from mrivq.data.sources import data_splits
+from mrivq.data.volumes import predecessors
 from mrivq.engine.checkpoint import load_prior
 
 
@@ -38,6 +45,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("prior", help="a prior checkpoint with an integer copy (models/prior_best.pt)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds; the fastest counts")
+    parser.add_argument("--key-every", type=int, nargs="*", default=[], metavar="K",
+                        help="a volume prior: the rate with a key slice every K slices too")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="data settings of the test split (default: the built-in phantom set)")
     args = parser.parse_args()
@@ -50,18 +59,36 @@ def main() -> None:
                       name="test", cache_dir=config.data.cache_dir)
     top, bottom = encode_images(vqvae, test.images, 16)
     n, pixels = len(top), test.images[0].size
+    names = [Path(f).name for f in test.files]
+    volumes = getattr(prior.integer, "volumes", False)
+    previous = predecessors(names, prior.key_every) if volumes else None
     float_bits = 0.0
     with torch.inference_mode():
         for lo in range(0, n, 16):
             t, b = (torch.as_tensor(a[lo:lo + 16]).long() for a in (top, bottom))
-            nll_top, nll_bottom = prior.nll_bits(t, b)
+            extra = []
+            if volumes:
+                before = torch.as_tensor(previous[lo:lo + 16])
+                extra = [tuple(torch.where((before >= 0)[:, None, None], torch.as_tensor(a)[before.clamp(min=0)], -1)
+                               for a in (top, bottom))]
+            nll_top, nll_bottom = prior.nll_bits(t, b, *extra)
             float_bits += len(t) * (float(nll_top) * t[0].numel() + float(nll_bottom) * b[0].numel())
     out = {"slices": n, "float_bits_per_pixel": float_bits / (n * pixels)}
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        words, out[f"threads_{threads}"] = _timed(lambda: encode(prior.integer, top, bottom),
-                                                  lambda w: decode(prior.integer, w, n), top, bottom, args.rounds)
-    other_batch = decode(prior.integer, words, n, batch_size=7)  # any batch decodes
+        words, out[f"threads_{threads}"] = _timed(lambda: encode(prior.integer, top, bottom, previous=previous),
+                                                  lambda w: decode(prior.integer, w, n, previous=previous),
+                                                  top, bottom, args.rounds)
+    if volumes:
+        lengths = words[:n].astype(np.int64) * 32 + 32  # each slice's stream and its length word
+        out["key_every"] = prior.key_every
+        out["key_slices_bits_per_pixel"] = float(lengths[previous < 0].mean() / pixels)
+        out["other_slices_bits_per_pixel"] = float(lengths[previous >= 0].mean() / pixels) if (previous >= 0).any() \
+            else None
+        for k in args.key_every:
+            size = encode(prior.integer, top, bottom, previous=predecessors(names, k)).size
+            out[f"key_every_{k}_bits_per_pixel"] = size * 32 / (n * pixels)
+    other_batch = decode(prior.integer, words, n, batch_size=7, previous=previous)  # any batch decodes
     if not (np.array_equal(other_batch[0], top) and np.array_equal(other_batch[1], bottom)):
         raise SystemExit("the stream did not decode back to the codes in batches of 7")
     out["integer_bits_per_pixel"] = words.size * 32 / (n * pixels)

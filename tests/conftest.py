@@ -44,6 +44,26 @@ def prior_files_even_when_larger():
         yield
 
 
+@pytest.fixture(scope="module")
+def work(tiny_phantom, tmp_path_factory):
+    """A tiny VQ-VAE trained once per test module: ``{"root": its folder, "vqvae": models/best.pt}``."""
+    from prior_helpers import train_tiny_vqvae
+
+    root = tmp_path_factory.mktemp("prior")
+    return {"root": root, "vqvae": train_tiny_vqvae(tiny_phantom, root)}
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread avoids OpenMP contention (10-50x here)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_phantom(tmp_path_factory):
     """A HipMRI-layout phantom of 64x32 slices: 6 cases of 6 slices each."""

@@ -213,7 +213,7 @@ def test_a_registered_prior_kind_has_its_own_section_validated_by_its_class(monk
 
 
 def test_an_unknown_prior_kind_names_prior_kind_and_the_known_kinds():
-    with pytest.raises(ConfigError, match=r"'prior\.kind'.*'pixelcnn'.*passes, transformer"):
+    with pytest.raises(ConfigError, match=r"'prior\.kind'.*'pixelcnn'.*passes, volume, transformer"):
         load_config(None, ["prior.kind=pixelcnn"])
     with pytest.raises(ConfigError, match=r"'prior\.kind'"):
         load_config(None, ["prior.architecture=pixelcnn"])

@@ -17,7 +17,6 @@ from prior_helpers import (
     flat_prior,
     prior_overrides,
     tiny_data_overrides,
-    train_tiny_vqvae,
     use_step_clock,
 )
 
@@ -30,20 +29,7 @@ from mrivq.engine.prior_training import PriorTraining
 from mrivq.nn.transformer_prior import TransformerPrior
 from mrivq.run_dir import read_metrics
 
-
-@pytest.fixture(scope="module")
-def work(tiny_phantom, tmp_path_factory):
-    root = tmp_path_factory.mktemp("prior")
-    return {"root": root, "vqvae": train_tiny_vqvae(tiny_phantom, root)}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids OpenMP contention (10-50x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def set_args(overrides: list[str]) -> list[str]:

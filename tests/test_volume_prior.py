@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_main, set_args
-from prior_helpers import OneUlp, prior_overrides, train_tiny_vqvae, use_step_clock
+from prior_helpers import OneUlp, prior_overrides, use_step_clock
 
 from mrivq.apps import train_prior as train_prior_module
 from mrivq.compression import codec, driver
@@ -20,20 +20,7 @@ from mrivq.data.volumes import chain_depths, predecessors, volume_place
 from mrivq.engine.checkpoint import load_checkpoint
 from mrivq.nn.pass_prior import VolumePrior
 
-
-@pytest.fixture(scope="module")
-def work(tiny_phantom, tmp_path_factory):
-    root = tmp_path_factory.mktemp("volume")
-    return {"root": root, "vqvae": train_tiny_vqvae(tiny_phantom, root)}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids OpenMP contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_slices_are_chained_by_their_hipmri_names_not_their_order():
@@ -153,6 +140,8 @@ def test_volume_prior_trains_on_consecutive_slices_and_codes_files_decode_reads(
                          *extra]) == 0
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    # it draws slices too (key slices: none before them)
+    assert run_main(["sample", "--prior", str(prior), "--n", "2", "--out", str(tmp_path / "drawn")]) == 0
     # chains that are not chains are refused before any decoding
     file = read_codes_file(coded)
     file.header["previous"] = [1, 0, *file.header["previous"][2:]]

@@ -28,6 +28,8 @@ from mrivq.compression.codecs import (
     CODECS,
     available_codecs,
     compare_codecs,
+    compare_sequences,
+    sequence_available,
     rate_distortion,
 )
 from mrivq.compression.entropy import raw_bits_per_pixel
@@ -38,6 +40,7 @@ from mrivq.data.io import nifti_stem
 from mrivq.data.preprocess import Preprocessing
 from mrivq.data.sources import data_splits
 from mrivq.data.splits import file_list_hash, parse_name, shared_with_training
+from mrivq.data.volumes import volume_runs
 from mrivq.engine.checkpoint import (
     checkpoint_config,
     load_checkpoint,
@@ -117,7 +120,7 @@ def predict(config: Config, checkpoint: str | Path | None = None, prior: str | P
             shown = sets[0] if sets else list(range(min(8, len(test.images))))  # predict.sample_sets may be 0
             surprise = _write_surprise(codec, result.codes, slices, test.files, unit_images, shown,
                                        config.run_dir / "predict" / "surprise", config.visual_dir / "surprise.png")
-        comparison = _compare_codecs(unit_images, rates)
+        comparison = _compare_codecs(unit_images, rates, [Path(f).name for f in test.files])
         data = {"seed": config.seed, "normalize": config.data.normalize,
                 "test_split_sha256": file_list_hash(splits.test), "settings_given_explicitly": differs}
         summary = summarize(result, rates, files, comparison, has_mask=has_mask, worst=worst, surprise=surprise,
@@ -248,15 +251,22 @@ def _model_rates(codec: Codec, result: Evaluation, slices: CodecInput, image_siz
     return {"raw": raw, **{coder: f["bits_per_pixel"]["file"] for coder, f in files.items()}}, files
 
 
-def _compare_codecs(unit_images: np.ndarray, rates: dict) -> CodecComparison:
-    """Standard codecs on the test slices ``(N, H, W)`` on [0, 1]: at each of the model's rates, and
-    over their quality settings on up to RD_SLICES slices."""
+def _compare_codecs(unit_images: np.ndarray, rates: dict, names: list[str]) -> CodecComparison:
+    """Standard codecs on the test slices ``(N, H, W)`` on [0, 1]: at each of the model's rates (and,
+    at the rates of its files, an AVIF image sequence of each run of consecutive slices, by their
+    ``names``, at the same total size), and over their quality settings on up to RD_SLICES slices."""
     n = len(unit_images)
     tables = {}
+    runs = volume_runs(names)
     for rate_name, rate in rates.items():
         log.info("compressing the %d test slices with %s at %.3f bits per pixel (the model's %s rate)", n,
                  ", ".join(available_codecs()), rate, RATE_NAMES[rate_name])
         tables[rate_name] = compare_codecs(unit_images, rate)
+        if rate_name != "raw" and sequence_available():
+            log.info("and as AVIF image sequences of their %d runs of consecutive slices at the same total size",
+                     len(runs))
+            tables[rate_name].update(compare_sequences([unit_images[run] for run in runs],
+                                                       rate * unit_images[0].size * n / 8))
     # The curves are a picture: up to RD_SLICES test slices, evenly spaced, keep it cheap
     # (every point scores its slices with SSIM, ~1.5 s per 120 slices on 2 CPU cores).
     rd_slices = np.linspace(0, n - 1, min(n, RD_SLICES)).round().astype(int)

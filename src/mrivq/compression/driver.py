@@ -101,7 +101,7 @@ def run(copy, n: int, code, known: dict[str, np.ndarray] | None, batch_size: int
 
     ``previous`` (int ``(N,)``, chains as :func:`mrivq.data.volumes.chain_depths` checks them): the
     slice each slice is coded after, or -1; its codes go to ``code_batch`` as ``previous``
-    (``(codes_top, codes_bottom)`` of the batch's slices, ``n_embed`` where there is none). The
+    (flat ``(codes_top, codes_bottom)`` of the batch's slices, -1 where there is none). The
     encoder knows them all and codes every slice at once; the decoder decodes the slices in waves,
     each slice once the one before it is decoded."""
     side = "decode" if known is None else "encode"

@@ -14,6 +14,8 @@ Example::
     [1, -1, -1, 0, 3]
     >>> predecessors(names, key_every=2).tolist()
     [1, -1, -1, -1, 3]
+    >>> [run.tolist() for run in volume_runs(names)]
+    [[1, 0, 3, 4], [2]]
 """
 
 from __future__ import annotations
@@ -77,3 +79,19 @@ def chain_depths(previous: np.ndarray) -> np.ndarray | None:
         while i >= 0:
             depth[i], i, d = d, after[i], d + 1
     return depth if (depth >= 0).all() else None  # a slice never reached lies on a cycle
+
+
+def volume_runs(names: list[str]) -> list[np.ndarray]:
+    """The slices as runs of consecutive slices of one volume, each run's indices (in ``names``)
+    in slice order; a slice with no neighbour in the list is a run of its own. Every index is in
+    exactly one run, the runs in the order of their first slice in ``names``."""
+    previous = predecessors(names)
+    after = np.full(len(names), -1, dtype=np.int64)
+    after[previous[previous >= 0]] = np.flatnonzero(previous >= 0)
+    runs = []
+    for start in np.flatnonzero(previous < 0):
+        run = [start]
+        while after[run[-1]] >= 0:
+            run.append(after[run[-1]])
+        runs.append(np.array(run, dtype=np.int64))
+    return runs

@@ -89,14 +89,18 @@ class PassNet(nn.Module):
             x = x + conv(F.relu(x))
         return F.relu(x)
 
-    def forward(self, codes: torch.Tensor, step: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head(self.features(codes, step, condition))
+    def forward(self, codes: torch.Tensor, step: torch.Tensor, condition: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``(B, n_embed, rows, cols)`` (plus ``bias`` of that shape, when given)."""
+        logits = self.head(self.features(codes, step, condition))
+        return logits if bias is None else logits + bias
 
     def logits_at(self, codes: torch.Tensor, step: torch.Tensor, condition: torch.Tensor | None,
-                  here: torch.Tensor) -> torch.Tensor:
+                  here: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, P, n_embed)``: the logits at the ``P`` positions ``here`` (a flat bool mask) only."""
         x = self.features(codes, step, condition).flatten(2)[:, :, here]
-        return F.conv1d(x, self.head.weight[..., 0], self.head.bias).transpose(1, 2)
+        logits = F.conv1d(x, self.head.weight[..., 0], self.head.bias)
+        return (logits if bias is None else logits + bias.flatten(2)[:, :, here]).transpose(1, 2)
 
 
 class TopFeatures(nn.Module):
@@ -157,12 +161,20 @@ class PassPrior(nn.Module):
         top grid, the top grid's features for the bottom (``previous``: for a volume prior)."""
         return self.condition(codes_top) if level == "bottom" else None
 
+    def logit_bias(self, level: str, previous=None) -> torch.Tensor | None:
+        """What ``level``'s logits get added ``(B, K, rows, cols)``: nothing here (a volume prior's
+        table of the code at the same place of the slice before)."""
+        return None
+
+    def _inputs(self, level: str, codes_top: torch.Tensor | None, previous) -> tuple:
+        return self.condition_for(level, codes_top, previous), self.logit_bias(level, previous)
+
     def forward(self, codes_top: torch.Tensor, codes_bottom: torch.Tensor,
                 previous=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``(B, K, h, w)`` and ``(B, K, 2h, 2w)`` of every code given the codes of the passes
         before its own (what the coder uses): one evaluation of each net per pass."""
-        return (_all_passes(self.top, codes_top, self.condition_for("top", codes_top, previous)),
-                _all_passes(self.bottom, codes_bottom, self.condition_for("bottom", codes_top, previous)))
+        return (_all_passes(self.top, codes_top, *self._inputs("top", codes_top, previous)),
+                _all_passes(self.bottom, codes_bottom, *self._inputs("bottom", codes_top, previous)))
 
     def nll_bits(self, codes_top: torch.Tensor, codes_bottom: torch.Tensor,
                  previous=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,8 +185,8 @@ class PassPrior(nn.Module):
             logits_top, logits_bottom = self(codes_top, codes_bottom, previous)
             return (F.cross_entropy(logits_top.float(), codes_top) / math.log(2),
                     F.cross_entropy(logits_bottom.float(), codes_bottom) / math.log(2))
-        return (_one_pass_bits(self.top, codes_top, self.condition_for("top", codes_top, previous)),
-                _one_pass_bits(self.bottom, codes_bottom, self.condition_for("bottom", codes_top, previous)))
+        return (_one_pass_bits(self.top, codes_top, *self._inputs("top", codes_top, previous)),
+                _one_pass_bits(self.bottom, codes_bottom, *self._inputs("bottom", codes_top, previous)))
 
     @torch.no_grad()
     def sample(self, n: int, *, temperature: float = 1.0, top_p: float = 1.0,
@@ -183,11 +195,11 @@ class PassPrior(nn.Module):
         device = self.top.head.weight.device
         grids = []
         for name, net in self.levels():
-            condition = self.condition_for(name, grids[0] if grids else None)
+            condition, bias = self._inputs(name, grids[0] if grids else None, None)
             codes = torch.zeros(n, *net.grid, dtype=torch.long, device=device)
             for step in range(net.passes):
                 here = (net.order == step).flatten()  # only this pass's positions are drawn
-                logits = net.logits_at(codes, torch.full((n,), step, device=device), condition, here)
+                logits = net.logits_at(codes, torch.full((n,), step, device=device), condition, here, bias)
                 drawn = draw(logits.reshape(-1, self.n_embed), temperature, top_p, generator).reshape(n, -1)
                 codes = codes.flatten(1).index_put((torch.arange(n, device=device)[:, None],
                                                     here.nonzero()[:, 0][None]), drawn).reshape(n, *net.grid)
@@ -199,7 +211,9 @@ class VolumePrior(PassPrior):
     """A pass prior over the codes of a slice given those of the slice before it in its volume:
     ``p(top | before) p(bottom | top, before)``. Each net also adds, at every position, the
     embedding of the code at the same place of the previous slice (its own grid's), or of "no
-    slice before" for a key slice; its convolutions see the previous slice's neighbourhood too.
+    slice before" for a key slice, so its convolutions see the previous slice's neighbourhood;
+    and its logits get that code's row of a learnt table (``follow_*``: log-odds of each code
+    given the code before, as a count model of the pair would hold).
 
     ``previous``: ``(codes_top, codes_bottom)`` of the slices before, int64 grids with
     ``n_embed`` (or -1) where a slice has none; None: none has (key slices, and sampling).
@@ -220,15 +234,26 @@ class VolumePrior(PassPrior):
         channels = self.sizes["channels"]
         self.previous_top = nn.Embedding(n_embed + 1, channels)  # index n_embed: no slice before
         self.previous_bottom = nn.Embedding(n_embed + 1, channels)
+        # log-odds of each code given the code at the same place before (a count model's table,
+        # learnt): the nets would need many channels to map 512 codes onto themselves
+        self.follow_top = nn.Embedding(n_embed + 1, n_embed)
+        self.follow_bottom = nn.Embedding(n_embed + 1, n_embed)
+        for follow in (self.follow_top, self.follow_bottom):
+            nn.init.zeros_(follow.weight)
+
+    def _before(self, level: str, previous, table: nn.Embedding) -> torch.Tensor:
+        """``table``'s rows of the codes of the slices before ``(B or 1, D, rows, cols)``."""
+        grid = (self.top if level == "top" else self.bottom).grid
+        if previous is None:
+            return table.weight[self.n_embed][None, :, None, None].expand(1, -1, *grid)
+        codes = previous[0 if level == "top" else 1].reshape(-1, *grid)
+        return table(torch.where(codes < 0, self.n_embed, codes)).permute(0, 3, 1, 2)
+
+    def logit_bias(self, level: str, previous=None) -> torch.Tensor:
+        return self._before(level, previous, self.follow_top if level == "top" else self.follow_bottom)
 
     def condition_for(self, level: str, codes_top: torch.Tensor | None, previous=None) -> torch.Tensor | None:
-        table = self.previous_top if level == "top" else self.previous_bottom
-        net = self.top if level == "top" else self.bottom
-        if previous is None:
-            seen = table.weight[self.n_embed][None, :, None, None].expand(1, -1, *net.grid)
-        else:
-            codes = previous[0 if level == "top" else 1].reshape(-1, *net.grid)
-            seen = table(torch.where(codes < 0, self.n_embed, codes)).permute(0, 3, 1, 2)
+        seen = self._before(level, previous, self.previous_top if level == "top" else self.previous_bottom)
         own = super().condition_for(level, codes_top)
         return seen if own is None else own + seen
 
@@ -278,21 +303,23 @@ def _draw_in_order(ordered: torch.Tensor, order: torch.Tensor, limit: torch.Tens
     return order.gather(-1, index)[:, 0]
 
 
-def _all_passes(net: PassNet, codes: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
+def _all_passes(net: PassNet, codes: torch.Tensor, condition: torch.Tensor | None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
     """Each position's logits from the evaluation of ``net`` for its own pass."""
     out = None
     for step in range(net.passes):
-        logits = net(codes, torch.full((len(codes),), step, device=codes.device), condition)
+        logits = net(codes, torch.full((len(codes),), step, device=codes.device), condition, bias)
         out = logits if out is None else torch.where((net.order == step)[None, None], logits, out)
     return out
 
 
-def _one_pass_bits(net: PassNet, codes: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
+def _one_pass_bits(net: PassNet, codes: torch.Tensor, condition: torch.Tensor | None,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
     """Mean bits per code at the positions of one random pass per grid, drawn by the pass's share
     of the grid (so the mean over draws is the mean over every position)."""
     counts = torch.bincount(net.order.flatten(), minlength=net.passes).float()
     step = torch.multinomial(counts, len(codes), replacement=True).to(codes.device)
-    logits = net(codes, step, condition)
+    logits = net(codes, step, condition, bias)
     nats = F.cross_entropy(logits.float(), codes, reduction="none")  # (B, rows, cols)
     here = (net.order[None] == step[:, None, None]).float()
     return (nats * here).sum() / here.sum() / math.log(2)

@@ -231,7 +231,7 @@ def _section_codecs(summary: dict | None) -> str:
                  "", _fmt(model["ssim"]["mean"]), _fmt(model["ssim"]["p5"]), _fmt(model["psnr"]["mean"], "{:.2f}")]]
         for name, scores in table["codecs"].items():
             setting = scores["setting"]
-            rows.append([html.escape(name.upper().replace("JPEG2000", "JPEG 2000")),
+            rows.append([html.escape(name.upper().replace("JPEG2000", "JPEG 2000").replace("_", " ")),
                          _fmt(scores["bits_per_pixel"]["mean"], "{:.3f}"),
                          f"median {html.escape(setting['name'])} {_fmt(setting['median'], '{:.3g}')}",
                          _fmt(scores["ssim"]["mean"]), _fmt(scores["ssim"]["p5"]), _fmt(scores["psnr"]["mean"], "{:.2f}")])

@@ -209,6 +209,12 @@ class IntegerPassPrior(IntegerCopy):
         x = self.condition_net.stream(torch.as_tensor(codes_top, device=self.device), None, None)
         return x.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
 
+    def logits(self, level: str, net: _IntegerNet, head_input: torch.Tensor, previous, i: int,
+               here: torch.Tensor) -> torch.Tensor:
+        """int64 ``(P, K)``: the logits of the positions ``here`` of the batch's slice ``i``, from its
+        ``(P, C)`` head input (and, for a volume copy, the codes of the slice before)."""
+        return net.logits(head_input)
+
     @torch.inference_mode()
     def code_batch(self, lo: int, size: int, code, known=None, previous=None) -> tuple[np.ndarray, np.ndarray]:
         """Slices ``lo`` to ``lo + size``, each grid pass by pass, the bottom given the top:
@@ -225,8 +231,9 @@ class IntegerPassPrior(IntegerCopy):
                 here = (net.order.flatten() == step).nonzero()[:, 0]
                 where = here.cpu().numpy()
                 head_inputs = net.head_input(codes.view(size, *net.order.shape), step, condition)
-                symbols = np.stack([code(level, weights_from_logits(net.logits(head_input), self.coder_table), lo + i,
-                                         where) for i, head_input in enumerate(head_inputs)])
+                symbols = np.stack([code(level, weights_from_logits(self.logits(level, net, head_input, previous, i, here),
+                                                                    self.coder_table), lo + i, where)
+                                    for i, head_input in enumerate(head_inputs)])
                 codes[:, here] = torch.as_tensor(symbols, dtype=torch.long, device=self.device)
             out[level] = codes.view(size, *net.order.shape).cpu().numpy()
         return out["top"], out["bottom"]
@@ -240,16 +247,25 @@ class IntegerVolumePrior(IntegerPassPrior):
     coding = "volume"
     volumes = True
 
+    def _before(self, level: str, previous, slices) -> torch.Tensor:
+        """The codes of the slices before at ``slices`` ``(B, P)`` (``n_embed`` for none)."""
+        if previous is None:
+            return torch.full((1, 1), self.top.n_embed, dtype=torch.long, device=self.device)
+        codes = torch.as_tensor(previous[0 if level == "top" else 1], device=self.device)[slices]
+        return torch.where(codes < 0, self.top.n_embed, codes)
+
     def condition(self, level: str, codes_top: np.ndarray | None, previous) -> torch.Tensor:
         own = super().condition(level, codes_top, previous)
-        table = self.state[f"previous_{level}"]
-        net = self.top if level == "top" else self.bottom
-        if previous is None:
-            seen = table[self.top.n_embed].expand(1, *net.order.shape, -1)
-        else:
-            codes = torch.as_tensor(previous[0 if level == "top" else 1], device=self.device)
-            seen = table[torch.where(codes < 0, self.top.n_embed, codes)].reshape(len(codes), *net.order.shape, -1)
+        shape = (self.top if level == "top" else self.bottom).order.shape
+        seen = self.state[f"previous_{level}"][self._before(level, previous, slice(None))]
+        seen = seen.expand(1, shape.numel(), -1) if previous is None else seen
+        seen = seen.reshape(len(seen), *shape, -1)
         return seen if own is None else own + seen
+
+    def logits(self, level: str, net: _IntegerNet, head_input: torch.Tensor, previous, i: int,
+               here: torch.Tensor) -> torch.Tensor:
+        before = self._before(level, previous, (i, here))  # (P,), or (1, 1) for none
+        return net.logits(head_input) + self.state[f"follow_{level}"][before.reshape(-1)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -289,6 +305,8 @@ def pass_copy(prior: PassPrior, codes_top: torch.Tensor, codes_bottom: torch.Ten
         state["format"] = "mrivq-integer-volume-prior"
         state["previous_top"] = table(prior.previous_top.weight, unit)
         state["previous_bottom"] = table(prior.previous_bottom.weight, unit)
+        state["follow_top"] = table(prior.follow_top.weight, 1.0 / LOGIT_UNITS)
+        state["follow_bottom"] = table(prior.follow_bottom.weight, 1.0 / LOGIT_UNITS)
     problem = bounds_problem(state, BOUNDS)
     if problem:
         raise ValueError(f"the integer copy of this prior {problem}: its activations or weights are out of "
@@ -366,7 +384,8 @@ def _conv_state(conv: torch.nn.Conv2d, input_scale: float, output_unit: float) -
 #: STREAM_LIMIT, at most 1024 channels (a product below 2**29) and the bias shifted up by SHIFT
 #: bits, every product and sum stays inside int64.
 BOUNDS = {"multiplier": 1 << 34, "activations": 1 << 30, "bias": 1 << 30, "code": 1 << 36, "step": 1 << 36,
-          "row": 1 << 36, "col": 1 << 36, "previous_top": 1 << 36, "previous_bottom": 1 << 36}
+          "row": 1 << 36, "col": 1 << 36, "previous_top": 1 << 36, "previous_bottom": 1 << 36,
+          "follow_top": 1 << 36, "follow_bottom": 1 << 36}
 
 
 def pass_copy_problem(state, prior: PassPrior) -> str | None:
