@@ -11,8 +11,8 @@ this mrivq) and the test split of its VQ-VAE's data settings, prints one JSON ob
   words out and back; the VQ-VAE and file I/O are not counted; the fastest of ``--rounds``),
   each decode checked, and once more decoding in batches of 7.
 
-A volume prior codes each test slice given the one before it in its volume (by the slices'
-names), a key slice every ``key_every`` (its own setting); ``--key-every 1 16 ...`` adds the
+A volume prior codes each test slice given slices on either side of it in its volume (by the
+slices' names), a key slice every ``key_every`` (its own setting); ``--key-every 1 16 ...`` adds the
 integer rate at other intervals (``key_every_<K>_bits_per_pixel``; 1: every slice alone), and
 ``key_slices_bits_per_pixel`` / ``other_slices_bits_per_pixel`` split the stream at its own.
 
@@ -37,7 +37,7 @@ from mrivq.config import load_config
 from mrivq.data.cache import load_split
 from mrivq.data.preprocess import Preprocessing
 from mrivq.data.sources import data_splits
-from mrivq.data.volumes import predecessors
+from mrivq.data.volumes import references
 from mrivq.engine.checkpoint import load_prior
 
 
@@ -61,34 +61,34 @@ def main() -> None:
     n, pixels = len(top), test.images[0].size
     names = [Path(f).name for f in test.files]
     volumes = getattr(prior.integer, "volumes", False)
-    previous = predecessors(names, prior.key_every) if volumes else None
+    refs = references(names, prior.key_every) if volumes else None
     float_bits = 0.0
     with torch.inference_mode():
         for lo in range(0, n, 16):
             t, b = (torch.as_tensor(a[lo:lo + 16]).long() for a in (top, bottom))
             extra = []
             if volumes:
-                before = torch.as_tensor(previous[lo:lo + 16])
-                extra = [tuple(torch.where((before >= 0)[:, None, None], torch.as_tensor(a)[before.clamp(min=0)], -1)
+                at = torch.as_tensor(refs[lo:lo + 16])
+                extra = [tuple(torch.where((at >= 0)[:, :, None, None], torch.as_tensor(a)[at.clamp(min=0)], -1)
                                for a in (top, bottom))]
             nll_top, nll_bottom = prior.nll_bits(t, b, *extra)
             float_bits += len(t) * (float(nll_top) * t[0].numel() + float(nll_bottom) * b[0].numel())
     out = {"slices": n, "float_bits_per_pixel": float_bits / (n * pixels)}
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        words, out[f"threads_{threads}"] = _timed(lambda: encode(prior.integer, top, bottom, previous=previous),
-                                                  lambda w: decode(prior.integer, w, n, previous=previous),
+        words, out[f"threads_{threads}"] = _timed(lambda: encode(prior.integer, top, bottom, references=refs),
+                                                  lambda w: decode(prior.integer, w, n, references=refs),
                                                   top, bottom, args.rounds)
     if volumes:
         lengths = words[:n].astype(np.int64) * 32 + 32  # each slice's stream and its length word
         out["key_every"] = prior.key_every
-        out["key_slices_bits_per_pixel"] = float(lengths[previous < 0].mean() / pixels)
-        out["other_slices_bits_per_pixel"] = float(lengths[previous >= 0].mean() / pixels) if (previous >= 0).any() \
-            else None
+        key = refs[:, 0] < 0
+        out["key_slices_bits_per_pixel"] = float(lengths[key].mean() / pixels)
+        out["other_slices_bits_per_pixel"] = float(lengths[~key].mean() / pixels) if (~key).any() else None
         for k in args.key_every:
-            size = encode(prior.integer, top, bottom, previous=predecessors(names, k)).size
+            size = encode(prior.integer, top, bottom, references=references(names, k)).size
             out[f"key_every_{k}_bits_per_pixel"] = size * 32 / (n * pixels)
-    other_batch = decode(prior.integer, words, n, batch_size=7, previous=previous)  # any batch decodes
+    other_batch = decode(prior.integer, words, n, batch_size=7, references=refs)  # any batch decodes
     if not (np.array_equal(other_batch[0], top) and np.array_equal(other_batch[1], bottom)):
         raise SystemExit("the stream did not decode back to the codes in batches of 7")
     out["integer_bits_per_pixel"] = words.size * 32 / (n * pixels)

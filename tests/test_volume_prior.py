@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -16,63 +17,82 @@ from mrivq.apps import train_prior as train_prior_module
 from mrivq.compression import codec, driver
 from mrivq.compression.container import read_codes_file
 from mrivq.compression.portable.passes import IntegerVolumePrior, pass_copy, pass_copy_problem
-from mrivq.data.volumes import chain_depths, predecessors, volume_place
+from mrivq.data.volumes import coding_depths, gap_shares, neighbours, references, volume_place, volume_runs
 from mrivq.engine.checkpoint import load_checkpoint
 from mrivq.nn.pass_prior import VolumePrior
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_slices_are_chained_by_their_hipmri_names_not_their_order():
+def test_slices_are_ordered_by_their_hipmri_names_not_their_place_in_the_list():
     names = ["case_004_week_0_slice_2.nii.gz", "case_004_week_0_slice_0.nii.gz", "case_004_week_1_slice_1.nii.gz",
              "case_004_week_0_slice_1.nii.gz", "scan.nii.gz", "case_004_week_0_slice_4.nii.gz",
              "case_004_week_0_slice_3.nii"]
     assert volume_place("keras/case_004_week_0_slice_12.nii.gz") == ("case_004_week_0", 12)
     assert volume_place("scan.nii.gz") is None
-    assert predecessors(names).tolist() == [3, -1, -1, 1, -1, 6, 0]  # week 1's slice 1 has no slice 0
-    assert predecessors(names, key_every=2).tolist() == [-1, -1, -1, 1, -1, -1, 0]
-    assert predecessors(names, key_every=1).tolist() == [-1] * 7
+    assert neighbours(names, 1).tolist() == [[3, 6], [-1, 3], [-1, -1], [1, 0], [-1, -1], [6, -1], [0, 5]]
+    assert [run.tolist() for run in volume_runs(names)] == [[1, 3, 0, 6, 5], [2], [4]]
+    # week 0: keys at slices 0 and 4 (and the run's last, 4); 2 between them; 1 and 3 between those
+    assert references(names, key_every=4).tolist() == [[1, 5], [-1, -1], [-1, -1], [1, 0], [-1, -1], [-1, -1],
+                                                        [0, 5]]
+    assert references(names, key_every=2).tolist() == [[-1, -1], [-1, -1], [-1, -1], [1, 0], [-1, -1], [-1, -1],
+                                                        [0, 5]]
+    assert (references(names, key_every=1) == -1).all()
 
 
-@pytest.mark.parametrize("previous", [[1, 0], [0], [-1, 0, 0], [-1, 5], [-2, -1], [2, 0, 1]],
-                         ids=["cycle", "itself", "two-after-one", "out-of-range", "below-minus-one", "loop-of-three"])
-def test_predecessors_that_are_not_chains_are_refused(previous):
-    assert chain_depths(previous) is None
+def test_a_run_is_coded_in_halving_gaps():
+    names = [f"v_slice_{s}" for s in range(17)]
+    refs = references(names, key_every=8)
+    assert refs[4].tolist() == [0, 8] and refs[2].tolist() == [0, 4] and refs[1].tolist() == [0, 2]
+    assert refs[12].tolist() == [8, 16] and (refs[[0, 8, 16]] == -1).all()
+    assert coding_depths(refs).max() == 3  # keys, then gaps of 4, 2 and 1
+    assert gap_shares(8) == pytest.approx({0: 0.127, 1: 0.499, 2: 0.2495, 4: 0.1248}, abs=1e-3)
 
 
-def test_chain_depths_count_the_slices_each_waits_on():
-    assert chain_depths([1, -1, -1, 0, 3]).tolist() == [1, 0, 0, 2, 3]
+@pytest.mark.parametrize("refs", [[[1, -1], [0, -1]], [[0, -1]], [[-1, 5]], [[-2, -1]], [[2, -1], [0, -1], [1, -1]],
+                                  [[-1, -1], [0, 2], [1, -1]]],
+                         ids=["cycle", "itself", "out-of-range", "below-minus-one", "loop-of-three", "two-way"])
+def test_references_a_decoder_cannot_follow_are_refused(refs):
+    assert coding_depths(refs) is None
+
+
+def test_coding_depths_count_the_waves_before_each_slice():
+    assert coding_depths([[-1, -1], [0, 2], [-1, -1], [1, 2], [1, 3]]).tolist() == [0, 1, 0, 2, 3]
+
+
+def _referenced(refs: torch.Tensor, top: torch.Tensor, bottom: torch.Tensor) -> tuple:
+    """The grids ``refs`` ``(B, 2)`` of ``top`` and ``bottom`` (-1: -1 grids), as the prior takes them."""
+    return tuple(torch.where((refs >= 0)[:, :, None, None], g[refs.clamp(min=0)], -1) for g in (top, bottom))
 
 
 def fitted_volume_prior(seed: int = 0):
-    """A tiny volume prior (8 codes) fitted to chains in which each grid repeats the one before it
-    with a tenth of its codes redrawn: it learns to lean on the slice before. Returns the prior, 12 held-back
-    grids and their chains (two of six)."""
+    """A tiny volume prior (8 codes) fitted to runs in which each grid repeats the one before it
+    with a tenth of its codes redrawn: it learns to lean on its neighbours. Returns the prior, 13
+    held-back grids and their references (key slices 0, 8 and 12; the rest between them)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     grids = [rng.integers(0, 8, size=(8, 4))]
-    for _ in range(59):
+    for _ in range(60):
         grid = grids[-1].copy()
         change = rng.random(grid.shape) < 0.1
         grid[change] = rng.integers(0, 8, size=int(change.sum()))
         grids.append(grid)
     top = torch.as_tensor(np.stack(grids))
     bottom = top.repeat_interleave(2, 1).repeat_interleave(2, 2)
-    before = torch.arange(-1, 59)
     prior = VolumePrior(8, (8, 4), channels=16, layers=3, condition_layers=1)
     optimizer = torch.optim.Adam(prior.parameters(), lr=1e-2)
     for _ in range(100):
-        i = torch.as_tensor(rng.integers(1, 48, size=8))
-        b = torch.where(torch.rand(8) < 0.2, -1, before[i])
-        previous = tuple(torch.where((b >= 0)[:, None, None], g[b.clamp(min=0)], -1) for g in (top, bottom))
-        nll_top, nll_bottom = prior.nll_bits(top[i], bottom[i], previous)
+        i = torch.as_tensor(rng.integers(4, 44, size=8))
+        gap = torch.as_tensor(rng.choice([0, 1, 2, 4], size=8))
+        refs = torch.where((gap > 0)[:, None], torch.stack([i - gap, i + gap], 1), -1)
+        nll_top, nll_bottom = prior.nll_bits(top[i], bottom[i], _referenced(refs, top, bottom))
         optimizer.zero_grad()
         (nll_top + 4 * nll_bottom).backward()
         optimizer.step()
     prior.eval()
     prior.integer = pass_copy(prior, top[:32], bottom[:32])
-    chains = np.array([-1, 0, 1, 2, 3, 4, -1, 6, 7, 8, 9, 10])
-    return prior, top[48:], bottom[48:], chains
+    refs = references([f"v_slice_{s}" for s in range(13)], key_every=8)
+    return prior, top[48:], bottom[48:], refs
 
 
 @pytest.fixture(scope="module")
@@ -83,37 +103,41 @@ def fitted():
     torch.set_num_threads(threads)
 
 
-def test_a_slice_coded_after_the_one_before_costs_less_than_alone(fitted):
-    prior, top, bottom, chains = fitted
+def test_a_slice_coded_between_its_neighbours_costs_less_than_alone(fitted):
+    prior, top, bottom, refs = fitted
     assert isinstance(prior.integer, IntegerVolumePrior) and pass_copy_problem(prior.integer.state, prior) is None
-    after = driver.encode(prior.integer, top.numpy(), bottom.numpy(), previous=chains)
-    alone = driver.encode(prior.integer, top.numpy(), bottom.numpy(), previous=np.full(12, -1))
-    assert after.size < 0.85 * alone.size
+    between = driver.encode(prior.integer, top.numpy(), bottom.numpy(), references=refs)
+    alone = driver.encode(prior.integer, top.numpy(), bottom.numpy(), references=np.full((13, 2), -1))
+    assert between.size < 0.85 * alone.size
     # the stream is what the float prior's probabilities cost (to the coder's rounding)
     with torch.inference_mode():
-        b = torch.as_tensor(chains)
-        previous = tuple(torch.where((b >= 0)[:, None, None], g[b.clamp(min=0)], -1) for g in (top, bottom))
-        nll_top, nll_bottom = prior.nll_bits(top, bottom, previous)
-    float_bits = 12 * (float(nll_top) * 32 + float(nll_bottom) * 128)
-    assert after.size * 32 <= float_bits * 1.02 + 12 * 96
+        nll_top, nll_bottom = prior.nll_bits(top, bottom, _referenced(torch.as_tensor(refs), top, bottom))
+    float_bits = 13 * (float(nll_top) * 32 + float(nll_bottom) * 128)
+    assert between.size * 32 <= float_bits * 1.02 + 13 * 96
 
 
 def test_a_volume_decodes_exactly_whatever_the_floating_point_results_threads_and_batches(fitted):
-    prior, top, bottom, chains = fitted
-    words = driver.encode(prior.integer, top.numpy(), bottom.numpy(), batch_size=5, previous=chains)
+    prior, top, bottom, refs = fitted
+    words = driver.encode(prior.integer, top.numpy(), bottom.numpy(), batch_size=5, references=refs)
     torch.set_num_threads(1)
     with OneUlp():
-        decoded = driver.decode(prior.integer, words, 12, batch_size=1, previous=chains)
+        decoded = driver.decode(prior.integer, words, 13, batch_size=1, references=refs)
     assert np.array_equal(decoded[0], top.numpy()) and np.array_equal(decoded[1], bottom.numpy())
     torch.set_num_threads(2)
     try:
-        decoded = driver.decode(prior.integer, words, 12, batch_size=3, previous=chains)
+        decoded = driver.decode(prior.integer, words, 13, batch_size=3, references=refs)
     finally:
         torch.set_num_threads(1)
     assert np.array_equal(decoded[0], top.numpy()) and np.array_equal(decoded[1], bottom.numpy())
-    # a decoder told other chains gets other codes (or a stream that does not decode): they matter
+    # slice 3 decodes with the slices it is coded after (2 and 4; 0 and 4; 0 and 8), and no other
+    top_part, bottom_part = driver.decode(prior.integer, words, 13, references=refs, wanted=[3])
+    decoded_slices = [0, 2, 3, 4, 8]
+    assert np.array_equal(np.flatnonzero(top_part[:, 0, 0] >= 0), decoded_slices)
+    assert np.array_equal(top_part[decoded_slices], top.numpy()[decoded_slices])
+    assert np.array_equal(bottom_part[decoded_slices], bottom.numpy()[decoded_slices])
+    # a decoder told other references gets other codes (or a stream that does not decode): they matter
     try:
-        wrong = driver.decode(prior.integer, words, 12, previous=np.full(12, -1))
+        wrong = driver.decode(prior.integer, words, 13, references=np.full((13, 2), -1))
         assert not np.array_equal(wrong[1], bottom.numpy())
     except ValueError:
         pass
@@ -132,24 +156,34 @@ def test_volume_prior_trains_on_consecutive_slices_and_codes_files_decode_reads(
     header = read_codes_file(coded).header
     names = [source["name"] for source in header["sources"]]
     assert header["coder"] == "prior" and header["prior_coding"] == "volume"
-    assert header["previous"] == predecessors(names, key_every=4).tolist()
-    assert max(chain_depths(header["previous"])) == 3  # six slices a volume: chains of 4 and 2
+    assert [list(pair) for pair in header["references"]] == references(names, key_every=4).tolist()
+    assert max(coding_depths(header["references"])) == 2  # six slices a volume: keys 0, 4, 5; 2; 1 and 3
     capsys.readouterr()
     for path, out, extra in ((coded, "a", ["--prior", str(prior)]), (plain, "b", [])):
         assert run_main(["decode", "--checkpoint", str(work["vqvae"]), str(path), "--out", str(tmp_path / out),
                          *extra]) == 0
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-    # it draws slices too (key slices: none before them)
+    # a slice range decodes to the same slices, written alone
+    last = sorted(names)[-1]
+    assert run_main(["decode", "--checkpoint", str(work["vqvae"]), str(coded), "--out", str(tmp_path / "one"),
+                     "--prior", str(prior), "--slices", last[:-len("slice_5.nii.gz")] + "slice_5*"]) == 0
+    assert [p.name for p in (tmp_path / "one").glob("*.nii.gz")] == [last]
+    alone, together = (np.asarray(nib.load(tmp_path / folder / last).dataobj) for folder in ("one", "a"))
+    assert np.allclose(alone, together, rtol=0, atol=1e-4 * np.ptp(together))  # the VQ-VAE's batch of one
+    assert run_main(["decode", "--checkpoint", str(work["vqvae"]), str(coded), "--out", str(tmp_path / "none"),
+                     "--prior", str(prior), "--slices", "nothing*"]) == 2
+    assert "no slice of" in capsys.readouterr().err
+    # it draws slices too (key slices: no references)
     assert run_main(["sample", "--prior", str(prior), "--n", "2", "--out", str(tmp_path / "drawn")]) == 0
-    # chains that are not chains are refused before any decoding
+    # references a decoder cannot follow are refused before any decoding
     file = read_codes_file(coded)
-    file.header["previous"] = [1, 0, *file.header["previous"][2:]]
+    file.header["references"] = [[1, -1], [0, -1], *file.header["references"][2:]]
     damaged = tmp_path / "damaged.mrvq"
     damaged.write_bytes(file.to_bytes())
     assert run_main(["decode", "--checkpoint", str(work["vqvae"]), str(damaged), "--out", str(tmp_path / "c"),
                      "--prior", str(prior)]) == 2
-    assert "predecessors are not chains" in capsys.readouterr().err
+    assert "not an order a decoder can follow" in capsys.readouterr().err
 
 
 def test_encode_never_writes_a_prior_file_larger_than_the_frequency_coded_one(work, tiny_phantom, tmp_path, capsys,

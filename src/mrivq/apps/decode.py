@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import fnmatch
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,34 +25,44 @@ from mrivq.apps import flags
 from mrivq.compression.container import read_codes_file
 from mrivq.data.io import nifti_bytes, nifti_image
 from mrivq.engine.checkpoint import load_codec
+from mrivq.errors import UserError
 from mrivq.run_dir import atomic_write, claim_outputs
 from mrivq.runtime import resolve_device
 
 
 def decode(checkpoint: str | Path, codes_path: str | Path, out_dir: str | Path, *, prior: str | Path | None = None,
-           device: str = "auto", overwrite: bool = False) -> list[Path]:
+           device: str = "auto", overwrite: bool = False, slices: list[str] | None = None) -> list[Path]:
     """Write every slice of a codes file as NIfTI in ``out_dir``, named after its input.
 
     The stream is decoded (under ``prior`` for a prior-coded file: the ``models/prior_best.pt``
     that encoded it) and checked against the encoder's checksum; intensities are scanner units
     (the stored normalisation undone), the array has the input file's shape and the image its
-    affine. ``overwrite``: replace slices an earlier decode wrote there. Returns the written paths.
+    affine. ``overwrite``: replace slices an earlier decode wrote there. ``slices``: only the slices
+    whose names match one of these shell patterns (``case_004_week_0_slice_1*``); a volume-coded
+    file then decodes just those and the slices their chains start from. Returns the written paths.
     """
     codes_path = Path(codes_path).expanduser()
     codes = read_codes_file(codes_path)
     codec = load_codec(checkpoint, prior=prior, device=resolve_device(device), codes_file=codes, codes_path=codes_path)
     out_dir = Path(out_dir).expanduser()
-    targets = [out_dir / source["name"] for source in codes.header["sources"]]
-    decoded = codec.decompress_codes(codes, codes_path)
+    names = [source["name"] for source in codes.header["sources"]]
+    only = None
+    if slices:
+        only = [i for i, name in enumerate(names) if any(fnmatch.fnmatchcase(name, pattern) for pattern in slices)]
+        if not only:
+            raise UserError(f"--slices {' '.join(slices)}: no slice of {codes_path} has a matching name (its first: "
+                            f"{names[0]}); give a pattern like 'case_004_week_0_slice_1*'")
+    targets = [out_dir / names[i] for i in (range(len(names)) if only is None else only)]
+    decoded = codec.decompress_codes(codes, codes_path, only=only)
     claim_outputs(out_dir, "decode", targets, overwrite=overwrite, inputs=[codes_path, checkpoint, prior])
-    slices = tqdm(codec.decompress(codes, codes_path, codes=decoded), total=codes.n, desc="decode", unit="slice",
-                  disable=None, leave=False)
+    stream = tqdm(codec.decompress(codes, codes_path, codes=decoded, only=only), total=len(targets), desc="decode",
+                  unit="slice", disable=None, leave=False)
     # Each slice is compressed and written on a second thread while the next batch is decoded
     # (zlib and the file system release the GIL); at most a batch waits, so memory stays bounded.
     writer, pending = ThreadPoolExecutor(1), deque()
     try:
-        for i, scanner in slices:
-            pending.append(writer.submit(_write_nifti, targets[i], scanner, codes.affines[i]))
+        for i, scanner in stream:
+            pending.append(writer.submit(_write_nifti, out_dir / names[i], scanner, codes.affines[i]))
             while len(pending) > codec.batch_size or (pending and pending[0].done()):
                 pending.popleft().result()
         while pending:
@@ -71,12 +82,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("codes", metavar="CODES.mrvq")
     parser.add_argument("--out", required=True, metavar="DIR")
     parser.add_argument("--prior", metavar="FILE", help="the prior a prior-coded file was encoded with")
+    parser.add_argument("--slices", nargs="+", metavar="PATTERN",
+                        help="only the slices whose names match these shell patterns (quote them), e.g. "
+                             "'case_004_week_0_slice_1*'; a volume-coded file decodes just what they need")
     flags.add_device(parser)
     flags.add_overwrite(parser)
 
 
 def main(args) -> int:
     written = decode(args.checkpoint, args.codes, args.out, prior=args.prior, device=args.device,
-                     overwrite=args.overwrite)
+                     overwrite=args.overwrite, slices=args.slices)
     print(f"wrote {len(written)} slices to {args.out}")
     return 0

@@ -29,8 +29,8 @@ from mrivq.compression.codecs import (
     available_codecs,
     compare_codecs,
     compare_sequences,
-    sequence_available,
     rate_distortion,
+    sequence_available,
 )
 from mrivq.compression.entropy import raw_bits_per_pixel
 from mrivq.config import Config, load_config

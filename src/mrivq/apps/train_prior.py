@@ -36,7 +36,7 @@ from mrivq.data.cache import default_cache_dir, load_split
 from mrivq.data.io import read_slice
 from mrivq.data.preprocess import Preprocessing
 from mrivq.data.sources import data_splits
-from mrivq.data.volumes import predecessors
+from mrivq.data.volumes import gap_shares, neighbours, references
 from mrivq.engine import distributed
 from mrivq.engine.checkpoint import (
     PRIOR_KIND,
@@ -84,14 +84,14 @@ def train_prior(config: Config, checkpoint: str | Path | None = None, *, resume:
         vqvae = vqvae.to(resolve_device(config.train.device))
         started = _clock()
         kept = None if ckpt is None else ckpt["reference"].get("training_copies")  # a resumed run's copies
-        codes, reference, previous = _encode_splits(config, vq_config, vqvae, kept)
+        codes, reference, refs = _encode_splits(config, vq_config, vqvae, kept)
         encoding = _clock() - started
         if config.prior.max_time and ckpt is None:
             log.info("prior.max_time %.0f s: %.0f s went to reading the slices and encoding their codes; the "
                      "loop gets the rest", config.prior.max_time, encoding)
         loop = prior_loop(config, codes, n_embed=vqvae.quantize_top.n_embed,
                           vqvae={"model": vqvae.state_dict(), "config": vq_config.to_dict()},
-                          fingerprint=model_fingerprint(vqvae), reference=reference, previous=previous,
+                          fingerprint=model_fingerprint(vqvae), reference=reference, references=refs,
                           spent=encoding if ckpt is None else 0.0)
         if ckpt is not None:
             if ckpt.get("fingerprint") != loop.task.fingerprint:
@@ -163,7 +163,7 @@ def _finish(config: Config, loop: TrainingLoop, history: list[dict]) -> dict:
 
 
 def prior_loop(config: Config, codes: dict, *, n_embed: int, vqvae: dict, fingerprint: str,
-               reference: dict, previous: dict | None = None, spent: float = 0.0) -> TrainingLoop:
+               reference: dict, references: dict | None = None, spent: float = 0.0) -> TrainingLoop:
     """The prior task (see :class:`PriorTraining` for the arguments) in the training loop, with
     this command's plot hooked in; set up and not yet started. ``spent``: seconds of
     ``prior.max_time`` already gone (reading the slices, encoding the codes)."""
@@ -173,7 +173,7 @@ def prior_loop(config: Config, codes: dict, *, n_embed: int, vqvae: dict, finger
     # How long: prior.steps, or as many steps as fit prior.max_time.
     state = LoopState(total_steps=UNTIMED if pc.max_time else pc.steps)
     task = PriorTraining(config, codes, n_embed=n_embed, vqvae=vqvae, fingerprint=fingerprint,
-                         reference=reference, device=device, state=state, previous=previous)
+                         reference=reference, device=device, state=state, references=references)
     return TrainingLoop(task, LoopSettings(
         total_steps=state.total_steps, interval=pc.interval, checkpoint_every=pc.checkpoint_every,
         max_time=max_time, max_time_key="prior.max_time", warmup_steps=pc.warmup_steps,
@@ -198,9 +198,9 @@ COPIES_SHARE = 0.25
 
 
 def _encode_splits(config: Config, vq_config: Config, vqvae, kept: int | None = None) -> tuple[dict, dict, dict]:
-    """Codes of the train and validate splits, preprocessed as the VQ-VAE was trained, and each
-    grid's predecessor in its volume (:func:`mrivq.data.volumes.predecessors`; the training
-    copies' among their own copy). Under ``prior.max_time``, training copies are encoded while
+    """Codes of the train and validate splits, preprocessed as the VQ-VAE was trained, and for a
+    volume prior the grids each is coded after (:class:`PriorTraining`'s ``references``; a
+    training copy's among its own copy's). Under ``prior.max_time``, training copies are encoded while
     they fit :data:`COPIES_SHARE` of it (each copy as long as the last one took), the rest left out;
     ``kept``: that many copies (a resumed run's, as its ``reference["training_copies"]`` says)."""
     prep = Preprocessing.from_settings(vq_config.data)
@@ -209,7 +209,7 @@ def _encode_splits(config: Config, vq_config: Config, vqvae, kept: int | None = 
     splits = data_splits(config.data, config.seed)
     load = {"cache_dir": config.data.cache_dir, "on_bad_file": config.data.on_bad_file,
             "workers": config.data.workers, "progress": interactive()}
-    codes, previous, fingerprint = {}, {}, model_fingerprint(vqvae)
+    codes, refs, fingerprint = {}, {}, model_fingerprint(vqvae)
     key_every = config.prior.settings.key_every if config.prior.kind == "volume" else None
     cache_dir = config.data.cache_dir or default_cache_dir()
     for name, files in (("train", splits.train), ("validate", splits.validate)):
@@ -234,15 +234,22 @@ def _encode_splits(config: Config, vq_config: Config, vqvae, kept: int | None = 
             log.info("%s the %s split%s: %d slices in %.1f s", "read the cached codes of" if cached else "encoded",
                      name, f" ({version.replace('-', ' ')})" if version else "", len(slices), took)
         codes[name] = tuple(np.concatenate(level, dtype=np.int32) for level in zip(*grids))
-        # validation scores the chains as encode codes them; training draws its key slices itself
-        chain = predecessors([Path(f).name for f in slices.files], key_every if name == "validate" else None)
-        previous[name] = np.concatenate([np.where(chain >= 0, chain + k * len(chain), -1) for k in range(len(grids))])
+        if key_every is not None:  # validation scores the order encode codes in; training draws gaps
+            names = [Path(f).name for f in slices.files]
+            refs[name] = _in_copies(references(names, key_every), len(grids)) if name == "validate" else {
+                gap: _in_copies(neighbours(names, gap), len(grids)) for gap in gap_shares(key_every) if gap}
         if name == "train":
             _, meta = read_slice(slices.files[0])
             reference = {"affine": torch.from_numpy(meta.affine.astype(np.float64)),
                          "norm": torch.from_numpy(np.median(np.asarray(slices.norm), axis=0)),
                          "image_size": list(prep.image_size), "training_copies": len(grids) - 1}
-    return codes, reference, previous
+    return codes, reference, refs or None
+
+
+def _in_copies(table: np.ndarray, copies: int) -> np.ndarray:
+    """Indices among a split's grids (``(N, 2)``, -1: none) for ``copies`` copies of the split one
+    after another, each copy's grids referring to their own copy's."""
+    return np.concatenate([np.where(table >= 0, table + k * len(table), -1) for k in range(copies)])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -59,7 +59,7 @@ from mrivq.data.preprocess import (
     preprocess_slice,
     unfit,
 )
-from mrivq.data.volumes import predecessors
+from mrivq.data.volumes import references
 from mrivq.errors import UserError
 from mrivq.nn import VQVAE2
 
@@ -245,12 +245,12 @@ class Codec:
         if self.prior is not None and under_prior:
             copy = self.coding_copy()
             header.update(coder="prior", prior_fingerprint=copy.fingerprint(), prior_coding=copy.coding)
-            previous = None
-            if getattr(copy, "volumes", False):  # each slice after the one before it in its volume
-                previous = predecessors([source["name"] for source in slices.sources], self.prior.key_every)
-                header["previous"] = previous.tolist()
+            refs = None
+            if getattr(copy, "volumes", False):  # each slice after its neighbours in its volume
+                refs = references([source["name"] for source in slices.sources], self.prior.key_every)
+                header["references"] = refs.tolist()
             files.insert(0, CodesFile(header, np.asarray(slices.norm), np.asarray(slices.affines),
-                                      np.asarray(slices.shapes), driver.encode(copy, top, bottom, previous=previous)))
+                                      np.asarray(slices.shapes), driver.encode(copy, top, bottom, references=refs)))
         if layers:  # the same payloads on both files
             self._add_layers(files[0], codes, slices, layers)
             for other in files[1:]:
@@ -288,13 +288,13 @@ class Codec:
     def surprise(self, codes: tuple[np.ndarray, np.ndarray], names: list[str] | None = None) -> np.ndarray:
         """Bits per pixel ``(N, H, W)`` on the model grid: each code's -log2 p under the prior, given
         the codes coded before it, spread over the code's pixels (they add up to the stream);
-        ``names``: the slices' names, by which a volume prior finds each slice's predecessor."""
+        ``names``: the slices' names, by which a volume prior finds the slices each is coded after."""
         if self.prior is None:
             raise UserError("surprise maps show the bits a prior spends: give the prior with --prior")
         copy = self.coding_copy()
         volumes = getattr(copy, "volumes", False) and names is not None
-        previous = predecessors(names, self.prior.key_every) if volumes else None
-        return bits_per_pixel_map(*driver.surprise_bits(copy, *codes, previous=previous))
+        refs = references(names, self.prior.key_every) if volumes else None
+        return bits_per_pixel_map(*driver.surprise_bits(copy, *codes, references=refs))
 
     # -- decompress -------------------------------------------------------------------------------
 
@@ -317,15 +317,20 @@ class Codec:
             raise UserError(f"{path} was coded under another prior (fingerprint {header['prior_fingerprint']}); "
                             "give the prior that encoded it with --prior")
 
-    def decompress_codes(self, file: CodesFile, path: Path | str = "codes file") -> tuple[np.ndarray, np.ndarray]:
-        """The file's codes, checked against its model, its prior and the encoder's checksum."""
+    def decompress_codes(self, file: CodesFile, path: Path | str = "codes file", *,
+                         only=None) -> tuple[np.ndarray, np.ndarray]:
+        """The file's codes, checked against its model, its prior and the encoder's checksum
+        (``only``: see :meth:`_decode_stream`)."""
         self.check_model(file, path)
         self.check_prior(file, path)
-        return self._decode_stream(file, path)
+        return self._decode_stream(file, path, only=only)
 
-    def _decode_stream(self, file: CodesFile, path: Path | str = "codes file") -> tuple[np.ndarray, np.ndarray]:
+    def _decode_stream(self, file: CodesFile, path: Path | str = "codes file", *,
+                       only=None) -> tuple[np.ndarray, np.ndarray]:
         """The codes of the file's stream, under the coder its header names, checked against the
-        encoder's checksum: ``(codes_top (N, h, w), codes_bottom (N, 2h, 2w))`` int64."""
+        encoder's checksum: ``(codes_top (N, h, w), codes_bottom (N, 2h, 2w))`` int64. ``only``
+        (slice indices): a prior-coded file decodes just those slices and the slices they are coded
+        after (the others' codes are -1); the checksum, over every code, is then not checked."""
         header = file.header
         try:
             if header["coder"] == "frequencies":
@@ -338,26 +343,27 @@ class Codec:
                                 f"{kind_of(self.prior).label}, which codes in {copy.coding} order; give the prior "
                                 "that encoded it")
             else:
-                previous = header.get("previous") if getattr(copy, "volumes", False) else None
-                top, bottom = driver.decode(copy, file.stream, file.n, previous=previous)
+                refs = header.get("references") if getattr(copy, "volumes", False) else None
+                top, bottom = driver.decode(copy, file.stream, file.n, references=refs, wanted=only)
         except (AssertionError, ValueError):  # the range decoder meets data its model cannot have coded
             raise UserError(f"{path}: damaged codes file: its stream does not decode; encode the slices again") from None
-        if codes_crc(top, bottom) != int(header["codes_crc32"]):
+        if (top >= 0).all() and codes_crc(top, bottom) != int(header["codes_crc32"]):
             raise UserError(f"{path}: the decoded codes do not match the encoder's checksum; the file is damaged, "
                             "or encode the slices again")
         return top, bottom
 
     def decompress(self, file: CodesFile, path: Path | str = "codes file", *,
-                   codes: tuple[np.ndarray, np.ndarray] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+                   codes: tuple[np.ndarray, np.ndarray] | None = None, only=None) -> Iterator[tuple[int, np.ndarray]]:
         """Each slice of the file in file order, ``(i, array)``: scanner intensities (the stored
         normalisation undone) in the input file's on-disk shape. A batch is decoded at a time, so
-        memory does not grow with the file; ``codes``: those :meth:`decompress_codes` gave."""
-        top, bottom = codes if codes is not None else self.decompress_codes(file, path)
+        memory does not grow with the file; ``codes``: those :meth:`decompress_codes` gave;
+        ``only``: these slices (indices) alone."""
+        top, bottom = codes if codes is not None else self.decompress_codes(file, path, only=only)
         for name in file.header.get("layers", []):
             if name not in LAYERS:
                 raise UserError(f"{path} carries the coding layer {name!r}, which this mrivq does not know; "
                                 "decode it with the mrivq that wrote it")
-        for i, scanner in self._decoded(file, top, bottom):
+        for i, scanner in self._decoded(file, top, bottom, only):
             for name in file.header.get("layers", []):
                 try:
                     scanner = LAYERS[name].decode(file.layers[name][i], scanner)
@@ -366,13 +372,16 @@ class Codec:
                                     "encode the slices again") from None
             yield i, scanner.reshape(file.header["sources"][i]["shape"])
 
-    def _decoded(self, file: CodesFile, top: np.ndarray, bottom: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-        """Each slice decoded from the codes, ``(i, (h, w) scanner intensities)``, a batch at a time."""
+    def _decoded(self, file: CodesFile, top: np.ndarray, bottom: np.ndarray,
+                 only=None) -> Iterator[tuple[int, np.ndarray]]:
+        """Each slice (of ``only``, indices in file order, when given) decoded from the codes,
+        ``(i, (h, w) scanner intensities)``, a batch at a time."""
         header = file.header
         height, width = header["image_size"]
-        for lo in range(0, file.n, self.batch_size):
-            slices = decode_images(self.model, top[lo:lo + self.batch_size], bottom[lo:lo + self.batch_size],
-                                   self.batch_size)
+        chosen = np.arange(file.n) if only is None else np.sort(np.asarray(only, dtype=np.int64))
+        for lo in range(0, len(chosen), self.batch_size):
+            batch = chosen[lo:lo + self.batch_size]
+            slices = decode_images(self.model, top[batch], bottom[batch], self.batch_size)
             slices = clip_to_input_range(slices[:, :height, :width], header["normalize"])
-            for i, decoded in enumerate(slices, start=lo):
+            for i, decoded in zip(batch.tolist(), slices):
                 yield i, denormalize(unfit(decoded, tuple(file.shapes[i]), header["fit"]), file.norm[i])

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mrivq.compression.entropy import ideal_bits, raw_bits_per_pixel
 from mrivq.data.preprocess import FIT_POLICIES, NORMALIZE_POLICIES
-from mrivq.data.volumes import chain_depths
+from mrivq.data.volumes import coding_depths
 from mrivq.errors import BadFileError, UserError
 
 MAGIC = b"MRVQ"
@@ -239,8 +239,9 @@ class CodesHeader(_Strict):
     prior_coding: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9_-]{0,31}$")
     prior_batch: int | None = Field(default=None, ge=1, le=1 << 16)
     prior_device: Literal["cpu", "cuda"] | None = None
-    # A volume prior's file: the slice each slice was coded after (-1: none), chains checked below.
-    previous: list[Annotated[int, Field(ge=-1, lt=MAX_SLICES)]] | None = Field(default=None, max_length=MAX_SLICES)
+    # A volume prior's file: the two slices each slice was coded after (-1: none), checked below.
+    references: list[tuple[Annotated[int, Field(ge=-1, lt=MAX_SLICES)], Annotated[int, Field(ge=-1, lt=MAX_SLICES)]]] \
+        | None = Field(default=None, max_length=MAX_SLICES)
     # The coding layers on top of the codes, in the order they apply (mrivq.compression.layers).
     layers: list[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")]] | None = Field(default=None, max_length=8)
 
@@ -265,9 +266,9 @@ class CodesHeader(_Strict):
             raise ValueError("the prior's batch and device are given only for a sequentially prior-coded file")
         if self.coder != "prior" and self.prior_coding is not None:
             raise ValueError("prior_coding is given only for a prior-coded file")
-        if self.previous is not None and (self.coder != "prior" or len(self.previous) != self.n
-                                          or chain_depths(self.previous) is None):
-            raise ValueError("its slices' predecessors are not chains of this file's slices")
+        if self.references is not None and (self.coder != "prior" or len(self.references) != self.n
+                                            or coding_depths(self.references) is None):
+            raise ValueError("the slices its slices are coded after are not an order a decoder can follow")
         if self.layers is not None and len(set(self.layers)) != len(self.layers):
             raise ValueError("a coding layer is listed twice")
         return self

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mrivq.data.volumes import chain_depths
+from mrivq.data.volumes import coding_depths
 from mrivq.runtime import torch_threads
 
 
@@ -32,11 +32,11 @@ def coder():
 
 
 def encode(copy, codes_top: np.ndarray, codes_bottom: np.ndarray, *, batch_size: int | None = None,
-           previous: np.ndarray | None = None) -> np.ndarray:
+           references: np.ndarray | None = None) -> np.ndarray:
     """Range-code ``codes_top`` ``(N, h, w)`` and ``codes_bottom`` ``(N, 2h, 2w)`` under ``copy``;
     returns the uint32 words (:func:`decode` gives the codes back on any machine, with any
-    ``batch_size``: slices coded together, by default the copy's own; ``previous``: the slice each
-    one is coded after, as :func:`run` takes it)."""
+    ``batch_size``: slices coded together, by default the copy's own; ``references``: the slices
+    each one is coded after, as :func:`run` takes them)."""
     categorical, queue = coder()
     model = categorical(perfect=False)
     truth = _flat(codes_top, codes_bottom)
@@ -47,30 +47,54 @@ def encode(copy, codes_top: np.ndarray, codes_bottom: np.ndarray, *, batch_size:
         encoders[i].encode(symbols, model, weights)
         return symbols
 
-    run(copy, len(codes_top), code, truth, batch_size, previous)
+    run(copy, len(codes_top), code, truth, batch_size, references)
     streams = [encoder.get_compressed() for encoder in encoders]
     return np.concatenate([np.array([len(s) for s in streams], dtype=np.uint32), *streams])
 
 
 def decode(copy, words: np.ndarray, n: int, *, batch_size: int | None = None,
-           previous: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Undo :func:`encode`: ``n`` top and bottom grids, int64. ``ValueError`` for a stream whose
-    lengths do not add up, or that holds more words than its codes."""
+           references: np.ndarray | None = None, wanted=None) -> tuple[np.ndarray, np.ndarray]:
+    """Undo :func:`encode`: ``n`` top and bottom grids, int64. ``wanted``: decode only these slices
+    (indices) and the slices they are coded after; every other slice's codes come back as -1.
+    ``ValueError`` for a stream whose lengths do not add up, or that holds more words than its codes."""
     categorical, queue = coder()
     model = categorical(perfect=False)
-    decoders = [queue.RangeDecoder(np.ascontiguousarray(s)) for s in split_streams(words, n)]
+    streams = split_streams(words, n)
+    slices = np.arange(n) if wanted is None else needed(references, wanted, n)
+    if references is not None and wanted is not None:  # the references among the slices decoded
+        place = np.append(np.full(n, -1, dtype=np.int64), -1)  # place[-1]: still none
+        place[slices] = np.arange(len(slices))
+        references = place[np.asarray(references, dtype=np.int64)[slices]]
+    decoders = [queue.RangeDecoder(np.ascontiguousarray(streams[i])) for i in slices]
 
     def code(level, weights, i, where):
         return decoders[i].decode(model, weights)
 
-    top, bottom = run(copy, n, code, None, batch_size, previous)
+    top, bottom = run(copy, len(slices), code, None, batch_size, references)
     if not all(decoder.maybe_exhausted() for decoder in decoders):
         raise ValueError("a slice's stream holds more words than its codes")
-    return top, bottom
+    if wanted is None:
+        return top, bottom
+    out = [np.full((n, *grids.shape[1:]), -1, dtype=grids.dtype) for grids in (top, bottom)]
+    out[0][slices], out[1][slices] = top, bottom
+    return out[0], out[1]
+
+
+def needed(references: np.ndarray | None, wanted, n: int) -> np.ndarray:
+    """The sorted indices of the slices ``wanted`` and of every slice they are coded after, at
+    any remove (``references``: as :func:`run` takes them; None: the slices stand alone)."""
+    keep = np.zeros(n, dtype=bool)
+    todo = [int(i) for i in np.asarray(wanted, dtype=np.int64).reshape(-1)]
+    while todo:
+        i = todo.pop()
+        if i >= 0 and not keep[i]:
+            keep[i] = True
+            todo += [] if references is None else [int(r) for r in references[i]]
+    return np.flatnonzero(keep)
 
 
 def surprise_bits(copy, codes_top: np.ndarray, codes_bottom: np.ndarray,
-                  previous: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  references: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The bits ``copy`` spends on each code, ``-log2 p(code | the codes coded before it)``: float32
     ``(N, h, w)`` and ``(N, 2h, 2w)``, along the encoder's own path (their sum is the stream's
     length to within the coder's rounding of the weights to 24-bit frequencies)."""
@@ -82,7 +106,7 @@ def surprise_bits(copy, codes_top: np.ndarray, codes_bottom: np.ndarray,
         bits[level][i, where] = -np.log2(weights[np.arange(len(symbols)), symbols] / weights.sum(axis=1))
         return symbols
 
-    run(copy, len(codes_top), code, truth, previous=previous)
+    run(copy, len(codes_top), code, truth, references=references)
     return bits["top"].reshape(np.shape(codes_top)), bits["bottom"].reshape(np.shape(codes_bottom))
 
 
@@ -92,33 +116,35 @@ def _flat(codes_top: np.ndarray, codes_bottom: np.ndarray) -> dict[str, np.ndarr
 
 
 def run(copy, n: int, code, known: dict[str, np.ndarray] | None, batch_size: int | None = None,
-        previous: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        references: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``copy.code_batch`` over the batches of ``n`` slices, concatenated (``known``: the codes, when
     encoding). On the CPU, batches run side by side, one per thread, each op on one thread, at most
     ``copy.in_flight`` slices at once (within the memory a prior checkpoint is checked for): small
     batches keep the integer working set in the caches. A progress bar counts the slices (on a
     terminal: a transformer prior takes minutes for a few hundred).
 
-    ``previous`` (int ``(N,)``, chains as :func:`mrivq.data.volumes.chain_depths` checks them): the
-    slice each slice is coded after, or -1; its codes go to ``code_batch`` as ``previous``
-    (flat ``(codes_top, codes_bottom)`` of the batch's slices, -1 where there is none). The
-    encoder knows them all and codes every slice at once; the decoder decodes the slices in waves,
-    each slice once the one before it is decoded."""
+    ``references`` (int ``(N, 2)``, an order :func:`mrivq.data.volumes.coding_depths` accepts): the
+    slices each slice is coded after, -1 for none; their codes go to ``code_batch`` as
+    ``references`` (``(codes_top (B, 2, h w), codes_bottom (B, 2, 4 h w))`` of the batch's slices,
+    flat, -1 where there is none). The encoder knows them all and codes every slice at once; the
+    decoder decodes the slices in waves, each slice once the slices it references are decoded."""
     side = "decode" if known is None else "encode"
     batch_size = batch_size or copy.batch[side]
-    if previous is None:
+    if references is None:
         waves = [np.arange(n)]
     else:
-        previous = np.asarray(previous, dtype=np.int64)
-        depth = chain_depths(previous)
+        references = np.asarray(references, dtype=np.int64)
+        depth = coding_depths(references)
         waves = [np.arange(n)] if known is not None else [np.flatnonzero(depth == d) for d in range(depth.max() + 1)]
     order = np.concatenate(waves)  # position p of the walk codes slice order[p]
-    in_order = known if previous is None else {level: codes[order] for level, codes in known.items()} if known else None
+    in_order = known if references is None else {level: codes[order] for level, codes in known.items()} if known \
+        else None
     bar = tqdm(total=n, desc="prior coder", unit="slice", disable=None, leave=False)
     out = []
 
     def counted(lo: int, size: int):
-        extra = {} if previous is None else {"previous": _previous_codes(out, known, previous[order[lo:lo + size]])}
+        extra = {} if references is None else {
+            "references": _referenced_codes(out, known, references[order[lo:lo + size]])}
         part = copy.code_batch(lo, size, lambda level, w, p, where: code(level, w, order[p], where), in_order, **extra)
         bar.update(size)
         return part
@@ -156,17 +182,17 @@ def _place(out: list, parts: list, slices: np.ndarray, n: int) -> None:
         out[level][slices] = codes
 
 
-def _previous_codes(out: list, known: dict | None, before: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """The flat codes ``(B, h * w)`` and ``(B, 4 h w)`` of the slices ``before`` (-1 where there
-    is none, and there the codes are -1) from the known codes or those decoded so far; None when
-    no slice of the batch has one."""
-    if (before < 0).all():
+def _referenced_codes(out: list, known: dict | None, refs: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The flat codes ``(B, 2, h * w)`` and ``(B, 2, 4 h w)`` of the slices ``refs`` ``(B, 2)`` (-1
+    where there is none, and there the codes are -1) from the known codes or those decoded so
+    far; None when no slice of the batch has one."""
+    if (refs < 0).all():
         return None
     grids = []
     for level, name in enumerate(("top", "bottom")):
         source = known[name] if known is not None else out[level].reshape(len(out[level]), -1)
-        codes = source[np.maximum(before, 0)].copy()
-        codes[before < 0] = -1
+        codes = source[np.maximum(refs, 0)].copy()
+        codes[refs < 0] = -1
         grids.append(codes)
     return grids[0], grids[1]
 

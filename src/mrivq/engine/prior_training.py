@@ -18,6 +18,7 @@ import torch
 
 from mrivq.compression.priors import build_prior, make_copy
 from mrivq.config import Config
+from mrivq.data.volumes import gap_shares
 from mrivq.engine import step as steps
 from mrivq.engine.checkpoint import PRIOR_KIND
 from mrivq.engine.loop import LoopState, RunningSums
@@ -37,11 +38,12 @@ class PriorTraining:
     ``(N, h, w)`` and ``(N, 2h, 2w)``. ``vqvae``: ``{"model": state_dict, "config": dict}`` of the
     VQ-VAE the codes came from; ``reference``: affine, median (offset, scale) and image size of
     the training slices, for writing samples as NIfTI. All three go into every checkpoint, so a
-    prior checkpoint is all ``mrivq sample`` needs. ``previous`` (for a volume prior, which codes
-    a slice given the one before it): ``{"train": ..., "validate": ...}``, int ``(N,)`` the index of
-    each grid's predecessor among its split's grids, or -1. A training grid is taken as a key
-    slice (no predecessor) with the share of key slices a file has (one in ``key_every``);
-    validation scores the chains as ``mrivq encode`` codes them.
+    prior checkpoint is all ``mrivq sample`` needs. ``references`` (for a volume prior, which codes
+    a slice given slices on either side of it): ``{"train": {gap: (N, 2)}, "validate": (N, 2)}``,
+    indices among the split's grids (-1: none); for training, each gap's neighbours on either side
+    (:func:`mrivq.data.volumes.neighbours`), of which each step draws one gap per grid with the
+    share of slices a file codes at that gap (:func:`mrivq.data.volumes.gap_shares`; gap 0: a key
+    slice, no references); for validation, the references ``mrivq encode`` would code with.
     """
 
     score = "val_nll"
@@ -50,7 +52,7 @@ class PriorTraining:
     sync_free = False
 
     def __init__(self, config: Config, codes: dict, *, n_embed: int, vqvae: dict, fingerprint: str,
-                 reference: dict, device: torch.device, state: LoopState, previous: dict | None = None):
+                 reference: dict, device: torch.device, state: LoopState, references: dict | None = None):
         pc = config.prior
         self.config, self.device, self.state = config, device, state
         # Kept as int32 (half of int64: the training codes with their mirrored and shifted
@@ -63,10 +65,13 @@ class PriorTraining:
         self.top_grid = tuple(self.train_top.shape[1:])
         self.model = build_prior(config.prior, n_embed, self.top_grid).to(device)
         self.key_every = getattr(self.model, "key_every", None)  # a volume prior's
-        self.previous = None
+        self.references = None
         if self.key_every is not None:
-            self.previous = {name: torch.as_tensor(np.asarray(previous[name]), dtype=torch.long)
-                             for name in ("train", "validate")}
+            shares = gap_shares(self.key_every)
+            self.gaps, self.gap_shares = torch.tensor(list(shares)), torch.tensor(list(shares.values()))
+            self.references = {"train": {gap: torch.as_tensor(references["train"][gap], dtype=torch.long)
+                                         for gap in shares if gap},
+                               "validate": torch.as_tensor(np.asarray(references["validate"]), dtype=torch.long)}
         self.optimizer = steps.build_optimizer(self.model.parameters(), pc)
         self.scheduler = steps.build_schedule(self.optimizer, pc, state)
         self.precision = resolve_precision(config.train.precision, device)
@@ -76,25 +81,28 @@ class PriorTraining:
 
     # ------------------------------------------------------------------ steps ----------
     def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
-        """The grids ``indices`` and (a volume prior) the grids before them, -1 for key slices."""
+        """The grids ``indices`` and (a volume prior) the grids each is coded after, a gap drawn per grid."""
         index = torch.from_numpy(indices)
-        before = None
-        if self.previous is not None:
-            before = self.previous["train"][index]
-            before = torch.where(torch.rand(len(before)) < 1 / self.key_every, -1, before)
+        refs = None
+        if self.references is not None:
+            gap = self.gaps[torch.multinomial(self.gap_shares, len(index), replacement=True)]
+            refs = torch.full((len(index), 2), -1, dtype=torch.long)
+            for value, table in self.references["train"].items():
+                refs = torch.where((gap == value)[:, None], table[index], refs)
         return (self.train_top[index].to(self.device).long(), self.train_bottom[index].to(self.device).long(),
-                self._grids_before(before, self.train_top, self.train_bottom))
+                self._referenced(refs, self.train_top, self.train_bottom))
 
-    def _nll_bits(self, top: torch.Tensor, bottom: torch.Tensor, before: tuple | None):
-        """The prior's bits per code of each level (given the grids before, for a volume prior)."""
-        return self.model.nll_bits(top, bottom) if before is None else self.model.nll_bits(top, bottom, before)
+    def _nll_bits(self, top: torch.Tensor, bottom: torch.Tensor, refs: tuple | None):
+        """The prior's bits per code of each level (given the referenced grids, for a volume prior)."""
+        return self.model.nll_bits(top, bottom) if refs is None else self.model.nll_bits(top, bottom, refs)
 
-    def _grids_before(self, before: torch.Tensor | None, top: torch.Tensor, bottom: torch.Tensor) -> tuple | None:
-        """The grids ``before`` (indices into ``top`` and ``bottom``; -1: -1 grids), on the device."""
-        if before is None:
+    def _referenced(self, refs: torch.Tensor | None, top: torch.Tensor, bottom: torch.Tensor) -> tuple | None:
+        """The grids ``refs`` ``(B, 2)`` (indices into ``top`` and ``bottom``; -1: -1 grids) as
+        ``(B, 2, h, w)`` and ``(B, 2, 2h, 2w)`` on the device."""
+        if refs is None:
             return None
-        keep = (before >= 0)[:, None, None]
-        return tuple(torch.where(keep, grids[before.clamp(min=0)].long(), -1).to(self.device) for grids in (top, bottom))
+        keep = (refs >= 0)[:, :, None, None]
+        return tuple(torch.where(keep, grids[refs.clamp(min=0)].long(), -1).to(self.device) for grids in (top, bottom))
 
     def _mean_bits(self, nll_top: torch.Tensor, nll_bottom: torch.Tensor) -> torch.Tensor:
         """Mean bits per code over both levels, weighted by how many codes each has."""
@@ -102,11 +110,11 @@ class PriorTraining:
         return (nll_top * n_top + nll_bottom * n_bottom) / (n_top + n_bottom)
 
     def train_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        top, bottom, before = batch
+        top, bottom, refs = batch
 
         def forward():
             with autocast(self.device, self.precision):
-                nll_top, nll_bottom = self._nll_bits(top, bottom, before)
+                nll_top, nll_bottom = self._nll_bits(top, bottom, refs)
             return self._mean_bits(nll_top, nll_bottom), {"top": nll_top.detach(), "bottom": nll_bottom.detach()}, None
 
         result = steps.optimisation_step(self.model, self.optimizer, self.scaler, forward,
@@ -134,9 +142,9 @@ class PriorTraining:
         for lo in range(0, n, size):
             top = self.val_top[lo:lo + size].to(self.device).long()
             bottom = self.val_bottom[lo:lo + size].to(self.device).long()
-            before = None if self.previous is None else self._grids_before(
-                self.previous["validate"][lo:lo + size], self.val_top, self.val_bottom)
-            nll_top, nll_bottom = self._nll_bits(top, bottom, before)
+            refs = None if self.references is None else self._referenced(
+                self.references["validate"][lo:lo + size], self.val_top, self.val_bottom)
+            nll_top, nll_bottom = self._nll_bits(top, bottom, refs)
             sums[0] += float(nll_top) * len(top)
             sums[1] += float(nll_bottom) * len(top)
         self.model.train(was_training)

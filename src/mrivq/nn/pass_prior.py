@@ -156,37 +156,37 @@ class PassPrior(nn.Module):
     def levels(self):
         return (("top", self.top), ("bottom", self.bottom))
 
-    def condition_for(self, level: str, codes_top: torch.Tensor | None, previous=None) -> torch.Tensor | None:
+    def condition_for(self, level: str, codes_top: torch.Tensor | None, references=None) -> torch.Tensor | None:
         """What ``level``'s net adds to its inputs ``(B, channels, rows, cols)``: nothing for the
-        top grid, the top grid's features for the bottom (``previous``: for a volume prior)."""
+        top grid, the top grid's features for the bottom (``references``: for a volume prior)."""
         return self.condition(codes_top) if level == "bottom" else None
 
-    def logit_bias(self, level: str, previous=None) -> torch.Tensor | None:
+    def logit_bias(self, level: str, references=None) -> torch.Tensor | None:
         """What ``level``'s logits get added ``(B, K, rows, cols)``: nothing here (a volume prior's
         table of the code at the same place of the slice before)."""
         return None
 
-    def _inputs(self, level: str, codes_top: torch.Tensor | None, previous) -> tuple:
-        return self.condition_for(level, codes_top, previous), self.logit_bias(level, previous)
+    def _inputs(self, level: str, codes_top: torch.Tensor | None, references) -> tuple:
+        return self.condition_for(level, codes_top, references), self.logit_bias(level, references)
 
     def forward(self, codes_top: torch.Tensor, codes_bottom: torch.Tensor,
-                previous=None) -> tuple[torch.Tensor, torch.Tensor]:
+                references=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``(B, K, h, w)`` and ``(B, K, 2h, 2w)`` of every code given the codes of the passes
         before its own (what the coder uses): one evaluation of each net per pass."""
-        return (_all_passes(self.top, codes_top, *self._inputs("top", codes_top, previous)),
-                _all_passes(self.bottom, codes_bottom, *self._inputs("bottom", codes_top, previous)))
+        return (_all_passes(self.top, codes_top, *self._inputs("top", codes_top, references)),
+                _all_passes(self.bottom, codes_bottom, *self._inputs("bottom", codes_top, references)))
 
     def nll_bits(self, codes_top: torch.Tensor, codes_bottom: torch.Tensor,
-                 previous=None) -> tuple[torch.Tensor, torch.Tensor]:
+                 references=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean bits per code of each level. Training (``self.training``): each grid predicts the
         codes of one pass drawn with the probability of its share of the grid, an unbiased estimate
         at one evaluation per level; otherwise the exact figure over every pass."""
         if not self.training:
-            logits_top, logits_bottom = self(codes_top, codes_bottom, previous)
+            logits_top, logits_bottom = self(codes_top, codes_bottom, references)
             return (F.cross_entropy(logits_top.float(), codes_top) / math.log(2),
                     F.cross_entropy(logits_bottom.float(), codes_bottom) / math.log(2))
-        return (_one_pass_bits(self.top, codes_top, *self._inputs("top", codes_top, previous)),
-                _one_pass_bits(self.bottom, codes_bottom, *self._inputs("bottom", codes_top, previous)))
+        return (_one_pass_bits(self.top, codes_top, *self._inputs("top", codes_top, references)),
+                _one_pass_bits(self.bottom, codes_bottom, *self._inputs("bottom", codes_top, references)))
 
     @torch.no_grad()
     def sample(self, n: int, *, temperature: float = 1.0, top_p: float = 1.0,
@@ -208,52 +208,55 @@ class PassPrior(nn.Module):
 
 
 class VolumePrior(PassPrior):
-    """A pass prior over the codes of a slice given those of the slice before it in its volume:
-    ``p(top | before) p(bottom | top, before)``. Each net also adds, at every position, the
-    embedding of the code at the same place of the previous slice (its own grid's), or of "no
-    slice before" for a key slice, so its convolutions see the previous slice's neighbourhood;
-    and its logits get that code's row of a learnt table (``follow_*``: log-odds of each code
-    given the code before, as a count model of the pair would hold).
+    """A pass prior over the codes of a slice given those of two slices it is coded after, the
+    one before it and the one after it in its volume (:func:`mrivq.data.volumes.references`):
+    ``p(top | refs) p(bottom | top, refs)``. Each net also adds, at every position, the embedding
+    of the code at the same place of each reference (its own grid's; "none" where a slice has no
+    such reference), so its convolutions see their neighbourhoods; and its logits get those
+    codes' rows of a learnt table of log-odds (``follow_*``: what a count model of the pairs
+    would hold; the nets alone would need many channels to map 512 codes onto themselves).
 
-    ``previous``: ``(codes_top, codes_bottom)`` of the slices before, int64 grids with
-    ``n_embed`` (or -1) where a slice has none; None: none has (key slices, and sampling).
-    ``key_every``: the coder starts a chain afresh every ``key_every`` slices.
+    ``references``: ``(codes_top (B, 2, h, w), codes_bottom (B, 2, 2h, 2w))``, the slice before
+    and the slice after, int64 with -1 where a slice has none; None: none has (key slices, and
+    sampling). ``key_every``: the coder's key slices come every ``key_every`` slices of a run.
 
     Example:
         >>> prior = VolumePrior(32, (8, 4), channels=16, layers=2)
         >>> top, bottom = prior.sample(2)
-        >>> prior.nll_bits(top, bottom, (top, bottom))[0].shape
+        >>> refs = (torch.stack([top, top], 1), torch.stack([bottom, -torch.ones_like(bottom)], 1))
+        >>> prior.nll_bits(top, bottom, refs)[0].shape
         torch.Size([])
     """
 
     kind = "volume"
+    SLOTS = 2  # the slice before, the slice after
 
     def __init__(self, n_embed: int, top_grid: tuple[int, int], *, key_every: int = 8, **sizes) -> None:
         super().__init__(n_embed, top_grid, **sizes)
-        self.key_every = self.sizes["key_every"] = key_every  # a chain of slices starts afresh every key_every
+        self.key_every = self.sizes["key_every"] = key_every
         channels = self.sizes["channels"]
-        self.previous_top = nn.Embedding(n_embed + 1, channels)  # index n_embed: no slice before
-        self.previous_bottom = nn.Embedding(n_embed + 1, channels)
-        # log-odds of each code given the code at the same place before (a count model's table,
-        # learnt): the nets would need many channels to map 512 codes onto themselves
-        self.follow_top = nn.Embedding(n_embed + 1, n_embed)
-        self.follow_bottom = nn.Embedding(n_embed + 1, n_embed)
+        # one table per level and use, rows slot * (n_embed + 1) + code; code n_embed: none
+        rows = self.SLOTS * (n_embed + 1)
+        self.seen_top, self.seen_bottom = nn.Embedding(rows, channels), nn.Embedding(rows, channels)
+        self.follow_top, self.follow_bottom = nn.Embedding(rows, n_embed), nn.Embedding(rows, n_embed)
         for follow in (self.follow_top, self.follow_bottom):
             nn.init.zeros_(follow.weight)
 
-    def _before(self, level: str, previous, table: nn.Embedding) -> torch.Tensor:
-        """``table``'s rows of the codes of the slices before ``(B or 1, D, rows, cols)``."""
+    def _referenced(self, level: str, references, table: nn.Embedding) -> torch.Tensor:
+        """The sum of ``table``'s rows of the references' codes ``(B or 1, D, rows, cols)``."""
         grid = (self.top if level == "top" else self.bottom).grid
-        if previous is None:
-            return table.weight[self.n_embed][None, :, None, None].expand(1, -1, *grid)
-        codes = previous[0 if level == "top" else 1].reshape(-1, *grid)
-        return table(torch.where(codes < 0, self.n_embed, codes)).permute(0, 3, 1, 2)
+        slot = (self.n_embed + 1) * torch.arange(self.SLOTS, device=table.weight.device)
+        if references is None:
+            return table.weight[slot + self.n_embed].sum(0)[None, :, None, None].expand(1, -1, *grid)
+        codes = references[0 if level == "top" else 1].reshape(-1, self.SLOTS, *grid)
+        rows = torch.where(codes < 0, self.n_embed, codes) + slot[None, :, None, None]
+        return table(rows).sum(1).permute(0, 3, 1, 2)
 
-    def logit_bias(self, level: str, previous=None) -> torch.Tensor:
-        return self._before(level, previous, self.follow_top if level == "top" else self.follow_bottom)
+    def logit_bias(self, level: str, references=None) -> torch.Tensor:
+        return self._referenced(level, references, self.follow_top if level == "top" else self.follow_bottom)
 
-    def condition_for(self, level: str, codes_top: torch.Tensor | None, previous=None) -> torch.Tensor | None:
-        seen = self._before(level, previous, self.previous_top if level == "top" else self.previous_bottom)
+    def condition_for(self, level: str, codes_top: torch.Tensor | None, references=None) -> torch.Tensor | None:
+        seen = self._referenced(level, references, self.seen_top if level == "top" else self.seen_bottom)
         own = super().condition_for(level, codes_top)
         return seen if own is None else own + seen
 

@@ -201,37 +201,37 @@ class IntegerPassPrior(IntegerCopy):
             device = "cpu"
         return super().to(device)
 
-    def condition(self, level: str, codes_top: np.ndarray | None, previous) -> torch.Tensor | None:
+    def condition(self, level: str, codes_top: np.ndarray | None, references) -> torch.Tensor | None:
         """int64 ``(B, rows, cols, C)`` or None: what ``level``'s net adds to its inputs (the top
-        grid's features over the bottom grid; ``previous``: for a volume copy)."""
+        grid's features over the bottom grid; ``references``: for a volume copy)."""
         if level == "top":
             return None
         x = self.condition_net.stream(torch.as_tensor(codes_top, device=self.device), None, None)
         return x.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
 
-    def logits(self, level: str, net: _IntegerNet, head_input: torch.Tensor, previous, i: int,
+    def logits(self, level: str, net: _IntegerNet, head_input: torch.Tensor, references, i: int,
                here: torch.Tensor) -> torch.Tensor:
         """int64 ``(P, K)``: the logits of the positions ``here`` of the batch's slice ``i``, from its
-        ``(P, C)`` head input (and, for a volume copy, the codes of the slice before)."""
+        ``(P, C)`` head input (and, for a volume copy, the codes of the slices it references)."""
         return net.logits(head_input)
 
     @torch.inference_mode()
-    def code_batch(self, lo: int, size: int, code, known=None, previous=None) -> tuple[np.ndarray, np.ndarray]:
+    def code_batch(self, lo: int, size: int, code, known=None, references=None) -> tuple[np.ndarray, np.ndarray]:
         """Slices ``lo`` to ``lo + size``, each grid pass by pass, the bottom given the top:
         ``code(level, weights (P, K), slice, positions)`` codes one slice's ``P`` flat positions of a
         pass and returns their codes (``known`` is not needed: a pass reads only the codes of the
-        passes before it; ``previous``: the codes of the slices before, for a volume copy). The
+        passes before it; ``references``: the codes of the slices it references, for a volume copy). The
         weights are integers from 1 to ``2**EXP_BITS``; the network runs on the whole batch, the
         head one grid at a time (its logits then stay in the caches)."""
         out = {}
         for level, net in (("top", self.top), ("bottom", self.bottom)):
-            condition = self.condition(level, out.get("top"), previous)
+            condition = self.condition(level, out.get("top"), references)
             codes = torch.zeros(size, net.order.numel(), dtype=torch.long, device=self.device)
             for step in range(net.passes):
                 here = (net.order.flatten() == step).nonzero()[:, 0]
                 where = here.cpu().numpy()
                 head_inputs = net.head_input(codes.view(size, *net.order.shape), step, condition)
-                symbols = np.stack([code(level, weights_from_logits(self.logits(level, net, head_input, previous, i, here),
+                symbols = np.stack([code(level, weights_from_logits(self.logits(level, net, head_input, references, i, here),
                                                                     self.coder_table), lo + i, where)
                                     for i, head_input in enumerate(head_inputs)])
                 codes[:, here] = torch.as_tensor(symbols, dtype=torch.long, device=self.device)
@@ -240,32 +240,34 @@ class IntegerPassPrior(IntegerCopy):
 
 
 class IntegerVolumePrior(IntegerPassPrior):
-    """The coding path of a :class:`VolumePrior`: each net also adds the table entry of the code
-    at the same place of the slice before (``previous`` of :meth:`code_batch`: flat codes, -1
-    where a slice has none, as :func:`mrivq.compression.driver.run` gives them)."""
+    """The coding path of a :class:`VolumePrior`: each net also adds the table rows of the codes
+    at the same place of the slices it is coded after (``references`` of :meth:`code_batch`: flat
+    codes ``(B, 2, P)``, -1 where a slice has none, as :func:`mrivq.compression.driver.run` gives
+    them), and its logits those codes' rows of the ``follow`` tables."""
 
     coding = "volume"
     volumes = True
 
-    def _before(self, level: str, previous, slices) -> torch.Tensor:
-        """The codes of the slices before at ``slices`` ``(B, P)`` (``n_embed`` for none)."""
-        if previous is None:
-            return torch.full((1, 1), self.top.n_embed, dtype=torch.long, device=self.device)
-        codes = torch.as_tensor(previous[0 if level == "top" else 1], device=self.device)[slices]
-        return torch.where(codes < 0, self.top.n_embed, codes)
+    def _rows(self, level: str, references, at) -> torch.Tensor:
+        """The table rows ``(B, 2, P)`` of the references' codes at ``at`` (or ``(1, 2, 1)``: none)."""
+        n_embed = self.top.n_embed
+        slot = (n_embed + 1) * torch.arange(VolumePrior.SLOTS, device=self.device)[None, :, None]
+        if references is None:
+            return slot + n_embed
+        codes = torch.as_tensor(references[0 if level == "top" else 1], device=self.device)[at]
+        return torch.where(codes < 0, n_embed, codes) + slot
 
-    def condition(self, level: str, codes_top: np.ndarray | None, previous) -> torch.Tensor:
-        own = super().condition(level, codes_top, previous)
+    def condition(self, level: str, codes_top: np.ndarray | None, references) -> torch.Tensor:
+        own = super().condition(level, codes_top, references)
         shape = (self.top if level == "top" else self.bottom).order.shape
-        seen = self.state[f"previous_{level}"][self._before(level, previous, slice(None))]
-        seen = seen.expand(1, shape.numel(), -1) if previous is None else seen
-        seen = seen.reshape(len(seen), *shape, -1)
+        seen = self.state[f"seen_{level}"][self._rows(level, references, slice(None))].sum(1)  # (B, P or 1, C)
+        seen = seen.expand(len(seen), shape.numel(), -1).reshape(len(seen), *shape, -1)
         return seen if own is None else own + seen
 
-    def logits(self, level: str, net: _IntegerNet, head_input: torch.Tensor, previous, i: int,
+    def logits(self, level: str, net: _IntegerNet, head_input: torch.Tensor, references, i: int,
                here: torch.Tensor) -> torch.Tensor:
-        before = self._before(level, previous, (i, here))  # (P,), or (1, 1) for none
-        return net.logits(head_input) + self.state[f"follow_{level}"][before.reshape(-1)]
+        rows = self._rows(level, references, (slice(i, i + 1), slice(None), here))  # (1, 2, P or 1)
+        return net.logits(head_input) + self.state[f"follow_{level}"][rows[0]].sum(0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -282,11 +284,12 @@ def pass_copy(prior: PassPrior, codes_top: torch.Tensor, codes_bottom: torch.Ten
     volume = isinstance(prior, VolumePrior)
     records = {}
     _traced(prior.condition, records, "condition", codes_top)
-    # A volume prior is calibrated on key slices and on slices after another (here the grid before
-    # each in the batch: consecutive training slices are neighbours).
-    for previous in (None, (codes_top.roll(1, 0), codes_bottom.roll(1, 0)))[:1 + volume]:
+    # A volume prior is calibrated on key slices and on slices between two others (here the grids
+    # before and after each in the batch: consecutive training slices are neighbours).
+    between = tuple(torch.stack([codes.roll(1, 0), codes.roll(-1, 0)], 1) for codes in (codes_top, codes_bottom))
+    for references in (None, between)[:1 + volume]:
         for level, net, codes in (("top", prior.top, codes_top), ("bottom", prior.bottom, codes_bottom)):
-            condition = prior.condition_for(level, codes_top, previous)
+            condition = prior.condition_for(level, codes_top, references)
             for step in range(net.passes):
                 _traced(net, records, level, codes, torch.full((len(codes),), step), condition)
     stream = max(records[name]["stream"] for name in records)
@@ -303,10 +306,9 @@ def pass_copy(prior: PassPrior, codes_top: torch.Tensor, codes_bottom: torch.Ten
     }
     if volume:
         state["format"] = "mrivq-integer-volume-prior"
-        state["previous_top"] = table(prior.previous_top.weight, unit)
-        state["previous_bottom"] = table(prior.previous_bottom.weight, unit)
-        state["follow_top"] = table(prior.follow_top.weight, 1.0 / LOGIT_UNITS)
-        state["follow_bottom"] = table(prior.follow_bottom.weight, 1.0 / LOGIT_UNITS)
+        for level in ("top", "bottom"):
+            state[f"seen_{level}"] = table(getattr(prior, f"seen_{level}").weight, unit)
+            state[f"follow_{level}"] = table(getattr(prior, f"follow_{level}").weight, 1.0 / LOGIT_UNITS)
     problem = bounds_problem(state, BOUNDS)
     if problem:
         raise ValueError(f"the integer copy of this prior {problem}: its activations or weights are out of "
@@ -384,7 +386,7 @@ def _conv_state(conv: torch.nn.Conv2d, input_scale: float, output_unit: float) -
 #: STREAM_LIMIT, at most 1024 channels (a product below 2**29) and the bias shifted up by SHIFT
 #: bits, every product and sum stays inside int64.
 BOUNDS = {"multiplier": 1 << 34, "activations": 1 << 30, "bias": 1 << 30, "code": 1 << 36, "step": 1 << 36,
-          "row": 1 << 36, "col": 1 << 36, "previous_top": 1 << 36, "previous_bottom": 1 << 36,
+          "row": 1 << 36, "col": 1 << 36, "seen_top": 1 << 35, "seen_bottom": 1 << 35,
           "follow_top": 1 << 36, "follow_bottom": 1 << 36}
 
 
