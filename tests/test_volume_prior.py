@@ -17,7 +17,14 @@ from mrivq.apps import train_prior as train_prior_module
 from mrivq.compression import codec, driver
 from mrivq.compression.container import read_codes_file
 from mrivq.compression.portable.passes import IntegerVolumePrior, pass_copy, pass_copy_problem
-from mrivq.data.volumes import coding_depths, gap_shares, neighbours, references, volume_place, volume_runs
+from mrivq.data.volumes import (
+    coding_depths,
+    gap_shares,
+    neighbours,
+    references,
+    volume_place,
+    volume_runs,
+)
 from mrivq.engine.checkpoint import load_checkpoint
 from mrivq.nn.pass_prior import VolumePrior
 
@@ -165,7 +172,7 @@ def test_volume_prior_trains_on_consecutive_slices_and_codes_files_decode_reads(
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     # a slice range decodes to the same slices, written alone
-    last = sorted(names)[-1]
+    last = max(names)
     assert run_main(["decode", "--checkpoint", str(work["vqvae"]), str(coded), "--out", str(tmp_path / "one"),
                      "--prior", str(prior), "--slices", last[:-len("slice_5.nii.gz")] + "slice_5*"]) == 0
     assert [p.name for p in (tmp_path / "one").glob("*.nii.gz")] == [last]
