@@ -370,13 +370,14 @@ class PassPriorSettings(_Section):
 
 class VolumePriorSettings(PassPriorSettings):
     """The volume prior (prior.kind: volume): a pass prior that codes each slice given the codes
-    of the slice before it in its volume (HipMRI's case_NNN_week_W_slice_S names)."""
+    of two slices of its volume, one on either side (HipMRI's case_NNN_week_W_slice_S names)."""
 
     key_every: int = Field(
         default=8, ge=1, le=1024,
-        description="A slice is coded afresh, as a key slice with no slice before it, every this "
-                    "many consecutive slices of a volume (1: every slice alone), so decoding one "
-                    "slice decodes at most this many.")
+        description="Every this many consecutive slices of a volume (and its last) a key slice is "
+                    "coded alone; the slices between are coded given two coded ones, halving the "
+                    "gaps (1: every slice alone). Decoding one slice decodes at most "
+                    "2 log2(key_every) others.")
 
 
 class TransformerPriorSettings(_Section):
@@ -507,8 +508,8 @@ class PriorConfig(Optimisation):
         default="passes",
         description="Which prior (was prior.architecture). passes: residual convolutions "
                     "predicting each grid in a few interleaved passes (sizes in prior.passes). "
-                    "volume: a pass prior that codes each slice of a volume given the slice "
-                    "before it (sizes and key_every in prior.volume; slices named "
+                    "volume: a pass prior that codes each slice of a volume given slices on "
+                    "either side of it (sizes and key_every in prior.volume; slices named "
                     "case_NNN_week_W_slice_S are volumes, other names single slices). "
                     "transformer: causal transformers coding one code at a time in raster order "
                     "(sizes in prior.transformer): files about a fifth smaller, coding an order "
