@@ -266,8 +266,11 @@ class IntegerVolumePrior(IntegerPassPrior):
 
     def logits(self, level: str, net: _IntegerNet, head_input: torch.Tensor, references, i: int,
                here: torch.Tensor) -> torch.Tensor:
-        rows = self._rows(level, references, (slice(i, i + 1), slice(None), here))  # (1, 2, P or 1)
-        return net.logits(head_input) + self.state[f"follow_{level}"][rows[0]].sum(0)
+        rows = self._rows(level, references, (slice(i, i + 1), slice(None), here))[0]  # (2, P or 1)
+        logits, follow = net.logits(head_input), self.state[f"follow_{level}"]
+        for slot_rows in rows:  # index_select: 1.6-2x as fast as indexing here
+            logits += follow.index_select(0, slot_rows)
+        return logits
 
 
 # ---------------------------------------------------------------------------------------
