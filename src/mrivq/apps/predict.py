@@ -26,6 +26,8 @@ from mrivq.compression.codec import Codec, CodecInput, model_fingerprint, slices
 from mrivq.compression.codecs import (
     CODEC_PROTOCOL,
     CODECS,
+    SEQUENCE_CODEC,
+    SEQUENCE_LABEL,
     available_codecs,
     compare_codecs,
     compare_sequences,
@@ -271,7 +273,13 @@ def _compare_codecs(unit_images: np.ndarray, rates: dict, names: list[str]) -> C
     # (every point scores its slices with SSIM, ~1.5 s per 120 slices on 2 CPU cores).
     rd_slices = np.linspace(0, n - 1, min(n, RD_SLICES)).round().astype(int)
     log.info("rate-distortion curves: %d test slices at each quality setting of each codec", len(rd_slices))
-    return CodecComparison(tables, rate_distortion(unit_images[rd_slices]), len(rd_slices))
+    curves = rate_distortion(unit_images[rd_slices])
+    sequence = sorted((scores[SEQUENCE_CODEC] for scores in tables.values() if SEQUENCE_CODEC in scores),
+                      key=lambda entry: entry["bits_per_pixel"]["mean"])
+    if sequence:  # the AVIF sequence at the model's file rates, every test slice: its points on the picture
+        curves[SEQUENCE_CODEC] = [{"setting": entry["setting"]["median"], "bits_per_pixel": entry["bits_per_pixel"]["mean"],
+                                   "ssim": entry["ssim"]["mean"], "psnr": entry["psnr"]["mean"]} for entry in sequence]
+    return CodecComparison(tables, curves, len(rd_slices))
 
 
 def _write_outputs(config: Config, summary: dict, rates: dict, test_files: list[str], result: Evaluation) -> Path:
@@ -281,7 +289,8 @@ def _write_outputs(config: Config, summary: dict, rates: dict, test_files: list[
     plot_rate_distortion(curves, [
         {"label": f"VQ-VAE-2, {RATE_NAMES[name]}", "bits_per_pixel": rate, "ssim": model["ssim"], "psnr": model["psnr"]}
         for name, rate in rates.items()
-    ], config.visual_dir / "rate_distortion.png", {name: CODECS[name].label for name in curves})
+    ], config.visual_dir / "rate_distortion.png",
+        {name: CODECS[name].label if name in CODECS else SEQUENCE_LABEL for name in curves})
     out_dir = config.run_dir / "predict"
     rows = _per_slice_csv(test_files, result)
     atomic_write(out_dir / "per_slice.csv", lambda fh: fh.write(rows.encode()))
