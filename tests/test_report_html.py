@@ -90,8 +90,13 @@ def test_predict_draws_the_model_among_the_codec_rate_distortion_curves(predicte
     assert rates["frequencies"]["bits_per_pixel"] == model["bits_per_pixel_entropy_coded"]
     assert rates["raw"]["codecs"] == summary["codecs"]["codecs"]
     assert model["ssim"] == summary["ssim"]["mean"]
-    assert curves["codecs"].keys() == summary["codecs"]["codecs"].keys()
-    assert all(len(points) == 8 for points in curves["codecs"].values())
+    # each codec's curve over its settings, and the AVIF sequence at the codes file's rate
+    assert curves["codecs"].keys() == {*summary["codecs"]["codecs"], "avif_sequence"}
+    assert all(len(points) == 8 for name, points in curves["codecs"].items() if name != "avif_sequence")
+    sequence = rates["frequencies"]["codecs"]["avif_sequence"]
+    assert curves["codecs"]["avif_sequence"] == [{"setting": sequence["setting"]["median"],
+                                                 "bits_per_pixel": sequence["bits_per_pixel"]["mean"],
+                                                 "ssim": sequence["ssim"]["mean"], "psnr": sequence["psnr"]["mean"]}]
     assert "Rate–distortion" in (run_dir / "report.html").read_text()
     # a summary from before the curves: the section says they are missing
     older = {k: v for k, v in summary.items() if k != "rate_distortion"}
