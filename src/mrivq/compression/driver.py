@@ -130,22 +130,22 @@ def run(copy, n: int, code, known: dict[str, np.ndarray] | None, batch_size: int
     decoder decodes the slices in waves, each slice once the slices it references are decoded."""
     side = "decode" if known is None else "encode"
     batch_size = batch_size or copy.batch[side]
-    if references is None:
-        waves = [np.arange(n)]
-    else:
+    waves = [np.arange(n)]  # the encoder's one wave: it knows every code
+    if references is not None:
         references = np.asarray(references, dtype=np.int64)
         depth = coding_depths(references)
-        waves = [np.arange(n)] if known is not None else [np.flatnonzero(depth == d) for d in range(depth.max() + 1)]
-    order = np.concatenate(waves)  # position p of the walk codes slice order[p]
-    in_order = known if references is None else {level: codes[order] for level, codes in known.items()} if known \
-        else None
+        if depth is None:
+            raise ValueError("the references are not an order a decoder can follow")
+        if known is None:
+            waves = [np.flatnonzero(depth == d) for d in range(depth.max() + 1)]
+    order = np.concatenate(waves)  # position p of the walk codes slice order[p] (the encoder's: p)
     bar = tqdm(total=n, desc="prior coder", unit="slice", disable=None, leave=False)
     out = []
 
     def counted(lo: int, size: int):
         extra = {} if references is None else {
             "references": _referenced_codes(out, known, references[order[lo:lo + size]])}
-        part = copy.code_batch(lo, size, lambda level, w, p, where: code(level, w, order[p], where), in_order, **extra)
+        part = copy.code_batch(lo, size, lambda level, w, p, where: code(level, w, order[p], where), known, **extra)
         bar.update(size)
         return part
 
