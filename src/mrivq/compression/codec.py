@@ -228,11 +228,11 @@ class Codec:
     def compress_codes(self, codes: tuple[np.ndarray, np.ndarray], slices: CodecInput, *,
                        under_prior: bool = True, layers: tuple[str, ...] = ()) -> Compressed:
         """A codes file of ``codes`` (of ``slices``), range-coded under the prior's integer copy when
-        the codec has a prior and ``under_prior`` and that file is the smaller (:data:`SMALLEST_FILE`),
-        else under the codes' frequencies; decoded again
-        through the decoder's own path before returning (a file that would not decode back is a
-        bug here, never a file written). ``layers``: coding layers (:mod:`mrivq.compression.layers`)
-        on top of the codes, in the order they apply."""
+        the codec has a prior and ``under_prior`` and that file is the smaller
+        (:data:`SMALLEST_FILE`), else under the codes' frequencies; decoded again through the
+        decoder's own path before returning (a file that would not decode back is a bug here,
+        never a file written). ``layers``: coding layers (:mod:`mrivq.compression.layers`) on top
+        of the codes, in the order they apply."""
         top, bottom = codes
         start = time.perf_counter()
         header = {"format": "mrivq-codes", "version": VERSION, "n": len(top), "n_embed": self.n_embed,
