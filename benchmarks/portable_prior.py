@@ -39,6 +39,7 @@ from mrivq.data.preprocess import Preprocessing
 from mrivq.data.sources import data_splits
 from mrivq.data.volumes import references
 from mrivq.engine.checkpoint import load_prior
+from mrivq.nn.pass_prior import referenced_grids
 
 
 def main() -> None:
@@ -68,9 +69,7 @@ def main() -> None:
             t, b = (torch.as_tensor(a[lo:lo + 16]).long() for a in (top, bottom))
             extra = []
             if volumes:
-                at = torch.as_tensor(refs[lo:lo + 16])
-                extra = [tuple(torch.where((at >= 0)[:, :, None, None], torch.as_tensor(a)[at.clamp(min=0)], -1)
-                               for a in (top, bottom))]
+                extra = [referenced_grids(refs[lo:lo + 16], torch.as_tensor(top), torch.as_tensor(bottom))]
             nll_top, nll_bottom = prior.nll_bits(t, b, *extra)
             float_bits += len(t) * (float(nll_top) * t[0].numel() + float(nll_bottom) * b[0].numel())
     out = {"slices": n, "float_bits_per_pixel": float_bits / (n * pixels)}

@@ -26,7 +26,7 @@ from mrivq.data.volumes import (
     volume_runs,
 )
 from mrivq.engine.checkpoint import load_checkpoint
-from mrivq.nn.pass_prior import VolumePrior
+from mrivq.nn.pass_prior import VolumePrior, referenced_grids
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -67,11 +67,6 @@ def test_coding_depths_count_the_waves_before_each_slice():
     assert coding_depths([[-1, -1], [0, 2], [-1, -1], [1, 2], [1, 3]]).tolist() == [0, 1, 0, 2, 3]
 
 
-def _referenced(refs: torch.Tensor, top: torch.Tensor, bottom: torch.Tensor) -> tuple:
-    """The grids ``refs`` ``(B, 2)`` of ``top`` and ``bottom`` (-1: -1 grids), as the prior takes them."""
-    return tuple(torch.where((refs >= 0)[:, :, None, None], g[refs.clamp(min=0)], -1) for g in (top, bottom))
-
-
 def fitted_volume_prior(seed: int = 0):
     """A tiny volume prior (8 codes) fitted to runs in which each grid repeats the one before it
     with a tenth of its codes redrawn: it learns to lean on its neighbours. Returns the prior, 13
@@ -92,7 +87,7 @@ def fitted_volume_prior(seed: int = 0):
         i = torch.as_tensor(rng.integers(4, 44, size=8))
         gap = torch.as_tensor(rng.choice([0, 1, 2, 4], size=8))
         refs = torch.where((gap > 0)[:, None], torch.stack([i - gap, i + gap], 1), -1)
-        nll_top, nll_bottom = prior.nll_bits(top[i], bottom[i], _referenced(refs, top, bottom))
+        nll_top, nll_bottom = prior.nll_bits(top[i], bottom[i], referenced_grids(refs, top, bottom))
         optimizer.zero_grad()
         (nll_top + 4 * nll_bottom).backward()
         optimizer.step()
@@ -118,7 +113,7 @@ def test_a_slice_coded_between_its_neighbours_costs_less_than_alone(fitted):
     assert between.size < 0.85 * alone.size
     # the stream is what the float prior's probabilities cost (to the coder's rounding)
     with torch.inference_mode():
-        nll_top, nll_bottom = prior.nll_bits(top, bottom, _referenced(torch.as_tensor(refs), top, bottom))
+        nll_top, nll_bottom = prior.nll_bits(top, bottom, referenced_grids(torch.as_tensor(refs), top, bottom))
     float_bits = 13 * (float(nll_top) * 32 + float(nll_bottom) * 128)
     assert between.size * 32 <= float_bits * 1.02 + 13 * 96
 

@@ -210,7 +210,7 @@ def _encode_splits(config: Config, vq_config: Config, vqvae, kept: int | None = 
     load = {"cache_dir": config.data.cache_dir, "on_bad_file": config.data.on_bad_file,
             "workers": config.data.workers, "progress": interactive()}
     codes, refs, fingerprint = {}, {}, model_fingerprint(vqvae)
-    key_every = config.prior.settings.key_every if config.prior.kind == "volume" else None
+    key_every = getattr(config.prior.settings, "key_every", None)  # a prior that codes slices as volumes
     cache_dir = config.data.cache_dir or default_cache_dir()
     for name, files in (("train", splits.train), ("validate", splits.validate)):
         slices = load_split(files, prep, name=name, **load)

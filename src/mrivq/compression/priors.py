@@ -119,21 +119,23 @@ def _transformer_memory(settings: TransformerPriorSettings, top_grid) -> tuple[s
         (settings.n_layer_top * cells + settings.n_layer_bottom * window) * flight["decode"])
 
 
-register(PriorKind(
-    name="passes", label="a pass prior", settings=PassPriorSettings,
-    build=lambda s, n_embed, top_grid: PassPrior(
-        n_embed, top_grid, channels=s.channels, layers=s.layers, condition_layers=s.condition_blocks,
-        passes_top=s.passes_top, passes_bottom=s.passes_bottom),
-    make_copy=pass_copy, copy_problem=pass_copy_problem, load_copy=IntegerPassPrior,
-    working_memory=_pass_memory, calibration_grids=32))
+def _pass_sizes(settings: PassPriorSettings) -> dict:
+    """A pass or volume prior's keyword arguments from its section (``condition_blocks`` is the
+    nets' ``condition_layers``)."""
+    sizes = settings.model_dump()
+    sizes["condition_layers"] = sizes.pop("condition_blocks")
+    return sizes
 
-register(PriorKind(
-    name="volume", label="a volume prior", settings=VolumePriorSettings,
-    build=lambda s, n_embed, top_grid: VolumePrior(
-        n_embed, top_grid, channels=s.channels, layers=s.layers, condition_layers=s.condition_blocks,
-        passes_top=s.passes_top, passes_bottom=s.passes_bottom, key_every=s.key_every),
-    make_copy=pass_copy, copy_problem=pass_copy_problem, load_copy=IntegerVolumePrior,
-    working_memory=_pass_memory, calibration_grids=32))
+
+for _name, _label, _settings, _net, _copy in (
+        ("passes", "a pass prior", PassPriorSettings, PassPrior, IntegerPassPrior),
+        ("volume", "a volume prior", VolumePriorSettings, VolumePrior, IntegerVolumePrior)):
+    register(PriorKind(
+        name=_name, label=_label, settings=_settings,
+        build=lambda s, n_embed, top_grid, net=_net: net(n_embed, top_grid, **_pass_sizes(s)),
+        make_copy=pass_copy, copy_problem=pass_copy_problem, load_copy=_copy,
+        working_memory=_pass_memory, calibration_grids=32))
+del _name, _label, _settings, _net, _copy
 
 register(PriorKind(
     name="transformer", label="a transformer prior", settings=TransformerPriorSettings,

@@ -23,6 +23,7 @@ from mrivq.engine import step as steps
 from mrivq.engine.checkpoint import PRIOR_KIND
 from mrivq.engine.loop import LoopState, RunningSums
 from mrivq.errors import UserError
+from mrivq.nn.pass_prior import referenced_grids
 from mrivq.runtime import autocast, resolve_precision
 
 COLUMNS = [
@@ -97,12 +98,8 @@ class PriorTraining:
         return self.model.nll_bits(top, bottom) if refs is None else self.model.nll_bits(top, bottom, refs)
 
     def _referenced(self, refs: torch.Tensor | None, top: torch.Tensor, bottom: torch.Tensor) -> tuple | None:
-        """The grids ``refs`` ``(B, 2)`` (indices into ``top`` and ``bottom``; -1: -1 grids) as
-        ``(B, 2, h, w)`` and ``(B, 2, 2h, 2w)`` on the device."""
-        if refs is None:
-            return None
-        keep = (refs >= 0)[:, :, None, None]
-        return tuple(torch.where(keep, grids[refs.clamp(min=0)].long(), -1).to(self.device) for grids in (top, bottom))
+        """The grids ``refs`` ``(B, 2)`` of ``top`` and ``bottom`` on the device (:func:`referenced_grids`)."""
+        return None if refs is None else tuple(grids.to(self.device) for grids in referenced_grids(refs, top, bottom))
 
     def _mean_bits(self, nll_top: torch.Tensor, nll_bottom: torch.Tensor) -> torch.Tensor:
         """Mean bits per code over both levels, weighted by how many codes each has."""

@@ -261,6 +261,15 @@ class VolumePrior(PassPrior):
         return seen if own is None else own + seen
 
 
+def referenced_grids(refs: torch.Tensor, codes_top: torch.Tensor, codes_bottom: torch.Tensor) -> tuple:
+    """What a :class:`VolumePrior` takes as ``references``: the grids of ``codes_top`` ``(N, h, w)``
+    and ``codes_bottom`` ``(N, 2h, 2w)`` at the indices ``refs`` ``(B, 2)``, -1 grids where an index is -1:
+    ``((B, 2, h, w), (B, 2, 2h, 2w))`` int64."""
+    refs = torch.as_tensor(refs, dtype=torch.long)
+    keep = (refs >= 0)[:, :, None, None]
+    return tuple(torch.where(keep, grids[refs.clamp(min=0)].long(), -1) for grids in (codes_top, codes_bottom))
+
+
 #: Nucleus sampling looks first among this many most probable codes of each position, and sorts
 #: all of them only where those hold less than ``top_p`` of the probability.
 NUCLEUS_CANDIDATES = 64
