@@ -39,7 +39,7 @@ def decode(checkpoint: str | Path, codes_path: str | Path, out_dir: str | Path, 
     (the stored normalisation undone), the array has the input file's shape and the image its
     affine. ``overwrite``: replace slices an earlier decode wrote there. ``slices``: only the slices
     whose names match one of these shell patterns (``case_004_week_0_slice_1*``); a volume-coded
-    file then decodes just those and the slices their chains start from. Returns the written paths.
+    file then decodes just those and the slices they are coded after. Returns the written paths.
     """
     codes_path = Path(codes_path).expanduser()
     codes = read_codes_file(codes_path)

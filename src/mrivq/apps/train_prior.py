@@ -84,6 +84,7 @@ def train_prior(config: Config, checkpoint: str | Path | None = None, *, resume:
         vqvae = vqvae.to(resolve_device(config.train.device))
         started = _clock()
         kept = None if ckpt is None else ckpt["reference"].get("training_copies")  # a resumed run's copies
+        kept = kept if isinstance(kept, int) and kept >= 0 else None  # (a run from before they were counted: all)
         codes, reference, refs = _encode_splits(config, vq_config, vqvae, kept)
         encoding = _clock() - started
         if config.prior.max_time and ckpt is None:
