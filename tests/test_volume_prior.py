@@ -145,11 +145,18 @@ def test_a_volume_decodes_exactly_whatever_the_floating_point_results_threads_an
         pass
 
 
-def test_volume_prior_trains_on_consecutive_slices_and_codes_files_decode_reads(work, tiny_phantom, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def volume_prior(work, tiny_phantom):
+    """A tiny volume prior (key_every 4) trained by `mrivq train-prior` on the phantom's codes."""
     sets = prior_overrides(tiny_phantom, work["root"], "volume", kind="volume", steps=40, interval=20,
                            **{"volume.channels": 32, "volume.layers": 2, "volume.key_every": 4})
     assert run_main(["train-prior", "--checkpoint", str(work["vqvae"]), *set_args(sets)]) == 0
-    prior = work["root"] / "volume" / "models" / "prior_best.pt"
+    return work["root"] / "volume" / "models" / "prior_best.pt"
+
+
+def test_volume_prior_trains_on_consecutive_slices_and_codes_files_decode_reads(work, volume_prior, tiny_phantom,
+                                                                               tmp_path, capsys):
+    prior = volume_prior
     test = tiny_phantom / "keras_slices_test"
     coded, plain = tmp_path / "volume.mrvq", tmp_path / "plain.mrvq"
     assert run_main(["encode", "--checkpoint", str(work["vqvae"]), str(test), "--out", str(coded),
@@ -186,6 +193,55 @@ def test_volume_prior_trains_on_consecutive_slices_and_codes_files_decode_reads(
     assert run_main(["decode", "--checkpoint", str(work["vqvae"]), str(damaged), "--out", str(tmp_path / "c"),
                      "--prior", str(prior)]) == 2
     assert "not an order a decoder can follow" in capsys.readouterr().err
+
+
+def test_a_3d_nifti_is_coded_as_a_volume_and_decoded_back_whole(work, volume_prior, tiny_phantom, tmp_path, capsys):
+    test = tiny_phantom / "keras_slices_test"
+    case = sorted(test.glob("*_slice_0.nii.gz"))[0].name[:-len("_slice_0.nii.gz")]
+    files = [test / f"{case}_slice_{s}.nii.gz" for s in range(6)]
+    first = nib.load(files[0])
+    affine = first.affine.copy()
+    affine[:3, 2] = [0.5, 0.25, 3.0]  # slices 3 mm apart (and a little oblique)
+    stack = np.stack([np.asarray(nib.load(f).dataobj, dtype=np.float32).reshape(first.shape[:2]) for f in files], 2)
+    volumes = tmp_path / "in"
+    volumes.mkdir()
+    nib.save(nib.Nifti1Image(stack, affine), volumes / "scan.nii.gz")
+    coded, alone = tmp_path / "scan.mrvq", tmp_path / "slices.mrvq"
+    for inputs, out in (([volumes / "scan.nii.gz"], coded), (files, alone)):
+        assert run_main(["encode", "--checkpoint", str(work["vqvae"]), *map(str, inputs), "--out", str(out),
+                         "--prior", str(volume_prior)]) == 0
+    header, slices = read_codes_file(coded).header, read_codes_file(alone).header
+    assert [source["name"] for source in header["sources"]] == [f"scan_slice_{s}.nii.gz" for s in range(6)]
+    assert header["sources"][4]["volume"] == {"name": "scan.nii.gz", "shape": [*first.shape[:2], 6], "index": 4}
+    assert header["references"] == slices["references"]  # the same chain as the volume's named slices
+    assert header["codes_crc32"] == slices["codes_crc32"]  # and the same codes
+    capsys.readouterr()
+    for path, out in ((coded, "whole"), (alone, "each")):
+        assert run_main(["decode", "--checkpoint", str(work["vqvae"]), str(path), "--out", str(tmp_path / out),
+                         "--prior", str(volume_prior)]) == 0
+    assert "wrote 1 NIfTI files" in capsys.readouterr().out
+    whole = nib.load(tmp_path / "whole" / "scan.nii.gz")
+    assert whole.shape == stack.shape and [p.name for p in (tmp_path / "whole").glob("*.nii.gz")] == ["scan.nii.gz"]
+    np.testing.assert_allclose(whole.affine, affine, atol=1e-5)
+    each = np.stack([np.asarray(nib.load(tmp_path / "each" / f.name).dataobj).reshape(stack.shape[:2])
+                     for f in files], 2)
+    assert np.allclose(np.asarray(whole.dataobj), each, rtol=0, atol=1e-4 * np.ptp(each))
+    # some of its slices: each its own 2-D file, where it lies in the volume
+    assert run_main(["decode", "--checkpoint", str(work["vqvae"]), str(coded), "--out", str(tmp_path / "two"),
+                     "--prior", str(volume_prior), "--slices", "scan_slice_[23]*"]) == 0
+    assert sorted(p.name for p in (tmp_path / "two").glob("*.nii.gz")) == ["scan_slice_2.nii.gz", "scan_slice_3.nii.gz"]
+    three = nib.load(tmp_path / "two" / "scan_slice_3.nii.gz")
+    np.testing.assert_allclose(three.affine @ [5, 7, 0, 1], affine @ [5, 7, 3, 1], atol=1e-4)
+    assert np.allclose(np.asarray(three.dataobj), each[:, :, 3], rtol=0, atol=1e-4 * np.ptp(each))
+    # a file whose volume lacks a slice, or names a slice twice, is refused before decoding
+    for index in (5, 4):
+        file = read_codes_file(coded)
+        file.header["sources"][4]["volume"]["index"] = index if index == 5 else 7
+        damaged = tmp_path / f"damaged{index}.mrvq"
+        damaged.write_bytes(file.to_bytes())
+        assert run_main(["decode", "--checkpoint", str(work["vqvae"]), str(damaged), "--out", str(tmp_path / "x"),
+                         "--prior", str(volume_prior)]) == 2
+        assert "does not have each of its 6 slices once" in capsys.readouterr().err
 
 
 def test_encode_never_writes_a_prior_file_larger_than_the_frequency_coded_one(work, tiny_phantom, tmp_path, capsys,

@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from mrivq.apps import flags
 from mrivq.compression.container import read_codes_file
-from mrivq.data.io import nifti_bytes, nifti_image
+from mrivq.data.io import as_stored, nifti_bytes, nifti_image
 from mrivq.engine.checkpoint import load_codec
 from mrivq.errors import UserError
 from mrivq.run_dir import atomic_write, claim_outputs
@@ -37,39 +38,68 @@ def decode(checkpoint: str | Path, codes_path: str | Path, out_dir: str | Path, 
     The stream is decoded (under ``prior`` for a prior-coded file: the ``models/prior_best.pt``
     that encoded it) and checked against the encoder's checksum; intensities are scanner units
     (the stored normalisation undone), the array has the input file's shape and the image its
-    affine. ``overwrite``: replace slices an earlier decode wrote there. ``slices``: only the slices
-    whose names match one of these shell patterns (``case_004_week_0_slice_1*``); a volume-coded
-    file then decodes just those and the slices they are coded after. Returns the written paths.
+    affine. Slices encoded from a 3-D file are written back as that volume, one file, when all of
+    them are decoded. ``overwrite``: replace files an earlier decode wrote there. ``slices``: only
+    the slices whose names match one of these shell patterns (``case_004_week_0_slice_1*``; a
+    volume's slices are ``<stem>_slice_<index>``), each written on its own unless they are a whole
+    volume; a volume-coded file then decodes just those and the slices they are coded after.
+    Returns the written paths.
     """
     codes_path = Path(codes_path).expanduser()
     codes = read_codes_file(codes_path)
     codec = load_codec(checkpoint, prior=prior, device=resolve_device(device), codes_file=codes, codes_path=codes_path)
     out_dir = Path(out_dir).expanduser()
-    names = [source["name"] for source in codes.header["sources"]]
+    sources = codes.header["sources"]
+    names = [source["name"] for source in sources]
     only = None
     if slices:
         only = [i for i, name in enumerate(names) if any(fnmatch.fnmatchcase(name, pattern) for pattern in slices)]
         if not only:
             raise UserError(f"--slices {' '.join(slices)}: no slice of {codes_path} has a matching name (its first: "
                             f"{names[0]}); give a pattern like 'case_004_week_0_slice_1*'")
-    targets = [out_dir / names[i] for i in (range(len(names)) if only is None else only)]
+    outputs = _outputs(sources, range(len(names)) if only is None else only)
+    targets = list(dict.fromkeys(out_dir / name for name in outputs.values()))
     decoded = codec.decompress_codes(codes, codes_path, only=only)
     claim_outputs(out_dir, "decode", targets, overwrite=overwrite, inputs=[codes_path, checkpoint, prior])
-    stream = tqdm(codec.decompress(codes, codes_path, codes=decoded, only=only), total=len(targets), desc="decode",
+    stream = tqdm(codec.decompress(codes, codes_path, codes=decoded, only=only), total=len(outputs), desc="decode",
                   unit="slice", disable=None, leave=False)
-    # Each slice is compressed and written on a second thread while the next batch is decoded
-    # (zlib and the file system release the GIL); at most a batch waits, so memory stays bounded.
-    writer, pending = ThreadPoolExecutor(1), deque()
+    # Each file is compressed and written on a second thread while the next batch is decoded
+    # (zlib and the file system release the GIL); at most a batch waits, so memory stays bounded
+    # (and a volume's slices, until its last is decoded).
+    writer, pending, volumes = ThreadPoolExecutor(1), deque(), {}
     try:
         for i, scanner in stream:
-            pending.append(writer.submit(_write_nifti, out_dir / names[i], scanner, codes.affines[i]))
+            if outputs[i] == names[i]:
+                pending.append(writer.submit(_write_nifti, out_dir / names[i], scanner, codes.affines[i]))
+            else:  # a slice of a volume written whole
+                volume = sources[i]["volume"]
+                parts = volumes.setdefault(volume["name"], {})
+                parts[volume["index"]] = (scanner, codes.affines[i])
+                if len(parts) == volume["shape"][2]:
+                    stack = np.stack([parts[k][0] for k in range(len(parts))])
+                    pending.append(writer.submit(_write_nifti, out_dir / volume["name"],
+                                                 as_stored(stack, volume["shape"], True), parts[0][1]))
+                    del volumes[volume["name"]]
             while len(pending) > codec.batch_size or (pending and pending[0].done()):
                 pending.popleft().result()
         while pending:
             pending.popleft().result()
-    finally:  # on an error or Ctrl-C, the slices not yet started are dropped; none is left half-written
+    finally:  # on an error or Ctrl-C, the files not yet started are dropped; none is left half-written
         writer.shutdown(wait=True, cancel_futures=True)
     return targets
+
+
+def _outputs(sources: list[dict], chosen) -> dict[int, str]:
+    """``{slice index: the file it is written into}`` for the ``chosen`` slices: a slice of a
+    volume whose slices are all chosen goes into the volume's file, every other into its own."""
+    chosen = list(chosen)
+    counts = Counter(sources[i]["volume"]["name"] for i in chosen if "volume" in sources[i])
+
+    def target(source: dict) -> str:
+        volume = source.get("volume")
+        whole = volume is not None and counts[volume["name"]] == volume["shape"][2]
+        return volume["name"] if whole else source["name"]
+    return {i: target(sources[i]) for i in chosen}
 
 
 def _write_nifti(path: Path, scanner, affine) -> None:
@@ -92,5 +122,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args) -> int:
     written = decode(args.checkpoint, args.codes, args.out, prior=args.prior, device=args.device,
                      overwrite=args.overwrite, slices=args.slices)
-    print(f"wrote {len(written)} slices to {args.out}")
+    print(f"wrote {len(written)} NIfTI files to {args.out}")
     return 0

@@ -1,7 +1,9 @@
-"""``mrivq encode``: NIfTI slices -> a codes file (a real bitstream), and what it costs in bits.
+"""``mrivq encode``: NIfTI slices and volumes -> a codes file (a real bitstream), and what it costs in bits.
 
 Slices are preprocessed as the VQ-VAE was trained (fit to ``data.image_size``, per-slice
-normalisation) and encoded in float32; the codes are range-coded under their frequencies, or
+normalisation) and encoded in float32 (a 3-D file slice by slice along its third axis, the
+slices named ``<stem>_slice_<index>``: a volume prior codes them as a volume, and ``mrivq
+decode`` writes them back as one 3-D file); the codes are range-coded under their frequencies, or
 with ``--prior`` under a trained prior, into one file (:mod:`mrivq.compression.container`) that
 holds everything ``mrivq decode`` needs. The stream is decoded again before the file is
 written, through the decoder's own path, so a file that would not decode is never written.
@@ -38,7 +40,7 @@ SUFFIX = ".mrvq"
 
 def encode(checkpoint: str | Path, inputs, out: str | Path, *, prior: str | Path | None = None,
            device: str = "auto", surprise: str | Path | None = None, overwrite: bool = False) -> dict:
-    """Encode NIfTI slices (files or folders) into the codes file ``out`` (``.mrvq``); returns the bits report.
+    """Encode NIfTI slices and 3-D volumes (files or folders) into the codes file ``out`` (``.mrvq``); returns the bits report.
 
     ``prior``: a ``mrivq train-prior`` checkpoint of the same VQ-VAE; the codes are then coded
     under it (decode needs it too). ``device``: where the models run (``auto``: CUDA when present).
@@ -103,7 +105,7 @@ def _check_replaceable(out: Path) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="FILE",
                         help="the VQ-VAE (e.g. runs/default/models/best.pt)")
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI slices or folders of them")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI slices or 3-D volumes, or folders of them")
     parser.add_argument("--out", required=True, metavar="CODES.mrvq")
     parser.add_argument("--prior", metavar="FILE", help="range-code the codes under this trained prior "
                         "(models/prior_best.pt of the same VQ-VAE); decode then needs it too")

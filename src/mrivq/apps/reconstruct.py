@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from mrivq.apps import flags
-from mrivq.data.io import nifti_bytes, nifti_inputs, nifti_stem, read_slice, read_volume
+from mrivq.data.io import as_stored, nifti_bytes, nifti_inputs, nifti_stem, read_slices
 from mrivq.data.preprocess import clip_to_input_range, denormalize, normalize
 from mrivq.engine.checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint
 from mrivq.errors import UserError
@@ -40,15 +40,6 @@ from mrivq.runtime import resolve_device
 log = logging.getLogger("mrivq")
 
 BATCH_SIZE = 16  # slices per forward pass unless told otherwise
-
-
-def _read_slices(path: Path) -> tuple[np.ndarray, object, bool]:
-    """``(S, H, W)`` float32 slices, the metadata, and whether the file is one 2-D slice."""
-    volume, meta = read_volume(path)
-    if sum(n != 1 for n in meta.shape) <= 2:
-        slice2d, meta = read_slice(path)
-        return slice2d[None], meta, True
-    return volume, meta, False
 
 
 @torch.inference_mode()
@@ -67,13 +58,6 @@ def _reconstruct_slices(model: torch.nn.Module, slices: np.ndarray, *, normalize
         rec = model(x).reconstruction.float()[:, 0].cpu().numpy()
         out[lo:lo + batch_size] = clip_to_input_range(rec, normalize_policy)
     return denormalize(out, params)
-
-
-def _like_input(slices: np.ndarray, meta, is_slice: bool) -> np.ndarray:
-    """Undo :func:`_read_slices`: ``(S, H, W)`` back to the input's on-disk shape."""
-    if is_slice:
-        return slices[0].reshape(meta.shape)
-    return np.moveaxis(slices, 0, 2).reshape(meta.shape)
 
 
 def _nifti_bytes(data: np.ndarray, meta, name: str, description: str) -> bytes:
@@ -109,7 +93,7 @@ def reconstruct(checkpoint: str | Path, inputs: list[str | Path], out_dir: str |
     ckpt_path = Path(checkpoint).expanduser()
     ckpt = load_checkpoint(ckpt_path)
     trained = checkpoint_config(ckpt, ckpt_path)
-    loaded = [(path, *_read_slices(path)) for path in files]  # every input checked before any write
+    loaded = [(path, *read_slices(path)) for path in files]  # every input checked before any write
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA device is available; use --device auto or cpu")
     torch_device = resolve_device(device)
@@ -117,13 +101,13 @@ def reconstruct(checkpoint: str | Path, inputs: list[str | Path], out_dir: str |
     targets = [target for path in files for target in _outputs(path, out_dir).values()]
     claim_outputs(out_dir, "reconstruct", targets, overwrite=overwrite, inputs=[ckpt_path, *files])
     written = []
-    for path, slices, meta, is_slice in loaded:
+    for path, slices, meta, is_volume in loaded:
         recon = _reconstruct_slices(model, slices, normalize_policy=trained.data.normalize,
                                     percentiles=tuple(trained.data.percentiles), device=torch_device,
                                     batch_size=batch_size)
         outputs = _outputs(path, out_dir)
         for kind, data in (("reconstruction", recon), ("difference", recon - slices)):
-            blob = _nifti_bytes(_like_input(data, meta, is_slice), meta, outputs[kind].name,
+            blob = _nifti_bytes(as_stored(data, meta.shape, is_volume), meta, outputs[kind].name,
                                 f"mrivq {kind} of {path.name}")
             atomic_write(outputs[kind], lambda fh, blob=blob: fh.write(blob), listed=False)
         mae = float(np.abs(recon - slices).mean())

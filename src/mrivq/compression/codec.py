@@ -51,7 +51,7 @@ from mrivq.compression.entropy import (
 )
 from mrivq.compression.layers import LAYERS
 from mrivq.compression.priors import kind_of
-from mrivq.data.io import nifti_bytes, nifti_image, read_slice
+from mrivq.data.io import nifti_bytes, nifti_image, read_slice, read_slices, slice_affine
 from mrivq.data.preprocess import (
     Preprocessing,
     clip_to_input_range,
@@ -150,18 +150,21 @@ class CodecInput:
 
     @classmethod
     def read(cls, files: list[Path], prep: Preprocessing, *, originals: bool = False) -> CodecInput:
-        """Read and preprocess NIfTI slices; refuses, before any work, what one codes file cannot hold.
-        ``originals``: keep the slices as read too (what coding layers need; memory grows with them)."""
+        """Read and preprocess NIfTI slices and volumes (a 3-D file: each slice along its third axis,
+        :func:`mrivq.compression.container.source_entry` names them); refuses, before any work,
+        what one codes file cannot hold. ``originals``: keep the slices as read too (what coding
+        layers need; memory grows with them)."""
         images, norm, affines, shapes, sources, kept = [], [], [], [], [], []
         for path in files:
-            raw, meta = read_slice(path)
-            x, params = preprocess_slice(raw, prep)
-            images.append(x)
-            norm.append(params)
-            affines.append(meta.affine)
-            shapes.append(raw.shape)
-            kept.append(raw)
-            sources.append(source_entry(Path(path), meta))
+            stack, meta, is_volume = read_slices(path)
+            for index, raw in enumerate(stack):
+                x, params = preprocess_slice(raw, prep)
+                images.append(x)
+                norm.append(params)
+                affines.append(slice_affine(meta.affine, index))
+                shapes.append(raw.shape)
+                kept.append(raw)
+                sources.append(source_entry(Path(path), meta, index if is_volume else None))
         check_encodable(sources, prep.image_size)
         return cls(np.stack(images), np.stack(norm), np.stack(affines), np.array(shapes), sources,
                    kept if originals else None)

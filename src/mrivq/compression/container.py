@@ -7,7 +7,8 @@ Layout (little-endian)::
       header   zlib(JSON): coder ("frequencies" or "prior"; for a prior, the order its integer
                copy codes in: prior_coding), slice count, codebook size, grids, image size, fit
                and normalisation, the VQ-VAE's fingerprint (and the prior's), a CRC-32 of the
-               codes, and each slice's file name, on-disk shape and data type
+               codes, and each slice's file name, on-disk shape and data type (and, for a
+               slice read from a 3-D file, that file's name and shape and the slice's index)
       side     zlib: per slice (offset, scale) float32, the affine's top 3x4 rows float32
                (NIfTI stores them as float32), the original (h, w) uint16
       tables   zlib: the per-level code counts, uint32 (2, n_embed) (frequencies coder only)
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mrivq.compression.entropy import ideal_bits, raw_bits_per_pixel
 from mrivq.data.preprocess import FIT_POLICIES, NORMALIZE_POLICIES
@@ -197,20 +198,54 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
 
 
-class SourceEntry(_Strict):
-    """How one decoded slice is written back: its file name, on-disk shape and data type."""
+def _plain_name(name: str) -> str:
+    problem = output_name_problem(name)
+    if problem:
+        raise ValueError(problem)
+    return name
 
-    name: str
+
+class VolumeEntry(_Strict):
+    """The 3-D file a slice was taken from (along its third axis): its file name and on-disk
+    shape, and the slice's index in it. Decode writes the volume back whole when it decodes every
+    slice of it."""
+
+    name: Annotated[str, AfterValidator(_plain_name)]
+    shape: list[Annotated[int, Field(ge=1, le=MAX_SIDE)]] = Field(min_length=3, max_length=7)
+    index: int = Field(ge=0, lt=MAX_SIDE)
+
+
+class SourceEntry(_Strict):
+    """How one decoded slice is written back: its file name, on-disk shape and data type, and the
+    volume it belongs to, if it was read from one."""
+
+    name: Annotated[str, AfterValidator(_plain_name)]
     shape: list[Annotated[int, Field(ge=1, le=MAX_SIDE)]] = Field(min_length=1, max_length=7)
     dtype: str = Field(max_length=32, pattern=r"^[!-~]+$")  # informational: decode writes float32
+    volume: VolumeEntry | None = None
 
-    @field_validator("name")
-    @classmethod
-    def _plain_name(cls, name: str) -> str:
-        problem = output_name_problem(name)
-        if problem:
-            raise ValueError(problem)
-        return name
+
+def volume_problem(sources) -> str | None:
+    """Why the volumes ``sources`` (:class:`SourceEntry`) name cannot be written back whole, or
+    None: each volume's slices are its indices 0 .. depth - 1, once each, of its shape, and no
+    volume is named like a slice or like another volume in another case."""
+    slices = {source.name.lower() for source in sources}
+    members: dict[str, list] = {}
+    for source in sources:
+        if source.volume is not None:
+            members.setdefault(source.volume.name.lower(), []).append(source)
+    for key, group in members.items():
+        volume = group[0].volume
+        if key in slices:
+            return f"the volume {volume.name} is named like one of the slices"
+        shape = volume.shape
+        if any(member.volume.name != volume.name or member.volume.shape != shape for member in group):
+            return f"the slices of volume {volume.name} disagree on its name or shape"
+        if any(n != 1 for n in shape[3:]) or any(math.prod(member.shape) != shape[0] * shape[1] for member in group):
+            return f"the slices of volume {volume.name} do not fit its shape {shape}"
+        if sorted(member.volume.index for member in group) != list(range(shape[2])):
+            return f"volume {volume.name} does not have each of its {shape[2]} slices once"
+    return None
 
 
 _Pair = tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]]
@@ -269,6 +304,9 @@ class CodesHeader(_Strict):
         if self.references is not None and (self.coder != "prior" or len(self.references) != self.n
                                             or coding_depths(self.references) is None):
             raise ValueError("the slices its slices are coded after are not an order a decoder can follow")
+        problem = volume_problem(self.sources)
+        if problem:
+            raise ValueError(problem)
         if self.layers is not None and len(set(self.layers)) != len(self.layers):
             raise ValueError("a coding layer is listed twice")
         return self
@@ -389,21 +427,32 @@ def bits_report(codes: CodesFile, file_bytes: int, *, input_bytes: int | None = 
     return report
 
 
-def source_entry(path: Path, meta) -> dict:
-    """What decode needs to write a slice back like its input: the name, the on-disk shape and type.
-    A slice decode could not write back (a name it refuses, a side over 32767, too many pixels) is
-    refused here, so every file encode writes decodes."""
+def source_entry(path: Path, meta, volume: int | None = None) -> dict:
+    """What decode needs to write a slice back like its input: the name, the on-disk shape and type
+    (``volume``: the slice's index along the third axis of the 3-D file ``path``, named
+    ``<stem>_slice_<index>`` after it). A slice decode could not write back (a name it refuses, a
+    side over 32767, too many pixels) is refused here, so every file encode writes decodes."""
     name = Path(path).name
     name = name if name.lower().endswith(".gz") else name + ".gz"
     problem = output_name_problem(name)
-    if problem is None and (max(meta.shape) > MAX_SIDE or math.prod(meta.shape) > MAX_SLICE_PIXELS):
-        problem = (f"shape {list(meta.shape)} is beyond what a codes file holds (sides up to {MAX_SIDE}, "
-                   f"{MAX_SLICE_PIXELS} pixels)")
+    shape = list(meta.shape)
+    if problem is None and (max(shape) > MAX_SIDE or math.prod(shape[:2] if volume is not None else shape)
+                            > MAX_SLICE_PIXELS):
+        problem = (f"shape {shape} is beyond what a codes file holds (sides up to {MAX_SIDE}, "
+                   f"{MAX_SLICE_PIXELS} pixels per slice)")
     if problem is None and not np.isfinite(np.asarray(meta.affine, dtype=np.float32)).all():
         problem = "its affine holds NaN or Inf (a broken header); fix the file's qform/sform"
     if problem:
         raise BadFileError(path, f"cannot be encoded: {problem}")
-    return {"name": name, "shape": list(meta.shape), "dtype": np.dtype(meta.dtype).name}
+    entry = {"name": name, "shape": shape, "dtype": np.dtype(meta.dtype).name}
+    if volume is None:
+        return entry
+    entry = {**entry, "name": f"{name[:-len('.nii.gz')]}_slice_{volume}.nii.gz", "shape": shape[:2],
+             "volume": {"name": name, "shape": shape, "index": volume}}
+    problem = output_name_problem(entry["name"])
+    if problem:
+        raise BadFileError(path, f"cannot be encoded: its slices' names: {problem}")
+    return entry
 
 
 def check_encodable(sources: list[dict], image_size: tuple[int, int]) -> None:
@@ -419,6 +468,9 @@ def check_encodable(sources: list[dict], image_size: tuple[int, int]) -> None:
     if len(set(names)) != n:
         raise UserError("two inputs have names that differ only in case; their decoded slices would overwrite "
                         "each other: give them in separate runs")
+    problem = volume_problem([SourceEntry.model_validate(source) for source in sources])
+    if problem:
+        raise UserError(f"{problem}: their decoded files would overwrite each other; give them in separate runs")
 
 
 def preprocessing_entry(prep) -> dict:

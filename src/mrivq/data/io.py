@@ -139,18 +139,22 @@ def read_slice(path) -> tuple[np.ndarray, SliceMeta]:
     Raises :class:`BadFileError` for anything that is not one finite 2-D image.
     """
     data, meta = _read_nifti(path)
+    return _as_slice(data, meta), meta
+
+
+def _as_slice(data: np.ndarray, meta: SliceMeta) -> np.ndarray:
     if data.ndim > 2:
         kept = [n for n in data.shape if n != 1]
         if len(kept) == 2:
             data = data.reshape(kept)
         elif len(kept) < 2:
             raise BadFileError(
-                path,
+                meta.path,
                 f"image of shape {meta.shape} has fewer than 2 non-singleton axes; expected a 2-D slice",
             )
     if data.ndim != 2:
-        raise BadFileError(path, f"{data.ndim}-D image {meta.shape}; expected a 2-D slice")
-    return data, meta
+        raise BadFileError(meta.path, f"{data.ndim}-D image {meta.shape}; expected a 2-D slice")
+    return data
 
 
 def read_volume(path, axis: int = 2) -> tuple[np.ndarray, SliceMeta]:
@@ -162,19 +166,45 @@ def read_volume(path, axis: int = 2) -> tuple[np.ndarray, SliceMeta]:
     if axis not in (0, 1, 2, -1, -2, -3):
         raise ValueError(f"axis must be 0, 1 or 2, got {axis}")
     data, meta = _read_nifti(path)
+    return _as_volume(data, meta, axis), meta
+
+
+def _as_volume(data: np.ndarray, meta: SliceMeta, axis: int = 2) -> np.ndarray:
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
-    if data.ndim > 3:
+    if not 2 <= data.ndim <= 3:
         raise BadFileError(
-            path, f"{data.ndim}-D image {meta.shape}; expected a 2-D slice or a 3-D volume"
-        )
-    if data.ndim < 2:
-        raise BadFileError(
-            path, f"{data.ndim}-D image {meta.shape}; expected a 2-D slice or a 3-D volume"
+            meta.path, f"{data.ndim}-D image {meta.shape}; expected a 2-D slice or a 3-D volume"
         )
     if data.ndim == 2:
-        return data[None], meta
-    return np.ascontiguousarray(np.moveaxis(data, axis, 0)), meta
+        return data[None]
+    return np.ascontiguousarray(np.moveaxis(data, axis, 0))
+
+
+def read_slices(path) -> tuple[np.ndarray, SliceMeta, bool]:
+    """Read a 2-D slice or a 3-D volume, the file read once: float32 ``(S, H, W)``, the metadata,
+    and whether the file is a volume (more than two axes longer than 1; its slices are taken along
+    the third axis, as :func:`read_volume` takes them). A slice gives ``S = 1``, squeezed as
+    :func:`read_slice` squeezes it."""
+    data, meta = _read_nifti(path)
+    if sum(n != 1 for n in data.shape) <= 2:
+        return _as_slice(data, meta)[None], meta, False
+    return _as_volume(data, meta), meta, True
+
+
+def as_stored(slices: np.ndarray, shape, is_volume: bool) -> np.ndarray:
+    """Undo :func:`read_slices`: slices ``(S, H, W)`` back to the file's on-disk ``shape``."""
+    if not is_volume:
+        return slices[0].reshape(shape)
+    return np.moveaxis(slices, 0, 2).reshape(shape)
+
+
+def slice_affine(affine: np.ndarray, index: int) -> np.ndarray:
+    """The affine of slice ``index`` (along the third voxel axis) of a volume with ``affine``, as a
+    2-D image of its own: the volume's, moved ``index`` voxels along that axis."""
+    out = np.array(affine, dtype=np.float64)
+    out[:3, 3] += index * out[:3, 2]
+    return out
 
 
 #: The most bytes a NIfTI file may hold uncompressed (a 512 x 512 x 256 float32 volume), so a
