@@ -127,13 +127,18 @@ NEW_PRIOR = {"kind": "transformer",
 
 
 def _nested(prior) -> dict:
-    return {key: value for key, value in prior.model_dump().items() if key in NEW_PRIOR}
+    """The keys NEW_PRIOR holds (not the pass prior's newer condition_shuffle: see the tests)."""
+    out = {key: value for key, value in prior.model_dump().items() if key in NEW_PRIOR}
+    out["passes"] = {key: value for key, value in out["passes"].items() if key in NEW_PRIOR["passes"]}
+    return out
 
 
 def test_an_old_flat_prior_section_in_a_user_config_loads_nested_with_a_deprecation_line(tmp_path, capsys):
     cfg = tmp_path / "old.yaml"
     cfg.write_text(yaml.safe_dump({"prior": OLD_PRIOR}))
-    assert _nested(load_config(cfg).prior) == NEW_PRIOR
+    loaded = load_config(cfg).prior
+    assert _nested(loaded) == NEW_PRIOR
+    assert loaded.passes.condition_shuffle  # a user's config: today's default
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == len(OLD_PRIOR) - 1  # one per old key (steps kept its name)
     assert "mrivq: prior.channels is now prior.passes.channels (the old name still loads)" in lines
@@ -159,11 +164,14 @@ def test_an_old_flat_prior_section_in_a_user_config_loads_nested_with_a_deprecat
 def test_an_old_flat_prior_section_in_a_stored_config_loads_nested_silently(capsys):
     stored = {**Config().to_dict(), "prior": dict(OLD_PRIOR)}
     assert _nested(config_from_dict(stored).prior) == NEW_PRIOR
+    assert not config_from_dict(stored).prior.passes.condition_shuffle  # stored: what it trained with
     assert stored["prior"] == OLD_PRIOR  # the caller's dict is left as it was
     assert capsys.readouterr().err == ""
     today = load_config(None, ["prior.kind=transformer", "prior.transformer.d_model=64"])
     assert config_from_dict(today.to_dict()) == today  # today's shape is read as is
-    assert config_from_dict({**today.to_dict(), "prior": flat_prior(today.to_dict()["prior"])}) == today
+    old = load_config(None, ["prior.kind=transformer", "prior.transformer.d_model=64",
+                             "prior.passes.condition_shuffle=false", "prior.volume.condition_shuffle=false"])
+    assert config_from_dict({**today.to_dict(), "prior": flat_prior(today.to_dict()["prior"])}) == old
 
 
 def test_a_stored_prior_config_without_the_newer_keys_loads_as_it_trained():
@@ -181,6 +189,12 @@ def test_a_stored_prior_config_without_the_newer_keys_loads_as_it_trained():
     del nested["prior"]["transformer"]["neighbour_codes"]
     loaded = config_from_dict(nested).prior
     assert (loaded.kind, loaded.transformer.neighbour_codes) == ("passes", True)
+    # pass and volume priors stored before each bottom position had features of its own
+    for kind in ("passes", "volume"):
+        del nested["prior"][kind]["condition_shuffle"]
+    loaded = config_from_dict(nested).prior
+    assert (loaded.passes.condition_shuffle, loaded.volume.condition_shuffle) == (False, False)
+    assert Config().prior.passes.condition_shuffle and Config().prior.volume.condition_shuffle
 
 
 def test_the_settings_are_the_selected_kinds_section():

@@ -33,6 +33,10 @@ STORED_DEFAULTS = {
     "prior": {"neighbour_codes": False, "architecture": "transformer"},
 }
 
+#: Keys added to the nested prior section's kinds after such configs were first stored, with the
+#: value those configs meant (a stored nested prior section lacking one gets it).
+STORED_PRIOR_KINDS = {"passes": {"condition_shuffle": False}, "volume": {"condition_shuffle": False}}
+
 #: Per section and key, old names of values and today's names.
 RENAMED = {"model": {"block": {"report": "relu"}}}
 
@@ -61,7 +65,13 @@ def stored_config(raw: dict) -> dict:
         if not isinstance(given, dict) or (section == "prior" and _NESTED_PRIOR & given.keys()):
             continue
         out[section] = {**defaults, **given}
-    return moved_keys(out, deprecated=False)
+    out = moved_keys(out, deprecated=False)
+    prior = out.get("prior")
+    if isinstance(prior, dict):
+        kinds = {kind: {**defaults, **prior.get(kind, {})} for kind, defaults in STORED_PRIOR_KINDS.items()
+                 if isinstance(prior.get(kind, {}), dict)}
+        out["prior"] = {**prior, **kinds}
+    return out
 
 
 def moved_keys(raw: dict, *, deprecated: bool = True) -> dict:
@@ -118,6 +128,8 @@ def new_name(section: str, key: str, value):
 
 def stored_default(section: str, key: str) -> str:
     """The sentence a key's description carries: what an older stored config gets."""
+    if section in STORED_PRIOR_KINDS:  # a prior kind's section
+        return f"A stored config without it loads as {STORED_PRIOR_KINDS[section][key]}."
     if section == "prior":  # the old flat shape's keys (STORED_DEFAULTS)
         return (f"A stored config of the old flat shape without prior.{key} loads as "
                 f"{STORED_DEFAULTS[section][key]}.")

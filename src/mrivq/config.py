@@ -366,6 +366,11 @@ class PassPriorSettings(_Section):
     condition_blocks: int = Field(
         default=2, ge=0, le=64,
         description="Residual blocks over the top codes that condition the bottom prior.")
+    condition_shuffle: bool = Field(
+        default=True,
+        description="The top codes give each of the four bottom positions under them features of "
+                    "its own (a 1x1 convolution and depth to space: 2 % fewer bottom bits); false: "
+                    "the same features repeated. " + stored_default("passes", "condition_shuffle"))
 
 
 class VolumePriorSettings(PassPriorSettings):

@@ -105,17 +105,30 @@ class PassNet(nn.Module):
 
 class TopFeatures(nn.Module):
     """Top codes ``(B, h, w)`` -> features ``(B, channels, 2h, 2w)`` for the bottom grid: an
-    embedding, residual 3x3 convolutions, each feature repeated over its 2x2 bottom positions."""
+    embedding and residual 3x3 convolutions at the top grid's size; then, with ``shuffle``, a 1x1
+    convolution to four features per top position, one for each of its 2x2 bottom positions
+    (depth to space, as sub-pixel convolution does), else each feature repeated over the four.
 
-    def __init__(self, n_embed: int, channels: int, layers: int) -> None:
+    The four features of their own cost a 1x1 convolution at a quarter of the bottom grid's
+    positions, and are worth 2 % of the bottom grid's bits (measured in docs/compression.md).
+    """
+
+    def __init__(self, n_embed: int, channels: int, layers: int, shuffle: bool = False) -> None:
         super().__init__()
         self.code = nn.Embedding(n_embed, channels)
         self.convs = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in range(layers))
+        self.out = nn.Conv2d(channels, 4 * channels, 1) if shuffle else None
 
     def forward(self, codes_top: torch.Tensor) -> torch.Tensor:
         x = self.code(codes_top).permute(0, 3, 1, 2)
         for conv in self.convs:
             x = x + conv(F.relu(x))
+        return self.upsample(x)
+
+    def upsample(self, x: torch.Tensor) -> torch.Tensor:
+        """The top-grid features ``(B, channels, h, w)`` over the bottom grid ``(B, channels, 2h, 2w)``."""
+        if self.out is not None:
+            return F.pixel_shuffle(self.out(F.relu(x)), 2)
         return x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
 
 
@@ -133,15 +146,17 @@ class PassPrior(nn.Module):
     """
 
     def __init__(self, n_embed: int, top_grid: tuple[int, int], *, channels: int = 64, layers: int = 6,
-                 condition_layers: int = 2, passes_top: int = 3, passes_bottom: int = 2) -> None:
+                 condition_layers: int = 2, passes_top: int = 3, passes_bottom: int = 2,
+                 condition_shuffle: bool = True) -> None:
         super().__init__()
         self.sizes = {"channels": channels, "layers": layers, "condition_layers": condition_layers,
-                      "passes_top": passes_top, "passes_bottom": passes_bottom}
+                      "passes_top": passes_top, "passes_bottom": passes_bottom,
+                      "condition_shuffle": condition_shuffle}
         self.n_embed = n_embed
         self.top_grid = (int(top_grid[0]), int(top_grid[1]))
         self.bottom_grid = (2 * self.top_grid[0], 2 * self.top_grid[1])
         self.top = PassNet(n_embed, self.top_grid, channels, layers, passes_top)
-        self.condition = TopFeatures(n_embed, channels, condition_layers)
+        self.condition = TopFeatures(n_embed, channels, condition_layers, condition_shuffle)
         self.bottom = PassNet(n_embed, self.bottom_grid, channels, layers, passes_bottom)
         self.integer = None  # the integer copy that codes (mrivq.compression.portable.passes), once made or loaded
 

@@ -140,7 +140,8 @@ def _activate(x: torch.Tensor, multiplier: int) -> torch.Tensor:
 
 
 class _IntegerNet:
-    """The fixed-point :class:`PassNet` (or :class:`TopFeatures`, without tables of steps and head)."""
+    """The fixed-point :class:`PassNet` (or :class:`TopFeatures`, without tables of steps; its
+    head, where it has one, the 1x1 convolution to each bottom position's features)."""
 
     def __init__(self, state: dict) -> None:
         self.tables = {k: state[k] for k in ("code", "step", "row", "col") if k in state}  # int64, stream unit
@@ -206,8 +207,15 @@ class IntegerPassPrior(IntegerCopy):
         grid's features over the bottom grid; ``references``: for a volume copy)."""
         if level == "top":
             return None
-        x = self.condition_net.stream(torch.as_tensor(codes_top, device=self.device), None, None)
-        return x.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
+        net = self.condition_net
+        x = net.stream(torch.as_tensor(codes_top, device=self.device), None, None)
+        if net.head is None:
+            return x.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
+        # four features per top position, channel c's at 4c + 2i + j for bottom position (i, j)
+        # (PyTorch's pixel_shuffle), laid out over the bottom grid, channels last
+        x = net.head(_activate(x, net.activations[-1]))
+        batch, rows, cols, _ = x.shape
+        return x.reshape(batch, rows, cols, -1, 2, 2).permute(0, 1, 4, 2, 5, 3).reshape(batch, 2 * rows, 2 * cols, -1)
 
     def logits(self, level: str, net: _IntegerNet, head_input: torch.Tensor, references, i: int,
                here: torch.Tensor) -> torch.Tensor:
@@ -336,7 +344,9 @@ def _traced(net, records: dict, name: str, *args) -> torch.Tensor:
         x = x + conv(F.relu(x))
     record["stream"] = max(record["stream"], float(x.abs().max()))
     if isinstance(net, TopFeatures):
-        out = x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+        if net.out is not None:
+            relus.append(float(x.clamp(min=0).max()))
+        out = net.upsample(x)
     else:
         relus.append(float(x.clamp(min=0).max()))
         out = net.head(F.relu(x))
@@ -354,6 +364,8 @@ def _net_state(net, record: dict, unit: float, *, head: bool) -> dict:
              "activations": torch.tensor([_multiplier(unit / s) for s in relu_scales], dtype=torch.int64),
              "convs": [_conv_state(conv, relu_scales[i], unit) for i, conv in enumerate(net.convs)]}
     state["code"] = table(net.code.weight, unit)
+    if isinstance(net, TopFeatures) and net.out is not None:  # features in the stream's unit
+        state["head"] = _conv_state(net.out, relu_scales[-1], unit)
     if head:
         state["step"] = table(net.step.weight, unit)
         state["row"] = table(net.row.weight, unit)
