@@ -121,16 +121,12 @@ class _Conv:
         correction = 128 * self.weight.long().sum(dim=0)
         self.offset = correction * self.multiplier + (1 << (SHIFT - 1)) + (state["bias"] << SHIFT)
 
-    def __call__(self, a: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
-        """int8 activations ``(B, H, W, C)`` -> int64 ``(B, H, W, N)`` in the output's unit; ``at``
-        (flat positions ``(P,)``): at those positions only, ``(B, P, N)``."""
+    def __call__(self, a: torch.Tensor) -> torch.Tensor:
+        """int8 activations ``(B, H, W, C)`` -> int64 ``(B, H, W, N)`` in the output's unit."""
         batch, height, width, channels = a.shape
         columns = _columns(a, self.dilation) if self.kernel == 3 else a.reshape(-1, channels)
-        if at is not None:
-            columns = columns.view(batch, height * width, -1)[:, at].reshape(batch * len(at), -1)
         acc = int8_matmul(columns, self.weight).long().mul_(self.multiplier).add_(self.offset)
-        acc = acc.bitwise_right_shift_(SHIFT)
-        return acc.reshape(batch, height, width, -1) if at is None else acc.reshape(batch, len(at), -1)
+        return acc.bitwise_right_shift_(SHIFT).reshape(batch, height, width, -1)
 
 
 def _activate(x: torch.Tensor, multiplier: int) -> torch.Tensor:
@@ -167,30 +163,10 @@ class _IntegerNet:
         if condition is not None:
             x += condition
         x.clamp_(-STREAM_LIMIT, STREAM_LIMIT)
-        for conv, multiplier, at in zip(self.convs, self.activations, self._needed(step)):
-            if at is None:
-                x += conv(_activate(x, multiplier))
-                x.clamp_(-STREAM_LIMIT, STREAM_LIMIT)
-            else:  # the positions the passes' heads read, and the later convolutions around them
-                flat = x.view(len(x), -1, x.shape[-1])
-                flat[:, at] = (flat[:, at] + conv(_activate(x, multiplier), at)).clamp_(-STREAM_LIMIT, STREAM_LIMIT)
+        for conv, multiplier in zip(self.convs, self.activations):
+            x += conv(_activate(x, multiplier))
+            x.clamp_(-STREAM_LIMIT, STREAM_LIMIT)
         return x
-
-    @functools.cache  # noqa: B019 -- a few entries per copy, kept while it lives
-    def _needed(self, step: int | None) -> list[torch.Tensor | None]:
-        """Per convolution, the flat positions ``(P,)`` whose outputs the head of pass ``step``
-        reads (directly, or through the convolutions after it), None for all of them: the stream
-        elsewhere is left as it was, never read. The same integers where they are read, less work:
-        a checkerboard pass's last two convolutions (dilations 2 and 4) only at its own half."""
-        if step is None:
-            return [None] * len(self.convs)
-        needed, out = self.order == step, []
-        for conv in reversed(self.convs):
-            out.append(None if needed.all() else needed.flatten().nonzero()[:, 0])
-            d = conv.dilation if conv.kernel == 3 else 0
-            padded = F.pad(needed[None, None].float(), (d, d, d, d))
-            needed = F.max_pool2d(padded, 3, stride=1, dilation=d)[0, 0] > 0 if d else needed
-        return out[::-1]
 
     def head_input(self, codes: torch.Tensor, step: int, condition: torch.Tensor | None) -> torch.Tensor:
         """int8 ``(B, P, C)``: the head's input at the ``P`` positions of pass ``step`` (raster order)."""
