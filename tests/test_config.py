@@ -15,6 +15,7 @@ from mrivq.config import (
     ModelConfig,
     PassPriorSettings,
     TransformerPriorSettings,
+    VolumePriorSettings,
     config_from_dict,
     load_config,
     register_prior_section,
@@ -188,7 +189,7 @@ def test_a_stored_prior_config_without_the_newer_keys_loads_as_it_trained():
     nested = Config().to_dict()
     del nested["prior"]["transformer"]["neighbour_codes"]
     loaded = config_from_dict(nested).prior
-    assert (loaded.kind, loaded.transformer.neighbour_codes) == ("passes", True)
+    assert (loaded.kind, loaded.transformer.neighbour_codes) == ("volume", True)
     # pass and volume priors stored before each bottom position had features of its own
     for kind in ("passes", "volume"):
         del nested["prior"][kind]["condition_shuffle"]
@@ -198,7 +199,8 @@ def test_a_stored_prior_config_without_the_newer_keys_loads_as_it_trained():
 
 
 def test_the_settings_are_the_selected_kinds_section():
-    assert load_config(None, []).prior.settings == PassPriorSettings()
+    assert load_config(None, []).prior.settings == VolumePriorSettings()  # the default kind, volume
+    assert load_config(None, ["prior.kind=passes"]).prior.settings == PassPriorSettings()
     prior = load_config(None, ["prior.kind=transformer", "prior.transformer.n_head=8"]).prior
     assert prior.settings is prior.transformer and prior.settings.n_head == 8
 

@@ -110,7 +110,8 @@ class TopFeatures(nn.Module):
     (depth to space, as sub-pixel convolution does), else each feature repeated over the four.
 
     The four features of their own cost a 1x1 convolution at a quarter of the bottom grid's
-    positions, and are worth 2 % of the bottom grid's bits (measured in docs/compression.md).
+    positions, and save 1 % of the bits of a slice coded alone (nothing measurable where a
+    volume prior's slices lean on their neighbours; docs/compression.md).
     """
 
     def __init__(self, n_embed: int, channels: int, layers: int, shuffle: bool = False) -> None:
