@@ -15,7 +15,7 @@ from prior_helpers import OneUlp, prior_overrides, use_step_clock
 
 from mrivq.apps import train_prior as train_prior_module
 from mrivq.compression import codec, driver
-from mrivq.compression.container import read_codes_file
+from mrivq.compression.container import SourceEntry, read_codes_file, volume_problem
 from mrivq.compression.portable.passes import IntegerVolumePrior, pass_copy, pass_copy_problem
 from mrivq.data.volumes import (
     coding_depths,
@@ -197,7 +197,7 @@ def test_volume_prior_trains_on_consecutive_slices_and_codes_files_decode_reads(
 
 def test_a_3d_nifti_is_coded_as_a_volume_and_decoded_back_whole(work, volume_prior, tiny_phantom, tmp_path, capsys):
     test = tiny_phantom / "keras_slices_test"
-    case = sorted(test.glob("*_slice_0.nii.gz"))[0].name[:-len("_slice_0.nii.gz")]
+    case = min(test.glob("*_slice_0.nii.gz")).name[:-len("_slice_0.nii.gz")]
     files = [test / f"{case}_slice_{s}.nii.gz" for s in range(6)]
     first = nib.load(files[0])
     affine = first.affine.copy()
@@ -242,6 +242,19 @@ def test_a_3d_nifti_is_coded_as_a_volume_and_decoded_back_whole(work, volume_pri
         assert run_main(["decode", "--checkpoint", str(work["vqvae"]), str(damaged), "--out", str(tmp_path / "x"),
                          "--prior", str(volume_prior)]) == 2
         assert "does not have each of its 6 slices once" in capsys.readouterr().err
+    # two volumes interleaved (decode would hold both), or one larger than a file mrivq reads: refused
+    entry = {"name": "a_slice_0.nii.gz", "shape": [4, 4], "dtype": "float32",
+             "volume": {"name": "a.nii.gz", "shape": [4, 4, 2], "index": 0}}
+
+    def like(name: str, index: int, shape=(4, 4, 2)) -> SourceEntry:
+        return SourceEntry.model_validate({**entry, "name": f"{name}_slice_{index}.nii.gz", "volume": {
+            "name": f"{name}.nii.gz", "shape": list(shape), "index": index}})
+    assert volume_problem([like("a", 0), like("a", 1), like("b", 0), like("b", 1)]) is None
+    assert "not one after another" in volume_problem([like("a", 0), like("b", 0), like("a", 1), like("b", 1)])
+    big = (8192, 8192, 2)
+    assert "larger than" in volume_problem([SourceEntry.model_validate(
+        {**entry, "name": f"a_slice_{i}.nii.gz", "shape": [8192, 8192],
+         "volume": {"name": "a.nii.gz", "shape": list(big), "index": i}}) for i in range(2)])
 
 
 def test_encode_never_writes_a_prior_file_larger_than_the_frequency_coded_one(work, tiny_phantom, tmp_path, capsys,

@@ -37,6 +37,7 @@ import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mrivq.compression.entropy import ideal_bits, raw_bits_per_pixel
+from mrivq.data.io import MAX_NIFTI_BYTES
 from mrivq.data.preprocess import FIT_POLICIES, NORMALIZE_POLICIES
 from mrivq.data.volumes import coding_depths
 from mrivq.errors import BadFileError, UserError
@@ -56,6 +57,7 @@ MAX_SLICE_PIXELS = 1 << 24  # a decoded slice's on-disk pixels (4096 x 4096)
 MAX_OUTPUT_PIXELS = 1 << 30  # all decoded slices' pixels (4 GiB of float32; HipMRI's 12,660: 0.47 G)
 MAX_SCALE = 1e30  # an intensity offset or scale: beyond it, scanner units overflow float32
 MAX_SIDE = 32767  # NIfTI-1 stores each dimension as a 16-bit signed integer
+MAX_VOLUME_PIXELS = MAX_NIFTI_BYTES // 4  # a volume decode writes whole: what mrivq reads from one file
 _SIDE_BYTES = 8 + 48 + 4  # per slice: (offset, scale) f4, affine rows 3x4 f4, (h, w) u2
 
 
@@ -227,18 +229,25 @@ class SourceEntry(_Strict):
 
 def volume_problem(sources) -> str | None:
     """Why the volumes ``sources`` (:class:`SourceEntry`) name cannot be written back whole, or
-    None: each volume's slices are its indices 0 .. depth - 1, once each, of its shape, and no
-    volume is named like a slice or like another volume in another case."""
+    None: each volume's slices are its indices 0 .. depth - 1, once each, of its shape, one after
+    another in the file (so decode holds one volume at a time), the volume no larger than mrivq
+    reads from one file, and no volume named like a slice or like another volume in another case."""
     slices = {source.name.lower() for source in sources}
     members: dict[str, list] = {}
-    for source in sources:
+    places: dict[str, list[int]] = {}
+    for place, source in enumerate(sources):
         if source.volume is not None:
             members.setdefault(source.volume.name.lower(), []).append(source)
+            places.setdefault(source.volume.name.lower(), []).append(place)
     for key, group in members.items():
         volume = group[0].volume
         if key in slices:
             return f"the volume {volume.name} is named like one of the slices"
+        if places[key][-1] - places[key][0] != len(group) - 1:
+            return f"the slices of volume {volume.name} are not one after another"
         shape = volume.shape
+        if math.prod(shape) > MAX_VOLUME_PIXELS:
+            return f"volume {volume.name} of shape {shape} is larger than the {MAX_VOLUME_PIXELS} pixels it may hold"
         if any(member.volume.name != volume.name or member.volume.shape != shape for member in group):
             return f"the slices of volume {volume.name} disagree on its name or shape"
         if any(n != 1 for n in shape[3:]) or any(math.prod(member.shape) != shape[0] * shape[1] for member in group):
