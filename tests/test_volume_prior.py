@@ -219,7 +219,7 @@ def test_a_3d_nifti_is_coded_as_a_volume_and_decoded_back_whole(work, volume_pri
     for path, out in ((coded, "whole"), (alone, "each")):
         assert run_main(["decode", "--checkpoint", str(work["vqvae"]), str(path), "--out", str(tmp_path / out),
                          "--prior", str(volume_prior)]) == 0
-    assert "wrote 1 NIfTI files" in capsys.readouterr().out
+    assert "wrote 1 NIfTI file to" in capsys.readouterr().out
     whole = nib.load(tmp_path / "whole" / "scan.nii.gz")
     assert whole.shape == stack.shape and [p.name for p in (tmp_path / "whole").glob("*.nii.gz")] == ["scan.nii.gz"]
     np.testing.assert_allclose(whole.affine, affine, atol=1e-5)

@@ -122,5 +122,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args) -> int:
     written = decode(args.checkpoint, args.codes, args.out, prior=args.prior, device=args.device,
                      overwrite=args.overwrite, slices=args.slices)
-    print(f"wrote {len(written)} NIfTI files to {args.out}")
+    print(f"wrote {len(written)} NIfTI file{'' if len(written) == 1 else 's'} to {args.out}")
     return 0
