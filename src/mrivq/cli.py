@@ -24,7 +24,7 @@ COMMANDS = {
     "synth": ("synth", "write a synthetic HipMRI-layout pelvis phantom dataset"),
     "reconstruct": ("reconstruct", "NIfTI slices or volumes -> reconstructions and difference maps (NIfTI)"),
     "report": ("report", "(re)write RUN_DIR/report.html, a self-contained page of the run"),
-    "encode": ("encode", "slices (NIfTI files or folders) to a codes file; prints bits per pixel"),
+    "encode": ("encode", "slices or volumes (NIfTI files or folders) to a codes file; prints bits per pixel"),
     "decode": ("decode", "a codes file back to NIfTI slices in scanner intensities"),
     "train-prior": ("train_prior", "fit the autoregressive prior over a VQ-VAE's codes"),
     "sample": ("sample", "new slices from a trained prior: a PNG grid and NIfTI files"),
