@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import pytest
@@ -49,6 +50,35 @@ def test_ssim_l1_weighs_one_minus_ssim_against_l1():
     l1 = float((rec - target).abs().mean())
     mixed = float(losses.reconstruction_loss(rec, target, kind="ssim_l1", ssim_weight=0.25))
     assert mixed == pytest.approx(0.25 * (1 - ssim) + 0.75 * l1, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", losses.LOSSES)
+def test_a_clamped_loss_charges_what_the_clamped_picture_shows(kind):
+    target = smooth_images()
+    target[..., :8, :] = 0.0  # a black border, as real scans have
+    rec = target + 0.05 * torch.randn_like(target)
+    below = rec.clone()
+    below[..., :8, :] = -0.3  # far below black where the slice is black: the same picture once clamped
+    above = rec.clone()
+    above[..., :8, :] = 0.3  # grey where it is black: a different picture
+    loss = functools.partial(losses.reconstruction_loss, kind=kind, clamped=True)
+    black = rec.clone()
+    black[..., :8, :] = 0.0
+    assert float(loss(below, target)) == pytest.approx(float(loss(black, target)), rel=1e-5)
+    assert float(loss(above, target)) > float(loss(black, target)) * 1.1
+    # unclamped, the black-below-black border is charged like any other error
+    assert float(losses.reconstruction_loss(below, target, kind=kind)) > float(loss(below, target)) * 1.1
+
+
+def test_a_clamped_loss_still_pulls_a_pixel_below_black_up_where_its_target_is_not_black():
+    target = torch.full((1, 1, 8, 8), 0.5)
+    target[..., :4, :] = 0.0
+    rec = torch.full_like(target, -0.2).requires_grad_()
+    losses.reconstruction_loss(rec, target, clamped=True).backward()
+    assert torch.all(rec.grad[..., 4:, :] < 0)  # a step against the gradient raises them
+    assert torch.all(rec.grad[..., :4, :] == 0)  # black below black: nothing to learn
+    with pytest.raises(ValueError, match="zscore"):
+        losses.reconstruction_loss(rec, target, clamped=True, normalize="zscore")
 
 
 def test_training_with_the_ssim_l1_loss_logs_that_loss_for_training_and_validation(tiny_overrides):

@@ -11,7 +11,9 @@ from conftest import comparable
 from mrivq.apps.train import build_loop, train
 from mrivq.config import load_config
 from mrivq.engine.checkpoint import load_checkpoint
-from mrivq.engine.step import lr_factor
+from mrivq.engine.checkpoint import model_from_checkpoint
+from mrivq.engine.evaluator import evaluate
+from mrivq.engine.step import WeightAverage, lr_factor
 from mrivq.engine.vqvae_training import VQVAETraining
 from mrivq.run_dir import read_metrics
 from mrivq.runtime import resolve_compile
@@ -40,8 +42,9 @@ def test_validation_leaves_the_codebooks_unchanged(tiny_overrides):
     assert loop.task.model.training
 
 
-def test_resumed_run_ends_with_the_same_weights_and_metrics(tiny_overrides, tmp_path, monkeypatch):
-    overrides = tiny_overrides + ["train.interval=3", "train.checkpoint_every=2"]
+@pytest.mark.parametrize("average", [[], ["train.ema_decay=0.9"]], ids=["live", "average"])
+def test_resumed_run_ends_with_the_same_weights_and_metrics(tiny_overrides, tmp_path, monkeypatch, average):
+    overrides = tiny_overrides + ["train.interval=3", "train.checkpoint_every=2"] + average
     straight = load_config(None, overrides + [f"output.dir={tmp_path / 'straight'}"])
     train(straight)
 
@@ -64,9 +67,46 @@ def test_resumed_run_ends_with_the_same_weights_and_metrics(tiny_overrides, tmp_
     b = load_checkpoint(broken.model_dir / "last.pt")
     assert a["step"] == b["step"]
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert ("train_model" in a) == bool(average)
+    if average:  # the live weights and the average both resume
+        assert all(torch.equal(a["train_model"][k], b["train_model"][k]) for k in a["train_model"])
 
     assert comparable(read_metrics(straight.run_dir / "metrics.csv")) == \
         comparable(read_metrics(broken.run_dir / "metrics.csv"))
+
+
+def test_the_weight_average_follows_the_live_weights_with_its_decay():
+    live = torch.nn.Linear(2, 1)
+    live.register_buffer("flag", torch.tensor(0))
+    average = WeightAverage(live, decay=0.9, steps=100)  # past the warm-up: weight 0.1 a step
+    before = live.weight.detach().clone()
+    with torch.no_grad():
+        live.weight.add_(1.0)
+        live.flag.fill_(3)
+    average.update(live)
+    assert torch.allclose(average.model.weight, before + 0.1)
+    assert int(average.model.flag) == 3  # integer buffers are copied, not averaged
+    early = WeightAverage(live, decay=0.999)  # the first steps weigh 10 / (steps + 10)
+    with torch.no_grad():
+        live.weight.add_(1.0)
+    early.update(live)
+    assert torch.allclose(early.model.weight, live.weight - 1.0 + 10 / 11)
+
+
+def test_with_a_weight_average_validation_scores_it_and_the_checkpoints_keep_it(tiny_overrides):
+    config = load_config(None, tiny_overrides + ["train.ema_decay=0.95"])
+    train(config)
+    best = load_checkpoint(config.model_dir / "best.pt")
+    assert set(best["train_model"]) == set(best["model"])
+    assert not all(torch.equal(best["train_model"][k], best["model"][k]) for k in best["model"])
+    from safetensors.torch import load_file
+    shared = load_file(config.model_dir / "model.safetensors")
+    assert all(torch.equal(shared[k], best["model"][k]) for k in shared)  # the average is what is shared
+    rows = read_metrics(config.run_dir / "metrics.csv")
+    model = model_from_checkpoint(best, "best.pt")
+    loop = build_loop(config)
+    scored = evaluate(model, loop.task.val_images, batch_size=4, device=torch.device("cpu"), normalize="minmax")
+    assert max(r["val_ssim"] for r in rows) == pytest.approx(float(scored.ssim.mean()), abs=1e-6)
 
 
 def test_compiled_training_steps_match_eager_ones(tiny_overrides):

@@ -30,6 +30,7 @@ from mrivq.errors import ConfigError
 STORED_DEFAULTS = {
     "model": {"block": "relu", "lookup": "euclidean", "restart_from": "random", "kmeans_iters": 0,
               "bottom_dropout": 0.0},
+    "train": {"clamp_loss": False, "ema_decay": None},
     "prior": {"neighbour_codes": False, "architecture": "transformer"},
 }
 
@@ -126,14 +127,21 @@ def new_name(section: str, key: str, value):
     return names.get(value, value) if isinstance(value, str) else value
 
 
+def _as_written(value) -> str:
+    """A value as a config file writes it (false, null, 0.0, relu)."""
+    if value is None:
+        return "null"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def stored_default(section: str, key: str) -> str:
     """The sentence a key's description carries: what an older stored config gets."""
     if section in STORED_PRIOR_KINDS:  # a prior kind's section
-        return f"A stored config without it loads as {STORED_PRIOR_KINDS[section][key]}."
+        return f"A stored config without it loads as {_as_written(STORED_PRIOR_KINDS[section][key])}."
     if section == "prior":  # the old flat shape's keys (STORED_DEFAULTS)
         return (f"A stored config of the old flat shape without prior.{key} loads as "
-                f"{STORED_DEFAULTS[section][key]}.")
-    return f"A stored config without it loads as {STORED_DEFAULTS[section][key]}."
+                f"{_as_written(STORED_DEFAULTS[section][key])}.")
+    return f"A stored config without it loads as {_as_written(STORED_DEFAULTS[section][key])}."
 
 
 def running_sums(sums, steps: int, size: int):

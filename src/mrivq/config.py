@@ -299,6 +299,22 @@ class TrainConfig(Optimisation):
                     "scoring protocol's window).")
     ssim_weight: float = Field(
         default=0.84, ge=0, le=1, description="The SSIM share of loss: ssim_l1.")
+    ema_decay: float | None = Field(
+        default=None, ge=0, lt=1,
+        description="Evaluate and save an exponential moving average of the weights (and the "
+                    "codebooks) with this decay per step, e.g. 0.999 (about the last 1,000 steps); "
+                    "training steps the live weights. null: the live weights, as the report. "
+                    + stored_default("train", "ema_decay"))
+    clamp_loss: bool = Field(
+        default=False,
+        description="The reconstruction loss charges the reconstruction as it is scored and "
+                    "decoded: clamped to the intensity range (gradients still pull a pixel "
+                    "outside it back in where its target lies inside), so black below black costs "
+                    "nothing. Aimed at real scans' black backgrounds, where a drift of the output's "
+                    "offset dips the validation SSIM while the PSNR rises; measured: mixed there, "
+                    "-0.002 test SSIM on the phantom (docs/benchmarks.md). false: the raw output, "
+                    "as the report. Under data.normalize zscore (no fixed range) the loss stays "
+                    "raw. " + stored_default("train", "clamp_loss"))
     max_time: float | None = Field(
         default=None, gt=0,
         description="Wall-clock budget of the training loop in seconds (\"90s\", \"10m\", \"2h\" "

@@ -187,7 +187,7 @@ def _run_to_resume(resume: str | Path) -> tuple[Config, dict]:
 def _export_best(config: Config):
     def export(loop, row, val, improved, final):
         if improved:  # the best weights in a shareable form beside best.pt
-            export_safetensors(loop.task.model, config, config.model_dir / "model.safetensors")
+            export_safetensors(loop.task.evaluated_model, config, config.model_dir / "model.safetensors")
     return export
 
 

@@ -20,7 +20,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from mrivq.metrics import to_unit_range
+from mrivq.metrics import UNIT_RANGE_POLICIES, to_unit_range
 
 LOSSES = ("mse", "l1", "ssim_l1")
 WINDOW, SIGMA, K1, K2 = 11, 1.5, 0.01, 0.03
@@ -59,14 +59,38 @@ def differentiable_ssim(reconstruction: torch.Tensor, target: torch.Tensor) -> t
     return ssim.flatten(1).mean(1)
 
 
+def clamp_passing_gradients(reconstruction: torch.Tensor) -> torch.Tensor:
+    """``reconstruction`` clamped to [0, 1] in value, its gradient passed through unchanged.
+
+    Under a loss against a target in [0, 1] this charges what the clamped picture shows: a pixel
+    below 0 whose target is 0 costs nothing and gets no gradient, while one below 0 whose target
+    is above it is still pulled up (the gradient of ``clamp`` itself would be zero there, and such
+    a pixel would never recover).
+
+    >>> rec = torch.tensor([-0.5, 0.5, 1.5], requires_grad=True)
+    >>> ((clamp_passing_gradients(rec) - torch.tensor([0.0, 0.5, 0.5])) ** 2).sum().backward()
+    >>> rec.grad.tolist()
+    [0.0, 0.0, 1.0]
+    """
+    return reconstruction + (reconstruction.clamp(0.0, 1.0) - reconstruction).detach()
+
+
 def reconstruction_loss(reconstruction: torch.Tensor, target: torch.Tensor, *, kind: str = "mse",
-                        ssim_weight: float = 0.84, normalize: str = "minmax") -> torch.Tensor:
+                        ssim_weight: float = 0.84, normalize: str = "minmax",
+                        clamped: bool = False) -> torch.Tensor:
     """Scalar float32 loss of a ``(B, 1, H, W)`` reconstruction against its model-space target.
 
     ``mse`` and ``l1`` compare in model space; ``ssim_l1`` is ``ssim_weight x (1 - SSIM) +
     (1 - ssim_weight) x L1`` on the scoring range (``normalize`` says how to map there).
+    ``clamped`` compares the reconstruction as it is scored and decoded, clamped to [0, 1]
+    (:func:`clamp_passing_gradients`; ``minmax`` and ``percentile`` only, whose model space is
+    the scoring range).
     """
     rec, tgt = reconstruction.float(), target.float()
+    if clamped:
+        if normalize not in UNIT_RANGE_POLICIES:
+            raise ValueError(f"a clamped loss needs a [0, 1] model space, not normalize {normalize!r}")
+        rec = clamp_passing_gradients(rec)
     if kind == "mse":
         return F.mse_loss(rec, tgt)
     if kind == "l1":

@@ -8,6 +8,7 @@ codebooks) stay as they were, and the result says ``applied=False``.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -148,3 +149,41 @@ def build_schedule(optimizer: torch.optim.Optimizer, settings, state) -> torch.o
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, state.total_steps, settings.warmup_steps, settings.schedule,
                                        settings.min_lr_ratio) * (peak_lr(settings.lr, state.total_steps) / base))
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights and floating buffers (a VQ-VAE's
+    codebooks), kept in a copy of the model that evaluation and checkpoints use.
+
+    The average's weight on the newest step is ``max(1 - decay, 10 / (steps + 10))`` (so an early
+    average does not sit on the first steps' weights); buffers that are not floating point (flags,
+    counts) are copied as they stand.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float, steps: int = 0) -> None:
+        self.decay, self.steps = decay, steps
+        self.model = copy.deepcopy(model)
+        self.model.requires_grad_(False)
+
+    def _pairs(self, model: torch.nn.Module):
+        mine = [*self.model.parameters(), *self.model.buffers()]
+        theirs = [*model.parameters(), *model.buffers()]
+        floating = [(a, b) for a, b in zip(mine, theirs) if a.is_floating_point()]
+        others = [(a, b) for a, b in zip(mine, theirs) if not a.is_floating_point()]
+        return floating, others
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        """One step of the average towards ``model``'s current weights."""
+        self.steps += 1
+        weight = max(1.0 - self.decay, 10.0 / (self.steps + 10))
+        floating, others = self._pairs(model)
+        if floating:
+            torch._foreach_lerp_([a for a, _ in floating], [b.detach() for _, b in floating], weight)
+        for a, b in others:
+            a.copy_(b)
+
+    @torch.no_grad()
+    def reset(self, model: torch.nn.Module) -> None:
+        """The average set to ``model``'s weights (a run resumed from a checkpoint without one)."""
+        self.model.load_state_dict(model.state_dict())

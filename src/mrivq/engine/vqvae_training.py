@@ -113,7 +113,10 @@ class VQVAETraining:
         self.scheduler = steps.build_schedule(self.optimizer, tc, state)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
         self.recon_loss_fn = functools.partial(reconstruction_loss, kind=tc.loss, ssim_weight=tc.ssim_weight,
-                                               normalize=config.data.normalize)
+                                               normalize=config.data.normalize,
+                                               clamped=tc.clamp_loss and config.data.normalize in metrics.UNIT_RANGE_POLICIES)
+        # Evaluation and checkpoints use the weights' average when train.ema_decay asks for one.
+        self.average = steps.WeightAverage(self.model, tc.ema_decay) if tc.ema_decay else None
         self.running = RunningSums(RUNNING, self.device)
         k = min(tc.sample_size, len(val_images))
         self.sample_index = np.linspace(0, len(val_images) - 1, k).round().astype(int).tolist()
@@ -150,6 +153,8 @@ class VQVAETraining:
         self.compiled_once = True
         self.scheduler.step()  # the schedule follows the step count, skipped steps included
         ok = result.applied
+        if self.average is not None and (self.sync_free or ok):
+            self.average.update(self.model)  # (a step skipped on the GPU left the weights as they were)
         if not self.sync_free and not ok:
             return ok
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -183,7 +188,7 @@ class VQVAETraining:
         n = len(self.val_images)
         mine = np.arange(self.dist.rank, n, self.dist.world_size)
         wanted = set(self.sample_index)
-        val = evaluate(self.model, self.val_images[mine] if self.dist.active else self.val_images,
+        val = evaluate(self.evaluated_model, self.val_images[mine] if self.dist.active else self.val_images,
                        batch_size=tc.val_batch_size or tc.batch_size, device=self.device,
                        normalize=self.config.data.normalize, loss_fn=self.recon_loss_fn,
                        keep=[j for j, i in enumerate(mine) if i in wanted])
@@ -194,6 +199,11 @@ class VQVAETraining:
         row = {f"val_{k}": v for k, v in scores.items() if k != "images_per_s"}
         row["val_images_per_s"] = scores["images_per_s"]
         return row, val
+
+    @property
+    def evaluated_model(self) -> torch.nn.Module:
+        """The model evaluation scores and checkpoints keep: the weights' average, or the live ones."""
+        return self.average.model if self.average is not None else self.model
 
     def describe(self, row: dict, total_steps: int) -> str:
         nan = float("nan")
@@ -209,8 +219,11 @@ class VQVAETraining:
     # ------------------------------------------------------------------ state ----------
     def state_dict(self) -> dict:
         d = self.config.data
+        live = {"train_model": self.model.state_dict(), "average_steps": self.average.steps} \
+            if self.average is not None else {}
         return {
-            "model": self.model.state_dict(),
+            "model": self.evaluated_model.state_dict(),  # what predict, encode and decode load
+            **live,  # the weights training steps, when "model" holds their average
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -223,7 +236,13 @@ class VQVAETraining:
         }
 
     def load_state_dict(self, ckpt: dict, path: Path) -> None:
-        load_model_state(self.model, ckpt["model"], path)
+        load_model_state(self.model, ckpt.get("train_model", ckpt["model"]), path)
+        if self.average is not None:
+            if "train_model" in ckpt:  # "model" holds the average
+                load_model_state(self.average.model, ckpt["model"], path)
+                self.average.steps = int(ckpt.get("average_steps", 0))
+            else:  # a run that kept no average: it starts from the live weights
+                self.average.reset(self.model)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
