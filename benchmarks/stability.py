@@ -10,6 +10,10 @@ the last evaluation; then two verdicts:
 - **codebooks**: the fewest codes each level used at any validation, against half its codes
   (held when every level used at least half at every validation).
 
+Each row also gives the validation PSNR and its change since the evaluation before: a dip whose
+PSNR rose is an SSIM-only dip (on real scans, the output's offset over a black background:
+docs/benchmarks.md), one whose PSNR fell too is the weights' own.
+
     python benchmarks/stability.py runs/curves/real/10min [more run dirs ...] [--json]
 
 Figures are measurements, never assertions: nothing here fails CI.
@@ -38,20 +42,26 @@ def read_run(run: Path) -> tuple[list[dict], int]:
 def summary(rows: list[dict], n_embed: int, max_dip: float = 0.02) -> dict:
     """The table and the two verdicts of one run (see the module docstring)."""
     last = max(row["step"] for row in rows)
-    best, table, dips = -math.inf, [], []
+    best, table, dips, ssim_only = -math.inf, [], [], 0
+    psnr_before = math.nan
     for row in rows:
         dip = max(0.0, best - row["val_ssim"]) if best > -math.inf else 0.0
+        psnr_change = row.get("val_psnr", math.nan) - psnr_before
         if row["step"] > last / 5:
             dips.append(dip)
+            ssim_only += dip > max_dip and psnr_change > 0
         best = max(best, row["val_ssim"])
+        psnr_before = row.get("val_psnr", math.nan)
         table.append({"step": int(row["step"]), "val_ssim": round(row["val_ssim"], 4), "below_best": round(dip, 4),
+                      "val_psnr": round(row.get("val_psnr", math.nan), 2), "psnr_change": None if math.isnan(psnr_change) else round(psnr_change, 2),
                       **{f"{level}_used": int(row[f"val_{level}_used"]) for level in ("top", "bottom")},
                       **{f"{level}_perplexity": round(row[f"val_{level}_perplexity"], 1) for level in ("top", "bottom")},
                       **{f"{level}_restarts": int(row.get(f"{level}_restarts", 0) or 0) for level in ("top", "bottom")}})
     fewest = {level: min(row[f"{level}_used"] for row in table) for level in ("top", "bottom")}
     largest = max(dips, default=0.0)
     return {"evaluations": table, "largest_dip_after_first_fifth": round(largest, 4),
-            "dips_held": largest <= max_dip, "fewest_codes_used": fewest, "n_embed": n_embed,
+            "dips_held": largest <= max_dip, "dips_with_psnr_up": ssim_only,
+            "dips_over_limit": sum(dip > max_dip for dip in dips), "fewest_codes_used": fewest, "n_embed": n_embed,
             "codebooks_held": all(count >= n_embed / 2 for count in fewest.values()),
             "final_val_ssim": table[-1]["val_ssim"], "best_val_ssim": round(best, 4)}
 
@@ -68,14 +78,18 @@ def main() -> None:
             print(json.dumps(result))
             continue
         print(f"\n{run}")
-        print("| step | val SSIM | below best | top used / perplexity | bottom used / perplexity | restarts top / bottom |")
-        print("|---|---|---|---|---|---|")
+        print("| step | val SSIM | below best | PSNR (change) | top used / perplexity | bottom used / perplexity "
+              "| restarts top / bottom |")
+        print("|---|---|---|---|---|---|---|")
         for row in result["evaluations"]:
-            print(f"| {row['step']} | {row['val_ssim']:.4f} | {row['below_best']:.4f} | {row['top_used']} / "
+            print(f"| {row['step']} | {row['val_ssim']:.4f} | {row['below_best']:.4f} | {row['val_psnr']:.2f} "
+                  f"{'' if row['psnr_change'] is None else '(' + format(row['psnr_change'], '+.2f') + ')'} | {row['top_used']} / "
                   f"{row['top_perplexity']} | {row['bottom_used']} / {row['bottom_perplexity']} | "
                   f"{row['top_restarts']} / {row['bottom_restarts']} |")
         print(f"largest dip after the first fifth: {result['largest_dip_after_first_fifth']:.4f} "
-              f"({'held' if result['dips_held'] else 'NOT held'}, limit {args.max_dip}); fewest codes used: "
+              f"({'held' if result['dips_held'] else 'NOT held'}, limit {args.max_dip}; "
+              f"{result['dips_with_psnr_up']} of {result['dips_over_limit']} dips over it with the PSNR up); "
+              f"fewest codes used: "
               f"top {result['fewest_codes_used']['top']}, bottom {result['fewest_codes_used']['bottom']} of "
               f"{result['n_embed']} ({'held' if result['codebooks_held'] else 'NOT held'}: half is "
               f"{result['n_embed'] / 2:g}); final / best val SSIM {result['final_val_ssim']:.4f} / "
