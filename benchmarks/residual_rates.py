@@ -66,10 +66,11 @@ def model_bits(q: np.ndarray, picture: np.ndarray, scale: float) -> dict:
     """Ideal bits of the quantised residual ``q`` under each context model."""
     log_edges = scale * np.array([0.5, 1, 2, 4, 8, 16, 32, 64])
     act = bins(activity(picture), log_edges)
-    a = np.abs(np.pad(q, 1).astype(np.float64))
-    # raster: the causal neighbours W, N, NW, NE, and a prediction from them (median edge detector)
-    west, north, nw, ne = (np.pad(q, 1)[1:-1, :-2], np.pad(q, 1)[:-2, 1:-1], np.pad(q, 1)[:-2, :-2],
-                           np.pad(q, 1)[:-2, 2:])
+    padded = np.pad(q, 1)
+    a = np.abs(padded.astype(np.float64))
+    # raster: the causal neighbours' sizes (W, N, NW, NE), and a prediction from W, N, NW
+    # (the median edge detector)
+    west, north, nw = padded[1:-1, :-2], padded[:-2, 1:-1], padded[:-2, :-2]
     causal = (a[1:-1, :-2] + a[:-2, 1:-1] + 0.5 * (a[:-2, :-2] + a[:-2, 2:])) / 3
     lo, hi = np.minimum(west, north), np.maximum(west, north)
     med = np.where(nw >= hi, lo, np.where(nw <= lo, hi, west + north - nw))
@@ -78,8 +79,7 @@ def model_bits(q: np.ndarray, picture: np.ndarray, scale: float) -> dict:
     # checkerboard: first half given the picture; second half given its four decoded neighbours
     black = (np.indices(q.shape).sum(0) % 2) == 0
     four = (a[1:-1, :-2] + a[1:-1, 2:] + a[:-2, 1:-1] + a[2:, 1:-1]) / 4
-    mean4 = (np.pad(q, 1)[1:-1, :-2] + np.pad(q, 1)[1:-1, 2:] + np.pad(q, 1)[:-2, 1:-1]
-             + np.pad(q, 1)[2:, 1:-1]).astype(np.float64) / 4
+    mean4 = (padded[1:-1, :-2] + padded[1:-1, 2:] + padded[:-2, 1:-1] + padded[2:, 1:-1]).astype(np.float64) / 4
     second_ctx = act * 16 + bins(four, cedges)
     second_res = q - np.round(mean4).astype(np.int64)
     return {

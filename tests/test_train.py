@@ -10,8 +10,7 @@ from conftest import comparable
 
 from mrivq.apps.train import build_loop, train
 from mrivq.config import load_config
-from mrivq.engine.checkpoint import load_checkpoint
-from mrivq.engine.checkpoint import model_from_checkpoint
+from mrivq.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from mrivq.engine.evaluator import evaluate
 from mrivq.engine.step import WeightAverage, lr_factor
 from mrivq.engine.vqvae_training import VQVAETraining
