@@ -82,13 +82,13 @@ def test_the_weight_average_follows_the_live_weights_with_its_decay():
     with torch.no_grad():
         live.weight.add_(1.0)
         live.flag.fill_(3)
-    average.update(live)
+    average.update()
     assert torch.allclose(average.model.weight, before + 0.1)
     assert int(average.model.flag) == 3  # integer buffers are copied, not averaged
     early = WeightAverage(live, decay=0.999)  # the first steps weigh 10 / (steps + 10)
     with torch.no_grad():
         live.weight.add_(1.0)
-    early.update(live)
+    early.update()
     assert torch.allclose(early.model.weight, live.weight - 1.0 + 10 / 11)
 
 

@@ -152,38 +152,35 @@ def build_schedule(optimizer: torch.optim.Optimizer, settings, state) -> torch.o
 
 
 class WeightAverage:
-    """An exponential moving average of a model's weights and floating buffers (a VQ-VAE's
+    """An exponential moving average of ``model``'s weights and floating buffers (a VQ-VAE's
     codebooks), kept in a copy of the model that evaluation and checkpoints use.
 
     The average's weight on the newest step is ``max(1 - decay, 10 / (steps + 10))`` (so an early
     average does not sit on the first steps' weights); buffers that are not floating point (flags,
-    counts) are copied as they stand.
+    counts) are copied as they stand. The live model's tensors are paired with the copy's once:
+    training changes them in place (the optimiser, the codebooks' updates, a resume's
+    ``load_state_dict``).
     """
 
     def __init__(self, model: torch.nn.Module, decay: float, steps: int = 0) -> None:
-        self.decay, self.steps = decay, steps
+        self.live, self.decay, self.steps = model, decay, steps
         self.model = copy.deepcopy(model)
         self.model.requires_grad_(False)
-
-    def _pairs(self, model: torch.nn.Module):
-        mine = [*self.model.parameters(), *self.model.buffers()]
-        theirs = [*model.parameters(), *model.buffers()]
-        floating = [(a, b) for a, b in zip(mine, theirs) if a.is_floating_point()]
-        others = [(a, b) for a, b in zip(mine, theirs) if not a.is_floating_point()]
-        return floating, others
+        pairs = list(zip([*self.model.parameters(), *self.model.buffers()], [*model.parameters(), *model.buffers()]))
+        self._averaged = [mine for mine, _ in pairs if mine.is_floating_point()]
+        self._followed = [live.detach() for mine, live in pairs if mine.is_floating_point()]
+        self._copied = [(mine, live) for mine, live in pairs if not mine.is_floating_point()]
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        """One step of the average towards ``model``'s current weights."""
+    def update(self) -> None:
+        """One step of the average towards the live model's current weights."""
         self.steps += 1
-        weight = max(1.0 - self.decay, 10.0 / (self.steps + 10))
-        floating, others = self._pairs(model)
-        if floating:
-            torch._foreach_lerp_([a for a, _ in floating], [b.detach() for _, b in floating], weight)
-        for a, b in others:
-            a.copy_(b)
+        if self._averaged:
+            torch._foreach_lerp_(self._averaged, self._followed, max(1.0 - self.decay, 10.0 / (self.steps + 10)))
+        for mine, live in self._copied:
+            mine.copy_(live)
 
     @torch.no_grad()
-    def reset(self, model: torch.nn.Module) -> None:
-        """The average set to ``model``'s weights (a run resumed from a checkpoint without one)."""
-        self.model.load_state_dict(model.state_dict())
+    def reset(self) -> None:
+        """The average set to the live weights (a run resumed from a checkpoint without one)."""
+        self.model.load_state_dict(self.live.state_dict())

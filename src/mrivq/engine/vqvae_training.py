@@ -154,7 +154,7 @@ class VQVAETraining:
         self.scheduler.step()  # the schedule follows the step count, skipped steps included
         ok = result.applied
         if self.average is not None and (self.sync_free or ok):
-            self.average.update(self.model)  # (a step skipped on the GPU left the weights as they were)
+            self.average.update()  # (a step skipped on the GPU left the weights as they were)
         if not self.sync_free and not ok:
             return ok
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -242,7 +242,7 @@ class VQVAETraining:
                 load_model_state(self.average.model, ckpt["model"], path)
                 self.average.steps = int(ckpt.get("average_steps", 0))
             else:  # a run that kept no average: it starts from the live weights
-                self.average.reset(self.model)
+                self.average.reset()
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
