@@ -160,6 +160,27 @@ def test_resume_of_a_folder_that_is_not_a_run_is_one_line_and_exit_2(tmp_path):
     assert result.returncode == 2 and "not a run directory" in result.stderr
 
 
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("average_steps", "abc", "not a step count"),
+    ("train_model", "evil", "not a mapping of tensors"),
+    ("train_model", {"x": torch.zeros(3)}, "do not fit the model config"),
+])
+def test_resuming_a_weight_average_from_a_crafted_checkpoint_is_one_line_and_exit_2(
+        tiny_overrides, tmp_path, key, value, message):
+    config = load_config(None, tiny_overrides + ["train.ema_decay=0.9", "train.epochs=1"])
+    train(config)
+    last = config.model_dir / "last.pt"
+    ckpt = load_checkpoint(last)
+    ckpt[key] = value
+    torch.save(ckpt, last)
+    best = (config.model_dir / "best.pt").read_bytes()
+    result = subprocess.run([sys.executable, "-m", "mrivq", "train", "--resume", str(config.run_dir)],
+                            check=False, capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert (config.model_dir / "best.pt").read_bytes() == best
+
+
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "models/last.pt"
     save_checkpoint(path, {"step": 1, "model": {"w": torch.ones(3)}})

@@ -132,6 +132,9 @@ def _shapes_only():
 
 
 def load_model_state(model: torch.nn.Module, state: dict, path: str | Path = "checkpoint") -> None:
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: its weights are a {type(state).__name__}, not a mapping of tensors; "
+                        "not an mrivq checkpoint")
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

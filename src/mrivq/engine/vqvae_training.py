@@ -240,7 +240,11 @@ class VQVAETraining:
         if self.average is not None:
             if "train_model" in ckpt:  # "model" holds the average
                 load_model_state(self.average.model, ckpt["model"], path)
-                self.average.steps = int(ckpt.get("average_steps", 0))
+                steps = ckpt.get("average_steps", 0)
+                if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+                    raise UserError(f"{path}: average_steps is {steps!r}, not a step count; "
+                                    "not a checkpoint this mrivq wrote")
+                self.average.steps = steps
             else:  # a run that kept no average: it starts from the live weights
                 self.average.reset()
         self.optimizer.load_state_dict(ckpt["optimizer"])
