@@ -24,6 +24,7 @@ and write what the codec returns.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import time
 from collections.abc import Iterator
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mrivq.compression import driver
+from mrivq.compression import driver, residual  # noqa: F401 -- residual registers its coding layer
 from mrivq.compression.container import (
     VERSION,
     CodesFile,
@@ -49,9 +50,9 @@ from mrivq.compression.entropy import (
     decode_with_frequencies,
     encode_with_frequencies,
 )
-from mrivq.compression.layers import LAYERS
+from mrivq.compression.layers import LAYERS, Refused, Stored
 from mrivq.compression.priors import kind_of
-from mrivq.data.io import nifti_bytes, nifti_image, read_slice, read_slices, slice_affine
+from mrivq.data.io import nifti_bytes, nifti_image, read_slice, read_slices, read_stored, slice_affine
 from mrivq.data.preprocess import (
     Preprocessing,
     clip_to_input_range,
@@ -110,7 +111,8 @@ def encode_images(model: VQVAE2, images: np.ndarray, batch_size: int = 32) -> tu
 @torch.inference_mode()
 def decode_images(model: VQVAE2, codes_top: np.ndarray, codes_bottom: np.ndarray,
                   batch_size: int = 32) -> np.ndarray:
-    """Slices from codes: ``(N, h, w)`` and ``(N, 2h, 2w)`` int -> ``(N, 8h, 8w)`` float32 (unclamped)."""
+    """Slices from codes: ``(N, h, w)`` and ``(N, 2h, 2w)`` int -> ``(N, 8h, 8w)`` float32 (unclamped;
+    float64 from a float64 model)."""
     model.eval()
     device = next(model.parameters()).device
     out = []
@@ -118,7 +120,8 @@ def decode_images(model: VQVAE2, codes_top: np.ndarray, codes_bottom: np.ndarray
     for lo in range(0, len(codes_top), batch_size):
         top = torch.as_tensor(np.asarray(codes_top[lo:lo + batch_size], dtype=np.int64), device=device)
         bottom = torch.as_tensor(np.asarray(codes_bottom[lo:lo + batch_size], dtype=np.int64), device=device)
-        out.append(model.decode_codes(top, bottom)[:, 0].float().cpu().numpy())
+        decoded = model.decode_codes(top, bottom)[:, 0]
+        out.append((decoded if decoded.dtype == torch.float64 else decoded.float()).cpu().numpy())
     return np.concatenate(out)
 
 
@@ -146,13 +149,13 @@ class CodecInput:
     affines: np.ndarray
     shapes: np.ndarray
     sources: list[dict]
-    originals: list[np.ndarray] | None = None  # the read slices ``(h, w)``, for coding layers
+    originals: list[Stored] | None = None  # the slices as their files store them, for coding layers
 
     @classmethod
     def read(cls, files: list[Path], prep: Preprocessing, *, originals: bool = False) -> CodecInput:
         """Read and preprocess NIfTI slices and volumes (a 3-D file: each slice along its third axis,
         :func:`mrivq.compression.container.source_entry` names them); refuses, before any work,
-        what one codes file cannot hold. ``originals``: keep the slices as read too (what coding
+        what one codes file cannot hold. ``originals``: keep the stored numbers too (what coding
         layers need; memory grows with them)."""
         images, norm, affines, shapes, sources, kept = [], [], [], [], [], []
         for path in files:
@@ -163,8 +166,10 @@ class CodecInput:
                 norm.append(params)
                 affines.append(slice_affine(meta.affine, index))
                 shapes.append(raw.shape)
-                kept.append(raw)
                 sources.append(source_entry(Path(path), meta, index if is_volume else None))
+            if originals:
+                stored, dtype, slope, inter = read_stored(path)
+                kept += [Stored(values, dtype, slope, inter) for values in stored]
         check_encodable(sources, prep.image_size)
         return cls(np.stack(images), np.stack(norm), np.stack(affines), np.array(shapes), sources,
                    kept if originals else None)
@@ -224,18 +229,22 @@ class Codec:
 
     # -- compress ---------------------------------------------------------------------------------
 
-    def compress(self, slices: CodecInput, layers: tuple[str, ...] = ()) -> Compressed:
+    def compress(self, slices: CodecInput, layers: tuple[str, ...] = (),
+                 layer_options: dict[str, dict] | None = None) -> Compressed:
         """Encode the slices to codes, then :meth:`compress_codes` them."""
-        return self.compress_codes(encode_images(self.model, slices.images, self.batch_size), slices, layers=layers)
+        return self.compress_codes(encode_images(self.model, slices.images, self.batch_size), slices, layers=layers,
+                                   layer_options=layer_options)
 
     def compress_codes(self, codes: tuple[np.ndarray, np.ndarray], slices: CodecInput, *,
-                       under_prior: bool = True, layers: tuple[str, ...] = ()) -> Compressed:
+                       under_prior: bool = True, layers: tuple[str, ...] = (),
+                       layer_options: dict[str, dict] | None = None) -> Compressed:
         """A codes file of ``codes`` (of ``slices``), range-coded under the prior's integer copy when
         the codec has a prior and ``under_prior`` and that file is the smaller
         (:data:`SMALLEST_FILE`), else under the codes' frequencies; decoded again through the
         decoder's own path before returning (a file that would not decode back is a bug here,
         never a file written). ``layers``: coding layers (:mod:`mrivq.compression.layers`) on top
-        of the codes, in the order they apply."""
+        of the codes, in the order they apply; ``layer_options``: keyword arguments of each one's
+        ``encode`` (``{"residual": {"max_error": 2}}``)."""
         top, bottom = codes
         start = time.perf_counter()
         header = {"format": "mrivq-codes", "version": VERSION, "n": len(top), "n_embed": self.n_embed,
@@ -255,7 +264,7 @@ class Codec:
             files.insert(0, CodesFile(header, np.asarray(slices.norm), np.asarray(slices.affines),
                                       np.asarray(slices.shapes), driver.encode(copy, top, bottom, references=refs)))
         if layers:  # the same payloads on both files
-            self._add_layers(files[0], codes, slices, layers)
+            self._add_layers(files[0], codes, slices, layers, layer_options or {})
             for other in files[1:]:
                 other.header["layers"], other.layers = files[0].header["layers"], files[0].layers
         blobs = [file.to_bytes() for file in files]
@@ -268,17 +277,24 @@ class Codec:
         fallback = len(blobs[0]) if file is not files[0] else None
         return Compressed(file, blob, codes, coded - start, time.perf_counter() - coded, fallback)
 
-    def _add_layers(self, file: CodesFile, codes, slices: CodecInput, layers: tuple[str, ...]) -> None:
-        """Each layer's payload of each slice, given the slice as the layers before it leave it."""
+    def _add_layers(self, file: CodesFile, codes, slices: CodecInput, layers: tuple[str, ...],
+                    options: dict[str, dict]) -> None:
+        """Each layer's payload of each slice, given the picture the layers before it leave; a slice
+        a layer cannot code (:class:`mrivq.compression.layers.Refused`) is refused in one line."""
         unknown = [name for name in layers if name not in LAYERS]
         if unknown or slices.originals is None:
             raise UserError(f"coding layer {unknown[0]!r} is not one of {sorted(LAYERS)}" if unknown
                             else "coding layers need the slices as read (CodecInput.read(..., originals=True))")
         file.header["layers"], file.layers = list(layers), {name: [] for name in layers}
-        for i, decoded in self._decoded(file, *codes):
+        for i, picture in self._decoded(file, *codes, exact=True):
             for name in layers:
-                file.layers[name].append(LAYERS[name].encode(slices.originals[i], decoded))
-                decoded = LAYERS[name].decode(file.layers[name][-1], decoded)
+                try:
+                    payload = LAYERS[name].encode(slices.originals[i], picture, **options.get(name, {}))
+                except Refused as e:
+                    raise UserError(f"{file.header['sources'][i]['name']}: {LAYERS[name].label} cannot code it: "
+                                    f"{e}") from None
+                file.layers[name].append(payload)
+                picture = LAYERS[name].decode(payload, picture).scanner()
 
     def coding_copy(self):
         """The integer copy of the codec's prior, which codes; a prior saved before such copies
@@ -356,35 +372,56 @@ class Codec:
         return top, bottom
 
     def decompress(self, file: CodesFile, path: Path | str = "codes file", *,
-                   codes: tuple[np.ndarray, np.ndarray] | None = None, only=None) -> Iterator[tuple[int, np.ndarray]]:
-        """Each slice of the file in file order, ``(i, array)``: scanner intensities (the stored
-        normalisation undone) in the input file's on-disk shape. A batch is decoded at a time, so
+                   codes: tuple[np.ndarray, np.ndarray] | None = None, only=None,
+                   codes_only: bool = False) -> Iterator[tuple[int, np.ndarray | Stored]]:
+        """Each slice of the file in file order, ``(i, slice)``: scanner intensities (the stored
+        normalisation undone, float32) in the input file's on-disk shape, or, where the file has
+        coding layers, the :class:`Stored` values they rebuild. A batch is decoded at a time, so
         memory does not grow with the file; ``codes``: those :meth:`decompress_codes` gave;
-        ``only``: these slices (indices) alone."""
+        ``only``: these slices (indices) alone; ``codes_only``: the picture of the codes alone,
+        the layers left unread."""
         top, bottom = codes if codes is not None else self.decompress_codes(file, path, only=only)
-        for name in file.header.get("layers", []):
+        layers = [] if codes_only else file.header.get("layers", [])
+        for name in layers:
             if name not in LAYERS:
                 raise UserError(f"{path} carries the coding layer {name!r}, which this mrivq does not know; "
-                                "decode it with the mrivq that wrote it")
-        for i, scanner in self._decoded(file, top, bottom, only):
-            for name in file.header.get("layers", []):
+                                "decode it with the mrivq that wrote it (or give --codes-only)")
+        shape = lambda i: file.header["sources"][i]["shape"]  # noqa: E731
+        for i, picture in self._decoded(file, top, bottom, only, exact=bool(layers)):
+            if not layers:
+                yield i, picture.reshape(shape(i))
+                continue
+            for name in layers:
                 try:
-                    scanner = LAYERS[name].decode(file.layers[name][i], scanner)
-                except ValueError:
-                    raise UserError(f"{path}: damaged codes file: slice {i}'s {name} layer does not decode; "
-                                    "encode the slices again") from None
-            yield i, scanner.reshape(file.header["sources"][i]["shape"])
+                    stored = LAYERS[name].decode(file.layers[name][i], picture)
+                except ValueError as e:
+                    raise UserError(f"{path}: slice {file.header['sources'][i]['name']}'s {name} layer does not "
+                                    f"decode ({e}); the file is damaged, or encode the slices again") from None
+                picture = stored.scanner()
+            yield i, Stored(stored.values.reshape(shape(i)), stored.dtype, stored.slope, stored.inter)
 
     def _decoded(self, file: CodesFile, top: np.ndarray, bottom: np.ndarray,
-                 only=None) -> Iterator[tuple[int, np.ndarray]]:
+                 only=None, *, exact: bool = False) -> Iterator[tuple[int, np.ndarray]]:
         """Each slice (of ``only``, indices in file order, when given) decoded from the codes,
-        ``(i, (h, w) scanner intensities)``, a batch at a time."""
+        ``(i, (h, w) scanner intensities)``, a batch at a time. ``exact``: decoded in float64 (what
+        coding layers build on; different machines' pictures then differ by float64 ulps, not
+        float32's), else float32."""
         header = file.header
         height, width = header["image_size"]
         chosen = np.arange(file.n) if only is None else np.sort(np.asarray(only, dtype=np.int64))
+        model = self._float64_model() if exact else self.model
         for lo in range(0, len(chosen), self.batch_size):
             batch = chosen[lo:lo + self.batch_size]
-            slices = decode_images(self.model, top[batch], bottom[batch], self.batch_size)
+            slices = decode_images(model, top[batch], bottom[batch], self.batch_size)
             slices = clip_to_input_range(slices[:, :height, :width], header["normalize"])
             for i, decoded in zip(batch.tolist(), slices):
-                yield i, denormalize(unfit(decoded, tuple(file.shapes[i]), header["fit"]), file.norm[i])
+                if exact:
+                    offset, scale = (float(v) for v in file.norm[i])
+                    yield i, unfit(decoded, tuple(file.shapes[i]), header["fit"], np.float64) * scale + offset
+                else:
+                    yield i, denormalize(unfit(decoded, tuple(file.shapes[i]), header["fit"]), file.norm[i])
+
+    def _float64_model(self) -> VQVAE2:
+        if getattr(self, "_model64", None) is None:
+            self._model64 = copy.deepcopy(self.model).double().eval()
+        return self._model64

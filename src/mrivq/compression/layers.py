@@ -1,11 +1,14 @@
 """Coding layers: what a codes file carries on top of the codes, one registry entry each.
 
-A layer stores, per slice, what turns the slice decoded from the codes (scanner intensities on
-its own grid) into a better one: a residual under a bound, or the exact intensities. The codes
-file keeps each layer's payloads in a section of its own (``layer-<name>``), its header lists
-the layers in the order they apply; :class:`mrivq.compression.codec.Codec` writes them
-(``compress(slices, layers=[name])``) and applies them on ``decompress``. A payload is
-untrusted: ``decode`` bounds what it allocates and raises ``ValueError`` on a damaged one.
+A layer stores, per slice, what turns the picture decoded from the codes into a better one: the
+stored values within a bound, or exactly. The codes file keeps each layer's payloads in a
+section of its own (``layer-<name>``), its header lists the layers in the order they apply;
+:class:`mrivq.compression.codec.Codec` writes them (``compress(slices, layers=[name],
+layer_options={name: {...}})``) and applies them on ``decompress``. A layer sees the picture in
+float64 scanner intensities, decoded in float64 (the same on every machine to far below a
+stored unit; a layer that rounds it must still guard against ties), and gives back a
+:class:`Stored` slice: the numbers the input file held, written back in its own type. A payload
+is untrusted: ``decode`` bounds what it allocates and raises ``ValueError`` on a damaged one.
 """
 
 from __future__ import annotations
@@ -18,14 +21,34 @@ import numpy as np
 
 
 @dataclass(frozen=True)
+class Stored:
+    """A slice as its file stores it: ``values`` ``(h, w)`` before ``scl_slope`` / ``scl_inter``
+    (int64 for an integer type, float64 for a float type), the on-disk ``dtype`` and the scaling
+    that makes them scanner intensities."""
+
+    values: np.ndarray
+    dtype: str
+    slope: float = 1.0
+    inter: float = 0.0
+
+    def scanner(self) -> np.ndarray:
+        """Scanner intensities, float64."""
+        return self.values * self.slope + self.inter
+
+
+class Refused(ValueError):
+    """A slice a layer cannot code as asked (the message says why, for the user)."""
+
+
+@dataclass(frozen=True)
 class CodingLayer:
-    """One layer: ``name`` (its section: ``layer-<name>``), ``label`` (in messages), ``encode(original
-    (H, W) float, decoded (H, W) float32) -> bytes`` and ``decode(payload, decoded) -> (H, W)``."""
+    """One layer: ``name`` (its section: ``layer-<name>``), ``label`` (in messages), ``encode(original:
+    Stored, picture (h, w) float64, **options) -> bytes`` and ``decode(payload, picture) -> Stored``."""
 
     name: str
     label: str
-    encode: Callable[[np.ndarray, np.ndarray], bytes]
-    decode: Callable[[bytes, np.ndarray], np.ndarray]
+    encode: Callable[..., bytes]
+    decode: Callable[[bytes, np.ndarray], Stored]
 
 
 #: The layers, by name.

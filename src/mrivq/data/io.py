@@ -213,9 +213,9 @@ def slice_affine(affine: np.ndarray, index: int) -> np.ndarray:
 MAX_NIFTI_BYTES = 256 << 20
 
 
-def _read_nifti(path) -> tuple[np.ndarray, SliceMeta]:
-    """Decode a NIfTI-1/2 file fully into float32, translating every failure into BadFileError."""
-    path = str(path)
+def _open_nifti(path: str):
+    """The nibabel image of a NIfTI-1/2 file, its size checked against :data:`MAX_NIFTI_BYTES`
+    and against the bytes present before any array is made."""
     raw = _read_bounded(path)
     if not raw:
         raise BadFileError(path, "empty file (0 bytes)")
@@ -230,15 +230,52 @@ def _read_nifti(path) -> tuple[np.ndarray, SliceMeta]:
     if needed > len(raw):
         raise BadFileError(path, f"truncated file (the header's shape {shape} needs {needed} bytes, "
                                  f"the file holds {len(raw)})")
+    return image
+
+
+def _array(image, path: str, read) -> np.ndarray:
+    """``read(image.dataobj)``, every failure a BadFileError, NaN and Inf refused."""
     try:
         with np.errstate(all="ignore"):  # a huge scale factor overflows: the check below says so
-            data = np.asarray(image.dataobj, dtype=np.float32)
+            data = np.asarray(read(image.dataobj))
     except (ValueError, EOFError, OSError):
         raise BadFileError(path, "truncated file (less data than the header says)") from None
     except Exception as e:  # noqa: BLE001 -- nibabel raises assorted errors for odd headers
         raise BadFileError(path, f"unreadable image data ({type(e).__name__}: {e})") from None
-    if not np.isfinite(data).all():
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
         raise BadFileError(path, "contains NaN or Inf values")
+    return data
+
+
+def read_stored(path) -> tuple[np.ndarray, str, float, float]:
+    """The numbers a 2-D slice or 3-D volume file stores, before ``scl_slope`` / ``scl_inter``, as
+    :func:`read_slices` lays out its slices: ``(S, H, W)`` int64 for an integer type (uint64
+    beyond int64 refused), float64 for a float type; with the on-disk type and the scaling."""
+    path = str(path)
+    image = _open_nifti(path)
+    dtype = image.get_data_dtype()
+    if dtype.kind not in "uif":
+        raise BadFileError(path, f"its data type {dtype} holds no plain numbers")
+    data = _array(image, path, lambda proxy: proxy.get_unscaled())
+    if dtype == np.uint64 and data.size and data.max() > np.iinfo(np.int64).max:
+        raise BadFileError(path, "holds uint64 values beyond 2**63")
+    data = data.astype(np.int64 if dtype.kind in "ui" else np.float64)
+    slope, inter = image.header.get_slope_inter()  # None where the header scales nothing
+    slope, inter = 1.0 if slope is None else float(slope), 0.0 if inter is None else float(inter)
+    meta = SliceMeta(path=path, affine=np.eye(4), header=image.header, shape=tuple(int(n) for n in image.shape),
+                     dtype=str(dtype))
+    if sum(n != 1 for n in data.shape) <= 2:
+        return _as_slice(data, meta)[None], str(dtype), slope, inter
+    return _as_volume(data, meta), str(dtype), slope, inter
+
+
+def _read_nifti(path) -> tuple[np.ndarray, SliceMeta]:
+    """Decode a NIfTI-1/2 file fully into float32, translating every failure into BadFileError."""
+    path = str(path)
+    image = _open_nifti(path)
+    shape = tuple(int(n) for n in image.shape)
+    dtype = image.get_data_dtype()
+    data = _array(image, path, lambda proxy: np.asarray(proxy, dtype=np.float32))
 
     meta = SliceMeta(
         path=path,

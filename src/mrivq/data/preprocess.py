@@ -71,15 +71,16 @@ class Preprocessing:
             )
 
 
-def fit_to_shape(slice2d: np.ndarray, size: tuple[int, int], policy: str) -> np.ndarray:
-    """Fit a ``(h, w)`` slice to ``size = (H, W)``; returns float32 ``(H, W)``.
+def fit_to_shape(slice2d: np.ndarray, size: tuple[int, int], policy: str, dtype=np.float32) -> np.ndarray:
+    """Fit a ``(h, w)`` slice to ``size = (H, W)``; returns ``(H, W)`` of ``dtype`` (float32, or
+    float64 for the coding layers' picture).
 
     ``pad_crop``: per axis, a centred crop when too large and a centred pad with the slice
     minimum (the background) when too small; the odd pixel goes to the end. ``resize``:
     bilinear with half-pixel centres, the same as ``torch.nn.functional.interpolate(...,
     mode="bilinear", align_corners=False)`` without antialiasing.
     """
-    slice2d = np.asarray(slice2d, dtype=np.float32)
+    slice2d = np.asarray(slice2d, dtype=dtype)
     if slice2d.ndim != 2:
         raise ValueError(f"expected a 2-D slice, got shape {slice2d.shape}")
     height, width = int(size[0]), int(size[1])
@@ -107,7 +108,7 @@ def _pad_crop(slice2d: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     fitted = slice2d[tuple(crops)]
     if any(p != (0, 0) for p in pads):
         fitted = np.pad(fitted, pads, mode="constant", constant_values=background)
-    return np.ascontiguousarray(fitted, dtype=np.float32)
+    return np.ascontiguousarray(fitted, dtype=slice2d.dtype)
 
 
 def _resize_bilinear(slice2d: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -129,7 +130,7 @@ def _resize_bilinear(slice2d: np.ndarray, size: tuple[int, int]) -> np.ndarray:
             np.take(out, lower, axis=axis) * (1.0 - weight)
             + np.take(out, upper, axis=axis) * weight
         )
-    return out.astype(np.float32)
+    return out if slice2d.dtype == np.float64 else out.astype(np.float32)
 
 
 def normalize(
@@ -192,18 +193,18 @@ def preprocess_slice(raw2d: np.ndarray, prep: Preprocessing) -> tuple[np.ndarray
     return fit_to_shape(x, prep.image_size, prep.fit), params
 
 
-def unfit(fitted: np.ndarray, original_shape: tuple[int, int], policy: str) -> np.ndarray:
+def unfit(fitted: np.ndarray, original_shape: tuple[int, int], policy: str, dtype=np.float32) -> np.ndarray:
     """Undo :func:`mrivq.data.preprocess.fit_to_shape`: ``(H, W)`` back to the slice's own ``(h, w)``.
 
     ``pad_crop``: what was padded is cropped away; what was cropped is padded back with the
     slice's background (its minimum), since those pixels were never seen. ``resize``: bilinear
     back to ``(h, w)``.
     """
-    fitted = np.asarray(fitted, dtype=np.float32)
+    fitted = np.asarray(fitted, dtype=dtype)
     if fitted.shape == tuple(original_shape):
         return fitted
     if policy == "resize":
-        return fit_to_shape(fitted, original_shape, "resize")
+        return fit_to_shape(fitted, original_shape, "resize", dtype)
     crops, pads = [], []
     for have, want in zip(original_shape, fitted.shape):  # have: original, want: fitted
         if have >= want:  # the original was cropped: put the fitted part back in the middle
@@ -215,4 +216,4 @@ def unfit(fitted: np.ndarray, original_shape: tuple[int, int], policy: str) -> n
             crops.append(slice(before, before + have))
             pads.append((0, 0))
     out = fitted[tuple(crops)]
-    return np.pad(out, pads, mode="constant", constant_values=fitted.min()).astype(np.float32)
+    return np.pad(out, pads, mode="constant", constant_values=fitted.min()).astype(dtype, copy=False)

@@ -1,0 +1,411 @@
+"""The residual layer (``residual``): lossless and bounded-error slices on top of the codes.
+
+The picture decoded from the codes is a strong prediction of the slice; this layer range-codes
+what is left, so that ``mrivq decode`` gives every stored value within ``max_error`` (δ) of
+the input's, and exactly the input's at δ = 0 ("lossy plus residual" coding). Per slice:
+
+1. **Prediction** ``P``: the picture (decoded in float64, in the file's stored units: before
+   ``scl_slope`` / ``scl_inter``) rounded to integers. A machine that decodes the picture a few
+   float64 ulps away rounds the same way, except where the picture lies within a hair
+   (:data:`GUARD` of its range) of a rounding tie: those few voxels' rounding is stored.
+2. **Residual** ``r = X - P`` of the stored integers ``X``; for δ > 0 it is quantised with step
+   2δ + 1 (``q = sign(r) ((|r| + δ) // (2δ + 1))``), so ``P + q (2δ + 1)`` is within δ of every
+   voxel. Float data that are not integers are first put on a grid of step just under 2δ
+   (δ = 0 is refused for them).
+3. **Coding** in two halves of a checkerboard. Each symbol's distribution is a discretised
+   Laplace-to-Gaussian blend (one of :data:`SHAPES`, chosen per half) whose scale is a linear
+   estimate from integer context: the picture's local contrast, and in the second half the four
+   already-decoded neighbours' residuals (which also predict its mean). The estimate picks one
+   of :data:`N_CLASSES` scale classes a quarter octave apart; the few coefficients are fitted per
+   slice and stored. All of it is integer arithmetic: the frequencies are the same on every
+   machine, and constriction's range coder turns them into the stream.
+
+A checksum of the reconstruction is stored and checked on decode: a file decodes to the
+values the encoder checked against the input, or is refused. Payload layout: :data:`HEAD`, two
+:data:`HALF` records, the stored roundings, escaped residuals, then the coder's words.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from decimal import ROUND_HALF_EVEN, Context, Decimal
+from functools import lru_cache
+
+import numpy as np
+
+from mrivq.compression.layers import CodingLayer, Refused, Stored, register
+
+NAME = "residual"
+MAGIC = b"MRR1"
+
+#: Picture values closer than this (times 1 + the largest magnitude) to a rounding tie have their
+#: rounding stored: float64 decodes on different machines differ by ~1e-15 of the range.
+GUARD = 1e-9
+N_CLASSES = 64  # scale classes, a quarter octave apart (mean |residual| 0.07 ... 3,900)
+SHAPES = 5  # 0 Laplace ... 4 Gaussian
+ESCAPE = 4095  # larger residuals are stored raw, after an escape symbol
+LOGIT_UNITS = 64  # logits in 1/64 nat
+CAP = 16 * LOGIT_UNITS  # the least probable symbols sit 16 nats below the most probable
+MAX_SIDE = 1 << 14
+#: The on-disk types a slice may be written back as (the payload stores the index).
+DTYPES = ("uint8", "int8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64")
+
+HEAD = struct.Struct("<4sBBBxIIddddqqIII")  # magic, version, kind, dtype, h, w, δ, step, slope, inter,
+#                                              lo, hi, crc, stored roundings, escaped residuals
+HALF = struct.Struct("<IBxxxqqqq")  # escape width E, shape, coefficients c0 c1 c2, mean weight α
+INTEGERS, FLOATS = 0, 1
+
+
+# -- fixed integer tables ----------------------------------------------------------------------
+
+@lru_cache(maxsize=1)
+def _exp_weights() -> np.ndarray:
+    """Weight of a symbol ``d`` 1/64-nats below the most probable: ``round(2**20 exp(-d / 64))``,
+    computed in decimal arithmetic (the same digits on every machine), as float64 (exact)."""
+    context = Context(prec=40)
+    return np.array([max(1, int(context.exp(Decimal(-d) / LOGIT_UNITS).scaleb(20).quantize(
+        Decimal(1), rounding=ROUND_HALF_EVEN))) for d in range(CAP + 1)], dtype=np.float64)
+
+
+def _root8(n: int) -> int:
+    return math.isqrt(math.isqrt(math.isqrt(n)))  # floor(n ** (1/8)), exactly
+
+
+#: Mean |residual| of each class times 2**14 (2 ** ((2b + 1) / 8 - 4)), and the boundaries between.
+CLASS_MEAN = [_root8(1 << (2 * b + 81)) for b in range(N_CLASSES)]
+CLASS_EDGES = np.array([_root8(1 << (2 * b + 82)) for b in range(N_CLASSES - 1)], dtype=np.int64)
+ESTIMATE_SHIFT = 8  # coefficients in 2**(14 + 8) per unit: estimate = (c . features) >> 8
+
+
+@lru_cache(maxsize=N_CLASSES * SHAPES)
+def _gaps(cls: int, shape: int) -> np.ndarray:
+    """int64 gaps (1/64 nat below the most probable) of |d| = 0, 1, ... until the cap, then the cap."""
+    mean = CLASS_MEAN[cls]
+    laplace = (LOGIT_UNITS << 54) // mean  # |d| / m nats, << 40
+    gauss = (LOGIT_UNITS * 113 << 68) // (355 * mean * mean)  # d^2 / (pi m^2) nats, << 40
+    d = np.arange(16 * mean // (1 << 14) + 3, dtype=np.int64)
+    gap = ((SHAPES - 1 - shape) * ((d * laplace) >> 40) + shape * ((d * d * gauss) >> 40)) // (SHAPES - 1)
+    return np.append(np.minimum(gap, CAP), CAP)
+
+
+def _weights(cls: int, shape: int, width: int) -> np.ndarray:
+    """Integer weights (float64) of the symbols -width..width and the escape, for one class."""
+    gaps = _gaps(cls, shape)
+    d = np.minimum(np.abs(np.arange(-width, width + 1)), len(gaps) - 1)
+    return np.append(_exp_weights()[gaps[d]], _exp_weights()[CAP])
+
+
+# -- integer context ---------------------------------------------------------------------------
+
+def _checkerboard(shape) -> np.ndarray:
+    return (np.indices(shape).sum(0) % 2) == 0
+
+
+def _contrast(prediction: np.ndarray) -> np.ndarray:
+    """Largest absolute difference of each voxel's prediction to its four neighbours (edges repeated)."""
+    p = np.pad(prediction, 1, mode="edge")
+    centre = p[1:-1, 1:-1]
+    return np.maximum.reduce([np.abs(centre - p[:-2, 1:-1]), np.abs(centre - p[2:, 1:-1]),
+                              np.abs(centre - p[1:-1, :-2]), np.abs(centre - p[1:-1, 2:])])
+
+
+def _neighbours(known: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sum of |q| and sum of q over each voxel's four neighbours (zero outside the slice)."""
+    p = np.pad(known, 1)
+    around = (p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:])
+    return sum(np.abs(a) for a in around), sum(around)
+
+
+def _classes(coefficients, features: np.ndarray) -> np.ndarray:
+    estimate = (features @ np.asarray(coefficients, dtype=np.int64)) >> ESTIMATE_SHIFT
+    return np.searchsorted(CLASS_EDGES, estimate, side="right")
+
+
+def _mean_prediction(alpha: int, total: np.ndarray) -> np.ndarray:
+    """round(alpha / 256 * mean of the four neighbours' residuals), in integers."""
+    return np.floor_divide(alpha * total + 512, 1024)
+
+
+def _clip_features(*columns) -> np.ndarray:
+    return np.stack([np.minimum(c, 1 << 20) for c in columns], axis=-1).astype(np.int64)
+
+
+# -- the two halves ----------------------------------------------------------------------------
+
+def _fit(symbols: np.ndarray, features: np.ndarray) -> tuple[list[int], int, int]:
+    """Coefficients, shape and escape width for one half: least squares of |d| on the features,
+    then the scale factor and shape that code the half in the fewest bits."""
+    width = int(min(ESCAPE, np.abs(symbols).max(initial=0)))
+    if len(symbols) == 0:
+        return [0, 0, 0], 0, width
+    magnitude = np.abs(symbols).astype(np.float64)
+    design = features.astype(np.float64)
+    solution = np.linalg.lstsq(design, magnitude, rcond=None)[0]
+    index = np.clip(symbols, -width - 1, width + 1) + width
+    index[np.abs(symbols) > width] = 2 * width + 1
+    best = (math.inf, [0, 0, 0], 0)
+    for factor in (0.7, 0.85, 1.0, 1.2, 1.45):
+        coefficients = [int(v) for v in np.clip(np.round(solution * factor * (1 << 22)), -(1 << 40), 1 << 40)]
+        coefficients += [0] * (3 - len(coefficients))
+        classes = _classes(coefficients, np.pad(features, ((0, 0), (0, 3 - features.shape[1]))))
+        counts = np.bincount(classes * (2 * width + 2) + index, minlength=N_CLASSES * (2 * width + 2))
+        counts = counts.reshape(N_CLASSES, 2 * width + 2)
+        for shape in range(SHAPES):
+            bits = 0.0
+            for cls in np.flatnonzero(counts.sum(1)):
+                weights = _weights(int(cls), shape, width)
+                row = counts[cls]
+                used = row > 0
+                bits -= float(row[used] @ np.log2(weights[used] / weights.sum()))
+            if bits < best[0]:
+                best = (bits, coefficients, shape)
+    return best[1], best[2], width
+
+
+def _code_half(coder, model_class, symbols: np.ndarray, classes: np.ndarray, shape: int, width: int) -> np.ndarray:
+    """Encode one half's symbols, class by class (raster order within a class); returns the
+    escaped residuals, in that order."""
+    escaped = []
+    for cls in np.unique(classes):
+        chosen = symbols[classes == cls]
+        index = np.clip(chosen, -width - 1, width + 1) + width
+        out = np.abs(chosen) > width
+        index[out] = 2 * width + 1
+        escaped.append(chosen[out])
+        coder.encode(index.astype(np.int32), model_class(_weights(int(cls), shape, width), perfect=False))
+    return np.concatenate(escaped) if escaped else np.zeros(0, dtype=np.int64)
+
+
+def _decode_half(decoder, model_class, classes: np.ndarray, shape: int, width: int, escaped) -> np.ndarray:
+    symbols = np.zeros(len(classes), dtype=np.int64)
+    for cls in np.unique(classes):
+        where = np.flatnonzero(classes == cls)
+        index = np.asarray(decoder.decode(model_class(_weights(int(cls), shape, width), perfect=False), len(where)),
+                           dtype=np.int64)
+        values = index - width
+        out = np.flatnonzero(index == 2 * width + 1)
+        if len(out):
+            values[out] = escaped.take(len(out))
+        symbols[where] = values
+    return symbols
+
+
+class _Escaped:
+    """The escaped residuals a decoder hands out in order; running out means a damaged payload."""
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.values, self.at = values, 0
+
+    def take(self, n: int) -> np.ndarray:
+        if self.at + n > len(self.values):
+            raise ValueError("more escaped residuals than the payload holds")
+        self.at += n
+        return self.values[self.at - n:self.at]
+
+
+def _coder():
+    import constriction
+
+    return constriction.stream.model.Categorical, constriction.stream.queue
+
+
+# -- what the layer stores ---------------------------------------------------------------------
+
+def _grid(original: Stored, max_error: float) -> tuple[int, float, int]:
+    """``(kind, step, quantiser)``: integers coded with quantiser 2δ + 1, or floats put on a grid."""
+    values = original.values
+    if not (math.isfinite(max_error) and max_error >= 0):
+        raise Refused(f"the maximum error must be a number >= 0, not {max_error}")
+    if np.issubdtype(values.dtype, np.integer) or np.array_equal(values, np.round(values)):
+        if np.abs(values).max(initial=0) >= 2 ** 53:
+            raise Refused("its values are beyond 2**53, more than this layer codes exactly")
+        return INTEGERS, 1.0, 2 * int(max_error) + 1
+    if max_error == 0:
+        raise Refused("its values are not integers, so it cannot be stored exactly (lossless); "
+                      "give --max-error above 0")
+    # the grid is a little finer than 2δ, so that writing the value back in its type stays within δ
+    unit = float(np.finfo(np.dtype(original.dtype) if original.dtype in ("float32", "float64") else np.float64).eps)
+    step = 2 * max_error - 4 * unit * float(np.abs(values).max() + 2 * max_error)
+    if not step > 0 or np.abs(values).max() / step >= 2 ** 50:
+        raise Refused(f"--max-error {max_error} is below what its {original.dtype} values can resolve; give a larger one")
+    return FLOATS, step, 1
+
+
+def _prediction(picture: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Round ``picture`` to integers; returns them and the voxels (flat indices) whose rounding
+    is stored (too near a tie to recompute the same everywhere) with each one's rounding bit."""
+    floor = np.floor(picture)
+    frac = picture - floor
+    up = frac >= 0.5
+    near = np.flatnonzero(np.abs(frac - 0.5) < GUARD * (1 + np.abs(picture).max(initial=0)))
+    return (floor + up).astype(np.int64), near.astype(np.uint32), up.ravel()[near]
+
+
+def _stored_units(picture: np.ndarray, slope: float, inter: float, step: float) -> np.ndarray:
+    units = (np.asarray(picture, dtype=np.float64) - inter) / slope / step
+    if not np.isfinite(units).all() or np.abs(units).max(initial=0) >= 2 ** 52:
+        raise ValueError("the decoded picture is out of the range this layer codes")
+    return units
+
+
+def encode(original: Stored, picture: np.ndarray, *, max_error: float = 0) -> bytes:
+    """The payload that makes ``picture`` (float64 scanner intensities) ``original``'s stored
+    values within ``max_error`` (exactly at 0). :class:`Refused` for a slice it cannot code so."""
+    values = np.asarray(original.values)
+    if values.shape != picture.shape or values.ndim != 2:
+        raise ValueError(f"the slice {values.shape} and its picture {picture.shape} differ in shape")
+    if not (math.isfinite(original.slope) and original.slope != 0 and math.isfinite(original.inter)):
+        raise Refused(f"its scaling (scl_slope {original.slope}, scl_inter {original.inter}) cannot be undone")
+    kind, step, quantiser = _grid(original, max_error)
+    delta = (quantiser - 1) // 2
+    target = values.astype(np.int64) if kind == INTEGERS else np.round(values / step).astype(np.int64)
+    lo, hi = int(target.min()), int(target.max())
+    prediction, near, bits = _prediction(_stored_units(picture, original.slope, original.inter, step))
+    prediction = np.clip(prediction, lo, hi)
+    r = target - prediction
+    q = np.sign(r) * ((np.abs(r) + delta) // quantiser)
+    rebuilt = np.clip(prediction + q * quantiser, lo, hi)
+    written = _written(rebuilt, kind, step, original.dtype)
+    error = np.abs(written.astype(np.float64) - values).max(initial=0)
+    if error > max_error or (max_error == 0 and not np.array_equal(written, values)):  # float32 beyond 2**24
+        raise Refused(f"its {original.dtype} values cannot be written back within {max_error} (they are "
+                      f"{error} off); give a larger --max-error")
+
+    black = _checkerboard(q.shape)
+    contrast = _contrast(prediction) // quantiser
+    categorical, queue = _coder()
+    coder = queue.RangeEncoder()
+    halves, escaped = [], []
+    first = q[black]
+    features = _clip_features(np.ones_like(first), contrast[black])
+    coefficients, shape, width = _fit(first, features)
+    escaped.append(_code_half(coder, categorical, first, _classes(coefficients, _pad3(features)), shape, width))
+    halves.append((width, shape, coefficients, 0))
+    size, total = _neighbours(np.where(black, q, 0))
+    white = ~black
+    alpha = _fit_mean(q[white], total[white])
+    second = q[white] - _mean_prediction(alpha, total[white])
+    features = _clip_features(np.ones_like(second), contrast[white], size[white])
+    coefficients, shape, width = _fit(second, features)
+    escaped.append(_code_half(coder, categorical, second, _classes(coefficients, features), shape, width))
+    halves.append((width, shape, coefficients, alpha))
+
+    words = np.asarray(coder.get_compressed(), dtype="<u4")
+    escaped_all = np.concatenate(escaped).astype("<i8")
+    head = HEAD.pack(MAGIC, 1, kind, DTYPES.index(_dtype_name(original.dtype)), *values.shape, float(max_error), step,
+                     float(original.slope), float(original.inter), lo, hi, _crc(rebuilt), len(near), len(escaped_all))
+    parts = [head] + [HALF.pack(w, s, *c, a) for w, s, c, a in halves]
+    parts += [near.astype("<u4").tobytes(), np.packbits(bits).tobytes(), escaped_all.tobytes(), words.tobytes()]
+    return b"".join(parts)
+
+
+def _pad3(features: np.ndarray) -> np.ndarray:
+    return np.pad(features, ((0, 0), (0, 3 - features.shape[1])))
+
+
+def _fit_mean(q: np.ndarray, total: np.ndarray) -> int:
+    """The weight (in 1/256) of the neighbours' mean residual as a prediction, by least squares."""
+    mean = total.astype(np.float64) / 4
+    denominator = float(mean @ mean)
+    alpha = float(q.astype(np.float64) @ mean) / denominator if denominator > 0 else 0.0
+    return int(np.clip(round(alpha * 256), -1024, 1024))
+
+
+def _dtype_name(dtype: str) -> str:
+    name = np.dtype(dtype).name
+    if name not in DTYPES:
+        raise Refused(f"its on-disk type {dtype} is not one this layer writes back ({', '.join(DTYPES)})")
+    return name
+
+
+def _written(rebuilt: np.ndarray, kind: int, step: float, dtype: str) -> np.ndarray:
+    """The reconstruction as the stored values of the file's type."""
+    if kind == INTEGERS:
+        info = np.iinfo(dtype) if np.issubdtype(np.dtype(dtype), np.integer) else None
+        if info is not None and (rebuilt.min(initial=0) < info.min or rebuilt.max(initial=0) > info.max):
+            raise ValueError(f"the reconstruction does not fit {dtype}")
+        return rebuilt.astype(dtype)
+    return (rebuilt * step).astype(dtype)
+
+
+def _crc(rebuilt: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(rebuilt, dtype="<i8").tobytes())
+
+
+def decode(payload: bytes, picture: np.ndarray) -> Stored:
+    """Undo :func:`encode` given the same picture (to float64 rounding): the stored values, each
+    within the payload's bound of the input's. ``ValueError`` for a damaged payload or one whose
+    reconstruction does not match the encoder's checksum."""
+    try:
+        return _decode(payload, picture)
+    except (AssertionError, RuntimeError, OverflowError) as e:  # the range decoder meets words it never wrote
+        raise ValueError(f"the residual stream does not decode ({e})") from None
+
+
+def _decode(payload: bytes, picture: np.ndarray) -> Stored:
+    if len(payload) < HEAD.size + 2 * HALF.size:
+        raise ValueError("the residual payload is shorter than its header")
+    (magic, version, kind, dtype_index, height, width, max_error, step, slope, inter, lo, hi, crc, n_near,
+     n_escaped) = HEAD.unpack_from(payload)
+    if magic != MAGIC or version != 1 or kind not in (INTEGERS, FLOATS) or dtype_index >= len(DTYPES):
+        raise ValueError("not a residual payload this mrivq reads")
+    if (height, width) != picture.shape:
+        raise ValueError("the residual payload is for a slice of another shape")
+    if not (math.isfinite(step) and step > 0 and math.isfinite(slope) and slope != 0 and math.isfinite(inter)
+            and math.isfinite(max_error) and max_error >= 0 and lo <= hi):
+        raise ValueError("the residual payload's numbers are not valid")
+    if kind == INTEGERS and step != 1:
+        raise ValueError("the residual payload's numbers are not valid")
+    quantiser = 2 * int(max_error) + 1 if kind == INTEGERS else 1
+    halves = [HALF.unpack_from(payload, HEAD.size + i * HALF.size) for i in range(2)]
+    for half_width, shape, *_ in halves:
+        if half_width > ESCAPE or shape >= SHAPES:
+            raise ValueError("the residual payload's coder settings are not valid")
+    at = HEAD.size + 2 * HALF.size
+    pixels = height * width
+    if n_near > pixels or n_escaped > pixels:
+        raise ValueError("the residual payload lists more voxels than the slice has")
+    sizes = (4 * n_near, (n_near + 7) // 8, 8 * n_escaped)
+    if at + sum(sizes) > len(payload) or (len(payload) - at - sum(sizes)) % 4:
+        raise ValueError("the residual payload's parts do not add up")
+    near = np.frombuffer(payload, "<u4", n_near, at).astype(np.int64)
+    at += sizes[0]
+    bits = np.unpackbits(np.frombuffer(payload, np.uint8, sizes[1], at))[:n_near].astype(bool)
+    at += sizes[1]
+    escaped = _Escaped(np.frombuffer(payload, "<i8", n_escaped, at).astype(np.int64))
+    at += sizes[2]
+    words = np.frombuffer(payload, "<u4", offset=at).copy()
+    if len(near) and (near.max() >= pixels or np.any(np.diff(near) <= 0)):
+        raise ValueError("the residual payload's stored roundings are not valid")
+
+    units = _stored_units(picture, slope, inter, step)
+    prediction = np.floor(units + 0.5).astype(np.int64).ravel()
+    prediction[near] = np.floor(units.ravel()[near]).astype(np.int64) + bits
+    prediction = np.clip(prediction.reshape(units.shape), lo, hi)
+
+    black = _checkerboard(prediction.shape)
+    contrast = _contrast(prediction) // quantiser
+    categorical, queue = _coder()
+    decoder = queue.RangeDecoder(words)
+    q = np.zeros(prediction.shape, dtype=np.int64)
+    half_width, shape, c0, c1, c2, _ = halves[0]
+    features = _clip_features(np.ones(int(black.sum()), dtype=np.int64), contrast[black])
+    q[black] = _decode_half(decoder, categorical, _classes([c0, c1, c2], _pad3(features)), shape, half_width, escaped)
+    size, total = _neighbours(np.where(black, q, 0))
+    white = ~black
+    half_width, shape, c0, c1, c2, alpha = halves[1]
+    if abs(alpha) > 1024:
+        raise ValueError("the residual payload's coder settings are not valid")
+    features = _clip_features(np.ones(int(white.sum()), dtype=np.int64), contrast[white], size[white])
+    q[white] = _decode_half(decoder, categorical, _classes([c0, c1, c2], features), shape, half_width, escaped) \
+        + _mean_prediction(alpha, total[white])
+    rebuilt = np.clip(prediction + q * quantiser, lo, hi)
+    if _crc(rebuilt) != crc:
+        raise ValueError("the residual layer does not rebuild the values the encoder checked (checksum differs)")
+    dtype = DTYPES[dtype_index]
+    return Stored(_written(rebuilt, kind, step, dtype), dtype, slope, inter)
+
+
+LAYER = register(CodingLayer(NAME, "the residual to the stored values, within --max-error", encode, decode))
