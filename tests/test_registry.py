@@ -159,17 +159,18 @@ def test_a_registered_kinds_damaged_copy_is_refused_by_its_own_check(position_ki
     assert "beyond" in position_kind.copy_problem(spoiled, prior)
 
 
-def _exact_encode(original: np.ndarray, decoded: np.ndarray) -> bytes:
+def _exact_encode(original: layers.Stored, picture: np.ndarray) -> bytes:
     """The float32 difference to the original, deflated: decoding adds it back."""
-    return zlib.compress((np.asarray(original, dtype=np.float32) - decoded.astype(np.float32)).tobytes())
+    return zlib.compress((original.scanner().astype(np.float32) - picture.astype(np.float32)).tobytes())
 
 
-def _exact_decode(payload: bytes, decoded: np.ndarray) -> np.ndarray:
+def _exact_decode(payload: bytes, picture: np.ndarray) -> layers.Stored:
     inflater = zlib.decompressobj()
-    raw = inflater.decompress(payload, 4 * decoded.size + 1)
-    if len(raw) != 4 * decoded.size or not inflater.eof:
+    raw = inflater.decompress(payload, 4 * picture.size + 1)
+    if len(raw) != 4 * picture.size or not inflater.eof:
         raise ValueError("not one float32 per pixel")
-    return decoded.astype(np.float32) + np.frombuffer(raw, dtype=np.float32).reshape(decoded.shape)
+    return layers.Stored(picture.astype(np.float32) + np.frombuffer(raw, dtype=np.float32).reshape(picture.shape),
+                         "float32")
 
 
 def test_a_coding_layer_registered_in_a_test_travels_in_the_file_and_applies_on_decode(

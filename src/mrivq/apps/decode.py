@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from mrivq.apps import flags
 from mrivq.compression.container import read_codes_file
+from mrivq.compression.layers import Stored
 from mrivq.data.io import as_stored, nifti_bytes, nifti_image
 from mrivq.engine.checkpoint import load_codec
 from mrivq.errors import UserError
@@ -32,7 +33,8 @@ from mrivq.runtime import resolve_device
 
 
 def decode(checkpoint: str | Path, codes_path: str | Path, out_dir: str | Path, *, prior: str | Path | None = None,
-           device: str = "auto", overwrite: bool = False, slices: list[str] | None = None) -> list[Path]:
+           device: str = "auto", overwrite: bool = False, slices: list[str] | None = None,
+           codes_only: bool = False) -> list[Path]:
     """Write every slice of a codes file as NIfTI in ``out_dir``, named after its input.
 
     The stream is decoded (under ``prior`` for a prior-coded file: the ``models/prior_best.pt``
@@ -43,7 +45,9 @@ def decode(checkpoint: str | Path, codes_path: str | Path, out_dir: str | Path, 
     the slices whose names match one of these shell patterns (``case_004_week_0_slice_1*``; a
     volume's slices are ``<stem>_slice_<index>``), each written on its own unless they are a whole
     volume; a volume-coded file then decodes just those and the slices they are coded after.
-    Returns the written paths.
+    A file with the residual layer (``encode --max-error``) gives the stored values within its
+    bound, written in the input's own type and scaling; ``codes_only``: the codes' picture alone
+    (float32), as a file without the layer gives. Returns the written paths.
     """
     codes_path = Path(codes_path).expanduser()
     codes = read_codes_file(codes_path)
@@ -61,7 +65,8 @@ def decode(checkpoint: str | Path, codes_path: str | Path, out_dir: str | Path, 
     targets = list(dict.fromkeys(out_dir / name for name in outputs.values()))
     decoded = codec.decompress_codes(codes, codes_path, only=only)
     claim_outputs(out_dir, "decode", targets, overwrite=overwrite, inputs=[codes_path, checkpoint, prior])
-    stream = tqdm(codec.decompress(codes, codes_path, codes=decoded, only=only), total=len(outputs), desc="decode",
+    stream = tqdm(codec.decompress(codes, codes_path, codes=decoded, only=only, codes_only=codes_only),
+                  total=len(outputs), desc="decode",
                   unit="slice", disable=None, leave=False)
     # Each file is compressed and written on a second thread while the next batch is decoded
     # (zlib and the file system release the GIL); at most a batch waits, so memory stays bounded
@@ -76,9 +81,9 @@ def decode(checkpoint: str | Path, codes_path: str | Path, out_dir: str | Path, 
                 parts = volumes.setdefault(volume["name"], {})
                 parts[volume["index"]] = (scanner, codes.affines[i])
                 if len(parts) == volume["shape"][2]:
-                    stack = np.stack([parts[k][0] for k in range(len(parts))])
                     pending.append(writer.submit(_write_nifti, out_dir / volume["name"],
-                                                 as_stored(stack, volume["shape"], True), parts[0][1]))
+                                                 _stacked([parts[k][0] for k in range(len(parts))], volume["shape"]),
+                                                 parts[0][1]))
                     del volumes[volume["name"]]
             while len(pending) > codec.batch_size or (pending and pending[0].done()):
                 pending.popleft().result()
@@ -102,8 +107,23 @@ def _outputs(sources: list[dict], chosen) -> dict[int, str]:
     return {i: target(sources[i]) for i in chosen}
 
 
-def _write_nifti(path: Path, scanner, affine) -> None:
-    blob = nifti_bytes(nifti_image(scanner, affine))
+def _stacked(slices: list, shape) -> np.ndarray | Stored:
+    """A volume's decoded slices as the array (or :class:`Stored` values) of its on-disk ``shape``."""
+    if isinstance(slices[0], Stored):
+        first = slices[0]
+        return Stored(as_stored(np.stack([s.values for s in slices]), shape, True), first.dtype, first.slope,
+                      first.inter)
+    return as_stored(np.stack(slices), shape, True)
+
+
+def _write_nifti(path: Path, scanner: np.ndarray | Stored, affine) -> None:
+    if isinstance(scanner, Stored):  # the stored values in the input's type, under its scaling
+        image = nifti_image(scanner.values.astype(scanner.dtype), affine)
+        if (scanner.slope, scanner.inter) != (1.0, 0.0):
+            image.header.set_slope_inter(scanner.slope, scanner.inter)
+    else:
+        image = nifti_image(scanner, affine)
+    blob = nifti_bytes(image)
     atomic_write(path, lambda fh: fh.write(blob), listed=False)
 
 
@@ -115,12 +135,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slices", nargs="+", metavar="PATTERN",
                         help="only the slices whose names match these shell patterns (quote them), e.g. "
                              "'case_004_week_0_slice_1*'; a volume-coded file decodes just what they need")
+    parser.add_argument("--codes-only", action="store_true",
+                        help="for a file with the residual layer (encode --max-error): write the codes' picture "
+                             "alone, as float32 (faster), not the stored values within the bound")
     flags.add_device(parser)
     flags.add_overwrite(parser)
 
 
 def main(args) -> int:
     written = decode(args.checkpoint, args.codes, args.out, prior=args.prior, device=args.device,
-                     overwrite=args.overwrite, slices=args.slices)
+                     overwrite=args.overwrite, slices=args.slices, codes_only=args.codes_only)
     print(f"wrote {len(written)} NIfTI file{'' if len(written) == 1 else 's'} to {args.out}")
     return 0

@@ -39,26 +39,34 @@ SUFFIX = ".mrvq"
 
 
 def encode(checkpoint: str | Path, inputs, out: str | Path, *, prior: str | Path | None = None,
-           device: str = "auto", surprise: str | Path | None = None, overwrite: bool = False) -> dict:
+           device: str = "auto", surprise: str | Path | None = None, overwrite: bool = False,
+           max_error: float | None = None) -> dict:
     """Encode NIfTI slices and 3-D volumes (files or folders) into the codes file ``out`` (``.mrvq``); returns the bits report.
 
     ``prior``: a ``mrivq train-prior`` checkpoint of the same VQ-VAE; the codes are then coded
     under it (decode needs it too). ``device``: where the models run (``auto``: CUDA when present).
     ``surprise`` (with ``prior``): a folder for each slice's bits-per-pixel map under the prior,
     ``<name>_bits.nii.gz`` on the slice's own grid, and ``surprise.png``; ``overwrite`` replaces
-    maps an earlier command wrote there.
+    maps an earlier command wrote there. ``max_error``: add the residual layer
+    (:mod:`mrivq.compression.residual`), so that decode gives every stored value within it (0:
+    exactly); the file still decodes to the codes' picture alone (``decode --codes-only``).
     """
     out = Path(out).expanduser()
     if out.suffix != SUFFIX:
         raise UserError(f"--out {out}: the codes file must end in {SUFFIX}")
     if surprise is not None and prior is None:
         raise UserError("--surprise maps the bits the prior spends: give the prior with --prior")
+    if max_error is not None and not (np.isfinite(max_error) and max_error >= 0):
+        raise UserError(f"--max-error {max_error}: give the largest error allowed per voxel, in stored units, "
+                        "0 or more (0: lossless)")
     _check_replaceable(out)
     device = resolve_device(device)
     codec = load_codec(checkpoint, prior=prior, device=device)
     files = nifti_inputs(inputs)
-    slices = CodecInput.read(files, codec.prep)
-    packed = codec.compress(slices)
+    layered = max_error is not None
+    slices = CodecInput.read(files, codec.prep, originals=layered)
+    packed = codec.compress(slices, layers=("residual",) if layered else (),
+                            layer_options={"residual": {"max_error": max_error}})
     write_maps = None
     if surprise is not None:
         write_maps = _claim_surprise_maps(Path(surprise).expanduser(), slices,
@@ -68,6 +76,8 @@ def encode(checkpoint: str | Path, inputs, out: str | Path, *, prior: str | Path
         write_maps(codec, packed.codes)
     report = packed.report(input_bytes=sum(f.stat().st_size for f in files))
     report.update(codes_file=str(out), verified=True, device=device.type)
+    if layered:
+        report["max_error"] = max_error
     return report
 
 
@@ -111,6 +121,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(models/prior_best.pt of the same VQ-VAE); decode then needs it too")
     parser.add_argument("--surprise", metavar="DIR", help="with --prior: write each slice's bits-per-pixel map "
                         "under the prior (NIfTI on the slice's grid, <name>_bits.nii.gz) and surprise.png into DIR")
+    parser.add_argument("--max-error", type=float, metavar="DELTA",
+                        help="also store the residual, so that decode gives every voxel's stored value within "
+                             "DELTA (stored units, before scl_slope); 0 is lossless (integer data only)")
     parser.add_argument("--json", action="store_true", help="print the bits report as JSON")
     flags.add_device(parser)
     flags.add_overwrite(parser, "maps an earlier mrivq command wrote in --surprise DIR (never other files)")
@@ -119,17 +132,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args) -> int:
     """Encode, then print the bits report (``--json``: as JSON)."""
     report = encode(args.checkpoint, args.inputs, args.out, prior=args.prior, device=args.device,
-                    surprise=args.surprise, overwrite=args.overwrite)
+                    surprise=args.surprise, overwrite=args.overwrite, max_error=args.max_error)
     if args.json:
         print(strict_json.dumps(report, indent=2))
         return 0
     bpp = report["bits_per_pixel"]
     under = "the prior" if report["coder"] == "prior" else "code frequencies"
-    print(f"wrote {report['codes_file']} ({report['n_slices']} slices, {report['file_bytes']} bytes, range-coded "
-          f"under {under}, checked to decode): {bpp['file']:.4f} bits per pixel (raw indices {bpp['raw']:.4f}); "
-          f"compression ratio vs the input files {report['compression_ratio']:.1f}:1; "
-          f"range coding {report['n_slices'] / report['coding_s']:.1f} slices/s, decoding the stream "
-          f"{report['n_slices'] / report['decoding_s']:.1f} slices/s, on {report['device']}")
+    speed = (f"range coding {report['n_slices'] / report['coding_s']:.1f} slices/s, decoding the stream "
+             f"{report['n_slices'] / report['decoding_s']:.1f} slices/s, on {report['device']}")
+    if "max_error" in report:  # per voxel of the slices' own grids: what a lossless codec is measured in
+        voxel = report["bits_per_voxel"]
+        bound = "exactly (lossless)" if report["max_error"] == 0 else f"within {report['max_error']:g} of the input"
+        print(f"wrote {report['codes_file']} ({report['n_slices']} slices, {report['file_bytes']} bytes, checked to "
+              f"decode): every voxel decodes {bound}; {voxel['file']:.3f} bits per voxel, the codes "
+              f"{voxel['codes']:.3f} (under {under}) and the residual {voxel['residual']:.3f}; compression ratio vs "
+              f"the input files {report['compression_ratio']:.1f}:1; {speed}; `mrivq decode --codes-only` gives "
+              "the codes' picture alone")
+    else:
+        print(f"wrote {report['codes_file']} ({report['n_slices']} slices, {report['file_bytes']} bytes, range-coded "
+              f"under {under}, checked to decode): {bpp['file']:.4f} bits per pixel (raw indices {bpp['raw']:.4f}); "
+              f"compression ratio vs the input files {report['compression_ratio']:.1f}:1; {speed}")
     if "prior_file_bytes" in report:
         print(f"the prior's file would have been {report['prior_file_bytes']} bytes, larger than the frequency-coded "
               f"one: wrote that instead (decode needs no --prior for it); train the prior longer, or on scans like these")

@@ -52,7 +52,14 @@ from mrivq.compression.entropy import (
 )
 from mrivq.compression.layers import LAYERS, Refused, Stored
 from mrivq.compression.priors import kind_of
-from mrivq.data.io import nifti_bytes, nifti_image, read_slice, read_slices, read_stored, slice_affine
+from mrivq.data.io import (
+    nifti_bytes,
+    nifti_image,
+    read_slice,
+    read_slices,
+    read_stored,
+    slice_affine,
+)
 from mrivq.data.preprocess import (
     Preprocessing,
     clip_to_input_range,
@@ -386,7 +393,7 @@ class Codec:
             if name not in LAYERS:
                 raise UserError(f"{path} carries the coding layer {name!r}, which this mrivq does not know; "
                                 "decode it with the mrivq that wrote it (or give --codes-only)")
-        shape = lambda i: file.header["sources"][i]["shape"]  # noqa: E731
+        shape = lambda i: file.header["sources"][i]["shape"]
         for i, picture in self._decoded(file, top, bottom, only, exact=bool(layers)):
             if not layers:
                 yield i, picture.reshape(shape(i))

@@ -430,6 +430,13 @@ def bits_report(codes: CodesFile, file_bytes: int, *, input_bytes: int | None = 
         "section_bytes": dict(codes.section_bytes),
         "pixels": pixels,
     }
+    if header.get("layers"):  # per voxel of the slices' own grids, what the codes and each layer cost
+        voxels = int(sum(math.prod(int(n) for n in shape) for shape in codes.shapes))
+        layer_bytes = {name: codes.section_bytes.get(_LAYER + name, 0) for name in header["layers"]}
+        report["voxels"] = voxels
+        report["bits_per_voxel"] = {"file": file_bytes * 8 / voxels,
+                                    "codes": (file_bytes - sum(layer_bytes.values())) * 8 / voxels,
+                                    **{name: size * 8 / voxels for name, size in layer_bytes.items()}}
     if input_bytes:
         report["input_bytes"] = int(input_bytes)
         report["compression_ratio"] = input_bytes / file_bytes

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import struct
 import zlib
+from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Context, Decimal
 from functools import lru_cache
 
@@ -44,7 +45,10 @@ MAGIC = b"MRR1"
 #: rounding stored: float64 decodes on different machines differ by ~1e-15 of the range.
 GUARD = 1e-9
 N_CLASSES = 64  # scale classes, a quarter octave apart (mean |residual| 0.07 ... 3,900)
-SHAPES = 5  # 0 Laplace ... 4 Gaussian
+BLENDS = 5  # Laplace, three blends, Gaussian
+MIXES = (1, 2, 4, 8)  # sixteenths of a wider Laplace mixed in
+WIDE = 8  # classes (two octaves) between a mixture's narrow part and its wide Laplace
+SHAPES = BLENDS + 2 * len(MIXES)
 ESCAPE = 4095  # larger residuals are stored raw, after an escape symbol
 LOGIT_UNITS = 64  # logits in 1/64 nat
 CAP = 16 * LOGIT_UNITS  # the least probable symbols sit 16 nats below the most probable
@@ -54,7 +58,7 @@ DTYPES = ("uint8", "int8", "int16", "uint16", "int32", "uint32", "int64", "uint6
 
 HEAD = struct.Struct("<4sBBBxIIddddqqIII")  # magic, version, kind, dtype, h, w, δ, step, slope, inter,
 #                                              lo, hi, crc, stored roundings, escaped residuals
-HALF = struct.Struct("<IBxxxqqqq")  # escape width E, shape, coefficients c0 c1 c2, mean weight α
+HALF = struct.Struct("<IHHhxx")  # escape width, coefficients, classes used, neighbours' mean weight α
 INTEGERS, FLOATS = 0, 1
 
 
@@ -77,24 +81,38 @@ def _root8(n: int) -> int:
 CLASS_MEAN = [_root8(1 << (2 * b + 81)) for b in range(N_CLASSES)]
 CLASS_EDGES = np.array([_root8(1 << (2 * b + 82)) for b in range(N_CLASSES - 1)], dtype=np.int64)
 ESTIMATE_SHIFT = 8  # coefficients in 2**(14 + 8) per unit: estimate = (c . features) >> 8
+LEVEL_EDGES = np.array([1, 2, 4, 8, 16, 32, 64, 128, 256, 512], dtype=np.int64)  # in 1/1024 of the range
+LEVELS = len(LEVEL_EDGES) + 1
 
 
-@lru_cache(maxsize=N_CLASSES * SHAPES)
-def _gaps(cls: int, shape: int) -> np.ndarray:
-    """int64 gaps (1/64 nat below the most probable) of |d| = 0, 1, ... until the cap, then the cap."""
+@lru_cache(maxsize=N_CLASSES * BLENDS)
+def _gaps(cls: int, blend: int) -> np.ndarray:
+    """int64 gaps (1/64 nat below the most probable) of |d| = 0, 1, ... until the cap, then the cap:
+    blend 0 is a Laplace of class ``cls``'s mean |d|, blend BLENDS - 1 a Gaussian."""
     mean = CLASS_MEAN[cls]
     laplace = (LOGIT_UNITS << 54) // mean  # |d| / m nats, << 40
     gauss = (LOGIT_UNITS * 113 << 68) // (355 * mean * mean)  # d^2 / (pi m^2) nats, << 40
     d = np.arange(16 * mean // (1 << 14) + 3, dtype=np.int64)
-    gap = ((SHAPES - 1 - shape) * ((d * laplace) >> 40) + shape * ((d * d * gauss) >> 40)) // (SHAPES - 1)
+    gap = ((BLENDS - 1 - blend) * ((d * laplace) >> 40) + blend * ((d * d * gauss) >> 40)) // (BLENDS - 1)
     return np.append(np.minimum(gap, CAP), CAP)
 
 
-def _weights(cls: int, shape: int, width: int) -> np.ndarray:
-    """Integer weights (float64) of the symbols -width..width and the escape, for one class."""
-    gaps = _gaps(cls, shape)
-    d = np.minimum(np.abs(np.arange(-width, width + 1)), len(gaps) - 1)
-    return np.append(_exp_weights()[gaps[d]], _exp_weights()[CAP])
+def _weights(cls: int, width: int) -> np.ndarray:
+    """Integer weights (float64, exact) ``(SHAPES, 2 width + 2)`` of the symbols -width..width and the
+    escape, for one class: the Laplace-to-Gaussian blends, then a Laplace and a Gaussian each with a
+    share k/16 (k in :data:`MIXES`) of a Laplace two octaves wider (heavier tails)."""
+    table = _exp_weights()
+    d = np.abs(np.arange(-width, width + 1))
+
+    def of(c: int, blend: int) -> np.ndarray:
+        gaps = _gaps(c, blend)
+        return table[gaps[np.minimum(d, len(gaps) - 1)]]
+
+    blends = [of(cls, b) for b in range(BLENDS)]
+    wide = of(min(cls + WIDE, N_CLASSES - 1), 0)
+    mixes = [(16 - k) * 4 * base + k * wide for base in (blends[0], blends[-1]) for k in MIXES]
+    weights = np.stack(blends + mixes)
+    return np.concatenate([weights, np.full((SHAPES, 1), table[CAP])], axis=1)
 
 
 # -- integer context ---------------------------------------------------------------------------
@@ -111,6 +129,12 @@ def _contrast(prediction: np.ndarray) -> np.ndarray:
                               np.abs(centre - p[1:-1, :-2]), np.abs(centre - p[1:-1, 2:])])
 
 
+def _levels(prediction: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Each voxel's prediction as one of :data:`LEVELS` bins, log-spaced over the slice's range."""
+    unit = max(1, (hi - lo + 1) >> 10)
+    return np.searchsorted(LEVEL_EDGES, (prediction - lo) // unit, side="right")
+
+
 def _neighbours(known: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sum of |q| and sum of q over each voxel's four neighbours (zero outside the slice)."""
     p = np.pad(known, 1)
@@ -118,9 +142,20 @@ def _neighbours(known: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sum(np.abs(a) for a in around), sum(around)
 
 
-def _classes(coefficients, features: np.ndarray) -> np.ndarray:
-    estimate = (features @ np.asarray(coefficients, dtype=np.int64)) >> ESTIMATE_SHIFT
-    return np.searchsorted(CLASS_EDGES, estimate, side="right")
+def _features(levels: np.ndarray, *columns: np.ndarray) -> np.ndarray:
+    """int64 ``(n, LEVELS + len(columns))``: a one-hot of the level, then the columns (clipped)."""
+    out = np.zeros((len(levels), LEVELS + len(columns)), dtype=np.int64)
+    out[np.arange(len(levels)), levels] = 1
+    for j, column in enumerate(columns):
+        out[:, LEVELS + j] = np.minimum(column, 1 << 20)
+    return out
+
+
+def _classes(coefficients: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """Scale class of each voxel: its estimated mean |d| (float16 coefficients made exact
+    integers in 2**22 per unit), a quarter-octave class."""
+    fixed = np.round(coefficients.astype(np.float64) * (1 << 22)).astype(np.int64)
+    return np.searchsorted(CLASS_EDGES, (features @ fixed) >> ESTIMATE_SHIFT, side="right")
 
 
 def _mean_prediction(alpha: int, total: np.ndarray) -> np.ndarray:
@@ -128,61 +163,62 @@ def _mean_prediction(alpha: int, total: np.ndarray) -> np.ndarray:
     return np.floor_divide(alpha * total + 512, 1024)
 
 
-def _clip_features(*columns) -> np.ndarray:
-    return np.stack([np.minimum(c, 1 << 20) for c in columns], axis=-1).astype(np.int64)
+def _symbol_index(symbols: np.ndarray, width: int) -> np.ndarray:
+    index = np.clip(symbols, -width, width) + width
+    index[np.abs(symbols) > width] = 2 * width + 1
+    return index
 
 
 # -- the two halves ----------------------------------------------------------------------------
 
-def _fit(symbols: np.ndarray, features: np.ndarray) -> tuple[list[int], int, int]:
-    """Coefficients, shape and escape width for one half: least squares of |d| on the features,
-    then the scale factor and shape that code the half in the fewest bits."""
+def _fit(symbols: np.ndarray, features: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """float16 coefficients, each used class's shape (in class order) and the escape width of one
+    half: least squares of |d| on the features, then the scale factor and per class the shape
+    that code the half in the fewest bits."""
     width = int(min(ESCAPE, np.abs(symbols).max(initial=0)))
-    if len(symbols) == 0:
-        return [0, 0, 0], 0, width
-    magnitude = np.abs(symbols).astype(np.float64)
-    design = features.astype(np.float64)
-    solution = np.linalg.lstsq(design, magnitude, rcond=None)[0]
-    index = np.clip(symbols, -width - 1, width + 1) + width
-    index[np.abs(symbols) > width] = 2 * width + 1
-    best = (math.inf, [0, 0, 0], 0)
-    for factor in (0.7, 0.85, 1.0, 1.2, 1.45):
-        coefficients = [int(v) for v in np.clip(np.round(solution * factor * (1 << 22)), -(1 << 40), 1 << 40)]
-        coefficients += [0] * (3 - len(coefficients))
-        classes = _classes(coefficients, np.pad(features, ((0, 0), (0, 3 - features.shape[1]))))
+    solution = np.linalg.lstsq(features.astype(np.float64), np.abs(symbols).astype(np.float64), rcond=None)[0] \
+        if len(symbols) else np.zeros(features.shape[1])
+    index = _symbol_index(symbols, width)
+    tables: dict[int, np.ndarray] = {}
+    best = (math.inf, None, None)
+    for factor in (0.8, 1.0, 1.25):
+        coefficients = np.clip(solution * factor, -60000, 60000).astype(np.float16)
+        classes = _classes(coefficients, features)
         counts = np.bincount(classes * (2 * width + 2) + index, minlength=N_CLASSES * (2 * width + 2))
         counts = counts.reshape(N_CLASSES, 2 * width + 2)
-        for shape in range(SHAPES):
-            bits = 0.0
-            for cls in np.flatnonzero(counts.sum(1)):
-                weights = _weights(int(cls), shape, width)
-                row = counts[cls]
-                used = row > 0
-                bits -= float(row[used] @ np.log2(weights[used] / weights.sum()))
-            if bits < best[0]:
-                best = (bits, coefficients, shape)
+        bits, shapes = 0.0, []
+        for cls in np.flatnonzero(counts.sum(1)):
+            if cls not in tables:
+                weights = _weights(int(cls), width)
+                tables[cls] = np.log2(weights) - np.log2(weights.sum(1, keepdims=True))
+            cost = -(tables[cls] @ counts[cls])
+            shapes.append(int(np.argmin(cost)))
+            bits += float(cost.min())
+        if bits < best[0]:
+            best = (bits, coefficients, np.array(shapes, dtype=np.uint8))
     return best[1], best[2], width
 
 
-def _code_half(coder, model_class, symbols: np.ndarray, classes: np.ndarray, shape: int, width: int) -> np.ndarray:
+def _code_half(coder, model_class, symbols: np.ndarray, classes: np.ndarray, shapes: np.ndarray,
+               width: int) -> np.ndarray:
     """Encode one half's symbols, class by class (raster order within a class); returns the
     escaped residuals, in that order."""
-    escaped = []
-    for cls in np.unique(classes):
-        chosen = symbols[classes == cls]
-        index = np.clip(chosen, -width - 1, width + 1) + width
-        out = np.abs(chosen) > width
-        index[out] = 2 * width + 1
-        escaped.append(chosen[out])
-        coder.encode(index.astype(np.int32), model_class(_weights(int(cls), shape, width), perfect=False))
-    return np.concatenate(escaped) if escaped else np.zeros(0, dtype=np.int64)
+    index = _symbol_index(symbols, width)
+    for cls, shape in zip(np.unique(classes), shapes):
+        chosen = index[classes == cls]
+        coder.encode(chosen.astype(np.int32), model_class(_weights(int(cls), width)[shape], perfect=False))
+    order = np.argsort(classes, kind="stable")
+    return symbols[order][index[order] == 2 * width + 1]
 
 
-def _decode_half(decoder, model_class, classes: np.ndarray, shape: int, width: int, escaped) -> np.ndarray:
+def _decode_half(decoder, model_class, classes: np.ndarray, shapes: np.ndarray, width: int, escaped) -> np.ndarray:
     symbols = np.zeros(len(classes), dtype=np.int64)
-    for cls in np.unique(classes):
+    used = np.unique(classes)
+    if len(used) != len(shapes) or (len(shapes) and shapes.max() >= SHAPES):
+        raise ValueError("the residual payload's shapes do not fit its classes")
+    for cls, shape in zip(used, shapes):
         where = np.flatnonzero(classes == cls)
-        index = np.asarray(decoder.decode(model_class(_weights(int(cls), shape, width), perfect=False), len(where)),
+        index = np.asarray(decoder.decode(model_class(_weights(int(cls), width)[shape], perfect=False), len(where)),
                            dtype=np.int64)
         values = index - width
         out = np.flatnonzero(index == 2 * width + 1)
@@ -264,6 +300,9 @@ def encode(original: Stored, picture: np.ndarray, *, max_error: float = 0) -> by
     lo, hi = int(target.min()), int(target.max())
     prediction, near, bits = _prediction(_stored_units(picture, original.slope, original.inter, step))
     prediction = np.clip(prediction, lo, hi)
+    levels = _levels(prediction, lo, hi)
+    bias = _bias(target - prediction, levels)
+    prediction = np.clip(prediction + bias[levels], lo, hi)
     r = target - prediction
     q = np.sign(r) * ((np.abs(r) + delta) // quantiser)
     rebuilt = np.clip(prediction + q * quantiser, lo, hi)
@@ -273,36 +312,50 @@ def encode(original: Stored, picture: np.ndarray, *, max_error: float = 0) -> by
         raise Refused(f"its {original.dtype} values cannot be written back within {max_error} (they are "
                       f"{error} off); give a larger --max-error")
 
-    black = _checkerboard(q.shape)
+    black, white = _checkerboard(q.shape), ~_checkerboard(q.shape)
     contrast = _contrast(prediction) // quantiser
     categorical, queue = _coder()
     coder = queue.RangeEncoder()
-    halves, escaped = [], []
     first = q[black]
-    features = _clip_features(np.ones_like(first), contrast[black])
-    coefficients, shape, width = _fit(first, features)
-    escaped.append(_code_half(coder, categorical, first, _classes(coefficients, _pad3(features)), shape, width))
-    halves.append((width, shape, coefficients, 0))
+    features = _features(levels[black], contrast[black])
+    coefficients, shapes, width = _fit(first, features)
+    escaped = [_code_half(coder, categorical, first, _classes(coefficients, features), shapes, width)]
+    halves = [(width, coefficients, shapes, 0)]
     size, total = _neighbours(np.where(black, q, 0))
-    white = ~black
     alpha = _fit_mean(q[white], total[white])
     second = q[white] - _mean_prediction(alpha, total[white])
-    features = _clip_features(np.ones_like(second), contrast[white], size[white])
-    coefficients, shape, width = _fit(second, features)
-    escaped.append(_code_half(coder, categorical, second, _classes(coefficients, features), shape, width))
-    halves.append((width, shape, coefficients, alpha))
+    features = _features(levels[white], contrast[white], size[white])
+    coefficients, shapes, width = _fit(second, features)
+    escaped.append(_code_half(coder, categorical, second, _classes(coefficients, features), shapes, width))
+    halves.append((width, coefficients, shapes, alpha))
 
     words = np.asarray(coder.get_compressed(), dtype="<u4")
     escaped_all = np.concatenate(escaped).astype("<i8")
     head = HEAD.pack(MAGIC, 1, kind, DTYPES.index(_dtype_name(original.dtype)), *values.shape, float(max_error), step,
                      float(original.slope), float(original.inter), lo, hi, _crc(rebuilt), len(near), len(escaped_all))
-    parts = [head] + [HALF.pack(w, s, *c, a) for w, s, c, a in halves]
+    parts = [head, bias.astype("<i4").tobytes()] + [HALF.pack(w, len(c), len(sh), a) for w, c, sh, a in halves]
+    parts += [c.astype("<f2").tobytes() for _, c, _, _ in halves]
+    parts += [_nibbles(sh) for _, _, sh, _ in halves]
     parts += [near.astype("<u4").tobytes(), np.packbits(bits).tobytes(), escaped_all.tobytes(), words.tobytes()]
     return b"".join(parts)
 
 
-def _pad3(features: np.ndarray) -> np.ndarray:
-    return np.pad(features, ((0, 0), (0, 3 - features.shape[1])))
+def _bias(residual: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """The median residual of each level: what the picture is off by there (int64, ``LEVELS``)."""
+    bias = np.zeros(LEVELS, dtype=np.int64)
+    for level in np.unique(levels):
+        bias[level] = int(np.clip(np.median(residual[levels == level]), -(1 << 30), 1 << 30))
+    return bias
+
+
+def _nibbles(values: np.ndarray) -> bytes:
+    padded = np.append(values, np.zeros(len(values) % 2, dtype=np.uint8)).astype(np.uint8)
+    return (padded[0::2] | (padded[1::2] << 4)).tobytes()
+
+
+def _from_nibbles(raw: bytes, n: int) -> np.ndarray:
+    packed = np.frombuffer(raw, dtype=np.uint8)
+    return np.stack([packed & 15, packed >> 4], axis=1).ravel()[:n]
 
 
 def _fit_mean(q: np.ndarray, total: np.ndarray) -> int:
@@ -344,68 +397,94 @@ def decode(payload: bytes, picture: np.ndarray) -> Stored:
         raise ValueError(f"the residual stream does not decode ({e})") from None
 
 
-def _decode(payload: bytes, picture: np.ndarray) -> Stored:
-    if len(payload) < HEAD.size + 2 * HALF.size:
+@dataclass
+class _Payload:
+    """A residual payload read and checked: the header's numbers and each part as arrays."""
+
+    head: dict
+    bias: np.ndarray
+    halves: list
+    coefficients: list
+    shapes: list
+    near: np.ndarray
+    bits: np.ndarray
+    escaped: _Escaped
+    words: np.ndarray
+
+
+def _parse(payload: bytes, shape: tuple[int, int]) -> _Payload:
+    """Read ``payload`` for a slice of ``shape``; ``ValueError`` where anything does not fit."""
+    if len(payload) < HEAD.size + 4 * LEVELS + 2 * HALF.size:
         raise ValueError("the residual payload is shorter than its header")
-    (magic, version, kind, dtype_index, height, width, max_error, step, slope, inter, lo, hi, crc, n_near,
-     n_escaped) = HEAD.unpack_from(payload)
-    if magic != MAGIC or version != 1 or kind not in (INTEGERS, FLOATS) or dtype_index >= len(DTYPES):
+    head = dict(zip(("magic", "version", "kind", "dtype", "height", "width", "max_error", "step", "slope", "inter",
+                     "lo", "hi", "crc", "near", "escaped"), HEAD.unpack_from(payload)))
+    if head["magic"] != MAGIC or head["version"] != 1 or head["kind"] not in (INTEGERS, FLOATS) \
+            or head["dtype"] >= len(DTYPES):
         raise ValueError("not a residual payload this mrivq reads")
-    if (height, width) != picture.shape:
+    if (head["height"], head["width"]) != tuple(shape):
         raise ValueError("the residual payload is for a slice of another shape")
-    if not (math.isfinite(step) and step > 0 and math.isfinite(slope) and slope != 0 and math.isfinite(inter)
-            and math.isfinite(max_error) and max_error >= 0 and lo <= hi):
+    numbers = [head[k] for k in ("step", "slope", "inter", "max_error")]
+    if not (all(map(math.isfinite, numbers)) and head["step"] > 0 and head["slope"] != 0 and head["max_error"] >= 0
+            and head["lo"] <= head["hi"] and (head["kind"] == FLOATS or head["step"] == 1)):
         raise ValueError("the residual payload's numbers are not valid")
-    if kind == INTEGERS and step != 1:
-        raise ValueError("the residual payload's numbers are not valid")
-    quantiser = 2 * int(max_error) + 1 if kind == INTEGERS else 1
-    halves = [HALF.unpack_from(payload, HEAD.size + i * HALF.size) for i in range(2)]
-    for half_width, shape, *_ in halves:
-        if half_width > ESCAPE or shape >= SHAPES:
+    halves = [HALF.unpack_from(payload, HEAD.size + 4 * LEVELS + i * HALF.size) for i in range(2)]
+    for i, (half_width, n_coefficients, n_used, alpha) in enumerate(halves):
+        if half_width > ESCAPE or n_coefficients != LEVELS + 1 + i or n_used > N_CLASSES or abs(alpha) > 1024:
             raise ValueError("the residual payload's coder settings are not valid")
-    at = HEAD.size + 2 * HALF.size
-    pixels = height * width
-    if n_near > pixels or n_escaped > pixels:
+    pixels, n_near = head["height"] * head["width"], head["near"]
+    if n_near > pixels or head["escaped"] > pixels:
         raise ValueError("the residual payload lists more voxels than the slice has")
-    sizes = (4 * n_near, (n_near + 7) // 8, 8 * n_escaped)
+    sizes = [2 * h[1] for h in halves] + [(h[2] + 1) // 2 for h in halves] + [4 * n_near, (n_near + 7) // 8,
+                                                                              8 * head["escaped"]]
+    at = HEAD.size + 4 * LEVELS + 2 * HALF.size
     if at + sum(sizes) > len(payload) or (len(payload) - at - sum(sizes)) % 4:
         raise ValueError("the residual payload's parts do not add up")
-    near = np.frombuffer(payload, "<u4", n_near, at).astype(np.int64)
-    at += sizes[0]
-    bits = np.unpackbits(np.frombuffer(payload, np.uint8, sizes[1], at))[:n_near].astype(bool)
-    at += sizes[1]
-    escaped = _Escaped(np.frombuffer(payload, "<i8", n_escaped, at).astype(np.int64))
-    at += sizes[2]
-    words = np.frombuffer(payload, "<u4", offset=at).copy()
+    parts = []
+    for size in sizes:
+        parts.append(payload[at:at + size])
+        at += size
+    coefficients = [np.frombuffer(parts[i], "<f2").astype(np.float16) for i in range(2)]
+    near = np.frombuffer(parts[4], "<u4").astype(np.int64)
+    if not all(np.isfinite(c).all() for c in coefficients):
+        raise ValueError("the residual payload's coder settings are not valid")
     if len(near) and (near.max() >= pixels or np.any(np.diff(near) <= 0)):
         raise ValueError("the residual payload's stored roundings are not valid")
+    return _Payload(head, np.frombuffer(payload, "<i4", LEVELS, HEAD.size).astype(np.int64), halves, coefficients,
+                    [_from_nibbles(parts[2 + i], halves[i][2]) for i in range(2)], near,
+                    np.unpackbits(np.frombuffer(parts[5], np.uint8))[:n_near].astype(np.int64),
+                    _Escaped(np.frombuffer(parts[6], "<i8").astype(np.int64)),
+                    np.frombuffer(payload, "<u4", offset=at).copy())
 
-    units = _stored_units(picture, slope, inter, step)
+
+def _decode(payload: bytes, picture: np.ndarray) -> Stored:
+    part = _parse(payload, picture.shape)
+    head = part.head
+    lo, hi, kind, step = head["lo"], head["hi"], head["kind"], head["step"]
+    quantiser = 2 * int(head["max_error"]) + 1 if kind == INTEGERS else 1
+    units = _stored_units(picture, head["slope"], head["inter"], step)
     prediction = np.floor(units + 0.5).astype(np.int64).ravel()
-    prediction[near] = np.floor(units.ravel()[near]).astype(np.int64) + bits
+    prediction[part.near] = np.floor(units.ravel()[part.near]).astype(np.int64) + part.bits
     prediction = np.clip(prediction.reshape(units.shape), lo, hi)
+    levels = _levels(prediction, lo, hi)
+    prediction = np.clip(prediction + part.bias[levels], lo, hi)
 
-    black = _checkerboard(prediction.shape)
+    black, white = _checkerboard(prediction.shape), ~_checkerboard(prediction.shape)
     contrast = _contrast(prediction) // quantiser
     categorical, queue = _coder()
-    decoder = queue.RangeDecoder(words)
+    decoder = queue.RangeDecoder(part.words)
     q = np.zeros(prediction.shape, dtype=np.int64)
-    half_width, shape, c0, c1, c2, _ = halves[0]
-    features = _clip_features(np.ones(int(black.sum()), dtype=np.int64), contrast[black])
-    q[black] = _decode_half(decoder, categorical, _classes([c0, c1, c2], _pad3(features)), shape, half_width, escaped)
+    features = _features(levels[black], contrast[black])
+    q[black] = _decode_half(decoder, categorical, _classes(part.coefficients[0], features), part.shapes[0],
+                            part.halves[0][0], part.escaped)
     size, total = _neighbours(np.where(black, q, 0))
-    white = ~black
-    half_width, shape, c0, c1, c2, alpha = halves[1]
-    if abs(alpha) > 1024:
-        raise ValueError("the residual payload's coder settings are not valid")
-    features = _clip_features(np.ones(int(white.sum()), dtype=np.int64), contrast[white], size[white])
-    q[white] = _decode_half(decoder, categorical, _classes([c0, c1, c2], features), shape, half_width, escaped) \
-        + _mean_prediction(alpha, total[white])
+    features = _features(levels[white], contrast[white], size[white])
+    q[white] = _decode_half(decoder, categorical, _classes(part.coefficients[1], features), part.shapes[1],
+                            part.halves[1][0], part.escaped) + _mean_prediction(part.halves[1][3], total[white])
     rebuilt = np.clip(prediction + q * quantiser, lo, hi)
-    if _crc(rebuilt) != crc:
+    if _crc(rebuilt) != head["crc"]:
         raise ValueError("the residual layer does not rebuild the values the encoder checked (checksum differs)")
-    dtype = DTYPES[dtype_index]
-    return Stored(_written(rebuilt, kind, step, dtype), dtype, slope, inter)
+    dtype = DTYPES[head["dtype"]]
+    return Stored(_written(rebuilt, kind, step, dtype), dtype, head["slope"], head["inter"])
 
 
 LAYER = register(CodingLayer(NAME, "the residual to the stored values, within --max-error", encode, decode))

@@ -260,8 +260,8 @@ def read_stored(path) -> tuple[np.ndarray, str, float, float]:
     if dtype == np.uint64 and data.size and data.max() > np.iinfo(np.int64).max:
         raise BadFileError(path, "holds uint64 values beyond 2**63")
     data = data.astype(np.int64 if dtype.kind in "ui" else np.float64)
-    slope, inter = image.header.get_slope_inter()  # None where the header scales nothing
-    slope, inter = 1.0 if slope is None else float(slope), 0.0 if inter is None else float(inter)
+    # the proxy holds the file's scaling (nibabel resets the loaded header's; 1 and 0 where none)
+    slope, inter = float(getattr(image.dataobj, "slope", 1.0)), float(getattr(image.dataobj, "inter", 0.0))
     meta = SliceMeta(path=path, affine=np.eye(4), header=image.header, shape=tuple(int(n) for n in image.shape),
                      dtype=str(dtype))
     if sum(n != 1 for n in data.shape) <= 2:

@@ -1,0 +1,177 @@
+"""The residual layer (``encode --max-error``): every voxel within the bound, exactly at 0, in the
+input's own type and scaling; the same on a machine whose floating point rounds otherwise; damaged
+payloads and data it cannot code refused in one line."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import run_main
+from prior_helpers import OneUlp
+
+from mrivq.compression import residual
+from mrivq.compression.codec import CodecInput
+from mrivq.compression.container import CodesFile, read_codes_file
+from mrivq.compression.layers import Stored
+from mrivq.engine.checkpoint import load_codec
+
+DELTAS = (0, 1, 2, 4)
+
+
+@pytest.fixture(scope="module")
+def test_files(tiny_phantom):
+    return sorted((tiny_phantom / "keras_slices_test").glob("*.nii.gz"))[:4]
+
+
+def _stored_of(path) -> np.ndarray:
+    return np.asarray(nib.load(path).dataobj.get_unscaled())
+
+
+@pytest.mark.parametrize("delta", DELTAS)
+def test_every_voxel_decodes_within_the_bound_and_exactly_at_zero(work, test_files, delta, one_thread):
+    codec = load_codec(work["vqvae"])
+    slices = CodecInput.read(test_files, codec.prep, originals=True)
+    packed = codec.compress(slices, layers=("residual",), layer_options={"residual": {"max_error": delta}})
+    decoded = dict(codec.decompress(CodesFile.from_bytes(packed.blob)))
+    errors = [np.abs(decoded[i].values.astype(np.float64) - _stored_of(path)).max() for i, path in enumerate(test_files)]
+    assert max(errors) <= delta
+    if delta == 0:
+        assert all(np.array_equal(decoded[i].values, _stored_of(path)) for i, path in enumerate(test_files))
+    else:  # the bound is used, not just met: a coarser residual costs fewer bits than the exact one
+        exact = codec.compress(slices, layers=("residual",), layer_options={"residual": {"max_error": 0}})
+        assert max(errors) == delta and len(packed.blob) < 0.95 * len(exact.blob)
+    # a residual file costs more than the codes alone, and less than the slices' raw float32
+    codes_only = codec.compress(slices)
+    assert len(codes_only.blob) < len(packed.blob) < sum(4 * p.size for p in slices.images)
+
+
+def test_a_machine_whose_floating_point_rounds_otherwise_decodes_the_same_values(work, test_files, one_thread):
+    """Every float result of the VQ-VAE's float64 decode moved one ulp: the pictures differ, the
+    decoded values do not (at 0 and 2)."""
+    codec = load_codec(work["vqvae"])
+    slices = CodecInput.read(test_files, codec.prep, originals=True)
+    for delta in (0, 2):
+        packed = codec.compress(slices, layers=("residual",), layer_options={"residual": {"max_error": delta}})
+        file = CodesFile.from_bytes(packed.blob)
+        plain = dict(codec._decoded(file, *packed.codes, exact=True))
+        with OneUlp():
+            nudged = dict(codec._decoded(file, *packed.codes, exact=True))
+            decoded = dict(codec.decompress(file, codes=packed.codes))
+        assert any(not np.array_equal(plain[i], nudged[i]) for i in plain)
+        again = dict(codec.decompress(file, codes=packed.codes))
+        for i, stored in decoded.items():
+            assert np.array_equal(stored.values, again[i].values)
+            assert np.abs(stored.values - _stored_of(test_files[i])).max() <= delta
+
+
+def test_pictures_at_rounding_ties_store_their_rounding():
+    """A picture exactly halfway between integers rounds one way on one machine and the other way a
+    hair away: the layer stores those roundings, so both decode the same values."""
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, 400, size=(24, 20)).astype(np.int64)
+    picture = np.round(values + rng.normal(0, 3, values.shape)) + 0.5  # every voxel at a tie
+    payload = residual.encode(Stored(values, "int16"), picture, max_error=0)
+    assert residual.HEAD.unpack_from(payload)[-2] == values.size  # all stored
+    for nudge in (1e-13, -1e-13):
+        assert np.array_equal(residual.decode(payload, picture * (1 + nudge)).values, values)
+    # far from ties nothing is stored
+    assert residual.HEAD.unpack_from(residual.encode(Stored(values, "int16"), picture + 0.25))[-2] == 0
+
+
+def test_a_picture_further_off_than_the_guard_is_refused_not_decoded_wrong():
+    rng = np.random.default_rng(1)
+    values = rng.integers(0, 400, size=(16, 16)).astype(np.int64)
+    picture = values + rng.normal(0, 3, values.shape)
+    payload = residual.encode(Stored(values, "uint16"), picture, max_error=1)
+    with pytest.raises(ValueError, match="checksum|decode"):
+        residual.decode(payload, picture + 0.5)
+
+
+def test_integer_types_and_scaling_come_back_as_stored(work, tmp_path, one_thread, capsys):
+    """An int16 slice with scl_slope 2, scl_inter -7, a uint8 slice and a 3-D int16 volume: decode
+    writes the same type, scaling and stored numbers (and --codes-only the float32 picture)."""
+    rng = np.random.default_rng(2)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    base = np.clip(rng.normal(300, 80, (64, 32)), 0, None)
+    scaled = nib.Nifti1Image(base.astype(np.int16), np.diag([0.8, 0.8, 3.0, 1.0]))
+    scaled.header.set_slope_inter(2.0, -7.0)
+    nib.save(scaled, folder / "scaled.nii.gz")
+    nib.save(nib.Nifti1Image((base / 4).astype(np.uint8), np.eye(4)), folder / "bytes.nii.gz")
+    volume = np.stack([base + 10 * k for k in range(3)], axis=2).astype(np.int16)
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), folder / "volume.nii.gz")
+    coded = tmp_path / "all.mrvq"
+    assert run_main(["encode", "--checkpoint", str(work["vqvae"]), str(folder), "--out", str(coded),
+                     "--max-error", "0"]) == 0
+    assert "exactly (lossless)" in capsys.readouterr().out
+    assert read_codes_file(coded).header["layers"] == ["residual"]
+    assert run_main(["decode", "--checkpoint", str(work["vqvae"]), str(coded), "--out", str(tmp_path / "out")]) == 0
+    for name in ("scaled.nii.gz", "bytes.nii.gz", "volume.nii.gz"):
+        original, decoded = nib.load(folder / name), nib.load(tmp_path / "out" / name)
+        assert decoded.get_data_dtype() == original.get_data_dtype()
+        assert decoded.dataobj.slope == original.dataobj.slope and decoded.dataobj.inter == original.dataobj.inter
+        assert np.array_equal(np.asarray(decoded.dataobj.get_unscaled()), np.asarray(original.dataobj.get_unscaled()))
+        assert np.allclose(decoded.affine, original.affine)
+    assert run_main(["decode", "--checkpoint", str(work["vqvae"]), str(coded), "--out", str(tmp_path / "fast"),
+                     "--codes-only"]) == 0
+    picture = nib.load(tmp_path / "fast" / "scaled.nii.gz")
+    assert picture.get_data_dtype() == np.float32
+    assert 0 < np.abs(picture.get_fdata() - scaled.get_fdata()).max()
+
+
+def test_float_data_that_are_not_integers_are_refused_lossless_and_bounded_otherwise(work, tmp_path, capsys,
+                                                                                    one_thread):
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    data = rng.normal(100, 20, (64, 32)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), folder / "floats.nii.gz")
+    coded = tmp_path / "f.mrvq"
+    assert run_main(["encode", "--checkpoint", str(work["vqvae"]), str(folder), "--out", str(coded),
+                     "--max-error", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "floats.nii.gz" in err and "not integers" in err and len(err.splitlines()) == 1 and not coded.exists()
+    assert run_main(["encode", "--checkpoint", str(work["vqvae"]), str(folder), "--out", str(coded),
+                     "--max-error", "0.25"]) == 0
+    assert run_main(["decode", "--checkpoint", str(work["vqvae"]), str(coded), "--out", str(tmp_path / "out")]) == 0
+    decoded = nib.load(tmp_path / "out" / "floats.nii.gz")
+    assert decoded.get_data_dtype() == np.float32
+    error = np.abs(np.asarray(decoded.dataobj, dtype=np.float64) - data).max()
+    assert 0.2 < error <= 0.25
+    for bad in ("-1", "nan"):
+        assert run_main(["encode", "--checkpoint", str(work["vqvae"]), str(folder), "--out", str(coded),
+                         "--max-error", bad]) == 2
+        assert "--max-error" in capsys.readouterr().err
+
+
+def test_a_damaged_residual_is_refused_in_one_line(work, test_files, tmp_path, capsys, one_thread):
+    coded = tmp_path / "r.mrvq"
+    assert run_main(["encode", "--checkpoint", str(work["vqvae"]), *map(str, test_files[:2]), "--out", str(coded),
+                     "--max-error", "1"]) == 0
+    file = read_codes_file(coded)
+    for position in (10, 200, -3):  # a header byte, a table byte, the stream's last words
+        payload = bytearray(file.layers["residual"][0])
+        payload[position] ^= 0x5A
+        file.layers["residual"][0] = bytes(payload)
+        damaged = tmp_path / f"damaged{position}.mrvq"
+        damaged.write_bytes(file.to_bytes())
+        file.layers["residual"][0] = read_codes_file(coded).layers["residual"][0]
+        capsys.readouterr()
+        assert run_main(["decode", "--checkpoint", str(work["vqvae"]), str(damaged), "--out",
+                         str(tmp_path / f"out{position}")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "residual layer does not decode" in err and len(err.splitlines()) == 1
+        assert not list((tmp_path / f"out{position}").glob("*.nii.gz"))
+
+
+def test_the_float64_picture_is_the_float32_one_to_float32_precision(work, test_files):
+    codec = load_codec(work["vqvae"])
+    packed = codec.compress(CodecInput.read(test_files, codec.prep))
+    single = dict(codec._decoded(packed.file, *packed.codes))
+    double = dict(codec._decoded(packed.file, *packed.codes, exact=True))
+    assert all(double[i].dtype == np.float64 for i in double)
+    scale = max(np.abs(single[i]).max() for i in single)
+    assert max(np.abs(double[i] - single[i]).max() for i in single) < 1e-4 * scale
+    assert next(codec.model.parameters()).dtype == torch.float32  # the codec's own model is untouched
