@@ -175,3 +175,24 @@ def test_the_float64_picture_is_the_float32_one_to_float32_precision(work, test_
     scale = max(np.abs(single[i]).max() for i in single)
     assert max(np.abs(double[i] - single[i]).max() for i in single) < 1e-4 * scale
     assert next(codec.model.parameters()).dtype == torch.float32  # the codec's own model is untouched
+
+
+def test_damaged_payloads_never_decode_to_other_values():
+    """Bytes flipped anywhere in a payload, or the payload cut short: a ValueError, or (a byte the
+    decoder never reads) exactly the values encoded."""
+    rng = np.random.default_rng(4)
+    values = rng.integers(0, 900, size=(20, 18)).astype(np.int64)
+    picture = values + rng.normal(0, 6, values.shape)
+    for delta in (0, 3):
+        payload = residual.encode(Stored(values, "int16"), picture, max_error=delta)
+        for trial in range(150):
+            damaged = bytearray(payload)
+            if trial % 10 == 9:
+                damaged = damaged[:int(rng.integers(0, len(payload)))]
+            else:
+                damaged[int(rng.integers(0, len(payload)))] ^= int(rng.integers(1, 256))
+            try:
+                decoded = residual.decode(bytes(damaged), picture)
+            except ValueError:
+                continue
+            assert np.abs(decoded.values - values).max() <= delta

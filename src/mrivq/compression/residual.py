@@ -12,17 +12,20 @@ the input's, and exactly the input's at δ = 0 ("lossy plus residual" coding). P
    2δ + 1 (``q = sign(r) ((|r| + δ) // (2δ + 1))``), so ``P + q (2δ + 1)`` is within δ of every
    voxel. Float data that are not integers are first put on a grid of step just under 2δ
    (δ = 0 is refused for them).
-3. **Coding** in two halves of a checkerboard. Each symbol's distribution is a discretised
-   Laplace-to-Gaussian blend (one of :data:`SHAPES`, chosen per half) whose scale is a linear
-   estimate from integer context: the picture's local contrast, and in the second half the four
-   already-decoded neighbours' residuals (which also predict its mean). The estimate picks one
+3. **Coding** in three phases (:data:`PHASES`): a quarter of the voxels, the quarter between
+   them, then the other half. Each symbol's distribution is a discretised
+   Laplace-to-Gaussian blend or a mixture with a wider Laplace (one of :data:`SHAPES`, chosen
+   per class) whose scale is a linear estimate from integer context: the prediction's level (a
+   one-hot of :data:`LEVELS` bins) and local contrast, and after the first phase the four
+   already-decoded neighbours' residuals (which also predict its mean). Each level's median
+   residual is added to the prediction first. The estimate picks one
    of :data:`N_CLASSES` scale classes a quarter octave apart; the few coefficients are fitted per
    slice and stored. All of it is integer arithmetic: the frequencies are the same on every
    machine, and constriction's range coder turns them into the stream.
 
 A checksum of the reconstruction is stored and checked on decode: a file decodes to the
-values the encoder checked against the input, or is refused. Payload layout: :data:`HEAD`, two
-:data:`HALF` records, the stored roundings, escaped residuals, then the coder's words.
+values the encoder checked against the input, or is refused. Payload layout: :data:`HEAD`, each
+level's median, a :data:`PHASE` record per phase, their coefficients and shapes, the stored roundings, escaped residuals, then the coder's words.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ DTYPES = ("uint8", "int8", "int16", "uint16", "int32", "uint32", "int64", "uint6
 
 HEAD = struct.Struct("<4sBBBxIIddddqqIII")  # magic, version, kind, dtype, h, w, δ, step, slope, inter,
 #                                              lo, hi, crc, stored roundings, escaped residuals
-HALF = struct.Struct("<IHHhxx")  # escape width, coefficients, classes used, neighbours' mean weight α
+PHASE = struct.Struct("<IHHhxx")  # escape width, coefficients, classes used, neighbours' mean weight α
 INTEGERS, FLOATS = 0, 1
 
 
@@ -117,8 +120,17 @@ def _weights(cls: int, width: int) -> np.ndarray:
 
 # -- integer context ---------------------------------------------------------------------------
 
-def _checkerboard(shape) -> np.ndarray:
-    return (np.indices(shape).sum(0) % 2) == 0
+DIAGONAL = ((-1, -1), (-1, 1), (1, -1), (1, 1))
+DIRECT = ((-1, 0), (1, 0), (0, -1), (0, 1))
+#: The coding order: a quarter of the voxels (even row, even column) alone, then the quarter
+#: between four of them diagonally, then the other half, each with four decoded neighbours.
+PHASES = (((0, 0),), ((1, 1),), ((0, 1), (1, 0)))
+PHASE_NEIGHBOURS = (None, DIAGONAL, DIRECT)
+
+
+def _phase_masks(shape) -> list[np.ndarray]:
+    rows, cols = np.indices(shape) % 2
+    return [np.logical_or.reduce([(rows == r) & (cols == c) for r, c in phase]) for phase in PHASES]
 
 
 def _contrast(prediction: np.ndarray) -> np.ndarray:
@@ -135,11 +147,21 @@ def _levels(prediction: np.ndarray, lo: int, hi: int) -> np.ndarray:
     return np.searchsorted(LEVEL_EDGES, (prediction - lo) // unit, side="right")
 
 
-def _neighbours(known: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sum of |q| and sum of q over each voxel's four neighbours (zero outside the slice)."""
+def _neighbours(known: np.ndarray, offsets) -> tuple[np.ndarray, np.ndarray]:
+    """Sum of |q| and sum of q over each voxel's four neighbours at ``offsets`` (zero outside)."""
     p = np.pad(known, 1)
-    around = (p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:])
+    height, width = known.shape
+    around = [p[1 + dy:1 + dy + height, 1 + dx:1 + dx + width] for dy, dx in offsets]
     return sum(np.abs(a) for a in around), sum(around)
+
+
+def _phase_context(phase: int, where: np.ndarray, known: np.ndarray, levels: np.ndarray,
+                   contrast: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The features of one phase's voxels and the sums of their decoded neighbours' residuals."""
+    if PHASE_NEIGHBOURS[phase] is None:
+        return _features(levels[where], contrast[where]), np.zeros(int(where.sum()), dtype=np.int64)
+    size, total = _neighbours(known, PHASE_NEIGHBOURS[phase])
+    return _features(levels[where], contrast[where], size[where]), total[where]
 
 
 def _features(levels: np.ndarray, *columns: np.ndarray) -> np.ndarray:
@@ -169,15 +191,16 @@ def _symbol_index(symbols: np.ndarray, width: int) -> np.ndarray:
     return index
 
 
-# -- the two halves ----------------------------------------------------------------------------
+# -- the phases ------------------------------------------------------------------------------
 
 def _fit(symbols: np.ndarray, features: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """float16 coefficients, each used class's shape (in class order) and the escape width of one
-    half: least squares of |d| on the features, then the scale factor and per class the shape
-    that code the half in the fewest bits."""
+    phase: least squares of |d| on the features, then the scale factor and per class the shape
+    that code the phase in the fewest bits."""
     width = int(min(ESCAPE, np.abs(symbols).max(initial=0)))
-    solution = np.linalg.lstsq(features.astype(np.float64), np.abs(symbols).astype(np.float64), rcond=None)[0] \
-        if len(symbols) else np.zeros(features.shape[1])
+    design = features.astype(np.float64)
+    gram = design.T @ design + 1e-6 * np.eye(design.shape[1])  # least squares by the normal equations
+    solution = np.linalg.solve(gram, design.T @ np.abs(symbols).astype(np.float64))
     index = _symbol_index(symbols, width)
     tables: dict[int, np.ndarray] = {}
     best = (math.inf, None, None)
@@ -199,9 +222,9 @@ def _fit(symbols: np.ndarray, features: np.ndarray) -> tuple[np.ndarray, np.ndar
     return best[1], best[2], width
 
 
-def _code_half(coder, model_class, symbols: np.ndarray, classes: np.ndarray, shapes: np.ndarray,
+def _code_phase(coder, model_class, symbols: np.ndarray, classes: np.ndarray, shapes: np.ndarray,
                width: int) -> np.ndarray:
-    """Encode one half's symbols, class by class (raster order within a class); returns the
+    """Encode one phase's symbols, class by class (raster order within a class); returns the
     escaped residuals, in that order."""
     index = _symbol_index(symbols, width)
     for cls, shape in zip(np.unique(classes), shapes):
@@ -211,7 +234,7 @@ def _code_half(coder, model_class, symbols: np.ndarray, classes: np.ndarray, sha
     return symbols[order][index[order] == 2 * width + 1]
 
 
-def _decode_half(decoder, model_class, classes: np.ndarray, shapes: np.ndarray, width: int, escaped) -> np.ndarray:
+def _decode_phase(decoder, model_class, classes: np.ndarray, shapes: np.ndarray, width: int, escaped) -> np.ndarray:
     symbols = np.zeros(len(classes), dtype=np.int64)
     used = np.unique(classes)
     if len(used) != len(shapes) or (len(shapes) and shapes.max() >= SHAPES):
@@ -312,30 +335,26 @@ def encode(original: Stored, picture: np.ndarray, *, max_error: float = 0) -> by
         raise Refused(f"its {original.dtype} values cannot be written back within {max_error} (they are "
                       f"{error} off); give a larger --max-error")
 
-    black, white = _checkerboard(q.shape), ~_checkerboard(q.shape)
     contrast = _contrast(prediction) // quantiser
     categorical, queue = _coder()
     coder = queue.RangeEncoder()
-    first = q[black]
-    features = _features(levels[black], contrast[black])
-    coefficients, shapes, width = _fit(first, features)
-    escaped = [_code_half(coder, categorical, first, _classes(coefficients, features), shapes, width)]
-    halves = [(width, coefficients, shapes, 0)]
-    size, total = _neighbours(np.where(black, q, 0))
-    alpha = _fit_mean(q[white], total[white])
-    second = q[white] - _mean_prediction(alpha, total[white])
-    features = _features(levels[white], contrast[white], size[white])
-    coefficients, shapes, width = _fit(second, features)
-    escaped.append(_code_half(coder, categorical, second, _classes(coefficients, features), shapes, width))
-    halves.append((width, coefficients, shapes, alpha))
+    known, phases, escaped = np.zeros_like(q), [], []
+    for phase, where in enumerate(_phase_masks(q.shape)):
+        features, total = _phase_context(phase, where, known, levels, contrast)
+        alpha = _fit_mean(q[where], total) if phase else 0
+        symbols = q[where] - _mean_prediction(alpha, total)
+        coefficients, shapes, width = _fit(symbols, features)
+        escaped.append(_code_phase(coder, categorical, symbols, _classes(coefficients, features), shapes, width))
+        phases.append((width, coefficients, shapes, alpha))
+        known[where] = q[where]
 
     words = np.asarray(coder.get_compressed(), dtype="<u4")
     escaped_all = np.concatenate(escaped).astype("<i8")
     head = HEAD.pack(MAGIC, 1, kind, DTYPES.index(_dtype_name(original.dtype)), *values.shape, float(max_error), step,
                      float(original.slope), float(original.inter), lo, hi, _crc(rebuilt), len(near), len(escaped_all))
-    parts = [head, bias.astype("<i4").tobytes()] + [HALF.pack(w, len(c), len(sh), a) for w, c, sh, a in halves]
-    parts += [c.astype("<f2").tobytes() for _, c, _, _ in halves]
-    parts += [_nibbles(sh) for _, _, sh, _ in halves]
+    parts = [head, bias.astype("<i4").tobytes()] + [PHASE.pack(w, len(c), len(sh), a) for w, c, sh, a in phases]
+    parts += [c.astype("<f2").tobytes() for _, c, _, _ in phases]
+    parts += [_nibbles(sh) for _, _, sh, _ in phases]
     parts += [near.astype("<u4").tobytes(), np.packbits(bits).tobytes(), escaped_all.tobytes(), words.tobytes()]
     return b"".join(parts)
 
@@ -403,7 +422,7 @@ class _Payload:
 
     head: dict
     bias: np.ndarray
-    halves: list
+    phases: list
     coefficients: list
     shapes: list
     near: np.ndarray
@@ -414,7 +433,8 @@ class _Payload:
 
 def _parse(payload: bytes, shape: tuple[int, int]) -> _Payload:
     """Read ``payload`` for a slice of ``shape``; ``ValueError`` where anything does not fit."""
-    if len(payload) < HEAD.size + 4 * LEVELS + 2 * HALF.size:
+    records = HEAD.size + 4 * LEVELS + len(PHASES) * PHASE.size
+    if len(payload) < records:
         raise ValueError("the residual payload is shorter than its header")
     head = dict(zip(("magic", "version", "kind", "dtype", "height", "width", "max_error", "step", "slope", "inter",
                      "lo", "hi", "crc", "near", "escaped"), HEAD.unpack_from(payload)))
@@ -427,32 +447,33 @@ def _parse(payload: bytes, shape: tuple[int, int]) -> _Payload:
     if not (all(map(math.isfinite, numbers)) and head["step"] > 0 and head["slope"] != 0 and head["max_error"] >= 0
             and head["lo"] <= head["hi"] and (head["kind"] == FLOATS or head["step"] == 1)):
         raise ValueError("the residual payload's numbers are not valid")
-    halves = [HALF.unpack_from(payload, HEAD.size + 4 * LEVELS + i * HALF.size) for i in range(2)]
-    for i, (half_width, n_coefficients, n_used, alpha) in enumerate(halves):
-        if half_width > ESCAPE or n_coefficients != LEVELS + 1 + i or n_used > N_CLASSES or abs(alpha) > 1024:
+    phases = [PHASE.unpack_from(payload, HEAD.size + 4 * LEVELS + i * PHASE.size) for i in range(len(PHASES))]
+    for i, (phase_width, n_coefficients, n_used, alpha) in enumerate(phases):
+        if phase_width > ESCAPE or n_coefficients != LEVELS + 1 + (i > 0) or n_used > N_CLASSES or abs(alpha) > 1024:
             raise ValueError("the residual payload's coder settings are not valid")
     pixels, n_near = head["height"] * head["width"], head["near"]
     if n_near > pixels or head["escaped"] > pixels:
         raise ValueError("the residual payload lists more voxels than the slice has")
-    sizes = [2 * h[1] for h in halves] + [(h[2] + 1) // 2 for h in halves] + [4 * n_near, (n_near + 7) // 8,
+    n = len(PHASES)
+    sizes = [2 * h[1] for h in phases] + [(h[2] + 1) // 2 for h in phases] + [4 * n_near, (n_near + 7) // 8,
                                                                               8 * head["escaped"]]
-    at = HEAD.size + 4 * LEVELS + 2 * HALF.size
+    at = records
     if at + sum(sizes) > len(payload) or (len(payload) - at - sum(sizes)) % 4:
         raise ValueError("the residual payload's parts do not add up")
     parts = []
     for size in sizes:
         parts.append(payload[at:at + size])
         at += size
-    coefficients = [np.frombuffer(parts[i], "<f2").astype(np.float16) for i in range(2)]
-    near = np.frombuffer(parts[4], "<u4").astype(np.int64)
+    coefficients = [np.frombuffer(parts[i], "<f2").astype(np.float16) for i in range(n)]
+    near = np.frombuffer(parts[2 * n], "<u4").astype(np.int64)
     if not all(np.isfinite(c).all() for c in coefficients):
         raise ValueError("the residual payload's coder settings are not valid")
     if len(near) and (near.max() >= pixels or np.any(np.diff(near) <= 0)):
         raise ValueError("the residual payload's stored roundings are not valid")
-    return _Payload(head, np.frombuffer(payload, "<i4", LEVELS, HEAD.size).astype(np.int64), halves, coefficients,
-                    [_from_nibbles(parts[2 + i], halves[i][2]) for i in range(2)], near,
-                    np.unpackbits(np.frombuffer(parts[5], np.uint8))[:n_near].astype(np.int64),
-                    _Escaped(np.frombuffer(parts[6], "<i8").astype(np.int64)),
+    return _Payload(head, np.frombuffer(payload, "<i4", LEVELS, HEAD.size).astype(np.int64), phases, coefficients,
+                    [_from_nibbles(parts[n + i], phases[i][2]) for i in range(n)], near,
+                    np.unpackbits(np.frombuffer(parts[2 * n + 1], np.uint8))[:n_near].astype(np.int64),
+                    _Escaped(np.frombuffer(parts[2 * n + 2], "<i8").astype(np.int64)),
                     np.frombuffer(payload, "<u4", offset=at).copy())
 
 
@@ -468,18 +489,15 @@ def _decode(payload: bytes, picture: np.ndarray) -> Stored:
     levels = _levels(prediction, lo, hi)
     prediction = np.clip(prediction + part.bias[levels], lo, hi)
 
-    black, white = _checkerboard(prediction.shape), ~_checkerboard(prediction.shape)
     contrast = _contrast(prediction) // quantiser
     categorical, queue = _coder()
     decoder = queue.RangeDecoder(part.words)
     q = np.zeros(prediction.shape, dtype=np.int64)
-    features = _features(levels[black], contrast[black])
-    q[black] = _decode_half(decoder, categorical, _classes(part.coefficients[0], features), part.shapes[0],
-                            part.halves[0][0], part.escaped)
-    size, total = _neighbours(np.where(black, q, 0))
-    features = _features(levels[white], contrast[white], size[white])
-    q[white] = _decode_half(decoder, categorical, _classes(part.coefficients[1], features), part.shapes[1],
-                            part.halves[1][0], part.escaped) + _mean_prediction(part.halves[1][3], total[white])
+    for phase, where in enumerate(_phase_masks(q.shape)):
+        features, total = _phase_context(phase, where, q, levels, contrast)
+        width, _, _, alpha = part.phases[phase]
+        q[where] = _decode_phase(decoder, categorical, _classes(part.coefficients[phase], features),
+                                part.shapes[phase], width, part.escaped) + _mean_prediction(alpha, total)
     rebuilt = np.clip(prediction + q * quantiser, lo, hi)
     if _crc(rebuilt) != head["crc"]:
         raise ValueError("the residual layer does not rebuild the values the encoder checked (checksum differs)")

@@ -510,8 +510,10 @@ class _Canvas:
 
 
 def _render_volume(case_key: tuple, week_key: tuple, n_slices: int,
-                   shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Images float32 (n, H, W) and masks uint8 (n, H, W) of one case in one week."""
+                   shape: tuple[int, int], *, thermal_noise: bool = True) -> tuple[np.ndarray, ...]:
+    """Images float32 (n, H, W) and masks uint8 (n, H, W) of one case in one week;
+    ``thermal_noise=False``: the images before the Rician noise, the masks and the noise's sd
+    (what no coder can predict: ``benchmarks/lossless.py``'s floor)."""
     case = np.random.default_rng(np.random.SeedSequence([*case_key, 1]))
     week = np.random.default_rng(np.random.SeedSequence([*week_key, 2]))
     noise = np.random.default_rng(np.random.SeedSequence([*week_key, 3]))
@@ -538,6 +540,8 @@ def _render_volume(case_key: tuple, week_key: tuple, n_slices: int,
     # Noise sd 0.7-1.1 % of fat: SNR about 90-140 in fat and 25-40 in muscle, as in a clinical
     # 3 T T2 turbo spin echo of the prostate after the scanner's own reconstruction.
     sigma = np.float32(_T2[FAT] * gain * week.uniform(0.007, 0.011))
+    if not thermal_noise:
+        return images, canvas.label, float(sigma)
     real = noise.standard_normal(images.shape, dtype=np.float32)
     real *= sigma
     real += images

@@ -1,0 +1,194 @@
+"""Lossless and bounded-error files: mrivq's residual layer against the codecs a clinic would use.
+
+For the test slices of a run (stored integers), at each maximum error δ (0 is lossless):
+
+- **mrivq**: ``encode --max-error δ`` through the codec (the codes frequency-coded, or under
+  ``--prior``), bits per voxel of the whole file and of its two parts (codes, residual), the
+  largest error over every voxel (checked), SSIM / PSNR under the project's protocol, and the
+  coder's speed (encode and decode, slices per second, the VQ-VAE included);
+- **the lossless and near-lossless codecs** on the stored integers (imagecodecs): JPEG-LS at
+  NEAR = δ, and at δ = 0 JPEG XL (lossless, effort 9), JPEG 2000 and HTJ2K (reversible) and PNG;
+- **the lossy codecs at mrivq's rate** of each δ, each slice at the best setting whose file fits
+  that many bits per voxel: JPEG XL on the 16-bit integers (a distance found by bisection),
+  AVIF at 12 bits, monochrome (quality by bisection; values above 4,095 shifted down and back) and WebP at
+  8 bits (all it takes), with the largest error and SSIM / PSNR each gives.
+
+With ``--phantom-floor`` it also prints the phantom's own floor: the entropy of its Rician noise
+given the noise-free picture (the generator's images before the noise, a few volumes of the
+test slices' size), which no coder of the stored values can beat.
+
+Usage::
+
+    python benchmarks/lossless.py RUN_DIR [--prior PRIOR] [--split test] [--max-slices 60] [--deltas 0 1 2 4]
+                                  [--phantom-floor]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import imagecodecs
+import numpy as np
+import torch
+
+from mrivq import metrics
+from mrivq.compression import codecs
+from mrivq.compression.codec import CodecInput
+from mrivq.compression.container import CodesFile
+from mrivq.config import load_config
+from mrivq.data.preprocess import clip_to_input_range, fit_to_shape
+from mrivq.data.sources import data_splits
+from mrivq.engine.checkpoint import load_codec
+
+
+def lossless_bytes(x: np.ndarray, delta: int) -> dict[str, int]:
+    """Bytes of the integer slice ``x`` under each (near-)lossless codec at maximum error ``delta``."""
+    u16 = np.ascontiguousarray((x - x.min()).astype(np.uint16))
+    sizes = {"JPEG-LS": len(imagecodecs.jpegls_encode(u16, level=delta))}
+    if delta == 0:
+        sizes.update({
+            "JPEG XL": len(imagecodecs.jpegxl_encode(u16, lossless=True, effort=9)),
+            "JPEG 2000": len(imagecodecs.jpeg2k_encode(u16, level=0, reversible=True)),
+            "HTJ2K": len(imagecodecs.htj2k_encode(u16, level=0, reversible=True)),
+            "PNG": len(imagecodecs.png_encode(u16, level=9)),
+        })
+    return sizes
+
+
+def _bisect(write, lo: float, hi: float, budget: float, *, steps: int = 9, integer: bool = False):
+    """The file of the best setting in [lo, hi] (lower is better quality) that fits ``budget`` bytes."""
+    best = None
+    for _ in range(steps):
+        mid = round((lo + hi) / 2) if integer else (lo + hi) / 2
+        data = write(mid)
+        if len(data) <= budget:
+            best, hi = data, mid
+        else:
+            lo = mid
+        if integer and hi - lo <= 1:
+            break
+    return best if best is not None else write(hi)
+
+
+def lossy_at_rate(x: np.ndarray, bits_per_voxel: float) -> dict[str, np.ndarray]:
+    """``x`` (integers) through JPEG XL (16 bits), AVIF (12 bits) and WebP (8 bits) at the best
+    setting within ``bits_per_voxel``; returns each decoded slice in ``x``'s units."""
+    budget = bits_per_voxel * x.size / 8
+    low = x.min()
+    u16 = np.ascontiguousarray((x - low).astype(np.uint16))
+    out = {}
+    data = _bisect(lambda d: imagecodecs.jpegxl_encode(u16, distance=d, effort=7), 0.01, 25.0, budget)
+    out["JPEG XL"] = imagecodecs.jpegxl_decode(data).astype(np.int64) + low
+    shift = max(0, int(u16.max()).bit_length() - 12)
+    grey = np.ascontiguousarray(np.repeat((u16 >> shift)[..., None], 3, axis=-1))  # one channel: always lossless
+    data = _bisect(lambda q: imagecodecs.avif_encode(grey, level=int(100 - q), bitspersample=12, pixelformat="yuv400",
+                                                     speed=6, numthreads=1), 0, 100, budget, integer=True)
+    frame = imagecodecs.avif_decode(data, numthreads=1)
+    out["AVIF"] = ((frame if frame.ndim == 2 else frame[..., 0]).astype(np.int64) << shift) + low
+    span = max(1, int(u16.max()))
+    u8 = np.round(u16 / span * 255).astype(np.uint8)
+    data = _bisect(lambda q: codecs.encode(u8, "webp", int(100 - q)), 0, 100, budget, integer=True)
+    out["WebP"] = np.round(codecs.CODECS["webp"].read(data).astype(np.float64) / 255 * span).astype(np.int64) + low
+    return out
+
+
+def scored(values: list[np.ndarray], slices: CodecInput, prep, scale: list) -> tuple[float, float]:
+    """Mean SSIM and PSNR of slices given in stored units, under the SSIM protocol (each slice
+    normalised as its original was, on the model's grid)."""
+    pictures = []
+    for v, (offset, spread), (slope, inter) in zip(values, slices.norm, scale):
+        normalised = (v * slope + inter - float(offset)) / float(spread)
+        pictures.append(fit_to_shape(clip_to_input_range(normalised, prep.normalize), prep.image_size, prep.fit))
+    rec = torch.from_numpy(np.stack(pictures).astype(np.float32)).unsqueeze(1)
+    target = torch.from_numpy(np.asarray(slices.images, dtype=np.float32)).unsqueeze(1)
+    return float(metrics.ssim_per_image(rec, target).mean()), float(metrics.psnr_per_image(rec, target).mean())
+
+
+def phantom_noise_floor(shape: tuple[int, int], volumes: int = 4, n_slices: int = 30) -> tuple[float, float, float]:
+    """Bits per voxel of the phantom's Rician noise given the noise-free picture (each voxel's
+    differential entropy: the noise sd is several stored units, so rounding to integers adds
+    nothing measurable), and the least and greatest noise sd of the volumes."""
+    from scipy import stats
+
+    from mrivq.data.phantom import _render_volume
+
+    grid = np.linspace(0, 8, 161)
+    unit = np.array([stats.rice(b).entropy() for b in grid])  # nats, sd 1; far above 8 a Gaussian's
+    bits, count, sigmas = 0.0, 0, []
+    for seed in range(volumes):
+        clean, _, sigma = _render_volume((seed, 7), (seed, 7, 0), n_slices, shape, thermal_noise=False)
+        snr = clean.astype(np.float64) / sigma
+        nats = np.where(snr > grid[-1], 0.5 * np.log(2 * np.pi * np.e), np.interp(snr, grid, unit)) + np.log(sigma)
+        bits += float(nats.sum()) / np.log(2)
+        count += nats.size
+        sigmas.append(sigma)
+    return bits / count, min(sigmas), max(sigmas)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--prior", type=Path, help="code the codes under this prior (models/prior_best.pt)")
+    parser.add_argument("--split", default="test", choices=("train", "validate", "test"))
+    parser.add_argument("--max-slices", type=int, default=60)
+    parser.add_argument("--deltas", type=int, nargs="+", default=[0, 1, 2, 4])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-lossy", action="store_true", help="skip the lossy codecs' searches")
+    parser.add_argument("--phantom-floor", action="store_true", help="also print the phantom's noise entropy")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    config = load_config(args.run_dir / "config.yaml")
+    codec = load_codec(args.run_dir / "models" / "best.pt", prior=args.prior)
+    files = getattr(data_splits(config.data, config.seed), args.split)
+    files = [files[i] for i in np.linspace(0, len(files) - 1, min(args.max_slices, len(files))).round().astype(int)]
+    slices = CodecInput.read(files, codec.prep, originals=True)
+    originals = [o.values for o in slices.originals]
+    scale = [(o.slope, o.inter) for o in slices.originals]
+    voxels = sum(x.size for x in originals)
+    print(f"{len(files)} {args.split} slices of {args.run_dir} ({voxels} voxels), codes "
+          f"{'under ' + str(args.prior) if args.prior else 'frequency-coded'}; torch threads {args.threads}")
+    if args.phantom_floor:
+        floor, least, most = phantom_noise_floor(tuple(originals[0].shape))
+        print(f"the phantom's Rician noise given the noise-free picture: {floor:.3f} bits per voxel "
+              f"(noise sd {least:.1f}-{most:.1f} stored units; {len(originals[0])}x{originals[0].shape[1]} slices)")
+    print("| δ | coder | bits per voxel | codes / residual | largest error | SSIM | PSNR | encode / decode slices/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for delta in args.deltas:
+        start = time.perf_counter()
+        packed = codec.compress(slices, layers=("residual",), layer_options={"residual": {"max_error": delta}})
+        encode_s = time.perf_counter() - start
+        start = time.perf_counter()
+        decoded = [stored.values for _, stored in codec.decompress(CodesFile.from_bytes(packed.blob))]
+        decode_s = time.perf_counter() - start
+        error = max(np.abs(d.astype(np.float64) - x).max() for d, x in zip(decoded, originals))
+        assert error <= delta, f"the residual layer's error {error} is above {delta}"
+        residual_bits = 8 * sum(len(p) for p in packed.file.layers["residual"])
+        rate = 8 * len(packed.blob) / voxels
+        ssim, psnr = scored(decoded, slices, codec.prep, scale)
+        print(f"| {delta} | **mrivq** | **{rate:.3f}** | {rate - residual_bits / voxels:.3f} / "
+              f"{residual_bits / voxels:.3f} | {error:g} | {ssim:.4f} | {psnr:.2f} | "
+              f"{len(files) / encode_s:.1f} / {len(files) / decode_s:.1f} |")
+        totals: dict[str, int] = {}
+        for x in originals:
+            for name, size in lossless_bytes(x.astype(np.int64), delta).items():
+                totals[name] = totals.get(name, 0) + size
+        for name, size in totals.items():
+            label = f"{name} NEAR={delta}" if name == "JPEG-LS" and delta else name
+            print(f"| {delta} | {label} | {8 * size / voxels:.3f} | | {delta} | | | |")
+        if args.no_lossy:
+            continue
+        lossy: dict[str, list[np.ndarray]] = {}
+        for x in originals:
+            for name, values in lossy_at_rate(x.astype(np.int64), rate).items():
+                lossy.setdefault(name, []).append(values)
+        for name, values in lossy.items():
+            error = max(np.abs(v - x).max() for v, x in zip(values, originals))
+            ssim, psnr = scored(values, slices, codec.prep, scale)
+            print(f"| {delta} | {name} at mrivq's rate | ≤ {rate:.3f} | | {error:g} | {ssim:.4f} | {psnr:.2f} | |")
+
+
+if __name__ == "__main__":
+    main()
