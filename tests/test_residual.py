@@ -151,7 +151,8 @@ def test_a_damaged_residual_is_refused_in_one_line(work, test_files, tmp_path, c
     assert run_main(["encode", "--checkpoint", str(work["vqvae"]), *map(str, test_files[:2]), "--out", str(coded),
                      "--max-error", "1"]) == 0
     file = read_codes_file(coded)
-    for position in (10, 200, -3):  # a header byte, a table byte, the stream's last words
+    # the slice's height, the first phase's symbol range, the stream's last words
+    for position in (10, residual.HEAD.size + 4 * residual.LEVELS, -3):
         payload = bytearray(file.layers["residual"][0])
         payload[position] ^= 0x5A
         file.layers["residual"][0] = bytes(payload)
