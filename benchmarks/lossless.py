@@ -43,20 +43,6 @@ from mrivq.data.sources import data_splits
 from mrivq.engine.checkpoint import load_codec
 
 
-def lossless_bytes(x: np.ndarray, delta: int) -> dict[str, int]:
-    """Bytes of the integer slice ``x`` under each (near-)lossless codec at maximum error ``delta``."""
-    u16 = np.ascontiguousarray((x - x.min()).astype(np.uint16))
-    sizes = {"JPEG-LS": len(imagecodecs.jpegls_encode(u16, level=delta))}
-    if delta == 0:
-        sizes.update({
-            "JPEG XL": len(imagecodecs.jpegxl_encode(u16, lossless=True, effort=9)),
-            "JPEG 2000": len(imagecodecs.jpeg2k_encode(u16, level=0, reversible=True)),
-            "HTJ2K": len(imagecodecs.htj2k_encode(u16, level=0, reversible=True)),
-            "PNG": len(imagecodecs.png_encode(u16, level=9)),
-        })
-    return sizes
-
-
 def _bisect(write, lo: float, hi: float, budget: float, *, steps: int = 9, integer: bool = False):
     """The file of the best setting in [lo, hi] (lower is better quality) that fits ``budget`` bytes."""
     best = None
@@ -173,7 +159,7 @@ def main() -> None:
               f"{len(files) / encode_s:.1f} / {len(files) / decode_s:.1f} |")
         totals: dict[str, int] = {}
         for x in originals:
-            for name, size in lossless_bytes(x.astype(np.int64), delta).items():
+            for name, size in codecs.lossless_sizes(x, delta).items():
                 totals[name] = totals.get(name, 0) + size
         for name, size in totals.items():
             label = f"{name} NEAR={delta}" if name == "JPEG-LS" and delta else name

@@ -197,3 +197,22 @@ def test_damaged_payloads_never_decode_to_other_values():
             except ValueError:
                 continue
             assert np.abs(decoded.values - values).max() <= delta
+
+
+def test_predict_puts_the_bounded_files_beside_the_lossless_codecs(work, tmp_path):
+    import json
+
+    out = tmp_path / "run"
+    assert run_main(["predict", "--checkpoint", str(work["vqvae"]), "--max-error", "0", "2",
+                     "--set", "predict.sample_sets=1", "--set", f"output.dir={out}"]) == 0
+    ladder = json.loads((out / "predict" / "summary.json").read_text())["max_error"]
+    assert [row["max_error"] for row in ladder["rows"]] == [0, 2]
+    exact, bounded = ladder["rows"]
+    assert exact["mrivq"]["largest_error"] == 0 and exact["mrivq"]["psnr"] is None
+    assert bounded["mrivq"]["largest_error"] <= 2 and bounded["mrivq"]["ssim"] < 1
+    assert bounded["mrivq"]["bits_per_voxel"] < exact["mrivq"]["bits_per_voxel"]
+    assert exact["mrivq"]["codes"] + exact["mrivq"]["residual"] == pytest.approx(exact["mrivq"]["bits_per_voxel"])
+    assert {"JPEG-LS", "JPEG XL", "JPEG 2000", "HTJ2K", "PNG"} <= set(exact["codecs"])
+    assert set(bounded["codecs"]) == {"JPEG-LS"}
+    assert (out / "visuals" / "max_error.png").stat().st_size > 0
+    assert "Lossless and bounded-error files" in (out / "report.html").read_text()

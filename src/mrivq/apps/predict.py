@@ -14,6 +14,7 @@ import csv
 import io
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,20 +27,23 @@ from mrivq.compression.codec import Codec, CodecInput, model_fingerprint, slices
 from mrivq.compression.codecs import (
     CODEC_PROTOCOL,
     CODECS,
+    LOSSLESS_PROTOCOL,
     SEQUENCE_CODEC,
     SEQUENCE_LABEL,
     available_codecs,
     compare_codecs,
     compare_sequences,
+    lossless_sizes,
     rate_distortion,
     sequence_available,
 )
 from mrivq.compression.entropy import raw_bits_per_pixel
+from mrivq.compression.layers import LAYERS
 from mrivq.config import Config, load_config
 from mrivq.data.cache import load_split
 from mrivq.data.hipmri import STRUCTURES, load_masks
 from mrivq.data.io import nifti_stem
-from mrivq.data.preprocess import Preprocessing
+from mrivq.data.preprocess import Preprocessing, clip_to_input_range, fit_to_shape
 from mrivq.data.sources import data_splits
 from mrivq.data.splits import file_list_hash, parse_name, shared_with_training
 from mrivq.data.volumes import volume_runs
@@ -56,6 +60,7 @@ from mrivq.logs import interactive, run_logger
 from mrivq.reporting.html import write_report
 from mrivq.reporting.plots import (
     plot_codebook_usage,
+    plot_error_ladder,
     plot_rate_distortion,
     plot_surprise,
     save_difference_grid,
@@ -75,22 +80,21 @@ RATE_NAMES = {"raw": "raw code indices", "frequencies": "codes file, frequency-c
               "prior": "codes file, prior-coded"}
 
 
-def predict(config: Config, checkpoint: str | Path | None = None, prior: str | Path | None = None) -> dict:
+def predict(config: Config, checkpoint: str | Path | None = None, prior: str | Path | None = None,
+            max_errors: list[float] | None = None) -> dict:
     """Score a trained model on the test split and write the predict outputs of its run dir.
 
     The test split is the one the model was trained with: data settings and seed come from
     the checkpoint unless given explicitly (see :func:`mrivq.engine.checkpoint.run_config`), and a
     test split that shares slices or cases with the model's training split is refused.
     Outputs go to the checkpoint's run directory unless ``output.*`` is given. Scores are
-    computed in float32 whatever precision trained the model.
-
-    Writes logging/predict.log, samples/predict_set_{i}.png, samples/predict_worst.png,
+    computed in float32 whatever precision trained the model. Writes logging/predict.log, samples/predict_set_{i}.png, samples/predict_worst.png,
     visuals/codebook_usage.png, visuals/rate_distortion.png, predict/summary.json,
     predict/per_slice.csv and updates report.html; returns the summary dict. Where the test
     slices have masks, the summary and the CSV hold SSIM, PSNR and MAE inside each structure of
     :data:`mrivq.data.hipmri.STRUCTURES`; the summary's ``codecs`` scores standard codecs at the
     model's bits per pixel, and ``rate_distortion`` puts the model (raw and entropy-coded
-    rate) beside each codec's curve over its quality settings.
+    rate) beside each codec's curve over its quality settings; ``max_errors``: :func:`_error_ladder`.
     """
     ckpt_path = Path(checkpoint or config.predict.checkpoint or config.model_dir / "best.pt").expanduser()
     ckpt = load_checkpoint(ckpt_path)
@@ -128,6 +132,8 @@ def predict(config: Config, checkpoint: str | Path | None = None, prior: str | P
         summary = summarize(result, rates, files, comparison, has_mask=has_mask, worst=worst, surprise=surprise,
                             checkpoint=ckpt_path, training_precision=training_precision, data=data,
                             skipped_files=[f for f, _ in test.skipped])
+        if max_errors:
+            summary["max_error"] = _error_ladder(codec, result.codes, test.files, max_errors, config.visual_dir)
         summary_path = _write_outputs(config, summary, rates, test.files, result)
         _log_results(summary, files, trained.model.n_embed)
         log.info("wrote %s", summary_path)
@@ -282,6 +288,68 @@ def _compare_codecs(unit_images: np.ndarray, rates: dict, names: list[str]) -> C
     return CodecComparison(tables, curves, len(rd_slices))
 
 
+def _error_ladder(codec: Codec, codes: tuple[np.ndarray, np.ndarray], files: list, max_errors: list[float],
+                  visual_dir: Path) -> dict:
+    """The summary's ``max_error``: the residual layer's files of the test slices at each maximum
+    error (0: lossless; the codes as the model's file codes them), beside the lossless and
+    near-lossless codecs on the same stored values, each decoded and checked voxel by voxel and
+    scored under the SSIM protocol; drawn in visual_dir/max_error.png."""
+    slices = CodecInput.read([Path(f) for f in files], codec.prep, originals=True)
+    voxels = sum(stored.values.size for stored in slices.originals)
+    rows, pictures = [], None
+    for delta in max_errors:
+        log.info("the residual layer at maximum error %g on the %d test slices (%d voxels), and the lossless "
+                 "codecs beside it", delta, len(files), voxels)
+        try:
+            packed = codec.compress_codes(codes, slices, layers=("residual",),
+                                          layer_options={"residual": {"max_error": delta}}, pictures=pictures)
+        except UserError as e:
+            log.warning("maximum error %g: %s", delta, e)
+            rows.append({"max_error": delta, "refused": str(e)})
+            continue
+        pictures = packed.pictures
+        rows.append(_ladder_row(packed, slices, delta, voxels))
+    plot_error_ladder(rows, visual_dir / "max_error.png")
+    return {"method": LOSSLESS_PROTOCOL, "voxels": voxels, "rows": rows}
+
+
+def _ladder_row(packed, slices: CodecInput, delta: float, voxels: int) -> dict:
+    """One maximum error's row: the file's bits per voxel and its parts, its largest error over
+    every voxel (checked against ``delta``), SSIM and PSNR, and the standard codecs' bits per voxel."""
+    values = [stored.values for stored in slices.originals]
+    decoded = [LAYERS["residual"].decode(payload, packed.pictures[i])
+               for i, payload in enumerate(packed.file.layers["residual"])]
+    error = max(float(np.abs(d.values - v).max()) for d, v in zip(decoded, values))
+    if error > delta:
+        raise RuntimeError(f"the residual layer decoded {error} from the input, above {delta}")
+    ssim, psnr = _scores_of_stored(decoded, slices, packed.file.header)
+    residual_bytes = sum(len(payload) for payload in packed.file.layers["residual"])
+    standard = {}
+    if delta == int(delta):
+        with ThreadPoolExecutor(2) as pool:  # imagecodecs releases the GIL
+            sizes = list(pool.map(lossless_sizes, values, [int(delta)] * len(values)))
+        standard = {name: 8 * sum(s[name] for s in sizes) / voxels for name in sizes[0]}
+    return {"max_error": delta, "coder": packed.file.header["coder"],
+            "mrivq": {"bits_per_voxel": 8 * len(packed.blob) / voxels,
+                      "codes": 8 * (len(packed.blob) - residual_bytes) / voxels,
+                      "residual": 8 * residual_bytes / voxels, "largest_error": error,
+                      "ssim": ssim, "psnr": psnr if math.isfinite(psnr) else None},
+            "codecs": standard}
+
+
+def _scores_of_stored(decoded: list, slices: CodecInput, header: dict) -> tuple[float, float]:
+    """Mean SSIM and PSNR (dB; inf when every slice is exact) of slices given as stored values,
+    each normalised as its input was, on the model's grid, under the SSIM protocol."""
+    pictures = []
+    for stored, (offset, spread) in zip(decoded, slices.norm):
+        normalised = (stored.scanner() - float(offset)) / float(spread)
+        pictures.append(fit_to_shape(clip_to_input_range(normalised, header["normalize"]), header["image_size"],
+                                     header["fit"]))
+    rec = torch.from_numpy(np.stack(pictures).astype(np.float32)).unsqueeze(1)
+    target = torch.from_numpy(np.asarray(slices.images, dtype=np.float32)).unsqueeze(1)
+    return float(metrics.ssim_per_image(rec, target).mean()), float(metrics.psnr_per_image(rec, target).mean())
+
+
 def _write_outputs(config: Config, summary: dict, rates: dict, test_files: list[str], result: Evaluation) -> Path:
     """visuals/rate_distortion.png, predict/per_slice.csv and predict/summary.json; returns the
     summary's path."""
@@ -429,8 +497,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", metavar="FILE", help="checkpoint to load (default: output.dir/models/best.pt)")
     parser.add_argument("--prior", metavar="FILE", help="also code the test codes under this prior "
                         "(models/prior_best.pt of the same model) and compare codecs at that rate")
+    parser.add_argument("--max-error", nargs="*", type=float, metavar="DELTA",
+                        help="also the lossless and bounded-error files (encode --max-error) at each DELTA "
+                             "(default 0 1 2 4) beside JPEG-LS, JPEG XL, JPEG 2000, HTJ2K and PNG")
 
 
 def main(args) -> int:
-    predict(load_config(args.config, args.overrides), checkpoint=args.checkpoint, prior=args.prior)
+    max_errors = None if args.max_error is None else (args.max_error or [0, 1, 2, 4])
+    if max_errors and not all(math.isfinite(d) and d >= 0 for d in max_errors):
+        raise UserError(f"--max-error {' '.join(map(str, args.max_error))}: give maximum errors of 0 or more")
+    predict(load_config(args.config, args.overrides), checkpoint=args.checkpoint, prior=args.prior,
+            max_errors=max_errors)
     return 0

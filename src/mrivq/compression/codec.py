@@ -210,6 +210,7 @@ class Compressed:
     coding_s: float
     decoding_s: float
     prior_bytes: int | None = None
+    pictures: list[np.ndarray] | None = None  # the float64 pictures the coding layers built on
 
     def report(self, input_bytes: int | None = None) -> dict:
         """The file's bits report (:func:`mrivq.compression.container.bits_report`) with the timings
@@ -244,14 +245,16 @@ class Codec:
 
     def compress_codes(self, codes: tuple[np.ndarray, np.ndarray], slices: CodecInput, *,
                        under_prior: bool = True, layers: tuple[str, ...] = (),
-                       layer_options: dict[str, dict] | None = None) -> Compressed:
+                       layer_options: dict[str, dict] | None = None,
+                       pictures: list[np.ndarray] | None = None) -> Compressed:
         """A codes file of ``codes`` (of ``slices``), range-coded under the prior's integer copy when
         the codec has a prior and ``under_prior`` and that file is the smaller
         (:data:`SMALLEST_FILE`), else under the codes' frequencies; decoded again through the
         decoder's own path before returning (a file that would not decode back is a bug here,
         never a file written). ``layers``: coding layers (:mod:`mrivq.compression.layers`) on top
         of the codes, in the order they apply; ``layer_options``: keyword arguments of each one's
-        ``encode`` (``{"residual": {"max_error": 2}}``)."""
+        ``encode`` (``{"residual": {"max_error": 2}}``); ``pictures``: the float64 pictures an
+        earlier call returned (``Compressed.pictures``), so another bound does not decode again."""
         top, bottom = codes
         start = time.perf_counter()
         header = {"format": "mrivq-codes", "version": VERSION, "n": len(top), "n_embed": self.n_embed,
@@ -271,7 +274,7 @@ class Codec:
             files.insert(0, CodesFile(header, np.asarray(slices.norm), np.asarray(slices.affines),
                                       np.asarray(slices.shapes), driver.encode(copy, top, bottom, references=refs)))
         if layers:  # the same payloads on both files
-            self._add_layers(files[0], codes, slices, layers, layer_options or {})
+            pictures = self._add_layers(files[0], codes, slices, layers, layer_options or {}, pictures)
             for other in files[1:]:
                 other.header["layers"], other.layers = files[0].header["layers"], files[0].layers
         blobs = [file.to_bytes() for file in files]
@@ -282,18 +285,23 @@ class Codec:
         if not (np.array_equal(again[0], top) and np.array_equal(again[1], bottom)):
             raise RuntimeError(f"the {header['coder']} codes stream did not decode back to the codes")
         fallback = len(blobs[0]) if file is not files[0] else None
-        return Compressed(file, blob, codes, coded - start, time.perf_counter() - coded, fallback)
+        return Compressed(file, blob, codes, coded - start, time.perf_counter() - coded, fallback,
+                          pictures if layers else None)
 
     def _add_layers(self, file: CodesFile, codes, slices: CodecInput, layers: tuple[str, ...],
-                    options: dict[str, dict]) -> None:
+                    options: dict[str, dict], pictures: list[np.ndarray] | None) -> list[np.ndarray]:
         """Each layer's payload of each slice, given the picture the layers before it leave; a slice
-        a layer cannot code (:class:`mrivq.compression.layers.Refused`) is refused in one line."""
+        a layer cannot code (:class:`mrivq.compression.layers.Refused`) is refused in one line.
+        Returns the pictures of the codes (``pictures``, or decoded here)."""
         unknown = [name for name in layers if name not in LAYERS]
         if unknown or slices.originals is None:
             raise UserError(f"coding layer {unknown[0]!r} is not one of {sorted(LAYERS)}" if unknown
                             else "coding layers need the slices as read (CodecInput.read(..., originals=True))")
         file.header["layers"], file.layers = list(layers), {name: [] for name in layers}
-        for i, picture in self._decoded(file, *codes, exact=True):
+        decoded = enumerate(pictures) if pictures is not None else self._decoded(file, *codes, exact=True)
+        kept = []
+        for i, picture in decoded:
+            kept.append(picture)
             for name in layers:
                 try:
                     payload = LAYERS[name].encode(slices.originals[i], picture, **options.get(name, {}))
@@ -302,6 +310,7 @@ class Codec:
                                     f"{e}") from None
                 file.layers[name].append(payload)
                 picture = LAYERS[name].decode(payload, picture).scanner()
+        return kept
 
     def coding_copy(self):
         """The integer copy of the codec's prior, which codes; a prior saved before such copies

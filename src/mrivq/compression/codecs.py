@@ -297,6 +297,32 @@ def compare_sequences(volumes: list[np.ndarray], bytes_budget: float | list[floa
     return {SEQUENCE_CODEC: entry}
 
 
+#: The lossless and near-lossless codecs :func:`lossless_sizes` runs, at their strongest settings.
+LOSSLESS_PROTOCOL = (
+    "each slice's stored integers (offset to start at 0, as uint16) through imagecodecs: JPEG-LS at NEAR = the "
+    "maximum error (0: lossless); at 0 also JPEG XL lossless at effort 9, JPEG 2000 and HTJ2K reversible (level 0) "
+    "and PNG at level 9; bits per voxel of the files, headers included")
+
+
+def lossless_sizes(stored: np.ndarray, max_error: int) -> dict[str, int]:
+    """Bytes of one slice's stored integers ``(h, w)`` under each lossless codec (``max_error`` 0) or
+    near-lossless one (JPEG-LS NEAR = ``max_error``); ``{}`` without imagecodecs, or for values
+    spanning more than 16 bits."""
+    values = np.asarray(stored, dtype=np.int64)
+    if imagecodecs is None or np.ptp(values) >= 1 << 16:
+        return {}
+    u16 = np.ascontiguousarray((values - values.min()).astype(np.uint16))
+    sizes = {"JPEG-LS": len(imagecodecs.jpegls_encode(u16, level=int(max_error)))}
+    if max_error == 0:
+        sizes.update({
+            "JPEG XL": len(imagecodecs.jpegxl_encode(u16, lossless=True, effort=9)),
+            "JPEG 2000": len(imagecodecs.jpeg2k_encode(u16, level=0, reversible=True)),
+            "HTJ2K": len(imagecodecs.htj2k_encode(u16, level=0, reversible=True)),
+            "PNG": len(imagecodecs.png_encode(u16, level=9)),
+        })
+    return sizes
+
+
 def _best_setting_within(write: Callable[[object], bytes], settings: tuple,
                          budget_bytes: float) -> tuple[bytes, object]:
     """The file and setting of the best quality in ``settings`` (best first) whose file from

@@ -263,6 +263,24 @@ def _section_rate_distortion(summary: dict | None, visual_dir: Path) -> str:
               "Points whose mean PSNR is infinite (a slice kept perfectly) are not drawn.</p>")
 
 
+def _section_max_error(summary: dict, visual_dir: Path) -> str:
+    ladder = summary["max_error"]
+    rows = []
+    for row in ladder["rows"]:
+        if "refused" in row:
+            rows.append([_fmt(row["max_error"], "{:g}"), "refused: " + html.escape(row["refused"]), "", "", "", ""])
+            continue
+        ours = row["mrivq"]
+        others = ", ".join(f"{html.escape(name)} {rate:.3f}" for name, rate in row["codecs"].items())
+        rows.append([_fmt(row["max_error"], "{:g}"), _fmt(ours["bits_per_voxel"], "{:.3f}"),
+                     f"{ours['codes']:.3f} / {ours['residual']:.3f}", _fmt(ours["ssim"]),
+                     _fmt(ours["psnr"], "{:.2f}") if ours["psnr"] is not None else "exact", others])
+    return (_image(visual_dir / "max_error.png", "bits per voxel against the maximum error per voxel")
+            + _table(["maximum error", "mrivq bits per voxel", "codes / residual", "SSIM", "PSNR (dB)",
+                      "other codecs, bits per voxel"], rows)
+            + f'<p class="note">{html.escape(ladder["method"])}.</p>')
+
+
 def _section_validation(rows: list[dict]) -> str:
     if not rows:
         return _missing("No metrics.csv yet: training writes one row per evaluation.")
@@ -294,6 +312,8 @@ def _page(run_dir: Path, config_text: str | None, rows: list[dict], summary: dic
         "<h2>Per-structure metrics (test set)</h2>", _section_regions(summary),
         "<h2>Against standard codecs at the same bits per pixel</h2>", _section_codecs(summary),
         "<h2>Rate–distortion</h2>", _section_rate_distortion(summary, visual_dir),
+        *(["<h2>Lossless and bounded-error files</h2>", _section_max_error(summary, visual_dir)]
+          if (summary or {}).get("max_error") else []),
         "<h2>Training curves</h2>",
         _image(visual_dir / "losses.png", "training and validation losses"),
         _image(visual_dir / "ssims.png", "training and validation SSIM"),

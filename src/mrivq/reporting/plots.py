@@ -157,6 +157,31 @@ def plot_codebook_usage(counts_top, counts_bottom, path: Path) -> None:
     save_figure(fig, path)
 
 
+def plot_error_ladder(rows: list[dict], path: Path) -> None:
+    """visuals/max_error.png: bits per voxel against the maximum error per voxel, the residual
+    layer's files (and their codes part) against JPEG-LS at NEAR = the error, and the lossless
+    codecs at 0. ``rows`` are predict's ``max_error`` rows."""
+    fig, ax = _pyplot().subplots(figsize=(6.5, 4.2))
+    rows = [row for row in rows if "mrivq" in row]
+    deltas = [row["max_error"] for row in rows]
+    ax.plot(deltas, [row["mrivq"]["bits_per_voxel"] for row in rows], "D-", color="C5", markersize=8,
+            markeredgecolor="black", label="mrivq: codes + residual (one file)", zorder=5)
+    ax.plot(deltas, [row["mrivq"]["codes"] for row in rows], ":", color="C5", label="mrivq: the codes part")
+    near = [(row["max_error"], row["codecs"]["JPEG-LS"]) for row in rows if "JPEG-LS" in row.get("codecs", {})]
+    if near:
+        ax.plot(*zip(*near), "o-", color="C0", label="JPEG-LS (NEAR = maximum error)")
+    exact = next((row for row in rows if row["max_error"] == 0), None)
+    markers = iter("s^vP*")
+    for name, rate in (exact or {}).get("codecs", {}).items():
+        if name != "JPEG-LS":
+            ax.plot(0, rate, next(markers, "x"), markersize=8, linestyle="none", label=f"{name} lossless")
+    ax.set_xlabel("maximum error per voxel (stored units; 0 = lossless)")
+    ax.set_ylabel("bits per voxel (files, headers included)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
 def plot_rate_distortion(curves: dict, model_points: list[dict], path: Path, labels: dict | None = None) -> None:
     """visuals/rate_distortion.png: SSIM and PSNR against bits per pixel, side by side.
 
