@@ -20,12 +20,13 @@ test slices' size), which no coder of the stored values can beat.
 Usage::
 
     python benchmarks/lossless.py RUN_DIR [--prior PRIOR] [--split test] [--max-slices 60] [--deltas 0 1 2 4]
-                                  [--phantom-floor]
+                                  [--phantom-floor] [--size H W] [--no-lossy]
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
@@ -113,6 +114,20 @@ def phantom_noise_floor(shape: tuple[int, int], volumes: int = 4, n_slices: int 
     return bits / count, min(sigmas), max(sigmas)
 
 
+def resampled(files: list, size: tuple[int, int], folder: Path) -> list[Path]:
+    """Each slice resampled to ``size`` (bilinear), rounded to int16, written into ``folder``."""
+    import nibabel as nib
+    from scipy import ndimage
+
+    out = []
+    for path in files:
+        values = np.asarray(nib.load(path).dataobj, dtype=np.float64).squeeze()
+        zoomed = ndimage.zoom(values, (size[0] / values.shape[0], size[1] / values.shape[1]), order=1)
+        out.append(folder / Path(path).name)
+        nib.save(nib.Nifti1Image(np.round(zoomed).astype(np.int16), np.eye(4)), out[-1])
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
@@ -123,6 +138,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-lossy", action="store_true", help="skip the lossy codecs' searches")
     parser.add_argument("--phantom-floor", action="store_true", help="also print the phantom's noise entropy")
+    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+                        help="resample the slices to H x W first (bilinear, rounded to int16): speed at a given size")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -130,6 +147,8 @@ def main() -> None:
     codec = load_codec(args.run_dir / "models" / "best.pt", prior=args.prior)
     files = getattr(data_splits(config.data, config.seed), args.split)
     files = [files[i] for i in np.linspace(0, len(files) - 1, min(args.max_slices, len(files))).round().astype(int)]
+    if args.size:
+        files = resampled(files, tuple(args.size), Path(tempfile.mkdtemp(prefix="mrivq-lossless-")))
     slices = CodecInput.read(files, codec.prep, originals=True)
     originals = [o.values for o in slices.originals]
     scale = [(o.slope, o.inter) for o in slices.originals]
