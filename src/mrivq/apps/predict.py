@@ -14,7 +14,6 @@ import csv
 import io
 import logging
 import math
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -34,6 +33,7 @@ from mrivq.compression.codecs import (
     compare_codecs,
     compare_sequences,
     lossless_sizes,
+    parallel_map,
     rate_distortion,
     sequence_available,
 )
@@ -326,9 +326,8 @@ def _ladder_row(packed, slices: CodecInput, delta: float, voxels: int) -> dict:
     residual_bytes = sum(len(payload) for payload in packed.file.layers["residual"])
     standard = {}
     if delta == int(delta):
-        with ThreadPoolExecutor(2) as pool:  # imagecodecs releases the GIL
-            sizes = list(pool.map(lossless_sizes, values, [int(delta)] * len(values)))
-        standard = {name: 8 * sum(s[name] for s in sizes) / voxels for name in sizes[0]}
+        sizes = parallel_map(lambda v: lossless_sizes(v, int(delta)), values)
+        standard = {name: 8 * sum(s[name] for s in sizes) / voxels for name in sizes[0] if all(name in s for s in sizes)}
     return {"max_error": delta, "coder": packed.file.header["coder"],
             "mrivq": {"bits_per_voxel": 8 * len(packed.blob) / voxels,
                       "codes": 8 * (len(packed.blob) - residual_bytes) / voxels,

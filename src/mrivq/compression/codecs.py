@@ -31,7 +31,9 @@ Example::
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,6 +121,20 @@ SETTING_NAMES = {name: codec.setting_name for name, codec in CODECS.items()}
 RATE_DISTORTION_SETTINGS = {name: codec.curve for name, codec in CODECS.items()}
 
 
+#: Threads for the codecs' work on separate slices (imagecodecs and Pillow's encoders release the
+#: GIL; each encode keeps its own settings, AVIF one thread, so the files are the same however many).
+CODEC_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
+def parallel_map(fn: Callable, items) -> list:
+    """``[fn(item) for item in items]`` on :data:`CODEC_THREADS` threads, in order."""
+    items = list(items)
+    if CODEC_THREADS == 1 or len(items) < 2:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(CODEC_THREADS) as pool:
+        return list(pool.map(fn, items))
+
+
 def available_codecs() -> list[str]:
     """The codecs of :data:`CODECS` this install can write (JPEG always; the others if built in)."""
     return [name for name, codec in CODECS.items() if codec.available()]
@@ -163,8 +179,8 @@ def compare_codecs(images: np.ndarray, bits_per_pixel: float, codecs: list[str] 
     out = {}
     target = _as_target(images)
     for codec in codecs if codecs is not None else available_codecs():
-        decoded, rates, settings = zip(*(compress_at_rate(np.asarray(slice2d), codec, bits_per_pixel)
-                                         for slice2d in images))
+        decoded, rates, settings = zip(*parallel_map(
+            lambda slice2d, codec=codec: compress_at_rate(np.asarray(slice2d), codec, bits_per_pixel), images))
         out[codec] = _comparison(decoded, target, rates, settings, SETTING_NAMES[codec])
     return out
 
@@ -187,8 +203,8 @@ def rate_distortion(images: np.ndarray, codecs: list[str] | None = None,
     for codec in codecs if codecs is not None else available_codecs():
         points = []
         for setting in settings[codec]:
-            encoded = [encode(slice8, codec, setting) for slice8 in slices8]
-            ssim, psnr = _score([decode(data, codec) for data in encoded], target)
+            encoded = parallel_map(lambda slice8, codec=codec, setting=setting: encode(slice8, codec, setting), slices8)
+            ssim, psnr = _score(parallel_map(lambda data, codec=codec: decode(data, codec), encoded), target)
             points.append({
                 "setting": setting,
                 "bits_per_pixel": float(np.mean([len(data) * 8.0 / slice8.size
@@ -285,8 +301,8 @@ def compare_sequences(volumes: list[np.ndarray], bytes_budget: float | list[floa
     else:
         raise ValueError(f"compare_sequences: {len(bytes_budget)} byte budgets for {len(volumes)} volumes; "
                          "give one per volume, or one number for them all")
-    decoded, sizes, qualities = zip(*(compress_sequence_at_size(volume, budget, speed)
-                                      for volume, budget in zip(volumes, budgets)))
+    decoded, sizes, qualities = zip(*parallel_map(lambda pair: compress_sequence_at_size(*pair, speed),
+                                                  zip(volumes, budgets)))
     slices_per_volume = [len(volume) for volume in volumes]
     entry = _comparison(np.concatenate(decoded), _as_target(np.concatenate(volumes)),
                         np.repeat([n * 8.0 / v.size for n, v in zip(sizes, volumes)], slices_per_volume),

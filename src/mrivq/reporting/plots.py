@@ -175,6 +175,7 @@ def plot_error_ladder(rows: list[dict], path: Path) -> None:
     for name, rate in (exact or {}).get("codecs", {}).items():
         if name != "JPEG-LS":
             ax.plot(0, rate, next(markers, "x"), markersize=8, linestyle="none", label=f"{name} lossless")
+    ax.set_xticks(deltas)
     ax.set_xlabel("maximum error per voxel (stored units; 0 = lossless)")
     ax.set_ylabel("bits per voxel (files, headers included)")
     ax.grid(alpha=0.3)
