@@ -51,7 +51,9 @@ N_CLASSES = 64  # scale classes, a quarter octave apart (mean |residual| 0.07 ..
 BLENDS = 5  # Laplace, three blends, Gaussian
 MIXES = (1, 2, 4, 8)  # sixteenths of a wider Laplace mixed in
 WIDE = 8  # classes (two octaves) between a mixture's narrow part and its wide Laplace
-SHAPES = BLENDS + 2 * len(MIXES)
+SPIKES = (2, 4, 8)  # sixteenths of a narrower Laplace (one or two octaves) mixed in
+SHAPES = BLENDS + 2 * len(MIXES) + 4 * len(SPIKES)
+SHAPE_BITS = 5  # SHAPES <= 2**SHAPE_BITS
 ESCAPE = 4095  # larger residuals are stored raw, after an escape symbol
 LOGIT_UNITS = 64  # logits in 1/64 nat
 CAP = 16 * LOGIT_UNITS  # the least probable symbols sit 16 nats below the most probable
@@ -103,7 +105,8 @@ def _gaps(cls: int, blend: int) -> np.ndarray:
 def _weights(cls: int, width: int) -> np.ndarray:
     """Integer weights (float64, exact) ``(SHAPES, 2 width + 2)`` of the symbols -width..width and the
     escape, for one class: the Laplace-to-Gaussian blends, then a Laplace and a Gaussian each with a
-    share k/16 (k in :data:`MIXES`) of a Laplace two octaves wider (heavier tails)."""
+    share k/16 (k in :data:`MIXES`) of a Laplace two octaves wider (heavier tails), then each with a
+    share k/16 (k in :data:`SPIKES`) of a Laplace one or two octaves narrower (a sharper peak)."""
     table = _exp_weights()
     d = np.abs(np.arange(-width, width + 1))
 
@@ -114,7 +117,9 @@ def _weights(cls: int, width: int) -> np.ndarray:
     blends = [of(cls, b) for b in range(BLENDS)]
     wide = of(min(cls + WIDE, N_CLASSES - 1), 0)
     mixes = [(16 - k) * 4 * base + k * wide for base in (blends[0], blends[-1]) for k in MIXES]
-    weights = np.stack(blends + mixes)
+    spikes = [(16 - k) * base + k * (1 << octaves) * of(max(cls - 4 * octaves, 0), 0)
+              for base in (blends[0], blends[-1]) for octaves in (1, 2) for k in SPIKES]
+    weights = np.stack(blends + mixes + spikes)
     return np.concatenate([weights, np.full((SHAPES, 1), table[CAP])], axis=1)
 
 
@@ -354,7 +359,7 @@ def encode(original: Stored, picture: np.ndarray, *, max_error: float = 0) -> by
                      float(original.slope), float(original.inter), lo, hi, _crc(rebuilt), len(near), len(escaped_all))
     parts = [head, bias.astype("<i4").tobytes()] + [PHASE.pack(w, len(c), len(sh), a) for w, c, sh, a in phases]
     parts += [c.astype("<f2").tobytes() for _, c, _, _ in phases]
-    parts += [_nibbles(sh) for _, _, sh, _ in phases]
+    parts += [_packed_shapes(sh) for _, _, sh, _ in phases]
     parts += [near.astype("<u4").tobytes(), np.packbits(bits).tobytes(), escaped_all.tobytes(), words.tobytes()]
     return b"".join(parts)
 
@@ -367,14 +372,15 @@ def _bias(residual: np.ndarray, levels: np.ndarray) -> np.ndarray:
     return bias
 
 
-def _nibbles(values: np.ndarray) -> bytes:
-    padded = np.append(values, np.zeros(len(values) % 2, dtype=np.uint8)).astype(np.uint8)
-    return (padded[0::2] | (padded[1::2] << 4)).tobytes()
+def _packed_shapes(values: np.ndarray) -> bytes:
+    """Shape indices, :data:`SHAPE_BITS` bits each."""
+    bits = (np.asarray(values, dtype=np.uint8)[:, None] >> np.arange(SHAPE_BITS - 1, -1, -1)) & 1
+    return np.packbits(bits.ravel()).tobytes()
 
 
-def _from_nibbles(raw: bytes, n: int) -> np.ndarray:
-    packed = np.frombuffer(raw, dtype=np.uint8)
-    return np.stack([packed & 15, packed >> 4], axis=1).ravel()[:n]
+def _shapes_of(raw: bytes, n: int) -> np.ndarray:
+    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8))[:n * SHAPE_BITS].reshape(n, SHAPE_BITS)
+    return (bits.astype(np.uint8) << np.arange(SHAPE_BITS - 1, -1, -1).astype(np.uint8)).sum(1).astype(np.uint8)
 
 
 def _fit_mean(q: np.ndarray, total: np.ndarray) -> int:
@@ -455,8 +461,8 @@ def _parse(payload: bytes, shape: tuple[int, int]) -> _Payload:
     if n_near > pixels or head["escaped"] > pixels:
         raise ValueError("the residual payload lists more voxels than the slice has")
     n = len(PHASES)
-    sizes = [2 * h[1] for h in phases] + [(h[2] + 1) // 2 for h in phases] + [4 * n_near, (n_near + 7) // 8,
-                                                                              8 * head["escaped"]]
+    sizes = [2 * h[1] for h in phases] + [(SHAPE_BITS * h[2] + 7) // 8 for h in phases]
+    sizes += [4 * n_near, (n_near + 7) // 8, 8 * head["escaped"]]
     at = records
     if at + sum(sizes) > len(payload) or (len(payload) - at - sum(sizes)) % 4:
         raise ValueError("the residual payload's parts do not add up")
@@ -471,7 +477,7 @@ def _parse(payload: bytes, shape: tuple[int, int]) -> _Payload:
     if len(near) and (near.max() >= pixels or np.any(np.diff(near) <= 0)):
         raise ValueError("the residual payload's stored roundings are not valid")
     return _Payload(head, np.frombuffer(payload, "<i4", LEVELS, HEAD.size).astype(np.int64), phases, coefficients,
-                    [_from_nibbles(parts[n + i], phases[i][2]) for i in range(n)], near,
+                    [_shapes_of(parts[n + i], phases[i][2]) for i in range(n)], near,
                     np.unpackbits(np.frombuffer(parts[2 * n + 1], np.uint8))[:n_near].astype(np.int64),
                     _Escaped(np.frombuffer(parts[2 * n + 2], "<i8").astype(np.int64)),
                     np.frombuffer(payload, "<u4", offset=at).copy())
