@@ -24,8 +24,10 @@ the input's, and exactly the input's at δ = 0 ("lossy plus residual" coding). P
    machine, and constriction's range coder turns them into the stream.
 
 A checksum of the reconstruction is stored and checked on decode: a file decodes to the
-values the encoder checked against the input, or is refused. Payload layout: :data:`HEAD`, each
-level's median, a :data:`PHASE` record per phase, their coefficients and shapes, the stored roundings, escaped residuals, then the coder's words.
+values the encoder checked against the input, or is refused. Payload layout: :data:`HEAD`, the
+grid step (floats), the scaling, then small integers as zigzag varints (the values' range, each
+level's median, per phase its escape width, classes used and mean weight), each phase's float16
+coefficients and 5-bit shapes, the stored roundings, the escaped residuals, the coder's words.
 """
 
 from __future__ import annotations
@@ -42,7 +44,6 @@ import numpy as np
 from mrivq.compression.layers import CodingLayer, Refused, Stored, register
 
 NAME = "residual"
-MAGIC = b"MRR1"
 
 #: Picture values closer than this (times 1 + the largest magnitude) to a rounding tie have their
 #: rounding stored: float64 decodes on different machines differ by ~1e-15 of the range.
@@ -57,13 +58,13 @@ SHAPE_BITS = 5  # SHAPES <= 2**SHAPE_BITS
 ESCAPE = 4095  # larger residuals are stored raw, after an escape symbol
 LOGIT_UNITS = 64  # logits in 1/64 nat
 CAP = 16 * LOGIT_UNITS  # the least probable symbols sit 16 nats below the most probable
-MAX_SIDE = 1 << 14
 #: The on-disk types a slice may be written back as (the payload stores the index).
 DTYPES = ("uint8", "int8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64")
 
-HEAD = struct.Struct("<4sBBBxIIddddqqIII")  # magic, version, kind, dtype, h, w, δ, step, slope, inter,
-#                                              lo, hi, crc, stored roundings, escaped residuals
-PHASE = struct.Struct("<IHHhxx")  # escape width, coefficients, classes used, neighbours' mean weight α
+VERSION = 1
+#: The payload's fixed start: version, kind (integers or floats) and scaling width (bit 1: float32),
+#: on-disk type, height, width, the bound, the checksum of the rebuilt values.
+HEAD = struct.Struct("<BBBHHdI")
 INTEGERS, FLOATS = 0, 1
 
 
@@ -354,14 +355,35 @@ def encode(original: Stored, picture: np.ndarray, *, max_error: float = 0) -> by
         known[where] = q[where]
 
     words = np.asarray(coder.get_compressed(), dtype="<u4")
-    escaped_all = np.concatenate(escaped).astype("<i8")
-    head = HEAD.pack(MAGIC, 1, kind, DTYPES.index(_dtype_name(original.dtype)), *values.shape, float(max_error), step,
-                     float(original.slope), float(original.inter), lo, hi, _crc(rebuilt), len(near), len(escaped_all))
-    parts = [head, bias.astype("<i4").tobytes()] + [PHASE.pack(w, len(c), len(sh), a) for w, c, sh, a in phases]
+    scaling = np.array([original.slope, original.inter], dtype=np.float64)
+    narrow = bool(np.array_equal(scaling.astype(np.float32), scaling))  # NIfTI-1 stores float32
+    head = HEAD.pack(VERSION, kind | (2 * narrow), DTYPES.index(_dtype_name(original.dtype)), *values.shape,
+                     float(max_error), _crc(rebuilt))
+    numbers = [lo, hi, len(near), *bias.tolist()] + [v for w, _, sh, a in phases for v in (w, len(sh), a)]
+    parts = [head, struct.pack("<d", step) if kind == FLOATS else b"",
+             scaling.astype("<f4" if narrow else "<f8").tobytes(), _varints(numbers)]
     parts += [c.astype("<f2").tobytes() for _, c, _, _ in phases]
     parts += [_packed_shapes(sh) for _, _, sh, _ in phases]
-    parts += [near.astype("<u4").tobytes(), np.packbits(bits).tobytes(), escaped_all.tobytes(), words.tobytes()]
+    gaps = np.diff(near.astype(np.int64), prepend=-1) - 1
+    parts += [_varints(gaps.tolist()), np.packbits(bits).tobytes(),
+              _varints([len(e) for e in escaped] + np.concatenate(escaped).tolist()), words.tobytes()]
     return b"".join(parts)
+
+
+def _varints(values) -> bytes:
+    """Integers as zigzag LEB128: small magnitudes in one byte."""
+    out = bytearray()
+    for value in values:
+        value = int(value)
+        zigzag = (value << 1) ^ (value >> 63) if -(1 << 63) <= value < (1 << 63) else None
+        if zigzag is None:
+            raise ValueError(f"{value} does not fit a payload number")
+        zigzag &= (1 << 64) - 1
+        while zigzag >= 0x80:
+            out.append((zigzag & 0x7F) | 0x80)
+            zigzag >>= 7
+        out.append(zigzag)
+    return bytes(out)
 
 
 def _bias(residual: np.ndarray, levels: np.ndarray) -> np.ndarray:
@@ -422,6 +444,34 @@ def decode(payload: bytes, picture: np.ndarray) -> Stored:
         raise ValueError(f"the residual stream does not decode ({e})") from None
 
 
+class _Reader:
+    """Reads a payload front to back; running past its end is a ``ValueError``."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload, self.at = payload, 0
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.at + n > len(self.payload):
+            raise ValueError("the residual payload is shorter than its parts")
+        self.at += n
+        return self.payload[self.at - n:self.at]
+
+    def varints(self, n: int) -> list[int]:
+        out = []
+        for _ in range(n):
+            value, shift = 0, 0
+            while True:
+                byte = self.take(1)[0]
+                value |= (byte & 0x7F) << shift
+                shift += 7
+                if byte < 0x80:
+                    break
+                if shift > 63:
+                    raise ValueError("a residual payload number is too long")
+            out.append((value >> 1) ^ -(value & 1))
+        return out
+
+
 @dataclass
 class _Payload:
     """A residual payload read and checked: the header's numbers and each part as arrays."""
@@ -439,48 +489,44 @@ class _Payload:
 
 def _parse(payload: bytes, shape: tuple[int, int]) -> _Payload:
     """Read ``payload`` for a slice of ``shape``; ``ValueError`` where anything does not fit."""
-    records = HEAD.size + 4 * LEVELS + len(PHASES) * PHASE.size
-    if len(payload) < records:
-        raise ValueError("the residual payload is shorter than its header")
-    head = dict(zip(("magic", "version", "kind", "dtype", "height", "width", "max_error", "step", "slope", "inter",
-                     "lo", "hi", "crc", "near", "escaped"), HEAD.unpack_from(payload)))
-    if head["magic"] != MAGIC or head["version"] != 1 or head["kind"] not in (INTEGERS, FLOATS) \
-            or head["dtype"] >= len(DTYPES):
+    reader = _Reader(payload)
+    version, flags, dtype, height, width, max_error, crc = HEAD.unpack(reader.take(HEAD.size))
+    kind = flags & 1
+    if version != VERSION or flags > 3 or dtype >= len(DTYPES):
         raise ValueError("not a residual payload this mrivq reads")
-    if (head["height"], head["width"]) != tuple(shape):
+    if (height, width) != tuple(shape):
         raise ValueError("the residual payload is for a slice of another shape")
-    numbers = [head[k] for k in ("step", "slope", "inter", "max_error")]
-    if not (all(map(math.isfinite, numbers)) and head["step"] > 0 and head["slope"] != 0 and head["max_error"] >= 0
-            and head["lo"] <= head["hi"] and (head["kind"] == FLOATS or head["step"] == 1)):
+    step = struct.unpack("<d", reader.take(8))[0] if kind == FLOATS else 1.0
+    slope, inter = (float(v) for v in np.frombuffer(reader.take(8 if flags & 2 else 16), "<f4" if flags & 2 else "<f8"))
+    lo, hi, n_near, *rest = reader.varints(3 + LEVELS + 3 * len(PHASES))
+    bias, phases = np.array(rest[:LEVELS], dtype=np.int64), [tuple(rest[LEVELS + 3 * i:LEVELS + 3 * i + 3])
+                                                               for i in range(len(PHASES))]
+    pixels = height * width
+    if not (all(map(math.isfinite, (step, slope, inter, max_error))) and step > 0 and slope != 0 and max_error >= 0
+            and lo <= hi and 0 <= n_near <= pixels and np.abs(bias).max() <= 1 << 62):
         raise ValueError("the residual payload's numbers are not valid")
-    phases = [PHASE.unpack_from(payload, HEAD.size + 4 * LEVELS + i * PHASE.size) for i in range(len(PHASES))]
-    for i, (phase_width, n_coefficients, n_used, alpha) in enumerate(phases):
-        if phase_width > ESCAPE or n_coefficients != LEVELS + 1 + (i > 0) or n_used > N_CLASSES or abs(alpha) > 1024:
-            raise ValueError("the residual payload's coder settings are not valid")
-    pixels, n_near = head["height"] * head["width"], head["near"]
-    if n_near > pixels or head["escaped"] > pixels:
-        raise ValueError("the residual payload lists more voxels than the slice has")
-    n = len(PHASES)
-    sizes = [2 * h[1] for h in phases] + [(SHAPE_BITS * h[2] + 7) // 8 for h in phases]
-    sizes += [4 * n_near, (n_near + 7) // 8, 8 * head["escaped"]]
-    at = records
-    if at + sum(sizes) > len(payload) or (len(payload) - at - sum(sizes)) % 4:
-        raise ValueError("the residual payload's parts do not add up")
-    parts = []
-    for size in sizes:
-        parts.append(payload[at:at + size])
-        at += size
-    coefficients = [np.frombuffer(parts[i], "<f2").astype(np.float16) for i in range(n)]
-    near = np.frombuffer(parts[2 * n], "<u4").astype(np.int64)
+    if any(not (0 <= w <= ESCAPE and 0 <= used <= N_CLASSES and abs(alpha) <= 1024) for w, used, alpha in phases):
+        raise ValueError("the residual payload's coder settings are not valid")
+    coefficients = [np.frombuffer(reader.take(2 * (LEVELS + 1 + (i > 0))), "<f2").astype(np.float16)
+                    for i in range(len(PHASES))]
     if not all(np.isfinite(c).all() for c in coefficients):
         raise ValueError("the residual payload's coder settings are not valid")
-    if len(near) and (near.max() >= pixels or np.any(np.diff(near) <= 0)):
+    shapes = [_shapes_of(reader.take((SHAPE_BITS * used + 7) // 8), used) for _, used, _ in phases]
+    gaps = np.array(reader.varints(n_near), dtype=np.int64)
+    near = np.cumsum(gaps + 1) - 1
+    if len(near) and (gaps.min() < 0 or near[-1] >= pixels):
         raise ValueError("the residual payload's stored roundings are not valid")
-    return _Payload(head, np.frombuffer(payload, "<i4", LEVELS, HEAD.size).astype(np.int64), phases, coefficients,
-                    [_shapes_of(parts[n + i], phases[i][2]) for i in range(n)], near,
-                    np.unpackbits(np.frombuffer(parts[2 * n + 1], np.uint8))[:n_near].astype(np.int64),
-                    _Escaped(np.frombuffer(parts[2 * n + 2], "<i8").astype(np.int64)),
-                    np.frombuffer(payload, "<u4", offset=at).copy())
+    bits = np.unpackbits(np.frombuffer(reader.take((n_near + 7) // 8), np.uint8))[:n_near].astype(np.int64)
+    counts = reader.varints(len(PHASES))
+    if min(counts) < 0 or sum(counts) > pixels:
+        raise ValueError("the residual payload lists more voxels than the slice has")
+    escaped = _Escaped(np.array(reader.varints(sum(counts)), dtype=np.int64))
+    if (len(payload) - reader.at) % 4:
+        raise ValueError("the residual payload's parts do not add up")
+    head = {"kind": kind, "dtype": dtype, "max_error": max_error, "step": step, "slope": slope, "inter": inter,
+            "lo": lo, "hi": hi, "crc": crc}
+    return _Payload(head, bias, [(w, None, used, alpha) for w, used, alpha in phases], coefficients, shapes, near,
+                    bits, escaped, np.frombuffer(payload, "<u4", offset=reader.at).copy())
 
 
 def _decode(payload: bytes, picture: np.ndarray) -> Stored:
