@@ -131,7 +131,7 @@ def main() -> None:
     totals: dict[str, float] = {}
     not_integer = 0
     for i, original in enumerate(slices.originals):
-        x = original.astype(np.float64)
+        x = original.values.astype(np.float64)  # stored numbers (before scl_slope)
         if not np.array_equal(x, np.round(x)):
             not_integer += 1
             continue
