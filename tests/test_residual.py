@@ -114,6 +114,11 @@ def test_integer_types_and_scaling_come_back_as_stored(work, tmp_path, one_threa
         assert decoded.dataobj.slope == original.dataobj.slope and decoded.dataobj.inter == original.dataobj.inter
         assert np.array_equal(np.asarray(decoded.dataobj.get_unscaled()), np.asarray(original.dataobj.get_unscaled()))
         assert np.allclose(decoded.affine, original.affine)
+    # one slice of the volume on its own: a 2-D int16 file, exactly that slice
+    assert run_main(["decode", "--checkpoint", str(work["vqvae"]), str(coded), "--out", str(tmp_path / "one"),
+                     "--slices", "volume_slice_1*"]) == 0
+    one = nib.load(tmp_path / "one" / "volume_slice_1.nii.gz")
+    assert one.get_data_dtype() == np.int16 and np.array_equal(np.asarray(one.dataobj), volume[:, :, 1])
     assert run_main(["decode", "--checkpoint", str(work["vqvae"]), str(coded), "--out", str(tmp_path / "fast"),
                      "--codes-only"]) == 0
     picture = nib.load(tmp_path / "fast" / "scaled.nii.gz")
