@@ -34,29 +34,17 @@ import imagecodecs
 import numpy as np
 import torch
 
-from mrivq import metrics
 from mrivq.compression import codecs
 from mrivq.compression.codec import CodecInput
 from mrivq.compression.container import CodesFile
+from mrivq.compression.layers import Stored
 from mrivq.config import load_config
-from mrivq.data.preprocess import clip_to_input_range, fit_to_shape
 from mrivq.data.sources import data_splits
 from mrivq.engine.checkpoint import load_codec
 
-
-def _bisect(write, lo: float, hi: float, budget: float, *, steps: int = 9, integer: bool = False):
-    """The file of the best setting in [lo, hi] (lower is better quality) that fits ``budget`` bytes."""
-    best = None
-    for _ in range(steps):
-        mid = round((lo + hi) / 2) if integer else (lo + hi) / 2
-        data = write(mid)
-        if len(data) <= budget:
-            best, hi = data, mid
-        else:
-            lo = mid
-        if integer and hi - lo <= 1:
-            break
-    return best if best is not None else write(hi)
+#: The settings each lossy codec's search walks, best quality first.
+JPEGXL_DISTANCES = tuple(float(d) for d in np.geomspace(0.01, 25.0, 64))
+QUALITIES = tuple(range(100, -1, -1))
 
 
 def lossy_at_rate(x: np.ndarray, bits_per_voxel: float) -> dict[str, np.ndarray]:
@@ -66,31 +54,26 @@ def lossy_at_rate(x: np.ndarray, bits_per_voxel: float) -> dict[str, np.ndarray]
     low = x.min()
     u16 = np.ascontiguousarray((x - low).astype(np.uint16))
     out = {}
-    data = _bisect(lambda d: imagecodecs.jpegxl_encode(u16, distance=d, effort=7), 0.01, 25.0, budget)
+    data, _ = codecs.best_setting_within(lambda d: imagecodecs.jpegxl_encode(u16, distance=d, effort=7),
+                                         JPEGXL_DISTANCES, budget)
     out["JPEG XL"] = imagecodecs.jpegxl_decode(data).astype(np.int64) + low
     shift = max(0, int(u16.max()).bit_length() - 12)
     grey = np.ascontiguousarray(np.repeat((u16 >> shift)[..., None], 3, axis=-1))  # one channel: always lossless
-    data = _bisect(lambda q: imagecodecs.avif_encode(grey, level=int(100 - q), bitspersample=12, pixelformat="yuv400",
-                                                     speed=6, numthreads=1), 0, 100, budget, integer=True)
+    data, _ = codecs.best_setting_within(lambda q: imagecodecs.avif_encode(
+        grey, level=q, bitspersample=12, pixelformat="yuv400", speed=6, numthreads=1), QUALITIES, budget)
     frame = imagecodecs.avif_decode(data, numthreads=1)
     out["AVIF"] = ((frame if frame.ndim == 2 else frame[..., 0]).astype(np.int64) << shift) + low
     span = max(1, int(u16.max()))
     u8 = np.round(u16 / span * 255).astype(np.uint8)
-    data = _bisect(lambda q: codecs.encode(u8, "webp", int(100 - q)), 0, 100, budget, integer=True)
+    data, _ = codecs.best_setting_within(lambda q: codecs.encode(u8, "webp", q), QUALITIES, budget)
     out["WebP"] = np.round(codecs.CODECS["webp"].read(data).astype(np.float64) / 255 * span).astype(np.int64) + low
     return out
 
 
-def scored(values: list[np.ndarray], slices: CodecInput, prep, scale: list) -> tuple[float, float]:
-    """Mean SSIM and PSNR of slices given in stored units, under the SSIM protocol (each slice
-    normalised as its original was, on the model's grid)."""
-    pictures = []
-    for v, (offset, spread), (slope, inter) in zip(values, slices.norm, scale):
-        normalised = (v * slope + inter - float(offset)) / float(spread)
-        pictures.append(fit_to_shape(clip_to_input_range(normalised, prep.normalize), prep.image_size, prep.fit))
-    rec = torch.from_numpy(np.stack(pictures).astype(np.float32)).unsqueeze(1)
-    target = torch.from_numpy(np.asarray(slices.images, dtype=np.float32)).unsqueeze(1)
-    return float(metrics.ssim_per_image(rec, target).mean()), float(metrics.psnr_per_image(rec, target).mean())
+def scored(codec, values: list[np.ndarray], slices: CodecInput) -> tuple[float, float]:
+    """Mean SSIM and PSNR of slices given as stored values (:meth:`Codec.stored_scores`)."""
+    stored = [Stored(v, o.dtype, o.slope, o.inter) for v, o in zip(values, slices.originals)]
+    return tuple(float(np.mean(v)) for v in codec.stored_scores(slices, stored))
 
 
 def phantom_noise_floor(shape: tuple[int, int], volumes: int = 4, n_slices: int = 30) -> tuple[float, float, float]:
@@ -151,7 +134,6 @@ def main() -> None:
         files = resampled(files, tuple(args.size), Path(tempfile.mkdtemp(prefix="mrivq-lossless-")))
     slices = CodecInput.read(files, codec.prep, originals=True)
     originals = [o.values for o in slices.originals]
-    scale = [(o.slope, o.inter) for o in slices.originals]
     voxels = sum(x.size for x in originals)
     print(f"{len(files)} {args.split} slices of {args.run_dir} ({voxels} voxels), codes "
           f"{'under ' + str(args.prior) if args.prior else 'frequency-coded'}; torch threads {args.threads}")
@@ -172,7 +154,7 @@ def main() -> None:
         assert error <= delta, f"the residual layer's error {error} is above {delta}"
         residual_bits = 8 * sum(len(p) for p in packed.file.layers["residual"])
         rate = 8 * len(packed.blob) / voxels
-        ssim, psnr = scored(decoded, slices, codec.prep, scale)
+        ssim, psnr = scored(codec, decoded, slices)
         print(f"| {delta} | **mrivq** | **{rate:.3f}** | {rate - residual_bits / voxels:.3f} / "
               f"{residual_bits / voxels:.3f} | {error:g} | {ssim:.4f} | {psnr:.2f} | "
               f"{len(files) / encode_s:.1f} / {len(files) / decode_s:.1f} |")
@@ -191,7 +173,7 @@ def main() -> None:
                 lossy.setdefault(name, []).append(values)
         for name, values in lossy.items():
             error = max(np.abs(v - x).max() for v, x in zip(values, originals))
-            ssim, psnr = scored(values, slices, codec.prep, scale)
+            ssim, psnr = scored(codec, values, slices)
             print(f"| {delta} | {name} at mrivq's rate | ≤ {rate:.3f} | | {error:g} | {ssim:.4f} | {psnr:.2f} | |")
 
 

@@ -43,7 +43,7 @@ from mrivq.config import Config, load_config
 from mrivq.data.cache import load_split
 from mrivq.data.hipmri import STRUCTURES, load_masks
 from mrivq.data.io import nifti_stem
-from mrivq.data.preprocess import Preprocessing, clip_to_input_range, fit_to_shape
+from mrivq.data.preprocess import Preprocessing
 from mrivq.data.sources import data_splits
 from mrivq.data.splits import file_list_hash, parse_name, shared_with_training
 from mrivq.data.volumes import volume_runs
@@ -308,12 +308,12 @@ def _error_ladder(codec: Codec, codes: tuple[np.ndarray, np.ndarray], files: lis
             rows.append({"max_error": delta, "refused": str(e)})
             continue
         pictures = packed.pictures
-        rows.append(_ladder_row(packed, slices, delta, voxels))
+        rows.append(_ladder_row(codec, packed, slices, delta, voxels))
     plot_error_ladder(rows, visual_dir / "max_error.png")
     return {"method": LOSSLESS_PROTOCOL, "voxels": voxels, "rows": rows}
 
 
-def _ladder_row(packed, slices: CodecInput, delta: float, voxels: int) -> dict:
+def _ladder_row(codec: Codec, packed, slices: CodecInput, delta: float, voxels: int) -> dict:
     """One maximum error's row: the file's bits per voxel and its parts, its largest error over
     every voxel (checked against ``delta``), SSIM and PSNR, and the standard codecs' bits per voxel."""
     values = [stored.values for stored in slices.originals]
@@ -322,7 +322,7 @@ def _ladder_row(packed, slices: CodecInput, delta: float, voxels: int) -> dict:
     error = max(float(np.abs(d.values - v).max()) for d, v in zip(decoded, values))
     if error > delta:
         raise RuntimeError(f"the residual layer decoded {error} from the input, above {delta}")
-    ssim, psnr = _scores_of_stored(decoded, slices, packed.file.header)
+    ssim, psnr = (float(np.mean(v)) for v in codec.stored_scores(slices, decoded))
     residual_bytes = sum(len(payload) for payload in packed.file.layers["residual"])
     standard = {}
     if delta == int(delta):
@@ -334,19 +334,6 @@ def _ladder_row(packed, slices: CodecInput, delta: float, voxels: int) -> dict:
                       "residual": 8 * residual_bytes / voxels, "largest_error": error,
                       "ssim": ssim, "psnr": psnr if math.isfinite(psnr) else None},
             "codecs": standard}
-
-
-def _scores_of_stored(decoded: list, slices: CodecInput, header: dict) -> tuple[float, float]:
-    """Mean SSIM and PSNR (dB; inf when every slice is exact) of slices given as stored values,
-    each normalised as its input was, on the model's grid, under the SSIM protocol."""
-    pictures = []
-    for stored, (offset, spread) in zip(decoded, slices.norm):
-        normalised = (stored.scanner() - float(offset)) / float(spread)
-        pictures.append(fit_to_shape(clip_to_input_range(normalised, header["normalize"]), header["image_size"],
-                                     header["fit"]))
-    rec = torch.from_numpy(np.stack(pictures).astype(np.float32)).unsqueeze(1)
-    target = torch.from_numpy(np.asarray(slices.images, dtype=np.float32)).unsqueeze(1)
-    return float(metrics.ssim_per_image(rec, target).mean()), float(metrics.psnr_per_image(rec, target).mean())
 
 
 def _write_outputs(config: Config, summary: dict, rates: dict, test_files: list[str], result: Evaluation) -> Path:

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mrivq import metrics
 from mrivq.compression import driver, residual  # noqa: F401 -- residual registers its coding layer
 from mrivq.compression.container import (
     VERSION,
@@ -64,6 +65,7 @@ from mrivq.data.preprocess import (
     Preprocessing,
     clip_to_input_range,
     denormalize,
+    fit_to_shape,
     preprocess_slice,
     unfit,
 )
@@ -311,6 +313,19 @@ class Codec:
                 file.layers[name].append(payload)
                 picture = LAYERS[name].decode(payload, picture).scanner()
         return kept
+
+    def stored_scores(self, slices: CodecInput, stored: list[Stored]) -> tuple[np.ndarray, np.ndarray]:
+        """Per-slice SSIM and PSNR (dB; inf for an exact slice) of ``stored`` slices (what a coding
+        layer rebuilds) against ``slices``' images, each normalised as its input was and fitted to
+        the model's grid: the SSIM protocol, as evaluation scores a reconstruction."""
+        pictures = []
+        for values, (offset, spread) in zip(stored, slices.norm):
+            normalised = (values.scanner() - float(offset)) / float(spread)
+            pictures.append(fit_to_shape(clip_to_input_range(normalised, self.prep.normalize), self.prep.image_size,
+                                         self.prep.fit))
+        rec = torch.from_numpy(np.stack(pictures).astype(np.float32)).unsqueeze(1)
+        target = torch.from_numpy(np.asarray(slices.images, dtype=np.float32)).unsqueeze(1)
+        return metrics.ssim_per_image(rec, target).numpy(), metrics.psnr_per_image(rec, target).numpy()
 
     def coding_copy(self):
         """The integer copy of the codec's prior, which codes; a prior saved before such copies

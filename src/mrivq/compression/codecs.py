@@ -164,7 +164,7 @@ def compress_at_rate(slice2d: np.ndarray, codec: str, bits_per_pixel: float) -> 
     search finds the first one within the budget.
     """
     slice8 = to_8bit(slice2d)
-    data, setting = _best_setting_within(lambda setting: encode(slice8, codec, setting),
+    data, setting = best_setting_within(lambda setting: encode(slice8, codec, setting),
                                          CODECS[codec].settings, bits_per_pixel * slice8.size / 8.0)
     return decode(data, codec), len(data) * 8.0 / slice8.size, setting
 
@@ -268,7 +268,7 @@ def compress_sequence_at_size(volume: np.ndarray, budget_bytes: float,
     quality used: the best that fits, or the lowest (0) when even that is over budget.
     """
     slices8 = to_8bit(volume)
-    data, quality = _best_setting_within(lambda quality: encode_sequence(slices8, quality, speed),
+    data, quality = best_setting_within(lambda quality: encode_sequence(slices8, quality, speed),
                                          SEQUENCE_QUALITIES, budget_bytes)
     return decode_sequence(data), len(data), quality
 
@@ -339,7 +339,7 @@ def lossless_sizes(stored: np.ndarray, max_error: int) -> dict[str, int]:
     return sizes
 
 
-def _best_setting_within(write: Callable[[object], bytes], settings: tuple,
+def best_setting_within(write: Callable[[object], bytes], settings: tuple,
                          budget_bytes: float) -> tuple[bytes, object]:
     """The file and setting of the best quality in ``settings`` (best first) whose file from
     ``write(setting)`` fits ``budget_bytes``; the last setting when none does.

@@ -478,7 +478,7 @@ class _Payload:
 
     head: dict
     bias: np.ndarray
-    phases: list
+    phases: list  # per phase (escape width, classes used, neighbours' mean weight)
     coefficients: list
     shapes: list
     near: np.ndarray
@@ -525,7 +525,7 @@ def _parse(payload: bytes, shape: tuple[int, int]) -> _Payload:
         raise ValueError("the residual payload's parts do not add up")
     head = {"kind": kind, "dtype": dtype, "max_error": max_error, "step": step, "slope": slope, "inter": inter,
             "lo": lo, "hi": hi, "crc": crc}
-    return _Payload(head, bias, [(w, None, used, alpha) for w, used, alpha in phases], coefficients, shapes, near,
+    return _Payload(head, bias, phases, coefficients, shapes, near,
                     bits, escaped, np.frombuffer(payload, "<u4", offset=reader.at).copy())
 
 
@@ -547,7 +547,7 @@ def _decode(payload: bytes, picture: np.ndarray) -> Stored:
     q = np.zeros(prediction.shape, dtype=np.int64)
     for phase, where in enumerate(_phase_masks(q.shape)):
         features, total = _phase_context(phase, where, q, levels, contrast)
-        width, _, _, alpha = part.phases[phase]
+        width, _, alpha = part.phases[phase]
         q[where] = _decode_phase(decoder, categorical, _classes(part.coefficients[phase], features),
                                 part.shapes[phase], width, part.escaped) + _mean_prediction(alpha, total)
     rebuilt = np.clip(prediction + q * quantiser, lo, hi)
