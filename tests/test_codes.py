@@ -186,7 +186,7 @@ def test_bad_encode_inputs_are_one_line_exit_2(vqvae, tiny_phantom, tmp_path, ca
     bad_nifti.write_bytes(b"\x1f\x8b broken")
     cases = [
         ([str(tmp_path / "nothing.nii.gz")], "does not exist"),
-        ([str(text)], "not a .nii or .nii.gz file"),
+        ([str(text)], "neither a .nii/.nii.gz file nor a DICOM file"),
         ([str(bad_nifti)], "bad.nii.gz"),
         ([str(tiny_phantom / "keras_slices_test"), str(tiny_phantom / "keras_slices_test")], "two inputs are named"),
     ]
@@ -203,7 +203,7 @@ def test_the_codec_compresses_slices_to_bytes_and_back_as_the_commands_do(vqvae,
     ``Codec.decompress`` of them the slices ``mrivq decode`` writes; a codec of another model refuses them."""
     from mrivq.compression.codec import Codec, CodecInput
     from mrivq.compression.container import CodesFile
-    from mrivq.data.io import nifti_inputs
+    from mrivq.data.scans import scan_inputs
     from mrivq.engine.checkpoint import load_codec
     from mrivq.errors import UserError
 
@@ -211,7 +211,7 @@ def test_the_codec_compresses_slices_to_bytes_and_back_as_the_commands_do(vqvae,
     encode(vqvae, inputs, tmp_path / "codes.mrvq", device="cpu")
     written = decode(vqvae, tmp_path / "codes.mrvq", tmp_path / "out", device="cpu")
     codec = load_codec(vqvae, device="cpu")
-    packed = codec.compress(CodecInput.read(nifti_inputs(inputs), codec.prep))
+    packed = codec.compress(CodecInput.read(scan_inputs(inputs), codec.prep))
     assert packed.blob == (tmp_path / "codes.mrvq").read_bytes()
     assert packed.report()["bits_per_pixel"]["file"] == len(packed.blob) * 8 / packed.report()["pixels"]
     file = CodesFile.from_bytes(packed.blob)

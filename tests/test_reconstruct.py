@@ -109,7 +109,7 @@ def test_integer_input_keeps_its_data_type_and_scanner_scale(half_grey, test_sli
 
 @pytest.mark.parametrize("make_input, message", [
     (lambda d: d / "missing.nii.gz", "input not found"),
-    (lambda d: (d / "notes.txt").write_text("x") and d / "notes.txt", "not a .nii or .nii.gz file"),
+    (lambda d: (d / "notes.txt").write_text("x") and d / "notes.txt", "neither a .nii/.nii.gz file nor a DICOM file"),
     (lambda d: (d / "broken.nii.gz").write_bytes(gzip.compress(b"not a nifti")) and d / "broken.nii.gz",
      "not a NIfTI file"),
     (lambda d: _write(d / "four_d.nii.gz", np.ones((8, 8, 3, 2)), np.eye(4)), "expected a 2-D slice or a 3-D volume"),

@@ -27,7 +27,7 @@ from mrivq import strict_json
 from mrivq.apps import flags
 from mrivq.compression.codec import Codec, CodecInput
 from mrivq.compression.container import MAGIC
-from mrivq.data.io import nifti_inputs
+from mrivq.data.scans import scan_inputs
 from mrivq.engine.checkpoint import load_codec
 from mrivq.errors import UserError
 from mrivq.metrics import unit_range_images
@@ -40,8 +40,8 @@ SUFFIX = ".mrvq"
 
 def encode(checkpoint: str | Path, inputs, out: str | Path, *, prior: str | Path | None = None,
            device: str = "auto", surprise: str | Path | None = None, overwrite: bool = False,
-           max_error: float | None = None) -> dict:
-    """Encode NIfTI slices and 3-D volumes (files or folders) into the codes file ``out`` (``.mrvq``); returns the bits report.
+           max_error: float | None = None, keep_dicom_header: bool = False) -> dict:
+    """Encode NIfTI slices and 3-D volumes and DICOM series (files or folders) into the codes file ``out`` (``.mrvq``); returns the bits report.
 
     ``prior``: a ``mrivq train-prior`` checkpoint of the same VQ-VAE; the codes are then coded
     under it (decode needs it too). ``device``: where the models run (``auto``: CUDA when present).
@@ -50,6 +50,10 @@ def encode(checkpoint: str | Path, inputs, out: str | Path, *, prior: str | Path
     maps an earlier command wrote there. ``max_error``: add the residual layer
     (:mod:`mrivq.compression.residual`), so that decode gives every stored value within it (0:
     exactly); the file still decodes to the codes' picture alone (``decode --codes-only``).
+    ``keep_dicom_header``: carry each DICOM series' patient, study, frame-of-reference and
+    acquisition attributes (:data:`mrivq.data.dicom.KEPT_ATTRIBUTES`) in the file, so that
+    ``decode --format dicom`` writes the decoded series into the original study; without it the
+    file holds no patient data.
     """
     out = Path(out).expanduser()
     if out.suffix != SUFFIX:
@@ -62,19 +66,20 @@ def encode(checkpoint: str | Path, inputs, out: str | Path, *, prior: str | Path
     _check_replaceable(out)
     device = resolve_device(device)
     codec = load_codec(checkpoint, prior=prior, device=device)
-    files = nifti_inputs(inputs)
+    files = scan_inputs(inputs)
     layered = max_error is not None
-    slices = CodecInput.read(files, codec.prep, originals=layered)
+    slices = CodecInput.read(files, codec.prep, originals=layered, keep_dicom=keep_dicom_header)
     packed = codec.compress(slices, layers=("residual",) if layered else (),
                             layer_options={"residual": {"max_error": max_error}})
     write_maps = None
     if surprise is not None:
         write_maps = _claim_surprise_maps(Path(surprise).expanduser(), slices,
-                                          inputs=[*files, checkpoint, prior, out], overwrite=overwrite)
+                                          inputs=[*(f.path for f in files), checkpoint, prior, out],
+                                          overwrite=overwrite)
     atomic_write(out, lambda fh: fh.write(packed.blob))
     if write_maps is not None:
         write_maps(codec, packed.codes)
-    report = packed.report(input_bytes=sum(f.stat().st_size for f in files))
+    report = packed.report(input_bytes=sum(f.nbytes for f in files))
     report.update(codes_file=str(out), verified=True, device=device.type)
     if layered:
         report["max_error"] = max_error
@@ -115,7 +120,8 @@ def _check_replaceable(out: Path) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="FILE",
                         help="the VQ-VAE (e.g. runs/default/models/best.pt)")
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI slices or 3-D volumes, or folders of them")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="NIfTI slices or 3-D volumes, DICOM series (folders, DICOMDIR, files), or folders of them")
     parser.add_argument("--out", required=True, metavar="CODES.mrvq")
     parser.add_argument("--prior", metavar="FILE", help="range-code the codes under this trained prior "
                         "(models/prior_best.pt of the same VQ-VAE); decode then needs it too")
@@ -124,6 +130,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-error", type=float, metavar="DELTA",
                         help="also store the residual, so that decode gives every voxel's stored value within "
                              "DELTA (stored units, before scl_slope); 0 is lossless (integer data only)")
+    parser.add_argument("--keep-dicom-header", action="store_true",
+                        help="carry each DICOM series' patient, study, frame-of-reference and acquisition attributes "
+                             "in the file (never private tags), so decode --format dicom writes into the original "
+                             "study; off by default: the file then holds no patient data")
     parser.add_argument("--json", action="store_true", help="print the bits report as JSON")
     flags.add_device(parser)
     flags.add_overwrite(parser, "maps an earlier mrivq command wrote in --surprise DIR (never other files)")
@@ -132,7 +142,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args) -> int:
     """Encode, then print the bits report (``--json``: as JSON)."""
     report = encode(args.checkpoint, args.inputs, args.out, prior=args.prior, device=args.device,
-                    surprise=args.surprise, overwrite=args.overwrite, max_error=args.max_error)
+                    surprise=args.surprise, overwrite=args.overwrite, max_error=args.max_error,
+                    keep_dicom_header=args.keep_dicom_header)
     if args.json:
         print(strict_json.dumps(report, indent=2))
         return 0

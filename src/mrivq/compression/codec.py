@@ -53,14 +53,8 @@ from mrivq.compression.entropy import (
 )
 from mrivq.compression.layers import LAYERS, Refused, Stored
 from mrivq.compression.priors import kind_of
-from mrivq.data.io import (
-    nifti_bytes,
-    nifti_image,
-    read_slice,
-    read_slices,
-    read_stored,
-    slice_affine,
-)
+from mrivq.data.dicom import kept_attributes
+from mrivq.data.io import nifti_bytes, nifti_image, read_slice
 from mrivq.data.preprocess import (
     Preprocessing,
     clip_to_input_range,
@@ -69,6 +63,7 @@ from mrivq.data.preprocess import (
     preprocess_slice,
     unfit,
 )
+from mrivq.data.scans import as_scan
 from mrivq.data.volumes import references
 from mrivq.errors import UserError
 from mrivq.nn import VQVAE2
@@ -159,29 +154,37 @@ class CodecInput:
     shapes: np.ndarray
     sources: list[dict]
     originals: list[Stored] | None = None  # the slices as their files store them, for coding layers
+    dicom: dict[str, dict] | None = None  # volume name -> the DICOM attributes kept with the file
 
     @classmethod
-    def read(cls, files: list[Path], prep: Preprocessing, *, originals: bool = False) -> CodecInput:
-        """Read and preprocess NIfTI slices and volumes (a 3-D file: each slice along its third axis,
-        :func:`mrivq.compression.container.source_entry` names them); refuses, before any work,
+    def read(cls, files: list, prep: Preprocessing, *, originals: bool = False,
+             keep_dicom: bool = False) -> CodecInput:
+        """Read and preprocess scans (:func:`mrivq.data.scans.scan_inputs`' NIfTI files and DICOM
+        series, or NIfTI paths): a volume slice by slice along its third axis,
+        :func:`mrivq.compression.container.source_entry` names them; refuses, before any work,
         what one codes file cannot hold. ``originals``: keep the stored numbers too (what coding
-        layers need; memory grows with them)."""
-        images, norm, affines, shapes, sources, kept = [], [], [], [], [], []
-        for path in files:
-            stack, meta, is_volume = read_slices(path)
+        layers need; memory grows with them). ``keep_dicom``: keep each DICOM series' attributes
+        of :data:`mrivq.data.dicom.KEPT_ATTRIBUTES` (patient, study, frame of reference, acquisition)
+        for the file's header; by default a codes file carries none of them."""
+        images, norm, affines, shapes, sources, kept, dicom = [], [], [], [], [], [], {}
+        for scan in map(as_scan, files):
+            if keep_dicom and scan.dicom is not None:
+                dicom[scan.name] = kept_attributes(scan.dicom)
+            stack, meta, is_volume, slice_affines = scan.read()
             for index, raw in enumerate(stack):
                 x, params = preprocess_slice(raw, prep)
                 images.append(x)
                 norm.append(params)
-                affines.append(slice_affine(meta.affine, index))
+                affines.append(slice_affines[index])
                 shapes.append(raw.shape)
-                sources.append(source_entry(Path(path), meta, index if is_volume else None))
+                sources.append(source_entry(Path(scan.name), meta, index if is_volume else None))
             if originals:
-                stored, dtype, slope, inter = read_stored(path)
-                kept += [Stored(values, dtype, slope, inter) for values in stored]
+                stored, dtype, slopes, inters = scan.read_stored()
+                kept += [Stored(values, dtype, float(slope), float(inter))
+                         for values, slope, inter in zip(stored, slopes, inters)]
         check_encodable(sources, prep.image_size)
         return cls(np.stack(images), np.stack(norm), np.stack(affines), np.array(shapes), sources,
-                   kept if originals else None)
+                   kept if originals else None, dicom or None)
 
     @classmethod
     def of_split(cls, split) -> CodecInput:
@@ -263,6 +266,8 @@ class Codec:
                   "top_grid": list(top.shape[1:]), **preprocessing_entry(self.prep),
                   "model_fingerprint": self.fingerprint, "codes_crc32": codes_crc(top, bottom),
                   "sources": slices.sources}
+        if slices.dicom:
+            header["dicom"] = slices.dicom
         counts = code_count_table(top, bottom, self.n_embed)
         files = [CodesFile({**header, "coder": "frequencies"}, np.asarray(slices.norm), np.asarray(slices.affines),
                            np.asarray(slices.shapes), encode_with_frequencies(top, bottom, counts), counts)]

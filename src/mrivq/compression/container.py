@@ -37,6 +37,7 @@ import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mrivq.compression.entropy import ideal_bits, raw_bits_per_pixel
+from mrivq.data.dicom import KEPT_ATTRIBUTES
 from mrivq.data.io import MAX_NIFTI_BYTES
 from mrivq.data.preprocess import FIT_POLICIES, NORMALIZE_POLICIES
 from mrivq.data.volumes import coding_depths
@@ -258,6 +259,8 @@ def volume_problem(sources) -> str | None:
 
 
 _Pair = tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]]
+_KeptScalar = Annotated[str, Field(max_length=256)] | int | float
+_KeptValue = _KeptScalar | Annotated[list[_KeptScalar], Field(max_length=16)]
 
 
 class CodesHeader(_Strict):
@@ -288,6 +291,10 @@ class CodesHeader(_Strict):
         | None = Field(default=None, max_length=MAX_SLICES)
     # The coding layers on top of the codes, in the order they apply (mrivq.compression.layers).
     layers: list[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")]] | None = Field(default=None, max_length=8)
+    # What of each DICOM series' original header travels with the file (encode --keep-dicom-header):
+    # volume name -> the attributes of mrivq.data.dicom.KEPT_ATTRIBUTES it had.
+    dicom: dict[Annotated[str, AfterValidator(_plain_name)], dict[str, _KeptValue]] | None = \
+        Field(default=None, max_length=MAX_SLICES)
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -318,6 +325,13 @@ class CodesHeader(_Strict):
             raise ValueError(problem)
         if self.layers is not None and len(set(self.layers)) != len(self.layers):
             raise ValueError("a coding layer is listed twice")
+        if self.dicom is not None:
+            volumes = {source.volume.name for source in self.sources if source.volume is not None}
+            for name, kept in self.dicom.items():
+                unknown = sorted(set(kept) - set(KEPT_ATTRIBUTES))
+                if name not in volumes or unknown:
+                    raise ValueError(f"its DICOM header of {name} names " + (f"attributes mrivq never keeps "
+                                     f"({', '.join(unknown[:3])})" if unknown else "no volume of the file"))
         return self
 
 

@@ -487,6 +487,13 @@ class _Payload:
     words: np.ndarray
 
 
+def max_error_of(payload: bytes) -> float:
+    """The bound a payload was coded within (0: exact); ``ValueError`` for what is not a payload."""
+    if len(payload) < HEAD.size:
+        raise ValueError("not a residual payload this mrivq reads")
+    return float(HEAD.unpack(payload[:HEAD.size])[5])
+
+
 def _parse(payload: bytes, shape: tuple[int, int]) -> _Payload:
     """Read ``payload`` for a slice of ``shape``; ``ValueError`` where anything does not fit."""
     reader = _Reader(payload)

@@ -104,35 +104,6 @@ def nifti_image(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
         return image
 
 
-def nifti_inputs(inputs) -> list[Path]:
-    """NIfTI files named on a command line; a folder stands for the NIfTI files directly in it.
-
-    Outputs are named after their inputs, so two inputs with the same name (the same file
-    twice included) are refused, like a missing input, a non-NIfTI file or no input at all.
-    """
-    files: list[Path] = []
-    for item in inputs:
-        path = Path(item).expanduser()
-        if path.is_dir():
-            files += list_nifti(path)
-        elif not path.exists():
-            raise UserError(f"input not found: {path} does not exist; give NIfTI files or folders of them")
-        elif not is_nifti(path):
-            raise UserError(f"{path}: not a .nii or .nii.gz file; give NIfTI files or folders of them")
-        else:
-            files.append(path)
-    if not files:
-        raise UserError("no input given; name one or more .nii/.nii.gz files or folders")
-    seen: dict[str, Path] = {}
-    for path in files:
-        stem = nifti_stem(path)
-        if stem in seen:
-            raise UserError(f"two inputs are named {stem} ({seen[stem]} and {path}); their outputs would "
-                            "overwrite each other: give them in separate runs")
-        seen[stem] = path
-    return files
-
-
 def read_slice(path) -> tuple[np.ndarray, SliceMeta]:
     """Read one 2-D slice: float32 ``(H, W)``, singleton axes squeezed (``256×128×1`` → ``256×128``).
 
