@@ -1,8 +1,8 @@
 """The fuzz run of ``test_hostile_files.test_fuzzed_files``: a script, run in a process of its own.
 
 A seeded generator spoils valid small files (a frequency-coded and a prior-coded codes file, a
-VQ-VAE and a prior checkpoint) and runs ``mrivq decode`` or ``mrivq sample`` on each in this
-process. Every case must end in exit 0, or in exit 2 with one line on stderr and no traceback;
+VQ-VAE and a prior checkpoint, one image of a real-header DICOM series) and runs ``mrivq decode``
+(to NIfTI or DICOM), ``mrivq sample`` or ``mrivq encode`` on each in this process. Every case must end in exit 0, or in exit 2 with one line on stderr and no traceback;
 nothing outside the case's ``--out`` may appear or change, and a failed case writes nothing.
 Writes ``{"cases", "exit_0", "exit_2", "failures", "peak_mib", "kinds"}`` to ``--summary``.
 """
@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from dicom_helpers import spoil_dicom, write_series
 from hostile_helpers import join_sections, read_header, split_sections, with_header, with_section
 
 # ---------------------------------------------------------------------------------------
@@ -231,9 +232,15 @@ def main() -> int:
         folder = work / f"case_{case:04d}"
         folder.mkdir()
         out = folder / "out"
-        target = rng.choices(["codes", "prior_codes", "vqvae", "prior", "prior for sample"], weights=[45, 15, 20, 15, 5])[0]
+        target = rng.choices(["codes", "prior_codes", "vqvae", "prior", "prior for sample", "dicom"],
+                             weights=[40, 13, 17, 13, 5, 12])[0]
         vqvae, prior, codes = bases["vqvae"], bases["prior"], bases["codes"]
-        if target in ("codes", "prior_codes"):
+        if target == "dicom":  # encode a series with one image spoiled
+            series = write_series(folder / "series", 3)
+            kind = spoil_dicom(rng, rng.choice(series))
+            out = folder / "out.mrvq"
+            command = ["encode", "--checkpoint", str(vqvae), str(folder / "series"), "--out", str(out)]
+        elif target in ("codes", "prior_codes"):
             kind, data = spoil_codes(rng, blobs[target])
             codes = folder / "spoiled.mrvq"
             codes.write_bytes(data)
@@ -241,6 +248,8 @@ def main() -> int:
                 command = ["decode", "--checkpoint", str(vqvae), str(codes), "--out", str(out), "--prior", str(prior)]
             else:
                 command = ["decode", "--checkpoint", str(vqvae), str(codes), "--out", str(out)]
+            if rng.random() < 0.25:
+                command += ["--format", "dicom"]
         else:
             name = "vqvae" if target == "vqvae" else "prior"
             kind, data = spoil_checkpoint(rng, ckpts[name], blobs[name], torch)
@@ -266,7 +275,7 @@ def main() -> int:
             problems.append("traceback or memory error")
         if status == 2 and out.exists():
             problems.append("a refused case wrote into --out")
-        now = {k: v for k, v in files_under(folder).items() if not k.startswith("out/")}
+        now = {k: v for k, v in files_under(folder).items() if not k.startswith("out/") and k != "out.mrvq"}
         if now != inputs:
             problems.append("files outside --out changed")
         if sorted(p.name for p in work.iterdir()) != [f"case_{i:04d}" for i in range(case + 1)]:
@@ -277,9 +286,8 @@ def main() -> int:
         results["cases"] += 1
         results[f"exit_{status}"] = results.get(f"exit_{status}", 0) + 1
         results["kinds"][f"{target}/{kind}"] = results["kinds"].get(f"{target}/{kind}", 0) + 1
-        shutil.rmtree(folder / "out", ignore_errors=True)
         for path in folder.iterdir():
-            path.unlink()
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     if {name: digest(path) for name, path in bases.items()} != before:
         results["failures"].append({"problems": ["a base file changed"]})
     results["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -565,8 +565,8 @@ def test_sample_refuses_to_replace_other_files(bases, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------
 
 def test_fuzzed_files(bases, tmp_path):
-    """Seeded mutations of the codes files and checkpoints (truncations, byte flips, header and
-    config edits with random types and sizes, bombs) through decode and sample, in a child
+    """Seeded mutations of the codes files, checkpoints and DICOM images (truncations, byte flips,
+    header and config edits with random types and sizes, bombs) through decode, sample and encode, in a child
     process: each ends in exit 0 or in exit 2 with one line and no traceback, nothing outside
     its --out changes, and peak memory stays bounded."""
     summary = tmp_path / "summary.json"
@@ -579,6 +579,8 @@ def test_fuzzed_files(bases, tmp_path):
     assert result["cases"] >= 500 and not result["failures"], result["failures"][:5]
     assert result["exit_2"] > 0.5 * result["cases"]
     assert result["peak_mib"] < 1200, result["peak_mib"]
+    spoiled_dicom = sum(count for kind, count in result["kinds"].items() if kind.startswith("dicom/"))
+    assert spoiled_dicom > 40 and result["kinds"].get("dicom/bomb", 0) > 0, result["kinds"]
 
 
 def _with_layer(blob: bytes, listed, section: tuple[str, bytes] | None) -> bytes:

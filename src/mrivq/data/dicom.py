@@ -30,6 +30,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -109,23 +110,39 @@ def _walk(folder: Path) -> list[Path]:
 # -- reading ------------------------------------------------------------------------------------
 
 
-def _quiet_read(raw: bytes, path: Path, *, pixels: bool):
-    """A pydicom data set from the bytes of a Part 10 file (with its pixel data: ``pixels``); what
-    pydicom warns or logs goes into the one error line, not onto stderr."""
-    import pydicom
-
+@contextlib.contextmanager
+def _silenced():
+    """pydicom's warnings and log lines kept off stderr: what matters goes into the one error line."""
     logger = logging.getLogger("pydicom")
     handlers, propagate = logger.handlers[:], logger.propagate
     logger.handlers, logger.propagate = [logging.NullHandler()], False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=not pixels)
+            yield
+    finally:
+        logger.handlers, logger.propagate = handlers, propagate
+
+
+def _quiet_read(raw: bytes, path: Path, *, pixels: bool):
+    """A pydicom data set from the bytes of a Part 10 file (with its pixel data's bytes:
+    ``pixels``), every element converted here (pydicom converts lazily, and a damaged value would
+    otherwise fail later, anywhere)."""
+    import pydicom
+
+    try:
+        with _silenced():
+            ds = pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=not pixels)
+            for _ in ds.iterall():
+                pass
+            syntax = ds.file_meta.get("TransferSyntaxUID")
+            known = syntax is None or syntax.is_transfer_syntax
     except Exception as e:  # noqa: BLE001 -- pydicom raises assorted errors for damaged files
         said = " ".join(str(e).split())[:160]
         raise BadFileError(path, f"not a readable DICOM file (pydicom: {type(e).__name__}: {said})") from None
-    finally:
-        logger.handlers, logger.propagate = handlers, propagate
+    if not known:
+        raise BadFileError(path, f"its Transfer Syntax UID {str(syntax)[:64]!r} is not a transfer syntax")
+    return ds
 
 
 def _file_bytes(path: Path) -> bytes:
@@ -223,6 +240,10 @@ def _instance(path: Path, ds) -> _Instance | None:
         raise BadFileError(path, f"its Pixel Spacing {spacing.tolist()} is not positive")
     orientation = _numbers(ds, "ImageOrientationPatient", 6, path)
     position = _numbers(ds, "ImagePositionPatient", 3, path)
+    if position is not None and np.abs(position).max() > 1e6:
+        raise BadFileError(path, f"its Image Position (Patient) {position.tolist()} lies beyond a kilometre")
+    if spacing is not None and spacing.max() > 1e4:
+        raise BadFileError(path, f"its Pixel Spacing {spacing.tolist()} is beyond 10 m")
     if orientation is not None:
         row, col = orientation[:3], orientation[3:]
         if not (abs(np.linalg.norm(row) - 1) < 1e-3 and abs(np.linalg.norm(col) - 1) < 1e-3 and abs(row @ col) < 1e-3):
@@ -237,7 +258,7 @@ def _instance(path: Path, ds) -> _Instance | None:
     thickness = 1.0
     for keyword in ("SliceThickness", "SpacingBetweenSlices"):
         value = _numbers(ds, keyword, 1, path)
-        thickness = float(value[0]) if value is not None and value[0] > 0 else thickness
+        thickness = float(value[0]) if value is not None and 0 < value[0] < 1e4 else thickness
     return _Instance(path, str(ds.get("SeriesInstanceUID", "")), rows, columns, orientation, position,
                      spacing if spacing is not None else np.ones(2), number, thickness)
 
@@ -325,8 +346,7 @@ def _read_pixels(path: Path, rows: int, columns: int) -> tuple[np.ndarray, float
     else:
         _check_decoder(syntax, path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _silenced():
             pixels = np.asarray(ds.pixel_array)
     except Exception as e:  # noqa: BLE001 -- the pixel decoders raise assorted errors
         said = " ".join(str(e).split())[:160]
