@@ -59,17 +59,18 @@ def with_element(path: Path, keyword: str, value) -> None:
     ds.save_as(path)
 
 
-def deflated(path: Path, target: Path, payload: bytes | None = None) -> Path:
-    """``path`` written with the Deflated Explicit VR Little Endian syntax; ``payload``: these
-    bytes deflated in place of its data set (a deflate bomb)."""
+def deflated(path: Path, target: Path, bomb_mib: int = 0) -> Path:
+    """``path`` written with the Deflated Explicit VR Little Endian syntax; ``bomb_mib``: its data
+    set replaced by that many MiB of zeros, deflated (a deflate bomb; made a MiB at a time)."""
     ds = pydicom.dcmread(path)
     ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
     ds.save_as(target, enforce_file_format=True)
-    if payload is not None:
+    if bomb_mib:
         blob = target.read_bytes()
         meta_end = 144 + int.from_bytes(blob[140:144], "little")
-        squeeze = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-        target.write_bytes(blob[:meta_end] + squeeze.compress(payload) + squeeze.flush())
+        squeeze, zeros = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS), bytes(1 << 20)
+        target.write_bytes(blob[:meta_end] + b"".join(squeeze.compress(zeros) for _ in range(bomb_mib))
+                           + squeeze.flush())
     return target
 
 
@@ -106,7 +107,7 @@ def spoil_dicom(rng: random.Random, path: Path) -> str:
         ds.PixelData = ds.PixelData[:rng.randrange(len(ds.PixelData))]
         ds.save_as(path)
     elif kind == "bomb":
-        deflated(path, path, b"\0" * (rng.choice([300, 600]) << 20))
+        deflated(path, path, rng.choice([300, 600]))
     else:  # the raw pixels claimed to be MPEG-2, baseline JPEG, RLE or HTJ2K
         ds = pydicom.dcmread(path)
         ds.file_meta.TransferSyntaxUID = rng.choice(["1.2.840.10008.1.2.4.100", "1.2.840.10008.1.2.4.50",

@@ -290,6 +290,18 @@ def test_a_gzip_bomb_nifti_is_refused_with_bounded_memory(bases, tmp_path):
     assert peak_mib < 1100, peak_mib  # the cap is 256 MiB uncompressed
 
 
+def test_a_deflate_bomb_dicom_is_refused_with_bounded_memory(bases, tmp_path):
+    from dicom_helpers import MR_SMALL, deflated
+
+    bomb = deflated(MR_SMALL, tmp_path / "bomb.dcm", 600)
+    assert bomb.stat().st_size < 1 << 20
+    status, err, peak_mib = child(["encode", "--checkpoint", bases["vqvae"], bomb, "--out", tmp_path / "c.mrvq"],
+                                  tmp_path)
+    assert status == 2 and len(err.strip().splitlines()) == 1 and "inflates to more than 256 MiB" in err, err
+    assert peak_mib < 1100, peak_mib  # the cap is 256 MiB inflated; the bomb is 600 MiB
+    assert not (tmp_path / "c.mrvq").exists()
+
+
 # ---------------------------------------------------------------------------------------
 # Decode writes only its own files
 # ---------------------------------------------------------------------------------------
