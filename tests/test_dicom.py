@@ -96,7 +96,7 @@ def test_rescale_slope_and_intercept_give_scanner_units(tmp_path):
     (scan,) = scan_inputs([tmp_path / "s"])
     slices, meta, is_volume, affines = scan.read()
     stored, dtype, slopes, inters = scan.read_stored()
-    assert is_volume and meta.shape == (64, 64, 3) and affines.shape == (3, 4, 4)
+    assert is_volume and meta.shape == (64, 64, 3) and affines.shape == (3, 4, 4) and dtype == "int16"
     np.testing.assert_array_equal(slices, (stored * 2 - 7).astype(np.float32))
     assert slopes.tolist() == [2, 2, 2] and inters.tolist() == [-7, -7, -7]
 
