@@ -146,3 +146,38 @@ def test_an_avif_sequence_beats_per_slice_avif_at_the_same_bytes_on_consecutive_
 def test_an_unreachable_byte_budget_codes_the_sequence_at_the_lowest_quality_and_says_so(consecutive_slices):
     decoded, size, quality = codecs.compress_sequence_at_size(consecutive_slices, 100)
     assert quality == 0 and size > 100 and decoded.shape == consecutive_slices.shape
+
+
+def _plain_bisection(sizes: list[int], budget: float) -> int:
+    """The first index whose size fits, by the textbook bisection (the last when none does)."""
+    lo, hi, best = 0, len(sizes) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if sizes[mid] <= budget:
+            best, hi = mid, mid - 1
+        else:
+            lo = mid + 1
+    return len(sizes) - 1 if best is None else best
+
+
+def test_a_search_from_a_guess_or_known_files_finds_what_bisection_finds_with_fewer_encodes():
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n = int(rng.integers(1, 130))
+        sizes = sorted(rng.integers(10, 5000, n).tolist(), reverse=True)  # falling along the settings
+        budget = float(rng.integers(0, 5200))
+        writes = []
+        write = lambda i: (writes.append(i), b"x" * sizes[i])[1]  # noqa: E731
+        known = {}
+        answer = _plain_bisection(sizes, budget)
+        data, setting = codecs.best_setting_within(write, tuple(range(n)), budget, known=known,
+                                                   guess=int(rng.integers(0, n)) if trial % 2 else None)
+        assert setting == answer and len(data) == sizes[answer]
+        again, before = float(rng.integers(0, 5200)), len(writes)  # another budget, from what is known
+        _, setting = codecs.best_setting_within(write, tuple(range(n)), again, known=known)
+        assert setting == _plain_bisection(sizes, again)
+        assert len(writes) == len(set(writes)) and len(writes) - before <= max(1, int(np.ceil(np.log2(n))) + 1)
+    writes.clear()  # a guess two settings off: a handful of encodes, not log2(125) = 7
+    sizes = list(range(2000, 1000, -8))  # 125 settings
+    codecs.best_setting_within(lambda i: (writes.append(i), b"x" * sizes[i])[1], tuple(range(125)), 1500.5, guess=61)
+    assert len(writes) <= 4, writes

@@ -266,15 +266,16 @@ def _compare_codecs(unit_images: np.ndarray, rates: dict, names: list[str]) -> C
     n = len(unit_images)
     tables = {}
     runs = volume_runs(names)
+    known = {}  # every file the searches wrote: the search at the next rate starts between them
     for rate_name, rate in rates.items():
         log.info("compressing the %d test slices with %s at %.3f bits per pixel (the model's %s rate)", n,
                  ", ".join(available_codecs()), rate, RATE_NAMES[rate_name])
-        tables[rate_name] = compare_codecs(unit_images, rate)
+        tables[rate_name] = compare_codecs(unit_images, rate, known=known)
         if rate_name != "raw" and sequence_available():
             log.info("and as AVIF image sequences of their %d runs of consecutive slices at the same total size",
                      len(runs))
             tables[rate_name].update(compare_sequences([unit_images[run] for run in runs],
-                                                       rate * unit_images[0].size * n / 8))
+                                                       rate * unit_images[0].size * n / 8, known=known))
     # The curves are a picture: up to RD_SLICES test slices, evenly spaced, keep it cheap
     # (every point scores its slices with SSIM, ~1.5 s per 120 slices on 2 CPU cores).
     rd_slices = np.linspace(0, n - 1, min(n, RD_SLICES)).round().astype(int)
@@ -296,18 +297,19 @@ def _error_ladder(codec: Codec, codes: tuple[np.ndarray, np.ndarray], files: lis
     scored under the SSIM protocol; drawn in visual_dir/max_error.png."""
     slices = CodecInput.read([Path(f) for f in files], codec.prep, originals=True)
     voxels = sum(stored.values.size for stored in slices.originals)
-    rows, pictures = [], None
+    rows, first = [], None
     for delta in max_errors:
         log.info("the residual layer at maximum error %g on the %d test slices (%d voxels), and the lossless "
                  "codecs beside it", delta, len(files), voxels)
-        try:
-            packed = codec.compress_codes(codes, slices, layers=("residual",),
-                                          layer_options={"residual": {"max_error": delta}}, pictures=pictures)
+        options = {"residual": {"max_error": delta}}
+        try:  # the codes are coded once; each bound adds its residual to the same stream
+            packed = (codec.compress_codes(codes, slices, layers=("residual",), layer_options=options) if first is None
+                      else codec.with_layers(first, slices, ("residual",), options))
         except UserError as e:
             log.warning("maximum error %g: %s", delta, e)
             rows.append({"max_error": delta, "refused": str(e)})
             continue
-        pictures = packed.pictures
+        first = first or packed
         rows.append(_ladder_row(codec, packed, slices, delta, voxels))
     plot_error_ladder(rows, visual_dir / "max_error.png")
     return {"method": LOSSLESS_PROTOCOL, "voxels": voxels, "rows": rows}

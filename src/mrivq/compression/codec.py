@@ -295,6 +295,21 @@ class Codec:
         return Compressed(file, blob, codes, coded - start, time.perf_counter() - coded, fallback,
                           pictures if layers else None)
 
+    def with_layers(self, packed: Compressed, slices: CodecInput, layers: tuple[str, ...],
+                    layer_options: dict[str, dict] | None = None) -> Compressed:
+        """``packed``'s codes file (the same codes stream, already checked to decode) with other
+        coding layers on top: another bound of the residual without coding the codes again. Needs
+        the pictures ``packed`` kept (a :meth:`compress_codes` with layers)."""
+        if packed.pictures is None:
+            raise ValueError("with_layers needs a Compressed that kept its pictures (compressed with layers)")
+        start = time.perf_counter()
+        header = {key: value for key, value in packed.file.header.items() if key != "layers"}
+        old = packed.file
+        file = CodesFile(header, old.norm, old.affines, old.shapes, old.stream, old.counts)
+        self._add_layers(file, packed.codes, slices, layers, layer_options or {}, packed.pictures)
+        blob = file.to_bytes()
+        return Compressed(file, blob, packed.codes, time.perf_counter() - start, 0.0, None, packed.pictures)
+
     def _add_layers(self, file: CodesFile, codes, slices: CodecInput, layers: tuple[str, ...],
                     options: dict[str, dict], pictures: list[np.ndarray] | None) -> list[np.ndarray]:
         """Each layer's payload of each slice, given the picture the layers before it leave; a slice

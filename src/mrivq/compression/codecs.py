@@ -156,31 +156,41 @@ def decode(data: bytes, codec: str) -> np.ndarray:
     return np.asarray(CODECS[codec].read(data), dtype=np.float32) / 255.0
 
 
-def compress_at_rate(slice2d: np.ndarray, codec: str, bits_per_pixel: float) -> tuple[np.ndarray, float, object]:
+def compress_at_rate(slice2d: np.ndarray, codec: str, bits_per_pixel: float, *, known: dict | None = None,
+                     guess: int | None = None) -> tuple[np.ndarray, float, object]:
     """Compress one slice at the best setting that fits ``bits_per_pixel``.
 
     Returns the decoded slice ``(H, W)`` in [0, 1], the achieved bits per pixel and the
     setting used. File size falls (close to monotonically) along the settings, so a binary
-    search finds the first one within the budget.
+    search finds the first one within the budget (``known``, ``guess``: :func:`best_setting_within`'s).
     """
     slice8 = to_8bit(slice2d)
-    data, setting = best_setting_within(lambda setting: encode(slice8, codec, setting),
-                                         CODECS[codec].settings, bits_per_pixel * slice8.size / 8.0)
+    data, setting = best_setting_within(lambda setting: encode(slice8, codec, setting), CODECS[codec].settings,
+                                        bits_per_pixel * slice8.size / 8.0, known=known, guess=guess)
     return decode(data, codec), len(data) * 8.0 / slice8.size, setting
 
 
-def compare_codecs(images: np.ndarray, bits_per_pixel: float, codecs: list[str] | None = None) -> dict:
+def compare_codecs(images: np.ndarray, bits_per_pixel: float, codecs: list[str] | None = None,
+                   known: dict | None = None) -> dict:
     """Score standard codecs at ``bits_per_pixel`` on ``images`` ``(N, H, W)`` in [0, 1].
 
     Returns ``{codec: {"bits_per_pixel": {mean, max}, "setting": {name, median}, "ssim": stats,
     "psnr": stats, "per_slice": {"ssim": [...], "psnr": [...]}}}`` with the stats of
-    :mod:`mrivq.engine.evaluator` (mean, std, p5, min) under the SSIM protocol.
+    :mod:`mrivq.engine.evaluator` (mean, std, p5, min) under the SSIM protocol. The first slice's
+    setting is searched first, the others' searches start from it; ``known``: a dict the files
+    written are kept in (by codec and slice), so that comparing the same images at another rate
+    starts from them (the same answers, fewer encodes).
     """
     out = {}
     target = _as_target(images)
+    known = {} if known is None else known
     for codec in codecs if codecs is not None else available_codecs():
-        decoded, rates, settings = zip(*parallel_map(
-            lambda slice2d, codec=codec: compress_at_rate(np.asarray(slice2d), codec, bits_per_pixel), images))
+        files = [known.setdefault((codec, i), {}) for i in range(len(images))]
+        first = compress_at_rate(np.asarray(images[0]), codec, bits_per_pixel, known=files[0])
+        guess = CODECS[codec].settings.index(first[2])
+        rest = parallel_map(lambda i, codec=codec, files=files, guess=guess: compress_at_rate(
+            np.asarray(images[i]), codec, bits_per_pixel, known=files[i], guess=guess), range(1, len(images)))
+        decoded, rates, settings = zip(first, *rest)
         out[codec] = _comparison(decoded, target, rates, settings, SETTING_NAMES[codec])
     return out
 
@@ -260,28 +270,30 @@ def decode_sequence(data: bytes) -> np.ndarray:
     return frames.reshape(-1, *frames.shape[-2:]) / 255.0  # a one-frame file decodes to (H, W)
 
 
-def compress_sequence_at_size(volume: np.ndarray, budget_bytes: float,
-                              speed: int = SEQUENCE_SPEED) -> tuple[np.ndarray, int, int]:
+def compress_sequence_at_size(volume: np.ndarray, budget_bytes: float, speed: int = SEQUENCE_SPEED, *,
+                              known: dict | None = None, guess: int | None = None) -> tuple[np.ndarray, int, int]:
     """Compress consecutive slices ``(S, H, W)`` in [0, 1] as one AVIF sequence within ``budget_bytes``.
 
     Returns the decoded slices ``(S, H, W)`` in [0, 1], the file's size in bytes and the
-    quality used: the best that fits, or the lowest (0) when even that is over budget.
+    quality used: the best that fits, or the lowest (0) when even that is over budget
+    (``known``, ``guess``: :func:`best_setting_within`'s, by index into :data:`SEQUENCE_QUALITIES`).
     """
     slices8 = to_8bit(volume)
     data, quality = best_setting_within(lambda quality: encode_sequence(slices8, quality, speed),
-                                         SEQUENCE_QUALITIES, budget_bytes)
+                                        SEQUENCE_QUALITIES, budget_bytes, known=known, guess=guess)
     return decode_sequence(data), len(data), quality
 
 
 def compare_sequences(volumes: list[np.ndarray], bytes_budget: float | list[float],
-                      speed: int = SEQUENCE_SPEED) -> dict:
+                      speed: int = SEQUENCE_SPEED, known: dict | None = None) -> dict:
     """Score AVIF image sequences of ``volumes`` (each ``(S, H, W)`` in [0, 1], consecutive slices of
     one scan, all slices of one shape) within ``bytes_budget``.
 
     ``bytes_budget`` is one number, the bytes allowed for all the volumes together (say the
     model's files for the same slices), shared out in proportion to the volumes' pixel counts
     so that each gets the same bits per pixel, like the per-slice codecs; or a list, the bytes
-    allowed for each volume. Each volume's quality is searched on its own.
+    allowed for each volume. Each volume's quality is searched on its own, the first few side by
+    side and the others' starting from theirs; ``known``: as :func:`compare_codecs`' (by volume).
 
     Returns ``{"avif_sequence": entry}`` with the entry of :func:`compare_codecs` (each slice
     charged its volume's bits per pixel, so the mean is total bits over total pixels and the max
@@ -301,8 +313,15 @@ def compare_sequences(volumes: list[np.ndarray], bytes_budget: float | list[floa
     else:
         raise ValueError(f"compare_sequences: {len(bytes_budget)} byte budgets for {len(volumes)} volumes; "
                          "give one per volume, or one number for them all")
-    decoded, sizes, qualities = zip(*parallel_map(lambda pair: compress_sequence_at_size(*pair, speed),
-                                                  zip(volumes, budgets)))
+    known = {} if known is None else known
+    files = [known.setdefault(("sequence", speed, k), {}) for k in range(len(volumes))]
+    wave = min(CODEC_THREADS, len(volumes))  # the first volumes searched side by side, the rest from them
+    first = parallel_map(lambda k: compress_sequence_at_size(volumes[k], budgets[k], speed, known=files[k]),
+                         range(wave))
+    guess = int(np.median([SEQUENCE_QUALITIES.index(quality) for _, _, quality in first]))
+    rest = parallel_map(lambda k: compress_sequence_at_size(volumes[k], budgets[k], speed, known=files[k],
+                                                            guess=guess), range(wave, len(volumes)))
+    decoded, sizes, qualities = zip(*first, *rest)
     slices_per_volume = [len(volume) for volume in volumes]
     entry = _comparison(np.concatenate(decoded), _as_target(np.concatenate(volumes)),
                         np.repeat([n * 8.0 / v.size for n, v in zip(sizes, volumes)], slices_per_volume),
@@ -339,26 +358,50 @@ def lossless_sizes(stored: np.ndarray, max_error: int) -> dict[str, int]:
     return sizes
 
 
-def best_setting_within(write: Callable[[object], bytes], settings: tuple,
-                         budget_bytes: float) -> tuple[bytes, object]:
+def best_setting_within(write: Callable[[object], bytes], settings: tuple, budget_bytes: float, *,
+                        known: dict[int, bytes] | None = None, guess: int | None = None) -> tuple[bytes, object]:
     """The file and setting of the best quality in ``settings`` (best first) whose file from
     ``write(setting)`` fits ``budget_bytes``; the last setting when none does.
 
     File size falls (close to monotonically) along the settings, so a binary search finds the
-    first one within the budget.
+    first one within the budget. ``known``: the files already written, by index into
+    ``settings`` (filled in here), so a search at another budget starts between the nearest ones
+    known; ``guess``: an index to try first when the known files do not bound the answer on both
+    sides (the answer of a similar slice), then steps doubling away from it until they do. With
+    file sizes falling, the answer is the one plain bisection gives; only the encodes are fewer.
     """
-    lo, hi = 0, len(settings) - 1
-    best = None
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        data = write(settings[mid])
-        if len(data) <= budget_bytes:
-            best, hi = (data, settings[mid]), mid - 1
+    known = {} if known is None else known
+    n = len(settings)
+
+    def fits(i: int) -> bool:
+        if i not in known:
+            known[i] = write(settings[i])
+        return len(known[i]) <= budget_bytes
+
+    over = max((i for i, data in known.items() if len(data) > budget_bytes), default=-1)
+    within = min((i for i, data in known.items() if len(data) <= budget_bytes), default=n)
+
+    def probe(i: int) -> None:
+        nonlocal over, within
+        if fits(i):
+            within = min(within, i)
         else:
-            lo = mid + 1
-    if best is None:  # even the lowest quality is over budget
-        best = (write(settings[-1]), settings[-1])
-    return best
+            over = max(over, i)
+
+    if guess is not None and over < guess < within and (over == -1 or within == n):
+        probe(guess)
+        step = 1
+        while within == n and over < n - 1:  # over budget: worse settings, doubling steps
+            probe(min(over + step, n - 1))
+            step *= 2
+        while over == -1 and within > 0:  # within it: better settings, doubling steps
+            probe(max(within - step, 0))
+            step *= 2
+    while within - over > 1:
+        probe((over + within) // 2)
+    chosen = within if within < n else n - 1  # none fits: the lowest quality
+    fits(chosen)
+    return known[chosen], settings[chosen]
 
 
 def _comparison(decoded, target: torch.Tensor, rates, settings, setting_name: str) -> dict:
