@@ -7,7 +7,7 @@ For the test slices of a run (stored integers), at each maximum error δ (0 is l
   largest error over every voxel (checked), SSIM / PSNR under the project's protocol, and the
   coder's speed (encode and decode, slices per second, the VQ-VAE included);
 - **the lossless and near-lossless codecs** on the stored integers (imagecodecs): JPEG-LS at
-  NEAR = δ, and at δ = 0 JPEG XL (lossless, effort 9), JPEG 2000 and HTJ2K (reversible) and PNG;
+  NEAR = δ, and at δ = 0 JPEG XL (lossless, at its strongest effort, 6), JPEG 2000 and HTJ2K (reversible) and PNG;
 - **the lossy codecs at mrivq's rate** of each δ, each slice at the best setting whose file fits
   that many bits per voxel: JPEG XL on the 16-bit integers (a distance found by bisection),
   AVIF at 12 bits, monochrome (quality by bisection; values above 4,095 shifted down and back) and WebP at

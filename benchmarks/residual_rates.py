@@ -31,6 +31,7 @@ import imagecodecs
 import numpy as np
 import torch
 
+from mrivq.compression import codecs
 from mrivq.compression.codec import Codec, CodecInput
 from mrivq.config import load_config
 from mrivq.data.preprocess import Preprocessing
@@ -95,7 +96,7 @@ def lossless_codecs(image: np.ndarray) -> dict:
     """Bytes of ``image`` (non-negative integers) under each lossless codec."""
     u16 = np.ascontiguousarray(image.astype(np.uint16))
     return {
-        "JPEG XL": len(imagecodecs.jpegxl_encode(u16, lossless=True, effort=9)),
+        "JPEG XL": len(imagecodecs.jpegxl_encode(u16, lossless=True, effort=codecs.JPEGXL_LOSSLESS_EFFORT)),
         "JPEG-LS": len(imagecodecs.jpegls_encode(u16, level=0)),
         "JPEG 2000": len(imagecodecs.jpeg2k_encode(u16, level=0, reversible=True)),
         "HTJ2K": len(imagecodecs.htj2k_encode(u16, level=0, reversible=True)),
