@@ -334,8 +334,9 @@ def compare_sequences(volumes: list[np.ndarray], bytes_budget: float | list[floa
 
 #: JPEG XL's lossless effort: its smallest files. In libjxl 0.11 (imagecodecs 2026.3.6) effort 6
 #: is smaller than 9 on MR slices and as small as the best of efforts 5, 6, 7 and 9 tried on each
-#: slice: 5.749 bits per voxel against 5.824 at effort 9 on 40 phantom test slices, 6.315
-#: against 6.450 on the 46 real-scan test slices (`benchmarks/lossless.py`), and 6x faster.
+#: slice (to 0.001 bits per voxel): 5.748 bits per voxel against 5.823 at effort 9 on the phantom's
+#: 120 test slices, 6.315 against 6.450 on the 46 real-scan test slices (`benchmarks/lossless.py`),
+#: and 6x faster.
 JPEGXL_LOSSLESS_EFFORT = 6
 
 #: The lossless and near-lossless codecs :func:`lossless_sizes` runs, at their strongest settings.
