@@ -54,7 +54,7 @@ def lossy_at_rate(x: np.ndarray, bits_per_voxel: float) -> dict[str, np.ndarray]
     low = x.min()
     u16 = np.ascontiguousarray((x - low).astype(np.uint16))
     out = {}
-    data, _ = codecs.best_setting_within(lambda d: imagecodecs.jpegxl_encode(u16, distance=d, effort=7),
+    data, _ = codecs.best_setting_within(lambda d: imagecodecs.jpegxl_encode(u16, distance=d, effort=codecs.JPEGXL_LOSSY_EFFORT),
                                          JPEGXL_DISTANCES, budget)
     out["JPEG XL"] = imagecodecs.jpegxl_decode(data).astype(np.int64) + low
     shift = max(0, int(u16.max()).bit_length() - 12)
