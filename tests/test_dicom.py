@@ -269,6 +269,24 @@ def test_a_lossless_round_trip_gives_the_stored_values_and_the_geometry(tmp_path
     np.testing.assert_allclose(back.affines, find_series([tmp_path / "s"])[0].affines, atol=1e-4)
 
 
+def test_images_rescaled_differently_decode_losslessly_to_one_nifti_volume(tmp_path, vqvae):
+    paths = write_series(tmp_path / "s", 3, slope=2.0)
+    with_element(paths[1], "RescaleSlope", "3")  # each image its own scaling, as some scanners write
+    codes = tmp_path / "c.mrvq"
+    assert run_main(["encode", "--checkpoint", str(vqvae), str(tmp_path / "s"), "--out", str(codes),
+                     "--max-error", "0"]) == 0
+    assert run_main(["decode", "--checkpoint", str(vqvae), str(codes), "--out", str(tmp_path / "nii")]) == 0
+    (scan,) = scan_inputs([tmp_path / "s"])
+    original, *_ = scan.read()
+    volume = np.asarray(nib.load(tmp_path / "nii" / "series_3.nii.gz").dataobj)
+    np.testing.assert_array_equal(np.moveaxis(volume, 2, 0), original)
+    assert run_main(["decode", "--checkpoint", str(vqvae), str(codes), "--out", str(tmp_path / "dcm"),
+                     "--format", "dicom"]) == 0
+    second = conformant(tmp_path / "dcm" / "series_3_slice_1.dcm")
+    assert float(second.RescaleSlope) == 3.0
+    np.testing.assert_array_equal(second.pixel_array, pydicom.dcmread(paths[1]).pixel_array)
+
+
 def test_kept_header_puts_the_decoded_series_in_the_original_study(tmp_path, vqvae):
     paths = write_series(tmp_path / "s", 3)
     codes = tmp_path / "c.mrvq"

@@ -198,9 +198,13 @@ def _outputs(sources: list[dict], chosen) -> dict[int, str]:
 
 
 def _stacked(slices: list, shape) -> np.ndarray | Stored:
-    """A volume's decoded slices as the array (or :class:`Stored` values) of its on-disk ``shape``."""
+    """A volume's decoded slices as the array (or :class:`Stored` values) of its on-disk ``shape``.
+    Slices stored under different scalings (a DICOM series may rescale each image) become one
+    float64 volume of their scanner values, which NIfTI's one slope per file can hold."""
     if isinstance(slices[0], Stored):
         first = slices[0]
+        if any((s.slope, s.inter) != (first.slope, first.inter) for s in slices):
+            return Stored(as_stored(np.stack([s.scanner() for s in slices]), shape, True), "float64", 1.0, 0.0)
         return Stored(as_stored(np.stack([s.values for s in slices]), shape, True), first.dtype, first.slope,
                       first.inter)
     return as_stored(np.stack(slices), shape, True)
