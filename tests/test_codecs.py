@@ -167,7 +167,10 @@ def test_a_search_from_a_guess_or_known_files_finds_what_bisection_finds_with_fe
         sizes = sorted(rng.integers(10, 5000, n).tolist(), reverse=True)  # falling along the settings
         budget = float(rng.integers(0, 5200))
         writes = []
-        write = lambda i: (writes.append(i), b"x" * sizes[i])[1]  # noqa: E731
+
+        def write(i, writes=writes, sizes=sizes):
+            writes.append(i)
+            return b"x" * sizes[i]
         known = {}
         answer = _plain_bisection(sizes, budget)
         data, setting = codecs.best_setting_within(write, tuple(range(n)), budget, known=known,
