@@ -135,11 +135,11 @@ class DicomOutputs:
             derivation += " and a residual " + ("coded losslessly" if bound == 0 else
                                                 f"within {bound:g} of every stored value")
         study = None
-        self.names, self.series, self.index = {}, {}, {}
+        self.names, self.series, self.place = {}, {}, {}
         for i in chosen:
-            volume, index = _volume_of(sources[i])
+            self.place[i] = _volume_of(sources[i])
+            volume = self.place[i][0]
             self.names[i] = f"{sources[i]['name'].removesuffix('.gz').removesuffix('.nii')}.dcm"
-            self.index[i] = index
             if volume not in self.series:
                 original = kept.get(f"{volume}.nii.gz", {})
                 number = original.get("SeriesNumber", len(self.series) + 1)
@@ -147,20 +147,20 @@ class DicomOutputs:
                     kept=original, description=f"mrivq {volume}"[:64], derivation=derivation,
                     lossy=bound != 0, ratio=raw / max(file_bytes, 1), number=1000 + int(number), study_uid=study)
                 study = self.series[volume].study_uid
-        self.of = {i: _volume_of(sources[i])[0] for i in chosen}
 
     def write(self, path: Path, i: int, scanner, affine) -> None:
+        """Slice ``i`` (the :class:`Stored` values a coding layer rebuilt, or scanner values) as ``path``."""
         from mrivq.data.dicom import instance_bytes
 
-        if isinstance(scanner, Stored):
-            blob = instance_bytes(_plane(scanner.values), affine, self.series[self.of[i]], self.index[i],
-                                  integer=np.dtype(scanner.dtype).kind in "ui" or _whole(scanner.values),
-                                  slope=scanner.slope, inter=scanner.inter, signed=np.dtype(scanner.dtype).kind == "i",
-                                  syntax=self.syntax)
+        if isinstance(scanner, Stored):  # the stored values, exactly where they fit 16 bits
+            values, dtype, slope, inter = scanner.values, np.dtype(scanner.dtype), scanner.slope, scanner.inter
+            integer = dtype.kind in "ui" or bool(np.array_equal(np.rint(values), values))
         else:
-            blob = instance_bytes(_plane(scanner), affine, self.series[self.of[i]], self.index[i],
-                                  integer=np.dtype(self.sources[i]["dtype"]).kind in "ui",
-                                  signed=np.dtype(self.sources[i]["dtype"]).kind == "i", syntax=self.syntax)
+            values, dtype, slope, inter = scanner, np.dtype(self.sources[i]["dtype"]), 1.0, 0.0
+            integer = dtype.kind in "ui"
+        volume, index = self.place[i]
+        blob = instance_bytes(_plane(values), affine, self.series[volume], index, integer=integer, slope=slope,
+                              inter=inter, signed=dtype.kind == "i", syntax=self.syntax)
         atomic_write(path, lambda fh: fh.write(blob), listed=False)
 
 
@@ -178,10 +178,6 @@ def _plane(values: np.ndarray) -> np.ndarray:
     """A slice in its on-disk shape (singleton axes included) as a 2-D image."""
     kept = [n for n in values.shape if n != 1]
     return values.reshape(kept if len(kept) == 2 else (values.shape[0], -1))
-
-
-def _whole(values: np.ndarray) -> bool:
-    return bool(np.array_equal(np.rint(values), values))
 
 
 def _outputs(sources: list[dict], chosen) -> dict[int, str]:

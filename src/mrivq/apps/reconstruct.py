@@ -71,7 +71,7 @@ def _reconstruct_slices(model: torch.nn.Module, slices: np.ndarray, *, normalize
 def _nifti_bytes(data: np.ndarray, meta, name: str, description: str) -> bytes:
     """The input's header and affine with new data; same data type (integer types get a slope). A
     DICOM series' volume gets a new float32 header."""
-    if not hasattr(meta.header, "get_data_dtype"):
+    if not isinstance(meta.header, nib.Nifti1Header):  # a DICOM series (NIfTI-2's header is a subclass)
         image = nifti_image(data.astype(np.float32), meta.affine)
         image.header["descrip"] = description.encode()[:79]
         return nifti_bytes(image, gz=name.lower().endswith(".gz"))

@@ -291,8 +291,6 @@ class DicomSeries:
     rows: int
     columns: int
     source: str = ""  # the folder or file it was found in (what errors name)
-    _dtype: str | None = field(default=None, repr=False)
-
     @property
     def shape(self) -> tuple[int, int, int]:
         return self.rows, self.columns, len(self.files)
@@ -314,8 +312,7 @@ class DicomSeries:
         if len(dtypes) > 1:
             raise BadFileError(self.files[0], f"the images of {self.name} store pixels in different types "
                                               f"({', '.join(sorted(dtypes))}); give them as separate series")
-        self._dtype = dtypes.pop()
-        return stored, slopes, inters, self._dtype
+        return stored, slopes, inters, dtypes.pop()
 
     def read(self) -> tuple[np.ndarray, SeriesMeta]:
         """The slices in scanner units, float32 ``(S, H, W)``, and the volume's metadata."""
@@ -324,10 +321,7 @@ class DicomSeries:
             scanner = (stored * slopes[:, None, None] + inters[:, None, None]).astype(np.float32)
         if not np.isfinite(scanner).all():
             raise BadFileError(self.files[0], f"{self.name}'s Rescale Slope / Intercept overflow float32")
-        return scanner, self.meta(dtype)
-
-    def meta(self, dtype: str | None = None) -> SeriesMeta:
-        return SeriesMeta(self.source, self.affine, self.shape, dtype or self._dtype or "int16", self.header)
+        return scanner, SeriesMeta(self.source, self.affine, self.shape, dtype, self.header)
 
 
 def _read_pixels(path: Path, rows: int, columns: int) -> tuple[np.ndarray, float, float]:

@@ -17,7 +17,7 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +58,6 @@ class DicomScan:
     """A DICOM series, read as a volume (its slices in order along the normal)."""
 
     series: DicomSeries
-    _stored: tuple | None = field(default=None, repr=False)
 
     @property
     def path(self) -> Path:
@@ -78,18 +77,12 @@ class DicomScan:
         return sum(path.stat().st_size for path in self.series.files)
 
     def read_stored(self):
-        if self._stored is None:
-            stored, slopes, inters, dtype = self.series.read_stored()
-            self._stored = (stored, dtype, slopes, inters)
-        return self._stored
+        stored, slopes, inters, dtype = self.series.read_stored()
+        return stored, dtype, slopes, inters
 
     def read(self):
-        stored, dtype, slopes, inters = self.read_stored()
-        with np.errstate(all="ignore"):
-            scanner = (stored * slopes[:, None, None] + inters[:, None, None]).astype(np.float32)
-        if not np.isfinite(scanner).all():
-            raise UserError(f"{self.series.source}: {self.series.name}'s Rescale Slope / Intercept overflow float32")
-        return scanner, self.series.meta(dtype), True, self.series.affines
+        scanner, meta = self.series.read()
+        return scanner, meta, True, self.series.affines
 
 
 Scan = NiftiScan | DicomScan
