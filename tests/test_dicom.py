@@ -308,6 +308,28 @@ def test_kept_header_puts_the_decoded_series_in_the_original_study(tmp_path, vqv
         assert ds.LossyImageCompressionMethod == "MRIVQ"
 
 
+@pytest.mark.parametrize("keyword, value", [
+    ("StudyInstanceUID", "../../etc/passwd"), ("PatientName", "a\x00b\nc"), ("PatientID", "x" * 65),
+    ("EchoTime", "fast"), ("SeriesNumber", 1e300), ("SeriesNumber", 2 ** 40), ("StudyDate", "yesterday"),
+    ("ScanningSequence", ["SE"] * 17), ("PrivateTag", "x"), ("PatientName", {"a": 1}),
+])
+def test_a_kept_header_value_a_dicom_could_not_hold_is_refused(tmp_path, capsys, vqvae, keyword, value):
+    import json
+
+    from hostile_helpers import read_header, with_header
+
+    write_series(tmp_path / "s", 2)
+    codes = tmp_path / "c.mrvq"
+    assert run_main(["encode", "--checkpoint", str(vqvae), str(tmp_path / "s"), "--out", str(codes),
+                     "--keep-dicom-header"]) == 0
+    header = read_header(codes.read_bytes())
+    header["dicom"]["series_3.nii.gz"][keyword] = value
+    (tmp_path / "edited.mrvq").write_bytes(with_header(codes.read_bytes(), json.dumps(header)))
+    refused(["decode", "--checkpoint", vqvae, tmp_path / "edited.mrvq", "--out", tmp_path / "out", "--format", "dicom"],
+            capsys, "edited.mrvq", "series_3.nii.gz")
+    assert not (tmp_path / "out").exists()
+
+
 def test_phantom_slices_decode_as_one_dicom_series_per_case_week(tmp_path, vqvae, tiny_phantom):
     test = sorted((tiny_phantom / "keras_slices_test").glob("*.nii.gz"))
     codes = tmp_path / "c.mrvq"

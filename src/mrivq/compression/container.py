@@ -37,7 +37,7 @@ import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mrivq.compression.entropy import ideal_bits, raw_bits_per_pixel
-from mrivq.data.dicom import KEPT_ATTRIBUTES
+from mrivq.data.dicom import kept_value
 from mrivq.data.io import MAX_NIFTI_BYTES
 from mrivq.data.preprocess import FIT_POLICIES, NORMALIZE_POLICIES
 from mrivq.data.volumes import coding_depths
@@ -292,7 +292,8 @@ class CodesHeader(_Strict):
     # The coding layers on top of the codes, in the order they apply (mrivq.compression.layers).
     layers: list[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")]] | None = Field(default=None, max_length=8)
     # What of each DICOM series' original header travels with the file (encode --keep-dicom-header):
-    # volume name -> the attributes of mrivq.data.dicom.KEPT_ATTRIBUTES it had.
+    # volume name -> the attributes of mrivq.data.dicom.KEPT_ATTRIBUTES it had, each checked below
+    # against its representation (mrivq.data.dicom.kept_value).
     dicom: dict[Annotated[str, AfterValidator(_plain_name)], dict[str, _KeptValue]] | None = \
         Field(default=None, max_length=MAX_SLICES)
 
@@ -328,10 +329,11 @@ class CodesHeader(_Strict):
         if self.dicom is not None:
             volumes = {source.volume.name for source in self.sources if source.volume is not None}
             for name, kept in self.dicom.items():
-                unknown = sorted(set(kept) - set(KEPT_ATTRIBUTES))
-                if name not in volumes or unknown:
-                    raise ValueError(f"its DICOM header of {name} names " + (f"attributes mrivq never keeps "
-                                     f"({', '.join(unknown[:3])})" if unknown else "no volume of the file"))
+                wrong = sorted(key for key, value in kept.items() if kept_value(key, value) is None)
+                if name not in volumes or wrong:
+                    raise ValueError(f"its DICOM header of {name} names " + (f"attributes mrivq never keeps, or "
+                                     f"keeps other values of ({', '.join(wrong[:3])})" if wrong else
+                                     "no volume of the file"))
         return self
 
 

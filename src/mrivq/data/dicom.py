@@ -59,17 +59,50 @@ MAX_SIDE = 32767
 #: the patient and study it belongs to, its frame of reference (so viewers overlay it), the
 #: equipment and the MR acquisition. Nothing else is ever copied: no private tag, no sequence, no
 #: free text beyond these descriptions, no overlay or burned-in annotation.
-KEPT_ATTRIBUTES = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge",
-    "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName",
-    "StudyDescription",
-    "SeriesNumber", "SeriesDescription", "BodyPartExamined", "PatientPosition",
-    "FrameOfReferenceUID", "PositionReferenceIndicator",
-    "Manufacturer", "ManufacturerModelName", "MagneticFieldStrength",
-    "ScanningSequence", "SequenceVariant", "ScanOptions", "MRAcquisitionType", "SequenceName",
-    "RepetitionTime", "EchoTime", "EchoTrainLength", "InversionTime", "FlipAngle", "SliceThickness",
-    "SpacingBetweenSlices", "ImagedNucleus", "ImagingFrequency", "NumberOfAverages",
-)
+KEPT_ATTRIBUTES = {
+    "PatientName": "PN", "PatientID": "LO", "PatientBirthDate": "DA", "PatientSex": "CS", "PatientAge": "AS",
+    "StudyInstanceUID": "UI", "StudyDate": "DA", "StudyTime": "TM", "StudyID": "SH", "AccessionNumber": "SH",
+    "ReferringPhysicianName": "PN", "StudyDescription": "LO",
+    "SeriesNumber": "IS", "SeriesDescription": "LO", "BodyPartExamined": "CS", "PatientPosition": "CS",
+    "FrameOfReferenceUID": "UI", "PositionReferenceIndicator": "LO",
+    "Manufacturer": "LO", "ManufacturerModelName": "LO", "MagneticFieldStrength": "DS",
+    "ScanningSequence": "CS*", "SequenceVariant": "CS*", "ScanOptions": "CS*", "MRAcquisitionType": "CS",
+    "SequenceName": "SH", "RepetitionTime": "DS", "EchoTime": "DS", "EchoTrainLength": "IS", "InversionTime": "DS",
+    "FlipAngle": "DS", "SliceThickness": "DS", "SpacingBetweenSlices": "DS", "ImagedNucleus": "SH",
+    "ImagingFrequency": "DS", "NumberOfAverages": "DS",
+}  # keyword -> its value representation (PS3.5); "*": several values allowed
+
+#: What a kept value of each representation must look like (PS3.5 6.2): text without control
+#: characters or backslashes, at most its length; dates, times, UIDs, code strings by their pattern.
+_KEPT_TEXT = {"PN": 192, "LO": 64, "SH": 16}
+_KEPT_PATTERN = {"DA": r"\d{8}", "TM": r"\d{2,6}(\.\d{1,6})?", "UI": r"\d+(\.\d+)*",
+                 "CS": r"[A-Z0-9_ ]{1,16}", "AS": r"\d{3}[DWMY]"}
+
+
+def kept_value(keyword: str, value):
+    """``value`` if it is a valid value of kept attribute ``keyword`` (its representation's type,
+    length and characters), else None: a codes file's header may carry only such values."""
+    vr = KEPT_ATTRIBUTES.get(keyword)
+    if vr is None:
+        return None
+    if vr.endswith("*"):
+        values = value if isinstance(value, list) else [value]
+        ok = 1 <= len(values) <= 16 and all(kept_value("MRAcquisitionType", v) is not None for v in values)
+        return value if ok else None
+    if vr == "IS":
+        return value if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 1 << 30 else None
+    if vr == "DS":
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        return value if ok and abs(value) < 1e15 else None
+    if not isinstance(value, str):
+        return None
+    if vr in _KEPT_TEXT:
+        ok = len(value) <= _KEPT_TEXT[vr] and value.isprintable() and "\\" not in value
+        return value if ok else None
+    if vr == "UI" and len(value) > 64:
+        return None
+    return value if re.fullmatch(_KEPT_PATTERN[vr], value) else None
+
 
 _DEFLATED = "1.2.840.10008.1.2.1.99"
 _DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
@@ -521,13 +554,14 @@ def _series_key(s: DicomSeries) -> tuple:
 
 def kept_attributes(ds) -> dict:
     """The :data:`KEPT_ATTRIBUTES` an original header has, as JSON-ready values (strings, numbers,
-    lists of them): what ``--keep-dicom-header`` carries into a codes file."""
+    lists of them): what ``--keep-dicom-header`` carries into a codes file. A value that is not
+    valid for its representation (:func:`kept_value`) is left out."""
     kept = {}
     for keyword in KEPT_ATTRIBUTES:
         value = ds.get(keyword)
         if value is None or value == "":
             continue
-        value = _plain(value)
+        value = kept_value(keyword, _plain(value))
         if value is not None:
             kept[keyword] = value
     return kept
