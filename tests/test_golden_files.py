@@ -116,3 +116,22 @@ def test_golden_prior_coded_files_decode_the_same_with_every_float_result_one_ul
         torch.set_num_threads(threads)
     assert nudge.calls > 0
     assert np.array_equal(top, expected[f"{name}/top"]) and np.array_equal(bottom, expected[f"{name}/bottom"])
+
+
+@pytest.mark.parametrize("name", ["lossless", "bounded2"])
+def test_residual_files_of_the_first_payload_version_decode_to_the_values_they_held(name, tmp_path):
+    """Files the residual layer's first payload version wrote (``encode --max-error 0`` and ``2``,
+    before version 2's weighted mean): ``mrivq decode`` writes exactly the stored values they held."""
+    import nibabel as nib
+    import numpy as np
+
+    data = (GOLDEN / f"residual_{name}.mrvq").read_bytes()
+    with np.load(GOLDEN / "expected_residual.npz") as stored:
+        expected = {key: stored[key] for key in stored.files}
+    assert hashlib.sha256(data).hexdigest() == str(expected[f"{name}/sha256"])
+    out = tmp_path / "out"
+    assert run_main(["decode", "--device", "cpu", "--checkpoint", str(GOLDEN / "vqvae.pt"),
+                     str(GOLDEN / f"residual_{name}.mrvq"), "--out", str(out)]) == 0
+    for written, values in zip(expected["names"], expected[f"{name}/values"]):
+        decoded = np.asarray(nib.load(out / f"{written}.nii.gz").dataobj.get_unscaled())
+        assert np.array_equal(decoded, values), written

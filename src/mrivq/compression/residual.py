@@ -13,20 +13,26 @@ the input's, and exactly the input's at δ = 0 ("lossy plus residual" coding). P
    voxel. Float data that are not integers are first put on a grid of step just under 2δ
    (δ = 0 is refused for them).
 3. **Coding** in three phases (:data:`PHASES`): a quarter of the voxels, the quarter between
-   them, then the other half. Each symbol's distribution is a discretised
-   Laplace-to-Gaussian blend or a mixture with a wider Laplace (one of :data:`SHAPES`, chosen
-   per class) whose scale is a linear estimate from integer context: the prediction's level (a
-   one-hot of :data:`LEVELS` bins) and local contrast, and after the first phase the four
-   already-decoded neighbours' residuals (which also predict its mean). Each level's median
-   residual is added to the prediction first. The estimate picks one
-   of :data:`N_CLASSES` scale classes a quarter octave apart; the few coefficients are fitted per
-   slice and stored. All of it is integer arithmetic: the frequencies are the same on every
-   machine, and constriction's range coder turns them into the stream.
+   them, then the other half. Each symbol is predicted by a linear mean (version 2 of the
+   payload; :data:`MEAN_OFFSETS`): weights, fitted per phase and slice by least squares and
+   stored, on the residuals already decoded around it (the four diagonal neighbours in the
+   second phase, the four direct and eight knight's-move neighbours in the third) and on the
+   picture's differences to its 3x3 neighbours (so the mean also sharpens the picture); version
+   1's mean, one weight on the four neighbours' mean residual, is still decoded. What is left is
+   coded under a discretised Laplace-to-Gaussian blend or a mixture with a wider Laplace (one of
+   :data:`SHAPES`, chosen per class) whose scale is a linear estimate from integer context: the
+   prediction's level (a one-hot of :data:`LEVELS` bins) and local contrast, and after the first
+   phase the size of the four nearest decoded neighbours' residuals. Each level's median
+   residual is added to the prediction first. The estimate picks one of :data:`N_CLASSES` scale
+   classes a quarter octave apart; the few coefficients are fitted per slice and stored. All of
+   it is integer arithmetic: the frequencies are the same on every machine, and constriction's
+   range coder turns them into the stream.
 
 A checksum of the reconstruction is stored and checked on decode: a file decodes to the
 values the encoder checked against the input, or is refused. Payload layout: :data:`HEAD`, the
 grid step (floats), the scaling, then small integers as zigzag varints (the values' range, each
-level's median, per phase its escape width, classes used and mean weight), each phase's float16
+level's median, per phase its escape width and classes used, then every phase's mean weights;
+version 1: per phase width, classes and its one mean weight), each phase's float16
 coefficients and 5-bit shapes, the stored roundings, the escaped residuals, the coder's words.
 """
 
@@ -61,7 +67,7 @@ CAP = 16 * LOGIT_UNITS  # the least probable symbols sit 16 nats below the most 
 #: The on-disk types a slice may be written back as (the payload stores the index).
 DTYPES = ("uint8", "int8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64")
 
-VERSION = 1
+VERSION = 2  # 1: the mean from one weight on the neighbours' mean residual (still decoded)
 #: The payload's fixed start: version, kind (integers or floats) and scaling width (bit 1: float32),
 #: on-disk type, height, width, the bound, the checksum of the rebuilt values.
 HEAD = struct.Struct("<BBBHHdI")
@@ -187,8 +193,48 @@ def _classes(coefficients: np.ndarray, features: np.ndarray) -> np.ndarray:
 
 
 def _mean_prediction(alpha: int, total: np.ndarray) -> np.ndarray:
-    """round(alpha / 256 * mean of the four neighbours' residuals), in integers."""
+    """Version 1's mean: round(alpha / 256 * mean of the four neighbours' residuals), in integers."""
     return np.floor_divide(alpha * total + 512, 1024)
+
+
+#: Version 2's mean: per phase a linear prediction, weights fitted per slice and stored, from the
+#: decoded residuals at these offsets (all decoded before the phase) and from the picture's
+#: differences to its 3x3 neighbours (an interpolation of the decoded values and a sharpening of
+#: the picture in one).
+MEAN_OFFSETS = ((), DIAGONAL, DIRECT + ((-1, -2), (-1, 2), (1, -2), (1, 2), (-2, -1), (-2, 1), (2, -1), (2, 1)))
+PICTURE_OFFSETS = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0))
+WEIGHT_UNIT = 256  # weights in 1/256
+WEIGHT_LIMIT = 4096
+COLUMN_LIMIT = 1 << 40  # columns clipped here: 20 of them times a weight stay far inside int64
+
+
+def _mean_columns(phase: int, known: np.ndarray, prediction: np.ndarray, quantiser: int,
+                  where: np.ndarray) -> np.ndarray:
+    """int64 ``(n, k)``: the decoded residuals around each of the phase's voxels (in stored units;
+    zero beyond the edges) and the picture's differences to its neighbours (the edge repeated)."""
+    width = known.shape[1] + 4
+    rows, cols = np.nonzero(where)
+    at = (rows + 2) * width + cols + 2  # each voxel in the arrays padded by 2
+    residuals, picture = np.pad(known, 2).ravel(), np.pad(prediction, 2, mode="edge").ravel()
+    centre = picture[at]
+    columns = [residuals[at + dy * width + dx] * quantiser for dy, dx in MEAN_OFFSETS[phase]]
+    columns += [picture[at + dy * width + dx] - centre for dy, dx in PICTURE_OFFSETS]
+    return np.clip(np.stack(columns, axis=1), -COLUMN_LIMIT, COLUMN_LIMIT)
+
+
+def _fit_weights(q: np.ndarray, columns: np.ndarray, quantiser: int) -> np.ndarray:
+    """The weights (int64, in 1/WEIGHT_UNIT) of the columns that predict ``q`` best, by least squares."""
+    design = columns.astype(np.float64) / quantiser
+    gram = design.T @ design
+    gram += 1e-9 * (np.trace(gram) + 1) * np.eye(len(gram))  # a column of zeros (an edge) gets weight 0
+    solution = np.linalg.solve(gram, design.T @ q.astype(np.float64))
+    return np.clip(np.round(solution * WEIGHT_UNIT), -WEIGHT_LIMIT, WEIGHT_LIMIT).astype(np.int64)
+
+
+def _weighted_mean(columns: np.ndarray, weights: np.ndarray, quantiser: int) -> np.ndarray:
+    """round(columns . weights / WEIGHT_UNIT / quantiser), in integers."""
+    unit = WEIGHT_UNIT * quantiser
+    return np.floor_divide(columns @ weights + unit // 2, unit)
 
 
 def _symbol_index(symbols: np.ndarray, width: int) -> np.ndarray:
@@ -346,12 +392,13 @@ def encode(original: Stored, picture: np.ndarray, *, max_error: float = 0) -> by
     coder = queue.RangeEncoder()
     known, phases, escaped = np.zeros_like(q), [], []
     for phase, where in enumerate(_phase_masks(q.shape)):
-        features, total = _phase_context(phase, where, known, levels, contrast)
-        alpha = _fit_mean(q[where], total) if phase else 0
-        symbols = q[where] - _mean_prediction(alpha, total)
+        features, _ = _phase_context(phase, where, known, levels, contrast)
+        columns = _mean_columns(phase, known, prediction, quantiser, where)
+        weights = _fit_weights(q[where], columns, quantiser)
+        symbols = q[where] - _weighted_mean(columns, weights, quantiser)
         coefficients, shapes, width = _fit(symbols, features)
         escaped.append(_code_phase(coder, categorical, symbols, _classes(coefficients, features), shapes, width))
-        phases.append((width, coefficients, shapes, alpha))
+        phases.append((width, coefficients, shapes, weights))
         known[where] = q[where]
 
     words = np.asarray(coder.get_compressed(), dtype="<u4")
@@ -359,7 +406,8 @@ def encode(original: Stored, picture: np.ndarray, *, max_error: float = 0) -> by
     narrow = bool(np.array_equal(scaling.astype(np.float32), scaling))  # NIfTI-1 stores float32
     head = HEAD.pack(VERSION, kind | (2 * narrow), DTYPES.index(_dtype_name(original.dtype)), *values.shape,
                      float(max_error), _crc(rebuilt))
-    numbers = [lo, hi, len(near), *bias.tolist()] + [v for w, _, sh, a in phases for v in (w, len(sh), a)]
+    numbers = [lo, hi, len(near), *bias.tolist()] + [v for w, _, sh, _ in phases for v in (w, len(sh))]
+    numbers += [v for _, _, _, weights in phases for v in weights.tolist()]
     parts = [head, struct.pack("<d", step) if kind == FLOATS else b"",
              scaling.astype("<f4" if narrow else "<f8").tobytes(), _varints(numbers)]
     parts += [c.astype("<f2").tobytes() for _, c, _, _ in phases]
@@ -403,14 +451,6 @@ def _packed_shapes(values: np.ndarray) -> bytes:
 def _shapes_of(raw: bytes, n: int) -> np.ndarray:
     bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8))[:n * SHAPE_BITS].reshape(n, SHAPE_BITS)
     return (bits.astype(np.uint8) << np.arange(SHAPE_BITS - 1, -1, -1).astype(np.uint8)).sum(1).astype(np.uint8)
-
-
-def _fit_mean(q: np.ndarray, total: np.ndarray) -> int:
-    """The weight (in 1/256) of the neighbours' mean residual as a prediction, by least squares."""
-    mean = total.astype(np.float64) / 4
-    denominator = float(mean @ mean)
-    alpha = float(q.astype(np.float64) @ mean) / denominator if denominator > 0 else 0.0
-    return int(np.clip(round(alpha * 256), -1024, 1024))
 
 
 def _dtype_name(dtype: str) -> str:
@@ -478,7 +518,7 @@ class _Payload:
 
     head: dict
     bias: np.ndarray
-    phases: list  # per phase (escape width, classes used, neighbours' mean weight)
+    phases: list  # per phase (escape width, classes used, the mean's weight or weights: _phase_settings)
     coefficients: list
     shapes: list
     near: np.ndarray
@@ -494,25 +534,36 @@ def max_error_of(payload: bytes) -> float:
     return float(HEAD.unpack(payload[:HEAD.size])[5])
 
 
+def _phase_settings(version: int, numbers: list[int], reader: _Reader) -> list[tuple]:
+    """Per phase (escape width, classes used, the mean's setting): version 1's one weight (an int),
+    version 2's weights (int64, one per :func:`_mean_columns` column, read from ``reader``)."""
+    if version == 1:
+        return [tuple(numbers[3 * i:3 * i + 3]) for i in range(len(PHASES))]
+    counts = [len(offsets) + len(PICTURE_OFFSETS) for offsets in MEAN_OFFSETS]
+    weights = iter(np.array(reader.varints(sum(counts)), dtype=np.int64).reshape(-1).tolist())
+    return [(numbers[2 * i], numbers[2 * i + 1], np.array([next(weights) for _ in range(n)], dtype=np.int64))
+            for i, n in enumerate(counts)]
+
+
 def _parse(payload: bytes, shape: tuple[int, int]) -> _Payload:
     """Read ``payload`` for a slice of ``shape``; ``ValueError`` where anything does not fit."""
     reader = _Reader(payload)
     version, flags, dtype, height, width, max_error, crc = HEAD.unpack(reader.take(HEAD.size))
     kind = flags & 1
-    if version != VERSION or flags > 3 or dtype >= len(DTYPES):
+    if version not in (1, VERSION) or flags > 3 or dtype >= len(DTYPES):
         raise ValueError("not a residual payload this mrivq reads")
     if (height, width) != tuple(shape):
         raise ValueError("the residual payload is for a slice of another shape")
     step = struct.unpack("<d", reader.take(8))[0] if kind == FLOATS else 1.0
     slope, inter = (float(v) for v in np.frombuffer(reader.take(8 if flags & 2 else 16), "<f4" if flags & 2 else "<f8"))
-    lo, hi, n_near, *rest = reader.varints(3 + LEVELS + 3 * len(PHASES))
-    bias, phases = np.array(rest[:LEVELS], dtype=np.int64), [tuple(rest[LEVELS + 3 * i:LEVELS + 3 * i + 3])
-                                                               for i in range(len(PHASES))]
+    lo, hi, n_near, *rest = reader.varints(3 + LEVELS + 3 * len(PHASES) if version == 1 else 3 + LEVELS + 2 * len(PHASES))
+    bias, phases = np.array(rest[:LEVELS], dtype=np.int64), _phase_settings(version, rest[LEVELS:], reader)
     pixels = height * width
     if not (all(map(math.isfinite, (step, slope, inter, max_error))) and step > 0 and slope != 0 and max_error >= 0
             and lo <= hi and 0 <= n_near <= pixels and np.abs(bias).max() <= 1 << 62):
         raise ValueError("the residual payload's numbers are not valid")
-    if any(not (0 <= w <= ESCAPE and 0 <= used <= N_CLASSES and abs(alpha) <= 1024) for w, used, alpha in phases):
+    if any(not (0 <= w <= ESCAPE and 0 <= used <= N_CLASSES and np.abs(mean).max(initial=0) <= limit)
+           for (w, used, mean), limit in zip(phases, (1024, 1024, 1024) if version == 1 else (WEIGHT_LIMIT,) * 3)):
         raise ValueError("the residual payload's coder settings are not valid")
     coefficients = [np.frombuffer(reader.take(2 * (LEVELS + 1 + (i > 0))), "<f2").astype(np.float16)
                     for i in range(len(PHASES))]
@@ -531,7 +582,7 @@ def _parse(payload: bytes, shape: tuple[int, int]) -> _Payload:
     if (len(payload) - reader.at) % 4:
         raise ValueError("the residual payload's parts do not add up")
     head = {"kind": kind, "dtype": dtype, "max_error": max_error, "step": step, "slope": slope, "inter": inter,
-            "lo": lo, "hi": hi, "crc": crc}
+            "lo": lo, "hi": hi, "crc": crc, "version": version}
     return _Payload(head, bias, phases, coefficients, shapes, near,
                     bits, escaped, np.frombuffer(payload, "<u4", offset=reader.at).copy())
 
@@ -554,9 +605,13 @@ def _decode(payload: bytes, picture: np.ndarray) -> Stored:
     q = np.zeros(prediction.shape, dtype=np.int64)
     for phase, where in enumerate(_phase_masks(q.shape)):
         features, total = _phase_context(phase, where, q, levels, contrast)
-        width, _, alpha = part.phases[phase]
+        width, _, mean = part.phases[phase]
+        if head["version"] == 1:
+            mean = _mean_prediction(mean, total)
+        else:
+            mean = _weighted_mean(_mean_columns(phase, q, prediction, quantiser, where), mean, quantiser)
         q[where] = _decode_phase(decoder, categorical, _classes(part.coefficients[phase], features),
-                                part.shapes[phase], width, part.escaped) + _mean_prediction(alpha, total)
+                                part.shapes[phase], width, part.escaped) + mean
     rebuilt = np.clip(prediction + q * quantiser, lo, hi)
     if _crc(rebuilt) != head["crc"]:
         raise ValueError("the residual layer does not rebuild the values the encoder checked (checksum differs)")
