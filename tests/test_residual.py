@@ -240,3 +240,11 @@ def test_the_mean_is_fitted_from_the_decoded_neighbours_and_the_pictures_differe
     weights = np.array([256, -128, 64, 0, 512, -32], dtype=np.int64)
     q = residual._weighted_mean(columns * 3, weights, 3)
     assert np.abs(residual._fit_weights(q, columns * 3, 3) - weights).max() <= 2
+
+
+def test_the_coders_one_shape_tables_are_the_fitted_tables_rows():
+    for width in (0, 3, 40):
+        for cls in range(0, residual.N_CLASSES, 7):
+            table = residual._weights(cls, width)
+            for shape in range(residual.SHAPES):
+                assert np.array_equal(table[shape], residual._shape_weights(cls, width, shape))

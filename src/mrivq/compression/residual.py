@@ -109,25 +109,42 @@ def _gaps(cls: int, blend: int) -> np.ndarray:
     return np.append(np.minimum(gap, CAP), CAP)
 
 
+def _profile(cls: int, blend: int, d: np.ndarray) -> np.ndarray:
+    """The exact weights of |d| under blend ``blend`` of class ``cls``."""
+    gaps = _gaps(cls, blend)
+    return _exp_weights()[gaps[np.minimum(d, len(gaps) - 1)]]
+
+
 def _weights(cls: int, width: int) -> np.ndarray:
     """Integer weights (float64, exact) ``(SHAPES, 2 width + 2)`` of the symbols -width..width and the
     escape, for one class: the Laplace-to-Gaussian blends, then a Laplace and a Gaussian each with a
     share k/16 (k in :data:`MIXES`) of a Laplace two octaves wider (heavier tails), then each with a
     share k/16 (k in :data:`SPIKES`) of a Laplace one or two octaves narrower (a sharper peak)."""
-    table = _exp_weights()
     d = np.abs(np.arange(-width, width + 1))
-
-    def of(c: int, blend: int) -> np.ndarray:
-        gaps = _gaps(c, blend)
-        return table[gaps[np.minimum(d, len(gaps) - 1)]]
-
-    blends = [of(cls, b) for b in range(BLENDS)]
-    wide = of(min(cls + WIDE, N_CLASSES - 1), 0)
+    blends = [_profile(cls, b, d) for b in range(BLENDS)]
+    wide = _profile(min(cls + WIDE, N_CLASSES - 1), 0, d)
     mixes = [(16 - k) * 4 * base + k * wide for base in (blends[0], blends[-1]) for k in MIXES]
-    spikes = [(16 - k) * base + k * (1 << octaves) * of(max(cls - 4 * octaves, 0), 0)
+    spikes = [(16 - k) * base + k * (1 << octaves) * _profile(max(cls - 4 * octaves, 0), 0, d)
               for base in (blends[0], blends[-1]) for octaves in (1, 2) for k in SPIKES]
     weights = np.stack(blends + mixes + spikes)
-    return np.concatenate([weights, np.full((SHAPES, 1), table[CAP])], axis=1)
+    return np.concatenate([weights, np.full((SHAPES, 1), _exp_weights()[CAP])], axis=1)
+
+
+def _shape_weights(cls: int, width: int, shape: int) -> np.ndarray:
+    """``_weights(cls, width)[shape]``, computing that one shape alone (what the coder needs)."""
+    d = np.abs(np.arange(-width, width + 1))
+    base = lambda i: _profile(cls, 0 if i == 0 else BLENDS - 1, d)
+    if shape < BLENDS:
+        row = _profile(cls, shape, d)
+    elif shape < BLENDS + 2 * len(MIXES):
+        j = shape - BLENDS
+        k = MIXES[j % len(MIXES)]
+        row = (16 - k) * 4 * base(j // len(MIXES)) + k * _profile(min(cls + WIDE, N_CLASSES - 1), 0, d)
+    else:
+        j = shape - BLENDS - 2 * len(MIXES)
+        octaves, k = 1 + (j // len(SPIKES)) % 2, SPIKES[j % len(SPIKES)]
+        row = (16 - k) * base(j // (2 * len(SPIKES))) + k * (1 << octaves) * _profile(max(cls - 4 * octaves, 0), 0, d)
+    return np.append(row, _exp_weights()[CAP])
 
 
 # -- integer context ---------------------------------------------------------------------------
@@ -281,7 +298,7 @@ def _code_phase(coder, model_class, symbols: np.ndarray, classes: np.ndarray, sh
     index = _symbol_index(symbols, width)
     for cls, shape in zip(np.unique(classes), shapes):
         chosen = index[classes == cls]
-        coder.encode(chosen.astype(np.int32), model_class(_weights(int(cls), width)[shape], perfect=False))
+        coder.encode(chosen.astype(np.int32), model_class(_shape_weights(int(cls), width, int(shape)), perfect=False))
     order = np.argsort(classes, kind="stable")
     return symbols[order][index[order] == 2 * width + 1]
 
@@ -293,7 +310,8 @@ def _decode_phase(decoder, model_class, classes: np.ndarray, shapes: np.ndarray,
         raise ValueError("the residual payload's shapes do not fit its classes")
     for cls, shape in zip(used, shapes):
         where = np.flatnonzero(classes == cls)
-        index = np.asarray(decoder.decode(model_class(_weights(int(cls), width)[shape], perfect=False), len(where)),
+        index = np.asarray(decoder.decode(model_class(_shape_weights(int(cls), width, int(shape)), perfect=False),
+                                          len(where)),
                            dtype=np.int64)
         values = index - width
         out = np.flatnonzero(index == 2 * width + 1)
