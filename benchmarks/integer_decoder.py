@@ -53,19 +53,24 @@ def rounded_decoder(model: torch.nn.Module, weight_bits: int) -> tuple[torch.nn.
     return model, convs
 
 
-def quantised_inputs(convs: list[torch.nn.Module], bits: int, ranges: dict) -> list:
-    """Forward hooks rounding each convolution's input to ``bits`` over its range (unsigned where
-    the input is never negative, after a ReLU); ``ranges`` is filled on a first pass."""
-    def calibrate(module, inputs):
+def calibrated(convs: list[torch.nn.Module], ranges: dict) -> list:
+    """Forward hooks recording the largest magnitude of each convolution's input in ``ranges``."""
+    def record(module, inputs):
         ranges[module] = max(ranges.get(module, 0.0), float(inputs[0].abs().max()))
 
+    return [conv.register_forward_pre_hook(record) for conv in convs]
+
+
+def rounded_inputs(convs: list[torch.nn.Module], bits: int, ranges: dict) -> list:
+    """Forward hooks rounding each convolution's input to ``bits`` over its calibrated range
+    (unsigned where the input is never negative, as after a ReLU)."""
     def rounded(module, inputs):
         x, top = inputs[0], max(ranges[module], 1e-30)
-        levels = 2 ** bits - 1 if float(x.min()) >= 0 else 2 ** (bits - 1) - 1
-        low = 0 if float(x.min()) >= 0 else -levels
-        return (torch.round(x / (top / levels)).clamp(low, levels) * (top / levels),)
+        signed = float(x.min()) < 0
+        levels = 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
+        return (torch.round(x / (top / levels)).clamp(-levels if signed else 0, levels) * (top / levels),)
 
-    return [conv.register_forward_pre_hook(rounded if ranges else calibrate) for conv in convs]
+    return [conv.register_forward_pre_hook(rounded) for conv in convs]
 
 
 def residual_bits(originals, pictures) -> float:
@@ -120,9 +125,9 @@ def main() -> None:
     exact = [p for _, p in codec._decoded(packed.file, *packed.codes, exact=True)]
     model, convs = rounded_decoder(codec._float64_model(), args.weight_bits)
     ranges: dict = {}
-    codec._model64 = model
-    for pass_ in range(2):  # calibrate, then round
-        hooks = quantised_inputs(convs, args.activation_bits, ranges)
+    codec._model64 = model  # the codec's float64 decode now runs the rounded copy
+    for hooked in (lambda: calibrated(convs, ranges), lambda: rounded_inputs(convs, args.activation_bits, ranges)):
+        hooks = hooked()  # first calibrate on the float64 inputs, then round
         pictures = [p for _, p in codec._decoded(packed.file, *packed.codes, exact=True)]
         for hook in hooks:
             hook.remove()

@@ -115,36 +115,50 @@ def _profile(cls: int, blend: int, d: np.ndarray) -> np.ndarray:
     return _exp_weights()[gaps[np.minimum(d, len(gaps) - 1)]]
 
 
-def _weights(cls: int, width: int) -> np.ndarray:
-    """Integer weights (float64, exact) ``(SHAPES, 2 width + 2)`` of the symbols -width..width and the
-    escape, for one class: the Laplace-to-Gaussian blends, then a Laplace and a Gaussian each with a
-    share k/16 (k in :data:`MIXES`) of a Laplace two octaves wider (heavier tails), then each with a
-    share k/16 (k in :data:`SPIKES`) of a Laplace one or two octaves narrower (a sharper peak)."""
+def _composition(shape: int) -> tuple[int, int, int, int]:
+    """Shape ``shape`` as ``(blend, its weight, class offset of a Laplace mixed in, that one's
+    weight)``: the Laplace-to-Gaussian blends alone, then a Laplace and a Gaussian each with a
+    share k/16 (k in :data:`MIXES`) of a Laplace two octaves wider (heavier tails), then each with
+    a share k/16 (k in :data:`SPIKES`) of a Laplace one or two octaves narrower (a sharper peak)."""
+    if shape < BLENDS:
+        return shape, 1, 0, 0
+    j = shape - BLENDS
+    if j < 2 * len(MIXES):
+        k = MIXES[j % len(MIXES)]
+        return (0, BLENDS - 1)[j // len(MIXES)], (16 - k) * 4, WIDE, k
+    j -= 2 * len(MIXES)
+    octaves, k = 1 + (j // len(SPIKES)) % 2, SPIKES[j % len(SPIKES)]
+    return (0, BLENDS - 1)[j // (2 * len(SPIKES))], 16 - k, -4 * octaves, k << octaves
+
+
+def _shape_rows(cls: int, width: int, shapes) -> np.ndarray:
+    """Integer weights (float64, exact) ``(len(shapes), 2 width + 2)`` of the symbols -width..width
+    and the escape under each of ``shapes`` of class ``cls`` (:func:`_composition`)."""
     d = np.abs(np.arange(-width, width + 1))
-    blends = [_profile(cls, b, d) for b in range(BLENDS)]
-    wide = _profile(min(cls + WIDE, N_CLASSES - 1), 0, d)
-    mixes = [(16 - k) * 4 * base + k * wide for base in (blends[0], blends[-1]) for k in MIXES]
-    spikes = [(16 - k) * base + k * (1 << octaves) * _profile(max(cls - 4 * octaves, 0), 0, d)
-              for base in (blends[0], blends[-1]) for octaves in (1, 2) for k in SPIKES]
-    weights = np.stack(blends + mixes + spikes)
-    return np.concatenate([weights, np.full((SHAPES, 1), _exp_weights()[CAP])], axis=1)
+    profiles: dict[tuple[int, int], np.ndarray] = {}
+
+    def profile(c: int, blend: int) -> np.ndarray:
+        c = min(max(c, 0), N_CLASSES - 1)
+        if (c, blend) not in profiles:
+            profiles[c, blend] = _profile(c, blend, d)
+        return profiles[c, blend]
+
+    rows = []
+    for shape in shapes:
+        blend, weight, offset, other = _composition(shape)
+        row = weight * profile(cls, blend)
+        rows.append(row + other * profile(cls + offset, 0) if other else row)
+    return np.concatenate([np.stack(rows), np.full((len(rows), 1), _exp_weights()[CAP])], axis=1)
+
+
+def _weights(cls: int, width: int) -> np.ndarray:
+    """Every shape's weights of class ``cls`` (``(SHAPES, 2 width + 2)``), as :func:`_fit` compares them."""
+    return _shape_rows(cls, width, range(SHAPES))
 
 
 def _shape_weights(cls: int, width: int, shape: int) -> np.ndarray:
     """``_weights(cls, width)[shape]``, computing that one shape alone (what the coder needs)."""
-    d = np.abs(np.arange(-width, width + 1))
-    base = lambda i: _profile(cls, 0 if i == 0 else BLENDS - 1, d)
-    if shape < BLENDS:
-        row = _profile(cls, shape, d)
-    elif shape < BLENDS + 2 * len(MIXES):
-        j = shape - BLENDS
-        k = MIXES[j % len(MIXES)]
-        row = (16 - k) * 4 * base(j // len(MIXES)) + k * _profile(min(cls + WIDE, N_CLASSES - 1), 0, d)
-    else:
-        j = shape - BLENDS - 2 * len(MIXES)
-        octaves, k = 1 + (j // len(SPIKES)) % 2, SPIKES[j % len(SPIKES)]
-        row = (16 - k) * base(j // (2 * len(SPIKES))) + k * (1 << octaves) * _profile(max(cls - 4 * octaves, 0), 0, d)
-    return np.append(row, _exp_weights()[CAP])
+    return _shape_rows(cls, width, (shape,))[0]
 
 
 # -- integer context ---------------------------------------------------------------------------
@@ -558,9 +572,8 @@ def _phase_settings(version: int, numbers: list[int], reader: _Reader) -> list[t
     if version == 1:
         return [tuple(numbers[3 * i:3 * i + 3]) for i in range(len(PHASES))]
     counts = [len(offsets) + len(PICTURE_OFFSETS) for offsets in MEAN_OFFSETS]
-    weights = iter(np.array(reader.varints(sum(counts)), dtype=np.int64).reshape(-1).tolist())
-    return [(numbers[2 * i], numbers[2 * i + 1], np.array([next(weights) for _ in range(n)], dtype=np.int64))
-            for i, n in enumerate(counts)]
+    weights = np.split(np.array(reader.varints(sum(counts)), dtype=np.int64), np.cumsum(counts)[:-1])
+    return [(numbers[2 * i], numbers[2 * i + 1], weights[i]) for i in range(len(PHASES))]
 
 
 def _parse(payload: bytes, shape: tuple[int, int]) -> _Payload:
