@@ -170,6 +170,16 @@ def test_a_damaged_residual_is_refused_in_one_line(work, test_files, tmp_path, c
         err = capsys.readouterr().err.strip()
         assert "residual layer does not decode" in err and len(err.splitlines()) == 1
         assert not list((tmp_path / f"out{position}").glob("*.nii.gz"))
+    # the last slice's stream damaged: the slices decoded before it are not left behind either
+    payload = bytearray(file.layers["residual"][1])
+    payload[-3] ^= 0x5A
+    file.layers["residual"][1] = bytes(payload)
+    (tmp_path / "late.mrvq").write_bytes(file.to_bytes())
+    capsys.readouterr()
+    assert run_main(["decode", "--checkpoint", str(work["vqvae"]), str(tmp_path / "late.mrvq"), "--out",
+                     str(tmp_path / "late")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not list((tmp_path / "late").glob("*.nii.gz"))
 
 
 def test_the_float64_picture_is_the_float32_one_to_float32_precision(work, test_files):

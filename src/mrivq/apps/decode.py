@@ -78,7 +78,14 @@ def decode(checkpoint: str | Path, codes_path: str | Path, out_dir: str | Path, 
     stream = tqdm(codec.decompress(codes, codes_path, codes=decoded, only=only, codes_only=codes_only),
                   total=len(outputs), desc="decode",
                   unit="slice", disable=None, leave=False)
-    _write_all(stream, codes, out_dir, outputs, dicom, codec.batch_size)
+    earlier = {target for target in targets if target.exists() or target.is_symlink()}
+    try:
+        _write_all(stream, codes, out_dir, outputs, dicom, codec.batch_size)
+    except BaseException:  # a slice's coding layer found damaged midway: no partial set of slices is left
+        for target in targets:
+            if target not in earlier and target.exists():
+                target.unlink()
+        raise
     return targets
 
 
