@@ -47,19 +47,26 @@ def test_every_voxel_decodes_within_the_bound_and_exactly_at_zero(work, test_fil
     assert len(codes_only.blob) < len(packed.blob) < sum(4 * p.size for p in slices.images)
 
 
-def test_a_machine_whose_floating_point_rounds_otherwise_decodes_the_same_values(work, test_files, one_thread):
-    """Every float result of the VQ-VAE's float64 decode moved one ulp: the pictures differ, the
-    decoded values do not (at 0 and 2)."""
+@pytest.mark.parametrize("picture", ["integer copy", "float64"])
+def test_a_machine_whose_floating_point_rounds_otherwise_decodes_the_same_values(work, test_files, one_thread,
+                                                                                 picture, monkeypatch):
+    """Every float result of torch moved one ulp: a new file's picture (the decoder's integer copy)
+    does not move at all; an older file's (float64, as files before the copy, and models without
+    one, have it) moves, and the decoded values do not (at 0 and 2)."""
+    if picture == "float64":
+        monkeypatch.setattr("mrivq.compression.codec.has_copy", lambda model: False)
     codec = load_codec(work["vqvae"])
     slices = CodecInput.read(test_files, codec.prep, originals=True)
     for delta in (0, 2):
         packed = codec.compress(slices, layers=("residual",), layer_options={"residual": {"max_error": delta}})
         file = CodesFile.from_bytes(packed.blob)
+        assert ("picture" in file.header) == (picture == "integer copy")
         plain = dict(codec._decoded(file, *packed.codes, exact=True))
         with OneUlp():
             nudged = dict(codec._decoded(file, *packed.codes, exact=True))
             decoded = dict(codec.decompress(file, codes=packed.codes))
-        assert any(not np.array_equal(plain[i], nudged[i]) for i in plain)
+        moved = [not np.array_equal(plain[i], nudged[i]) for i in plain]
+        assert any(moved) if picture == "float64" else not any(moved)
         again = dict(codec.decompress(file, codes=packed.codes))
         for i, stored in decoded.items():
             assert np.array_equal(stored.values, again[i].values)

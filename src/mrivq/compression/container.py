@@ -263,6 +263,15 @@ _KeptScalar = Annotated[str, Field(max_length=256)] | int | float
 _KeptValue = _KeptScalar | Annotated[list[_KeptScalar], Field(max_length=16)]
 
 
+class PictureEntry(_Strict):
+    """What a file's coding layers built on: the decoder's integer copy (its arithmetic, the ranges
+    it was calibrated to, its fingerprint; :mod:`mrivq.compression.portable.decoder`)."""
+
+    arithmetic: Literal["int8-v1"]
+    ranges: list[float] = Field(min_length=1, max_length=256)
+    fingerprint: str = Field(pattern=r"^[0-9a-f]{16}$")
+
+
 class CodesHeader(_Strict):
     """The header section's schema: types, ranges, and the checks within the header itself."""
 
@@ -291,6 +300,8 @@ class CodesHeader(_Strict):
         | None = Field(default=None, max_length=MAX_SLICES)
     # The coding layers on top of the codes, in the order they apply (mrivq.compression.layers).
     layers: list[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")]] | None = Field(default=None, max_length=8)
+    # The picture those layers built on, where it is the decoder's integer copy (files before it: float64).
+    picture: PictureEntry | None = None
     # What of each DICOM series' original header travels with the file (encode --keep-dicom-header):
     # volume name -> the attributes of mrivq.data.dicom.KEPT_ATTRIBUTES it had, each checked below
     # against its representation (mrivq.data.dicom.kept_value).
@@ -326,6 +337,8 @@ class CodesHeader(_Strict):
             raise ValueError(problem)
         if self.layers is not None and len(set(self.layers)) != len(self.layers):
             raise ValueError("a coding layer is listed twice")
+        if self.picture is not None and not self.layers:
+            raise ValueError("it names the picture of coding layers it does not have")
         if self.dicom is not None:
             volumes = {source.volume.name for source in self.sources if source.volume is not None}
             for name, kept in self.dicom.items():

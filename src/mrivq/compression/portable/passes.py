@@ -46,7 +46,7 @@ ARITHMETIC = {"shift": SHIFT, "stream_bits": STREAM_BITS, "stream_limit": STREAM
               "logit_units": LOGIT_UNITS, "exp_range": EXP_RANGE, "exp_bits": EXP_BITS}
 
 
-def _multiplier(ratio: float) -> int:
+def multiplier_of(ratio: float) -> int:
     """The int64 multiplier ``m`` with ``m / 2**SHIFT`` closest to ``ratio`` (made once, stored)."""
     return round(ratio * (1 << SHIFT))
 
@@ -129,7 +129,7 @@ class _Conv:
         return acc.bitwise_right_shift_(SHIFT).reshape(batch, height, width, -1)
 
 
-def _activate(x: torch.Tensor, multiplier: int) -> torch.Tensor:
+def activate(x: torch.Tensor, multiplier: int) -> torch.Tensor:
     """ReLU of the stream ``x`` (int64), requantised to 8 bits by ``multiplier`` and shifted by -128
     to int8 (the product's correction adds ``128 * sum(weights)`` back): ``round(x * m / 2**SHIFT)``
     clamped to [0, 255], minus 128, with the -128 folded in before the shift. ``x`` is first
@@ -164,7 +164,7 @@ class _IntegerNet:
             x += condition
         x.clamp_(-STREAM_LIMIT, STREAM_LIMIT)
         for conv, multiplier in zip(self.convs, self.activations):
-            x += conv(_activate(x, multiplier))
+            x += conv(activate(x, multiplier))
             x.clamp_(-STREAM_LIMIT, STREAM_LIMIT)
         return x
 
@@ -172,7 +172,7 @@ class _IntegerNet:
         """int8 ``(B, P, C)``: the head's input at the ``P`` positions of pass ``step`` (raster order)."""
         x = self.stream(codes, step, condition)
         here = (self.order == step).flatten()
-        return _activate(x.reshape(len(x), -1, x.shape[-1])[:, here], self.activations[-1])
+        return activate(x.reshape(len(x), -1, x.shape[-1])[:, here], self.activations[-1])
 
     def logits(self, head_input: torch.Tensor) -> torch.Tensor:
         """int64 ``(P, n_embed)`` logits, in units of 1/LOGIT_UNITS nat, of one grid's ``(P, C)`` head input."""
@@ -213,7 +213,7 @@ class IntegerPassPrior(IntegerCopy):
             return x.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
         # four features per top position, channel c's at 4c + 2i + j for bottom position (i, j)
         # (PyTorch's pixel_shuffle), laid out over the bottom grid, channels last
-        x = net.head(_activate(x, net.activations[-1]))
+        x = net.head(activate(x, net.activations[-1]))
         batch, rows, cols, _ = x.shape
         return x.reshape(batch, rows, cols, -1, 2, 2).permute(0, 1, 4, 2, 5, 3).reshape(batch, 2 * rows, 2 * cols, -1)
 
@@ -361,7 +361,7 @@ def _net_state(net, record: dict, unit: float, *, head: bool) -> dict:
     floor = unit * (1 << STREAM_BITS) / 4096
     relu_scales = [max(top, floor) / 255 for top in record["relu"]]  # float per uint8 step
     state = {"n_embed": net.code.num_embeddings - (0 if isinstance(net, TopFeatures) else 1),
-             "activations": torch.tensor([_multiplier(unit / s) for s in relu_scales], dtype=torch.int64),
+             "activations": torch.tensor([multiplier_of(unit / s) for s in relu_scales], dtype=torch.int64),
              "convs": [_conv_state(conv, relu_scales[i], unit) for i, conv in enumerate(net.convs)]}
     state["code"] = table(net.code.weight, unit)
     if isinstance(net, TopFeatures) and net.out is not None:  # features in the stream's unit
@@ -386,7 +386,7 @@ def _conv_state(conv: torch.nn.Conv2d, input_scale: float, output_unit: float) -
     layout = q.permute(2, 3, 1, 0).reshape(k * k * c, n)  # (taps, C) x N
     bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros(n, dtype=torch.float64)
     return {"weight": layout.to(torch.int8), "kernel": k, "dilation": int(conv.dilation[0]),
-            "multiplier": torch.tensor([_multiplier(input_scale * float(s) / output_unit) for s in scale],
+            "multiplier": torch.tensor([multiplier_of(input_scale * float(s) / output_unit) for s in scale],
                                        dtype=torch.int64),
             "bias": torch.round(bias / output_unit).long()}
 
