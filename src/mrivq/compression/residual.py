@@ -131,24 +131,56 @@ def _composition(shape: int) -> tuple[int, int, int, int]:
     return (0, BLENDS - 1)[j // (2 * len(SPIKES))], 16 - k, -4 * octaves, k << octaves
 
 
+@lru_cache(maxsize=N_CLASSES * BLENDS)
+def _half_profile(cls: int, blend: int) -> tuple[np.ndarray, np.ndarray]:
+    """The weights of |d| = 0 .. ESCAPE under blend ``blend`` of class ``cls`` (float64, exact), and
+    the sums of the weights of -w..w for every width w (exact: below 2**33)."""
+    half = _profile(cls, blend, np.arange(ESCAPE + 1))
+    return half, 2 * np.cumsum(half) - half[0]
+
+
+@lru_cache(maxsize=1)
+def _compositions() -> tuple[np.ndarray, ...]:
+    """Every shape's :func:`_composition` as arrays: blend, its weight, offset, the other's weight."""
+    return tuple(np.array(column) for column in zip(*(_composition(shape) for shape in range(SHAPES))))
+
+
 def _shape_rows(cls: int, width: int, shapes) -> np.ndarray:
     """Integer weights (float64, exact) ``(len(shapes), 2 width + 2)`` of the symbols -width..width
     and the escape under each of ``shapes`` of class ``cls`` (:func:`_composition`)."""
     d = np.abs(np.arange(-width, width + 1))
-    profiles: dict[tuple[int, int], np.ndarray] = {}
-
-    def profile(c: int, blend: int) -> np.ndarray:
-        c = min(max(c, 0), N_CLASSES - 1)
-        if (c, blend) not in profiles:
-            profiles[c, blend] = _profile(c, blend, d)
-        return profiles[c, blend]
-
     rows = []
     for shape in shapes:
         blend, weight, offset, other = _composition(shape)
-        row = weight * profile(cls, blend)
-        rows.append(row + other * profile(cls + offset, 0) if other else row)
+        row = weight * _half_profile(cls, blend)[0][d]
+        if other:
+            row += other * _half_profile(min(max(cls + offset, 0), N_CLASSES - 1), 0)[0][d]
+        rows.append(row)
     return np.concatenate([np.stack(rows), np.full((len(rows), 1), _exp_weights()[CAP])], axis=1)
+
+
+def _shape_costs(cls: int, width: int, counts: np.ndarray) -> np.ndarray:
+    """Bits of coding ``counts`` (``(2 width + 2,)``: of the symbols -width..width and the escape)
+    under each shape of class ``cls``: :func:`_weights`, read only where a count is not zero."""
+    used = np.flatnonzero(counts)
+    n, d = counts[used], np.abs(np.minimum(used, 2 * width) - width)
+    blends, weights, offsets, others = _compositions()
+    profiles, mixed = _class_profiles(cls)
+    rows = weights[:, None] * profiles[blends, 0][:, d] + others[:, None] * profiles[mixed, 0][:, d]
+    rows[:, used == 2 * width + 1] = _exp_weights()[CAP]
+    totals = weights * profiles[blends, 1, width] + others * profiles[mixed, 1, width] + _exp_weights()[CAP]
+    return n.sum() * np.log2(totals) - np.log2(rows) @ n
+
+
+@lru_cache(maxsize=N_CLASSES)
+def _class_profiles(cls: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class ``cls``'s :func:`_half_profile` of every blend, then those of the Laplaces its shapes
+    mix in (``(BLENDS + k, 2, ESCAPE + 1)``), and each shape's row of its mixed-in one."""
+    offsets = _compositions()[2]
+    distinct = sorted(set(offsets.tolist()))
+    mixes = [_half_profile(min(max(cls + o, 0), N_CLASSES - 1), 0) for o in distinct]
+    profiles = np.stack([np.stack(_half_profile(cls, b)) for b in range(BLENDS)] + [np.stack(m) for m in mixes])
+    return profiles, BLENDS + np.searchsorted(distinct, offsets)
 
 
 def _weights(cls: int, width: int) -> np.ndarray:
@@ -285,7 +317,6 @@ def _fit(symbols: np.ndarray, features: np.ndarray) -> tuple[np.ndarray, np.ndar
     gram = design.T @ design + 1e-6 * np.eye(design.shape[1])  # least squares by the normal equations
     solution = np.linalg.solve(gram, design.T @ np.abs(symbols).astype(np.float64))
     index = _symbol_index(symbols, width)
-    tables: dict[int, np.ndarray] = {}
     best = (math.inf, None, None)
     for factor in (0.8, 1.0, 1.25):
         coefficients = np.clip(solution * factor, -60000, 60000).astype(np.float16)
@@ -294,10 +325,7 @@ def _fit(symbols: np.ndarray, features: np.ndarray) -> tuple[np.ndarray, np.ndar
         counts = counts.reshape(N_CLASSES, 2 * width + 2)
         bits, shapes = 0.0, []
         for cls in np.flatnonzero(counts.sum(1)):
-            if cls not in tables:
-                weights = _weights(int(cls), width)
-                tables[cls] = np.log2(weights) - np.log2(weights.sum(1, keepdims=True))
-            cost = -(tables[cls] @ counts[cls])
+            cost = _shape_costs(int(cls), width, counts[cls])
             shapes.append(int(np.argmin(cost)))
             bits += float(cost.min())
         if bits < best[0]:
