@@ -92,64 +92,109 @@ def calibrate(model: VQVAE2, codes_top: torch.Tensor, codes_bottom: torch.Tensor
 # -- the copy ----------------------------------------------------------------------------------
 
 def _layer(weight: torch.Tensor, bias: torch.Tensor | None, input_scale: float, output_unit: float, *,
-           shifted: bool, transposed: bool = False) -> dict:
-    """One convolution's integers: int8 weight matrices laid out as :func:`_columns` makes columns
-    (one, or one per output phase of a transposed convolution), and per output channel the
-    multiplier and offset that take the int32 products into ``output_unit`` (the inputs'
-    -128 shift, the bias and the rounding half folded into the offset) at the largest ``shift``
-    that keeps every sum inside int64."""
+           shifted: bool, transposed: bool = False, input_bits: int = 8, weight_bits: int = 8) -> dict:
+    """One convolution's integers. Weights per output channel in ``weight_bits`` (8, or 16 as a high
+    and a low int8 part) as the matrices :func:`_columns` multiplies; the input in ``input_bits``
+    (8, or 16 as two parts too). Per output channel the multiplier and the offsets (one per
+    matrix) that take the exact sums into ``output_unit`` (the bias, the rounding half and the
+    inputs' shift by -128 folded in), at the largest ``shift`` that keeps every sum inside int64.
+
+    A 4x4 transposed convolution of stride 2 is four 2x2 convolutions, one per output phase
+    (``layout: phases``), or, with fewer than 8 outputs, one product of each input position with
+    all 16 taps, scattered onto the output (``layout: scatter``: far fewer columns to build)."""
     w = weight.detach().double().cpu()
-    if transposed:  # (C, N, 4, 4): output phase (r, s) reads taps 3 - r - 2 di, 3 - s - 2 dj
-        w = w.transpose(0, 1)
-    n = w.shape[0]
-    scale = w.abs().amax(dim=(1, 2, 3)).clamp(min=1e-30) / 127  # (N,)
-    q = torch.round(w / scale[:, None, None, None]).clamp(-127, 127)  # (N, C, k, k)
-    if transposed:
-        phases = [q[:, :, [3 - r, 1 - r]][:, :, :, [3 - s, 1 - s]] for r in (0, 1) for s in (0, 1)]
+    w = w.transpose(0, 1) if transposed else w  # (N, C, k, k)
+    n, channels = w.shape[:2]
+    largest = 127 if weight_bits == 8 else 32639  # a 16-bit weight's high byte stays within int8
+    scale = w.abs().amax(dim=(1, 2, 3)).clamp(min=1e-30) / largest  # (N,)
+    q = torch.round(w / scale[:, None, None, None]).long()
+    layout = "conv" if not transposed else "phases" if n >= 8 else "scatter"
+    if layout == "phases":  # output phase (r, s) reads taps 3 - r - 2 di, 3 - s - 2 dj of inputs (i + r + di - 1, ..)
+        kernels = [q[:, :, [3 - r, 1 - r]][:, :, :, [3 - s, 1 - s]] for r in (0, 1) for s in (0, 1)]
+        matrices = [k.permute(2, 3, 1, 0).reshape(-1, n) for k in kernels]  # (4 C, N)
+    elif layout == "scatter":  # (C, 16 N): column (4 ky + kx) N + n
+        matrices = [q.permute(1, 2, 3, 0).reshape(channels, 16 * n)]
     else:
-        phases = [q]
-    matrices = [p.permute(2, 3, 1, 0).reshape(-1, n) for p in phases]  # (taps x C, N)
+        matrices = [q.permute(2, 3, 1, 0).reshape(-1, n)]  # (k k C, N)
+    zero = (128 if input_bits == 8 else 32896) if shifted else 0  # what the int8 inputs are shifted by
+    taps = 4 * channels if transposed else matrices[0].shape[0]  # the most products in one output's sum
+    bound = taps * (1 << input_bits) * (largest + 1)
     b = bias.detach().double().cpu() if bias is not None else torch.zeros(n, dtype=torch.float64)
-    bound = max(len(m) for m in matrices) * 128 * 127 * 2  # |acc| and the shift's correction
     for shift in range(MAX_SHIFT, 0, -1):
         multiplier = torch.round(scale * input_scale / output_unit * float(1 << shift)).long()
-        offset = torch.round(b / output_unit * float(1 << shift)).long()
+        offset = torch.round(b / output_unit * float(1 << shift)).long() + (1 << (shift - 1))
         if int(multiplier.abs().max()) * bound + int(offset.abs().max()) < 1 << 61:
             break
     else:
         raise ValueError("its weights or ranges put a convolution beyond int64")
-    offsets = [offset + (1 << (shift - 1)) + (128 * m.sum(dim=0) * multiplier if shifted else 0) for m in matrices]
-    return {"weights": [m.to(torch.int8) for m in matrices], "multiplier": multiplier,
-            "offsets": [o.long() for o in offsets], "shift": shift, "shifted": shifted,
-            "kernel": "transposed" if transposed else int(w.shape[-1])}
+    corrections = [zero * m.sum(dim=0) for m in matrices]
+    return {"layout": layout, "kernel": int(w.shape[-1]), "shifted": shifted, "input_bits": input_bits,
+            "weights": [[m.to(torch.int8)] if weight_bits == 8 else
+                        [((m - (m + 128) % 256 + 128) // 256).to(torch.int8), ((m + 128) % 256 - 128).to(torch.int8)]
+                        for m in matrices],
+            "multiplier": multiplier, "shift": shift,
+            "offsets": [offset] if layout == "scatter" else [offset + c * multiplier for c in corrections],
+            "correction": corrections[0] if layout == "scatter" else None}
 
 
-def _columns(a: torch.Tensor, layer: dict) -> list[torch.Tensor]:
-    """int8 ``(B, H, W, C)`` -> one ``(B H W, taps C)`` matrix per output phase: each position's
-    neighbourhood, the input's zero (-128 when shifted) beyond the edges."""
+def _columns(a: torch.Tensor, layer: dict, phase: int) -> torch.Tensor:
+    """int8 ``(B, H, W, C)`` -> the ``(B H W, taps C)`` columns of matrix ``phase``: each position's
+    3x3 or 2x2 neighbourhood (the input's zero, -128 when shifted, beyond the edges), or the
+    position alone."""
     zero = -128 if layer["shifted"] else 0
-    channels = a.shape[-1]
-    if layer["kernel"] == 1:
-        return [a.reshape(-1, channels)]
-    if layer["kernel"] == 3:
-        return [patches(a, 3, pad=1, value=zero).reshape(-1, 9 * channels)]
-    padded = F.pad(a, (0, 0, 1, 1, 1, 1), value=zero)
-    height, width = a.shape[1], a.shape[2]
-    return [torch.cat([padded[:, r + di:r + di + height, s + dj:s + dj + width] for di in (0, 1) for dj in (0, 1)],
-                      dim=-1).reshape(-1, 4 * channels) for r in (0, 1) for s in (0, 1)]
+    if layer["layout"] == "conv" and layer["kernel"] == 3:
+        return patches(a, 3, pad=1, value=zero).reshape(-1, 9 * a.shape[-1])
+    if layer["layout"] == "phases":
+        r, s = divmod(phase, 2)
+        padded = F.pad(a, (0, 0, 1, 1, 1, 1), value=zero)
+        height, width = a.shape[1], a.shape[2]
+        return torch.cat([padded[:, r + di:r + di + height, s + dj:s + dj + width] for di in (0, 1) for dj in (0, 1)],
+                         dim=-1).reshape(-1, 4 * a.shape[-1])
+    return a.reshape(-1, a.shape[-1])
 
 
-def _convolve(a: torch.Tensor, layer: dict) -> torch.Tensor:
-    """int8 ``(B, H, W, C)`` -> int64 ``(B, H, W, N)`` (``(B, 2H, 2W, N)`` transposed) in the output's unit."""
-    batch, height, width, _ = a.shape
+def _sums(columns: list[torch.Tensor], weights: list[torch.Tensor]) -> torch.Tensor:
+    """The exact sums (int64) of the input's columns (one part, or its high and low byte's) with the
+    weights (one part, or their high and low byte's)."""
+    out = None
+    for part, a_shift in zip(columns, [8, 0][2 - len(columns):]):
+        for matrix, w_shift in zip(weights, [8, 0][2 - len(weights):]):
+            product = int8_matmul(part, matrix).long()
+            if a_shift + w_shift:
+                product.bitwise_left_shift_(a_shift + w_shift)
+            out = product if out is None else out.add_(product)
+    return out
+
+
+def _convolve(a, layer: dict) -> torch.Tensor:
+    """int8 ``(B, H, W, C)`` (a 16-bit input: its high and low bytes) -> int64 ``(B, H, W, N)``
+    (``(B, 2H, 2W, N)`` transposed) in the output's unit."""
+    parts = a if isinstance(a, tuple) else (a,)
+    batch, height, width, _ = parts[0].shape
     outs = []
-    for columns, weights, offset in zip(_columns(a, layer), layer["weights"], layer["offsets"]):
-        acc = int8_matmul(columns, weights).long().mul_(layer["multiplier"]).add_(offset)
-        outs.append(acc.bitwise_right_shift_(layer["shift"]).reshape(batch, height, width, -1))
-    if len(outs) == 1:
-        return outs[0]
-    out = torch.stack(outs, dim=3).reshape(batch, height, width, 2, 2, -1)  # phases (r, s)
-    return out.permute(0, 1, 3, 2, 4, 5).reshape(batch, 2 * height, 2 * width, -1)
+    for phase, (weights, offset) in enumerate(zip(layer["weights"], layer["offsets"])):
+        acc = _sums([_columns(part, layer, phase) for part in parts], weights)
+        if layer["layout"] == "scatter":  # input (i, j), tap (ky, kx) -> output (2i - 1 + ky, 2j - 1 + kx)
+            acc = acc.add_(layer["correction"]).reshape(batch, height, width, 4, 4, -1)
+            out = acc.new_zeros(batch, 2 * height + 2, 2 * width + 2, acc.shape[-1])
+            for ky in range(4):
+                for kx in range(4):
+                    out[:, ky:ky + 2 * height:2, kx:kx + 2 * width:2] += acc[:, :, :, ky, kx]
+            acc = out[:, 1:-1, 1:-1].reshape(-1, acc.shape[-1])
+        outs.append(acc.mul_(layer["multiplier"]).add_(offset).bitwise_right_shift_(layer["shift"]))
+    if layer["layout"] == "phases":  # (r, s) interleaved
+        out = torch.stack(outs).reshape(2, 2, batch, height, width, -1).permute(2, 3, 0, 4, 1, 5)
+        return out.reshape(batch, 2 * height, 2 * width, -1)
+    scale = 1 if layer["layout"] == "conv" else 2
+    return outs[0].reshape(batch, scale * height, scale * width, -1)
+
+
+def _activate_wide(x: torch.Tensor, multiplier: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ReLU of the stream ``x`` (int64) requantised to 16 bits (``round(x * m / 2**SHIFT)`` clamped
+    to [0, 65535]), as its high and low bytes, each shifted by -128 to int8."""
+    top = ((65535 << SHIFT) // max(multiplier, 1)) + 1
+    u = x.clamp(-1, top).mul_(multiplier).add_(1 << (SHIFT - 1)).bitwise_right_shift_(SHIFT).clamp_(0, 65535)
+    return (u >> 8).sub_(128).to(torch.int8), (u & 255).sub_(128).to(torch.int8)
 
 
 def _signed(x: torch.Tensor, multiplier: int) -> torch.Tensor:
@@ -187,7 +232,7 @@ class IntegerDecoder:
             h = _convolve(activate(x, block["relu1"]), block["conv1"]).clamp_(-limit, limit)
             x.add_(_convolve(activate(h, block["relu2"]), block["conv2"])).clamp_(-limit, limit)
         h = _convolve(activate(x, s["relu_up1"]), s["up1"]).clamp_(-limit, limit)
-        out = _convolve(activate(h, s["relu_up2"]), s["up2"])
+        out = _convolve(_activate_wide(h, s["relu_up2"]), s["up2"])
         return out[..., 0].numpy().astype(np.float64) * s["picture_unit"]
 
 
@@ -196,6 +241,7 @@ def _decoder_state(model: VQVAE2, ranges: dict[str, float]) -> dict:
     blocks = list(model.dec.blocks)
     stream_unit = ranges["stream"] / (1 << STREAM_BITS)
     picture_unit = ranges["picture"] / (1 << STREAM_BITS)
+    wide_unit = ranges["up2"] / (1 << STREAM_BITS)
     top = model.quantize_top.embed.detach().double().cpu()
     top_scale = float(top.abs().max()) / 127 or 1.0
     relu = lambda name: ranges[name] / 255  # noqa: E731 - float per uint8 step after a ReLU
@@ -213,9 +259,12 @@ def _decoder_state(model: VQVAE2, ranges: dict[str, float]) -> dict:
                     "conv2": _layer(b.conv[3].weight, b.conv[3].bias, relu(f"block{i}.2"), stream_unit, shifted=True)}
                    for i, b in enumerate(blocks[1:-4])],
         "relu_up1": _activation(stream_unit, relu("up1")),
-        "up1": _layer(blocks[-3].weight, blocks[-3].bias, relu("up1"), stream_unit, shifted=True, transposed=True),
-        "relu_up2": _activation(stream_unit, relu("up2")),
-        "up2": _layer(blocks[-1].weight, blocks[-1].bias, relu("up2"), picture_unit, shifted=True, transposed=True),
+        # the last convolution's input in 16 bits, in a unit of its own
+        "up1": _layer(blocks[-3].weight, blocks[-3].bias, relu("up1"), wide_unit, shifted=True, transposed=True,
+                      weight_bits=16),
+        "relu_up2": _activation(wide_unit, ranges["up2"] / 65535),
+        "up2": _layer(blocks[-1].weight, blocks[-1].bias, ranges["up2"] / 65535, picture_unit, shifted=True,
+                      transposed=True, input_bits=16, weight_bits=16),
         "picture_unit": picture_unit,
     }
     if float(state["bottom"].abs().max()) > STREAM_LIMIT:
