@@ -177,9 +177,10 @@ def test_a_damaged_residual_is_refused_in_one_line(work, test_files, tmp_path, c
         err = capsys.readouterr().err.strip()
         assert "residual layer does not decode" in err and len(err.splitlines()) == 1
         assert not list((tmp_path / f"out{position}").glob("*.nii.gz"))
-    # the last slice's stream damaged: the slices decoded before it are not left behind either
+    # the last slice's stream damaged (a word in its middle: the tail's last bits may be slack): the
+    # slices decoded before it are not left behind either
     payload = bytearray(file.layers["residual"][1])
-    payload[-3] ^= 0x5A
+    payload[len(payload) // 2] ^= 0x5A
     file.layers["residual"][1] = bytes(payload)
     (tmp_path / "late.mrvq").write_bytes(file.to_bytes())
     capsys.readouterr()
@@ -265,3 +266,17 @@ def test_the_coders_one_shape_tables_are_the_fitted_tables_rows():
             table = residual._weights(cls, width)
             for shape in range(residual.SHAPES):
                 assert np.array_equal(table[shape], residual._shape_weights(cls, width, shape))
+
+
+@pytest.mark.parametrize("width", [0, 1, 40, residual.ESCAPE])
+def test_the_fit_prices_each_shape_at_what_the_coders_tables_would_cost(width):
+    """The fit reads its costs from the non-zero counts alone; they are the bits under the
+    coder's own tables (-log2 of each normalised row, times the counts)."""
+    rng = np.random.default_rng(width)
+    counts = rng.integers(0, 9, size=(residual.N_CLASSES, 2 * width + 2)) * (rng.random((residual.N_CLASSES, 1)) < 0.4)
+    used, costs = residual._shape_costs(width, counts)
+    assert np.array_equal(used, np.flatnonzero(counts.sum(1)))
+    for j, cls in enumerate(used[:6]):
+        table = residual._weights(int(cls), width)
+        bits = -((np.log2(table) - np.log2(table.sum(1, keepdims=True))) @ counts[cls])
+        np.testing.assert_allclose(costs[:, j], bits, rtol=1e-9)

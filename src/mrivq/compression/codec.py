@@ -80,7 +80,7 @@ SMALLEST_FILE = True
 MAX_BATCH_PIXELS = 16 * 256 * 128
 #: A file's integer decoder copy is calibrated on this many of its slices (evenly spaced); the
 #: others' values beyond those ranges saturate, the same way on every machine.
-CALIBRATION_SLICES = 16
+CALIBRATION_SLICES = 4
 
 
 def _batch(size: tuple[int, ...], batch_size: int) -> int:

@@ -159,27 +159,33 @@ def _shape_rows(cls: int, width: int, shapes) -> np.ndarray:
     return np.concatenate([np.stack(rows), np.full((len(rows), 1), _exp_weights()[CAP])], axis=1)
 
 
-def _shape_costs(cls: int, width: int, counts: np.ndarray) -> np.ndarray:
-    """Bits of coding ``counts`` (``(2 width + 2,)``: of the symbols -width..width and the escape)
-    under each shape of class ``cls``: :func:`_weights`, read only where a count is not zero."""
-    used = np.flatnonzero(counts)
-    n, d = counts[used], np.abs(np.minimum(used, 2 * width) - width)
-    blends, weights, offsets, others = _compositions()
-    profiles, mixed = _class_profiles(cls)
-    rows = weights[:, None] * profiles[blends, 0][:, d] + others[:, None] * profiles[mixed, 0][:, d]
-    rows[:, used == 2 * width + 1] = _exp_weights()[CAP]
-    totals = weights * profiles[blends, 1, width] + others * profiles[mixed, 1, width] + _exp_weights()[CAP]
-    return n.sum() * np.log2(totals) - np.log2(rows) @ n
+def _shape_costs(width: int, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The classes used in ``counts`` (``(N_CLASSES, 2 width + 2)``: each class's count of the
+    symbols -width..width and the escape), and the bits of coding each one's counts under each
+    shape (``(SHAPES, len(used))``): -log2 of :func:`_weights`' normalised rows, read only where
+    a count is not zero."""
+    classes, bins = np.nonzero(counts)
+    n, d = counts[classes, bins], np.abs(np.minimum(bins, 2 * width) - width)
+    blends, weights, _, others = _compositions()
+    profiles, mixed = _all_class_profiles()  # (N_CLASSES, BLENDS + k, 2, ESCAPE + 1), (SHAPES,)
+    rows = (weights[:, None] * profiles[classes[None, :], blends[:, None], 0, d[None, :]]
+            + others[:, None] * profiles[classes[None, :], mixed[:, None], 0, d[None, :]])
+    rows[:, bins == 2 * width + 1] = _exp_weights()[CAP]
+    used, starts = np.unique(classes, return_index=True)
+    totals = (weights[:, None] * profiles[used[None, :], blends[:, None], 1, width]
+              + others[:, None] * profiles[used[None, :], mixed[:, None], 1, width] + _exp_weights()[CAP])
+    return used, np.add.reduceat(n, starts) * np.log2(totals) - np.add.reduceat(np.log2(rows) * n, starts, axis=1)
 
 
-@lru_cache(maxsize=N_CLASSES)
-def _class_profiles(cls: int) -> tuple[np.ndarray, np.ndarray]:
-    """Class ``cls``'s :func:`_half_profile` of every blend, then those of the Laplaces its shapes
-    mix in (``(BLENDS + k, 2, ESCAPE + 1)``), and each shape's row of its mixed-in one."""
+@lru_cache(maxsize=1)
+def _all_class_profiles() -> tuple[np.ndarray, np.ndarray]:
+    """Every class's :func:`_half_profile` of every blend, then those of the Laplaces its shapes mix
+    in (``(N_CLASSES, BLENDS + k, 2, ESCAPE + 1)``, 34 MB), and each shape's index of its mixed-in one."""
     offsets = _compositions()[2]
     distinct = sorted(set(offsets.tolist()))
-    mixes = [_half_profile(min(max(cls + o, 0), N_CLASSES - 1), 0) for o in distinct]
-    profiles = np.stack([np.stack(_half_profile(cls, b)) for b in range(BLENDS)] + [np.stack(m) for m in mixes])
+    profiles = np.stack([np.stack([np.stack(_half_profile(cls, b)) for b in range(BLENDS)]
+                                  + [np.stack(_half_profile(min(max(cls + o, 0), N_CLASSES - 1), 0)) for o in distinct])
+                         for cls in range(N_CLASSES)])
     return profiles, BLENDS + np.searchsorted(distinct, offsets)
 
 
@@ -323,13 +329,10 @@ def _fit(symbols: np.ndarray, features: np.ndarray) -> tuple[np.ndarray, np.ndar
         classes = _classes(coefficients, features)
         counts = np.bincount(classes * (2 * width + 2) + index, minlength=N_CLASSES * (2 * width + 2))
         counts = counts.reshape(N_CLASSES, 2 * width + 2)
-        bits, shapes = 0.0, []
-        for cls in np.flatnonzero(counts.sum(1)):
-            cost = _shape_costs(int(cls), width, counts[cls])
-            shapes.append(int(np.argmin(cost)))
-            bits += float(cost.min())
+        _, costs = _shape_costs(width, counts)
+        bits = float(costs.min(axis=0).sum())
         if bits < best[0]:
-            best = (bits, coefficients, np.array(shapes, dtype=np.uint8))
+            best = (bits, coefficients, np.argmin(costs, axis=0).astype(np.uint8))
     return best[1], best[2], width
 
 
