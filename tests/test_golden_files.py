@@ -118,20 +118,24 @@ def test_golden_prior_coded_files_decode_the_same_with_every_float_result_one_ul
     assert np.array_equal(top, expected[f"{name}/top"]) and np.array_equal(bottom, expected[f"{name}/bottom"])
 
 
+@pytest.mark.parametrize("version", ["", "2"])
 @pytest.mark.parametrize("name", ["lossless", "bounded2"])
-def test_residual_files_of_the_first_payload_version_decode_to_the_values_they_held(name, tmp_path):
-    """Files the residual layer's first payload version wrote (``encode --max-error 0`` and ``2``,
-    before version 2's weighted mean): ``mrivq decode`` writes exactly the stored values they held."""
+def test_residual_files_of_earlier_payload_versions_decode_to_the_values_they_held(name, version, tmp_path):
+    """Files the residual layer's earlier payload versions wrote (``encode --max-error 0`` and ``2``):
+    version 1 (before the weighted mean; the float64 picture) and version 2 (the weighted mean in
+    1/256 and float16 coefficients; the first files on the decoder's integer copy, ``int8-v1``):
+    ``mrivq decode`` writes exactly the stored values they held."""
     import nibabel as nib
     import numpy as np
 
-    data = (GOLDEN / f"residual_{name}.mrvq").read_bytes()
-    with np.load(GOLDEN / "expected_residual.npz") as stored:
+    path = GOLDEN / f"residual{version}_{name}.mrvq"
+    data = path.read_bytes()
+    with np.load(GOLDEN / f"expected_residual{version}.npz") as stored:
         expected = {key: stored[key] for key in stored.files}
     assert hashlib.sha256(data).hexdigest() == str(expected[f"{name}/sha256"])
     out = tmp_path / "out"
-    assert run_main(["decode", "--device", "cpu", "--checkpoint", str(GOLDEN / "vqvae.pt"),
-                     str(GOLDEN / f"residual_{name}.mrvq"), "--out", str(out)]) == 0
+    assert run_main(["decode", "--device", "cpu", "--checkpoint", str(GOLDEN / "vqvae.pt"), str(path),
+                     "--out", str(out)]) == 0
     for written, values in zip(expected["names"], expected[f"{name}/values"]):
         decoded = np.asarray(nib.load(out / f"{written}.nii.gz").dataobj.get_unscaled())
         assert np.array_equal(decoded, values), written

@@ -4,17 +4,18 @@ The picture decoded from the codes is a strong prediction of the slice; this lay
 what is left, so that ``mrivq decode`` gives every stored value within ``max_error`` (δ) of
 the input's, and exactly the input's at δ = 0 ("lossy plus residual" coding). Per slice:
 
-1. **Prediction** ``P``: the picture (decoded in float64, in the file's stored units: before
-   ``scl_slope`` / ``scl_inter``) rounded to integers. A machine that decodes the picture a few
-   float64 ulps away rounds the same way, except where the picture lies within a hair
+1. **Prediction** ``P``: the picture (in the file's stored units: before ``scl_slope`` /
+   ``scl_inter``) rounded to integers. New files' picture is the decoder's integer copy's (the
+   same numbers on every machine); older files' was decoded in float64, and a machine that
+   decodes it a few ulps away rounds the same way, except where the picture lies within a hair
    (:data:`GUARD` of its range) of a rounding tie: those few voxels' rounding is stored.
 2. **Residual** ``r = X - P`` of the stored integers ``X``; for δ > 0 it is quantised with step
    2δ + 1 (``q = sign(r) ((|r| + δ) // (2δ + 1))``), so ``P + q (2δ + 1)`` is within δ of every
    voxel. Float data that are not integers are first put on a grid of step just under 2δ
    (δ = 0 is refused for them).
 3. **Coding** in three phases (:data:`PHASES`): a quarter of the voxels, the quarter between
-   them, then the other half. Each symbol is predicted by a linear mean (version 2 of the
-   payload; :data:`MEAN_OFFSETS`): weights, fitted per phase and slice by least squares and
+   them, then the other half. Each symbol is predicted by a linear mean (versions 2 and 3 of
+   the payload; :data:`MEAN_OFFSETS`): weights, fitted per phase and slice by least squares and
    stored, on the residuals already decoded around it (the four diagonal neighbours in the
    second phase, the four direct and eight knight's-move neighbours in the third) and on the
    picture's differences to its 3x3 neighbours (so the mean also sharpens the picture); version
@@ -32,8 +33,10 @@ A checksum of the reconstruction is stored and checked on decode: a file decodes
 values the encoder checked against the input, or is refused. Payload layout: :data:`HEAD`, the
 grid step (floats), the scaling, then small integers as zigzag varints (the values' range, each
 level's median, per phase its escape width and classes used, then every phase's mean weights;
-version 1: per phase width, classes and its one mean weight), each phase's float16
-coefficients and 5-bit shapes, the stored roundings, the escaped residuals, the coder's words.
+version 1: per phase width, classes and its one mean weight), every phase's coefficients
+(version 3: :data:`COEFFICIENT_BITS` bits each, a float16's top bits, and the weights in 1/128;
+versions 1 and 2: float16, weights in 1/256), each phase's 5-bit shapes, the stored roundings,
+the escaped residuals, the coder's words.
 """
 
 from __future__ import annotations
@@ -67,7 +70,8 @@ CAP = 16 * LOGIT_UNITS  # the least probable symbols sit 16 nats below the most 
 #: The on-disk types a slice may be written back as (the payload stores the index).
 DTYPES = ("uint8", "int8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64")
 
-VERSION = 2  # 1: the mean from one weight on the neighbours' mean residual (still decoded)
+VERSION = 3  # 2: weights in 1/256, float16 coefficients; 1: one weight on the neighbours' mean residual
+#: (both still decoded)
 #: The payload's fixed start: version, kind (integers or floats) and scaling width (bit 1: float32),
 #: on-disk type, height, width, the bound, the checksum of the rebuilt values.
 HEAD = struct.Struct("<BBBHHdI")
@@ -272,7 +276,9 @@ def _mean_prediction(alpha: int, total: np.ndarray) -> np.ndarray:
 #: the picture in one).
 MEAN_OFFSETS = ((), DIAGONAL, DIRECT + ((-1, -2), (-1, 2), (1, -2), (1, 2), (-2, -1), (-2, 1), (2, -1), (2, 1)))
 PICTURE_OFFSETS = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0))
-WEIGHT_UNIT = 256  # weights in 1/256
+WEIGHT_UNITS = {2: 256, 3: 128}  # by payload version: the mean's weights in 1/128 since version 3
+WEIGHT_UNIT = WEIGHT_UNITS[VERSION]
+COEFFICIENT_BITS = 9  # since version 3: a float16's sign, exponent and 3 mantissa bits
 WEIGHT_LIMIT = 4096
 COLUMN_LIMIT = 1 << 40  # columns clipped here: 20 of them times a weight stay far inside int64
 
@@ -300,9 +306,9 @@ def _fit_weights(q: np.ndarray, columns: np.ndarray, quantiser: int) -> np.ndarr
     return np.clip(np.round(solution * WEIGHT_UNIT), -WEIGHT_LIMIT, WEIGHT_LIMIT).astype(np.int64)
 
 
-def _weighted_mean(columns: np.ndarray, weights: np.ndarray, quantiser: int) -> np.ndarray:
-    """round(columns . weights / WEIGHT_UNIT / quantiser), in integers."""
-    unit = WEIGHT_UNIT * quantiser
+def _weighted_mean(columns: np.ndarray, weights: np.ndarray, quantiser: int, weight_unit: int = WEIGHT_UNIT) -> np.ndarray:
+    """round(columns . weights / weight_unit / quantiser), in integers."""
+    unit = weight_unit * quantiser
     return np.floor_divide(columns @ weights + unit // 2, unit)
 
 
@@ -325,7 +331,7 @@ def _fit(symbols: np.ndarray, features: np.ndarray) -> tuple[np.ndarray, np.ndar
     index = _symbol_index(symbols, width)
     best = (math.inf, None, None)
     for factor in (0.8, 1.0, 1.25):
-        coefficients = np.clip(solution * factor, -60000, 60000).astype(np.float16)
+        coefficients = _coarse(np.clip(solution * factor, -60000, 60000).astype(np.float16))
         classes = _classes(coefficients, features)
         counts = np.bincount(classes * (2 * width + 2) + index, minlength=N_CLASSES * (2 * width + 2))
         counts = counts.reshape(N_CLASSES, 2 * width + 2)
@@ -473,8 +479,9 @@ def encode(original: Stored, picture: np.ndarray, *, max_error: float = 0) -> by
     numbers += [v for _, _, _, weights in phases for v in weights.tolist()]
     parts = [head, struct.pack("<d", step) if kind == FLOATS else b"",
              scaling.astype("<f4" if narrow else "<f8").tobytes(), _varints(numbers)]
-    parts += [c.astype("<f2").tobytes() for _, c, _, _ in phases]
-    parts += [_packed_shapes(sh) for _, _, sh, _ in phases]
+    parts += [_packed(np.concatenate([c for _, c, _, _ in phases]).view(np.uint16) >> (16 - COEFFICIENT_BITS),
+                      COEFFICIENT_BITS)]
+    parts += [_packed(sh, SHAPE_BITS) for _, _, sh, _ in phases]
     gaps = np.diff(near.astype(np.int64), prepend=-1) - 1
     parts += [_varints(gaps.tolist()), np.packbits(bits).tobytes(),
               _varints([len(e) for e in escaped] + np.concatenate(escaped).tolist()), words.tobytes()]
@@ -505,15 +512,26 @@ def _bias(residual: np.ndarray, levels: np.ndarray) -> np.ndarray:
     return bias
 
 
-def _packed_shapes(values: np.ndarray) -> bytes:
-    """Shape indices, :data:`SHAPE_BITS` bits each."""
-    bits = (np.asarray(values, dtype=np.uint8)[:, None] >> np.arange(SHAPE_BITS - 1, -1, -1)) & 1
-    return np.packbits(bits.ravel()).tobytes()
+def _packed(values: np.ndarray, width: int) -> bytes:
+    """Small unsigned integers, ``width`` bits each, most significant first."""
+    bits = (np.asarray(values, dtype=np.int64)[:, None] >> np.arange(width - 1, -1, -1)) & 1
+    return np.packbits(bits.ravel().astype(np.uint8)).tobytes()
 
 
-def _shapes_of(raw: bytes, n: int) -> np.ndarray:
-    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8))[:n * SHAPE_BITS].reshape(n, SHAPE_BITS)
-    return (bits.astype(np.uint8) << np.arange(SHAPE_BITS - 1, -1, -1).astype(np.uint8)).sum(1).astype(np.uint8)
+def _unpacked(raw: bytes, n: int, width: int) -> np.ndarray:
+    """:func:`_packed` undone: ``n`` integers (int64)."""
+    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8))[:n * width].reshape(n, width)
+    return (bits.astype(np.int64) << np.arange(width - 1, -1, -1)).sum(1)
+
+
+def _coarse(coefficients: np.ndarray) -> np.ndarray:
+    """float16 coefficients rounded to :data:`COEFFICIENT_BITS` bits (their bit patterns rounded:
+    the carry goes into the exponent); finite for magnitudes up to 60,000."""
+    drop = 16 - COEFFICIENT_BITS
+    pattern = coefficients.astype(np.float16).view(np.uint16).astype(np.int64)
+    sign, magnitude = pattern & 0x8000, pattern & 0x7FFF
+    magnitude = ((magnitude + (1 << (drop - 1))) >> drop) << drop
+    return (sign | magnitude).astype(np.uint16).view(np.float16)
 
 
 def _dtype_name(dtype: str) -> str:
@@ -597,6 +615,16 @@ def max_error_of(payload: bytes) -> float:
     return float(HEAD.unpack(payload[:HEAD.size])[5])
 
 
+def _coefficients(version: int, reader: _Reader) -> list[np.ndarray]:
+    """Each phase's float16 coefficients: 16 bits each up to version 2, then :data:`COEFFICIENT_BITS`."""
+    sizes = [LEVELS + 1 + (i > 0) for i in range(len(PHASES))]
+    if version < 3:
+        return [np.frombuffer(reader.take(2 * n), "<f2").astype(np.float16) for n in sizes]
+    codes = _unpacked(reader.take((COEFFICIENT_BITS * sum(sizes) + 7) // 8), sum(sizes), COEFFICIENT_BITS)
+    every = (codes << (16 - COEFFICIENT_BITS)).astype(np.uint16).view(np.float16)
+    return np.split(every, np.cumsum(sizes)[:-1])
+
+
 def _phase_settings(version: int, numbers: list[int], reader: _Reader) -> list[tuple]:
     """Per phase (escape width, classes used, the mean's setting): version 1's one weight (an int),
     version 2's weights (int64, one per :func:`_mean_columns` column, read from ``reader``)."""
@@ -612,7 +640,7 @@ def _parse(payload: bytes, shape: tuple[int, int]) -> _Payload:
     reader = _Reader(payload)
     version, flags, dtype, height, width, max_error, crc = HEAD.unpack(reader.take(HEAD.size))
     kind = flags & 1
-    if version not in (1, VERSION) or flags > 3 or dtype >= len(DTYPES):
+    if version not in (1, 2, VERSION) or flags > 3 or dtype >= len(DTYPES):
         raise ValueError("not a residual payload this mrivq reads")
     if (height, width) != tuple(shape):
         raise ValueError("the residual payload is for a slice of another shape")
@@ -627,11 +655,11 @@ def _parse(payload: bytes, shape: tuple[int, int]) -> _Payload:
     if any(not (0 <= w <= ESCAPE and 0 <= used <= N_CLASSES and np.abs(mean).max(initial=0) <= limit)
            for (w, used, mean), limit in zip(phases, (1024, 1024, 1024) if version == 1 else (WEIGHT_LIMIT,) * 3)):
         raise ValueError("the residual payload's coder settings are not valid")
-    coefficients = [np.frombuffer(reader.take(2 * (LEVELS + 1 + (i > 0))), "<f2").astype(np.float16)
-                    for i in range(len(PHASES))]
+    coefficients = _coefficients(version, reader)
     if not all(np.isfinite(c).all() for c in coefficients):
         raise ValueError("the residual payload's coder settings are not valid")
-    shapes = [_shapes_of(reader.take((SHAPE_BITS * used + 7) // 8), used) for _, used, _ in phases]
+    shapes = [_unpacked(reader.take((SHAPE_BITS * used + 7) // 8), used, SHAPE_BITS).astype(np.uint8)
+              for _, used, _ in phases]
     gaps = np.array(reader.varints(n_near), dtype=np.int64)
     near = np.cumsum(gaps + 1) - 1
     if len(near) and (gaps.min() < 0 or near[-1] >= pixels):
@@ -671,7 +699,8 @@ def _decode(payload: bytes, picture: np.ndarray) -> Stored:
         if head["version"] == 1:
             mean = _mean_prediction(mean, total)
         else:
-            mean = _weighted_mean(_mean_columns(phase, q, prediction, quantiser, where), mean, quantiser)
+            mean = _weighted_mean(_mean_columns(phase, q, prediction, quantiser, where), mean, quantiser,
+                                  WEIGHT_UNITS[head["version"]])
         q[where] = _decode_phase(decoder, categorical, _classes(part.coefficients[phase], features),
                                 part.shapes[phase], width, part.escaped) + mean
     rebuilt = np.clip(prediction + q * quantiser, lo, hi)
