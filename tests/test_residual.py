@@ -280,3 +280,64 @@ def test_the_fit_prices_each_shape_at_what_the_coders_tables_would_cost(width):
         table = residual._weights(int(cls), width)
         bits = -((np.log2(table) - np.log2(table.sum(1, keepdims=True))) @ counts[cls])
         np.testing.assert_allclose(costs[:, j], bits, rtol=1e-9)
+
+
+def test_slices_of_a_volume_are_coded_given_the_slices_around_them(work, tiny_phantom, tmp_path, one_thread):
+    """A scan's consecutive slices: each slice between two key slices is coded given the two it is
+    coded after (as they decode); the file lists them, every slice still decodes within δ, and a
+    slice decoded alone is the slice the whole file gives."""
+    files = sorted((tiny_phantom / "keras_slices_test").glob("*.nii.gz"))
+    codec = load_codec(work["vqvae"])
+    slices = CodecInput.read(files, codec.prep, originals=True)
+    for delta in (0, 2):
+        packed = codec.compress(slices, layers=("residual",), layer_options={"residual": {"max_error": delta}})
+        refs = np.asarray(packed.file.header["layer_references"])
+        assert (refs[:, 0] >= 0).sum() >= len(files) - 2
+        flagged = [residual._parse(p, o.values.shape).head["referenced"]
+                   for p, o in zip(packed.file.layers["residual"], slices.originals)]
+        assert flagged == list(refs[:, 0] >= 0)
+        file = CodesFile.from_bytes(packed.blob)
+        whole = dict(codec.decompress(file))
+        for i, stored in whole.items():
+            assert np.abs(stored.values - _stored_of(files[i])).max() <= delta
+            assert np.array_equal(stored.values, packed.decoded[i].values)
+        middle = int(np.flatnonzero(refs[:, 0] >= 0)[-1])
+        top, bottom = codec.decompress_codes(file, only=[middle])
+        alone = dict(codec.decompress(file, codes=(top, bottom), only=[middle]))
+        assert list(alone) == [middle] and np.array_equal(alone[middle].values, whole[middle].values)
+
+
+def test_a_payload_coded_given_references_needs_those_references():
+    rng = np.random.default_rng(1)
+    base = rng.integers(100, 900, size=(24, 20))
+    values = [base + rng.integers(-4, 5, size=base.shape) for _ in range(3)]
+    picture = base + rng.normal(0, 2, base.shape)
+    refs = (Stored(values[0], "int16"), Stored(values[2], "int16"))
+    payload = residual.encode(Stored(values[1], "int16"), picture, references=refs)
+    assert np.array_equal(residual.decode(payload, picture, refs).values, values[1])
+    with pytest.raises(ValueError, match="reference"):
+        residual.decode(payload, picture)
+    with pytest.raises(ValueError):
+        residual.decode(payload, picture, (Stored(values[2], "int16"), Stored(values[2], "int16")))
+    alone = residual.encode(Stored(values[1], "int16"), picture)
+    assert len(payload) < len(alone)  # the neighbours predict the slice
+
+
+def test_edited_layer_references_are_refused_in_one_line(work, tiny_phantom, tmp_path, capsys, one_thread):
+    from hostile_helpers import read_header, with_header
+
+    coded = tmp_path / "volume.mrvq"
+    assert run_main(["encode", "--checkpoint", str(work["vqvae"]), str(tiny_phantom / "keras_slices_test"),
+                     "--out", str(coded), "--max-error", "0"]) == 0
+    blob = coded.read_bytes()
+    header = read_header(blob)
+    n = len(header["sources"])
+    cycle = [[1, -1], [0, -1]] + [[-1, -1]] * (n - 2)
+    for refs, message in ((cycle, "header"), ([[-1, -1]] * n, "does not decode"), ([[0, 0]] * n, "header")):
+        path = tmp_path / "edited.mrvq"
+        path.write_bytes(with_header(blob, {**header, "layer_references": refs}))
+        capsys.readouterr()
+        assert run_main(["decode", "--checkpoint", str(work["vqvae"]), str(path), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert not list((tmp_path / "out").glob("*.nii.gz"))

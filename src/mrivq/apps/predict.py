@@ -38,7 +38,6 @@ from mrivq.compression.codecs import (
     sequence_available,
 )
 from mrivq.compression.entropy import raw_bits_per_pixel
-from mrivq.compression.layers import LAYERS
 from mrivq.config import Config, load_config
 from mrivq.data.cache import load_split
 from mrivq.data.hipmri import STRUCTURES, load_masks
@@ -319,8 +318,7 @@ def _ladder_row(codec: Codec, packed, slices: CodecInput, delta: float, voxels: 
     """One maximum error's row: the file's bits per voxel and its parts, its largest error over
     every voxel (checked against ``delta``), SSIM and PSNR, and the standard codecs' bits per voxel."""
     values = [stored.values for stored in slices.originals]
-    decoded = [LAYERS["residual"].decode(payload, packed.pictures[i])
-               for i, payload in enumerate(packed.file.layers["residual"])]
+    decoded = packed.decoded
     error = max(float(np.abs(d.values - v).max()) for d, v in zip(decoded, values))
     if error > delta:
         raise RuntimeError(f"the residual layer decoded {error} from the input, above {delta}")

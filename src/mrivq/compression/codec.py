@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import time
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +82,10 @@ MAX_BATCH_PIXELS = 16 * 256 * 128
 #: A file's integer decoder copy is calibrated on this many of its slices (evenly spaced); the
 #: others' values beyond those ranges saturate, the same way on every machine.
 CALIBRATION_SLICES = 4
+#: Coding layers that code volumes start afresh every this many slices of a run (a key slice).
+LAYER_KEY_EVERY = 8
+#: The header entries coding layers add: their names, their picture, the slices they are coded after.
+LAYER_ENTRIES = ("layers", "picture", "layer_references")
 
 
 def _batch(size: tuple[int, ...], batch_size: int) -> int:
@@ -221,6 +226,7 @@ class Compressed:
     decoding_s: float
     prior_bytes: int | None = None
     pictures: list[np.ndarray] | None = None  # the float64 pictures the coding layers built on
+    decoded: list[Stored] | None = None  # what the coding layers decode each slice to (checked on encode)
 
     def report(self, input_bytes: int | None = None) -> dict:
         """The file's bits report (:func:`mrivq.compression.container.bits_report`) with the timings
@@ -230,6 +236,69 @@ class Compressed:
         if self.prior_bytes is not None:
             report["prior_file_bytes"] = self.prior_bytes
         return report
+
+
+def layer_references(header: dict, layers) -> np.ndarray | None:
+    """The two slices each slice's coding layers are coded after (``(N, 2)``, -1: none), where one of
+    ``layers`` codes volumes and the file has runs of consecutive slices (names as HipMRI's, or of
+    3-D volumes): :func:`mrivq.data.volumes.references`, a key slice every :data:`LAYER_KEY_EVERY`."""
+    if not any(LAYERS[name].references for name in layers):
+        return None
+    refs = references([source["name"] for source in header["sources"]], LAYER_KEY_EVERY)
+    return refs if (refs >= 0).any() else None
+
+
+class _ReferenceWalk:
+    """The order coding layers visit a file's slices in, and what they keep meanwhile: each slice
+    after the slices it is coded after (``refs`` ``(N, 2)``, -1: none; None: every slice alone),
+    the ``wanted`` ones in file order otherwise; each slice's decoded layers kept only until the
+    last slice coded after it is done, and pictures read ahead only as far as a reference is."""
+
+    def __init__(self, refs: np.ndarray | None, n: int, wanted: np.ndarray) -> None:
+        self.refs, self.wanted = refs, set(wanted.tolist())
+        self.needed = wanted if refs is None else driver.needed(refs, wanted, n)
+        self.waiting = Counter(int(j) for i in self.needed for j in refs[i] if j >= 0) if refs is not None else Counter()
+        self.kept: dict[str, dict[int, Stored]] = defaultdict(dict)
+        self.ahead: dict[int, np.ndarray] = {}
+
+    def order(self) -> Iterator[int]:
+        seen: set[int] = set()
+
+        def visit(i: int):
+            seen.add(i)
+            for j in (() if self.refs is None else self.refs[i]):
+                if j >= 0 and int(j) not in seen:
+                    yield from visit(int(j))
+            yield i
+
+        for i in self.needed.tolist():
+            if i not in seen:
+                yield from visit(i)
+
+    def picture(self, i: int, pictures: Iterator[tuple[int, np.ndarray]]) -> np.ndarray:
+        """Slice ``i``'s picture from ``pictures`` (the needed slices' in file order), reading ahead to it."""
+        while i not in self.ahead:
+            j, picture = next(pictures)
+            self.ahead[j] = picture
+        return self.ahead.pop(i)
+
+    def given(self, layer: str, i: int) -> dict:
+        """The keyword arguments of ``layer``'s encode or decode of slice ``i``: its references, as decoded."""
+        if self.refs is None or not LAYERS[layer].references:
+            return {}
+        return {"references": tuple(self.kept[layer][int(j)] for j in self.refs[i] if j >= 0)}
+
+    def keep(self, layer: str, i: int, stored: Stored) -> None:
+        if self.waiting[i]:
+            self.kept[layer][i] = stored
+
+    def done(self, i: int) -> None:
+        for j in (() if self.refs is None else self.refs[i]):
+            if j >= 0:
+                self.waiting[int(j)] -= 1
+                if not self.waiting[int(j)]:
+                    for kept in self.kept.values():
+                        kept.pop(int(j), None)
 
 
 class Codec:
@@ -286,9 +355,10 @@ class Codec:
             files.insert(0, CodesFile(header, np.asarray(slices.norm), np.asarray(slices.affines),
                                       np.asarray(slices.shapes), driver.encode(copy, top, bottom, references=refs)))
         if layers:  # the same payloads on both files
-            pictures = self._add_layers(files[0], codes, slices, layers, layer_options or {}, pictures)
-            for other in files[1:]:
-                other.header["layers"], other.layers = files[0].header["layers"], files[0].layers
+            pictures, decoded = self._add_layers(files[0], codes, slices, layers, layer_options or {}, pictures)
+            for other in files[1:]:  # the layers' header entries too (their picture, their references)
+                other.header.update({key: files[0].header[key] for key in LAYER_ENTRIES if key in files[0].header})
+                other.layers = files[0].layers
         blobs = [file.to_bytes() for file in files]
         file, blob = min(zip(files, blobs), key=lambda pair: len(pair[1])) if SMALLEST_FILE else (files[0], blobs[0])
         header = file.header
@@ -298,7 +368,7 @@ class Codec:
             raise RuntimeError(f"the {header['coder']} codes stream did not decode back to the codes")
         fallback = len(blobs[0]) if file is not files[0] else None
         return Compressed(file, blob, codes, coded - start, time.perf_counter() - coded, fallback,
-                          pictures if layers else None)
+                          pictures if layers else None, decoded if layers else None)
 
     def with_layers(self, packed: Compressed, slices: CodecInput, layers: tuple[str, ...],
                     layer_options: dict[str, dict] | None = None) -> Compressed:
@@ -308,41 +378,52 @@ class Codec:
         if packed.pictures is None:
             raise ValueError("with_layers needs a Compressed that kept its pictures (compressed with layers)")
         start = time.perf_counter()
-        header = {key: value for key, value in packed.file.header.items() if key != "layers"}
+        header = {key: value for key, value in packed.file.header.items() if key not in ("layers", "layer_references")}
         old = packed.file
         file = CodesFile(header, old.norm, old.affines, old.shapes, old.stream, old.counts)
-        self._add_layers(file, packed.codes, slices, layers, layer_options or {}, packed.pictures)
+        _, decoded = self._add_layers(file, packed.codes, slices, layers, layer_options or {}, packed.pictures)
         blob = file.to_bytes()
-        return Compressed(file, blob, packed.codes, time.perf_counter() - start, 0.0, None, packed.pictures)
+        return Compressed(file, blob, packed.codes, time.perf_counter() - start, 0.0, None, packed.pictures, decoded)
 
     def _add_layers(self, file: CodesFile, codes, slices: CodecInput, layers: tuple[str, ...],
-                    options: dict[str, dict], pictures: list[np.ndarray] | None) -> list[np.ndarray]:
-        """Each layer's payload of each slice, given the picture the layers before it leave; a slice
-        a layer cannot code (:class:`mrivq.compression.layers.Refused`) is refused in one line.
-        Returns the pictures of the codes (``pictures``, or decoded here)."""
+                    options: dict[str, dict], pictures: list[np.ndarray] | None) -> tuple[list, list[Stored]]:
+        """Each layer's payload of each slice, given the picture the layers before it leave (and, for
+        a layer that codes volumes, the slices :func:`layer_references` has it coded after, as they
+        decode); a slice a layer cannot code (:class:`mrivq.compression.layers.Refused`) is refused
+        in one line. Returns the pictures of the codes (``pictures``, or decoded here) and what the
+        last layer decodes each slice to."""
         unknown = [name for name in layers if name not in LAYERS]
         if unknown or slices.originals is None:
             raise UserError(f"coding layer {unknown[0]!r} is not one of {sorted(LAYERS)}" if unknown
                             else "coding layers need the slices as read (CodecInput.read(..., originals=True))")
-        file.header["layers"], file.layers = list(layers), {name: [] for name in layers}
+        file.header["layers"], file.layers = list(layers), {name: [b""] * file.n for name in layers}
         if pictures is None and has_copy(self.model):  # new files build on the decoder's integer copy
             every = np.linspace(0, len(codes[0]) - 1, min(CALIBRATION_SLICES, len(codes[0]))).round().astype(int)
             ranges = calibrate(self.model, *(torch.as_tensor(c[every]) for c in codes))
             file.header["picture"] = {"arithmetic": PICTURE_COPY, "ranges": ranges,
                                       "fingerprint": self._picture_copy(ranges).fingerprint}
-        decoded = enumerate(pictures) if pictures is not None else self._decoded(file, *codes, exact=True)
-        kept = []
-        for i, picture in decoded:
-            kept.append(picture)
+        if pictures is None:
+            pictures = [picture for _, picture in self._decoded(file, *codes, exact=True)]
+        refs = layer_references(file.header, layers)
+        if refs is not None:
+            file.header["layer_references"] = refs.tolist()
+        walk, decoded = _ReferenceWalk(refs, file.n, np.arange(file.n)), [None] * file.n
+        for i in walk.order():
+            picture = pictures[i]
             for name in layers:
+                given = walk.given(name, i)
                 try:
-                    payload = LAYERS[name].encode(slices.originals[i], picture, **options.get(name, {}))
+                    payload = LAYERS[name].encode(slices.originals[i], picture, **options.get(name, {}), **given)
                 except Refused as e:
                     raise UserError(f"{file.header['sources'][i]['name']}: {LAYERS[name].label} cannot code it: "
                                     f"{e}") from None
-                file.layers[name].append(payload)
-                picture = LAYERS[name].decode(payload, picture).scanner()
-        return kept
+                file.layers[name][i] = payload
+                stored = LAYERS[name].decode(payload, picture, **given)
+                walk.keep(name, i, stored)
+                picture = stored.scanner()
+            walk.done(i)
+            decoded[i] = stored
+        return pictures, decoded
 
     def stored_scores(self, slices: CodecInput, stored: list[Stored]) -> tuple[np.ndarray, np.ndarray]:
         """Per-slice SSIM and PSNR (dB; inf for an exact slice) of ``stored`` slices (what a coding
@@ -403,6 +484,9 @@ class Codec:
         (``only``: see :meth:`_decode_stream`)."""
         self.check_model(file, path)
         self.check_prior(file, path)
+        refs = file.header.get("layer_references")
+        if only is not None and refs is not None:  # and the slices their layers are coded after
+            only = driver.needed(np.asarray(refs, dtype=np.int64), only, file.n)
         return self._decode_stream(file, path, only=only)
 
     def _decode_stream(self, file: CodesFile, path: Path | str = "codes file", *,
@@ -448,18 +532,28 @@ class Codec:
                 raise UserError(f"{path} carries the coding layer {name!r}, which this mrivq does not know; "
                                 "decode it with the mrivq that wrote it (or give --codes-only)")
         shape = lambda i: file.header["sources"][i]["shape"]
-        for i, picture in self._decoded(file, top, bottom, only, exact=bool(layers), path=path):
-            if not layers:
+        if not layers:
+            for i, picture in self._decoded(file, top, bottom, only, path=path):
                 yield i, picture.reshape(shape(i))
-                continue
+            return
+        refs = file.header.get("layer_references")
+        wanted = np.arange(file.n) if only is None else np.unique(np.asarray(only, dtype=np.int64))
+        walk = _ReferenceWalk(None if refs is None else np.asarray(refs, dtype=np.int64), file.n, wanted)
+        pictures = self._decoded(file, top, bottom, walk.needed, exact=True, path=path)
+        for i in walk.order():
+            picture = walk.picture(i, pictures)
             for name in layers:
+                given = walk.given(name, i)
                 try:
-                    stored = LAYERS[name].decode(file.layers[name][i], picture)
+                    stored = LAYERS[name].decode(file.layers[name][i], picture, **given)
                 except ValueError as e:
                     raise UserError(f"{path}: slice {file.header['sources'][i]['name']}'s {name} layer does not "
                                     f"decode ({e}); the file is damaged, or encode the slices again") from None
+                walk.keep(name, i, stored)
                 picture = stored.scanner()
-            yield i, Stored(stored.values.reshape(shape(i)), stored.dtype, stored.slope, stored.inter)
+            walk.done(i)
+            if i in walk.wanted:
+                yield i, Stored(stored.values.reshape(shape(i)), stored.dtype, stored.slope, stored.inter)
 
     def _decoded(self, file: CodesFile, top: np.ndarray, bottom: np.ndarray, only=None, *,
                  exact: bool = False, path: Path | str = "codes file") -> Iterator[tuple[int, np.ndarray]]:

@@ -302,6 +302,10 @@ class CodesHeader(_Strict):
     layers: list[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")]] | None = Field(default=None, max_length=8)
     # The picture those layers built on, where it is the decoder's integer copy (files before it: float64).
     picture: PictureEntry | None = None
+    # The two slices each slice's layers were coded after (-1: none), for layers that code volumes.
+    layer_references: list[tuple[Annotated[int, Field(ge=-1, lt=MAX_SLICES)],
+                                 Annotated[int, Field(ge=-1, lt=MAX_SLICES)]]] | None = \
+        Field(default=None, max_length=MAX_SLICES)
     # What of each DICOM series' original header travels with the file (encode --keep-dicom-header):
     # volume name -> the attributes of mrivq.data.dicom.KEPT_ATTRIBUTES it had, each checked below
     # against its representation (mrivq.data.dicom.kept_value).
@@ -339,6 +343,9 @@ class CodesHeader(_Strict):
             raise ValueError("a coding layer is listed twice")
         if self.picture is not None and not self.layers:
             raise ValueError("it names the picture of coding layers it does not have")
+        if self.layer_references is not None and (not self.layers or len(self.layer_references) != self.n
+                                                  or coding_depths(self.layer_references) is None):
+            raise ValueError("the slices its coding layers are coded after are not an order a decoder can follow")
         if self.dicom is not None:
             volumes = {source.volume.name for source in self.sources if source.volume is not None}
             for name, kept in self.dicom.items():

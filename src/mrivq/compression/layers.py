@@ -43,12 +43,16 @@ class Refused(ValueError):
 @dataclass(frozen=True)
 class CodingLayer:
     """One layer: ``name`` (its section: ``layer-<name>``), ``label`` (in messages), ``encode(original:
-    Stored, picture (h, w) float64, **options) -> bytes`` and ``decode(payload, picture) -> Stored``."""
+    Stored, picture (h, w) float64, **options) -> bytes`` and ``decode(payload, picture) -> Stored``.
+    ``references``: whether it codes a slice of a volume given others (both functions then take
+    ``references``, the :class:`Stored` slices it is coded after as this layer decoded them: two
+    of its volume, or none for a key slice; the codec picks them and the file lists them)."""
 
     name: str
     label: str
     encode: Callable[..., bytes]
-    decode: Callable[[bytes, np.ndarray], Stored]
+    decode: Callable[..., Stored]
+    references: bool = False
 
 
 #: The layers, by name.

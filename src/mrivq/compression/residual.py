@@ -76,6 +76,7 @@ VERSION = 3  # 2: weights in 1/256, float16 coefficients; 1: one weight on the n
 #: on-disk type, height, width, the bound, the checksum of the rebuilt values.
 HEAD = struct.Struct("<BBBHHdI")
 INTEGERS, FLOATS = 0, 1
+REFERENCED = 4  # the flags' bit of a payload coded given reference slices (version 3 on)
 
 
 # -- fixed integer tables ----------------------------------------------------------------------
@@ -241,12 +242,14 @@ def _neighbours(known: np.ndarray, offsets) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _phase_context(phase: int, where: np.ndarray, known: np.ndarray, levels: np.ndarray,
-                   contrast: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The features of one phase's voxels and the sums of their decoded neighbours' residuals."""
+                   contrast: np.ndarray, apart: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The features of one phase's voxels and the sums of their decoded neighbours' residuals;
+    ``apart``: how far the reference slices are from the prediction (in quantiser steps)."""
+    extra = [] if apart is None else [apart[where]]
     if PHASE_NEIGHBOURS[phase] is None:
-        return _features(levels[where], contrast[where]), np.zeros(int(where.sum()), dtype=np.int64)
+        return _features(levels[where], contrast[where], *extra), np.zeros(int(where.sum()), dtype=np.int64)
     size, total = _neighbours(known, PHASE_NEIGHBOURS[phase])
-    return _features(levels[where], contrast[where], size[where]), total[where]
+    return _features(levels[where], contrast[where], size[where], *extra), total[where]
 
 
 def _features(levels: np.ndarray, *columns: np.ndarray) -> np.ndarray:
@@ -284,9 +287,11 @@ COLUMN_LIMIT = 1 << 40  # columns clipped here: 20 of them times a weight stay f
 
 
 def _mean_columns(phase: int, known: np.ndarray, prediction: np.ndarray, quantiser: int,
-                  where: np.ndarray) -> np.ndarray:
+                  where: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
     """int64 ``(n, k)``: the decoded residuals around each of the phase's voxels (in stored units;
-    zero beyond the edges) and the picture's differences to its neighbours (the edge repeated)."""
+    zero beyond the edges), the picture's differences to its neighbours (the edge repeated) and,
+    given a ``reference`` (the slices this one is coded after, in its stored units), its
+    difference to the prediction."""
     width = known.shape[1] + 4
     rows, cols = np.nonzero(where)
     at = (rows + 2) * width + cols + 2  # each voxel in the arrays padded by 2
@@ -294,6 +299,8 @@ def _mean_columns(phase: int, known: np.ndarray, prediction: np.ndarray, quantis
     centre = picture[at]
     columns = [residuals[at + dy * width + dx] * quantiser for dy, dx in MEAN_OFFSETS[phase]]
     columns += [picture[at + dy * width + dx] - centre for dy, dx in PICTURE_OFFSETS]
+    if reference is not None:
+        columns.append(reference[rows, cols] - prediction[rows, cols])
     return np.clip(np.stack(columns, axis=1), -COLUMN_LIMIT, COLUMN_LIMIT)
 
 
@@ -430,9 +437,11 @@ def _stored_units(picture: np.ndarray, slope: float, inter: float, step: float) 
     return units
 
 
-def encode(original: Stored, picture: np.ndarray, *, max_error: float = 0) -> bytes:
+def encode(original: Stored, picture: np.ndarray, *, max_error: float = 0, references: tuple[Stored, ...] = ()) -> bytes:
     """The payload that makes ``picture`` (float64 scanner intensities) ``original``'s stored
-    values within ``max_error`` (exactly at 0). :class:`Refused` for a slice it cannot code so."""
+    values within ``max_error`` (exactly at 0), given the ``references`` (the slices of its volume
+    it is coded after, as they decode; none for a key slice). :class:`Refused` for a slice it
+    cannot code so."""
     values = np.asarray(original.values)
     if values.shape != picture.shape or values.ndim != 2:
         raise ValueError(f"the slice {values.shape} and its picture {picture.shape} differ in shape")
@@ -456,24 +465,12 @@ def encode(original: Stored, picture: np.ndarray, *, max_error: float = 0) -> by
         raise Refused(f"its {original.dtype} values cannot be written back within {max_error} (they are "
                       f"{error} off); give a larger --max-error")
 
-    contrast = _contrast(prediction) // quantiser
-    categorical, queue = _coder()
-    coder = queue.RangeEncoder()
-    known, phases, escaped = np.zeros_like(q), [], []
-    for phase, where in enumerate(_phase_masks(q.shape)):
-        features, _ = _phase_context(phase, where, known, levels, contrast)
-        columns = _mean_columns(phase, known, prediction, quantiser, where)
-        weights = _fit_weights(q[where], columns, quantiser)
-        symbols = q[where] - _weighted_mean(columns, weights, quantiser)
-        coefficients, shapes, width = _fit(symbols, features)
-        escaped.append(_code_phase(coder, categorical, symbols, _classes(coefficients, features), shapes, width))
-        phases.append((width, coefficients, shapes, weights))
-        known[where] = q[where]
-
-    words = np.asarray(coder.get_compressed(), dtype="<u4")
+    reference = _reference(references, original, kind, step)
+    phases, escaped, words = _code_phases(q, prediction, levels, quantiser, reference)
     scaling = np.array([original.slope, original.inter], dtype=np.float64)
     narrow = bool(np.array_equal(scaling.astype(np.float32), scaling))  # NIfTI-1 stores float32
-    head = HEAD.pack(VERSION, kind | (2 * narrow), DTYPES.index(_dtype_name(original.dtype)), *values.shape,
+    flags = kind | (2 * narrow) | (REFERENCED * (reference is not None))
+    head = HEAD.pack(VERSION, flags, DTYPES.index(_dtype_name(original.dtype)), *values.shape,
                      float(max_error), _crc(rebuilt))
     numbers = [lo, hi, len(near), *bias.tolist()] + [v for w, _, sh, _ in phases for v in (w, len(sh))]
     numbers += [v for _, _, _, weights in phases for v in weights.tolist()]
@@ -486,6 +483,45 @@ def encode(original: Stored, picture: np.ndarray, *, max_error: float = 0) -> by
     parts += [_varints(gaps.tolist()), np.packbits(bits).tobytes(),
               _varints([len(e) for e in escaped] + np.concatenate(escaped).tolist()), words.tobytes()]
     return b"".join(parts)
+
+
+def _code_phases(q: np.ndarray, prediction: np.ndarray, levels: np.ndarray, quantiser: int,
+                 reference: np.ndarray | None) -> tuple[list, list, np.ndarray]:
+    """Range-code the quantised residual ``q`` phase by phase: each phase's settings (escape width,
+    coefficients, shapes, mean weights), its escaped residuals, and the coder's words."""
+    contrast = _contrast(prediction) // quantiser
+    apart = None if reference is None else np.abs(reference - prediction) // quantiser
+    categorical, queue = _coder()
+    coder = queue.RangeEncoder()
+    known, phases, escaped = np.zeros_like(q), [], []
+    for phase, where in enumerate(_phase_masks(q.shape)):
+        features, _ = _phase_context(phase, where, known, levels, contrast, apart)
+        columns = _mean_columns(phase, known, prediction, quantiser, where, reference)
+        weights = _fit_weights(q[where], columns, quantiser)
+        symbols = q[where] - _weighted_mean(columns, weights, quantiser)
+        coefficients, shapes, width = _fit(symbols, features)
+        escaped.append(_code_phase(coder, categorical, symbols, _classes(coefficients, features), shapes, width))
+        phases.append((width, coefficients, shapes, weights))
+        known[where] = q[where]
+    return phases, escaped, np.asarray(coder.get_compressed(), dtype="<u4")
+
+
+def _reference(references: tuple[Stored, ...], original: Stored, kind: int, step: float) -> np.ndarray | None:
+    """The mean of the ``references``' values in ``original``'s stored units (int64, on its grid of
+    ``step`` for floats), or None (no references, or one of another shape). Exact where their
+    scaling is the slice's; else by IEEE operations alone (the same on every machine)."""
+    shape = np.shape(original.values)
+    if not references or any(np.shape(ref.values) != shape for ref in references):
+        return None
+    units = []
+    for ref in references:
+        if kind == INTEGERS and (ref.slope, ref.inter) == (original.slope, original.inter):
+            units.append(np.asarray(ref.values).astype(np.int64))
+        else:
+            scanner = np.asarray(ref.values, dtype=np.float64) * ref.slope + ref.inter
+            value = np.nan_to_num((scanner - original.inter) / original.slope / step)
+            units.append(np.round(np.clip(value, -(2.0 ** 50), 2.0 ** 50)).astype(np.int64))
+    return sum(units) // len(units)
 
 
 def _varints(values) -> bytes:
@@ -555,12 +591,13 @@ def _crc(rebuilt: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(rebuilt, dtype="<i8").tobytes())
 
 
-def decode(payload: bytes, picture: np.ndarray) -> Stored:
-    """Undo :func:`encode` given the same picture (to float64 rounding): the stored values, each
-    within the payload's bound of the input's. ``ValueError`` for a damaged payload or one whose
+def decode(payload: bytes, picture: np.ndarray, references: tuple[Stored, ...] = ()) -> Stored:
+    """Undo :func:`encode` given the same picture (to float64 rounding) and references: the stored
+    values, each within the payload's bound of the input's. ``ValueError`` for a damaged payload,
+    one coded given references that are not given (or the other way), or one whose
     reconstruction does not match the encoder's checksum."""
     try:
-        return _decode(payload, picture)
+        return _decode(payload, picture, references)
     except (AssertionError, RuntimeError, OverflowError) as e:  # the range decoder meets words it never wrote
         raise ValueError(f"the residual stream does not decode ({e})") from None
 
@@ -615,9 +652,10 @@ def max_error_of(payload: bytes) -> float:
     return float(HEAD.unpack(payload[:HEAD.size])[5])
 
 
-def _coefficients(version: int, reader: _Reader) -> list[np.ndarray]:
-    """Each phase's float16 coefficients: 16 bits each up to version 2, then :data:`COEFFICIENT_BITS`."""
-    sizes = [LEVELS + 1 + (i > 0) for i in range(len(PHASES))]
+def _coefficients(version: int, reader: _Reader, referenced: bool) -> list[np.ndarray]:
+    """Each phase's float16 coefficients: 16 bits each up to version 2, then :data:`COEFFICIENT_BITS`
+    (one more per phase given references)."""
+    sizes = [LEVELS + 1 + (i > 0) + referenced for i in range(len(PHASES))]
     if version < 3:
         return [np.frombuffer(reader.take(2 * n), "<f2").astype(np.float16) for n in sizes]
     codes = _unpacked(reader.take((COEFFICIENT_BITS * sum(sizes) + 7) // 8), sum(sizes), COEFFICIENT_BITS)
@@ -625,12 +663,12 @@ def _coefficients(version: int, reader: _Reader) -> list[np.ndarray]:
     return np.split(every, np.cumsum(sizes)[:-1])
 
 
-def _phase_settings(version: int, numbers: list[int], reader: _Reader) -> list[tuple]:
+def _phase_settings(version: int, numbers: list[int], reader: _Reader, referenced: bool = False) -> list[tuple]:
     """Per phase (escape width, classes used, the mean's setting): version 1's one weight (an int),
     version 2's weights (int64, one per :func:`_mean_columns` column, read from ``reader``)."""
     if version == 1:
         return [tuple(numbers[3 * i:3 * i + 3]) for i in range(len(PHASES))]
-    counts = [len(offsets) + len(PICTURE_OFFSETS) for offsets in MEAN_OFFSETS]
+    counts = [len(offsets) + len(PICTURE_OFFSETS) + referenced for offsets in MEAN_OFFSETS]
     weights = np.split(np.array(reader.varints(sum(counts)), dtype=np.int64), np.cumsum(counts)[:-1])
     return [(numbers[2 * i], numbers[2 * i + 1], weights[i]) for i in range(len(PHASES))]
 
@@ -640,14 +678,15 @@ def _parse(payload: bytes, shape: tuple[int, int]) -> _Payload:
     reader = _Reader(payload)
     version, flags, dtype, height, width, max_error, crc = HEAD.unpack(reader.take(HEAD.size))
     kind = flags & 1
-    if version not in (1, 2, VERSION) or flags > 3 or dtype >= len(DTYPES):
+    if version not in (1, 2, VERSION) or flags > (7 if version >= 3 else 3) or dtype >= len(DTYPES):
         raise ValueError("not a residual payload this mrivq reads")
     if (height, width) != tuple(shape):
         raise ValueError("the residual payload is for a slice of another shape")
     step = struct.unpack("<d", reader.take(8))[0] if kind == FLOATS else 1.0
     slope, inter = (float(v) for v in np.frombuffer(reader.take(8 if flags & 2 else 16), "<f4" if flags & 2 else "<f8"))
     lo, hi, n_near, *rest = reader.varints(3 + LEVELS + 3 * len(PHASES) if version == 1 else 3 + LEVELS + 2 * len(PHASES))
-    bias, phases = np.array(rest[:LEVELS], dtype=np.int64), _phase_settings(version, rest[LEVELS:], reader)
+    referenced = bool(flags & REFERENCED)
+    bias, phases = np.array(rest[:LEVELS], dtype=np.int64), _phase_settings(version, rest[LEVELS:], reader, referenced)
     pixels = height * width
     if not (all(map(math.isfinite, (step, slope, inter, max_error))) and step > 0 and slope != 0 and max_error >= 0
             and lo <= hi and 0 <= n_near <= pixels and np.abs(bias).max() <= 1 << 62):
@@ -655,7 +694,7 @@ def _parse(payload: bytes, shape: tuple[int, int]) -> _Payload:
     if any(not (0 <= w <= ESCAPE and 0 <= used <= N_CLASSES and np.abs(mean).max(initial=0) <= limit)
            for (w, used, mean), limit in zip(phases, (1024, 1024, 1024) if version == 1 else (WEIGHT_LIMIT,) * 3)):
         raise ValueError("the residual payload's coder settings are not valid")
-    coefficients = _coefficients(version, reader)
+    coefficients = _coefficients(version, reader, referenced)
     if not all(np.isfinite(c).all() for c in coefficients):
         raise ValueError("the residual payload's coder settings are not valid")
     shapes = [_unpacked(reader.take((SHAPE_BITS * used + 7) // 8), used, SHAPE_BITS).astype(np.uint8)
@@ -672,12 +711,12 @@ def _parse(payload: bytes, shape: tuple[int, int]) -> _Payload:
     if (len(payload) - reader.at) % 4:
         raise ValueError("the residual payload's parts do not add up")
     head = {"kind": kind, "dtype": dtype, "max_error": max_error, "step": step, "slope": slope, "inter": inter,
-            "lo": lo, "hi": hi, "crc": crc, "version": version}
+            "lo": lo, "hi": hi, "crc": crc, "version": version, "referenced": referenced}
     return _Payload(head, bias, phases, coefficients, shapes, near,
                     bits, escaped, np.frombuffer(payload, "<u4", offset=reader.at).copy())
 
 
-def _decode(payload: bytes, picture: np.ndarray) -> Stored:
+def _decode(payload: bytes, picture: np.ndarray, references: tuple[Stored, ...]) -> Stored:
     part = _parse(payload, picture.shape)
     head = part.head
     lo, hi, kind, step = head["lo"], head["hi"], head["kind"], head["step"]
@@ -688,26 +727,38 @@ def _decode(payload: bytes, picture: np.ndarray) -> Stored:
     prediction = np.clip(prediction.reshape(units.shape), lo, hi)
     levels = _levels(prediction, lo, hi)
     prediction = np.clip(prediction + part.bias[levels], lo, hi)
-
-    contrast = _contrast(prediction) // quantiser
-    categorical, queue = _coder()
-    decoder = queue.RangeDecoder(part.words)
-    q = np.zeros(prediction.shape, dtype=np.int64)
-    for phase, where in enumerate(_phase_masks(q.shape)):
-        features, total = _phase_context(phase, where, q, levels, contrast)
-        width, _, mean = part.phases[phase]
-        if head["version"] == 1:
-            mean = _mean_prediction(mean, total)
-        else:
-            mean = _weighted_mean(_mean_columns(phase, q, prediction, quantiser, where), mean, quantiser,
-                                  WEIGHT_UNITS[head["version"]])
-        q[where] = _decode_phase(decoder, categorical, _classes(part.coefficients[phase], features),
-                                part.shapes[phase], width, part.escaped) + mean
-    rebuilt = np.clip(prediction + q * quantiser, lo, hi)
+    reference = _reference(references, Stored(prediction, DTYPES[head["dtype"]], head["slope"], head["inter"]),
+                           kind, step) if head["referenced"] else None
+    if head["referenced"] and reference is None:
+        raise ValueError("the residual payload was coded given reference slices, and none of its shape was given")
+    rebuilt = np.clip(prediction + _decode_phases(part, prediction, levels, quantiser, reference) * quantiser, lo, hi)
     if _crc(rebuilt) != head["crc"]:
         raise ValueError("the residual layer does not rebuild the values the encoder checked (checksum differs)")
     dtype = DTYPES[head["dtype"]]
     return Stored(_written(rebuilt, kind, step, dtype), dtype, head["slope"], head["inter"])
 
 
-LAYER = register(CodingLayer(NAME, "the residual to the stored values, within --max-error", encode, decode))
+def _decode_phases(part: _Payload, prediction: np.ndarray, levels: np.ndarray, quantiser: int,
+                   reference: np.ndarray | None) -> np.ndarray:
+    """:func:`_code_phases` undone: the quantised residual (int64, the prediction's shape)."""
+    version = part.head["version"]
+    contrast = _contrast(prediction) // quantiser
+    apart = None if reference is None else np.abs(reference - prediction) // quantiser
+    categorical, queue = _coder()
+    decoder = queue.RangeDecoder(part.words)
+    q = np.zeros(prediction.shape, dtype=np.int64)
+    for phase, where in enumerate(_phase_masks(q.shape)):
+        features, total = _phase_context(phase, where, q, levels, contrast, apart)
+        width, _, mean = part.phases[phase]
+        if version == 1:
+            mean = _mean_prediction(mean, total)
+        else:
+            mean = _weighted_mean(_mean_columns(phase, q, prediction, quantiser, where, reference), mean, quantiser,
+                                  WEIGHT_UNITS[version])
+        q[where] = _decode_phase(decoder, categorical, _classes(part.coefficients[phase], features),
+                                part.shapes[phase], width, part.escaped) + mean
+    return q
+
+
+LAYER = register(CodingLayer(NAME, "the residual to the stored values, within --max-error", encode, decode,
+                            references=True))

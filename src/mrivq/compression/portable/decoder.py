@@ -244,7 +244,7 @@ def _decoder_state(model: VQVAE2, ranges: dict[str, float]) -> dict:
     wide_unit = ranges["up2"] / (1 << STREAM_BITS)
     top = model.quantize_top.embed.detach().double().cpu()
     top_scale = float(top.abs().max()) / 127 or 1.0
-    relu = lambda name: ranges[name] / 255  # noqa: E731 - float per uint8 step after a ReLU
+    relu = lambda name: ranges[name] / 255  # float per uint8 step after a ReLU
     state = {
         "format": FORMAT,
         "top": torch.round(top / top_scale).to(torch.int8),
