@@ -297,6 +297,8 @@ def test_slices_of_a_volume_are_coded_given_the_slices_around_them(work, tiny_ph
                    for p, o in zip(packed.file.layers["residual"], slices.originals)]
         assert flagged == list(refs[:, 0] >= 0)
         file = CodesFile.from_bytes(packed.blob)
+        order = [i for i, _ in codec.decompress(file)]
+        assert order == list(range(len(files)))  # file order, though references come first inside
         whole = dict(codec.decompress(file))
         for i, stored in whole.items():
             assert np.abs(stored.values - _stored_of(files[i])).max() <= delta

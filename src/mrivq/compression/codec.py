@@ -540,6 +540,7 @@ class Codec:
         wanted = np.arange(file.n) if only is None else np.unique(np.asarray(only, dtype=np.int64))
         walk = _ReferenceWalk(None if refs is None else np.asarray(refs, dtype=np.int64), file.n, wanted)
         pictures = self._decoded(file, top, bottom, walk.needed, exact=True, path=path)
+        ready, at = {}, 0
         for i in walk.order():
             picture = walk.picture(i, pictures)
             for name in layers:
@@ -552,8 +553,11 @@ class Codec:
                 walk.keep(name, i, stored)
                 picture = stored.scanner()
             walk.done(i)
-            if i in walk.wanted:
-                yield i, Stored(stored.values.reshape(shape(i)), stored.dtype, stored.slope, stored.inter)
+            if i in walk.wanted:  # in file order: a slice waits for the wanted ones before it
+                ready[i] = Stored(stored.values.reshape(shape(i)), stored.dtype, stored.slope, stored.inter)
+                while at < len(wanted) and int(wanted[at]) in ready:
+                    yield int(wanted[at]), ready.pop(int(wanted[at]))
+                    at += 1
 
     def _decoded(self, file: CodesFile, top: np.ndarray, bottom: np.ndarray, only=None, *,
                  exact: bool = False, path: Path | str = "codes file") -> Iterator[tuple[int, np.ndarray]]:

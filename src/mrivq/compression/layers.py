@@ -5,10 +5,12 @@ stored values within a bound, or exactly. The codes file keeps each layer's payl
 section of its own (``layer-<name>``), its header lists the layers in the order they apply;
 :class:`mrivq.compression.codec.Codec` writes them (``compress(slices, layers=[name],
 layer_options={name: {...}})``) and applies them on ``decompress``. A layer sees the picture in
-float64 scanner intensities, decoded in float64 (the same on every machine to far below a
-stored unit; a layer that rounds it must still guard against ties), and gives back a
-:class:`Stored` slice: the numbers the input file held, written back in its own type. A payload
-is untrusted: ``decode`` bounds what it allocates and raises ``ValueError`` on a damaged one.
+float64 scanner intensities: decoded by the decoder's integer copy for new files (the same
+numbers on every machine), in float64 for files before it (the same to far below a stored unit;
+a layer that rounds it must still guard against ties); a layer that codes volumes also sees the
+slices it is coded after. It gives back a :class:`Stored` slice: the numbers the input file
+held, written back in its own type. A payload is untrusted: ``decode`` bounds what it allocates
+and raises ``ValueError`` on a damaged one.
 """
 
 from __future__ import annotations

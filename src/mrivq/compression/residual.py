@@ -28,6 +28,9 @@ the input's, and exactly the input's at δ = 0 ("lossy plus residual" coding). P
    classes a quarter octave apart; the few coefficients are fitted per slice and stored. All of
    it is integer arithmetic: the frequencies are the same on every machine, and constriction's
    range coder turns them into the stream.
+4. **Volumes** (version 3): a slice coded given reference slices of its scan (the codec picks
+   them; their values as decoded) adds their mean's difference to the prediction as one more
+   mean column and its size as one more scale feature (flag :data:`REFERENCED`).
 
 A checksum of the reconstruction is stored and checked on decode: a file decodes to the
 values the encoder checked against the input, or is refused. Payload layout: :data:`HEAD`, the
