@@ -343,3 +343,16 @@ def test_edited_layer_references_are_refused_in_one_line(work, tiny_phantom, tmp
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
         assert not list((tmp_path / "out").glob("*.nii.gz"))
+
+
+def test_the_walk_visits_references_first_even_down_a_long_chain():
+    from mrivq.compression.codec import _ReferenceWalk
+
+    n = 5000  # every slice coded after the one before: far deeper than Python's recursion limit
+    refs = np.stack([np.arange(n) - 1, np.full(n, -1)], 1)
+    order = list(_ReferenceWalk(refs, n, np.array([n - 1])).order())
+    assert order == list(range(n))
+    refs = np.array([[-1, -1], [0, 2], [0, 4], [2, 4], [-1, -1]])  # a run of 5: keys 0 and 4, then 2, then 1 and 3
+    order = list(_ReferenceWalk(refs, 5, np.arange(5)).order())
+    assert sorted(order) == list(range(5))
+    assert all(order.index(int(j)) < order.index(i) for i in range(5) for j in refs[i] if j >= 0)

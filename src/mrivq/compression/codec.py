@@ -262,18 +262,20 @@ class _ReferenceWalk:
         self.ahead: dict[int, np.ndarray] = {}
 
     def order(self) -> Iterator[int]:
+        """The needed slices, each after its references (a depth-first walk, without recursion: a
+        file's references may chain every slice)."""
         seen: set[int] = set()
-
-        def visit(i: int):
-            seen.add(i)
-            for j in (() if self.refs is None else self.refs[i]):
-                if j >= 0 and int(j) not in seen:
-                    yield from visit(int(j))
-            yield i
-
-        for i in self.needed.tolist():
-            if i not in seen:
-                yield from visit(i)
+        for start in self.needed.tolist():
+            stack = [(start, False)]
+            while stack:
+                i, expanded = stack.pop()
+                if expanded:
+                    yield i
+                elif i not in seen:
+                    seen.add(i)
+                    stack.append((i, True))
+                    refs = () if self.refs is None else self.refs[i][::-1]
+                    stack += [(int(j), False) for j in refs if j >= 0 and int(j) not in seen]
 
     def picture(self, i: int, pictures: Iterator[tuple[int, np.ndarray]]) -> np.ndarray:
         """Slice ``i``'s picture from ``pictures`` (the needed slices' in file order), reading ahead to it."""
