@@ -1,9 +1,10 @@
-"""What an integer copy of the VQ-VAE's decoder would cost and gain, before one is built.
+"""What an integer copy of the VQ-VAE's decoder costs and gains, by simulation (the copy coding
+layers use since 2026-12-06 is :mod:`mrivq.compression.portable.decoder`; this measures the
+choices behind it: which layers need more than 8 bits).
 
-The residual layer (``encode --max-error``) predicts from the picture decoded in float64, which
-is the same on every machine to far below a stored unit but slow: most of a lossless slice's
-decode. An integer copy (int8 weights and activations, exact int32 sums, as the priors' copies
-compute) would be exact everywhere and fast. This prints, for the test slices of a run:
+The residual layer (``encode --max-error``) predicts from the picture of the decoder's integer
+copy; before it, from the picture decoded in float64, which is the same on every machine to far
+below a stored unit but slow. This prints, for the test slices of a run:
 
 - **bits**: the residual layer's lossless rate (bits per voxel of its payloads) on the float64
   picture and on the picture of the decoder with its weights rounded to ``--weight-bits`` (per
