@@ -311,9 +311,9 @@ def test_slices_of_a_volume_are_coded_given_the_slices_around_them(work, tiny_ph
 
 def test_a_payload_coded_given_references_needs_those_references():
     rng = np.random.default_rng(1)
-    base = rng.integers(100, 900, size=(24, 20))
-    values = [base + rng.integers(-4, 5, size=base.shape) for _ in range(3)]
-    picture = base + rng.normal(0, 2, base.shape)
+    base = rng.integers(100, 900, size=(24, 20))  # texture the picture lacks and the neighbours share
+    values = [base + rng.integers(-2, 3, size=base.shape) for _ in range(3)]
+    picture = np.full(base.shape, 500.0) + rng.normal(0, 2, base.shape)
     refs = (Stored(values[0], "int16"), Stored(values[2], "int16"))
     payload = residual.encode(Stored(values[1], "int16"), picture, references=refs)
     assert np.array_equal(residual.decode(payload, picture, refs).values, values[1])
@@ -322,7 +322,7 @@ def test_a_payload_coded_given_references_needs_those_references():
     with pytest.raises(ValueError):
         residual.decode(payload, picture, (Stored(values[2], "int16"), Stored(values[2], "int16")))
     alone = residual.encode(Stored(values[1], "int16"), picture)
-    assert len(payload) < len(alone)  # the neighbours predict the slice
+    assert len(payload) < 0.7 * len(alone)  # the neighbours predict the slice
 
 
 def test_edited_layer_references_are_refused_in_one_line(work, tiny_phantom, tmp_path, capsys, one_thread):

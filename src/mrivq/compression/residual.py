@@ -30,7 +30,8 @@ the input's, and exactly the input's at δ = 0 ("lossy plus residual" coding). P
    range coder turns them into the stream.
 4. **Volumes** (version 3): a slice coded given reference slices of its scan (the codec picks
    them; their values as decoded) adds their mean's difference to the prediction as one more
-   mean column and its size as one more scale feature (flag :data:`REFERENCED`).
+   mean column, and its size and the references' spread (largest less least) as two more
+   scale features (flag :data:`REFERENCED`).
 
 A checksum of the reconstruction is stored and checked on decode: a file decodes to the
 values the encoder checked against the input, or is refused. Payload layout: :data:`HEAD`, the
@@ -245,10 +246,11 @@ def _neighbours(known: np.ndarray, offsets) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _phase_context(phase: int, where: np.ndarray, known: np.ndarray, levels: np.ndarray,
-                   contrast: np.ndarray, apart: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   contrast: np.ndarray, apart: list[np.ndarray] = ()) -> tuple[np.ndarray, np.ndarray]:
     """The features of one phase's voxels and the sums of their decoded neighbours' residuals;
-    ``apart``: how far the reference slices are from the prediction (in quantiser steps)."""
-    extra = [] if apart is None else [apart[where]]
+    ``apart``: given references, how far their mean is from the prediction and how far apart
+    they are from each other (in quantiser steps)."""
+    extra = [feature[where] for feature in apart]
     if PHASE_NEIGHBOURS[phase] is None:
         return _features(levels[where], contrast[where], *extra), np.zeros(int(where.sum()), dtype=np.int64)
     size, total = _neighbours(known, PHASE_NEIGHBOURS[phase])
@@ -487,7 +489,8 @@ def _code_phases(q: np.ndarray, prediction: np.ndarray, levels: np.ndarray, quan
     """Range-code the quantised residual ``q`` phase by phase: each phase's settings (escape width,
     coefficients, shapes, mean weights), its escaped residuals, and the coder's words."""
     contrast = _contrast(prediction) // quantiser
-    apart = None if reference is None else np.abs(reference - prediction) // quantiser
+    apart = _apart(reference, prediction, quantiser)
+    reference = None if reference is None else reference[0]
     categorical, queue = _coder()
     coder = queue.RangeEncoder()
     known, phases, escaped = np.zeros_like(q), [], []
@@ -503,10 +506,20 @@ def _code_phases(q: np.ndarray, prediction: np.ndarray, levels: np.ndarray, quan
     return phases, escaped, np.asarray(coder.get_compressed(), dtype="<u4")
 
 
-def _reference(references: tuple[Stored, ...], original: Stored, kind: int, step: float) -> np.ndarray | None:
+def _apart(reference: tuple[np.ndarray, np.ndarray] | None, prediction: np.ndarray, quantiser: int) -> list[np.ndarray]:
+    """The scale features of a slice coded given references (none otherwise): how far their mean
+    is from the prediction, and their spread, in quantiser steps."""
+    if reference is None:
+        return []
+    return [np.abs(reference[0] - prediction) // quantiser, reference[1] // quantiser]
+
+
+def _reference(references: tuple[Stored, ...], original: Stored, kind: int,
+               step: float) -> tuple[np.ndarray, np.ndarray] | None:
     """The mean of the ``references``' values in ``original``'s stored units (int64, on its grid of
-    ``step`` for floats), or None (no references, or one of another shape). Exact where their
-    scaling is the slice's; else by IEEE operations alone (the same on every machine)."""
+    ``step`` for floats) and their spread (largest less least), or None (no references, or one of
+    another shape). Exact where their scaling is the slice's; else by IEEE operations alone (the
+    same on every machine)."""
     shape = np.shape(original.values)
     if not references or any(np.shape(ref.values) != shape for ref in references):
         return None
@@ -518,7 +531,7 @@ def _reference(references: tuple[Stored, ...], original: Stored, kind: int, step
             scanner = np.asarray(ref.values, dtype=np.float64) * ref.slope + ref.inter
             value = np.nan_to_num((scanner - original.inter) / original.slope / step)
             units.append(np.round(np.clip(value, -(2.0 ** 50), 2.0 ** 50)).astype(np.int64))
-    return sum(units) // len(units)
+    return sum(units) // len(units), np.maximum.reduce(units) - np.minimum.reduce(units)
 
 
 def _varints(values) -> bytes:
@@ -651,8 +664,8 @@ def max_error_of(payload: bytes) -> float:
 
 def _coefficients(version: int, reader: _Reader, referenced: bool) -> list[np.ndarray]:
     """Each phase's float16 coefficients: 16 bits each up to version 2, then :data:`COEFFICIENT_BITS`
-    (one more per phase given references)."""
-    sizes = [LEVELS + 1 + (i > 0) + referenced for i in range(len(PHASES))]
+    (two more per phase given references)."""
+    sizes = [LEVELS + 1 + (i > 0) + 2 * referenced for i in range(len(PHASES))]
     if version < 3:
         return [np.frombuffer(reader.take(2 * n), "<f2").astype(np.float16) for n in sizes]
     codes = _unpacked(reader.take((COEFFICIENT_BITS * sum(sizes) + 7) // 8), sum(sizes), COEFFICIENT_BITS)
@@ -740,7 +753,8 @@ def _decode_phases(part: _Payload, prediction: np.ndarray, levels: np.ndarray, q
     """:func:`_code_phases` undone: the quantised residual (int64, the prediction's shape)."""
     version = part.head["version"]
     contrast = _contrast(prediction) // quantiser
-    apart = None if reference is None else np.abs(reference - prediction) // quantiser
+    apart = _apart(reference, prediction, quantiser)
+    reference = None if reference is None else reference[0]
     categorical, queue = _coder()
     decoder = queue.RangeDecoder(part.words)
     q = np.zeros(prediction.shape, dtype=np.int64)
