@@ -199,7 +199,8 @@ def _all_class_profiles() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _weights(cls: int, width: int) -> np.ndarray:
-    """Every shape's weights of class ``cls`` (``(SHAPES, 2 width + 2)``), as :func:`_fit` compares them."""
+    """Every shape's weights of class ``cls`` (``(SHAPES, 2 width + 2)``): the tables :func:`_shape_costs`
+    prices without building them (tests check the two agree)."""
     return _shape_rows(cls, width, range(SHAPES))
 
 
