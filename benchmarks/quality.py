@@ -5,8 +5,9 @@ Every recipe change is judged by this (on both precisions): it trains the config
 ``mrivq predict`` on the test split, range-codes the test codes, and prints one JSON object:
 
     ssim, psnr, prostate_ssim, codes used and perplexity per level, bits per pixel raw and
-    frequency-coded, JPEG / JPEG 2000 / WebP / AVIF / JPEG XL / HTJ2K SSIM and PSNR at the
-    model's raw rate,
+    frequency-coded, JPEG / JPEG 2000 / WebP / AVIF / JPEG XL / HTJ2K (and the AVIF sequence)
+    SSIM and bits per pixel at the rate of the model's frequency-coded codes file (before
+    2026-12-06: at the raw rate of fixed-width indices),
     training seconds, images/s, precision.
 
     python benchmarks/quality.py --precision fp32 --steps 360

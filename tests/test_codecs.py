@@ -173,14 +173,36 @@ def test_a_search_from_a_guess_or_known_files_finds_what_bisection_finds_with_fe
             return b"x" * sizes[i]
         known = {}
         answer = _plain_bisection(sizes, budget)
-        data, setting = codecs.best_setting_within(write, tuple(range(n)), budget, known=known,
+        slope = [None, None, -0.01, -2.0][trial % 4]  # none, or a slope too shallow or too steep
+        data, setting = codecs.best_setting_within(write, tuple(range(n)), budget, known=known, slope=slope,
                                                    guess=int(rng.integers(0, n)) if trial % 2 else None)
         assert setting == answer and len(data) == sizes[answer]
         again, before = float(rng.integers(0, 5200)), len(writes)  # another budget, from what is known
         _, setting = codecs.best_setting_within(write, tuple(range(n)), again, known=known)
         assert setting == _plain_bisection(sizes, again)
-        assert len(writes) == len(set(writes)) and len(writes) - before <= max(1, int(np.ceil(np.log2(n))) + 1)
+        assert len(writes) == len(set(writes)) and len(writes) - before <= max(1, int(np.ceil(np.log2(n + 1))) + 2)
     writes.clear()  # a guess two settings off: a handful of encodes, not log2(125) = 7
     sizes = list(range(2000, 1000, -8))  # 125 settings
     codecs.best_setting_within(lambda i: (writes.append(i), b"x" * sizes[i])[1], tuple(range(125)), 1500.5, guess=61)
     assert len(writes) <= 4, writes
+
+
+def test_a_smooth_size_curve_is_searched_in_a_few_encodes_from_another_slices_slope():
+    sizes = [int(4000 * np.exp(-0.03 * i)) for i in range(128)]  # log size falling along the settings
+    writes = []
+    write = lambda i: (writes.append(i), b"x" * sizes[i])[1]  # noqa: E731
+    _, setting = codecs.best_setting_within(write, tuple(range(128)), 1500.0, guess=20,
+                                            slope=codecs.size_slope({i: b"x" * sizes[i] for i in (10, 40)}))
+    assert setting == _plain_bisection(sizes, 1500.0) and len(writes) <= 3, writes
+
+
+def test_comparing_at_a_second_rate_from_what_the_first_found_gives_what_a_fresh_comparison_gives(phantom_slices):
+    images = phantom_slices[:6]
+    known = {}
+    codecs.compare_codecs(images, 0.9, ["jpeg", "webp"], known=known)
+    again = codecs.compare_codecs(images, 0.5, ["jpeg", "webp"], known=known)
+    fresh = codecs.compare_codecs(images, 0.5, ["jpeg", "webp"])
+    for codec in ("jpeg", "webp"):
+        assert again[codec]["per_slice"] == fresh[codec]["per_slice"]
+        assert again[codec]["bits_per_pixel"] == fresh[codec]["bits_per_pixel"]
+    assert len(known[("jpeg", "answers")]) == len(images)

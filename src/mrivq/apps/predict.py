@@ -77,6 +77,7 @@ SURPRISE_METHOD = (
 RD_SLICES = 40  # test slices behind the codecs' rate-distortion curves
 RATE_NAMES = {"raw": "raw code indices", "frequencies": "codes file, frequency-coded",
               "prior": "codes file, prior-coded"}
+FILE_RATES = ("frequencies", "prior")  # the rates of files mrivq writes: the codecs are compared at these
 
 
 def predict(config: Config, checkpoint: str | Path | None = None, prior: str | Path | None = None,
@@ -259,18 +260,21 @@ def _model_rates(codec: Codec, result: Evaluation, slices: CodecInput, image_siz
 
 
 def _compare_codecs(unit_images: np.ndarray, rates: dict, names: list[str]) -> CodecComparison:
-    """Standard codecs on the test slices ``(N, H, W)`` on [0, 1]: at each of the model's rates (and,
-    at the rates of its files, an AVIF image sequence of each run of consecutive slices, by their
-    ``names``, at the same total size), and over their quality settings on up to RD_SLICES slices."""
+    """Standard codecs on the test slices ``(N, H, W)`` on [0, 1]: at the rate of each of the model's
+    files (not the raw rate of fixed-width indices, which no file has), each slice on its own and
+    each run of consecutive slices (by their ``names``) as an AVIF image sequence of the same total
+    size; and over their quality settings on up to RD_SLICES slices."""
     n = len(unit_images)
     tables = {}
     runs = volume_runs(names)
     known = {}  # every file the searches wrote: the search at the next rate starts between them
     for rate_name, rate in rates.items():
+        if rate_name not in FILE_RATES:
+            continue
         log.info("compressing the %d test slices with %s at %.3f bits per pixel (the model's %s rate)", n,
                  ", ".join(available_codecs()), rate, RATE_NAMES[rate_name])
         tables[rate_name] = compare_codecs(unit_images, rate, known=known)
-        if rate_name != "raw" and sequence_available():
+        if sequence_available():
             log.info("and as AVIF image sequences of their %d runs of consecutive slices at the same total size",
                      len(runs))
             tables[rate_name].update(compare_sequences([unit_images[run] for run in runs],
@@ -425,19 +429,21 @@ def _region_summary(result: Evaluation, has_mask: np.ndarray) -> dict | None:
 
 
 def _codec_summary(result: Evaluation, rates: dict, tables: dict) -> dict:
-    """Standard codecs beside the model at each of its rates (``raw``, ``frequencies``, ``prior``);
-    ``bits_per_pixel`` and ``codecs`` repeat the raw-rate table, as summaries before the coded rates had it."""
+    """Standard codecs beside the model at the rate of each of its files (``frequencies``, ``prior``);
+    ``bits_per_pixel`` and ``codecs`` repeat the first table (the frequency-coded file's rate), where
+    summaries before predict compared at file rates only had the raw rate's."""
     def table(scores: dict) -> dict:
         return {codec: {k: v for k, v in s.items() if k != "per_slice"} for codec, s in scores.items()}
 
+    first = next(iter(tables))
     return {
-        "bits_per_pixel": rates["raw"],
+        "bits_per_pixel": rates[first],
         "method": CODEC_PROTOCOL,
-        "model": {"bits_per_pixel": rates["raw"], "ssim": metrics.summary_stats(result.ssim),
+        "model": {"bits_per_pixel": rates[first], "ssim": metrics.summary_stats(result.ssim),
                   "psnr": metrics.summary_stats(result.psnr)},
-        "codecs": table(tables["raw"]),
-        "rates": [{"rate": RATE_NAMES[name], "coder": name, "bits_per_pixel": rate, "codecs": table(tables[name])}
-                  for name, rate in rates.items()],
+        "codecs": table(tables[first]),
+        "rates": [{"rate": RATE_NAMES[name], "coder": name, "bits_per_pixel": rates[name], "codecs": table(scores)}
+                  for name, scores in tables.items()],
     }
 
 

@@ -31,6 +31,7 @@ Example::
 from __future__ import annotations
 
 import io
+import math
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -164,16 +165,16 @@ def decode(data: bytes, codec: str) -> np.ndarray:
 
 
 def compress_at_rate(slice2d: np.ndarray, codec: str, bits_per_pixel: float, *, known: dict | None = None,
-                     guess: int | None = None) -> tuple[np.ndarray, float, object]:
+                     guess: int | None = None, slope: float | None = None) -> tuple[np.ndarray, float, object]:
     """Compress one slice at the best setting that fits ``bits_per_pixel``.
 
     Returns the decoded slice ``(H, W)`` in [0, 1], the achieved bits per pixel and the
     setting used. File size falls (close to monotonically) along the settings, so a binary
-    search finds the first one within the budget (``known``, ``guess``: :func:`best_setting_within`'s).
+    search finds the first one within the budget (``known``, ``guess``, ``slope``: :func:`best_setting_within`'s).
     """
     slice8 = to_8bit(slice2d)
     data, setting = best_setting_within(lambda setting: encode(slice8, codec, setting), CODECS[codec].settings,
-                                        bits_per_pixel * slice8.size / 8.0, known=known, guess=guess)
+                                        bits_per_pixel * slice8.size / 8.0, known=known, guess=guess, slope=slope)
     return decode(data, codec), len(data) * 8.0 / slice8.size, setting
 
 
@@ -184,22 +185,41 @@ def compare_codecs(images: np.ndarray, bits_per_pixel: float, codecs: list[str] 
     Returns ``{codec: {"bits_per_pixel": {mean, max}, "setting": {name, median}, "ssim": stats,
     "psnr": stats, "per_slice": {"ssim": [...], "psnr": [...]}}}`` with the stats of
     :mod:`mrivq.engine.evaluator` (mean, std, p5, min) under the SSIM protocol. The first slice's
-    setting is searched first, the others' searches start from it; ``known``: a dict the files
-    written are kept in (by codec and slice), so that comparing the same images at another rate
-    starts from them (the same answers, fewer encodes).
+    setting is searched first; the others' searches start from it (and from the slope of its file
+    sizes along the settings). ``known``: a dict the files written are kept in (by ``(codec,
+    slice)``, and each codec's answers under ``(codec, "answers")``), so that comparing the same
+    images at another rate starts from them, each slice from its own last answer moved as the
+    first slice's moved (the same answers, fewer encodes).
     """
     out = {}
     target = _as_target(images)
     known = {} if known is None else known
     for codec in codecs if codecs is not None else available_codecs():
+        settings = CODECS[codec].settings
         files = [known.setdefault((codec, i), {}) for i in range(len(images))]
         first = compress_at_rate(np.asarray(images[0]), codec, bits_per_pixel, known=files[0])
-        guess = CODECS[codec].settings.index(first[2])
-        rest = parallel_map(lambda i, codec=codec, files=files, guess=guess: compress_at_rate(
-            np.asarray(images[i]), codec, bits_per_pixel, known=files[i], guess=guess), range(1, len(images)))
-        decoded, rates, settings = zip(first, *rest)
-        out[codec] = _comparison(decoded, target, rates, settings, SETTING_NAMES[codec])
+        answer = settings.index(first[2])
+        last = known.get((codec, "answers"))
+        guesses = ([int(np.clip(a + answer - last[0], 0, len(settings) - 1)) for a in last] if last is not None
+                   else [answer] * len(images))
+        slope = size_slope(files[0])
+        rest = parallel_map(lambda i, codec=codec, files=files: compress_at_rate(
+            np.asarray(images[i]), codec, bits_per_pixel, known=files[i], guess=guesses[i], slope=slope),
+            range(1, len(images)))
+        decoded, rates, chosen = zip(first, *rest)
+        known[(codec, "answers")] = [settings.index(setting) for setting in chosen]
+        out[codec] = _comparison(decoded, target, rates, chosen, SETTING_NAMES[codec])
     return out
+
+
+def size_slope(files: dict[int, bytes]) -> float | None:
+    """How the log file size changes per setting index, fitted over ``files`` (by index): the
+    slope searches of similar slices extrapolate with; None when it is not falling or is unknown."""
+    if len(files) < 2:
+        return None
+    index, size = zip(*sorted((i, math.log(max(len(data), 1))) for i, data in files.items()))
+    slope = float(np.polyfit(index, size, 1)[0])
+    return slope if slope < 0 else None
 
 
 def rate_distortion(images: np.ndarray, codecs: list[str] | None = None,
@@ -373,49 +393,120 @@ def lossless_sizes(stored: np.ndarray, max_error: int) -> dict[str, int]:
 
 
 def best_setting_within(write: Callable[[object], bytes], settings: tuple, budget_bytes: float, *,
-                        known: dict[int, bytes] | None = None, guess: int | None = None) -> tuple[bytes, object]:
+                        known: dict[int, bytes] | None = None, guess: int | None = None,
+                        slope: float | None = None) -> tuple[bytes, object]:
     """The file and setting of the best quality in ``settings`` (best first) whose file from
     ``write(setting)`` fits ``budget_bytes``; the last setting when none does.
 
-    File size falls (close to monotonically) along the settings, so a binary search finds the
-    first one within the budget. ``known``: the files already written, by index into
-    ``settings`` (filled in here), so a search at another budget starts between the nearest ones
-    known; ``guess``: an index to try first when the known files do not bound the answer on both
-    sides (the answer of a similar slice), then steps doubling away from it until they do. With
-    file sizes falling, the answer is the one plain bisection gives; only the encodes are fewer.
+    File size falls (close to monotonically) along the settings, so a search that keeps the
+    worst setting known to be over the budget and the best known within it finds the first one
+    within. ``known``: the files already written, by index into ``settings`` (filled in here), so a
+    search at another budget starts between the nearest ones known; ``guess``: an index to try
+    first when the known files do not bound the answer on both sides (the answer of a similar
+    slice), then steps away from it until they do: to where the log file size, extrapolated at
+    ``slope`` (its change per setting, fitted on a similar slice: :func:`size_slope`) or else
+    from the two nearest known sizes, crosses the budget, each step at most double the last
+    without a ``slope``. Inside a bracket each probe goes where the log size interpolated between
+    its ends crosses the budget, kept close enough to the middle that the search needs at most
+    two probes more than bisection would; a smooth size curve needs about two in all. With file
+    sizes falling, the answer is the one plain bisection gives; only the encodes are fewer.
     """
-    known = {} if known is None else known
-    n = len(settings)
+    search = _SettingSearch(write, settings, budget_bytes, {} if known is None else known, slope)
+    if guess is not None and search.over < guess < search.within and (search.over == -1 or search.within == search.n):
+        search.from_guess(guess)
+    search.close_in()
+    chosen = search.within if search.within < search.n else search.n - 1  # none fits: the lowest quality
+    search.size(chosen)
+    return search.known[chosen], settings[chosen]
 
-    def fits(i: int) -> bool:
-        if i not in known:
-            known[i] = write(settings[i])
-        return len(known[i]) <= budget_bytes
 
-    over = max((i for i, data in known.items() if len(data) > budget_bytes), default=-1)
-    within = min((i for i, data in known.items() if len(data) <= budget_bytes), default=n)
+class _SettingSearch:
+    """One search of :func:`best_setting_within`: the files known by setting index, and the bracket,
+    ``over`` (the worst setting known over the budget; -1: none) and ``within`` (the best known
+    within it; ``n``: none)."""
 
-    def probe(i: int) -> None:
-        nonlocal over, within
-        if fits(i):
-            within = min(within, i)
+    def __init__(self, write: Callable[[object], bytes], settings: tuple, budget: float, known: dict[int, bytes],
+                 slope: float | None = None):
+        self.write, self.settings, self.budget, self.known, self.slope = write, settings, budget, known, slope
+        self.n = len(settings)
+        self.target = math.log(max(budget, 1.0))
+        self.over = max((i for i, data in known.items() if len(data) > budget), default=-1)
+        self.within = min((i for i, data in known.items() if len(data) <= budget), default=self.n)
+
+    def size(self, i: int) -> int:
+        if i not in self.known:
+            self.known[i] = self.write(self.settings[i])
+        return len(self.known[i])
+
+    def probe(self, i: int) -> None:
+        if self.size(i) <= self.budget:
+            self.within = min(self.within, i)
         else:
-            over = max(over, i)
+            self.over = max(self.over, i)
 
-    if guess is not None and over < guess < within and (over == -1 or within == n):
-        probe(guess)
+    def from_guess(self, guess: int) -> None:
+        """Probe ``guess``, then step away from it (towards worse settings while all are over the
+        budget, better ones while all fit), each step at most twice the last, until bounded."""
+        self.probe(guess)
         step = 1
-        while within == n and over < n - 1:  # over budget: worse settings, doubling steps
-            probe(min(over + step, n - 1))
+        while self.within == self.n and self.over < self.n - 1:
+            self.probe(self.over + self._stride(self.over, +1, step))
             step *= 2
-        while over == -1 and within > 0:  # within it: better settings, doubling steps
-            probe(max(within - step, 0))
+        while self.over == -1 and self.within > 0:
+            self.probe(self.within - self._stride(self.within, -1, step))
             step *= 2
-    while within - over > 1:
-        probe((over + within) // 2)
-    chosen = within if within < n else n - 1  # none fits: the lowest quality
-    fits(chosen)
-    return known[chosen], settings[chosen]
+
+    def _stride(self, end: int, direction: int, step: int) -> int:
+        """How far beyond ``end`` to probe next (at least 1, in range): to the first setting past
+        where the size extrapolated from ``end`` crosses the budget, at ``slope`` (and then at least
+        ``step // 2``, so a slope too steep still gets there in doubling steps) or else at the
+        slope of ``end`` and its known neighbour (and then at most ``step``)."""
+        room = self.n - 1 - end if direction > 0 else end
+        if self.slope:
+            x = end + (self.target - math.log(max(self.size(end), 1))) / self.slope
+            low, high = max(1, step // 2), room
+        else:
+            x = self._crossing(end, self._beside(end, -direction))
+            low, high = 1, min(step, room)
+        if x is None or (x - end) * direction <= 0:
+            return high
+        first = math.ceil(x) if direction > 0 else math.ceil(x) - 1  # the answer, or the setting above it
+        return int(min(max(abs(first - end), low), high))
+
+    def close_in(self) -> None:
+        """Probe inside the bracket until it closes: at the interpolated crossing, kept where at
+        most one probe more than bisection's still closes it."""
+        left = math.ceil(math.log2(max(self.within - self.over, 1))) + 2
+        while self.within - self.over > 1:
+            reach = 2 ** (left - 1)  # after this probe the bracket must be at most this wide
+            x = self._estimate()
+            p = (self.over + self.within) // 2 if x is None else math.ceil(x)
+            p = min(max(p, self.over + 1, self.within - reach), self.within - 1, self.over + reach)
+            self.probe(p)
+            left -= 1
+
+    def _estimate(self) -> float | None:
+        """Where the log size crosses the budget: between the bracket's ends, or extrapolated from
+        the end known and its known neighbour; None when neither end is known."""
+        if self.over >= 0 and self.within < self.n:
+            return self._crossing(self.over, self.within)
+        if self.over >= 0:
+            return self._crossing(self.over, self._beside(self.over, -1))
+        if self.within < self.n:
+            return self._crossing(self.within, self._beside(self.within, +1))
+        return None
+
+    def _beside(self, i: int, direction: int) -> int | None:
+        """The known setting nearest ``i`` on its ``direction`` side, or None."""
+        side = [j for j in self.known if (j - i) * direction > 0]
+        return (min(side) if direction > 0 else max(side)) if side else None
+
+    def _crossing(self, i: int, j: int | None) -> float | None:
+        """Where the line through (i, log size i) and (j, log size j) meets the budget's log, or None."""
+        if j is None:
+            return None
+        a, b = math.log(max(self.size(i), 1)), math.log(max(self.size(j), 1))
+        return None if a == b else i + (self.target - a) * (j - i) / (b - a)
 
 
 def _comparison(decoded, target: torch.Tensor, rates, settings, setting_name: str) -> dict:
