@@ -190,8 +190,7 @@ def test_a_search_from_a_guess_or_known_files_finds_what_bisection_finds_with_fe
 def test_a_smooth_size_curve_is_searched_in_a_few_encodes_from_another_slices_slope():
     sizes = [int(4000 * np.exp(-0.03 * i)) for i in range(128)]  # log size falling along the settings
     writes = []
-    write = lambda i: (writes.append(i), b"x" * sizes[i])[1]  # noqa: E731
-    _, setting = codecs.best_setting_within(write, tuple(range(128)), 1500.0, guess=20,
+    _, setting = codecs.best_setting_within(lambda i: (writes.append(i), b"x" * sizes[i])[1], tuple(range(128)), 1500.0, guess=20,
                                             slope=codecs.size_slope({i: b"x" * sizes[i] for i in (10, 40)}))
     assert setting == _plain_bisection(sizes, 1500.0) and len(writes) <= 3, writes
 

@@ -203,7 +203,7 @@ def compare_codecs(images: np.ndarray, bits_per_pixel: float, codecs: list[str] 
         guesses = ([int(np.clip(a + answer - last[0], 0, len(settings) - 1)) for a in last] if last is not None
                    else [answer] * len(images))
         slope = size_slope(files[0])
-        rest = parallel_map(lambda i, codec=codec, files=files: compress_at_rate(
+        rest = parallel_map(lambda i, codec=codec, files=files, guesses=guesses, slope=slope: compress_at_rate(
             np.asarray(images[i]), codec, bits_per_pixel, known=files[i], guess=guesses[i], slope=slope),
             range(1, len(images)))
         decoded, rates, chosen = zip(first, *rest)
