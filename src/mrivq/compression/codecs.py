@@ -298,16 +298,17 @@ def decode_sequence(data: bytes) -> np.ndarray:
 
 
 def compress_sequence_at_size(volume: np.ndarray, budget_bytes: float, speed: int = SEQUENCE_SPEED, *,
-                              known: dict | None = None, guess: int | None = None) -> tuple[np.ndarray, int, int]:
+                              known: dict | None = None, guess: int | None = None,
+                              slope: float | None = None) -> tuple[np.ndarray, int, int]:
     """Compress consecutive slices ``(S, H, W)`` in [0, 1] as one AVIF sequence within ``budget_bytes``.
 
     Returns the decoded slices ``(S, H, W)`` in [0, 1], the file's size in bytes and the
     quality used: the best that fits, or the lowest (0) when even that is over budget
-    (``known``, ``guess``: :func:`best_setting_within`'s, by index into :data:`SEQUENCE_QUALITIES`).
+    (``known``, ``guess``, ``slope``: :func:`best_setting_within`'s, by index into :data:`SEQUENCE_QUALITIES`).
     """
     slices8 = to_8bit(volume)
     data, quality = best_setting_within(lambda quality: encode_sequence(slices8, quality, speed),
-                                        SEQUENCE_QUALITIES, budget_bytes, known=known, guess=guess)
+                                        SEQUENCE_QUALITIES, budget_bytes, known=known, guess=guess, slope=slope)
     return decode_sequence(data), len(data), quality
 
 
@@ -320,7 +321,9 @@ def compare_sequences(volumes: list[np.ndarray], bytes_budget: float | list[floa
     model's files for the same slices), shared out in proportion to the volumes' pixel counts
     so that each gets the same bits per pixel, like the per-slice codecs; or a list, the bytes
     allowed for each volume. Each volume's quality is searched on its own, the first few side by
-    side and the others' starting from theirs; ``known``: as :func:`compare_codecs`' (by volume).
+    side and the others' starting from theirs (their answer and the slope of their file sizes, or
+    a volume's own slope where it has files from another budget); ``known``: as
+    :func:`compare_codecs`' (by volume).
 
     Returns ``{"avif_sequence": entry}`` with the entry of :func:`compare_codecs` (each slice
     charged its volume's bits per pixel, so the mean is total bits over total pixels and the max
@@ -343,11 +346,14 @@ def compare_sequences(volumes: list[np.ndarray], bytes_budget: float | list[floa
     known = {} if known is None else known
     files = [known.setdefault(("sequence", speed, k), {}) for k in range(len(volumes))]
     wave = min(CODEC_THREADS, len(volumes))  # the first volumes searched side by side, the rest from them
-    first = parallel_map(lambda k: compress_sequence_at_size(volumes[k], budgets[k], speed, known=files[k]),
-                         range(wave))
+    own = [size_slope(known_files) for known_files in files]  # a volume's files from another budget
+    first = parallel_map(lambda k: compress_sequence_at_size(volumes[k], budgets[k], speed, known=files[k],
+                                                             slope=own[k]), range(wave))
     guess = int(np.median([SEQUENCE_QUALITIES.index(quality) for _, _, quality in first]))
-    rest = parallel_map(lambda k: compress_sequence_at_size(volumes[k], budgets[k], speed, known=files[k],
-                                                            guess=guess), range(wave, len(volumes)))
+    slopes = [slope for slope in map(size_slope, files[:wave]) if slope is not None]
+    slope = float(np.median(slopes)) if slopes else None
+    rest = parallel_map(lambda k: compress_sequence_at_size(volumes[k], budgets[k], speed, known=files[k], guess=guess,
+                                                            slope=own[k] or slope), range(wave, len(volumes)))
     decoded, sizes, qualities = zip(*first, *rest)
     slices_per_volume = [len(volume) for volume in volumes]
     entry = _comparison(np.concatenate(decoded), _as_target(np.concatenate(volumes)),
