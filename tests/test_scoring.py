@@ -131,3 +131,17 @@ def test_every_json_file_a_run_writes_is_strict_even_for_a_perfect_model(tiny_ov
     stored = strict_load((config.run_dir / "predict" / "summary.json").read_text())
     assert stored["ssim"]["mean"] == pytest.approx(1.0, abs=1e-5)
     assert stored["psnr"]["mean"] is None  # infinite: strict JSON has no token for it
+
+
+def test_ssim_in_chunks_is_torchmetrics_ssim_of_the_whole_batch():
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    generator = torch.Generator().manual_seed(0)
+    target = torch.rand(2 * metrics.SSIM_CHUNK + 5, 1, 40, 24, generator=generator)
+    reconstruction = target + 0.1 * torch.randn(target.shape, generator=generator)  # clamped when scored
+    settings = {"gaussian_kernel": True, "sigma": 1.5, "kernel_size": 11, "data_range": 1.0, "k1": 0.01, "k2": 0.03,
+                "reduction": "none"}
+    whole, full = structural_similarity_index_measure(reconstruction.clamp(0, 1), target, return_full_image=True,
+                                                      **settings)
+    assert torch.equal(metrics.ssim_per_image(reconstruction, target), whole.reshape(-1))
+    assert torch.equal(metrics.ssim_map(reconstruction, target), full)

@@ -65,17 +65,17 @@ def unit_range_images(images: np.ndarray, normalize: str) -> np.ndarray:
     return to_unit_range(stack, stack, normalize)[1][:, 0].numpy()
 
 
+#: Images per torchmetrics SSIM call. Each image's SSIM is its own, so the numbers do not depend on
+#: it; the time does: 540 slices of 256x128 took 6.9 s in one call and 2.3 s in calls of 32 on 2
+#: cores (the whole batch's five filtered maps, 350 MB, do not stay in cache).
+SSIM_CHUNK = 32
+
+
 @torch.no_grad()
 def ssim_per_image(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """SSIM of each image. ``(B, C, H, W)`` in [0, 1] -> ``(B,)`` float32."""
-    rec = reconstruction.float().clamp(0.0, 1.0)
-    tgt = target.float()
-    from torchmetrics.functional.image import structural_similarity_index_measure
-
-    return structural_similarity_index_measure(
-        rec, tgt, gaussian_kernel=True, sigma=1.5, kernel_size=11, data_range=1.0,
-        k1=0.01, k2=0.03, reduction="none",
-    ).reshape(-1)
+    return torch.cat([_ssim(reconstruction[i:i + SSIM_CHUNK], target[i:i + SSIM_CHUNK]).reshape(-1)
+                      for i in range(0, max(len(target), 1), SSIM_CHUNK)])
 
 
 @torch.no_grad()
@@ -85,15 +85,18 @@ def ssim_map(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     Its mean over all pixels is :func:`ssim_per_image` (the slice is reflection-padded by half
     the window, so the map has the input's size).
     """
-    rec = reconstruction.float().clamp(0.0, 1.0)
-    tgt = target.float()
+    return torch.cat([_ssim(reconstruction[i:i + SSIM_CHUNK], target[i:i + SSIM_CHUNK], full=True)[1]
+                      for i in range(0, max(len(target), 1), SSIM_CHUNK)])
+
+
+def _ssim(reconstruction: torch.Tensor, target: torch.Tensor, full: bool = False):
+    """torchmetrics' SSIM under the protocol: per image, and with ``full`` the map too."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
-    _, full = structural_similarity_index_measure(
-        rec, tgt, gaussian_kernel=True, sigma=1.5, kernel_size=11, data_range=1.0,
-        k1=0.01, k2=0.03, reduction="none", return_full_image=True,
+    return structural_similarity_index_measure(
+        reconstruction.float().clamp(0.0, 1.0), target.float(), gaussian_kernel=True, sigma=1.5, kernel_size=11,
+        data_range=1.0, k1=0.01, k2=0.03, reduction="none", return_full_image=full,
     )
-    return full
 
 
 @torch.no_grad()
