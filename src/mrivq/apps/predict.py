@@ -22,7 +22,7 @@ import torch
 
 from mrivq import metrics, strict_json
 from mrivq.apps import flags
-from mrivq.compression.codec import Codec, CodecInput, model_fingerprint, slices_to_batch
+from mrivq.compression.codec import Codec, CodecInput, Compressed, model_fingerprint, slices_to_batch
 from mrivq.compression.codecs import (
     CODEC_PROTOCOL,
     CODECS,
@@ -119,7 +119,7 @@ def predict(config: Config, checkpoint: str | Path | None = None, prior: str | P
         # Rates: the model's, and standard codecs at them and over their quality settings.
         codec = Codec(model, prep, code_prior, prior_name=str(prior))
         slices = CodecInput.of_split(test)
-        rates, files = _model_rates(codec, result, slices, config.data.image_size, trained.model.n_embed)
+        rates, files, packed = _model_rates(codec, result, slices, config.data.image_size, trained.model.n_embed)
         unit_images = metrics.unit_range_images(test.images, config.data.normalize)
         surprise = None
         if code_prior is not None:
@@ -133,7 +133,7 @@ def predict(config: Config, checkpoint: str | Path | None = None, prior: str | P
                             checkpoint=ckpt_path, training_precision=training_precision, data=data,
                             skipped_files=[f for f, _ in test.skipped])
         if max_errors:
-            summary["max_error"] = _error_ladder(codec, result.codes, test.files, max_errors, config.visual_dir)
+            summary["max_error"] = _error_ladder(codec, packed, test.files, max_errors, config.visual_dir)
         summary_path = _write_outputs(config, summary, rates, test.files, result)
         _log_results(summary, files, trained.model.n_embed)
         log.info("wrote %s", summary_path)
@@ -247,8 +247,10 @@ def _save_pictures(config: Config, model: torch.nn.Module, test, result: Evaluat
     return worst
 
 
-def _model_rates(codec: Codec, result: Evaluation, slices: CodecInput, image_size, n_embed: int) -> tuple[dict, dict]:
-    """The model's bits per pixel by rate name, and the codes files' bits reports by coder.
+def _model_rates(codec: Codec, result: Evaluation, slices: CodecInput, image_size,
+                 n_embed: int) -> tuple[dict, dict, Compressed]:
+    """The model's bits per pixel by rate name, the codes files' bits reports by coder, and the file
+    `mrivq encode` would write (the last coder's: under the prior where that is smaller).
 
     ``raw``: fixed-width code indices. ``frequencies`` (and ``prior``, when the codec has one): the
     real rates, the size of the codes file `mrivq encode` would write for the test split, coded
@@ -256,7 +258,9 @@ def _model_rates(codec: Codec, result: Evaluation, slices: CodecInput, image_siz
     top_shape, bottom_shape = result.code_shapes
     raw = raw_bits_per_pixel(tuple(image_size), top_shape, bottom_shape, n_embed, n_embed)
     files = _codes_files(codec, result.codes, slices)
-    return {"raw": raw, **{coder: f["bits_per_pixel"]["file"] for coder, f in files.items()}}, files
+    reports = {coder: packed.report() for coder, packed in files.items()}
+    return {"raw": raw, **{coder: f["bits_per_pixel"]["file"] for coder, f in reports.items()}}, reports, \
+        list(files.values())[-1]
 
 
 def _compare_codecs(unit_images: np.ndarray, rates: dict, names: list[str]) -> CodecComparison:
@@ -292,12 +296,12 @@ def _compare_codecs(unit_images: np.ndarray, rates: dict, names: list[str]) -> C
     return CodecComparison(tables, curves, len(rd_slices))
 
 
-def _error_ladder(codec: Codec, codes: tuple[np.ndarray, np.ndarray], files: list, max_errors: list[float],
-                  visual_dir: Path) -> dict:
+def _error_ladder(codec: Codec, coded: Compressed, files: list, max_errors: list[float], visual_dir: Path) -> dict:
     """The summary's ``max_error``: the residual layer's files of the test slices at each maximum
-    error (0: lossless; the codes as the model's file codes them), beside the lossless and
-    near-lossless codecs on the same stored values, each decoded and checked voxel by voxel and
-    scored under the SSIM protocol; drawn in visual_dir/max_error.png."""
+    error (0: lossless), on top of ``coded`` (the codes file of the test split, as `mrivq encode`
+    codes it), beside the lossless and near-lossless codecs on the same stored values, each
+    decoded and checked voxel by voxel and scored under the SSIM protocol; drawn in
+    visual_dir/max_error.png."""
     slices = CodecInput.read([Path(f) for f in files], codec.prep, originals=True)
     voxels = sum(stored.values.size for stored in slices.originals)
     rows, first = [], None
@@ -306,8 +310,7 @@ def _error_ladder(codec: Codec, codes: tuple[np.ndarray, np.ndarray], files: lis
                  "codecs beside it", delta, len(files), voxels)
         options = {"residual": {"max_error": delta}}
         try:  # the codes are coded once; each bound adds its residual to the same stream
-            packed = (codec.compress_codes(codes, slices, layers=("residual",), layer_options=options) if first is None
-                      else codec.with_layers(first, slices, ("residual",), options))
+            packed = codec.with_layers(first or coded, slices, ("residual",), options)
         except UserError as e:
             log.warning("maximum error %g: %s", delta, e)
             rows.append({"max_error": delta, "refused": str(e)})
@@ -394,11 +397,11 @@ def _write_surprise(codec: Codec, codes: tuple[np.ndarray, np.ndarray], slices: 
             "method": SURPRISE_METHOD}
 
 
-def _codes_files(codec: Codec, codes: tuple[np.ndarray, np.ndarray], slices: CodecInput) -> dict:
-    """The bits report of the codes file of these test codes, coded under the code frequencies and
-    (when the codec has a prior) under the prior, each decoded again to check it; by coder."""
+def _codes_files(codec: Codec, codes: tuple[np.ndarray, np.ndarray], slices: CodecInput) -> dict[str, Compressed]:
+    """The codes file of these test codes, coded under the code frequencies and (when the codec has
+    a prior) under the prior, each decoded again to check it; by coder."""
     coders = ("frequencies", "prior") if codec.prior is not None else ("frequencies",)
-    return {coder: codec.compress_codes(codes, slices, under_prior=coder == "prior").report() for coder in coders}
+    return {coder: codec.compress_codes(codes, slices, under_prior=coder == "prior") for coder in coders}
 
 
 def _refuse_training_slices(test_files: list, ckpt: dict, ckpt_path: Path) -> None:

@@ -375,10 +375,8 @@ class Codec:
     def with_layers(self, packed: Compressed, slices: CodecInput, layers: tuple[str, ...],
                     layer_options: dict[str, dict] | None = None) -> Compressed:
         """``packed``'s codes file (the same codes stream, already checked to decode) with other
-        coding layers on top: another bound of the residual without coding the codes again. Needs
-        the pictures ``packed`` kept (a :meth:`compress_codes` with layers)."""
-        if packed.pictures is None:
-            raise ValueError("with_layers needs a Compressed that kept its pictures (compressed with layers)")
+        coding layers on top: another bound of the residual without coding the codes again. The
+        pictures are those ``packed`` kept (a :meth:`compress_codes` with layers), or decoded here."""
         start = time.perf_counter()
         header = {key: value for key, value in packed.file.header.items() if key not in ("layers", "layer_references")}
         old = packed.file
