@@ -200,8 +200,8 @@ def compare_codecs(images: np.ndarray, bits_per_pixel: float, codecs: list[str] 
         first = compress_at_rate(np.asarray(images[0]), codec, bits_per_pixel, known=files[0])
         answer = settings.index(first[2])
         last = known.get((codec, "answers"))
-        guesses = ([int(np.clip(a + answer - last[0], 0, len(settings) - 1)) for a in last] if last is not None
-                   else [answer] * len(images))
+        guesses = ([int(np.clip(a + answer - last[0], 0, len(settings) - 1)) for a in last]
+                   if last is not None and len(last) == len(images) else [answer] * len(images))
         slope = size_slope(files[0])
         rest = parallel_map(lambda i, codec=codec, files=files, guesses=guesses, slope=slope: compress_at_rate(
             np.asarray(images[i]), codec, bits_per_pixel, known=files[i], guess=guesses[i], slope=slope),
