@@ -30,7 +30,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import imagecodecs
 import numpy as np
 import torch
 
@@ -41,33 +40,6 @@ from mrivq.compression.layers import Stored
 from mrivq.config import load_config
 from mrivq.data.sources import data_splits
 from mrivq.engine.checkpoint import load_codec
-
-#: The settings each lossy codec's search walks, best quality first.
-JPEGXL_DISTANCES = tuple(float(d) for d in np.geomspace(0.01, 25.0, 64))
-QUALITIES = tuple(range(100, -1, -1))
-
-
-def lossy_at_rate(x: np.ndarray, bits_per_voxel: float) -> dict[str, np.ndarray]:
-    """``x`` (integers) through JPEG XL (16 bits), AVIF (12 bits) and WebP (8 bits) at the best
-    setting within ``bits_per_voxel``; returns each decoded slice in ``x``'s units."""
-    budget = bits_per_voxel * x.size / 8
-    low = x.min()
-    u16 = np.ascontiguousarray((x - low).astype(np.uint16))
-    out = {}
-    data, _ = codecs.best_setting_within(lambda d: imagecodecs.jpegxl_encode(u16, distance=d, effort=codecs.JPEGXL_LOSSY_EFFORT),
-                                         JPEGXL_DISTANCES, budget)
-    out["JPEG XL"] = imagecodecs.jpegxl_decode(data).astype(np.int64) + low
-    shift = max(0, int(u16.max()).bit_length() - 12)
-    grey = np.ascontiguousarray(np.repeat((u16 >> shift)[..., None], 3, axis=-1))  # one channel: always lossless
-    data, _ = codecs.best_setting_within(lambda q: imagecodecs.avif_encode(
-        grey, level=q, bitspersample=12, pixelformat="yuv400", speed=6, numthreads=1), QUALITIES, budget)
-    frame = imagecodecs.avif_decode(data, numthreads=1)
-    out["AVIF"] = ((frame if frame.ndim == 2 else frame[..., 0]).astype(np.int64) << shift) + low
-    span = max(1, int(u16.max()))
-    u8 = np.round(u16 / span * 255).astype(np.uint8)
-    data, _ = codecs.best_setting_within(lambda q: codecs.encode(u8, "webp", q), QUALITIES, budget)
-    out["WebP"] = np.round(codecs.CODECS["webp"].read(data).astype(np.float64) / 255 * span).astype(np.int64) + low
-    return out
 
 
 def scored(codec, values: list[np.ndarray], slices: CodecInput) -> tuple[float, float]:
@@ -169,7 +141,7 @@ def main() -> None:
             continue
         lossy: dict[str, list[np.ndarray]] = {}
         for x in originals:
-            for name, values in lossy_at_rate(x.astype(np.int64), rate).items():
+            for name, (values, _) in codecs.lossy_at_rate(x, rate).items():
                 lossy.setdefault(name, []).append(values)
         for name, values in lossy.items():
             error = max(np.abs(v - x).max() for v, x in zip(values, originals))

@@ -237,6 +237,13 @@ def test_predict_puts_the_bounded_files_beside_the_lossless_codecs(work, tmp_pat
     assert exact["mrivq"]["codes"] + exact["mrivq"]["residual"] == pytest.approx(exact["mrivq"]["bits_per_voxel"])
     assert {"JPEG-LS", "JPEG XL", "JPEG 2000", "HTJ2K", "PNG"} <= set(exact["codecs"])
     assert set(bounded["codecs"]) == {"JPEG-LS"}
+    # the lossy codecs at each file's rate, on the same stored values: what error they make there
+    assert ladder["lossy"]["slices"] >= 1 and "JPEG XL" in ladder["lossy"]["method"]
+    for row in (exact, bounded):
+        assert set(row["lossy"]) == {"JPEG XL", "AVIF", "WebP"}
+        for entry in row["lossy"].values():
+            assert 0 < entry["bits_per_voxel"] <= row["mrivq"]["bits_per_voxel"]
+            assert entry["largest_error"] >= 0 and 0 < entry["ssim"] <= 1
     assert (out / "visuals" / "max_error.png").stat().st_size > 0
     assert "Lossless and bounded-error files" in (out / "report.html").read_text()
 

@@ -22,22 +22,31 @@ import torch
 
 from mrivq import metrics, strict_json
 from mrivq.apps import flags
-from mrivq.compression.codec import Codec, CodecInput, Compressed, model_fingerprint, slices_to_batch
+from mrivq.compression.codec import (
+    Codec,
+    CodecInput,
+    Compressed,
+    model_fingerprint,
+    slices_to_batch,
+)
 from mrivq.compression.codecs import (
     CODEC_PROTOCOL,
     CODECS,
     LOSSLESS_PROTOCOL,
+    LOSSY_AT_RATE_PROTOCOL,
     SEQUENCE_CODEC,
     SEQUENCE_LABEL,
     available_codecs,
     compare_codecs,
     compare_sequences,
     lossless_sizes,
+    lossy_at_rate,
     parallel_map,
     rate_distortion,
     sequence_available,
 )
 from mrivq.compression.entropy import raw_bits_per_pixel
+from mrivq.compression.layers import Stored
 from mrivq.config import Config, load_config
 from mrivq.data.cache import load_split
 from mrivq.data.hipmri import STRUCTURES, load_masks
@@ -304,6 +313,8 @@ def _error_ladder(codec: Codec, coded: Compressed, files: list, max_errors: list
     visual_dir/max_error.png."""
     slices = CodecInput.read([Path(f) for f in files], codec.prep, originals=True)
     voxels = sum(stored.values.size for stored in slices.originals)
+    lossy = np.linspace(0, len(files) - 1, min(len(files), RD_SLICES)).round().astype(int)
+    lossy_files: dict = {}  # every file the lossy codecs' searches wrote, by slice: the next bound starts from them
     rows, first = [], None
     for delta in max_errors:
         log.info("the residual layer at maximum error %g on the %d test slices (%d voxels), and the lossless "
@@ -317,8 +328,28 @@ def _error_ladder(codec: Codec, coded: Compressed, files: list, max_errors: list
             continue
         first = first or packed
         rows.append(_ladder_row(codec, packed, slices, delta, voxels))
+        rows[-1]["lossy"] = _lossy_at_rate(codec, slices.subset(lossy), rows[-1]["mrivq"]["bits_per_voxel"],
+                                           [lossy_files.setdefault(int(i), {}) for i in lossy])
     plot_error_ladder(rows, visual_dir / "max_error.png")
-    return {"method": LOSSLESS_PROTOCOL, "voxels": voxels, "rows": rows}
+    return {"method": LOSSLESS_PROTOCOL, "voxels": voxels, "rows": rows,
+            "lossy": {"method": LOSSY_AT_RATE_PROTOCOL, "slices": len(lossy)}}
+
+
+def _lossy_at_rate(codec: Codec, slices: CodecInput, bits_per_voxel: float, known: list[dict]) -> dict:
+    """The lossy codecs of :func:`mrivq.compression.codecs.lossy_at_rate` on ``slices`` at the residual
+    layer's rate: each one's bits per voxel, largest error over every voxel, SSIM and PSNR."""
+    coded = parallel_map(lambda k: lossy_at_rate(slices.originals[k].values, bits_per_voxel, known[k]),
+                         range(len(known)))
+    voxels = sum(stored.values.size for stored in slices.originals)
+    out = {}
+    for name in coded[0] if coded else {}:
+        stored = [Stored(files[name][0], o.dtype, o.slope, o.inter) for files, o in zip(coded, slices.originals)]
+        ssim, psnr = (float(np.mean(v)) for v in codec.stored_scores(slices, stored))
+        out[name] = {"bits_per_voxel": 8 * sum(files[name][1] for files in coded) / voxels,
+                     "largest_error": max(float(np.abs(s.values - o.values).max())
+                                          for s, o in zip(stored, slices.originals)),
+                     "ssim": ssim, "psnr": psnr if math.isfinite(psnr) else None}
+    return out
 
 
 def _ladder_row(codec: Codec, packed, slices: CodecInput, delta: float, voxels: int) -> dict:

@@ -205,6 +205,13 @@ class CodecInput:
                    np.array(split.original_shapes),
                    [source_entry(Path(f), meta) for f, meta in zip(split.files, metas)])
 
+    def subset(self, indices) -> CodecInput:
+        """These slices alone (indices into this input), with all that is kept of them."""
+        chosen = [int(i) for i in indices]
+        return CodecInput(self.images[chosen], np.asarray(self.norm)[chosen], np.asarray(self.affines)[chosen],
+                          np.asarray(self.shapes)[chosen], [self.sources[i] for i in chosen],
+                          None if self.originals is None else [self.originals[i] for i in chosen], self.dicom)
+
     def as_nifti(self, i: int, array: np.ndarray, fit: str) -> bytes:
         """A model-grid ``(H, W)`` array of slice ``i`` (a surprise map) as the bytes of a NIfTI on
         the slice's own grid: its on-disk shape and affine."""

@@ -398,6 +398,53 @@ def lossless_sizes(stored: np.ndarray, max_error: int) -> dict[str, int]:
     return sizes
 
 
+#: Lossy codecs at a lossless ladder's rates (:func:`lossy_at_rate`): the settings each search walks,
+#: best first. JPEG XL on 16-bit integers (distance), AVIF at 12 bits (quality), WebP at 8 (quality).
+LOSSY_AT_RATE = {"JPEG XL": tuple(float(d) for d in np.geomspace(0.01, 25.0, 64)),
+                 "AVIF": tuple(range(100, -1, -1)), "WebP": tuple(range(100, -1, -1))}
+LOSSY_AT_RATE_PROTOCOL = (
+    "each slice's stored integers (offset to start at 0) at the best setting whose file fits the residual layer's bits per "
+    f"voxel at that maximum error: JPEG XL on 16 bits (distance, effort {JPEGXL_LOSSY_EFFORT}), AVIF monochrome at 12 bits "
+    "(quality, speed 6; values above 4,095 shifted down and back) and WebP at 8 bits (quality; all it takes); their "
+    "largest error over every voxel, SSIM and PSNR")
+
+
+def lossy_at_rate(values: np.ndarray, bits_per_voxel: float, known: dict | None = None) -> dict[str, tuple[np.ndarray, int]]:
+    """One slice's stored integers ``(h, w)`` through the lossy codecs of :data:`LOSSY_AT_RATE` at the best
+    setting within ``bits_per_voxel``: ``{codec: (decoded values (h, w) int64, file bytes)}``, or ``{}``
+    without imagecodecs or for values spanning more than 16 bits. ``known``: a dict the files written are
+    kept in (by codec), so the search at the next rate starts from them."""
+    x = np.asarray(values, dtype=np.int64)
+    if imagecodecs is None or np.ptp(x) >= 1 << 16:
+        return {}
+    known = {} if known is None else known
+    budget, low = bits_per_voxel * x.size / 8, int(x.min())
+    u16 = np.ascontiguousarray((x - low).astype(np.uint16))
+    shift = max(0, int(u16.max()).bit_length() - 12)
+    grey = np.ascontiguousarray(np.repeat((u16 >> shift)[..., None], 3, axis=-1))  # one channel: always lossless
+    span = max(1, int(u16.max()))
+    u8 = np.round(u16 / span * 255).astype(np.uint8)
+    writers = {
+        "JPEG XL": lambda d: bytes(imagecodecs.jpegxl_encode(u16, distance=d, effort=JPEGXL_LOSSY_EFFORT, numthreads=1)),
+        "AVIF": lambda q: bytes(imagecodecs.avif_encode(grey, level=q, bitspersample=12, pixelformat="yuv400",
+                                                        speed=6, numthreads=1)),
+        "WebP": lambda q: encode(u8, "webp", q),
+    }
+    out = {}
+    for name, write in writers.items():
+        files = known.setdefault(name, {})
+        data, _ = best_setting_within(write, LOSSY_AT_RATE[name], budget, known=files, slope=size_slope(files))
+        if name == "JPEG XL":
+            back = imagecodecs.jpegxl_decode(data, numthreads=1).astype(np.int64)
+        elif name == "AVIF":
+            frame = imagecodecs.avif_decode(data, numthreads=1)
+            back = (frame if frame.ndim == 2 else frame[..., 0]).astype(np.int64) << shift
+        else:
+            back = np.round(CODECS["webp"].read(data).astype(np.float64) / 255 * span).astype(np.int64)
+        out[name] = (back.reshape(x.shape) + low, len(data))
+    return out
+
+
 def best_setting_within(write: Callable[[object], bytes], settings: tuple, budget_bytes: float, *,
                         known: dict[int, bytes] | None = None, guess: int | None = None,
                         slope: float | None = None) -> tuple[bytes, object]:

@@ -268,17 +268,22 @@ def _section_max_error(summary: dict, visual_dir: Path) -> str:
     rows = []
     for row in ladder["rows"]:
         if "refused" in row:
-            rows.append([_fmt(row["max_error"], "{:g}"), "refused: " + html.escape(row["refused"]), "", "", "", ""])
+            rows.append([_fmt(row["max_error"], "{:g}"), "refused: " + html.escape(row["refused"]), "", "", "", "", ""])
             continue
         ours = row["mrivq"]
         others = ", ".join(f"{html.escape(name)} {rate:.3f}" for name, rate in row["codecs"].items())
+        lossy = ", ".join(f"{html.escape(name)} {entry['largest_error']:g} (SSIM {_fmt(entry['ssim'])})"
+                          for name, entry in row.get("lossy", {}).items())
         rows.append([_fmt(row["max_error"], "{:g}"), _fmt(ours["bits_per_voxel"], "{:.3f}"),
                      f"{ours['codes']:.3f} / {ours['residual']:.3f}", _fmt(ours["ssim"]),
-                     _fmt(ours["psnr"], "{:.2f}") if ours["psnr"] is not None else "exact", others])
+                     _fmt(ours["psnr"], "{:.2f}") if ours["psnr"] is not None else "exact", others, lossy])
+    lossy_note = ladder.get("lossy", {})
     return (_image(visual_dir / "max_error.png", "bits per voxel against the maximum error per voxel")
             + _table(["maximum error", "mrivq bits per voxel", "codes / residual", "SSIM", "PSNR (dB)",
-                      "other codecs, bits per voxel"], rows)
-            + f'<p class="note">{html.escape(ladder["method"])}.</p>')
+                      "other codecs, bits per voxel", "lossy codecs at this rate: largest error"], rows)
+            + f'<p class="note">{html.escape(ladder["method"])}.'
+            + (f' Lossy codecs, on {lossy_note.get("slices")} evenly spaced test slices: '
+               f'{html.escape(str(lossy_note.get("method", "")))}.' if lossy_note else "") + "</p>")
 
 
 def _section_validation(rows: list[dict]) -> str:

@@ -159,8 +159,9 @@ def plot_codebook_usage(counts_top, counts_bottom, path: Path) -> None:
 
 def plot_error_ladder(rows: list[dict], path: Path) -> None:
     """visuals/max_error.png: bits per voxel against the maximum error per voxel, the residual
-    layer's files (and their codes part) against JPEG-LS at NEAR = the error, and the lossless
-    codecs at 0. ``rows`` are predict's ``max_error`` rows."""
+    layer's files (and their codes part) against JPEG-LS at NEAR = the error, the lossless codecs
+    at 0, and the lossy codecs at each file's rate at the largest error they make there (a log
+    scale past 1). ``rows`` are predict's ``max_error`` rows."""
     fig, ax = _pyplot().subplots(figsize=(6.5, 4.2))
     rows = [row for row in rows if "mrivq" in row]
     deltas = [row["max_error"] for row in rows]
@@ -175,7 +176,16 @@ def plot_error_ladder(rows: list[dict], path: Path) -> None:
     for name, rate in (exact or {}).get("codecs", {}).items():
         if name != "JPEG-LS":
             ax.plot(0, rate, next(markers, "x"), markersize=8, linestyle="none", label=f"{name} lossless")
-    ax.set_xticks(deltas)
+    lossy: dict[str, list] = {}  # the lossy codecs at each file's rate: the largest error they make there
+    for row in rows:
+        for name, entry in row.get("lossy", {}).items():
+            lossy.setdefault(name, []).append((entry["largest_error"], entry["bits_per_voxel"]))
+    for (name, points), marker in zip(lossy.items(), "<>h"):
+        ax.plot(*zip(*points), marker + "--", markersize=6, linewidth=0.8, label=f"{name} at mrivq's rate (lossy)")
+    if lossy:  # errors of tens of units beside bounds of a few: a log scale past 1
+        ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xticks(deltas + ([] if not lossy else [10, 100]))
+    ax.set_xticklabels([f"{d:g}" for d in deltas] + ([] if not lossy else ["10", "100"]))
     ax.set_xlabel("maximum error per voxel (stored units; 0 = lossless)")
     ax.set_ylabel("bits per voxel (files, headers included)")
     ax.grid(alpha=0.3)
