@@ -339,7 +339,7 @@ def _lossy_at_rate(codec: Codec, slices: CodecInput, bits_per_voxel: float, know
     """The lossy codecs of :func:`mrivq.compression.codecs.lossy_at_rate` on ``slices`` at the residual
     layer's rate: each one's bits per voxel, largest error over every voxel, SSIM and PSNR."""
     coded = parallel_map(lambda k: lossy_at_rate(slices.originals[k].values, bits_per_voxel, known[k]),
-                         range(len(known)))
+                         range(len(known)), desc="lossy codecs")
     voxels = sum(stored.values.size for stored in slices.originals)
     out = {}
     for name in coded[0] if coded else {}:
@@ -364,7 +364,7 @@ def _ladder_row(codec: Codec, packed, slices: CodecInput, delta: float, voxels: 
     residual_bytes = sum(len(payload) for payload in packed.file.layers["residual"])
     standard = {}
     if delta == int(delta):
-        sizes = parallel_map(lambda v: lossless_sizes(v, int(delta)), values)
+        sizes = parallel_map(lambda v: lossless_sizes(v, int(delta)), values, desc="lossless codecs")
         standard = {name: 8 * sum(s[name] for s in sizes) / voxels for name in sizes[0] if all(name in s for s in sizes)}
     return {"max_error": delta, "coder": packed.file.header["coder"],
             "mrivq": {"bits_per_voxel": 8 * len(packed.blob) / voxels,

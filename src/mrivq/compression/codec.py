@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from mrivq import metrics
 from mrivq.compression import driver, residual  # noqa: F401 -- residual registers its coding layer
@@ -415,7 +416,7 @@ class Codec:
         if refs is not None:
             file.header["layer_references"] = refs.tolist()
         walk, decoded = _ReferenceWalk(refs, file.n, np.arange(file.n)), [None] * file.n
-        for i in walk.order():
+        for i in tqdm(walk.order(), total=file.n, desc=", ".join(layers), unit="slice", disable=None, leave=False):
             picture = pictures[i]
             for name in layers:
                 given = walk.given(name, i)

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image, features
+from tqdm import tqdm
 
 from mrivq import metrics
 
@@ -134,13 +135,20 @@ RATE_DISTORTION_SETTINGS = {name: codec.curve for name, codec in CODECS.items()}
 CODEC_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
-def parallel_map(fn: Callable, items) -> list:
-    """``[fn(item) for item in items]`` on :data:`CODEC_THREADS` threads, in order."""
+def parallel_map(fn: Callable, items, desc: str | None = None) -> list:
+    """``[fn(item) for item in items]`` on :data:`CODEC_THREADS` threads, in order; with ``desc``, a
+    progress bar by that name on a terminal."""
     items = list(items)
-    if CODEC_THREADS == 1 or len(items) < 2:
-        return [fn(item) for item in items]
-    with ThreadPoolExecutor(CODEC_THREADS) as pool:
-        return list(pool.map(fn, items))
+    with tqdm(total=len(items), desc=desc, disable=None if desc else True, leave=False) as bar:
+        if CODEC_THREADS == 1 or len(items) < 2:
+            return [_counted(fn(item), bar) for item in items]
+        with ThreadPoolExecutor(CODEC_THREADS) as pool:
+            return [_counted(result, bar) for result in pool.map(fn, items)]
+
+
+def _counted(result, bar):
+    bar.update()
+    return result
 
 
 def available_codecs() -> list[str]:
@@ -205,7 +213,7 @@ def compare_codecs(images: np.ndarray, bits_per_pixel: float, codecs: list[str] 
         slope = size_slope(files[0])
         rest = parallel_map(lambda i, codec=codec, files=files, guesses=guesses, slope=slope: compress_at_rate(
             np.asarray(images[i]), codec, bits_per_pixel, known=files[i], guess=guesses[i], slope=slope),
-            range(1, len(images)))
+            range(1, len(images)), desc=f"{codec} at {bits_per_pixel:.3f} bpp")
         decoded, rates, chosen = zip(first, *rest)
         known[(codec, "answers")] = [settings.index(setting) for setting in chosen]
         out[codec] = _comparison(decoded, target, rates, chosen, SETTING_NAMES[codec])
@@ -353,7 +361,8 @@ def compare_sequences(volumes: list[np.ndarray], bytes_budget: float | list[floa
     slopes = [slope for slope in map(size_slope, files[:wave]) if slope is not None]
     slope = float(np.median(slopes)) if slopes else None
     rest = parallel_map(lambda k: compress_sequence_at_size(volumes[k], budgets[k], speed, known=files[k], guess=guess,
-                                                            slope=own[k] or slope), range(wave, len(volumes)))
+                                                            slope=own[k] or slope), range(wave, len(volumes)),
+                        desc="AVIF sequences")
     decoded, sizes, qualities = zip(*first, *rest)
     slices_per_volume = [len(volume) for volume in volumes]
     entry = _comparison(np.concatenate(decoded), _as_target(np.concatenate(volumes)),
@@ -576,8 +585,10 @@ def _comparison(decoded, target: torch.Tensor, rates, settings, setting_name: st
 
 
 def _as_target(images: np.ndarray) -> torch.Tensor:
-    """``(N, H, W)`` in [0, 1] -> float32 ``(N, 1, H, W)``, the reference the codecs are scored against."""
-    return torch.from_numpy(np.asarray(images, dtype=np.float32)).unsqueeze(1)
+    """``(N, H, W)`` in [0, 1] -> float32 ``(N, 1, H, W)``, the reference the codecs are scored against
+    (copied where the array is read-only, as a cached split's is: torch warns on those)."""
+    images = np.asarray(images, dtype=np.float32)
+    return torch.from_numpy(images if images.flags.writeable else images.copy()).unsqueeze(1)
 
 
 def _score(decoded: list[np.ndarray], target: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

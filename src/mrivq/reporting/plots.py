@@ -162,7 +162,7 @@ def plot_error_ladder(rows: list[dict], path: Path) -> None:
     layer's files (and their codes part) against JPEG-LS at NEAR = the error, the lossless codecs
     at 0, and the lossy codecs at each file's rate at the largest error they make there (a log
     scale past 1). ``rows`` are predict's ``max_error`` rows."""
-    fig, ax = _pyplot().subplots(figsize=(6.5, 4.2))
+    fig, ax = _pyplot().subplots(figsize=(9.0, 4.2))
     rows = [row for row in rows if "mrivq" in row]
     deltas = [row["max_error"] for row in rows]
     ax.plot(deltas, [row["mrivq"]["bits_per_voxel"] for row in rows], "D-", color="C5", markersize=8,
@@ -189,7 +189,8 @@ def plot_error_ladder(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("maximum error per voxel (stored units; 0 = lossless)")
     ax.set_ylabel("bits per voxel (files, headers included)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes, off the points
+    fig.tight_layout()
     save_figure(fig, path)
 
 
