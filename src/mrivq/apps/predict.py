@@ -344,11 +344,8 @@ def _lossy_at_rate(codec: Codec, slices: CodecInput, bits_per_voxel: float, know
     out = {}
     for name in coded[0] if coded else {}:
         stored = [Stored(files[name][0], o.dtype, o.slope, o.inter) for files, o in zip(coded, slices.originals)]
-        ssim, psnr = (float(np.mean(v)) for v in codec.stored_scores(slices, stored))
         out[name] = {"bits_per_voxel": 8 * sum(files[name][1] for files in coded) / voxels,
-                     "largest_error": max(float(np.abs(s.values - o.values).max())
-                                          for s, o in zip(stored, slices.originals)),
-                     "ssim": ssim, "psnr": psnr if math.isfinite(psnr) else None}
+                     **_fidelity(codec, slices, stored)}
     return out
 
 
@@ -356,11 +353,9 @@ def _ladder_row(codec: Codec, packed, slices: CodecInput, delta: float, voxels: 
     """One maximum error's row: the file's bits per voxel and its parts, its largest error over
     every voxel (checked against ``delta``), SSIM and PSNR, and the standard codecs' bits per voxel."""
     values = [stored.values for stored in slices.originals]
-    decoded = packed.decoded
-    error = max(float(np.abs(d.values - v).max()) for d, v in zip(decoded, values))
-    if error > delta:
-        raise RuntimeError(f"the residual layer decoded {error} from the input, above {delta}")
-    ssim, psnr = (float(np.mean(v)) for v in codec.stored_scores(slices, decoded))
+    fidelity = _fidelity(codec, slices, packed.decoded)
+    if fidelity["largest_error"] > delta:
+        raise RuntimeError(f"the residual layer decoded {fidelity['largest_error']} from the input, above {delta}")
     residual_bytes = sum(len(payload) for payload in packed.file.layers["residual"])
     standard = {}
     if delta == int(delta):
@@ -369,9 +364,16 @@ def _ladder_row(codec: Codec, packed, slices: CodecInput, delta: float, voxels: 
     return {"max_error": delta, "coder": packed.file.header["coder"],
             "mrivq": {"bits_per_voxel": 8 * len(packed.blob) / voxels,
                       "codes": 8 * (len(packed.blob) - residual_bytes) / voxels,
-                      "residual": 8 * residual_bytes / voxels, "largest_error": error,
-                      "ssim": ssim, "psnr": psnr if math.isfinite(psnr) else None},
+                      "residual": 8 * residual_bytes / voxels, **fidelity},
             "codecs": standard}
+
+
+def _fidelity(codec: Codec, slices: CodecInput, stored: list[Stored]) -> dict:
+    """``stored`` slices against ``slices``' stored values: the largest error over every voxel, the
+    mean SSIM and PSNR (None where every slice is exact)."""
+    error = max(float(np.abs(s.values - o.values).max()) for s, o in zip(stored, slices.originals))
+    ssim, psnr = (float(np.mean(v)) for v in codec.stored_scores(slices, stored))
+    return {"largest_error": error, "ssim": ssim, "psnr": psnr if math.isfinite(psnr) else None}
 
 
 def _write_outputs(config: Config, summary: dict, rates: dict, test_files: list[str], result: Evaluation) -> Path:

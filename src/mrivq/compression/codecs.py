@@ -177,8 +177,7 @@ def compress_at_rate(slice2d: np.ndarray, codec: str, bits_per_pixel: float, *, 
     """Compress one slice at the best setting that fits ``bits_per_pixel``.
 
     Returns the decoded slice ``(H, W)`` in [0, 1], the achieved bits per pixel and the
-    setting used. File size falls (close to monotonically) along the settings, so a binary
-    search finds the first one within the budget (``known``, ``guess``, ``slope``: :func:`best_setting_within`'s).
+    setting used, found by :func:`best_setting_within` (``known``, ``guess``, ``slope``: its).
     """
     slice8 = to_8bit(slice2d)
     data, setting = best_setting_within(lambda setting: encode(slice8, codec, setting), CODECS[codec].settings,
