@@ -143,5 +143,7 @@ def test_ssim_in_chunks_is_torchmetrics_ssim_of_the_whole_batch():
                 "reduction": "none"}
     whole, full = structural_similarity_index_measure(reconstruction.clamp(0, 1), target, return_full_image=True,
                                                       **settings)
-    assert torch.equal(metrics.ssim_per_image(reconstruction, target), whole.reshape(-1))
-    assert torch.equal(metrics.ssim_map(reconstruction, target), full)
+    # each image's SSIM is its own: the same to float32 rounding (identical on the AVX-512 machine;
+    # another CPU's convolution may pick another kernel for another batch size)
+    assert torch.allclose(metrics.ssim_per_image(reconstruction, target), whole.reshape(-1), rtol=0, atol=1e-6)
+    assert torch.allclose(metrics.ssim_map(reconstruction, target), full, rtol=0, atol=1e-6)

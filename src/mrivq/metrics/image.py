@@ -66,7 +66,8 @@ def unit_range_images(images: np.ndarray, normalize: str) -> np.ndarray:
 
 
 #: Images per torchmetrics SSIM call. Each image's SSIM is its own, so the numbers do not depend on
-#: it; the time does: 540 slices of 256x128 took 6.9 s in one call and 2.3 s in calls of 32 on 2
+#: it (identical on this project's AVX-512 machine; at most float32 rounding where a CPU's
+#: convolution picks another kernel for another batch size); the time does: 540 slices of 256x128 took 6.9 s in one call and 2.3 s in calls of 32 on 2
 #: cores (the whole batch's five filtered maps, 350 MB, do not stay in cache).
 SSIM_CHUNK = 32
 
