@@ -82,7 +82,8 @@ def run_budget(minutes: float, overrides: list[str], out: Path, *, prior_share: 
         fitted = train_prior(prior_config, run_dir / "models" / "best.pt", overwrite=True)
         prior_file = run_dir / "models" / "prior_best.pt"
         prior_figures = {"prior_steps": fitted["steps"], "prior_val_nll": round(fitted["best_val_nll"], 3)}
-    summary = predict(load_config(None, sets), prior=prior_file)
+    # both files' rates: the table and plot below put the codecs beside each
+    summary = predict(load_config(None, [*sets, "predict.codec_rates=files"]), prior=prior_file)
     prostate = ((summary.get("regions") or {}).get("structures") or {}).get("prostate") or {}
     return {
         "minutes": minutes, "overrides": overrides, "vq_seconds": round(vq_seconds, 1),

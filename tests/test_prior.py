@@ -21,6 +21,7 @@ from prior_helpers import (
 )
 
 from mrivq.apps import train_prior as train_prior_module
+from mrivq.apps.predict import compared_rates
 from mrivq.apps.train_prior import prior_loop, train_prior
 from mrivq.compression.container import read_codes_file
 from mrivq.config import load_config
@@ -355,6 +356,16 @@ def test_encode_and_predict_map_the_bits_the_prior_spends(work, tiny_phantom, tm
     assert summary["surprise"]["bits_per_pixel_mean"] == pytest.approx(total / report["pixels"], rel=1e-4)
     assert len(list((run / "predict" / "surprise").glob("*_bits.nii.gz"))) == summary["n_images"]
     assert (run / "visuals" / "surprise.png").stat().st_size > 1000
+    # the codecs are compared at the rate of the file encode writes with that prior
+    assert [table["coder"] for table in summary["codecs"]["rates"]] == ["prior"]
+    assert summary["codecs"]["bits_per_pixel"] == summary["bits_per_pixel_prior_coded"]
+
+
+def test_predict_compares_the_codecs_at_the_written_files_rate_or_at_every_files():
+    rates = {"raw": 18.0, "frequencies": 0.6, "prior": 0.3}
+    assert compared_rates(rates, "written") == {"prior": 0.3}
+    assert compared_rates(rates, "files") == {"frequencies": 0.6, "prior": 0.3}
+    assert compared_rates({"raw": 18.0, "frequencies": 0.6}, "written") == {"frequencies": 0.6}
 
 
 def test_a_pass_prior_codes_files_any_machine_decodes_and_refuses_a_damaged_copy(work, tiny_phantom, tmp_path,

@@ -362,6 +362,13 @@ class PredictConfig(_Section):
     sample_size: int = Field(default=10, ge=1, description="Slices per grid.")
     checkpoint: Path | None = Field(
         default=None, description="The model to score; null: output.dir/models/best.pt.")
+    codec_rates: Literal["written", "files"] = Field(
+        default="written",
+        description="Where the standard codecs are compared with the model: written, at the rate of the "
+                    "file `mrivq encode` writes with the models given (prior-coded with --prior, else "
+                    "frequency-coded); files, at the rate of each codes file predict codes (frequency-coded "
+                    "and, with --prior, prior-coded: twice the codec work). The rate-distortion curves "
+                    "show every rate either way.")
 
 
 class PassPriorSettings(_Section):

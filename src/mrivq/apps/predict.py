@@ -86,7 +86,7 @@ SURPRISE_METHOD = (
 RD_SLICES = 40  # test slices behind the codecs' rate-distortion curves
 RATE_NAMES = {"raw": "raw code indices", "frequencies": "codes file, frequency-coded",
               "prior": "codes file, prior-coded"}
-FILE_RATES = ("frequencies", "prior")  # the rates of files mrivq writes: the codecs are compared at these
+FILE_RATES = ("frequencies", "prior")  # the rates of files mrivq writes, smallest last: codecs are compared there
 
 
 def predict(config: Config, checkpoint: str | Path | None = None, prior: str | Path | None = None,
@@ -135,7 +135,8 @@ def predict(config: Config, checkpoint: str | Path | None = None, prior: str | P
             shown = sets[0] if sets else list(range(min(8, len(test.images))))  # predict.sample_sets may be 0
             surprise = _write_surprise(codec, result.codes, slices, test.files, unit_images, shown,
                                        config.run_dir / "predict" / "surprise", config.visual_dir / "surprise.png")
-        comparison = _compare_codecs(unit_images, rates, [Path(f).name for f in test.files])
+        comparison = _compare_codecs(unit_images, compared_rates(rates, config.predict.codec_rates),
+                                     [Path(f).name for f in test.files])
         data = {"seed": config.seed, "normalize": config.data.normalize,
                 "test_split_sha256": file_list_hash(splits.test), "settings_given_explicitly": differs}
         summary = summarize(result, rates, files, comparison, has_mask=has_mask, worst=worst, surprise=surprise,
@@ -272,18 +273,23 @@ def _model_rates(codec: Codec, result: Evaluation, slices: CodecInput, image_siz
         list(files.values())[-1]
 
 
+def compared_rates(rates: dict, codec_rates: str) -> dict:
+    """The model's rates (by name) the codecs are compared at, by ``predict.codec_rates``: ``written``,
+    the rate of the file `mrivq encode` writes (the prior-coded one where there is a prior); ``files``,
+    every codes file's. Never the raw rate of fixed-width indices, which no file has."""
+    files = [name for name in FILE_RATES if name in rates]
+    return {name: rates[name] for name in (files if codec_rates == "files" else files[-1:])}
+
+
 def _compare_codecs(unit_images: np.ndarray, rates: dict, names: list[str]) -> CodecComparison:
-    """Standard codecs on the test slices ``(N, H, W)`` on [0, 1]: at the rate of each of the model's
-    files (not the raw rate of fixed-width indices, which no file has), each slice on its own and
-    each run of consecutive slices (by their ``names``) as an AVIF image sequence of the same total
-    size; and over their quality settings on up to RD_SLICES slices."""
+    """Standard codecs on the test slices ``(N, H, W)`` on [0, 1]: at each of ``rates`` (by name),
+    each slice on its own and each run of consecutive slices (by their ``names``) as an AVIF image
+    sequence of the same total size; and over their quality settings on up to RD_SLICES slices."""
     n = len(unit_images)
     tables = {}
     runs = volume_runs(names)
     known = {}  # every file the searches wrote: the search at the next rate starts between them
     for rate_name, rate in rates.items():
-        if rate_name not in FILE_RATES:
-            continue
         log.info("compressing the %d test slices with %s at %.3f bits per pixel (the model's %s rate)", n,
                  ", ".join(available_codecs()), rate, RATE_NAMES[rate_name])
         tables[rate_name] = compare_codecs(unit_images, rate, known=known)
@@ -465,9 +471,9 @@ def _region_summary(result: Evaluation, has_mask: np.ndarray) -> dict | None:
 
 
 def _codec_summary(result: Evaluation, rates: dict, tables: dict) -> dict:
-    """Standard codecs beside the model at the rate of each of its files (``frequencies``, ``prior``);
-    ``bits_per_pixel`` and ``codecs`` repeat the first table (the frequency-coded file's rate), where
-    summaries before predict compared at file rates only had the raw rate's."""
+    """Standard codecs beside the model at the rates they were compared at (``predict.codec_rates``);
+    ``bits_per_pixel`` and ``codecs`` repeat the first table (where summaries before predict compared
+    at file rates only had the raw rate's)."""
     def table(scores: dict) -> dict:
         return {codec: {k: v for k, v in s.items() if k != "per_slice"} for codec, s in scores.items()}
 

@@ -237,9 +237,10 @@ def _section_codecs(summary: dict | None) -> str:
                          _fmt(scores["ssim"]["mean"]), _fmt(scores["ssim"]["p5"]), _fmt(scores["psnr"]["mean"], "{:.2f}")])
         out.append(_table(["method", "bits per pixel", "setting", "SSIM mean", "SSIM p5", "PSNR (dB)"], rows,
                           ["model"]))
-    return "".join(out) + (f'<p class="note">At the rate of each of the model\'s files: the size of the codes '
-                           "file <code>mrivq encode</code> writes (every header and table counted, checked to "
-                           "decode), under the code frequencies and, with a prior, under the prior. "
+    return "".join(out) + (f'<p class="note">At the rate of the model\'s file: the size of the codes file '
+                           "<code>mrivq encode</code> writes (every header and table counted, checked to "
+                           "decode), under the prior where predict was given one, else under the code "
+                           "frequencies (<code>predict.codec_rates: files</code>: both). "
                            f"{html.escape(str(codecs.get('method', '')))}</p>")
 
 
