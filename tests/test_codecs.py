@@ -135,28 +135,6 @@ def test_a_total_byte_budget_is_shared_in_proportion_to_the_slices(consecutive_s
         codecs.compare_sequences(volumes, [1000, 1000, 1000])
 
 
-def test_where_the_slices_stand_alone_only_moves_where_the_sequence_searches_start(consecutive_slices, monkeypatch):
-    volumes = [consecutive_slices[:2], consecutive_slices[2:4], consecutive_slices[4:]]
-    budget = 3.0 * consecutive_slices.size / 8
-    encodes = []
-    write = codecs.encode_sequence
-    monkeypatch.setattr(codecs, "encode_sequence", lambda *a, **k: encodes.append(1) or write(*a, **k))
-    plain = codecs.compare_sequences(volumes, budget)[codecs.SEQUENCE_CODEC]
-    searched = len(encodes)
-    # the slices' own AVIF answers (indices into the settings) where the sequences' answers lie
-    # SEQUENCE_GAIN settings better: each search then starts at its answer
-    answers = [codecs.SEQUENCE_QUALITIES.index(q) for q in plain["per_volume"]["quality"]]
-    alone = [a + codecs.SEQUENCE_GAIN for a in answers]
-    started = codecs.compare_sequences(volumes, budget, alone=alone)[codecs.SEQUENCE_CODEC]
-    assert started["per_volume"] == plain["per_volume"] and started["ssim"] == plain["ssim"]
-    assert len(encodes) - searched < searched
-    # off by a few settings, or given for other volumes: the same answers
-    assert codecs.compare_sequences(volumes, budget, alone=[a + 3 for a in alone])[codecs.SEQUENCE_CODEC][
-        "per_volume"] == plain["per_volume"]
-    assert codecs.compare_sequences(volumes, budget, alone=alone[:2])[codecs.SEQUENCE_CODEC][
-        "per_volume"] == plain["per_volume"]
-
-
 def test_an_avif_sequence_beats_per_slice_avif_at_the_same_bytes_on_consecutive_slices(consecutive_slices):
     # At 64x32 part of the gain is one file's headers (~1 kB) instead of six (~300 bytes each);
     # the copies-against-flips test isolates the inter prediction.

@@ -296,11 +296,8 @@ def _compare_codecs(unit_images: np.ndarray, rates: dict, names: list[str]) -> C
         if sequence_available():
             log.info("and as AVIF image sequences of their %d runs of consecutive slices at the same total size",
                      len(runs))
-            answers = known.get(("avif", "answers"))  # where each slice's own AVIF file landed: a start
-            alone = None if answers is None else [float(np.median(np.take(answers, run))) for run in runs]
             tables[rate_name].update(compare_sequences([unit_images[run] for run in runs],
-                                                       rate * unit_images[0].size * n / 8, known=known,
-                                                       alone=alone))
+                                                       rate * unit_images[0].size * n / 8, known=known))
     # The curves are a picture: up to RD_SLICES test slices, evenly spaced, keep it cheap
     # (every point scores its slices with SSIM, ~1.5 s per 120 slices on 2 CPU cores).
     rd_slices = np.linspace(0, n - 1, min(n, RD_SLICES)).round().astype(int)

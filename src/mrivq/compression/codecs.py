@@ -271,10 +271,6 @@ SEQUENCE_LABEL = "AVIF sequence"
 SEQUENCE_SETTING_NAME = "quality"
 SEQUENCE_QUALITIES = tuple(range(99, -1, -1))  # from best to worst, as ImageCodec.settings
 SEQUENCE_SPEED = 3
-#: How many settings better a scan's AVIF sequence fits a budget than its slices' own AVIF files do
-#: (inter prediction): 19 and 25 on the phantom's test split at 0.66 and 0.33 bits per pixel, 13 on
-#: the real-scan benchmark at 0.39 (where a search starts; the answer does not depend on it).
-SEQUENCE_GAIN = 19
 SEQUENCE_PROTOCOL = (
     "The consecutive test slices of each scan, quantised to 8 bits, are compressed together as one "
     f"AVIF image sequence (AV1 with inter prediction, libaom speed {SEQUENCE_SPEED}) at the best quality "
@@ -324,8 +320,7 @@ def compress_sequence_at_size(volume: np.ndarray, budget_bytes: float, speed: in
 
 
 def compare_sequences(volumes: list[np.ndarray], bytes_budget: float | list[float],
-                      speed: int = SEQUENCE_SPEED, known: dict | None = None,
-                      alone: list[float] | None = None) -> dict:
+                      speed: int = SEQUENCE_SPEED, known: dict | None = None) -> dict:
     """Score AVIF image sequences of ``volumes`` (each ``(S, H, W)`` in [0, 1], consecutive slices of
     one scan, all slices of one shape) within ``bytes_budget``.
 
@@ -335,11 +330,7 @@ def compare_sequences(volumes: list[np.ndarray], bytes_budget: float | list[floa
     allowed for each volume. Each volume's quality is searched on its own, the first few side by
     side and the others' starting from theirs (their answer and the slope of their file sizes, or
     a volume's own slope where it has files from another budget); ``known``: as
-    :func:`compare_codecs`' (by volume). ``alone``: for each volume, where its slices' own AVIF
-    files at the same bits per pixel stand (the median of their answers' indices into the AVIF
-    settings, on the scale of :data:`SEQUENCE_QUALITIES`): the first volumes start
-    :data:`SEQUENCE_GAIN` settings better than that, the others as far from theirs as the first
-    volumes' answers were (the same answers, fewer encodes).
+    :func:`compare_codecs`' (by volume).
 
     Returns ``{"avif_sequence": entry}`` with the entry of :func:`compare_codecs` (each slice
     charged its volume's bits per pixel, so the mean is total bits over total pixels and the max
@@ -363,21 +354,14 @@ def compare_sequences(volumes: list[np.ndarray], bytes_budget: float | list[floa
     files = [known.setdefault(("sequence", speed, k), {}) for k in range(len(volumes))]
     wave = min(CODEC_THREADS, len(volumes))  # the first volumes searched side by side, the rest from them
     own = [size_slope(known_files) for known_files in files]  # a volume's files from another budget
-    alone = None if alone is None or len(alone) != len(volumes) else alone
-    guesses = [None if alone is None else _index_near(alone[k] - SEQUENCE_GAIN) for k in range(wave)]
     first = parallel_map(lambda k: compress_sequence_at_size(volumes[k], budgets[k], speed, known=files[k],
-                                                             guess=guesses[k], slope=own[k]), range(wave))
-    answers = [SEQUENCE_QUALITIES.index(quality) for _, _, quality in first]
-    if alone is None:
-        guesses = [int(np.median(answers))] * len(volumes)
-    else:  # each volume as far from where its slices stand alone as the first volumes were
-        gain = float(np.median([alone[k] - answer for k, answer in enumerate(answers)]))
-        guesses = [_index_near(a - gain) for a in alone]
+                                                             slope=own[k]), range(wave))
+    guess = int(np.median([SEQUENCE_QUALITIES.index(quality) for _, _, quality in first]))
     slopes = [slope for slope in map(size_slope, files[:wave]) if slope is not None]
     slope = float(np.median(slopes)) if slopes else None
-    rest = parallel_map(lambda k: compress_sequence_at_size(volumes[k], budgets[k], speed, known=files[k],
-                                                            guess=guesses[k], slope=own[k] or slope),
-                        range(wave, len(volumes)), desc="AVIF sequences")
+    rest = parallel_map(lambda k: compress_sequence_at_size(volumes[k], budgets[k], speed, known=files[k], guess=guess,
+                                                            slope=own[k] or slope), range(wave, len(volumes)),
+                        desc="AVIF sequences")
     decoded, sizes, qualities = zip(*first, *rest)
     slices_per_volume = [len(volume) for volume in volumes]
     entry = _comparison(np.concatenate(decoded), _as_target(np.concatenate(volumes)),
@@ -387,11 +371,6 @@ def compare_sequences(volumes: list[np.ndarray], bytes_budget: float | list[floa
     entry["per_volume"] = {"bytes": list(sizes), "budget": budgets, "quality": list(qualities)}
     entry["speed"] = speed
     return {SEQUENCE_CODEC: entry}
-
-
-def _index_near(x: float) -> int:
-    """The index into :data:`SEQUENCE_QUALITIES` nearest ``x``."""
-    return int(np.clip(round(x), 0, len(SEQUENCE_QUALITIES) - 1))
 
 
 #: JPEG XL's lossless effort: its smallest files. In libjxl 0.11 (imagecodecs 2026.3.6) effort 6
