@@ -86,7 +86,7 @@ SURPRISE_METHOD = (
 RD_SLICES = 40  # test slices behind the codecs' rate-distortion curves
 RATE_NAMES = {"raw": "raw code indices", "frequencies": "codes file, frequency-coded",
               "prior": "codes file, prior-coded"}
-FILE_RATES = ("frequencies", "prior")  # the rates of files mrivq writes, smallest last: codecs are compared there
+FILE_RATES = ("frequencies", "prior")  # the rates of files mrivq writes; encode writes the last one it has
 
 
 def predict(config: Config, checkpoint: str | Path | None = None, prior: str | Path | None = None,
