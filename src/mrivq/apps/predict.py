@@ -344,8 +344,11 @@ def _error_ladder(codec: Codec, coded: Compressed, files: list, max_errors: list
 def _lossy_at_rate(codec: Codec, slices: CodecInput, bits_per_voxel: float, known: list[dict]) -> dict:
     """The lossy codecs of :func:`mrivq.compression.codecs.lossy_at_rate` on ``slices`` at the residual
     layer's rate: each one's bits per voxel, largest error over every voxel, SSIM and PSNR."""
-    coded = parallel_map(lambda k: lossy_at_rate(slices.originals[k].values, bits_per_voxel, known[k]),
-                         range(len(known)), desc="lossy codecs")
+    if not known:
+        return {}
+    first = lossy_at_rate(slices.originals[0].values, bits_per_voxel, known[0])  # the others start from it
+    coded = [first, *parallel_map(lambda k: lossy_at_rate(slices.originals[k].values, bits_per_voxel, known[k],
+                                                          like=known[0]), range(1, len(known)), desc="lossy codecs")]
     voxels = sum(stored.values.size for stored in slices.originals)
     out = {}
     for name in coded[0] if coded else {}:

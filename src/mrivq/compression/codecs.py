@@ -417,11 +417,14 @@ LOSSY_AT_RATE_PROTOCOL = (
     "largest error over every voxel, SSIM and PSNR")
 
 
-def lossy_at_rate(values: np.ndarray, bits_per_voxel: float, known: dict | None = None) -> dict[str, tuple[np.ndarray, int]]:
+def lossy_at_rate(values: np.ndarray, bits_per_voxel: float, known: dict | None = None,
+                  like: dict | None = None) -> dict[str, tuple[np.ndarray, int]]:
     """One slice's stored integers ``(h, w)`` through the lossy codecs of :data:`LOSSY_AT_RATE` at the best
     setting within ``bits_per_voxel``: ``{codec: (decoded values (h, w) int64, file bytes)}``, or ``{}``
     without imagecodecs or for values spanning more than 16 bits. ``known``: a dict the files written are
-    kept in (by codec), so the search at the next rate starts from them."""
+    kept in (by codec), so the search at the next rate starts from them; ``like``: another slice's
+    ``known`` after its search at this rate, where a codec's search starts when this slice has no files
+    of its own (that slice's answer and slope; the same answers, fewer encodes)."""
     x = np.asarray(values, dtype=np.int64)
     if imagecodecs is None or np.ptp(x) >= 1 << 16:
         return {}
@@ -441,7 +444,10 @@ def lossy_at_rate(values: np.ndarray, bits_per_voxel: float, known: dict | None 
     out = {}
     for name, write in writers.items():
         files = known.setdefault(name, {})
-        data, _ = best_setting_within(write, LOSSY_AT_RATE[name], budget, known=files, slope=size_slope(files))
+        other = {} if files else (like or {}).get(name, {})
+        guess = min((i for i, data in other.items() if len(data) <= budget), default=None)
+        data, _ = best_setting_within(write, LOSSY_AT_RATE[name], budget, known=files, guess=guess,
+                                      slope=size_slope(files) or size_slope(other))
         if name == "JPEG XL":
             back = imagecodecs.jpegxl_decode(data, numthreads=1).astype(np.int64)
         elif name == "AVIF":
