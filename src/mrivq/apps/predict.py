@@ -351,7 +351,7 @@ def _lossy_at_rate(codec: Codec, slices: CodecInput, bits_per_voxel: float, know
                                                           like=known[0]), range(1, len(known)), desc="lossy codecs")]
     voxels = sum(stored.values.size for stored in slices.originals)
     out = {}
-    for name in coded[0] if coded else {}:
+    for name in first:
         stored = [Stored(files[name][0], o.dtype, o.slope, o.inter) for files, o in zip(coded, slices.originals)]
         out[name] = {"bits_per_voxel": 8 * sum(files[name][1] for files in coded) / voxels,
                      **_fidelity(codec, slices, stored)}
