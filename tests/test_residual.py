@@ -11,7 +11,7 @@ import torch
 from conftest import run_main
 from prior_helpers import OneUlp
 
-from mrivq.compression import residual
+from mrivq.compression import layers, residual
 from mrivq.compression.codec import CodecInput
 from mrivq.compression.container import CodesFile, read_codes_file
 from mrivq.compression.layers import Stored
@@ -363,3 +363,52 @@ def test_the_walk_visits_references_first_even_down_a_long_chain():
     order = list(_ReferenceWalk(refs, 5, np.arange(5)).order())
     assert sorted(order) == list(range(5))
     assert all(order.index(int(j)) < order.index(i) for i in range(5) for j in refs[i] if j >= 0)
+
+
+def test_a_file_coded_on_worker_processes_is_the_file_coded_here(work, tiny_phantom, monkeypatch, one_thread):
+    """Coding layers share a file's slices among processes (key slices alone, then each run of
+    slices between them): the same bytes and decoded slices as coding them one after another."""
+    files = sorted((tiny_phantom / "keras_slices_test").glob("*.nii.gz"))
+    codec = load_codec(work["vqvae"])
+    slices = CodecInput.read(files, codec.prep, originals=True)
+    options = {"residual": {"max_error": 2}}
+    here = codec.compress(slices, layers=("residual",), layer_options=options)
+    assert np.asarray(here.file.header["layer_references"]).max() >= 0  # slices coded given others
+    monkeypatch.setattr(layers, "PARALLEL_SLICES", 2)
+    monkeypatch.setattr(layers, "LAYER_PROCESSES", 2)
+    shared = codec.compress(slices, layers=("residual",), layer_options=options)
+    assert shared.blob == here.blob
+    assert all(np.array_equal(a.values, b.values) for a, b in zip(shared.decoded, here.decoded))
+
+
+def test_the_stages_code_key_slices_first_then_each_run_between_them_after_its_references():
+    from mrivq.data.volumes import references
+
+    names = [f"case_001_week_0_slice_{s}.nii.gz" for s in range(20)] + ["other.nii.gz"]
+    refs = references(names, 8)
+    first, groups = layers._stages(refs, len(names))
+    assert sorted(i for [i] in first) == [0, 8, 16, 19, 20]
+    assert sorted(sorted(g) for g in groups) == [list(range(1, 8)), list(range(9, 16)), [17, 18]]
+    for group in groups:  # each slice after its references: a key slice, or one earlier in its group
+        assert all(j in (0, 8, 16, 19) or group.index(j) < group.index(i) for i in group for j in refs[i] if j >= 0)
+    assert layers._stages(None, 3) == [[[0], [1], [2]]]
+
+
+def _refuse_the_third(original: Stored, picture: np.ndarray) -> bytes:
+    if original.values[0, 0] == 3:
+        raise layers.Refused("it is the third")
+    return b""
+
+
+def _nothing(payload: bytes, picture: np.ndarray) -> Stored:
+    return Stored(np.zeros(picture.shape, dtype=np.int64), "int16")
+
+
+def test_a_slice_refused_on_a_worker_process_is_named(monkeypatch):
+    monkeypatch.setattr(layers, "PARALLEL_SLICES", 2)
+    monkeypatch.setattr(layers, "LAYER_PROCESSES", 2)
+    layer = layers.CodingLayer("refuse", "the refusing layer", _refuse_the_third, _nothing)
+    originals = [Stored(np.full((4, 4), i), "int16") for i in range(6)]
+    with pytest.raises(layers.SliceRefused) as refused:
+        layers.code_slices([layer], {}, originals, [np.zeros((4, 4))] * 6, None)
+    assert (refused.value.index, refused.value.label, refused.value.reason) == (3, "the refusing layer", "it is the third")

@@ -53,7 +53,7 @@ from mrivq.compression.entropy import (
     decode_with_frequencies,
     encode_with_frequencies,
 )
-from mrivq.compression.layers import LAYERS, Refused, Stored
+from mrivq.compression.layers import LAYERS, SliceRefused, Stored, code_slices
 from mrivq.compression.portable.decoder import FORMAT as PICTURE_COPY
 from mrivq.compression.portable.decoder import IntegerDecoder, calibrate, has_copy
 from mrivq.compression.priors import kind_of
@@ -415,22 +415,13 @@ class Codec:
         refs = layer_references(file.header, layers)
         if refs is not None:
             file.header["layer_references"] = refs.tolist()
-        walk, decoded = _ReferenceWalk(refs, file.n, np.arange(file.n)), [None] * file.n
-        for i in tqdm(walk.order(), total=file.n, desc=", ".join(layers), unit="slice", disable=None, leave=False):
-            picture = pictures[i]
-            for name in layers:
-                given = walk.given(name, i)
-                try:
-                    payload = LAYERS[name].encode(slices.originals[i], picture, **options.get(name, {}), **given)
-                except Refused as e:
-                    raise UserError(f"{file.header['sources'][i]['name']}: {LAYERS[name].label} cannot code it: "
-                                    f"{e}") from None
-                file.layers[name][i] = payload
-                stored = LAYERS[name].decode(payload, picture, **given)
-                walk.keep(name, i, stored)
-                picture = stored.scanner()
-            walk.done(i)
-            decoded[i] = stored
+        try:
+            payloads, decoded = code_slices([LAYERS[name] for name in layers], options, slices.originals, pictures,
+                                            refs, desc=", ".join(layers))
+        except SliceRefused as e:
+            raise UserError(f"{file.header['sources'][e.index]['name']}: {e.label} cannot code it: {e.reason}") from None
+        for name, column in zip(layers, zip(*payloads)):
+            file.layers[name] = list(column)
         return pictures, decoded
 
     def stored_scores(self, slices: CodecInput, stored: list[Stored]) -> tuple[np.ndarray, np.ndarray]:

@@ -11,15 +11,30 @@ a layer that rounds it must still guard against ties); a layer that codes volume
 slices it is coded after. It gives back a :class:`Stored` slice: the numbers the input file
 held, written back in its own type. A payload is untrusted: ``decode`` bounds what it allocates
 and raises ``ValueError`` on a damaged one.
+
+:func:`code_slices` runs a file's layers on every slice, each slice encoded and its payload
+decoded again (what the file will decode to), on :data:`LAYER_PROCESSES` processes once a file
+has :data:`PARALLEL_SLICES` slices: a layer's work is Python and numpy that holds the GIL, so
+threads would not share it. Slices coded after none go first, alone; then each group of the
+others that reference one another, in order. The payloads are the same however many processes.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import re
+import sys
 from collections.abc import Callable
+from contextlib import contextmanager
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import threadpool_limits
+from tqdm import tqdm
+
+from mrivq.data.volumes import coding_depths
 
 
 @dataclass(frozen=True)
@@ -48,7 +63,8 @@ class CodingLayer:
     Stored, picture (h, w) float64, **options) -> bytes`` and ``decode(payload, picture) -> Stored``.
     ``references``: whether it codes a slice of a volume given others (both functions then take
     ``references``, the :class:`Stored` slices it is coded after as this layer decoded them: two
-    of its volume, or none for a key slice; the codec picks them and the file lists them)."""
+    of its volume, or none for a key slice; the codec picks them and the file lists them). Both
+    are module-level functions: a file's slices are coded on worker processes."""
 
     name: str
     label: str
@@ -66,3 +82,127 @@ def register(layer: CodingLayer) -> CodingLayer:
         raise ValueError(f"a coding layer's name is 1-32 lowercase letters, digits or _, not {layer.name!r}")
     LAYERS[layer.name] = layer
     return layer
+
+
+
+# -- coding a file's slices ------------------------------------------------------------------
+
+#: Processes a file's slices are coded on (one per core, at most 4) ...
+LAYER_PROCESSES = max(1, min(4, os.cpu_count() or 1))
+#: ... once it has this many slices (below, starting them costs more than it saves).
+PARALLEL_SLICES = 16
+
+
+class SliceRefused(Exception):
+    """Slice ``index``, which a layer (its ``label``) cannot code, and why (a :class:`Refused`'s message)."""
+
+    def __init__(self, index: int, label: str, reason: str) -> None:
+        super().__init__(index, label, reason)
+        self.index, self.label, self.reason = index, label, reason
+
+
+def code_slices(layers: list[CodingLayer], options: dict[str, dict], originals: list[Stored],
+                pictures: list[np.ndarray], refs: np.ndarray | None, *,
+                desc: str = "") -> tuple[list[list[bytes]], list[Stored]]:
+    """Each slice's payload of each of ``layers`` (``[slice][layer]``, ``options`` by layer name)
+    and what the last layer decodes it to; each slice is coded from its ``pictures`` (float64
+    scanner intensities) given the slices ``refs`` (``(N, 2)``, -1: none; None: every slice alone)
+    has it coded after, as they decode. :class:`SliceRefused` for a slice a layer cannot code."""
+    n = len(originals)
+    payloads: list = [None] * n
+    kept: dict[tuple[str, int], Stored] = {}  # each layer's decoded slices, by (layer name, index)
+    with _runner(n) as run, tqdm(total=n, desc=desc, unit="slice", disable=None, leave=False) as bar:
+        for stage in _stages(refs, n):
+            jobs = []
+            for group in stage:
+                items = [(i, originals[i], pictures[i], None if refs is None else tuple(refs[i].tolist()))
+                         for i in group]
+                given = {(layer.name, j): kept[layer.name, j] for layer in layers if layer.references
+                         for _, _, _, around in items for j in around or () if (layer.name, j) in kept}
+                jobs.append((layers, options, items, given))
+            for results in run(_code_group, jobs):
+                for i, coded, stored in results:
+                    payloads[i] = coded
+                    kept.update(((layer.name, i), one) for layer, one in zip(layers, stored))
+                    bar.update()
+    last = layers[-1].name
+    return payloads, [kept[last, i] for i in range(n)]
+
+
+def _code_group(layers: list[CodingLayer], options: dict[str, dict], items: list[tuple], given: dict) -> list:
+    """Code ``items`` (``(index, original, picture, refs)``, each after its references) through
+    ``layers``, given the references ``given`` coded before; ``[(index, payloads, decoded)]``, a
+    payload and what it decodes to per layer. Runs in a worker process, or in this one."""
+    kept, out = dict(given), []
+    for i, original, picture, refs in items:
+        coded, stored = [], []
+        for layer in layers:
+            around = {} if refs is None or not layer.references else \
+                {"references": tuple(kept[layer.name, j] for j in refs if j >= 0)}
+            try:
+                payload = layer.encode(original, picture, **options.get(layer.name, {}), **around)
+            except Refused as e:
+                raise SliceRefused(i, layer.label, str(e)) from None
+            kept[layer.name, i] = layer.decode(payload, picture, **around)
+            coded.append(payload)
+            stored.append(kept[layer.name, i])
+            picture = stored[-1].scanner()
+        out.append((i, coded, stored))
+    return out
+
+
+def _stages(refs: np.ndarray | None, n: int) -> list[list[list[int]]]:
+    """The order slices are coded in: groups that need nothing from each other, stage by stage —
+    first every slice coded after none, alone; then the others, in groups that reference one
+    another (each group in coding order)."""
+    if refs is None:
+        return [[[i] for i in range(n)]]
+    depth = coding_depths(refs)
+    if depth is None:
+        raise ValueError("the slices' references are not an order they can be coded in")
+    linked = {i: set() for i in np.flatnonzero(depth > 0).tolist()}
+    for i in linked:
+        for j in refs[i].tolist():
+            if j in linked:
+                linked[i].add(j)
+                linked[j].add(i)
+    groups, seen = [], set()
+    for start in linked:
+        if start not in seen:
+            group, stack = [], [start]
+            seen.add(start)
+            while stack:
+                group.append(stack.pop())
+                stack += [j for j in linked[group[-1]] if j not in seen]
+                seen.update(linked[group[-1]])
+            groups.append(sorted(group, key=lambda i: (depth[i], i)))
+    return [stage for stage in ([[i] for i in np.flatnonzero(depth == 0).tolist()], groups) if stage]
+
+
+def _one_thread() -> None:
+    """A worker's BLAS on one thread: a process per core, each BLAS spinning a thread per core,
+    made two workers slower than one process."""
+    threadpool_limits(1)
+
+
+@contextmanager
+def _runner(n: int):
+    """``run(fn, jobs)``: ``fn(*job)`` of each job, as they finish: on :data:`LAYER_PROCESSES`
+    processes for a file of :data:`PARALLEL_SLICES` slices or more, else here, in order."""
+    if LAYER_PROCESSES < 2 or n < PARALLEL_SLICES:
+        yield lambda fn, jobs: (fn(*job) for job in jobs)
+        return
+    # fork starts the workers in milliseconds and never re-runs the user's __main__ script; they
+    # run the layers' numpy and range coding only (no torch), so the parent's threads do not matter.
+    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    pool = ProcessPoolExecutor(LAYER_PROCESSES, mp_context=context, initializer=_one_thread)
+
+    def run(fn, jobs):
+        futures = [pool.submit(fn, *job) for job in jobs]
+        for future in as_completed(futures):
+            yield future.result()
+
+    try:
+        yield run
+    finally:
+        pool.shutdown(cancel_futures=True)
