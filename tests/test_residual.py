@@ -381,17 +381,26 @@ def test_a_file_coded_on_worker_processes_is_the_file_coded_here(work, tiny_phan
     assert all(np.array_equal(a.values, b.values) for a, b in zip(shared.decoded, here.decoded))
 
 
-def test_the_stages_code_key_slices_first_then_each_run_between_them_after_its_references():
+def test_slices_are_coded_after_their_references_and_a_circle_of_references_is_refused(monkeypatch):
     from mrivq.data.volumes import references
 
+    monkeypatch.setattr(layers, "LAYER_PROCESSES", 1)  # here, so that the layer's list records the order
     names = [f"case_001_week_0_slice_{s}.nii.gz" for s in range(20)] + ["other.nii.gz"]
     refs = references(names, 8)
-    first, groups = layers._stages(refs, len(names))
-    assert sorted(i for [i] in first) == [0, 8, 16, 19, 20]
-    assert sorted(sorted(g) for g in groups) == [list(range(1, 8)), list(range(9, 16)), [17, 18]]
-    for group in groups:  # each slice after its references: a key slice, or one earlier in its group
-        assert all(j in (0, 8, 16, 19) or group.index(j) < group.index(i) for i in group for j in refs[i] if j >= 0)
-    assert layers._stages(None, 3) == [[[0], [1], [2]]]
+    order = []
+    recording = layers.CodingLayer("order", "the order", _record_order, _nothing, references=True)
+    originals = [Stored(np.full((2, 2), i), "int16") for i in range(len(names))]
+    layers.code_slices([recording], {"order": {"seen": order}}, originals, [np.zeros((2, 2))] * len(names), refs)
+    assert sorted(order) == list(range(len(names)))
+    assert all(order.index(int(j)) < order.index(i) for i in range(len(names)) for j in refs[i] if j >= 0)
+    with pytest.raises(ValueError, match="order"):
+        layers.code_slices([recording], {"order": {"seen": []}}, originals[:2], [np.zeros((2, 2))] * 2,
+                           np.array([[1, -1], [0, -1]]))
+
+
+def _record_order(original: Stored, picture: np.ndarray, *, seen: list, references=()) -> bytes:
+    seen.append(int(original.values[0, 0]))
+    return b""
 
 
 def _refuse_the_third(original: Stored, picture: np.ndarray) -> bytes:
@@ -400,7 +409,7 @@ def _refuse_the_third(original: Stored, picture: np.ndarray) -> bytes:
     return b""
 
 
-def _nothing(payload: bytes, picture: np.ndarray) -> Stored:
+def _nothing(payload: bytes, picture: np.ndarray, references=()) -> Stored:
     return Stored(np.zeros(picture.shape, dtype=np.int64), "int16")
 
 

@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from mrivq import metrics
 from mrivq.compression import driver, residual  # noqa: F401 -- residual registers its coding layer

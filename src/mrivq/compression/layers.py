@@ -15,8 +15,8 @@ and raises ``ValueError`` on a damaged one.
 :func:`code_slices` runs a file's layers on every slice, each slice encoded and its payload
 decoded again (what the file will decode to), on :data:`LAYER_PROCESSES` processes once a file
 has :data:`PARALLEL_SLICES` slices: a layer's work is Python and numpy that holds the GIL, so
-threads would not share it. Slices coded after none go first, alone; then each group of the
-others that reference one another, in order. The payloads are the same however many processes.
+threads would not share it. A slice starts as soon as the slices it is coded after are done;
+the payloads are the same however many processes.
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ import multiprocessing
 import os
 import re
 import sys
+from collections import defaultdict
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,102 +108,87 @@ def code_slices(layers: list[CodingLayer], options: dict[str, dict], originals: 
     """Each slice's payload of each of ``layers`` (``[slice][layer]``, ``options`` by layer name)
     and what the last layer decodes it to; each slice is coded from its ``pictures`` (float64
     scanner intensities) given the slices ``refs`` (``(N, 2)``, -1: none; None: every slice alone)
-    has it coded after, as they decode. :class:`SliceRefused` for a slice a layer cannot code."""
+    has it coded after, as they decode, and starts as soon as those are done. :class:`SliceRefused`
+    for a slice a layer cannot code; ``ValueError`` for references no order can follow."""
     n = len(originals)
+    around = [() if refs is None else tuple(int(j) for j in refs[i] if j >= 0) for i in range(n)]
+    if refs is not None and coding_depths(refs) is None:
+        raise ValueError("the slices' references are not an order they can be coded in")
+    waiting, after = [len(set(a)) for a in around], defaultdict(list)  # references not yet coded; who waits on each
+    for i, a in enumerate(around):
+        for j in set(a):
+            after[j].append(i)
+    ready = [i for i in range(n) if not waiting[i]]
     payloads: list = [None] * n
     kept: dict[tuple[str, int], Stored] = {}  # each layer's decoded slices, by (layer name, index)
-    with _runner(n) as run, tqdm(total=n, desc=desc, unit="slice", disable=None, leave=False) as bar:
-        for stage in _stages(refs, n):
-            jobs = []
-            for group in stage:
-                items = [(i, originals[i], pictures[i], None if refs is None else tuple(refs[i].tolist()))
-                         for i in group]
-                given = {(layer.name, j): kept[layer.name, j] for layer in layers if layer.references
-                         for _, _, _, around in items for j in around or () if (layer.name, j) in kept}
-                jobs.append((layers, options, items, given))
-            for results in run(_code_group, jobs):
-                for i, coded, stored in results:
-                    payloads[i] = coded
-                    kept.update(((layer.name, i), one) for layer, one in zip(layers, stored))
-                    bar.update()
-    last = layers[-1].name
-    return payloads, [kept[last, i] for i in range(n)]
+    with _executor(n) as pool, tqdm(total=n, desc=desc, unit="slice", disable=None, leave=False) as bar:
+        running: set = set()
+        while ready or running:
+            for i in ready:
+                given = {(layer.name, j): kept[layer.name, j] for layer in layers if layer.references for j in around[i]}
+                running.add(pool.submit(_code_slice, layers, options, i, originals[i], pictures[i],
+                                        None if refs is None else around[i], given))
+            ready = []
+            finished, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                i, coded, stored = future.result()
+                payloads[i] = coded
+                kept.update(((layer.name, i), one) for layer, one in zip(layers, stored))
+                for k in after.pop(i, ()):
+                    waiting[k] -= 1
+                    ready += [k] if not waiting[k] else []
+                bar.update()
+    return payloads, [kept[layers[-1].name, i] for i in range(n)]
 
 
-def _code_group(layers: list[CodingLayer], options: dict[str, dict], items: list[tuple], given: dict) -> list:
-    """Code ``items`` (``(index, original, picture, refs)``, each after its references) through
-    ``layers``, given the references ``given`` coded before; ``[(index, payloads, decoded)]``, a
-    payload and what it decodes to per layer. Runs in a worker process, or in this one."""
-    kept, out = dict(given), []
-    for i, original, picture, refs in items:
-        coded, stored = [], []
-        for layer in layers:
-            around = {} if refs is None or not layer.references else \
-                {"references": tuple(kept[layer.name, j] for j in refs if j >= 0)}
-            try:
-                payload = layer.encode(original, picture, **options.get(layer.name, {}), **around)
-            except Refused as e:
-                raise SliceRefused(i, layer.label, str(e)) from None
-            kept[layer.name, i] = layer.decode(payload, picture, **around)
-            coded.append(payload)
-            stored.append(kept[layer.name, i])
-            picture = stored[-1].scanner()
-        out.append((i, coded, stored))
-    return out
-
-
-def _stages(refs: np.ndarray | None, n: int) -> list[list[list[int]]]:
-    """The order slices are coded in: groups that need nothing from each other, stage by stage —
-    first every slice coded after none, alone; then the others, in groups that reference one
-    another (each group in coding order)."""
-    if refs is None:
-        return [[[i] for i in range(n)]]
-    depth = coding_depths(refs)
-    if depth is None:
-        raise ValueError("the slices' references are not an order they can be coded in")
-    linked = {i: set() for i in np.flatnonzero(depth > 0).tolist()}
-    for i in linked:
-        for j in refs[i].tolist():
-            if j in linked:
-                linked[i].add(j)
-                linked[j].add(i)
-    groups, seen = [], set()
-    for start in linked:
-        if start not in seen:
-            group, stack = [], [start]
-            seen.add(start)
-            while stack:
-                group.append(stack.pop())
-                stack += [j for j in linked[group[-1]] if j not in seen]
-                seen.update(linked[group[-1]])
-            groups.append(sorted(group, key=lambda i: (depth[i], i)))
-    return [stage for stage in ([[i] for i in np.flatnonzero(depth == 0).tolist()], groups) if stage]
+def _code_slice(layers: list[CodingLayer], options: dict[str, dict], index: int, original: Stored,
+                picture: np.ndarray, refs: tuple[int, ...] | None, given: dict) -> tuple[int, list[bytes], list[Stored]]:
+    """Slice ``index`` coded through ``layers`` from its ``original`` and ``picture``, given its
+    references ``refs`` (file indices; None: a file whose slices are all coded alone) as ``given``
+    has them by (layer name, index): its payloads and what each decodes to. Runs on a worker
+    process, or in this one."""
+    coded, stored = [], []
+    for layer in layers:
+        around = {} if refs is None or not layer.references else \
+            {"references": tuple(given[layer.name, j] for j in refs)}
+        try:
+            payload = layer.encode(original, picture, **options.get(layer.name, {}), **around)
+        except Refused as e:
+            raise SliceRefused(index, layer.label, str(e)) from None
+        coded.append(payload)
+        stored.append(layer.decode(payload, picture, **around))
+        picture = stored[-1].scanner()
+    return index, coded, stored
 
 
 def _one_thread() -> None:
-    """A worker's BLAS on one thread: a process per core, each BLAS spinning a thread per core,
-    made two workers slower than one process."""
+    """A worker's BLAS on one thread: with a process per core, each one's BLAS spinning a thread per
+    core made two workers slower than one process."""
     threadpool_limits(1)
 
 
+class _Here:
+    """An executor that runs each job here, as it is submitted (a file too small for processes);
+    what a job raises, submit raises."""
+
+    def submit(self, fn, *args) -> Future:
+        future = Future()
+        future.set_result(fn(*args))
+        return future
+
+
 @contextmanager
-def _runner(n: int):
-    """``run(fn, jobs)``: ``fn(*job)`` of each job, as they finish: on :data:`LAYER_PROCESSES`
-    processes for a file of :data:`PARALLEL_SLICES` slices or more, else here, in order."""
+def _executor(n: int):
+    """:data:`LAYER_PROCESSES` worker processes for a file of :data:`PARALLEL_SLICES` slices or
+    more, else :class:`_Here`."""
     if LAYER_PROCESSES < 2 or n < PARALLEL_SLICES:
-        yield lambda fn, jobs: (fn(*job) for job in jobs)
+        yield _Here()
         return
-    # fork starts the workers in milliseconds and never re-runs the user's __main__ script; they
+    # fork starts the workers in milliseconds and never runs the user's __main__ script again; they
     # run the layers' numpy and range coding only (no torch), so the parent's threads do not matter.
     context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     pool = ProcessPoolExecutor(LAYER_PROCESSES, mp_context=context, initializer=_one_thread)
-
-    def run(fn, jobs):
-        futures = [pool.submit(fn, *job) for job in jobs]
-        for future in as_completed(futures):
-            yield future.result()
-
     try:
-        yield run
+        yield pool
     finally:
         pool.shutdown(cancel_futures=True)
