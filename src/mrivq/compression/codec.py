@@ -388,9 +388,9 @@ class Codec:
         header = {key: value for key, value in packed.file.header.items() if key not in ("layers", "layer_references")}
         old = packed.file
         file = CodesFile(header, old.norm, old.affines, old.shapes, old.stream, old.counts)
-        _, decoded = self._add_layers(file, packed.codes, slices, layers, layer_options or {}, packed.pictures)
+        pictures, decoded = self._add_layers(file, packed.codes, slices, layers, layer_options or {}, packed.pictures)
         blob = file.to_bytes()
-        return Compressed(file, blob, packed.codes, time.perf_counter() - start, 0.0, None, packed.pictures, decoded)
+        return Compressed(file, blob, packed.codes, time.perf_counter() - start, 0.0, None, pictures, decoded)
 
     def _add_layers(self, file: CodesFile, codes, slices: CodecInput, layers: tuple[str, ...],
                     options: dict[str, dict], pictures: list[np.ndarray] | None) -> tuple[list, list[Stored]]:
