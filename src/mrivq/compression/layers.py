@@ -182,7 +182,8 @@ def _executor(n: int):
     """:data:`LAYER_PROCESSES` worker processes for a file of :data:`PARALLEL_SLICES` slices or
     more, else :class:`_Here`."""
     if LAYER_PROCESSES < 2 or n < PARALLEL_SLICES:
-        yield _Here()
+        with threadpool_limits(1):  # as fast when idle; BLAS threads spinning beside other work: 9x slower
+            yield _Here()
         return
     # fork starts the workers in milliseconds and never runs the user's __main__ script again; they
     # run the layers' numpy and range coding only (no torch), so the parent's threads do not matter.
