@@ -65,13 +65,15 @@ class CodingLayer:
     ``references``: whether it codes a slice of a volume given others (both functions then take
     ``references``, the :class:`Stored` slices it is coded after as this layer decoded them: two
     of its volume, or none for a key slice; the codec picks them and the file lists them). Both
-    are module-level functions: a file's slices are coded on worker processes."""
+    are module-level functions: a file's slices are coded on worker processes. ``prepare``: what
+    builds the layer's tables, called before the workers start, so that forked ones share them."""
 
     name: str
     label: str
     encode: Callable[..., bytes]
     decode: Callable[..., Stored]
     references: bool = False
+    prepare: Callable[[], object] | None = None
 
 
 #: The layers, by name.
@@ -121,6 +123,9 @@ def code_slices(layers: list[CodingLayer], options: dict[str, dict], originals: 
     ready = [i for i in range(n) if not waiting[i]]
     payloads: list = [None] * n
     kept: dict[tuple[str, int], Stored] = {}  # each layer's decoded slices, by (layer name, index)
+    for layer in layers:
+        if layer.prepare is not None:
+            layer.prepare()
     with _executor(n) as pool, tqdm(total=n, desc=desc, unit="slice", disable=None, leave=False) as bar:
         running: set = set()
         while ready or running:

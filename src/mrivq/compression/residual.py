@@ -810,5 +810,11 @@ def _decode_phases(part: _Payload, prediction: np.ndarray, levels: np.ndarray, q
     return q
 
 
+def _tables() -> None:
+    """The coder's integer tables, built once (about 0.1 s; then shared by forked workers)."""
+    _exp_weights()
+    _all_class_profiles()
+
+
 LAYER = register(CodingLayer(NAME, "the residual to the stored values, within --max-error", encode, decode,
-                            references=True))
+                            references=True, prepare=_tables))
