@@ -393,9 +393,9 @@ def test_slices_are_coded_after_their_references_and_a_circle_of_references_is_r
     layers.code_slices([recording], {"order": {"seen": order}}, originals, [np.zeros((2, 2))] * len(names), refs)
     assert sorted(order) == list(range(len(names)))
     assert all(order.index(int(j)) < order.index(i) for i in range(len(names)) for j in refs[i] if j >= 0)
-    with pytest.raises(ValueError, match="order"):
-        layers.code_slices([recording], {"order": {"seen": []}}, originals[:2], [np.zeros((2, 2))] * 2,
-                           np.array([[1, -1], [0, -1]]))
+    for wrong in (np.array([[1, -1], [0, -1]]), np.array([[-1, -1]]), np.array([[-1, -1], [0, -1], [1, -1]])):
+        with pytest.raises(ValueError, match="order"):  # a circle, or not one row per slice
+            layers.code_slices([recording], {"order": {"seen": []}}, originals[:2], [np.zeros((2, 2))] * 2, wrong)
 
 
 def _record_order(original: Stored, picture: np.ndarray, *, seen: list, references=()) -> bytes:

@@ -380,7 +380,7 @@ def _ladder_row(codec: Codec, packed, slices: CodecInput, delta: float, voxels: 
 def _fidelity(codec: Codec, slices: CodecInput, stored: list[Stored]) -> dict:
     """``stored`` slices against ``slices``' stored values: the largest error over every voxel, the
     mean SSIM and PSNR (PSNR None where every slice is exact, and SSIM then 1 without scoring)."""
-    error = max(float(np.abs(s.values - o.values).max()) for s, o in zip(stored, slices.originals))
+    error = float(np.max([np.abs(s.values - o.values).max() for s, o in zip(stored, slices.originals)]))  # NaN stays
     if error == 0:  # every slice exact: nothing to score
         return {"largest_error": 0.0, "ssim": 1.0, "psnr": None}
     ssim, psnr = (float(np.mean(v)) for v in codec.stored_scores(slices, stored))

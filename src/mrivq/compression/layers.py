@@ -14,8 +14,8 @@ and raises ``ValueError`` on a damaged one.
 
 :func:`code_slices` runs a file's layers on every slice, each slice encoded and its payload
 decoded again (what the file will decode to), on :data:`LAYER_PROCESSES` processes once a file
-has :data:`PARALLEL_SLICES` slices: a layer's work is Python and numpy that holds the GIL, so
-threads would not share it. A slice starts as soon as the slices it is coded after are done;
+has :data:`PARALLEL_SLICES` slices (on Linux): a layer's work is Python and numpy that holds the
+GIL, so threads would not share it. A slice starts as soon as the slices it is coded after are done;
 the payloads are the same however many processes.
 """
 
@@ -25,7 +25,7 @@ import multiprocessing
 import os
 import re
 import sys
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
@@ -90,8 +90,8 @@ def register(layer: CodingLayer) -> CodingLayer:
 
 # -- coding a file's slices ------------------------------------------------------------------
 
-#: Processes a file's slices are coded on (one per core, at most 4) ...
-LAYER_PROCESSES = max(1, min(4, os.cpu_count() or 1))
+#: Processes a file's slices are coded on (one per core this process may use, at most 4) ...
+LAYER_PROCESSES = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 #: ... once it has this many slices (below, starting them costs more than it saves).
 PARALLEL_SLICES = 16
 
@@ -113,14 +113,14 @@ def code_slices(layers: list[CodingLayer], options: dict[str, dict], originals: 
     has it coded after, as they decode, and starts as soon as those are done. :class:`SliceRefused`
     for a slice a layer cannot code; ``ValueError`` for references no order can follow."""
     n = len(originals)
-    around = [() if refs is None else tuple(int(j) for j in refs[i] if j >= 0) for i in range(n)]
-    if refs is not None and coding_depths(refs) is None:
+    if refs is not None and (len(refs) != n or coding_depths(refs) is None):
         raise ValueError("the slices' references are not an order they can be coded in")
+    around = [() if refs is None else tuple(int(j) for j in refs[i] if j >= 0) for i in range(n)]
     waiting, after = [len(set(a)) for a in around], defaultdict(list)  # references not yet coded; who waits on each
     for i, a in enumerate(around):
         for j in set(a):
             after[j].append(i)
-    ready = [i for i in range(n) if not waiting[i]]
+    ready = deque(i for i in range(n) if not waiting[i])
     payloads: list = [None] * n
     kept: dict[tuple[str, int], Stored] = {}  # each layer's decoded slices, by (layer name, index)
     for layer in layers:
@@ -129,11 +129,11 @@ def code_slices(layers: list[CodingLayer], options: dict[str, dict], originals: 
     with _executor(n) as pool, tqdm(total=n, desc=desc, unit="slice", disable=None, leave=False) as bar:
         running: set = set()
         while ready or running:
-            for i in ready:
+            while ready and len(running) < 2 * LAYER_PROCESSES:  # a few queued per worker, the rest here
+                i = ready.popleft()
                 given = {(layer.name, j): kept[layer.name, j] for layer in layers if layer.references for j in around[i]}
                 running.add(pool.submit(_code_slice, layers, options, i, originals[i], pictures[i],
                                         None if refs is None else around[i], given))
-            ready = []
             finished, running = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 i, coded, stored = future.result()
@@ -141,7 +141,8 @@ def code_slices(layers: list[CodingLayer], options: dict[str, dict], originals: 
                 kept.update(((layer.name, i), one) for layer, one in zip(layers, stored))
                 for k in after.pop(i, ()):
                     waiting[k] -= 1
-                    ready += [k] if not waiting[k] else []
+                    if not waiting[k]:
+                        ready.append(k)
                 bar.update()
     return payloads, [kept[layers[-1].name, i] for i in range(n)]
 
@@ -185,15 +186,16 @@ class _Here:
 @contextmanager
 def _executor(n: int):
     """:data:`LAYER_PROCESSES` worker processes for a file of :data:`PARALLEL_SLICES` slices or
-    more, else :class:`_Here`."""
-    if LAYER_PROCESSES < 2 or n < PARALLEL_SLICES:
+    more on Linux, else :class:`_Here`."""
+    if LAYER_PROCESSES < 2 or n < PARALLEL_SLICES or not sys.platform.startswith("linux"):
         with threadpool_limits(1):  # as fast when idle; BLAS threads spinning beside other work: 9x slower
             yield _Here()
         return
-    # fork starts the workers in milliseconds and never runs the user's __main__ script again; they
-    # run the layers' numpy and range coding only (no torch), so the parent's threads do not matter.
-    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    pool = ProcessPoolExecutor(LAYER_PROCESSES, mp_context=context, initializer=_one_thread)
+    # Linux only: fork starts the workers in milliseconds, they share the tables the layers built
+    # (prepare), and the user's __main__ script never runs again (spawn would start interpreters
+    # for each call). They run the layers' numpy and range coding only, never torch, so the
+    # parent's threads do not matter.
+    pool = ProcessPoolExecutor(LAYER_PROCESSES, mp_context=multiprocessing.get_context("fork"), initializer=_one_thread)
     try:
         yield pool
     finally:

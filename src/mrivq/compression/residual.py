@@ -247,7 +247,7 @@ def _neighbours(known: np.ndarray, offsets) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _phase_context(phase: int, where: np.ndarray, known: np.ndarray, levels: np.ndarray,
-                   contrast: np.ndarray, apart: list[np.ndarray] = ()) -> tuple[np.ndarray, np.ndarray]:
+                   contrast: np.ndarray, apart: list[np.ndarray] = ()) -> tuple[_Features, np.ndarray]:
     """The features of one phase's voxels (:func:`_features`) and the sums of their decoded
     neighbours' residuals; ``apart``: given references, how far their mean is from the prediction
     and how far apart they are from each other (in quantiser steps)."""
