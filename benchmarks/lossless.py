@@ -20,7 +20,7 @@ test slices' size), which no coder of the stored values can beat.
 Usage::
 
     python benchmarks/lossless.py RUN_DIR [--prior PRIOR] [--split test] [--max-slices 60] [--deltas 0 1 2 4]
-                                  [--phantom-floor] [--size H W] [--no-lossy]
+                                  [--phantom-floor] [--size H W] [--no-lossy] [--repeat N]
 """
 
 from __future__ import annotations
@@ -46,6 +46,14 @@ def scored(codec, values: list[np.ndarray], slices: CodecInput) -> tuple[float, 
     """Mean SSIM and PSNR of slices given as stored values (:meth:`Codec.stored_scores`)."""
     stored = [Stored(v, o.dtype, o.slope, o.inter) for v, o in zip(values, slices.originals)]
     return tuple(float(np.mean(v)) for v in codec.stored_scores(slices, stored))
+
+
+def speed(n: int, seconds: list[float]) -> str:
+    """Slices per second: one figure, or over repeats the median (least-most)."""
+    rates = sorted(n / s for s in seconds)
+    if len(rates) == 1:
+        return f"{rates[0]:.1f}"
+    return f"{float(np.median(rates)):.1f} ({rates[0]:.1f}-{rates[-1]:.1f})"
 
 
 def phantom_noise_floor(shape: tuple[int, int], volumes: int = 4, n_slices: int = 30) -> tuple[float, float, float]:
@@ -91,6 +99,8 @@ def main() -> None:
     parser.add_argument("--max-slices", type=int, default=60)
     parser.add_argument("--deltas", type=int, nargs="+", default=[0, 1, 2, 4])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="encode and decode each bound this many times: speeds as median (least-most)")
     parser.add_argument("--no-lossy", action="store_true", help="skip the lossy codecs' searches")
     parser.add_argument("--phantom-floor", action="store_true", help="also print the phantom's noise entropy")
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
@@ -116,12 +126,14 @@ def main() -> None:
     print("| δ | coder | bits per voxel | codes / residual | largest error | SSIM | PSNR | encode / decode slices/s |")
     print("|---|---|---|---|---|---|---|---|")
     for delta in args.deltas:
-        start = time.perf_counter()
-        packed = codec.compress(slices, layers=("residual",), layer_options={"residual": {"max_error": delta}})
-        encode_s = time.perf_counter() - start
-        start = time.perf_counter()
-        decoded = [stored.values for _, stored in codec.decompress(CodesFile.from_bytes(packed.blob))]
-        decode_s = time.perf_counter() - start
+        encode_s, decode_s = [], []
+        for _ in range(max(1, args.repeat)):
+            start = time.perf_counter()
+            packed = codec.compress(slices, layers=("residual",), layer_options={"residual": {"max_error": delta}})
+            encode_s.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            decoded = [stored.values for _, stored in codec.decompress(CodesFile.from_bytes(packed.blob))]
+            decode_s.append(time.perf_counter() - start)
         error = max(np.abs(d.astype(np.float64) - x).max() for d, x in zip(decoded, originals))
         assert error <= delta, f"the residual layer's error {error} is above {delta}"
         residual_bits = 8 * sum(len(p) for p in packed.file.layers["residual"])
@@ -129,7 +141,7 @@ def main() -> None:
         ssim, psnr = scored(codec, decoded, slices)
         print(f"| {delta} | **mrivq** | **{rate:.3f}** | {rate - residual_bits / voxels:.3f} / "
               f"{residual_bits / voxels:.3f} | {error:g} | {ssim:.4f} | {psnr:.2f} | "
-              f"{len(files) / encode_s:.1f} / {len(files) / decode_s:.1f} |")
+              f"{speed(len(files), encode_s)} / {speed(len(files), decode_s)} |")
         totals: dict[str, int] = {}
         for x in originals:
             for name, size in codecs.lossless_sizes(x, delta).items():
