@@ -261,7 +261,7 @@ def test_the_mean_is_fitted_from_the_decoded_neighbours_and_the_pictures_differe
     shuffled = rng.permutation(field.ravel()).reshape(field.shape)
     sizes = [len(residual.encode(Stored(values + f, "int16"), picture)) for f in (field, shuffled)]
     assert sizes[0] < 0.8 * sizes[1]
-    columns = rng.integers(-300, 300, size=(400, 6)).astype(np.int64)
+    columns = rng.integers(-300, 300, size=(6, 400)).astype(np.int64)  # a row per column of the design
     weights = np.array([256, -128, 64, 0, 512, -32], dtype=np.int64)
     q = residual._weighted_mean(columns * 3, weights, 3)
     assert np.abs(residual._fit_weights(q, columns * 3, 3) - weights).max() <= 2

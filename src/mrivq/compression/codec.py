@@ -256,7 +256,8 @@ def layer_references(header: dict, layers) -> np.ndarray | None:
 
 
 class _ReferenceWalk:
-    """The order coding layers visit a file's slices in, and what they keep meanwhile: each slice
+    """The order a file's coding layers are decoded in (they are encoded by
+    :func:`mrivq.compression.layers.code_slices`), and what is kept meanwhile: each slice
     after the slices it is coded after (``refs`` ``(N, 2)``, -1: none; None: every slice alone),
     the ``wanted`` ones in file order otherwise; each slice's decoded layers kept only until the
     last slice coded after it is done, and pictures read ahead only as far as a reference is."""

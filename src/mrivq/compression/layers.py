@@ -87,7 +87,6 @@ def register(layer: CodingLayer) -> CodingLayer:
     return layer
 
 
-
 # -- coding a file's slices ------------------------------------------------------------------
 
 #: Processes a file's slices are coded on (one per core this process may use, at most 4) ...

@@ -328,9 +328,9 @@ COLUMN_LIMIT = 1 << 40  # columns clipped here: 20 of them times a weight stay f
 
 def _mean_columns(phase: int, known: np.ndarray, prediction: np.ndarray, quantiser: int,
                   where: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
-    """int64 ``(n, k)`` (a transposed view of ``(k, n)`` rows): the decoded residuals around each
-    of the phase's voxels (in stored units; zero beyond the edges), the picture's differences to
-    its neighbours (the edge repeated) and, given a ``reference`` (the slices this one is coded
+    """int64 ``(k, n)``, a row per column of the mean's design: the decoded residuals around each
+    of the phase's ``n`` voxels (in stored units; zero beyond the edges), the picture's differences
+    to its neighbours (the edge repeated) and, given a ``reference`` (the slices this one is coded
     after, in its stored units), its difference to the prediction."""
     width = known.shape[1] + 4
     rows, cols = np.nonzero(where)
@@ -346,12 +346,13 @@ def _mean_columns(phase: int, known: np.ndarray, prediction: np.ndarray, quantis
     if reference is not None:
         flat = rows * known.shape[1] + cols
         np.subtract(reference.ravel().take(flat), prediction.ravel().take(flat), out=out[-1])
-    return np.clip(out, -COLUMN_LIMIT, COLUMN_LIMIT, out=out).T
+    return np.clip(out, -COLUMN_LIMIT, COLUMN_LIMIT, out=out)
 
 
 def _fit_weights(q: np.ndarray, columns: np.ndarray, quantiser: int) -> np.ndarray:
-    """The weights (int64, in 1/WEIGHT_UNIT) of the columns that predict ``q`` best, by least squares."""
-    rows = columns.T.astype(np.float64)  # (k, n), contiguous
+    """The weights (int64, in 1/WEIGHT_UNIT) of the columns (``(k, n)`` rows) that predict ``q``
+    best, by least squares."""
+    rows = columns.astype(np.float64)
     rows /= quantiser
     gram = rows @ rows.T
     gram += 1e-9 * (np.trace(gram) + 1) * np.eye(len(gram))  # a column of zeros (an edge) gets weight 0
@@ -360,9 +361,9 @@ def _fit_weights(q: np.ndarray, columns: np.ndarray, quantiser: int) -> np.ndarr
 
 
 def _weighted_mean(columns: np.ndarray, weights: np.ndarray, quantiser: int, weight_unit: int = WEIGHT_UNIT) -> np.ndarray:
-    """round(columns . weights / weight_unit / quantiser), in integers."""
+    """round(weights . columns / weight_unit / quantiser), in integers (``columns`` ``(k, n)`` rows)."""
     unit = weight_unit * quantiser
-    return np.floor_divide(_dot(weights, columns.T) + unit // 2, unit)
+    return np.floor_divide(_dot(weights, columns) + unit // 2, unit)
 
 
 def _symbol_index(symbols: np.ndarray, width: int) -> np.ndarray:
@@ -742,7 +743,7 @@ def _coefficients(version: int, reader: _Reader, extra: int) -> list[np.ndarray]
 
 def _phase_settings(version: int, numbers: list[int], reader: _Reader, referenced: bool = False) -> list[tuple]:
     """Per phase (escape width, classes used, the mean's setting): version 1's one weight (an int),
-    version 2's weights (int64, one per :func:`_mean_columns` column, read from ``reader``)."""
+    version 2's weights (int64, one per :func:`_mean_columns` row, read from ``reader``)."""
     if version == 1:
         return [tuple(numbers[3 * i:3 * i + 3]) for i in range(len(PHASES))]
     counts = [len(offsets) + len(PICTURE_OFFSETS) + referenced for offsets in MEAN_OFFSETS]
