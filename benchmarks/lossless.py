@@ -113,7 +113,8 @@ def main() -> None:
     files = getattr(data_splits(config.data, config.seed), args.split)
     files = [files[i] for i in np.linspace(0, len(files) - 1, min(args.max_slices, len(files))).round().astype(int)]
     if args.size:
-        files = resampled(files, tuple(args.size), Path(tempfile.mkdtemp(prefix="mrivq-lossless-")))
+        scratch = tempfile.TemporaryDirectory(prefix="mrivq-lossless-")  # removed when the run ends
+        files = resampled(files, tuple(args.size), Path(scratch.name))
     slices = CodecInput.read(files, codec.prep, originals=True)
     originals = [o.values for o in slices.originals]
     voxels = sum(x.size for x in originals)

@@ -14,7 +14,8 @@ this mrivq) and the test split of its VQ-VAE's data settings, prints one JSON ob
 A volume prior codes each test slice given slices on either side of it in its volume (by the
 slices' names), a key slice every ``key_every`` (its own setting); ``--key-every 1 16 ...`` adds the
 integer rate at other intervals (``key_every_<K>_bits_per_pixel``; 1: every slice alone), and
-``key_slices_bits_per_pixel`` / ``other_slices_bits_per_pixel`` split the stream at its own.
+``key_slices_bits_per_pixel`` / ``other_slices_bits_per_pixel`` split the stream at its own,
+``by_gap`` by the slices between a slice and each of its references (0: key slices).
 
     python benchmarks/portable_prior.py runs/default/models/prior_best.pt [--rounds 3] [--set data.root=...]
 
@@ -37,7 +38,7 @@ from mrivq.config import load_config
 from mrivq.data.cache import load_split
 from mrivq.data.preprocess import Preprocessing
 from mrivq.data.sources import data_splits
-from mrivq.data.volumes import references
+from mrivq.data.volumes import references, volume_place
 from mrivq.engine.checkpoint import load_prior
 from mrivq.nn.pass_prior import referenced_grids
 
@@ -84,6 +85,11 @@ def main() -> None:
         key = refs[:, 0] < 0
         out["key_slices_bits_per_pixel"] = float(lengths[key].mean() / pixels)
         out["other_slices_bits_per_pixel"] = float(lengths[~key].mean() / pixels) if (~key).any() else None
+        place = np.array([volume_place(name)[1] if volume_place(name) else 0 for name in names])
+        gaps = np.where(key, 0, np.abs(place[refs[:, 1]] - place[refs[:, 0]]) // 2)
+        out["by_gap"] = {int(g): {"slices": int((gaps == g).sum()),
+                                  "bits_per_pixel": float(lengths[gaps == g].mean() / pixels)}
+                         for g in np.unique(gaps)}
         for k in args.key_every:
             size = encode(prior.integer, top, bottom, references=references(names, k)).size
             out[f"key_every_{k}_bits_per_pixel"] = size * 32 / (n * pixels)

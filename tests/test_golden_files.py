@@ -118,12 +118,13 @@ def test_golden_prior_coded_files_decode_the_same_with_every_float_result_one_ul
     assert np.array_equal(top, expected[f"{name}/top"]) and np.array_equal(bottom, expected[f"{name}/bottom"])
 
 
-@pytest.mark.parametrize("version", ["", "2"])
+@pytest.mark.parametrize("version", ["", "2", "3"])
 @pytest.mark.parametrize("name", ["lossless", "bounded2"])
 def test_residual_files_of_earlier_payload_versions_decode_to_the_values_they_held(name, version, tmp_path):
     """Files the residual layer's earlier payload versions wrote (``encode --max-error 0`` and ``2``):
     version 1 (before the weighted mean; the float64 picture) and version 2 (the weighted mean in
-    1/256 and float16 coefficients; the first files on the decoder's integer copy, ``int8-v1``):
+    1/256 and float16 coefficients; the first files on the decoder's integer copy, ``int8-v1``) and
+    version 3 (9-bit coefficients, weights in 1/128, the middle slice coded given the other two):
     ``mrivq decode`` writes exactly the stored values they held."""
     import nibabel as nib
     import numpy as np
