@@ -29,8 +29,19 @@ def _stored_of(path) -> np.ndarray:
     return np.asarray(nib.load(path).dataobj.get_unscaled())
 
 
+@pytest.fixture
+def grouped(monkeypatch):
+    """The mean's weights fitted per contrast group even in the tests' small slices (real slices
+    need 8,192 voxels in a phase for that)."""
+    monkeypatch.setattr(residual, "GROUP_VOXELS", 8)
+
+
+@pytest.mark.parametrize("groups", ["one mean per phase", "contrast groups"])
 @pytest.mark.parametrize("delta", DELTAS)
-def test_every_voxel_decodes_within_the_bound_and_exactly_at_zero(work, test_files, delta, one_thread):
+def test_every_voxel_decodes_within_the_bound_and_exactly_at_zero(work, test_files, delta, one_thread, groups,
+                                                                  request):
+    if groups == "contrast groups":
+        request.getfixturevalue("grouped")
     codec = load_codec(work["vqvae"])
     slices = CodecInput.read(test_files, codec.prep, originals=True)
     packed = codec.compress(slices, layers=("residual",), layer_options={"residual": {"max_error": delta}})
@@ -49,7 +60,7 @@ def test_every_voxel_decodes_within_the_bound_and_exactly_at_zero(work, test_fil
 
 @pytest.mark.parametrize("picture", ["integer copy", "float64"])
 def test_a_machine_whose_floating_point_rounds_otherwise_decodes_the_same_values(work, test_files, one_thread,
-                                                                                 picture, monkeypatch):
+                                                                                 picture, monkeypatch, grouped):
     """Every float result of torch moved one ulp: a new file's picture (the decoder's integer copy)
     does not move at all; an older file's (float64, as files before the copy, and models without
     one, have it) moves, and the decoded values do not (at 0 and 2)."""
@@ -201,7 +212,7 @@ def test_the_float64_picture_is_the_float32_one_to_float32_precision(work, test_
     assert next(codec.model.parameters()).dtype == torch.float32  # the codec's own model is untouched
 
 
-def test_damaged_payloads_never_decode_to_other_values():
+def test_damaged_payloads_never_decode_to_other_values(grouped):
     """Bytes flipped anywhere in a payload, or the payload cut short: a ValueError, or (a byte the
     decoder never reads) exactly the values encoded."""
     rng = np.random.default_rng(4)
@@ -265,6 +276,36 @@ def test_the_mean_is_fitted_from_the_decoded_neighbours_and_the_pictures_differe
     weights = np.array([256, -128, 64, 0, 512, -32], dtype=np.int64)
     q = residual._weighted_mean(columns * 3, weights, 3)
     assert np.abs(residual._fit_weights(q, columns * 3, 3) - weights).max() <= 2
+
+
+def test_a_phase_is_split_at_its_contrast_quantiles_and_each_group_gets_its_own_mean(monkeypatch, grouped):
+    """A phase's voxels fall into groups by the picture's contrast (quantile bins, ties to the lower
+    bin, in a stable order); where the residual follows its neighbours in flat parts of the picture
+    and alternates in sign across them in textured parts, one set of weights per group codes it
+    in far fewer bits than one set for the whole phase, and both decode exactly."""
+    contrast = np.array([5, 0, 0, 9, 2, 0, 7, 2, 2, 1, 0, 3])
+    order, bounds = residual._mean_groups(contrast, 4)
+    edges = np.sort(contrast)[[3, 6, 9]]  # 0, 2, 5
+    assert np.array_equal(edges, [0, 2, 5])
+    group = (contrast[:, None] > edges).sum(1)
+    assert np.array_equal(order, np.argsort(group, kind="stable"))
+    assert np.array_equal(bounds, np.append(0, np.cumsum(np.bincount(group, minlength=4))))
+    assert residual._mean_groups(contrast, 1)[0] is None
+
+    rng = np.random.default_rng(2)
+    rows, cols = np.indices((64, 64))
+    textured = cols >= 32
+    picture = 800.0 + np.where(textured, 300 * ((rows + cols) % 3), 0) + 0.3
+    from scipy import ndimage
+    smooth = ndimage.gaussian_filter(rng.normal(0, 80, picture.shape), 2)
+    field = np.round(np.where(textured, np.where((rows + cols) % 2, 1, -1) * smooth, smooth)).astype(np.int64)
+    values = np.round(picture).astype(np.int64) + field
+    payloads = {}
+    for groups in (4, 1):
+        monkeypatch.setattr(residual, "_group_count", lambda n, groups=groups: groups)
+        payloads[groups] = residual.encode(Stored(values, "int16"), picture)
+        assert np.array_equal(residual.decode(payloads[groups], picture).values, values)
+    assert len(payloads[4]) < 0.9 * len(payloads[1])
 
 
 def test_the_coders_one_shape_tables_are_the_fitted_tables_rows():
