@@ -17,8 +17,8 @@ the input's, and exactly the input's at δ = 0 ("lossy plus residual" coding). P
    them, then the other half. Each symbol is predicted by a linear mean (versions 2 to 4 of
    the payload; :data:`MEAN_OFFSETS`): weights, fitted per phase and slice by least squares and
    stored (since version 4, one set per :data:`MEAN_GROUPS` groups of the phase's voxels by the
-   picture's local contrast, :func:`_mean_groups`), on the residuals already decoded around it (the four diagonal neighbours in the
-   second phase, the four direct and eight knight's-move neighbours in the third) and on the
+   picture's local contrast, :func:`_mean_groups`), on the residuals already decoded around it
+   (the four diagonal neighbours in the second phase, the four direct and eight knight's-move neighbours in the third) and on the
    picture's differences to its 3x3 neighbours (so the mean also sharpens the picture); version
    1's mean, one weight on the four neighbours' mean residual, is still decoded. What is left is
    coded under a discretised Laplace-to-Gaussian blend or a mixture with a wider Laplace (one of
@@ -39,13 +39,14 @@ values the encoder checked against the input, or is refused. Payload layout: :da
 grid step (floats), the scaling, then small integers as zigzag varints (the values' range, each
 level's median, per phase its escape width, classes used and (version 4) mean groups, then
 every phase's mean weights, group by group; version 1: per phase width, classes and its one
-mean weight), every phase's coefficients (version 3 on: :data:`COEFFICIENT_BITS` bits each, a float16's top bits, and the weights in 1/128;
-versions 1 and 2: float16, weights in 1/256), each phase's 5-bit shapes, the stored roundings,
+mean weight), every phase's coefficients (version 3 on: :data:`COEFFICIENT_BITS` bits each, a
+float16's top bits, and the weights in 1/128; versions 1 and 2: float16, weights in 1/256), each phase's 5-bit shapes, the stored roundings,
 the escaped residuals, the coder's words.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import struct
 import zlib
@@ -75,9 +76,11 @@ CAP = 16 * LOGIT_UNITS  # the least probable symbols sit 16 nats below the most 
 #: The on-disk types a slice may be written back as (the payload stores the index).
 DTYPES = ("uint8", "int8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64")
 
-VERSION = 4  # 3: one set of mean weights per phase; 2: weights in 1/256, float16 coefficients; 1: one weight
-VERSIONS = (1, 2, 3, 4)  # on the neighbours' mean residual
-#: (both still decoded)
+#: The payload version written: 4, the mean's weights per contrast group; 3, one set per phase;
+#: 2, weights in 1/256 and float16 coefficients; 1, one weight on the neighbours' mean residual.
+#: Every one of VERSIONS is still decoded.
+VERSION = 4
+VERSIONS = (1, 2, 3, 4)
 #: The payload's fixed start: version, kind (integers or floats) and scaling width (bit 1: float32),
 #: on-disk type, height, width, the bound, the checksum of the rebuilt values.
 HEAD = struct.Struct("<BBBHHdI")
@@ -338,9 +341,9 @@ MAX_MEAN_GROUPS = 16  # what a payload may declare
 
 def _mean_columns(phase: int, known: np.ndarray, prediction: np.ndarray, quantiser: int,
                   voxels: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
-    """int64 ``(k, n)``, a row per column of the mean's design: the decoded residuals around each
-    of the phase's ``n`` ``voxels`` (flat indices, in the order the columns are wanted) (in stored units; zero beyond the edges), the picture's differences
-    to its neighbours (the edge repeated) and, given a ``reference`` (the slices this one is coded
+    """int64 ``(k, n)``, a row per column of the mean's design, for the phase's ``n`` ``voxels``
+    (flat indices, in the order the columns are wanted): the decoded residuals around each (in
+    stored units; zero beyond the edges), the picture's differences to its neighbours (the edge repeated) and, given a ``reference`` (the slices this one is coded
     after, in its stored units), its difference to the prediction."""
     width = known.shape[1] + 4
     rows, cols = np.divmod(voxels, known.shape[1])
@@ -369,7 +372,7 @@ def _mean_groups(contrast: np.ndarray, groups: int) -> tuple[np.ndarray | None, 
     picture's, the first scale feature) among bins split at the phase's quantiles (the decoder has
     the picture, so it finds the same groups; ties fall into the lower bin)."""
     n = len(contrast)
-    if groups == 1:
+    if groups == 1 or n == 0:  # (a payload may declare groups for a phase without voxels)
         return None, np.array([0, n])
     picks = (n * np.arange(1, groups)) // groups
     group = np.zeros(n, dtype=np.uint8)  # MAX_MEAN_GROUPS <= 256
@@ -377,6 +380,15 @@ def _mean_groups(contrast: np.ndarray, groups: int) -> tuple[np.ndarray | None, 
         group += contrast > edge
     order = np.argsort(group, kind="stable")  # a radix sort
     return order, np.append(0, np.cumsum(np.bincount(group, minlength=groups)))
+
+
+def _grouped_columns(phase: int, known: np.ndarray, prediction: np.ndarray, quantiser: int, where: np.ndarray,
+                     contrast: np.ndarray, groups: int, reference: np.ndarray | None):
+    """The phase's :func:`_mean_columns` in mean-group order, the order and the groups' bounds
+    (:func:`_mean_groups` of its voxels' ``contrast``)."""
+    at = np.flatnonzero(where)
+    order, bounds = _mean_groups(contrast, groups)
+    return _mean_columns(phase, known, prediction, quantiser, at if order is None else at[order], reference), order, bounds
 
 
 def _grouped_mean(columns: np.ndarray, weights: np.ndarray, order: np.ndarray | None, bounds: np.ndarray,
@@ -598,12 +610,11 @@ def _code_phases(q: np.ndarray, prediction: np.ndarray, levels: np.ndarray, quan
     known, phases, escaped = np.zeros_like(q), [], []
     for phase, where in enumerate(_phase_masks(q.shape)):
         features, _ = _phase_context(phase, where, known, levels, contrast, apart)
-        at = np.flatnonzero(where)
-        order, bounds = _mean_groups(features.columns[0], _group_count(len(at)))
-        grouped = at if order is None else at[order]
-        columns = _mean_columns(phase, known, prediction, quantiser, grouped, reference)
-        target = q.ravel()[grouped]
-        weights = np.stack([_fit_weights(target[lo:hi], columns[:, lo:hi], quantiser) for lo, hi in zip(bounds, bounds[1:])])
+        columns, order, bounds = _grouped_columns(phase, known, prediction, quantiser, where, features.columns[0],
+                                                  _group_count(len(features.levels)), reference)
+        target = q[where] if order is None else q[where][order]
+        weights = np.stack([_fit_weights(target[lo:hi], columns[:, lo:hi], quantiser)
+                            for lo, hi in itertools.pairwise(bounds)])
         symbols = q[where] - _grouped_mean(columns, weights, order, bounds, quantiser)
         coefficients, shapes, width, classes = _fit(symbols, features, FACTORS if quantiser > 1 else (1.0,))
         escaped.append(_code_phase(coder, categorical, symbols, classes, shapes, width))
@@ -890,9 +901,8 @@ def _decode_phases(part: _Payload, prediction: np.ndarray, levels: np.ndarray, q
         if version == 1:
             mean = _mean_prediction(mean, total)
         else:
-            at = np.flatnonzero(where)
-            order, bounds = _mean_groups(features.columns[0], len(mean))
-            columns = _mean_columns(phase, q, prediction, quantiser, at if order is None else at[order], reference)
+            columns, order, bounds = _grouped_columns(phase, q, prediction, quantiser, where, features.columns[0],
+                                                      len(mean), reference)
             mean = _grouped_mean(columns, mean, order, bounds, quantiser, WEIGHT_UNITS[version])
         q[where] = _decode_phase(decoder, categorical, _classes(part.coefficients[phase], features),
                                 part.shapes[phase], width, part.escaped) + mean
