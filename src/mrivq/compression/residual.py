@@ -18,9 +18,9 @@ the input's, and exactly the input's at δ = 0 ("lossy plus residual" coding). P
    the payload; :data:`MEAN_OFFSETS`): weights, fitted per phase and slice by least squares and
    stored (since version 4, one set per :data:`MEAN_GROUPS` groups of the phase's voxels by the
    picture's local contrast, :func:`_mean_groups`), on the residuals already decoded around it
-   (the four diagonal neighbours in the second phase, the four direct and eight knight's-move neighbours in the third) and on the
-   picture's differences to its 3x3 neighbours (so the mean also sharpens the picture); version
-   1's mean, one weight on the four neighbours' mean residual, is still decoded. What is left is
+   (the four diagonal neighbours in the second phase, the four direct and eight knight's-move
+   neighbours in the third) and on the picture's differences to its 3x3 neighbours (so the mean
+   also sharpens the picture); version 1's mean, one weight on the four neighbours' mean residual, is still decoded. What is left is
    coded under a discretised Laplace-to-Gaussian blend or a mixture with a wider Laplace (one of
    :data:`SHAPES`, chosen per class) whose scale is a linear estimate from integer context: the
    prediction's level (a one-hot of :data:`LEVELS` bins) and local contrast, and after the first
@@ -40,8 +40,8 @@ grid step (floats), the scaling, then small integers as zigzag varints (the valu
 level's median, per phase its escape width, classes used and (version 4) mean groups, then
 every phase's mean weights, group by group; version 1: per phase width, classes and its one
 mean weight), every phase's coefficients (version 3 on: :data:`COEFFICIENT_BITS` bits each, a
-float16's top bits, and the weights in 1/128; versions 1 and 2: float16, weights in 1/256), each phase's 5-bit shapes, the stored roundings,
-the escaped residuals, the coder's words.
+float16's top bits, and the weights in 1/128; versions 1 and 2: float16, weights in 1/256), each
+phase's 5-bit shapes, the stored roundings, the escaped residuals, the coder's words.
 """
 
 from __future__ import annotations
@@ -273,6 +273,12 @@ class _Features:
     levels: np.ndarray
     columns: np.ndarray
 
+    @property
+    def contrast(self) -> np.ndarray:
+        """The first column: the picture's local contrast (clipped), from which version 4 cuts a
+        phase's mean groups (part of the format: :func:`_phase_context` puts it first)."""
+        return self.columns[0]
+
     def normal_equations(self, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``D^T D`` and ``D^T target`` of the design ``D`` (the one-hot, then the columns), without
         building the one-hot: every entry a sum of integers, exact in any order below 2**53."""
@@ -343,8 +349,9 @@ def _mean_columns(phase: int, known: np.ndarray, prediction: np.ndarray, quantis
                   voxels: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
     """int64 ``(k, n)``, a row per column of the mean's design, for the phase's ``n`` ``voxels``
     (flat indices, in the order the columns are wanted): the decoded residuals around each (in
-    stored units; zero beyond the edges), the picture's differences to its neighbours (the edge repeated) and, given a ``reference`` (the slices this one is coded
-    after, in its stored units), its difference to the prediction."""
+    stored units; zero beyond the edges), the picture's differences to its neighbours (the edge
+    repeated) and, given a ``reference`` (the slices this one is coded after, in its stored
+    units), its difference to the prediction."""
     width = known.shape[1] + 4
     rows, cols = np.divmod(voxels, known.shape[1])
     at = (rows + 2) * width + cols + 2  # each voxel in the arrays padded by 2
@@ -372,23 +379,24 @@ def _mean_groups(contrast: np.ndarray, groups: int) -> tuple[np.ndarray | None, 
     picture's, the first scale feature) among bins split at the phase's quantiles (the decoder has
     the picture, so it finds the same groups; ties fall into the lower bin)."""
     n = len(contrast)
-    if groups == 1 or n == 0:  # (a payload may declare groups for a phase without voxels)
+    if groups == 1 or n == 0:  # a phase without voxels: the payload's further rows are never used
         return None, np.array([0, n])
     picks = (n * np.arange(1, groups)) // groups
     group = np.zeros(n, dtype=np.uint8)  # MAX_MEAN_GROUPS <= 256
     for edge in np.partition(contrast, picks)[picks].tolist():
         group += contrast > edge
-    order = np.argsort(group, kind="stable")  # a radix sort
-    return order, np.append(0, np.cumsum(np.bincount(group, minlength=groups)))
+    return _runs(group, groups)
 
 
 def _grouped_columns(phase: int, known: np.ndarray, prediction: np.ndarray, quantiser: int, where: np.ndarray,
-                     contrast: np.ndarray, groups: int, reference: np.ndarray | None):
+                     contrast: np.ndarray, groups: int,
+                     reference: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """The phase's :func:`_mean_columns` in mean-group order, the order and the groups' bounds
     (:func:`_mean_groups` of its voxels' ``contrast``)."""
     at = np.flatnonzero(where)
     order, bounds = _mean_groups(contrast, groups)
-    return _mean_columns(phase, known, prediction, quantiser, at if order is None else at[order], reference), order, bounds
+    columns = _mean_columns(phase, known, prediction, quantiser, at if order is None else at[order], reference)
+    return columns, order, bounds
 
 
 def _grouped_mean(columns: np.ndarray, weights: np.ndarray, order: np.ndarray | None, bounds: np.ndarray,
@@ -396,7 +404,7 @@ def _grouped_mean(columns: np.ndarray, weights: np.ndarray, order: np.ndarray | 
     """Each voxel's :func:`_weighted_mean` under its group's row of ``weights``, ``columns`` taken
     in group ``order`` (:func:`_mean_groups`), the means put back in the voxels' order."""
     means = [_weighted_mean(columns[:, lo:hi], row, quantiser, weight_unit)
-             for row, lo, hi in zip(weights, bounds, bounds[1:])]
+             for row, (lo, hi) in zip(weights, itertools.pairwise(bounds))]
     if order is None:
         return means[0]
     out = np.empty(columns.shape[1], dtype=np.int64)
@@ -453,13 +461,19 @@ def _fit(symbols: np.ndarray, features: _Features,
     return best[1], best[2], width, best[3]
 
 
+def _runs(keys: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The order that gathers equal ``keys`` (integers in ``[0, count)``, ``count`` <= 256) into
+    runs, stable (a radix sort), and where each key's run starts and ends (``count + 1`` bounds)."""
+    small = keys.astype(np.uint8)
+    return np.argsort(small, kind="stable"), np.append(0, np.cumsum(np.bincount(small, minlength=count)))
+
+
 def _by_class(classes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The voxels in class order (raster order within a class), the classes used and where each
     one's voxels start and end in that order (``len(used) + 1`` bounds)."""
-    order = np.argsort(classes.astype(np.uint8), kind="stable")  # N_CLASSES <= 256: a radix sort
-    ranked = classes[order]
-    starts = np.flatnonzero(np.diff(ranked, prepend=-1))
-    return order, ranked[starts], np.append(starts, len(order))
+    order, bounds = _runs(classes, N_CLASSES)
+    used = np.flatnonzero(np.diff(bounds))
+    return order, used, np.append(bounds[used], len(order))
 
 
 def _code_phase(coder, model_class, symbols: np.ndarray, classes: np.ndarray, shapes: np.ndarray,
@@ -610,16 +624,17 @@ def _code_phases(q: np.ndarray, prediction: np.ndarray, levels: np.ndarray, quan
     known, phases, escaped = np.zeros_like(q), [], []
     for phase, where in enumerate(_phase_masks(q.shape)):
         features, _ = _phase_context(phase, where, known, levels, contrast, apart)
-        columns, order, bounds = _grouped_columns(phase, known, prediction, quantiser, where, features.columns[0],
+        columns, order, bounds = _grouped_columns(phase, known, prediction, quantiser, where, features.contrast,
                                                   _group_count(len(features.levels)), reference)
-        target = q[where] if order is None else q[where][order]
+        here = q[where]
+        target = here if order is None else here[order]
         weights = np.stack([_fit_weights(target[lo:hi], columns[:, lo:hi], quantiser)
                             for lo, hi in itertools.pairwise(bounds)])
-        symbols = q[where] - _grouped_mean(columns, weights, order, bounds, quantiser)
+        symbols = here - _grouped_mean(columns, weights, order, bounds, quantiser)
         coefficients, shapes, width, classes = _fit(symbols, features, FACTORS if quantiser > 1 else (1.0,))
         escaped.append(_code_phase(coder, categorical, symbols, classes, shapes, width))
         phases.append((width, coefficients, shapes, weights))
-        known[where] = q[where]
+        known[where] = here
     return phases, escaped, np.asarray(coder.get_compressed(), dtype="<u4")
 
 
@@ -679,9 +694,8 @@ def _varints(values) -> bytes:
 def _bias(residual: np.ndarray, levels: np.ndarray) -> np.ndarray:
     """The median residual of each level: what the picture is off by there (int64, ``LEVELS``)."""
     bias = np.zeros(LEVELS, dtype=np.int64)
-    flat = levels.ravel().astype(np.uint8)  # LEVELS <= 256
-    ranked = residual.ravel()[np.argsort(flat, kind="stable")]  # a radix sort: each level's residuals in a run
-    bounds = np.append(0, np.cumsum(np.bincount(flat, minlength=LEVELS)))
+    order, bounds = _runs(levels.ravel(), LEVELS)
+    ranked = residual.ravel()[order]  # each level's residuals in a run
     for level in np.flatnonzero(np.diff(bounds)):
         bias[level] = int(np.clip(np.median(ranked[bounds[level]:bounds[level + 1]]), -(1 << 30), 1 << 30))
     return bias
@@ -901,7 +915,7 @@ def _decode_phases(part: _Payload, prediction: np.ndarray, levels: np.ndarray, q
         if version == 1:
             mean = _mean_prediction(mean, total)
         else:
-            columns, order, bounds = _grouped_columns(phase, q, prediction, quantiser, where, features.columns[0],
+            columns, order, bounds = _grouped_columns(phase, q, prediction, quantiser, where, features.contrast,
                                                       len(mean), reference)
             mean = _grouped_mean(columns, mean, order, bounds, quantiser, WEIGHT_UNITS[version])
         q[where] = _decode_phase(decoder, categorical, _classes(part.coefficients[phase], features),
