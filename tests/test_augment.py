@@ -130,6 +130,21 @@ def test_train_crop_cuts_one_window_at_the_place_the_rng_picked():
         augment(slices, crop=(40, 8))
 
 
+def test_the_default_window_is_128_square_with_shorter_sides_taken_whole():
+    """``train_crop: auto`` (the default): 128 x 128 windows of HipMRI's 256 x 128 slices, a side
+    shorter than 128 whole, whole slices where both are; a stored config from before the key
+    existed trains on whole slices, as it did."""
+    from mrivq.compat import stored_config
+
+    assert validate({}).data.train_crop == "auto" and validate({}).data.crop == (128, 128)
+    sizes = {(256, 256): (128, 128), (96, 200): (96, 128), (64, 32): None, (128, 128): None}
+    for size, window in sizes.items():
+        assert validate({"data": {"image_size": list(size)}}).data.crop == window
+    assert validate({"data": {"train_crop": [64, 64]}}).data.crop == (64, 64)
+    assert validate({"data": {"train_crop": None}}).data.crop is None
+    assert validate(stored_config({"data": {"image_size": [256, 128]}})).data.crop is None
+
+
 def test_train_crop_must_be_multiples_of_8_within_the_image_size():
     assert validate({"data": {"train_crop": [128, 64]}}).data.train_crop == (128, 64)
     for bad in ([12, 64], [512, 64]):

@@ -30,6 +30,7 @@ from mrivq.errors import ConfigError
 STORED_DEFAULTS = {
     "model": {"block": "relu", "lookup": "euclidean", "restart_from": "random", "kmeans_iters": 0,
               "bottom_dropout": 0.0},
+    "data": {"train_crop": None},
     "train": {"clamp_loss": False, "ema_decay": None},
     "prior": {"neighbour_codes": False, "architecture": "transformer"},
 }

@@ -66,6 +66,8 @@ class _Section(BaseModel):
 #: The largest side of data.image_size: a model's input, so a checkpoint someone sends cannot
 #: ask for slices of any size.
 MAX_IMAGE_SIDE = 1024
+#: data.train_crop auto's window side.
+AUTO_CROP = 128
 
 
 class DataConfig(_Section):
@@ -127,13 +129,15 @@ class DataConfig(_Section):
         default=0.0, ge=0, lt=1,
         description="Training batches only: each slice multiplied by a factor uniform in "
                     "[1 - augment_intensity, 1 + augment_intensity]; 0: off.")
-    train_crop: tuple[int, int] | None = Field(
-        default=None,
+    train_crop: tuple[int, int] | Literal["auto"] | None = Field(
+        default="auto",
         description="Training steps only: each step trains on an [h, w] window (sides multiples "
                     "of 8, at most image_size) cut at a random place from its slices, so a step "
-                    "costs (h x w)/(H x W) of a whole slice's and a time budget buys that many more "
-                    "steps ([128, 128] on 256x256 real MR: docs/benchmarks.md); validation and "
-                    "test see whole slices. null: whole slices.")
+                    "costs (h x w)/(H x W) of a whole slice's and the same time buys that many more "
+                    "steps; validation and test see whole slices. auto: 128 x 128 windows, a side "
+                    "of the image shorter than 128 taken whole ([128, 128] of HipMRI's 256 x 128 "
+                    "slices, with train.epochs 10: docs/benchmarks.md). null: whole slices. A "
+                    "stored config without it loads as null.")
 
     @field_validator("image_size")
     @classmethod
@@ -145,17 +149,25 @@ class DataConfig(_Section):
     @field_validator("train_crop")
     @classmethod
     def _crop_multiple_of_8(cls, v):
-        if v is not None and (min(v) < 8 or v[0] % 8 or v[1] % 8):
+        if v not in (None, "auto") and (min(v) < 8 or v[0] % 8 or v[1] % 8):
             raise ValueError("both sides must be multiples of 8 (the top codes' stride), at least 8")
         return v
 
     @model_validator(mode="after")
     def _crop_fits(self):
-        if self.train_crop is not None and (self.train_crop[0] > self.image_size[0]
-                                            or self.train_crop[1] > self.image_size[1]):
+        if self.train_crop not in (None, "auto") and (self.train_crop[0] > self.image_size[0]
+                                                      or self.train_crop[1] > self.image_size[1]):
             raise ValueError(f"train_crop {list(self.train_crop)} is larger than image_size "
                              f"{list(self.image_size)}")
         return self
+
+    @property
+    def crop(self) -> tuple[int, int] | None:
+        """The training window train_crop asks for (``auto`` resolved), or None for whole slices."""
+        if self.train_crop != "auto":
+            return self.train_crop
+        window = (min(AUTO_CROP, self.image_size[0]), min(AUTO_CROP, self.image_size[1]))
+        return None if window == tuple(self.image_size) else window
 
     @field_validator("percentiles")
     @classmethod
@@ -281,8 +293,9 @@ class TrainConfig(Optimisation):
     """Training the VQ-VAE-2 (``mrivq train``): its length, recipe, evaluation and machine."""
 
     epochs: int = Field(
-        default=5, ge=1,
-        description="Passes over the training split (the default phantom run: 3,600 steps).")
+        default=10, ge=1,
+        description="Passes over the training split (the default phantom run: 7,200 steps of "
+                    "128 x 128 windows, data.train_crop auto).")
     max_steps: int | None = Field(
         default=None, ge=1, description="Stop after this many optimiser steps; null: epochs decide.")
     # One slice per step: in a fixed budget, more (noisier) updates beat bigger batches

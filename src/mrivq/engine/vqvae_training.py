@@ -126,7 +126,7 @@ class VQVAETraining:
         """Training slices ``indices`` as a ``(B, 1, H, W)`` batch on the device, augmented."""
         d = self.config.data
         return augment(slices_to_batch(self.train_images[indices], self.device), flip=d.augment_flip,
-                       intensity=d.augment_intensity, crop=d.train_crop)
+                       intensity=d.augment_intensity, crop=d.crop)
 
     def train_step(self, batch: torch.Tensor) -> torch.Tensor:
         """One optimiser step on ``batch`` ``(B, 1, H, W)``; returns ``applied`` (a () bool tensor):
