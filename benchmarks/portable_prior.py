@@ -85,7 +85,7 @@ def main() -> None:
         key = refs[:, 0] < 0
         out["key_slices_bits_per_pixel"] = float(lengths[key].mean() / pixels)
         out["other_slices_bits_per_pixel"] = float(lengths[~key].mean() / pixels) if (~key).any() else None
-        place = np.array([volume_place(name)[1] if volume_place(name) else 0 for name in names])
+        place = np.array([(volume_place(name) or (None, 0))[1] for name in names])
         gaps = np.where(key, 0, np.abs(place[refs[:, 1]] - place[refs[:, 0]]) // 2)
         out["by_gap"] = {int(g): {"slices": int((gaps == g).sum()),
                                   "bits_per_pixel": float(lengths[gaps == g].mean() / pixels)}
