@@ -166,12 +166,14 @@ def test_an_old_flat_prior_section_in_a_stored_config_loads_nested_silently(caps
     stored = {**Config().to_dict(), "prior": dict(OLD_PRIOR)}
     assert _nested(config_from_dict(stored).prior) == NEW_PRIOR
     assert not config_from_dict(stored).prior.passes.condition_shuffle  # stored: what it trained with
+    assert config_from_dict(stored).prior.volume.head_channels == 0
     assert stored["prior"] == OLD_PRIOR  # the caller's dict is left as it was
     assert capsys.readouterr().err == ""
     today = load_config(None, ["prior.kind=transformer", "prior.transformer.d_model=64"])
     assert config_from_dict(today.to_dict()) == today  # today's shape is read as is
     old = load_config(None, ["prior.kind=transformer", "prior.transformer.d_model=64",
-                             "prior.passes.condition_shuffle=false", "prior.volume.condition_shuffle=false"])
+                             "prior.passes.condition_shuffle=false", "prior.volume.condition_shuffle=false",
+                             "prior.passes.head_channels=0", "prior.volume.head_channels=0"])
     assert config_from_dict({**today.to_dict(), "prior": flat_prior(today.to_dict()["prior"])}) == old
 
 

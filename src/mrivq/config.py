@@ -407,6 +407,11 @@ class PassPriorSettings(_Section):
         description="The top codes give each of the four bottom positions under them features of "
                     "its own (a 1x1 convolution and depth to space: 1 % fewer bits for a slice coded alone); false: "
                     "the same features repeated. " + stored_default("passes", "condition_shuffle"))
+    head_channels: int = Field(
+        default=256, ge=0, le=1024,
+        description="A 1x1 convolution to this many features and a ReLU before each net's logits, "
+                    "at the coded positions only (0: the logits straight from the convolutions' "
+                    "channels; measured in docs/compression.md). " + stored_default("passes", "head_channels"))
 
 
 class VolumePriorSettings(PassPriorSettings):

@@ -57,10 +57,13 @@ class PassNet(nn.Module):
     The input at each position is the embedding of its code where it is known (an "unknown"
     embedding elsewhere), plus the embedding of the pass being predicted, its row and column
     embeddings and, when given, the condition; then residual 3x3 convolutions, ReLU, and a 1x1
-    convolution to the logits.
+    convolution to the logits; with ``head_channels``, first a 1x1 convolution to that many
+    features and a ReLU (logits of more shapes than ``channels`` features span, at the pass's
+    positions only).
     """
 
-    def __init__(self, n_embed: int, grid: tuple[int, int], channels: int, layers: int, passes: int) -> None:
+    def __init__(self, n_embed: int, grid: tuple[int, int], channels: int, layers: int, passes: int,
+                 head_channels: int = 0) -> None:
         super().__init__()
         self.n_embed, self.grid, self.passes = n_embed, (int(grid[0]), int(grid[1])), passes
         self.code = nn.Embedding(n_embed + 1, channels)  # index n_embed: unknown
@@ -70,7 +73,8 @@ class PassNet(nn.Module):
         self.convs = nn.ModuleList(
             nn.Conv2d(channels, channels, 3, padding=d, dilation=d) for d in
             (DILATIONS[i % len(DILATIONS)] for i in range(layers)))
-        self.head = nn.Conv2d(channels, n_embed, 1)
+        self.widen = nn.Conv2d(channels, head_channels, 1) if head_channels else None
+        self.head = nn.Conv2d(head_channels or channels, n_embed, 1)
         self.register_buffer("order", pass_map(self.grid, passes), persistent=False)
 
     def inputs(self, codes: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
@@ -92,13 +96,16 @@ class PassNet(nn.Module):
     def forward(self, codes: torch.Tensor, step: torch.Tensor, condition: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``(B, n_embed, rows, cols)`` (plus ``bias`` of that shape, when given)."""
-        logits = self.head(self.features(codes, step, condition))
+        x = self.features(codes, step, condition)
+        logits = self.head(x if self.widen is None else F.relu(self.widen(x)))
         return logits if bias is None else logits + bias
 
     def logits_at(self, codes: torch.Tensor, step: torch.Tensor, condition: torch.Tensor | None,
                   here: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, P, n_embed)``: the logits at the ``P`` positions ``here`` (a flat bool mask) only."""
         x = self.features(codes, step, condition).flatten(2)[:, :, here]
+        if self.widen is not None:
+            x = F.relu(F.conv1d(x, self.widen.weight[..., 0], self.widen.bias))
         logits = F.conv1d(x, self.head.weight[..., 0], self.head.bias)
         return (logits if bias is None else logits + bias.flatten(2)[:, :, here]).transpose(1, 2)
 
@@ -148,17 +155,17 @@ class PassPrior(nn.Module):
 
     def __init__(self, n_embed: int, top_grid: tuple[int, int], *, channels: int = 64, layers: int = 6,
                  condition_layers: int = 2, passes_top: int = 3, passes_bottom: int = 2,
-                 condition_shuffle: bool = True) -> None:
+                 condition_shuffle: bool = True, head_channels: int = 256) -> None:
         super().__init__()
         self.sizes = {"channels": channels, "layers": layers, "condition_layers": condition_layers,
                       "passes_top": passes_top, "passes_bottom": passes_bottom,
-                      "condition_shuffle": condition_shuffle}
+                      "condition_shuffle": condition_shuffle, "head_channels": head_channels}
         self.n_embed = n_embed
         self.top_grid = (int(top_grid[0]), int(top_grid[1]))
         self.bottom_grid = (2 * self.top_grid[0], 2 * self.top_grid[1])
-        self.top = PassNet(n_embed, self.top_grid, channels, layers, passes_top)
+        self.top = PassNet(n_embed, self.top_grid, channels, layers, passes_top, head_channels)
         self.condition = TopFeatures(n_embed, channels, condition_layers, condition_shuffle)
-        self.bottom = PassNet(n_embed, self.bottom_grid, channels, layers, passes_bottom)
+        self.bottom = PassNet(n_embed, self.bottom_grid, channels, layers, passes_bottom, head_channels)
         self.integer = None  # the integer copy that codes (mrivq.compression.portable.passes), once made or loaded
 
     kind = "passes"  # its entry in mrivq.compression.priors

@@ -140,8 +140,9 @@ def activate(x: torch.Tensor, multiplier: int) -> torch.Tensor:
 
 
 class _IntegerNet:
-    """The fixed-point :class:`PassNet` (or :class:`TopFeatures`, without tables of steps; its
-    head, where it has one, the 1x1 convolution to each bottom position's features)."""
+    """The fixed-point :class:`PassNet` (its ``widen``, where it has one, a 1x1 convolution into
+    the stream's unit and a ReLU before the head), or :class:`TopFeatures` (without tables of steps;
+    its head, where it has one, the 1x1 convolution to each bottom position's features)."""
 
     def __init__(self, state: dict) -> None:
         self.tables = {k: state[k] for k in ("code", "step", "row", "col") if k in state}  # int64, stream unit
@@ -149,6 +150,7 @@ class _IntegerNet:
         self.passes = int(state.get("passes", 0))
         self.convs = [_Conv(s) for s in state["convs"]]
         self.activations = [int(m) for m in state["activations"]]  # multipliers, one per ReLU
+        self.widen = _Conv(state["widen"]) if "widen" in state else None  # before the head (its ReLU the last)
         self.head = _Conv(state["head"]) if "head" in state else None
         self.n_embed = int(state["n_embed"])
 
@@ -172,7 +174,10 @@ class _IntegerNet:
         """int8 ``(B, P, C)``: the head's input at the ``P`` positions of pass ``step`` (raster order)."""
         x = self.stream(codes, step, condition)
         here = (self.order == step).flatten()
-        return activate(x.reshape(len(x), -1, x.shape[-1])[:, here], self.activations[-1])
+        a = activate(x.reshape(len(x), -1, x.shape[-1])[:, here], self.activations[len(self.convs)])
+        if self.widen is not None:
+            a = activate(self.widen(a[:, :, None, :])[:, :, 0, :], self.activations[-1])
+        return a
 
     def logits(self, head_input: torch.Tensor) -> torch.Tensor:
         """int64 ``(P, n_embed)`` logits, in units of 1/LOGIT_UNITS nat, of one grid's ``(P, C)`` head input."""
@@ -349,7 +354,12 @@ def _traced(net, records: dict, name: str, *args) -> torch.Tensor:
         out = net.upsample(x)
     else:
         relus.append(float(x.clamp(min=0).max()))
-        out = net.head(F.relu(x))
+        x = F.relu(x)
+        if net.widen is not None:
+            x = net.widen(x)
+            relus.append(float(x.clamp(min=0).max()))
+            x = F.relu(x)
+        out = net.head(x)
     record["relu"] = [max(a, b) for a, b in zip(record["relu"], relus)] if record["relu"] else relus
     return out
 
@@ -372,6 +382,8 @@ def _net_state(net, record: dict, unit: float, *, head: bool) -> dict:
         state["col"] = table(net.col.weight, unit)
         state["order"] = net.order.clone()
         state["passes"] = net.passes
+        if net.widen is not None:  # its output in the stream's unit
+            state["widen"] = _conv_state(net.widen, relu_scales[-2], unit)
         state["head"] = _conv_state(net.head, relu_scales[-1], 1.0 / LOGIT_UNITS)
     return state
 
