@@ -28,7 +28,7 @@ from mrivq.compression.portable.passes import (
 from mrivq.nn.pass_prior import PassPrior, pass_map
 
 
-def trained_prior(seed: int = 0) -> tuple[PassPrior, torch.Tensor, torch.Tensor]:
+def trained_prior(seed: int = 0, **sizes) -> tuple[PassPrior, torch.Tensor, torch.Tensor]:
     """A tiny pass prior fitted for a few dozen steps to grids drawn from four patterns, and 12 grids."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -37,7 +37,7 @@ def trained_prior(seed: int = 0) -> tuple[PassPrior, torch.Tensor, torch.Tensor]
     bottom = top.repeat_interleave(2, 1).repeat_interleave(2, 2)
     noise = torch.as_tensor(rng.random(bottom.shape) < 0.2)
     bottom = torch.where(noise, torch.as_tensor(rng.integers(0, 32, size=bottom.shape)), bottom)
-    prior = PassPrior(32, (8, 4), channels=16, layers=3, condition_layers=1)
+    prior = PassPrior(32, (8, 4), **{"channels": 16, "layers": 3, "condition_layers": 1, **sizes})
     optimizer = torch.optim.Adam(prior.parameters(), lr=1e-2)
     for step in range(60):
         i = torch.as_tensor(rng.integers(0, 36, size=8))
@@ -125,6 +125,7 @@ def test_integer_weights_follow_the_logits_and_are_never_zero():
 
 def test_the_integer_copy_codes_at_the_float_priors_rate(fitted):
     prior, top, bottom = fitted
+    assert all("widen" in prior.integer.state[level] for level in ("top", "bottom"))  # the default head
     with torch.inference_mode():
         nll_top, nll_bottom = prior.nll_bits(top, bottom)
     float_bits = len(top) * (float(nll_top) * top[0].numel() + float(nll_bottom) * bottom[0].numel())
@@ -153,6 +154,20 @@ def test_decoding_is_exact_whatever_the_floating_point_results_threads_and_batch
         with OneUlp():
             moved = torch.softmax(prior(top, bottom)[1], dim=1)
     assert not torch.equal(plain, moved)
+
+
+def test_a_prior_without_the_widened_head_codes_exactly_as_before():
+    """Priors stored before ``head_channels`` existed take their logits from the convolutions'
+    channels: their copies have no ``widen`` and still code at their rate, exactly."""
+    prior, top, bottom = trained_prior(head_channels=0)
+    assert prior.top.widen is None and "widen" not in prior.integer.state["bottom"]
+    words = driver.encode(prior.integer, top.numpy(), bottom.numpy(), batch_size=3)
+    with torch.inference_mode():
+        nll_top, nll_bottom = prior.nll_bits(top, bottom)
+    assert words.size * 32 <= len(top) * (float(nll_top) * 32 + float(nll_bottom) * 128) * 1.02 + len(top) * 96
+    with OneUlp():
+        decoded = driver.decode(prior.integer, words, len(top), batch_size=5)
+    assert np.array_equal(decoded[0], top.numpy()) and np.array_equal(decoded[1], bottom.numpy())
 
 
 def test_the_frequency_coder_is_portable_too():
