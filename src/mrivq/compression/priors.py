@@ -103,8 +103,10 @@ def make_copy(prior: torch.nn.Module, codes_top: torch.Tensor, codes_bottom: tor
 
 
 def _pass_memory(settings: PassPriorSettings, top_grid) -> tuple[str, int]:
-    """The int64 stream, the int8 columns and the products of ``in_flight`` slices."""
-    return "working memory", 4 * math.prod(top_grid) * settings.channels * 40 * IntegerPassPrior.in_flight["encode"]
+    """The int64 stream, the int8 columns and the products of ``in_flight`` slices, and the wider
+    head's int64 outputs and int8 activations (``head_channels``)."""
+    per_position = settings.channels * 40 + settings.head_channels * 9
+    return "working memory", 4 * math.prod(top_grid) * per_position * IntegerPassPrior.in_flight["encode"]
 
 
 def _transformer_memory(settings: TransformerPriorSettings, top_grid) -> tuple[str, int]:
