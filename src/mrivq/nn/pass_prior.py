@@ -85,7 +85,7 @@ class PassNet(nn.Module):
         return x.permute(0, 3, 1, 2)
 
     def features(self, codes: torch.Tensor, step: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
-        """``(B, channels, rows, cols)``: the head's input."""
+        """``(B, channels, rows, cols)``: what the head (or its ``widen``) reads."""
         x = self.inputs(codes, step)
         if condition is not None:
             x = x + condition
