@@ -13,7 +13,8 @@ per pass, every quarter of the steps, for each design:
   above it and its place under it (one 512-wide row per top code and place);
 - ``ffn``: ``own`` with a position-wise feed-forward step (1x1 convolutions to twice the
   channels and back) after each 3x3 convolution, as in a transformer block (1.9 times the work);
-- ``head``: ``own`` with a 1x1 convolution to four times the channels and a ReLU before the logits.
+- ``head``: ``own`` with a 1x1 convolution to four times the channels and a ReLU before the logits
+  (``prior.*.head_channels``, the priors' default since 2026-12-06; the other designs have none).
 
     python benchmarks/bottom_net.py runs/default/models/best.pt [--steps 1000] [--designs own wide]
 
@@ -42,27 +43,22 @@ DESIGNS = ("repeated", "own", "wide", "table", "ffn", "head")
 class FeedForwardNet(PassNet):
     """A :class:`PassNet` whose residual layers each add, after the 3x3 convolution, a position-wise
     feed-forward step (1x1 convolutions ``channels -> hidden -> channels``, ReLU between), as a
-    transformer block's; ``head_hidden``: a 1x1 convolution and ReLU before the logits."""
+    transformer block's."""
 
-    def __init__(self, *args, hidden: int = 0, head_hidden: int = 0) -> None:
+    def __init__(self, *args, hidden: int) -> None:
         super().__init__(*args)
-        channels = self.head.in_channels
+        channels = self.convs[0].in_channels
         self.ffn = nn.ModuleList(nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, channels, 1))
-                                 for _ in self.convs) if hidden else None
-        self.pre = nn.Conv2d(channels, head_hidden, 1) if head_hidden else None
-        if head_hidden:
-            self.head = nn.Conv2d(head_hidden, self.n_embed, 1)
+                                 for _ in self.convs)
 
     def features(self, codes, step, condition=None):
         x = self.inputs(codes, step)
         if condition is not None:
             x = x + condition
-        for j, conv in enumerate(self.convs):
+        for conv, ffn in zip(self.convs, self.ffn):
             x = x + conv(F.relu(x))
-            if self.ffn is not None:
-                x = x + self.ffn[j](F.relu(x))
-        x = F.relu(x)
-        return x if self.pre is None else F.relu(self.pre(x))
+            x = x + ffn(F.relu(x))
+        return F.relu(x)
 
 
 class BottomNet(nn.Module):
@@ -72,9 +68,10 @@ class BottomNet(nn.Module):
         super().__init__()
         channels = 96 if design == "wide" else settings.channels
         args = (n_embed, grid, channels, settings.layers, settings.passes_bottom)
-        self.net = (FeedForwardNet(*args, hidden=2 * channels if design == "ffn" else 0,
-                                   head_hidden=4 * channels if design == "head" else 0)
-                    if design in ("ffn", "head") else PassNet(*args))
+        if design == "ffn":
+            self.net = FeedForwardNet(*args, hidden=2 * channels)
+        else:  # "head": the priors' prior.*.head_channels (256 = 4 x 64 channels by default)
+            self.net = PassNet(*args, head_channels=4 * channels if design == "head" else 0)
         self.condition = TopFeatures(n_embed, channels, settings.condition_blocks,
                                      shuffle=design in ("own", "ffn", "head"))
         self.table = nn.Embedding(4 * n_embed, n_embed) if design == "table" else None

@@ -164,7 +164,8 @@ def test_a_prior_without_the_widened_head_codes_exactly_as_before():
     words = driver.encode(prior.integer, top.numpy(), bottom.numpy(), batch_size=3)
     with torch.inference_mode():
         nll_top, nll_bottom = prior.nll_bits(top, bottom)
-    assert words.size * 32 <= len(top) * (float(nll_top) * 32 + float(nll_bottom) * 128) * 1.02 + len(top) * 96
+    float_bits = len(top) * (float(nll_top) * top[0].numel() + float(nll_bottom) * bottom[0].numel())
+    assert words.size * 32 <= float_bits * 1.02 + len(top) * 96
     with OneUlp():
         decoded = driver.decode(prior.integer, words, len(top), batch_size=5)
     assert np.array_equal(decoded[0], top.numpy()) and np.array_equal(decoded[1], bottom.numpy())

@@ -97,17 +97,21 @@ class PassNet(nn.Module):
                 bias: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``(B, n_embed, rows, cols)`` (plus ``bias`` of that shape, when given)."""
         x = self.features(codes, step, condition)
-        logits = self.head(x if self.widen is None else F.relu(self.widen(x)))
+        logits = self.logits_of(x.flatten(2)).view(len(x), -1, *x.shape[2:])
         return logits if bias is None else logits + bias
 
     def logits_at(self, codes: torch.Tensor, step: torch.Tensor, condition: torch.Tensor | None,
                   here: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, P, n_embed)``: the logits at the ``P`` positions ``here`` (a flat bool mask) only."""
-        x = self.features(codes, step, condition).flatten(2)[:, :, here]
+        logits = self.logits_of(self.features(codes, step, condition).flatten(2)[:, :, here])
+        return (logits if bias is None else logits + bias.flatten(2)[:, :, here]).transpose(1, 2)
+
+    def logits_of(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, n_embed, N)`` of features ``(B, channels, N)``: the ``widen`` and its ReLU
+        where there is one, then the head (both 1x1 convolutions)."""
         if self.widen is not None:
             x = F.relu(F.conv1d(x, self.widen.weight[..., 0], self.widen.bias))
-        logits = F.conv1d(x, self.head.weight[..., 0], self.head.bias)
-        return (logits if bias is None else logits + bias.flatten(2)[:, :, here]).transpose(1, 2)
+        return F.conv1d(x, self.head.weight[..., 0], self.head.bias)
 
 
 class TopFeatures(nn.Module):
