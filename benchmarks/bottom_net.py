@@ -14,7 +14,17 @@ per pass, every quarter of the steps, for each design:
 - ``ffn``: ``own`` with a position-wise feed-forward step (1x1 convolutions to twice the
   channels and back) after each 3x3 convolution, as in a transformer block (1.9 times the work);
 - ``head``: ``own`` with a 1x1 convolution to four times the channels and a ReLU before the logits
-  (``prior.*.head_channels``, the priors' default since 2026-12-06; the other designs have none).
+  (``prior.*.head_channels``, the priors' default since 2026-12-06; the designs above have none,
+  those below have it);
+- ``nbr``: ``head`` plus each position's known neighbours' codes, an embedding per offset;
+- ``nbrfollow``: and a table of log-odds per offset (``prior.*.neighbour_codes``);
+  ``nbrfollow3``: the same over 3 passes (a quarter, a quarter, the checkerboard's other half);
+- ``cheap3``: 3 passes, the convolutions once per grid with every code unknown, then per pass
+  only the neighbours (embeddings, a 1x1 layer, their tables): more passes for little work;
+- ``blocks`` / ``blocks96``: 4 passes, one place of every 2x2 block each, the net run at the top
+  grid's size (64 / 96 channels);
+- ``causal``: a diagnostic, not a coder: raster order under masked convolutions (one code at a
+  time to decode), the same size: what the context of a sequential prior is worth.
 
     python benchmarks/bottom_net.py runs/default/models/best.pt [--steps 1000] [--designs own wide]
 
@@ -35,9 +45,10 @@ from torch import nn
 from mrivq.apps.train_prior import _encode_splits
 from mrivq.config import PassPriorSettings
 from mrivq.engine.checkpoint import load_vqvae
-from mrivq.nn.pass_prior import PassNet, TopFeatures
+from mrivq.nn.pass_prior import DILATIONS, PassNet, TopFeatures, _bag
 
-DESIGNS = ("repeated", "own", "wide", "table", "ffn", "head")
+DESIGNS = ("repeated", "own", "wide", "table", "ffn", "head", "nbr", "nbrfollow", "nbrfollow3", "cheap3", "blocks",
+           "blocks96", "causal")
 
 
 class FeedForwardNet(PassNet):
@@ -61,21 +72,127 @@ class FeedForwardNet(PassNet):
         return F.relu(x)
 
 
+class BlockNet(nn.Module):
+    """The bottom grid in four passes, one position of every 2x2 block a pass ((0, 0), (1, 1),
+    (0, 1), (1, 0) in turn), computed at the top grid's size: each block's four codes (known or
+    "unknown") are embedded by place and summed, the top grid's features added, then the residual
+    convolutions, the head and the logits of the pass's place (repeated over the block, so that
+    the caller reads them at the pass's positions)."""
+
+    PASS_OF_PLACE = (0, 2, 3, 1)  # place 2 * (r % 2) + (c % 2)
+
+    def __init__(self, n_embed, grid, channels, layers, head_channels):
+        super().__init__()
+        self.n_embed, self.passes = n_embed, 4
+        rows, cols = grid[0] // 2, grid[1] // 2
+        self.code = nn.Embedding(4 * (n_embed + 1), channels)
+        self.step = nn.Embedding(4, channels)
+        self.row, self.col = nn.Embedding(rows, channels), nn.Embedding(cols, channels)
+        self.convs = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=d, dilation=d)
+                                   for d in (DILATIONS[i % len(DILATIONS)] for i in range(layers)))
+        self.widen = nn.Conv2d(channels, head_channels, 1)
+        self.head = nn.Conv2d(head_channels, n_embed, 1)
+        place = 2 * (torch.arange(grid[0]) % 2)[:, None] + (torch.arange(grid[1]) % 2)[None, :]
+        self.register_buffer("order", torch.tensor(self.PASS_OF_PLACE)[place], persistent=False)
+
+    def forward(self, codes, step, condition, bias=None):
+        batch, rows, cols = codes.shape
+        blocks = codes.view(batch, rows // 2, 2, cols // 2, 2).permute(0, 1, 3, 2, 4).reshape(batch, rows // 2, cols // 2, 4)
+        places = torch.arange(4)
+        known = torch.tensor(self.PASS_OF_PLACE)[None, :] < step[:, None]  # (B, 4)
+        index = torch.where(known[:, None, None, :], blocks, self.n_embed) + places * (self.n_embed + 1)
+        x = self.code(index).sum(3) + self.step(step)[:, None, None, :]
+        x = (x + self.row.weight[None, :, None, :] + self.col.weight[None, None, :, :]).permute(0, 3, 1, 2)
+        x = x + condition
+        for conv in self.convs:
+            x = x + conv(F.relu(x))
+        logits = self.head(F.relu(self.widen(F.relu(x))))
+        return logits.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+
+
+class CheapNet(PassNet):
+    """A :class:`PassNet` with ``neighbour_codes`` whose convolutions run once per grid, with every
+    code unknown (the first pass's view); each pass then adds only its known neighbours'
+    embeddings and its step's, a residual 1x1 layer, the head and the neighbours' log-odds: more
+    passes for the price of their heads."""
+
+    def __init__(self, *args, head_channels):
+        super().__init__(*args, head_channels=head_channels, neighbour_codes=True)
+        channels = self.code.embedding_dim
+        self.mix = nn.Conv2d(channels, channels, 1)
+
+    def features(self, codes, step, condition=None):
+        x = super().features(codes, torch.zeros_like(step), condition)  # the trunk: step 0's view
+        near = _bag(self.near_rows(codes, step), self.near.weight).permute(0, 3, 1, 2)
+        x = x + near + self.step(step)[:, :, None, None]
+        return F.relu(x + self.mix(F.relu(x)))
+
+
+class CausalNet(PassNet):
+    """A diagnostic, not a coder: the bottom grid in raster order (one pass a code), masked 3x3
+    convolutions (PixelCNN's type A first, then B) over the codes' embeddings and the top
+    features, then the head: what raster context buys a net of the pass net's size."""
+
+    def __init__(self, *args, head_channels):
+        super().__init__(*args, head_channels=head_channels)
+        self.register_buffer("order", torch.zeros(self.grid, dtype=torch.long), persistent=False)
+        self.passes = 1
+        masks = []
+        for i, conv in enumerate(self.convs):
+            mask = torch.ones(3, 3)
+            mask[1, 2 if i else 1:] = 0
+            mask[2:] = 0
+            masks.append(mask)
+        self.register_buffer("masks", torch.stack(masks), persistent=False)
+
+    def features(self, codes, step, condition=None):
+        x = self.code(codes) + self.row.weight[None, :, None, :] + self.col.weight[None, None, :, :]
+        x = x.permute(0, 3, 1, 2)
+        first = True
+        for conv, mask in zip(self.convs, self.masks):
+            h = F.conv2d(F.relu(x) if not first else x, conv.weight * mask, conv.bias, padding=conv.dilation,
+                         dilation=conv.dilation)
+            x = (h + condition) if first else x + h
+            first = False
+        return F.relu(x)
+
+
+class TopGridFeatures(TopFeatures):
+    """:class:`TopFeatures` left at the top grid's size."""
+
+    def upsample(self, x):
+        return x
+
+
 class BottomNet(nn.Module):
     """``p(bottom | top)`` of one design, as :class:`mrivq.nn.pass_prior.PassPrior` builds it."""
 
     def __init__(self, design: str, n_embed: int, grid: tuple[int, int], settings: PassPriorSettings) -> None:
         super().__init__()
-        channels = 96 if design == "wide" else settings.channels
-        args = (n_embed, grid, channels, settings.layers, settings.passes_bottom)
+        channels = 96 if design in ("wide", "blocks96") else settings.channels
+        passes = 3 if design.endswith("3") else settings.passes_bottom
+        args = (n_embed, grid, channels, settings.layers, passes)
+        head = 4 * channels  # the priors' prior.*.head_channels (256 = 4 x 64 channels by default)
+        self.table = None
+        if design.startswith("blocks"):
+            self.net = BlockNet(n_embed, grid, channels, settings.layers, head)
+            self.condition = TopGridFeatures(n_embed, channels, settings.condition_blocks)
+            return
         if design == "ffn":
             self.net = FeedForwardNet(*args, hidden=2 * channels)
-        else:  # "head": the priors' prior.*.head_channels (256 = 4 x 64 channels by default)
-            self.net = PassNet(*args, head_channels=4 * channels if design == "head" else 0)
+        elif design == "causal":
+            self.net = CausalNet(*args, head_channels=head)
+        elif design == "cheap3":
+            self.net = CheapNet(*args, head_channels=head)
+        else:
+            self.net = PassNet(*args, head_channels=head if design in ("head", "nbr", "nbrfollow", "nbrfollow3") else 0,
+                               neighbour_codes=design.startswith("nbr"))
+        if design == "nbr":  # the neighbours' embeddings only: their tables stay at zero
+            self.net.near_follow.weight.requires_grad_(False)
         self.condition = TopFeatures(n_embed, channels, settings.condition_blocks,
-                                     shuffle=design in ("own", "ffn", "head"))
-        self.table = nn.Embedding(4 * n_embed, n_embed) if design == "table" else None
-        if self.table is not None:
+                                     shuffle=design not in ("repeated", "wide", "table"))
+        if design == "table":
+            self.table = nn.Embedding(4 * n_embed, n_embed)
             nn.init.zeros_(self.table.weight)
         self.n_embed = n_embed
 

@@ -167,13 +167,15 @@ def test_an_old_flat_prior_section_in_a_stored_config_loads_nested_silently(caps
     assert _nested(config_from_dict(stored).prior) == NEW_PRIOR
     assert not config_from_dict(stored).prior.passes.condition_shuffle  # stored: what it trained with
     assert config_from_dict(stored).prior.volume.head_channels == 0
+    assert not config_from_dict(stored).prior.volume.neighbour_codes
     assert stored["prior"] == OLD_PRIOR  # the caller's dict is left as it was
     assert capsys.readouterr().err == ""
     today = load_config(None, ["prior.kind=transformer", "prior.transformer.d_model=64"])
     assert config_from_dict(today.to_dict()) == today  # today's shape is read as is
     old = load_config(None, ["prior.kind=transformer", "prior.transformer.d_model=64",
                              "prior.passes.condition_shuffle=false", "prior.volume.condition_shuffle=false",
-                             "prior.passes.head_channels=0", "prior.volume.head_channels=0"])
+                             "prior.passes.head_channels=0", "prior.volume.head_channels=0",
+                             "prior.passes.neighbour_codes=false", "prior.volume.neighbour_codes=false"])
     assert config_from_dict({**today.to_dict(), "prior": flat_prior(today.to_dict()["prior"])}) == old
 
 
@@ -192,11 +194,14 @@ def test_a_stored_prior_config_without_the_newer_keys_loads_as_it_trained():
     del nested["prior"]["transformer"]["neighbour_codes"]
     loaded = config_from_dict(nested).prior
     assert (loaded.kind, loaded.transformer.neighbour_codes) == ("volume", True)
-    # pass and volume priors stored before each bottom position had features of its own
+    # pass and volume priors stored before each bottom position had features of its own, and
+    # before their nets could be handed their neighbours' codes
     for kind in ("passes", "volume"):
-        del nested["prior"][kind]["condition_shuffle"]
+        del nested["prior"][kind]["condition_shuffle"], nested["prior"][kind]["neighbour_codes"]
     loaded = config_from_dict(nested).prior
     assert (loaded.passes.condition_shuffle, loaded.volume.condition_shuffle) == (False, False)
+    assert (loaded.passes.neighbour_codes, loaded.volume.neighbour_codes) == (False, False)
+
     assert Config().prior.passes.condition_shuffle and Config().prior.volume.condition_shuffle
 
 

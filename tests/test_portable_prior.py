@@ -18,7 +18,12 @@ from mrivq.compression.entropy import (
     decode_with_frequencies,
     encode_with_frequencies,
 )
-from mrivq.compression.portable.fixed_point import EXP_BITS, coder_table, weights_from_logits
+from mrivq.compression.portable.fixed_point import (
+    EXP_BITS,
+    LOGIT_UNITS,
+    coder_table,
+    weights_from_logits,
+)
 from mrivq.compression.portable.passes import (
     _float_matmul,
     int8_matmul,
@@ -70,10 +75,13 @@ def test_the_passes_refine_each_4x4_tile_dyadically():
                 <= (merged[:, :, None] <= merged[:, None, :]).flatten()).all()
 
 
-def test_a_pass_sees_only_the_codes_of_the_passes_before_it():
+@pytest.mark.parametrize("neighbour_codes", [True, False])
+def test_a_pass_sees_only_the_codes_of_the_passes_before_it(neighbour_codes):
     torch.manual_seed(0)
-    prior = PassPrior(16, (4, 4), channels=8, layers=2).eval()
+    prior = PassPrior(16, (4, 4), channels=8, layers=2, neighbour_codes=neighbour_codes).eval()
     net = prior.top
+    if neighbour_codes:  # the tables of log-odds start at zero: give them something to leak
+        torch.nn.init.normal_(net.near_follow.weight)
     codes = torch.randint(0, 16, (1, 4, 4))
     for step in range(net.passes):
         changed = codes.clone()
@@ -156,11 +164,19 @@ def test_decoding_is_exact_whatever_the_floating_point_results_threads_and_batch
     assert not torch.equal(plain, moved)
 
 
-def test_a_prior_without_the_widened_head_codes_exactly_as_before():
+@pytest.mark.parametrize("sizes", [{"head_channels": 0}, {"neighbour_codes": True}])
+def test_a_prior_without_the_widened_head_or_with_neighbour_codes_codes_at_its_rate_exactly(sizes):
     """Priors stored before ``head_channels`` existed take their logits from the convolutions'
-    channels: their copies have no ``widen`` and still code at their rate, exactly."""
-    prior, top, bottom = trained_prior(head_channels=0)
-    assert prior.top.widen is None and "widen" not in prior.integer.state["bottom"]
+    channels: their copies have no ``widen``. Priors with ``neighbour_codes`` add their neighbours'
+    embeddings and tables of log-odds in integers (learnt: not the zeros they start from). Both
+    code at their float rate and decode exactly."""
+    prior, top, bottom = trained_prior(**sizes)
+    assert (prior.top.widen is None) == ("widen" not in prior.integer.state["bottom"]) == ("head_channels" in sizes)
+    near = [prior.integer.state[level].get("near_follow") for level in ("top", "bottom")]
+    if "neighbour_codes" in sizes:
+        assert all(table.abs().max() > 0 for table in near)
+    else:
+        assert near == [None, None] and prior.top.near is None
     words = driver.encode(prior.integer, top.numpy(), bottom.numpy(), batch_size=3)
     with torch.inference_mode():
         nll_top, nll_bottom = prior.nll_bits(top, bottom)
@@ -169,6 +185,28 @@ def test_a_prior_without_the_widened_head_codes_exactly_as_before():
     with OneUlp():
         decoded = driver.decode(prior.integer, words, len(top), batch_size=5)
     assert np.array_equal(decoded[0], top.numpy()) and np.array_equal(decoded[1], bottom.numpy())
+
+
+def test_the_copy_adds_every_neighbours_table_row_the_float_prior_adds():
+    """Each pass's integer logits are the float prior's, within the rounding of int8 weights:
+    the rows of known neighbours and those of unknown ones (the same row over a whole pass) alike."""
+    torch.manual_seed(0)
+    prior = PassPrior(32, (8, 4), channels=16, layers=2, neighbour_codes=True).eval()
+    for net in (prior.top, prior.bottom):
+        torch.nn.init.normal_(net.near_follow.weight)
+    top, bottom = torch.randint(0, 32, (6, 8, 4)), torch.randint(0, 32, (6, 16, 8))
+    copy_ = pass_copy(prior, top, bottom)
+    for level, net, codes in (("top", prior.top, top), ("bottom", prior.bottom, bottom)):
+        integer = getattr(copy_, level)
+        condition = copy_.condition(level, top.numpy(), None)
+        for step in range(net.passes):
+            here = net.order.flatten() == step
+            with torch.no_grad():
+                expected = net.logits_at(codes[:1], torch.tensor([step]), prior.condition_for(level, top[:1]), here)[0]
+            head_input = integer.head_input(codes[:1], step, None if condition is None else condition[:1])
+            near = integer.near_at(codes[:1], step, here.nonzero()[:, 0])
+            got = integer.logits(head_input[0], near[0]).double() / LOGIT_UNITS
+            assert (got - expected.double()).abs().max() < 0.1, (level, step)  # the rows: ~3 nats
 
 
 def test_the_frequency_coder_is_portable_too():

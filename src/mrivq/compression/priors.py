@@ -36,7 +36,7 @@ from mrivq.config import (
     VolumePriorSettings,
     register_prior_section,
 )
-from mrivq.nn.pass_prior import PassPrior, VolumePrior
+from mrivq.nn.pass_prior import NEAR, PassPrior, VolumePrior
 from mrivq.nn.transformer_prior import TransformerPrior
 
 
@@ -103,9 +103,10 @@ def make_copy(prior: torch.nn.Module, codes_top: torch.Tensor, codes_bottom: tor
 
 
 def _pass_memory(settings: PassPriorSettings, top_grid) -> tuple[str, int]:
-    """The int64 stream, the int8 columns and the products of ``in_flight`` slices, and the wider
-    head's int64 outputs and int8 activations (``head_channels``)."""
-    per_position = settings.channels * 40 + settings.head_channels * 9
+    """The int64 stream, the int8 columns and the products of ``in_flight`` slices, the wider
+    head's int64 outputs and int8 activations (``head_channels``), and the neighbours' int64 table
+    rows (``neighbour_codes``)."""
+    per_position = settings.channels * 40 + settings.head_channels * 9 + 8 * len(NEAR) * settings.neighbour_codes
     return "working memory", 4 * math.prod(top_grid) * per_position * IntegerPassPrior.in_flight["encode"]
 
 

@@ -31,6 +31,9 @@ from torch import nn
 DYADIC = ((0, 4, 2, 4), (4, 3, 4, 3), (2, 4, 1, 4), (4, 3, 4, 3))
 MAX_PASSES = 5
 DILATIONS = (1, 2, 4)  # of the residual convolutions, in turn: a wide view in few layers
+#: The neighbours whose codes a net with ``neighbour_codes`` is handed at each position, (row, col)
+#: offsets: the four direct ones, then the four diagonal ones.
+NEAR = ((0, -1), (0, 1), (-1, 0), (1, 0), (-1, -1), (-1, 1), (1, -1), (1, 1))
 
 
 def pass_map(grid: tuple[int, int], passes: int) -> torch.Tensor:
@@ -51,6 +54,18 @@ def pass_map(grid: tuple[int, int], passes: int) -> torch.Tensor:
     return (order - (MAX_PASSES - passes)).clamp(min=0)
 
 
+def near_rows(codes: torch.Tensor, known: torch.Tensor, n_embed: int) -> torch.Tensor:
+    """``(B, len(NEAR), rows, cols)`` int64: the row of a neighbour table for each position's
+    neighbour at each offset of :data:`NEAR`, ``offset * (n_embed + 1) + code`` where that code is
+    ``known`` (a bool grid, broadcast over ``codes`` ``(B, rows, cols)``), ``code = n_embed`` where
+    it is not or lies outside the grid. Integer indexing only: the float prior and its integer
+    copy use it alike."""
+    codes = F.pad(torch.where(known, codes, n_embed), (1, 1, 1, 1), value=n_embed)
+    rows, cols = codes.shape[1] - 2, codes.shape[2] - 2
+    return torch.stack([codes[:, 1 + dr:1 + dr + rows, 1 + dc:1 + dc + cols] + i * (n_embed + 1)
+                        for i, (dr, dc) in enumerate(NEAR)], 1)
+
+
 class PassNet(nn.Module):
     """Logits of every position of one grid given the codes of the passes before one pass.
 
@@ -60,10 +75,16 @@ class PassNet(nn.Module):
     convolution to the logits; with ``head_channels``, first a 1x1 convolution to that many
     features and a ReLU (logits of more shapes than ``channels`` features span, at the pass's
     positions only).
+
+    With ``neighbour_codes``, each position is also handed the codes of its eight nearest
+    neighbours (:data:`NEAR`) that are known before the pass: each offset's own embedding added to
+    the input, and each offset's own table of log-odds added to the logits (a neighbour's code
+    says much of this one's, and a 512-way map of a code onto itself is what a few dozen channels
+    cannot hold; the volume prior's ``follow`` tables do the same across slices).
     """
 
     def __init__(self, n_embed: int, grid: tuple[int, int], channels: int, layers: int, passes: int,
-                 head_channels: int = 0) -> None:
+                 head_channels: int = 0, neighbour_codes: bool = False) -> None:
         super().__init__()
         self.n_embed, self.grid, self.passes = n_embed, (int(grid[0]), int(grid[1])), passes
         self.code = nn.Embedding(n_embed + 1, channels)  # index n_embed: unknown
@@ -75,14 +96,39 @@ class PassNet(nn.Module):
             (DILATIONS[i % len(DILATIONS)] for i in range(layers)))
         self.widen = nn.Conv2d(channels, head_channels, 1) if head_channels else None
         self.head = nn.Conv2d(head_channels or channels, n_embed, 1)
+        self.near = self.near_follow = None
+        if neighbour_codes:
+            self.near = nn.Embedding(len(NEAR) * (n_embed + 1), channels)
+            self.near_follow = nn.Embedding(len(NEAR) * (n_embed + 1), n_embed)
+            nn.init.zeros_(self.near_follow.weight)
         self.register_buffer("order", pass_map(self.grid, passes), persistent=False)
+
+    def near_rows(self, codes: torch.Tensor, step: torch.Tensor) -> torch.Tensor | None:
+        """:func:`near_rows` of the codes known before pass ``step`` ``(B,)``, or None without
+        ``neighbour_codes``."""
+        if self.near is None:
+            return None
+        return near_rows(codes, self.order[None] < step[:, None, None], self.n_embed)
 
     def inputs(self, codes: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         """``(B, channels, rows, cols)``: embeddings of the codes known before pass ``step`` ``(B,)``."""
         known = self.order[None] < step[:, None, None]
         x = self.code(torch.where(known, codes, self.n_embed)) + self.step(step)[:, None, None, :]
         x = x + self.row.weight[None, :, None, :] + self.col.weight[None, None, :, :]
+        near = self.near_rows(codes, step)
+        if near is not None:
+            x = x + _bag(near, self.near.weight)
         return x.permute(0, 3, 1, 2)
+
+    def near_bias(self, codes: torch.Tensor, step: torch.Tensor, here: torch.Tensor | None = None):
+        """What the neighbours' tables of log-odds add to the logits: ``(B, n_embed, rows, cols)``,
+        or ``(B, n_embed, P)`` at the positions ``here`` (a flat bool mask); None without them."""
+        near = self.near_rows(codes, step)
+        if near is None:
+            return None
+        near = near.flatten(2) if here is None else near.flatten(2)[:, :, here]
+        bias = _bag(near, self.near_follow.weight).transpose(1, 2)
+        return bias if here is not None else bias.reshape(len(codes), -1, *codes.shape[1:])
 
     def features(self, codes: torch.Tensor, step: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, channels, rows, cols)``: what the head (or its ``widen``) reads."""
@@ -98,13 +144,17 @@ class PassNet(nn.Module):
         """Logits ``(B, n_embed, rows, cols)`` (plus ``bias`` of that shape, when given)."""
         x = self.features(codes, step, condition)
         logits = self.logits_of(x.flatten(2)).view(len(x), -1, *x.shape[2:])
-        return logits if bias is None else logits + bias
+        for term in (bias, self.near_bias(codes, step)):
+            logits = logits if term is None else logits + term
+        return logits
 
     def logits_at(self, codes: torch.Tensor, step: torch.Tensor, condition: torch.Tensor | None,
                   here: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, P, n_embed)``: the logits at the ``P`` positions ``here`` (a flat bool mask) only."""
         logits = self.logits_of(self.features(codes, step, condition).flatten(2)[:, :, here])
-        return (logits if bias is None else logits + bias.flatten(2)[:, :, here]).transpose(1, 2)
+        for term in (None if bias is None else bias.flatten(2)[:, :, here], self.near_bias(codes, step, here)):
+            logits = logits if term is None else logits + term
+        return logits.transpose(1, 2)
 
     def logits_of(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, n_embed, N)`` of features ``(B, channels, N)``: the ``widen`` and its ReLU
@@ -112,6 +162,12 @@ class PassNet(nn.Module):
         if self.widen is not None:
             x = F.relu(F.conv1d(x, self.widen.weight[..., 0], self.widen.bias))
         return F.conv1d(x, self.head.weight[..., 0], self.head.bias)
+
+
+def _bag(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The sum over dimension 1 of ``weight``'s rows at ``rows`` ``(B, n, *rest)``: ``(B, *rest, D)``."""
+    moved = rows.movedim(1, -1)
+    return F.embedding_bag(moved.reshape(-1, rows.shape[1]), weight, mode="sum").view(*moved.shape[:-1], -1)
 
 
 class TopFeatures(nn.Module):
@@ -159,17 +215,19 @@ class PassPrior(nn.Module):
 
     def __init__(self, n_embed: int, top_grid: tuple[int, int], *, channels: int = 64, layers: int = 6,
                  condition_layers: int = 2, passes_top: int = 3, passes_bottom: int = 2,
-                 condition_shuffle: bool = True, head_channels: int = 256) -> None:
+                 condition_shuffle: bool = True, head_channels: int = 256, neighbour_codes: bool = False) -> None:
         super().__init__()
         self.sizes = {"channels": channels, "layers": layers, "condition_layers": condition_layers,
                       "passes_top": passes_top, "passes_bottom": passes_bottom,
-                      "condition_shuffle": condition_shuffle, "head_channels": head_channels}
+                      "condition_shuffle": condition_shuffle, "head_channels": head_channels,
+                      "neighbour_codes": neighbour_codes}
         self.n_embed = n_embed
         self.top_grid = (int(top_grid[0]), int(top_grid[1]))
         self.bottom_grid = (2 * self.top_grid[0], 2 * self.top_grid[1])
-        self.top = PassNet(n_embed, self.top_grid, channels, layers, passes_top, head_channels)
+        self.top = PassNet(n_embed, self.top_grid, channels, layers, passes_top, head_channels, neighbour_codes)
         self.condition = TopFeatures(n_embed, channels, condition_layers, condition_shuffle)
-        self.bottom = PassNet(n_embed, self.bottom_grid, channels, layers, passes_bottom, head_channels)
+        self.bottom = PassNet(n_embed, self.bottom_grid, channels, layers, passes_bottom, head_channels,
+                              neighbour_codes)
         self.integer = None  # the integer copy that codes (mrivq.compression.portable.passes), once made or loaded
 
     kind = "passes"  # its entry in mrivq.compression.priors

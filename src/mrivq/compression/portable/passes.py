@@ -36,7 +36,7 @@ from mrivq.compression.portable.fixed_point import (
     template_problem,
     weights_from_logits,
 )
-from mrivq.nn.pass_prior import PassPrior, TopFeatures, VolumePrior
+from mrivq.nn.pass_prior import PassPrior, TopFeatures, VolumePrior, near_rows
 
 SHIFT = 24  # rescaling: (value * multiplier) >> SHIFT, in int64
 STREAM_BITS = 20  # the residual stream's largest calibrated magnitude is 2**STREAM_BITS units
@@ -153,6 +153,7 @@ class _IntegerNet:
         self.widen = _Conv(state["widen"]) if "widen" in state else None  # before the head (its ReLU the last)
         self.head = _Conv(state["head"]) if "head" in state else None
         self.n_embed = int(state["n_embed"])
+        self.near, self.near_follow = state.get("near"), state.get("near_follow")  # neighbour_codes
 
     def stream(self, codes: torch.Tensor, step: int | None, condition: torch.Tensor | None) -> torch.Tensor:
         """The residual stream after the last convolution, int64 ``(B, H, W, C)`` (channels last)."""
@@ -162,6 +163,9 @@ class _IntegerNet:
             known = self.order < step
             x = self.tables["code"][torch.where(known[None], codes, self.n_embed)] + self.tables["step"][step]
             x += self.tables["row"][:, None, :] + self.tables["col"][None, :, :]
+            if self.near is not None:
+                for rows in near_rows(codes, known[None], self.n_embed).unbind(1):
+                    x += self.near[rows]
         if condition is not None:
             x += condition
         x.clamp_(-STREAM_LIMIT, STREAM_LIMIT)
@@ -179,9 +183,25 @@ class _IntegerNet:
             a = activate(self.widen(a[:, :, None, :])[:, :, 0, :], self.activations[-1])
         return a
 
-    def logits(self, head_input: torch.Tensor) -> torch.Tensor:
-        """int64 ``(P, n_embed)`` logits, in units of 1/LOGIT_UNITS nat, of one grid's ``(P, C)`` head input."""
-        return self.head(head_input[:, None, None, :]).reshape(len(head_input), -1)
+    def near_at(self, codes: torch.Tensor, step: int, here: torch.Tensor) -> torch.Tensor | None:
+        """``(B, len(NEAR), P)``: the neighbour tables' rows at the ``P`` flat positions ``here``
+        (:func:`mrivq.nn.pass_prior.near_rows`), or None for a net without them."""
+        if self.near is None:
+            return None
+        return near_rows(codes, (self.order < step)[None], self.n_embed).flatten(2)[:, :, here]
+
+    def logits(self, head_input: torch.Tensor, near: torch.Tensor | None = None) -> torch.Tensor:
+        """int64 ``(P, n_embed)`` logits, in units of 1/LOGIT_UNITS nat, of one grid's ``(P, C)`` head
+        input (plus the rows ``near`` ``(len(NEAR), P)`` of the neighbours' tables of log-odds)."""
+        logits = self.head(head_input[:, None, None, :]).reshape(len(head_input), -1)
+        if near is not None and near.shape[1]:
+            # offsets whose row is the same at every position (their code unknown to the whole
+            # pass, as the first pass's are) add one summed row: 2-4x fewer additions of P x K
+            same = near.amin(1) == near.amax(1)
+            logits += self.near_follow[near[same, 0]].sum(0)
+            for rows in near[~same]:
+                logits += self.near_follow.index_select(0, rows)
+        return logits
 
 
 class IntegerPassPrior(IntegerCopy):
@@ -223,10 +243,11 @@ class IntegerPassPrior(IntegerCopy):
         return x.reshape(batch, rows, cols, -1, 2, 2).permute(0, 1, 4, 2, 5, 3).reshape(batch, 2 * rows, 2 * cols, -1)
 
     def logits(self, level: str, net: _IntegerNet, head_input: torch.Tensor, references, i: int,
-               here: torch.Tensor) -> torch.Tensor:
+               here: torch.Tensor, near: torch.Tensor | None = None) -> torch.Tensor:
         """int64 ``(P, K)``: the logits of the positions ``here`` of the batch's slice ``i``, from its
-        ``(P, C)`` head input (and, for a volume copy, the codes of the slices it references)."""
-        return net.logits(head_input)
+        ``(P, C)`` head input and its neighbours' rows ``near`` (and, for a volume copy, the codes
+        of the slices it references)."""
+        return net.logits(head_input, near)
 
     @torch.inference_mode()
     def code_batch(self, lo: int, size: int, code, known=None, references=None) -> tuple[np.ndarray, np.ndarray]:
@@ -243,10 +264,11 @@ class IntegerPassPrior(IntegerCopy):
             for step in range(net.passes):
                 here = (net.order.flatten() == step).nonzero()[:, 0]
                 where = here.cpu().numpy()
-                head_inputs = net.head_input(codes.view(size, *net.order.shape), step, condition)
-                symbols = np.stack([code(level, weights_from_logits(self.logits(level, net, head_input, references, i, here),
-                                                                    self.coder_table), lo + i, where)
-                                    for i, head_input in enumerate(head_inputs)])
+                grid = codes.view(size, *net.order.shape)
+                head_inputs, near = net.head_input(grid, step, condition), net.near_at(grid, step, here)
+                symbols = np.stack([code(level, weights_from_logits(
+                    self.logits(level, net, head_input, references, i, here, None if near is None else near[i]),
+                    self.coder_table), lo + i, where) for i, head_input in enumerate(head_inputs)])
                 codes[:, here] = torch.as_tensor(symbols, dtype=torch.long, device=self.device)
             out[level] = codes.view(size, *net.order.shape).cpu().numpy()
         return out["top"], out["bottom"]
@@ -278,9 +300,9 @@ class IntegerVolumePrior(IntegerPassPrior):
         return seen if own is None else own + seen
 
     def logits(self, level: str, net: _IntegerNet, head_input: torch.Tensor, references, i: int,
-               here: torch.Tensor) -> torch.Tensor:
+               here: torch.Tensor, near: torch.Tensor | None = None) -> torch.Tensor:
         rows = self._rows(level, references, (slice(i, i + 1), slice(None), here))[0]  # (2, P or 1)
-        logits, follow = net.logits(head_input), self.state[f"follow_{level}"]
+        logits, follow = net.logits(head_input, near), self.state[f"follow_{level}"]
         for slot_rows in rows:  # index_select: 1.6-2x as fast as indexing here
             logits += follow.index_select(0, slot_rows)
         return logits
@@ -384,6 +406,9 @@ def _net_state(net, record: dict, unit: float, *, head: bool) -> dict:
         state["passes"] = net.passes
         if net.widen is not None:  # its output in the stream's unit
             state["widen"] = _conv_state(net.widen, relu_scales[-2], unit)
+        if net.near is not None:  # neighbour_codes
+            state["near"] = table(net.near.weight, unit)
+            state["near_follow"] = table(net.near_follow.weight, 1.0 / LOGIT_UNITS)
         state["head"] = _conv_state(net.head, relu_scales[-1], 1.0 / LOGIT_UNITS)
     return state
 
@@ -414,7 +439,7 @@ def _conv_state(conv: torch.nn.Conv2d, input_scale: float, output_unit: float) -
 #: bits, every product and sum stays inside int64.
 BOUNDS = {"multiplier": 1 << 34, "activations": 1 << 30, "bias": 1 << 30, "code": 1 << 36, "step": 1 << 36,
           "row": 1 << 36, "col": 1 << 36, "seen_top": 1 << 35, "seen_bottom": 1 << 35,
-          "follow_top": 1 << 36, "follow_bottom": 1 << 36}
+          "follow_top": 1 << 36, "follow_bottom": 1 << 36, "near": 1 << 36, "near_follow": 1 << 36}
 
 
 def pass_copy_problem(state, prior: PassPrior) -> str | None:
