@@ -21,6 +21,8 @@ per pass, every quarter of the steps, for each design:
   ``nbrfollow3``: the same over 3 passes (a quarter, a quarter, the checkerboard's other half);
 - ``cheap3``: 3 passes, the convolutions once per grid with every code unknown, then per pass
   only the neighbours (embeddings, a 1x1 layer, their tables): more passes for little work;
+  ``cheap2`` the same over the checkerboard, ``cheap5`` over 5 dyadic passes, with the
+  embeddings also of the codes two places away;
 - ``blocks`` / ``blocks96``: 4 passes, one place of every 2x2 block each, the net run at the top
   grid's size (64 / 96 channels);
 - ``causal``: a diagnostic, not a coder: raster order under masked convolutions (one code at a
@@ -45,10 +47,10 @@ from torch import nn
 from mrivq.apps.train_prior import _encode_splits
 from mrivq.config import PassPriorSettings
 from mrivq.engine.checkpoint import load_vqvae
-from mrivq.nn.pass_prior import DILATIONS, PassNet, TopFeatures, _bag
+from mrivq.nn.pass_prior import DILATIONS, PassNet, TopFeatures, _bag, near_rows
 
-DESIGNS = ("repeated", "own", "wide", "table", "ffn", "head", "nbr", "nbrfollow", "nbrfollow3", "cheap3", "blocks",
-           "blocks96", "causal")
+DESIGNS = ("repeated", "own", "wide", "table", "ffn", "head", "nbr", "nbrfollow", "nbrfollow3", "cheap2", "cheap3",
+           "cheap5", "blocks", "blocks96", "causal")
 
 
 class FeedForwardNet(PassNet):
@@ -116,15 +118,23 @@ class CheapNet(PassNet):
     embeddings and its step's, a residual 1x1 layer, the head and the neighbours' log-odds: more
     passes for the price of their heads."""
 
-    def __init__(self, *args, head_channels):
+    #: With ``ring``, the embeddings also of the codes two places away (the 5x5 window's ring),
+    #: which a 5-pass schedule's early passes need.
+    RING = tuple((dr, dc) for dr in range(-2, 3) for dc in range(-2, 3) if max(abs(dr), abs(dc)) == 2)
+
+    def __init__(self, *args, head_channels, ring: bool = False):
         super().__init__(*args, head_channels=head_channels, neighbour_codes=True)
         channels = self.code.embedding_dim
         self.mix = nn.Conv2d(channels, channels, 1)
+        self.ring = nn.Embedding(len(self.RING) * (self.n_embed + 1), channels) if ring else None
 
     def features(self, codes, step, condition=None):
         x = super().features(codes, torch.zeros_like(step), condition)  # the trunk: step 0's view
-        near = _bag(self.near_rows(codes, step), self.near.weight).permute(0, 3, 1, 2)
-        x = x + near + self.step(step)[:, :, None, None]
+        near = _bag(self.near_rows(codes, step), self.near.weight)
+        if self.ring is not None:
+            known = self.order[None] < step[:, None, None]
+            near = near + _bag(near_rows(codes, known, self.n_embed, self.RING), self.ring.weight)
+        x = x + near.permute(0, 3, 1, 2) + self.step(step)[:, :, None, None]
         return F.relu(x + self.mix(F.relu(x)))
 
 
@@ -170,7 +180,7 @@ class BottomNet(nn.Module):
     def __init__(self, design: str, n_embed: int, grid: tuple[int, int], settings: PassPriorSettings) -> None:
         super().__init__()
         channels = 96 if design in ("wide", "blocks96") else settings.channels
-        passes = 3 if design.endswith("3") else settings.passes_bottom
+        passes = int(design[-1]) if design[-1].isdigit() else settings.passes_bottom
         args = (n_embed, grid, channels, settings.layers, passes)
         head = 4 * channels  # the priors' prior.*.head_channels (256 = 4 x 64 channels by default)
         self.table = None
@@ -182,8 +192,8 @@ class BottomNet(nn.Module):
             self.net = FeedForwardNet(*args, hidden=2 * channels)
         elif design == "causal":
             self.net = CausalNet(*args, head_channels=head)
-        elif design == "cheap3":
-            self.net = CheapNet(*args, head_channels=head)
+        elif design.startswith("cheap"):
+            self.net = CheapNet(*args, head_channels=head, ring=design == "cheap5")
         else:
             self.net = PassNet(*args, head_channels=head if design in ("head", "nbr", "nbrfollow", "nbrfollow3") else 0,
                                neighbour_codes=design.startswith("nbr"))

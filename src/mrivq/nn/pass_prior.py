@@ -54,16 +54,17 @@ def pass_map(grid: tuple[int, int], passes: int) -> torch.Tensor:
     return (order - (MAX_PASSES - passes)).clamp(min=0)
 
 
-def near_rows(codes: torch.Tensor, known: torch.Tensor, n_embed: int) -> torch.Tensor:
-    """``(B, len(NEAR), rows, cols)`` int64: the row of a neighbour table for each position's
-    neighbour at each offset of :data:`NEAR`, ``offset * (n_embed + 1) + code`` where that code is
-    ``known`` (a bool grid, broadcast over ``codes`` ``(B, rows, cols)``), ``code = n_embed`` where
-    it is not or lies outside the grid. Integer indexing only: the float prior and its integer
-    copy use it alike."""
-    codes = F.pad(torch.where(known, codes, n_embed), (1, 1, 1, 1), value=n_embed)
-    rows, cols = codes.shape[1] - 2, codes.shape[2] - 2
-    return torch.stack([codes[:, 1 + dr:1 + dr + rows, 1 + dc:1 + dc + cols] + i * (n_embed + 1)
-                        for i, (dr, dc) in enumerate(NEAR)], 1)
+def near_rows(codes: torch.Tensor, known: torch.Tensor, n_embed: int, offsets=NEAR) -> torch.Tensor:
+    """``(B, len(offsets), rows, cols)`` int64: the row of a neighbour table for each position's
+    neighbour at each of the (row, col) ``offsets`` (:data:`NEAR`), ``offset * (n_embed + 1) + code``
+    where that code is ``known`` (a bool grid, broadcast over ``codes`` ``(B, rows, cols)``),
+    ``code = n_embed`` where it is not or lies outside the grid. Integer indexing only: the float
+    prior and its integer copy use it alike."""
+    reach = max(max(abs(dr), abs(dc)) for dr, dc in offsets)
+    codes = F.pad(torch.where(known, codes, n_embed), (reach,) * 4, value=n_embed)
+    rows, cols = codes.shape[1] - 2 * reach, codes.shape[2] - 2 * reach
+    return torch.stack([codes[:, reach + dr:reach + dr + rows, reach + dc:reach + dc + cols] + i * (n_embed + 1)
+                        for i, (dr, dc) in enumerate(offsets)], 1)
 
 
 class PassNet(nn.Module):
