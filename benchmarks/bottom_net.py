@@ -23,6 +23,8 @@ per pass, every quarter of the steps, for each design:
   only the neighbours (embeddings, a 1x1 layer, their tables): more passes for little work;
   ``cheap2`` the same over the checkerboard, ``cheap5`` over 5 dyadic passes, with the
   embeddings also of the codes two places away;
+- ``cond4`` / ``cond8``: ``head`` with 4 / 8 residual convolutions over the top codes instead of
+  ``prior.*.condition_blocks`` (2): more of the layout for the first pass, which sees nothing else;
 - ``blocks`` / ``blocks96``: 4 passes, one place of every 2x2 block each, the net run at the top
   grid's size (64 / 96 channels);
 - ``causal``: a diagnostic, not a coder: raster order under masked convolutions (one code at a
@@ -50,7 +52,7 @@ from mrivq.engine.checkpoint import load_vqvae
 from mrivq.nn.pass_prior import DILATIONS, PassNet, TopFeatures, _bag, near_rows
 
 DESIGNS = ("repeated", "own", "wide", "table", "ffn", "head", "nbr", "nbrfollow", "nbrfollow3", "cheap2", "cheap3",
-           "cheap5", "blocks", "blocks96", "causal")
+           "cheap5", "cond4", "cond8", "blocks", "blocks96", "causal")
 
 
 class FeedForwardNet(PassNet):
@@ -180,7 +182,7 @@ class BottomNet(nn.Module):
     def __init__(self, design: str, n_embed: int, grid: tuple[int, int], settings: PassPriorSettings) -> None:
         super().__init__()
         channels = 96 if design in ("wide", "blocks96") else settings.channels
-        passes = int(design[-1]) if design[-1].isdigit() else settings.passes_bottom
+        passes = int(design[-1]) if design.startswith(("nbrfollow", "cheap")) and design[-1].isdigit() else settings.passes_bottom
         args = (n_embed, grid, channels, settings.layers, passes)
         head = 4 * channels  # the priors' prior.*.head_channels (256 = 4 x 64 channels by default)
         self.table = None
@@ -195,12 +197,12 @@ class BottomNet(nn.Module):
         elif design.startswith("cheap"):
             self.net = CheapNet(*args, head_channels=head, ring=design == "cheap5")
         else:
-            self.net = PassNet(*args, head_channels=head if design in ("head", "nbr", "nbrfollow", "nbrfollow3") else 0,
+            self.net = PassNet(*args, head_channels=0 if design in ("repeated", "own", "wide", "table") else head,
                                neighbour_codes=design.startswith("nbr"))
         if design == "nbr":  # the neighbours' embeddings only: their tables stay at zero
             self.net.near_follow.weight.requires_grad_(False)
-        self.condition = TopFeatures(n_embed, channels, settings.condition_blocks,
-                                     shuffle=design not in ("repeated", "wide", "table"))
+        blocks = int(design[4:]) if design.startswith("cond") else settings.condition_blocks
+        self.condition = TopFeatures(n_embed, channels, blocks, shuffle=design not in ("repeated", "wide", "table"))
         if design == "table":
             self.table = nn.Embedding(4 * n_embed, n_embed)
             nn.init.zeros_(self.table.weight)
