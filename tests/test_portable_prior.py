@@ -203,8 +203,9 @@ def test_the_copy_adds_every_neighbours_table_row_the_float_prior_adds():
             here = net.order.flatten() == step
             with torch.no_grad():
                 expected = net.logits_at(codes[:1], torch.tensor([step]), prior.condition_for(level, top[:1]), here)[0]
-            head_input = integer.head_input(codes[:1], step, None if condition is None else condition[:1])
-            near = integer.near_at(codes[:1], step, here.nonzero()[:, 0])
+            near = integer.near_rows(codes[:1], step)
+            head_input = integer.head_input(codes[:1], step, None if condition is None else condition[:1], near)
+            near = near.flatten(2)[:, :, here]
             got = integer.logits(head_input[0], near[0]).double() / LOGIT_UNITS
             assert (got - expected.double()).abs().max() < 0.1, (level, step)  # the rows: ~3 nats
 

@@ -155,17 +155,18 @@ class _IntegerNet:
         self.n_embed = int(state["n_embed"])
         self.near, self.near_follow = state.get("near"), state.get("near_follow")  # neighbour_codes
 
-    def stream(self, codes: torch.Tensor, step: int | None, condition: torch.Tensor | None) -> torch.Tensor:
-        """The residual stream after the last convolution, int64 ``(B, H, W, C)`` (channels last)."""
+    def stream(self, codes: torch.Tensor, step: int | None, condition: torch.Tensor | None,
+               near: torch.Tensor | None = None) -> torch.Tensor:
+        """The residual stream after the last convolution, int64 ``(B, H, W, C)`` (channels last);
+        ``near``: the neighbours' table rows (:meth:`near_rows`) of a net with them."""
         if step is None:  # TopFeatures: every code known
             x = self.tables["code"][codes]
         else:
             known = self.order < step
             x = self.tables["code"][torch.where(known[None], codes, self.n_embed)] + self.tables["step"][step]
             x += self.tables["row"][:, None, :] + self.tables["col"][None, :, :]
-            if self.near is not None:
-                for rows in near_rows(codes, known[None], self.n_embed).unbind(1):
-                    x += self.near[rows]
+            for rows in () if near is None else near.unbind(1):
+                x += self.near[rows]
         if condition is not None:
             x += condition
         x.clamp_(-STREAM_LIMIT, STREAM_LIMIT)
@@ -174,21 +175,23 @@ class _IntegerNet:
             x.clamp_(-STREAM_LIMIT, STREAM_LIMIT)
         return x
 
-    def head_input(self, codes: torch.Tensor, step: int, condition: torch.Tensor | None) -> torch.Tensor:
+    def head_input(self, codes: torch.Tensor, step: int, condition: torch.Tensor | None,
+                   near: torch.Tensor | None = None) -> torch.Tensor:
         """int8 ``(B, P, C)``: the head's input at the ``P`` positions of pass ``step`` (raster order)."""
-        x = self.stream(codes, step, condition)
+        x = self.stream(codes, step, condition, near)
         here = (self.order == step).flatten()
         a = activate(x.reshape(len(x), -1, x.shape[-1])[:, here], self.activations[len(self.convs)])
         if self.widen is not None:
             a = activate(self.widen(a[:, :, None, :])[:, :, 0, :], self.activations[-1])
         return a
 
-    def near_at(self, codes: torch.Tensor, step: int, here: torch.Tensor) -> torch.Tensor | None:
-        """``(B, len(NEAR), P)``: the neighbour tables' rows at the ``P`` flat positions ``here``
-        (:func:`mrivq.nn.pass_prior.near_rows`), or None for a net without them."""
+    def near_rows(self, codes: torch.Tensor, step: int) -> torch.Tensor | None:
+        """``(B, len(NEAR), H, W)``: the neighbour tables' rows of the codes known before pass
+        ``step`` (:func:`mrivq.nn.pass_prior.near_rows`; the stream's and the logits' alike), or
+        None for a net without them."""
         if self.near is None:
             return None
-        return near_rows(codes, (self.order < step)[None], self.n_embed).flatten(2)[:, :, here]
+        return near_rows(codes, (self.order < step)[None], self.n_embed)
 
     def logits(self, head_input: torch.Tensor, near: torch.Tensor | None = None) -> torch.Tensor:
         """int64 ``(P, n_embed)`` logits, in units of 1/LOGIT_UNITS nat, of one grid's ``(P, C)`` head
@@ -265,7 +268,9 @@ class IntegerPassPrior(IntegerCopy):
                 here = (net.order.flatten() == step).nonzero()[:, 0]
                 where = here.cpu().numpy()
                 grid = codes.view(size, *net.order.shape)
-                head_inputs, near = net.head_input(grid, step, condition), net.near_at(grid, step, here)
+                near = net.near_rows(grid, step)
+                head_inputs = net.head_input(grid, step, condition, near)
+                near = None if near is None else near.flatten(2)[:, :, here]
                 symbols = np.stack([code(level, weights_from_logits(
                     self.logits(level, net, head_input, references, i, here, None if near is None else near[i]),
                     self.coder_table), lo + i, where) for i, head_input in enumerate(head_inputs)])
