@@ -155,8 +155,8 @@ def test_an_old_flat_prior_section_in_a_user_config_loads_nested_with_a_deprecat
     assert capsys.readouterr().err.splitlines() == [
         "mrivq: prior.architecture is now prior.kind (the old name still loads)",
         "mrivq: prior.augment_shift is now prior.copies.shift (the old name still loads)",
-        "mrivq: prior.condition_blocks is now prior.passes.condition_blocks and prior.transformer.condition_blocks "
-        "(the old name still loads)"]
+        ("mrivq: prior.condition_blocks is now prior.passes.condition_blocks and prior.transformer.condition_blocks "
+         "(the old name still loads)")]
     cfg.write_text(yaml.safe_dump({"prior": {**NEW_PRIOR, "d_model": 32}}))
     with pytest.raises(ConfigError, match=r"prior\.d_model and prior\.transformer\.d_model"):
         load_config(cfg)

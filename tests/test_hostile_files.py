@@ -20,7 +20,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_main
-from hostile_helpers import build_bases, join_sections, read_header, split_sections, with_header, with_section
+from hostile_helpers import (
+    build_bases,
+    join_sections,
+    read_header,
+    split_sections,
+    with_header,
+    with_section,
+)
 
 from mrivq.compression.container import MAX_SLICES
 from mrivq.engine.checkpoint import load_checkpoint, run_config

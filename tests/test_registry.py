@@ -5,6 +5,7 @@ registered here travels in the codes file and applies on decode, with no edit an
 from __future__ import annotations
 
 import zlib
+from typing import ClassVar
 
 import nibabel as nib
 import numpy as np
@@ -73,8 +74,8 @@ class IntegerPositionPrior:
     """The integer copy: logits in 1/LOGIT_UNITS nat per position; codes every position of a grid at once."""
 
     coding = "position"
-    batch = {"encode": 2, "decode": 3}
-    in_flight = {"encode": 4, "decode": 6}
+    batch: ClassVar[dict[str, int]] = {"encode": 2, "decode": 3}
+    in_flight: ClassVar[dict[str, int]] = {"encode": 4, "decode": 6}
 
     def __init__(self, state: dict) -> None:
         self.state = state

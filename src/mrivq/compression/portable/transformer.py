@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -277,8 +278,8 @@ class IntegerTransformerPrior(IntegerCopy):
     #: Slices coded together: the encoder, teacher-forced chunk by chunk, is fastest with few; the
     #: decoder, one position at a time, spreads each step's fixed cost over more. At most in flight:
     #: the decoder's key/value caches hold the top grid and only the window of the bottom.
-    batch = {"encode": 4, "decode": 16}
-    in_flight = {"encode": 16, "decode": 32}
+    batch: ClassVar[dict[str, int]] = {"encode": 4, "decode": 16}
+    in_flight: ClassVar[dict[str, int]] = {"encode": 16, "decode": 32}
 
     def __init__(self, state: dict) -> None:
         super().__init__(state)
