@@ -236,6 +236,16 @@ def validation_bits(model: BottomNet, top: torch.Tensor, bottom: torch.Tensor) -
     return float(nats.mean()), [float(nats[:, order == step].mean()) for step in range(model.net.passes)]
 
 
+def training_codes(checkpoint: str, threads: int | None = None) -> tuple:
+    """The VQ-VAE, its config and ``{"train": (top, bottom), "validate": ...}``: int64 code grids
+    with the prior's training copies (encoded, or from the codes cache); ``threads`` for torch."""
+    if threads:
+        torch.set_num_threads(threads)
+    vqvae, config = load_vqvae(checkpoint)
+    codes, _, _ = _encode_splits(config, config, vqvae)
+    return vqvae, config, {name: tuple(torch.as_tensor(a).long() for a in codes[name]) for name in ("train", "validate")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="the VQ-VAE (models/best.pt)")
@@ -244,12 +254,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    vqvae, config = load_vqvae(args.checkpoint)
-    codes, _, _ = _encode_splits(config, config, vqvae)
-    (top, bottom), (val_top, val_bottom) = ((torch.as_tensor(a).long() for a in codes[name])
-                                            for name in ("train", "validate"))
+    vqvae, config, codes = training_codes(args.checkpoint, args.threads)
+    (top, bottom), (val_top, val_bottom) = codes["train"], codes["validate"]
     print(f"{len(top)} training and {len(val_top)} validation grids; {args.steps} steps per design")
     settings, n_embed = config.prior.passes, vqvae.quantize_top.n_embed
     for design in args.designs:

@@ -27,15 +27,14 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from bottom_net import training_codes
+from sample_levers import draw_passes, scored
 from torch import nn
 
 from mrivq.apps import sample as sample_app
-from mrivq.apps.train_prior import _encode_splits
-from mrivq.engine.checkpoint import load_prior, load_vqvae
-from mrivq.nn.pass_prior import PassNet, PassPrior, draw
+from mrivq.nn.pass_prior import PassNet, draw
 
 BUCKETS = 8  # embeddings of the known fraction, in eighths
 
@@ -115,20 +114,6 @@ def draw_top(net: MaskedNet, n: int, steps: int, top_p: float, generator: torch.
     return codes
 
 
-def draw_bottom(prior: PassPrior, top: torch.Tensor, top_p: float, generator: torch.Generator) -> torch.Tensor:
-    """The bottom grids under ``prior``, pass by pass, given ``top``."""
-    net, n = prior.bottom, len(top)
-    condition, bias = prior.condition_for("bottom", top), prior.logit_bias("bottom")
-    codes = torch.zeros(n, *net.grid, dtype=torch.long)
-    for step in range(net.passes):
-        here = (net.order == step).flatten()
-        logits = net.logits_at(codes, torch.full((n,), step), condition, here, bias)
-        drawn = draw(logits.reshape(-1, prior.n_embed), 1.0, top_p, generator).reshape(n, -1)
-        codes = codes.flatten(1).index_put((torch.arange(n)[:, None], here.nonzero()[:, 0][None]),
-                                           drawn).reshape(n, *net.grid)
-    return codes
-
-
 def train(args, top: torch.Tensor, val_top: torch.Tensor, config, n_embed: int) -> MaskedNet:
     settings = config.prior.passes
     torch.manual_seed(args.seed)
@@ -166,32 +151,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    vqvae, config = load_vqvae(args.checkpoint)
-    codes, _, _ = _encode_splits(config, config, vqvae)
-    top, val_top = (torch.as_tensor(codes[name][0]).long() for name in ("train", "validate"))
-    net = train(args, top, val_top, config, vqvae.quantize_top.n_embed)
+    vqvae, config, codes = training_codes(args.checkpoint, args.threads)
+    net = train(args, codes["train"][0], codes["validate"][0], config, vqvae.quantize_top.n_embed)
     for steps in args.draw_steps:
         for top_p in args.top_p:
             def drawing(prior, n, *, temperature=1.0, top_p=top_p, generator=None, steps=steps):
-                grids = draw_top(net, n, steps, top_p, generator)
-                return grids, draw_bottom(prior, grids, top_p, generator)
+                with torch.no_grad():
+                    grids = draw_top(net, n, steps, top_p, generator)
+                    passes = prior.top.passes + prior.bottom.passes
+                    return draw_passes(prior, n, [top_p] * passes, 1.0, generator, top=grids)
 
-            def loaded(path, device, drawing=drawing):
-                prior, model, ckpt = load_prior(path, device=device)
-                prior.sample = lambda n, **kw: drawing(prior, n, **kw)
-                return prior, model, ckpt
-
-            sample_app.load_prior = loaded
             out = Path(args.out) / f"steps{steps}_p{top_p:g}"
-            result = sample_app.sample(args.prior, 16, out, top_p=top_p, seed=args.seed, device="cpu")
-            nearest, mutual = np.mean([e["ssim"] for e in result["nearest"]]), result["mutual_ssim"]
-            print(f"top drawn in {steps or 'its coding passes'} {'steps' if steps else ''} at top-p {top_p:g}: "
-                  f"best SSIM to a training slice {nearest:.3f}, between samples {mutual['samples']:.3f} "
-                  f"(unseen validation slices {np.mean(result['unseen_nearest_ssim']):.3f}, "
-                  f"{mutual['unseen']:.3f}); {out}/samples.png", flush=True)
-
+            print(f"top drawn in {f'{steps} steps' if steps else 'its coding passes'} at top-p {top_p:g}: "
+                  f"{scored(args.prior, drawing, out, 16, top_p, args.seed)}; {out}/samples.png", flush=True)
 
 if __name__ == "__main__":
     main()

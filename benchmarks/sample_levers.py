@@ -132,23 +132,24 @@ def main() -> None:
     args = parser.parse_args()
     if args.bits:
         print_bits(args.prior, args.top_from)
-    drawing = lever(args)
+    print(f"{args.out}: {scored(args.prior, lever(args), Path(args.out), args.n, args.top_p, args.seed)}")
 
+
+def scored(prior_path: str, drawing, out: Path, n: int, top_p: float, seed: int) -> str:
+    """``mrivq sample`` of ``n`` slices into ``out`` with the prior's ``sample`` replaced by
+    ``drawing(prior, n, **kw)``; its two yardsticks and the unseen slices', as a line."""
     def loaded(path, device):
         prior, vqvae, ckpt = load_prior(path, device=device)
         if not isinstance(prior, PassPrior):
             raise SystemExit(f"{path}: not a pass or volume prior")
-        prior.sample = lambda n, **kw: drawing(prior, n, **kw)
+        prior.sample = lambda count, **kw: drawing(prior, count, **kw)
         return prior, vqvae, ckpt
 
     sample_app.load_prior = loaded
-    result = sample_app.sample(args.prior, args.n, Path(args.out), top_p=args.top_p, seed=args.seed,
-                               device="cpu")
-    nearest = np.mean([entry["ssim"] for entry in result["nearest"]])
-    mutual = result["mutual_ssim"]
-    print(f"{args.out}: best SSIM to a training slice {nearest:.3f}, between samples {mutual['samples']:.3f} "
-          f"(unseen validation slices: {np.mean(result['unseen_nearest_ssim']):.3f}, {mutual['unseen']:.3f})")
-
+    result = sample_app.sample(prior_path, n, out, top_p=top_p, seed=seed, device="cpu")
+    nearest, mutual = np.mean([entry["ssim"] for entry in result["nearest"]]), result["mutual_ssim"]
+    return (f"best SSIM to a training slice {nearest:.3f}, between samples {mutual['samples']:.3f} "
+            f"(unseen validation slices: {np.mean(result['unseen_nearest_ssim']):.3f}, {mutual['unseen']:.3f})")
 
 if __name__ == "__main__":
     main()
