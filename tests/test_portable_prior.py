@@ -30,7 +30,7 @@ from mrivq.compression.portable.passes import (
     pass_copy,
     pass_copy_problem,
 )
-from mrivq.nn.pass_prior import PassPrior, pass_map
+from mrivq.nn.pass_prior import DRAW_STEPS, PassPrior, draw_in_passes, draw_in_steps, pass_map
 
 
 def trained_prior(seed: int = 0, **sizes) -> tuple[PassPrior, torch.Tensor, torch.Tensor]:
@@ -75,10 +75,10 @@ def test_the_passes_refine_each_4x4_tile_dyadically():
                 <= (merged[:, :, None] <= merged[:, None, :]).flatten()).all()
 
 
-@pytest.mark.parametrize("neighbour_codes", [True, False])
-def test_a_pass_sees_only_the_codes_of_the_passes_before_it(neighbour_codes):
+@pytest.mark.parametrize("neighbour_codes,masks", [(True, 0.0), (False, 0.0), (True, 0.5)])
+def test_a_pass_sees_only_the_codes_of_the_passes_before_it(neighbour_codes, masks):
     torch.manual_seed(0)
-    prior = PassPrior(16, (4, 4), channels=8, layers=2, neighbour_codes=neighbour_codes).eval()
+    prior = PassPrior(16, (4, 4), channels=8, layers=2, neighbour_codes=neighbour_codes, top_masks=masks).eval()
     net = prior.top
     if neighbour_codes:  # the tables of log-odds start at zero: give them something to leak
         torch.nn.init.normal_(net.near_follow.weight)
@@ -93,6 +93,72 @@ def test_a_pass_sees_only_the_codes_of_the_passes_before_it(neighbour_codes):
             earlier = codes.clone()
             earlier[0][net.order < step] = (codes[0][net.order < step] + 3) % 16
             assert not torch.equal(net(earlier, torch.tensor([step])), same[0])
+
+
+def test_a_net_that_learns_masks_sees_only_the_codes_its_mask_marks_known():
+    torch.manual_seed(0)
+    net = PassPrior(16, (4, 4), channels=8, layers=2, neighbour_codes=True, top_masks=0.5).eval().top
+    torch.nn.init.normal_(net.near_follow.weight)
+    codes = torch.randint(0, 16, (6, 4, 4))
+    known = torch.rand(6, 4, 4) < torch.linspace(0.1, 0.9, 6)[:, None, None]
+    with torch.no_grad():
+        logits = net(codes, net.masked(known))
+        assert torch.equal(net(torch.where(known, codes, (codes + 1) % 16), net.masked(known)), logits)
+        assert not torch.equal(net(torch.where(known, (codes + 1) % 16, codes), net.masked(known)), logits)
+    # the known share, in eighths; each coding pass's is one fixed row of the table
+    assert net.masked(known)[1].tolist() == (known.flatten(1).sum(1) * 8 // 16).tolist()
+    assert net.pass_row.tolist() == [0, 2, 4]  # three passes: nothing, a quarter, half known
+
+
+def masked_top(steps: int = 300) -> PassPrior:
+    """A pass prior whose top net (trained alone, half the time on random masks) learnt grids
+    of one code each, one of four codes."""
+    torch.manual_seed(0)
+    prior = PassPrior(32, (8, 4), channels=16, layers=3, condition_layers=1, top_masks=0.5)
+    optimizer = torch.optim.Adam(prior.top.parameters(), lr=1e-2)
+    bottom = torch.zeros(16, 16, 8, dtype=torch.long)
+    for _ in range(steps):
+        top = torch.tensor([3, 9, 17, 30])[torch.randint(0, 4, (16,))][:, None, None].expand(16, 8, 4)
+        loss = prior.nll_bits(top, bottom)[0]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return prior.eval()
+
+
+def test_drawing_in_steps_keeps_what_one_early_code_says_where_the_first_pass_cannot():
+    """The first coding pass draws a quarter of the grid with nothing known, so a net drawn in
+    its passes never draws a grid of one code; drawn in steps (the first keeping one code), it
+    does. Each step sees only the codes kept before it, and keeps them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        prior = masked_top()
+    finally:
+        torch.set_num_threads(threads)
+    net, seen, forward = prior.top, [], prior.top.forward
+
+    def recording(codes, step, *args):
+        known = net.seen(step)[0]
+        seen.append((codes.clone(), known.clone()))
+        return forward(codes, step, *args)
+
+    drawn = {}
+    for name, drawing in (("passes", draw_in_passes), ("steps", draw_in_steps)):
+        with torch.no_grad():
+            drawn[name] = drawing(net, 64, None, None, temperature=1.0, top_p=0.5,
+                                  generator=torch.Generator().manual_seed(0))
+    one_code = {name: int((grids == grids[:, :1, :1]).flatten(1).all(1).sum()) for name, grids in drawn.items()}
+    assert one_code["passes"] == 0 and one_code["steps"] >= 8, one_code
+
+    net.forward = recording
+    with torch.no_grad():
+        grids = draw_in_steps(net, 4, None, None, temperature=1.0, top_p=1.0, generator=torch.Generator().manual_seed(1))
+    unknown = [int((~known[0]).sum()) for _, known in seen]
+    assert len(seen) == DRAW_STEPS and unknown[0] == 32
+    assert unknown[1:] == [math.floor(32 * math.cos(math.pi / 2 * t / DRAW_STEPS)) for t in range(1, DRAW_STEPS)]
+    for (codes, known), (_, later) in zip(seen, seen[1:] + [(None, torch.ones_like(seen[0][1]))]):
+        assert (later >= known).all() and torch.equal(codes[known], grids[known])
 
 
 def test_int8_products_are_exact_even_where_a_kernel_would_saturate():
@@ -164,15 +230,18 @@ def test_decoding_is_exact_whatever_the_floating_point_results_threads_and_batch
     assert not torch.equal(plain, moved)
 
 
-@pytest.mark.parametrize("sizes", [{"head_channels": 0}, {"neighbour_codes": True}])
+@pytest.mark.parametrize("sizes", [{"head_channels": 0}, {"neighbour_codes": True}, {"top_masks": 0.5}])
 def test_a_prior_without_the_widened_head_or_with_neighbour_codes_codes_at_its_rate_exactly(sizes):
     """Priors stored before ``head_channels`` existed take their logits from the convolutions'
     channels: their copies have no ``widen``. Priors with ``neighbour_codes`` add their neighbours'
-    embeddings and tables of log-odds in integers (learnt: not the zeros they start from). Both
-    code at their float rate and decode exactly."""
+    embeddings and tables of log-odds in integers (learnt: not the zeros they start from). A top
+    net that learnt masks codes with its passes' rows of its table of known shares. All code at
+    their float rate and decode exactly."""
     prior, top, bottom = trained_prior(**sizes)
     assert (prior.top.widen is None) == ("widen" not in prior.integer.state["bottom"]) == ("head_channels" in sizes)
     near = [prior.integer.state[level].get("near_follow") for level in ("top", "bottom")]
+    if "top_masks" in sizes:
+        assert prior.integer.state["top"]["step"].shape == (prior.top.passes, 16)
     if "neighbour_codes" in sizes:
         assert all(table.abs().max() > 0 for table in near)
     else:

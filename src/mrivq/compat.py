@@ -37,8 +37,8 @@ STORED_DEFAULTS = {
 
 #: Keys added to the nested prior section's kinds after such configs were first stored, with the
 #: value those configs meant (a stored nested prior section lacking one gets it).
-STORED_PRIOR_KINDS = {"passes": {"condition_shuffle": False, "head_channels": 0, "neighbour_codes": False},
-                      "volume": {"condition_shuffle": False, "head_channels": 0, "neighbour_codes": False}}
+STORED_PRIOR_KINDS = {kind: {"condition_shuffle": False, "head_channels": 0, "neighbour_codes": False,
+                             "top_masks": 0.0} for kind in ("passes", "volume")}
 
 #: Per section and key, old names of values and today's names.
 RENAMED = {"model": {"block": {"report": "relu"}}}

@@ -419,6 +419,13 @@ class PassPriorSettings(_Section):
                     "log-odds added to the logits: 1 % fewer bits for a slice coded alone, coding "
                     "about 20 % slower, a prior file 3x as large (docs/compression.md). "
                     + stored_default("passes", "neighbour_codes"))
+    top_masks: float = Field(
+        default=0.0, ge=0, le=0.9,
+        description="Share of the top net's training steps spent predicting the unknown codes of a "
+                    "random mask rather than a coding pass's; above 0, samples draw the top grid in "
+                    "8 steps, the most confident codes first, rather than in its coding passes (whose "
+                    "first sees no code): samples with more anatomy, for a few % more top bits "
+                    "(docs/compression.md). " + stored_default("passes", "top_masks"))
 
 
 class VolumePriorSettings(PassPriorSettings):

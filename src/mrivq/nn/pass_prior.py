@@ -34,6 +34,12 @@ DILATIONS = (1, 2, 4)  # of the residual convolutions, in turn: a wide view in f
 #: The neighbours whose codes a net with ``neighbour_codes`` is handed at each position, (row, col)
 #: offsets: the four direct ones, then the four diagonal ones.
 NEAR = ((0, -1), (0, 1), (-1, 0), (1, 0), (-1, -1), (-1, 1), (1, -1), (1, 1))
+#: A net that also learnt random masks (``masks``) marks how much of its grid is known by one of
+#: this many embeddings (the known share, in eighths), where a pass net marks the pass.
+MASK_BUCKETS = 8
+#: The steps in which a net that learnt random masks draws its grid, the most confident codes
+#: first, and the weight of the Gumbel noise on that confidence at the first step (falling to 0).
+DRAW_STEPS, DRAW_NOISE = 8, 4.5
 
 
 def pass_map(grid: tuple[int, int], passes: int) -> torch.Tensor:
@@ -82,14 +88,23 @@ class PassNet(nn.Module):
     the input, and each offset's own table of log-odds added to the logits (a neighbour's code
     says much of this one's, and a 512-way map of a code onto itself is what a few dozen channels
     cannot hold; the volume prior's ``follow`` tables do the same across slices).
+
+    With ``masks`` > 0 the net also learns, that share of its training steps, to predict the
+    unknown codes of a random mask (MaskGIT's schedule, Chang et al. 2022), so that it can draw
+    its grid in many small steps (:func:`draw_in_steps`) rather than in its coding passes, whose
+    first sees no code at all. Its input then marks the known share of the grid
+    (:data:`MASK_BUCKETS`) instead of the pass; for coding, each pass's share is one fixed row, so
+    its integer copy is that of a pass net. Wherever a method takes ``step`` (the pass of each
+    grid, ``(B,)``), such a net also takes a pair from :meth:`masked`.
     """
 
     def __init__(self, n_embed: int, grid: tuple[int, int], channels: int, layers: int, passes: int,
-                 head_channels: int = 0, neighbour_codes: bool = False) -> None:
+                 head_channels: int = 0, neighbour_codes: bool = False, masks: float = 0.0) -> None:
         super().__init__()
         self.n_embed, self.grid, self.passes = n_embed, (int(grid[0]), int(grid[1])), passes
+        self.masks = float(masks)
         self.code = nn.Embedding(n_embed + 1, channels)  # index n_embed: unknown
-        self.step = nn.Embedding(passes, channels)
+        self.step = nn.Embedding(MASK_BUCKETS if self.masks else passes, channels)
         self.row = nn.Embedding(self.grid[0], channels)
         self.col = nn.Embedding(self.grid[1], channels)
         self.convs = nn.ModuleList(
@@ -103,25 +118,41 @@ class PassNet(nn.Module):
             self.near_follow = nn.Embedding(len(NEAR) * (n_embed + 1), n_embed)
             nn.init.zeros_(self.near_follow.weight)
         self.register_buffer("order", pass_map(self.grid, passes), persistent=False)
+        before = self.order[None] < torch.arange(passes, device="cpu")[:, None, None]  # what each pass knows
+        rows = self.masked(before)[1] if self.masks else torch.arange(passes, device="cpu")
+        self.register_buffer("pass_row", rows, persistent=False)  # each pass's row of ``step``
 
-    def near_rows(self, codes: torch.Tensor, step: torch.Tensor) -> torch.Tensor | None:
+    def masked(self, known: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the methods take as ``step`` for the codes ``known`` ``(B, rows, cols)`` bool of a
+        net that learnt masks: the mask and the row of ``step`` of its known share."""
+        share = known.flatten(1).sum(1) * MASK_BUCKETS // known[0].numel()
+        return known, share.clamp(max=MASK_BUCKETS - 1)
+
+    def seen(self, step) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(known (B, rows, cols) bool, rows of step (B,))`` of ``step``: passes ``(B,)`` (the codes
+        of the passes before each), or a pair from :meth:`masked`, returned as it is."""
+        if isinstance(step, tuple):
+            return step
+        return self.order[None] < step[:, None, None], self.pass_row[step]
+
+    def near_rows(self, codes: torch.Tensor, step) -> torch.Tensor | None:
         """:func:`near_rows` of the codes known before pass ``step`` ``(B,)``, or None without
         ``neighbour_codes``."""
         if self.near is None:
             return None
-        return near_rows(codes, self.order[None] < step[:, None, None], self.n_embed)
+        return near_rows(codes, self.seen(step)[0], self.n_embed)
 
-    def inputs(self, codes: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    def inputs(self, codes: torch.Tensor, step) -> torch.Tensor:
         """``(B, channels, rows, cols)``: embeddings of the codes known before pass ``step`` ``(B,)``."""
-        known = self.order[None] < step[:, None, None]
-        x = self.code(torch.where(known, codes, self.n_embed)) + self.step(step)[:, None, None, :]
+        known, row = self.seen(step)
+        x = self.code(torch.where(known, codes, self.n_embed)) + self.step(row)[:, None, None, :]
         x = x + self.row.weight[None, :, None, :] + self.col.weight[None, None, :, :]
         near = self.near_rows(codes, step)
         if near is not None:
             x = x + _bag(near, self.near.weight)
         return x.permute(0, 3, 1, 2)
 
-    def near_bias(self, codes: torch.Tensor, step: torch.Tensor, here: torch.Tensor | None = None):
+    def near_bias(self, codes: torch.Tensor, step, here: torch.Tensor | None = None):
         """What the neighbours' tables of log-odds add to the logits: ``(B, n_embed, rows, cols)``,
         or ``(B, n_embed, P)`` at the positions ``here`` (a flat bool mask); None without them."""
         near = self.near_rows(codes, step)
@@ -131,7 +162,7 @@ class PassNet(nn.Module):
         bias = _bag(near, self.near_follow.weight).transpose(1, 2)
         return bias if here is not None else bias.reshape(len(codes), -1, *codes.shape[1:])
 
-    def features(self, codes: torch.Tensor, step: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+    def features(self, codes: torch.Tensor, step, condition: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, channels, rows, cols)``: what the head (or its ``widen``) reads."""
         x = self.inputs(codes, step)
         if condition is not None:
@@ -140,7 +171,7 @@ class PassNet(nn.Module):
             x = x + conv(F.relu(x))
         return F.relu(x)
 
-    def forward(self, codes: torch.Tensor, step: torch.Tensor, condition: torch.Tensor | None = None,
+    def forward(self, codes: torch.Tensor, step, condition: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``(B, n_embed, rows, cols)`` (plus ``bias`` of that shape, when given)."""
         x = self.features(codes, step, condition)
@@ -149,7 +180,7 @@ class PassNet(nn.Module):
             logits = logits if term is None else logits + term
         return logits
 
-    def logits_at(self, codes: torch.Tensor, step: torch.Tensor, condition: torch.Tensor | None,
+    def logits_at(self, codes: torch.Tensor, step, condition: torch.Tensor | None,
                   here: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, P, n_embed)``: the logits at the ``P`` positions ``here`` (a flat bool mask) only."""
         logits = self.logits_of(self.features(codes, step, condition).flatten(2)[:, :, here])
@@ -205,7 +236,7 @@ class PassPrior(nn.Module):
     """``p(top) p(bottom | top)``, each grid coded in ``passes_*`` parallel passes.
 
     The sizes are ``prior.passes.*`` in the config (``condition_layers``: ``condition_blocks``),
-    whose defaults they share.
+    whose defaults they share. ``top_masks``: the top net's :class:`PassNet` ``masks``.
 
     Example:
         >>> prior = PassPrior(32, (8, 4), channels=16, layers=2)
@@ -216,16 +247,18 @@ class PassPrior(nn.Module):
 
     def __init__(self, n_embed: int, top_grid: tuple[int, int], *, channels: int = 64, layers: int = 6,
                  condition_layers: int = 2, passes_top: int = 3, passes_bottom: int = 2,
-                 condition_shuffle: bool = True, head_channels: int = 256, neighbour_codes: bool = False) -> None:
+                 condition_shuffle: bool = True, head_channels: int = 256, neighbour_codes: bool = False,
+                 top_masks: float = 0.0) -> None:
         super().__init__()
         self.sizes = {"channels": channels, "layers": layers, "condition_layers": condition_layers,
                       "passes_top": passes_top, "passes_bottom": passes_bottom,
                       "condition_shuffle": condition_shuffle, "head_channels": head_channels,
-                      "neighbour_codes": neighbour_codes}
+                      "neighbour_codes": neighbour_codes, "top_masks": top_masks}
         self.n_embed = n_embed
         self.top_grid = (int(top_grid[0]), int(top_grid[1]))
         self.bottom_grid = (2 * self.top_grid[0], 2 * self.top_grid[1])
-        self.top = PassNet(n_embed, self.top_grid, channels, layers, passes_top, head_channels, neighbour_codes)
+        self.top = PassNet(n_embed, self.top_grid, channels, layers, passes_top, head_channels, neighbour_codes,
+                           top_masks)
         self.condition = TopFeatures(n_embed, channels, condition_layers, condition_shuffle)
         self.bottom = PassNet(n_embed, self.bottom_grid, channels, layers, passes_bottom, head_channels,
                               neighbour_codes)
@@ -266,7 +299,8 @@ class PassPrior(nn.Module):
                  references=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean bits per code of each level. Training (``self.training``): each grid predicts the
         codes of one pass drawn with the probability of its share of the grid, an unbiased estimate
-        at one evaluation per level; otherwise the exact figure over every pass."""
+        at one evaluation per level (for a top net that learns masks, a random mask's unknown codes
+        instead, ``top_masks`` of the time); otherwise the exact figure over every pass."""
         if not self.training:
             logits_top, logits_bottom = self(codes_top, codes_bottom, references)
             return (F.cross_entropy(logits_top.float(), codes_top) / math.log(2),
@@ -277,19 +311,13 @@ class PassPrior(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, *, temperature: float = 1.0, top_p: float = 1.0,
                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``n`` new code pairs, each grid drawn pass by pass (``top_p`` < 1: nucleus sampling)."""
-        device = self.top.head.weight.device
+        """``n`` new code pairs, each grid drawn pass by pass (``top_p`` < 1: nucleus sampling), or
+        in :data:`DRAW_STEPS` steps where its net learnt masks (:func:`draw_in_steps`)."""
         grids = []
         for name, net in self.levels():
-            condition, bias = self._inputs(name, grids[0] if grids else None, None)
-            codes = torch.zeros(n, *net.grid, dtype=torch.long, device=device)
-            for step in range(net.passes):
-                here = (net.order == step).flatten()  # only this pass's positions are drawn
-                logits = net.logits_at(codes, torch.full((n,), step, device=device), condition, here, bias)
-                drawn = draw(logits.reshape(-1, self.n_embed), temperature, top_p, generator).reshape(n, -1)
-                codes = codes.flatten(1).index_put((torch.arange(n, device=device)[:, None],
-                                                    here.nonzero()[:, 0][None]), drawn).reshape(n, *net.grid)
-            grids.append(codes)
+            inputs = self._inputs(name, grids[0] if grids else None, None)
+            drawing = draw_in_steps if net.masks else draw_in_passes
+            grids.append(drawing(net, n, *inputs, temperature=temperature, top_p=top_p, generator=generator))
         return grids[0], grids[1]
 
 
@@ -401,6 +429,44 @@ def _draw_in_order(ordered: torch.Tensor, order: torch.Tensor, limit: torch.Tens
     return order.gather(-1, index)[:, 0]
 
 
+def draw_in_passes(net: PassNet, n: int, condition: torch.Tensor | None, bias: torch.Tensor | None, *,
+                   temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """``n`` grids ``(n, rows, cols)`` drawn as they are coded: pass by pass, every position of a
+    pass at once (only those are evaluated)."""
+    device = net.head.weight.device
+    codes = torch.zeros(n, *net.grid, dtype=torch.long, device=device)
+    for step in range(net.passes):
+        here = (net.order == step).flatten()
+        logits = net.logits_at(codes, torch.full((n,), step, device=device), condition, here, bias)
+        drawn = draw(logits.reshape(-1, net.n_embed), temperature, top_p, generator).reshape(n, -1)
+        codes = codes.flatten(1).index_put((torch.arange(n, device=device)[:, None],
+                                            here.nonzero()[:, 0][None]), drawn).reshape(n, *net.grid)
+    return codes
+
+
+def draw_in_steps(net: PassNet, n: int, condition: torch.Tensor | None, bias: torch.Tensor | None, *,
+                  temperature: float, top_p: float, generator: torch.Generator | None,
+                  steps: int = DRAW_STEPS) -> torch.Tensor:
+    """``n`` grids ``(n, rows, cols)`` of a net that learnt masks, drawn in ``steps`` steps: each
+    draws every unknown code and keeps the most confident (log-probability plus Gumbel noise of
+    weight :data:`DRAW_NOISE` falling to 0) until cos(pi t / 2 steps) of the grid is unknown."""
+    device = net.head.weight.device
+    codes = torch.zeros(n, *net.grid, dtype=torch.long, device=device)
+    known, size = torch.zeros(n, *net.grid, dtype=torch.bool, device=device), codes[0].numel()
+    for t in range(1, steps + 1):
+        logits = net(codes, net.masked(known), condition, bias).float().permute(0, 2, 3, 1).reshape(-1, net.n_embed)
+        drawn = draw(logits, temperature, top_p, generator)
+        confidence = torch.log_softmax(logits / temperature, 1).gather(1, drawn[:, None]).reshape(n, -1)
+        uniform = torch.rand(n, size, generator=generator, device=device).clamp(1e-9, 1 - 1e-9)
+        confidence = confidence - DRAW_NOISE * (1 - t / steps) * torch.log(-torch.log(uniform))
+        confidence = confidence.masked_fill(known.flatten(1), -math.inf)
+        keep = int((~known[0]).sum()) - math.floor(size * math.cos(math.pi / 2 * t / steps))
+        chosen = torch.zeros(n, size, dtype=torch.bool, device=device)
+        chosen = chosen.scatter(1, confidence.topk(keep, dim=1).indices, True).reshape(n, *net.grid)
+        codes, known = torch.where(chosen, drawn.reshape(n, *net.grid), codes), known | chosen
+    return codes
+
+
 def _all_passes(net: PassNet, codes: torch.Tensor, condition: torch.Tensor | None,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """Each position's logits from the evaluation of ``net`` for its own pass."""
@@ -414,10 +480,20 @@ def _all_passes(net: PassNet, codes: torch.Tensor, condition: torch.Tensor | Non
 def _one_pass_bits(net: PassNet, codes: torch.Tensor, condition: torch.Tensor | None,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
     """Mean bits per code at the positions of one random pass per grid, drawn by the pass's share
-    of the grid (so the mean over draws is the mean over every position)."""
+    of the grid (so the mean over draws is the mean over every position); for a net that learns
+    masks, a ``net.masks`` share of the grids predict the unknown codes of a random mask instead
+    (cos(pi r / 2) of the grid unknown, r uniform)."""
+    n, device = len(codes), codes.device
     counts = torch.bincount(net.order.flatten(), minlength=net.passes).float()
-    step = torch.multinomial(counts, len(codes), replacement=True).to(codes.device)
+    step = torch.multinomial(counts, n, replacement=True).to(device)
+    here = net.order[None] == step[:, None, None]
+    if net.masks:
+        share = torch.cos(torch.rand(n, device=device) * math.pi / 2)  # of the grid unknown
+        unknown = torch.rand(n, *net.grid, device=device) < share[:, None, None]
+        random = (torch.rand(n, device=device) < net.masks)[:, None, None]
+        here = torch.where(random, unknown, here)
+        step = net.masked(torch.where(random, ~unknown, net.seen(step)[0]))
     logits = net(codes, step, condition, bias)
     nats = F.cross_entropy(logits.float(), codes, reduction="none")  # (B, rows, cols)
-    here = (net.order[None] == step[:, None, None]).float()
-    return (nats * here).sum() / here.sum() / math.log(2)
+    here = here.float()
+    return (nats * here).sum() / here.sum().clamp(min=1) / math.log(2)

@@ -405,7 +405,7 @@ def _net_state(net, record: dict, unit: float, *, head: bool) -> dict:
     if isinstance(net, TopFeatures) and net.out is not None:  # features in the stream's unit
         state["head"] = _conv_state(net.out, relu_scales[-1], unit)
     if head:
-        state["step"] = table(net.step.weight, unit)
+        state["step"] = table(net.step.weight[net.pass_row], unit)  # a net that learnt masks: each pass's share
         state["row"] = table(net.row.weight, unit)
         state["col"] = table(net.col.weight, unit)
         state["order"] = net.order.clone()
