@@ -30,7 +30,14 @@ from mrivq.compression.portable.passes import (
     pass_copy,
     pass_copy_problem,
 )
-from mrivq.nn.pass_prior import DRAW_STEPS, PassPrior, draw_in_passes, draw_in_steps, pass_map
+from mrivq.nn.pass_prior import (
+    DRAW_STEPS,
+    PassPrior,
+    VolumePrior,
+    draw_in_passes,
+    draw_in_steps,
+    pass_map,
+)
 
 
 def trained_prior(seed: int = 0, **sizes) -> tuple[PassPrior, torch.Tensor, torch.Tensor]:
@@ -108,6 +115,25 @@ def test_a_net_that_learns_masks_sees_only_the_codes_its_mask_marks_known():
     # the known share, in eighths; each coding pass's is one fixed row of the table
     assert net.masked(known)[1].tolist() == (known.flatten(1).sum(1) * 8 // 16).tolist()
     assert net.pass_row.tolist() == [0, 2, 4]  # three passes: nothing, a quarter, half known
+
+
+def test_a_volume_prior_learns_its_random_masks_as_slices_drawn_alone():
+    """Samples are drawn with no slice beside them, so the random masks a volume prior's top net
+    learns are of grids given no references, whatever slices the coding passes are given."""
+    torch.manual_seed(0)
+    prior = VolumePrior(16, (4, 4), channels=8, layers=2, top_masks=0.5).train()
+    torch.nn.init.normal_(prior.follow_top.weight)
+    top, bottom = torch.randint(0, 16, (6, 4, 4)), torch.randint(0, 16, (6, 8, 8))
+    refs = [(torch.stack([t, t], 1), torch.stack([b, b], 1)) for t, b in ((top, bottom), ((top + 1) % 16, bottom))]
+
+    def top_bits(masks: float, references) -> float:
+        prior.top.masks = masks
+        torch.manual_seed(1)
+        with torch.no_grad():
+            return float(prior.nll_bits(top, bottom, references)[0])
+
+    assert top_bits(1.0, refs[0]) == top_bits(1.0, refs[1]) == top_bits(1.0, None)
+    assert top_bits(0.5, refs[0]) != top_bits(0.5, refs[1])
 
 
 def masked_top(steps: int = 300) -> PassPrior:

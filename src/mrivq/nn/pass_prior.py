@@ -299,13 +299,15 @@ class PassPrior(nn.Module):
                  references=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean bits per code of each level. Training (``self.training``): each grid predicts the
         codes of one pass drawn with the probability of its share of the grid, an unbiased estimate
-        at one evaluation per level (for a top net that learns masks, a random mask's unknown codes
-        instead, ``top_masks`` of the time); otherwise the exact figure over every pass."""
+        at one evaluation per level (for a top net that learns masks, ``top_masks`` of the time a
+        random mask's unknown codes instead, of a slice drawn alone, as samples are); otherwise the
+        exact figure over every pass."""
         if not self.training:
             logits_top, logits_bottom = self(codes_top, codes_bottom, references)
             return (F.cross_entropy(logits_top.float(), codes_top) / math.log(2),
                     F.cross_entropy(logits_bottom.float(), codes_bottom) / math.log(2))
-        return (_one_pass_bits(self.top, codes_top, *self._inputs("top", codes_top, references)),
+        return (_one_pass_bits(self.top, codes_top, *self._inputs("top", codes_top, references),
+                               alone=self._inputs("top", None, None)),
                 _one_pass_bits(self.bottom, codes_bottom, *self._inputs("bottom", codes_top, references)))
 
     @torch.no_grad()
@@ -478,11 +480,12 @@ def _all_passes(net: PassNet, codes: torch.Tensor, condition: torch.Tensor | Non
 
 
 def _one_pass_bits(net: PassNet, codes: torch.Tensor, condition: torch.Tensor | None,
-                   bias: torch.Tensor | None = None) -> torch.Tensor:
+                   bias: torch.Tensor | None = None, alone: tuple | None = None) -> torch.Tensor:
     """Mean bits per code at the positions of one random pass per grid, drawn by the pass's share
     of the grid (so the mean over draws is the mean over every position); for a net that learns
     masks, a ``net.masks`` share of the grids predict the unknown codes of a random mask instead
-    (cos(pi r / 2) of the grid unknown, r uniform)."""
+    (cos(pi r / 2) of the grid unknown, r uniform), given ``alone``'s ``(condition, bias)`` (those
+    of a grid with no slice beside it) where it has them."""
     n, device = len(codes), codes.device
     counts = torch.bincount(net.order.flatten(), minlength=net.passes).float()
     step = torch.multinomial(counts, n, replacement=True).to(device)
@@ -493,6 +496,8 @@ def _one_pass_bits(net: PassNet, codes: torch.Tensor, condition: torch.Tensor | 
         random = (torch.rand(n, device=device) < net.masks)[:, None, None]
         here = torch.where(random, unknown, here)
         step = net.masked(torch.where(random, ~unknown, net.seen(step)[0]))
+        condition, bias = (term if term is None or lone is None else torch.where(random[:, None], lone, term)
+                           for term, lone in zip((condition, bias), alone or (None, None)))
     logits = net(codes, step, condition, bias)
     nats = F.cross_entropy(logits.float(), codes, reduction="none")  # (B, rows, cols)
     here = here.float()
