@@ -175,7 +175,8 @@ def test_an_old_flat_prior_section_in_a_stored_config_loads_nested_silently(caps
     old = load_config(None, ["prior.kind=transformer", "prior.transformer.d_model=64",
                              "prior.passes.condition_shuffle=false", "prior.volume.condition_shuffle=false",
                              "prior.passes.head_channels=0", "prior.volume.head_channels=0",
-                             "prior.passes.neighbour_codes=false", "prior.volume.neighbour_codes=false"])
+                             "prior.passes.neighbour_codes=false", "prior.volume.neighbour_codes=false",
+                             "prior.passes.top_masks=0", "prior.volume.top_masks=0"])
     assert config_from_dict({**today.to_dict(), "prior": flat_prior(today.to_dict()["prior"])}) == old
 
 
@@ -198,9 +199,12 @@ def test_a_stored_prior_config_without_the_newer_keys_loads_as_it_trained():
     # before their nets could be handed their neighbours' codes
     for kind in ("passes", "volume"):
         del nested["prior"][kind]["condition_shuffle"], nested["prior"][kind]["neighbour_codes"]
+        del nested["prior"][kind]["top_masks"]  # and before their top nets learnt random masks
     loaded = config_from_dict(nested).prior
     assert (loaded.passes.condition_shuffle, loaded.volume.condition_shuffle) == (False, False)
     assert (loaded.passes.neighbour_codes, loaded.volume.neighbour_codes) == (False, False)
+    assert (loaded.passes.top_masks, loaded.volume.top_masks) == (0, 0)
+    assert Config().prior.volume.top_masks == 0.5
 
     assert Config().prior.passes.condition_shuffle and Config().prior.volume.condition_shuffle
 

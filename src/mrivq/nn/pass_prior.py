@@ -248,7 +248,7 @@ class PassPrior(nn.Module):
     def __init__(self, n_embed: int, top_grid: tuple[int, int], *, channels: int = 64, layers: int = 6,
                  condition_layers: int = 2, passes_top: int = 3, passes_bottom: int = 2,
                  condition_shuffle: bool = True, head_channels: int = 256, neighbour_codes: bool = False,
-                 top_masks: float = 0.0) -> None:
+                 top_masks: float = 0.5) -> None:
         super().__init__()
         self.sizes = {"channels": channels, "layers": layers, "condition_layers": condition_layers,
                       "passes_top": passes_top, "passes_bottom": passes_bottom,
