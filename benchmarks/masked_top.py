@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from bottom_net import training_codes
 from sample_levers import draw_passes, scored
+from torch import nn
 
 from mrivq.apps import sample as sample_app
 from mrivq.nn.pass_prior import PassNet, _all_passes, _one_pass_bits, draw_in_passes, draw_in_steps
@@ -45,11 +46,35 @@ def coding_bits(net: PassNet, codes: torch.Tensor) -> tuple[float, list[float]]:
     return float(bits.mean()), [float(bits[:, net.order == step].mean()) for step in range(net.passes)]
 
 
+class AttentionTop(PassNet):
+    """A :class:`PassNet` whose residual convolutions are ``layers`` transformer blocks over the
+    whole grid (bidirectional attention, pre-norm; float only: mrivq has no integer copy of it):
+    does a net that sees every known code at once draw better layouts?"""
+
+    def __init__(self, n_embed: int, grid: tuple[int, int], channels: int, layers: int, passes: int,
+                 head_channels: int, masks: float) -> None:
+        super().__init__(n_embed, grid, channels, 0, passes, head_channels, masks=masks)
+        block = nn.TransformerEncoderLayer(channels, max(1, channels // 32), 4 * channels, dropout=0.0,
+                                           batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(channels)
+
+    def features(self, codes: torch.Tensor, step, condition: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.inputs(codes, step)
+        if condition is not None:
+            x = x + condition
+        b, c, h, w = x.shape
+        x = self.norm(self.blocks(x.flatten(2).transpose(1, 2)))
+        return x.transpose(1, 2).reshape(b, c, h, w)
+
+
 def train(args, top: torch.Tensor, val_top: torch.Tensor, config, n_embed: int) -> PassNet:
     settings = config.prior.passes
     torch.manual_seed(args.seed)
-    net = PassNet(n_embed, tuple(top.shape[1:]), args.channels or settings.channels, args.layers or settings.layers,
-                  settings.passes_top, settings.head_channels, masks=args.share)
+    kind = AttentionTop if args.attention else PassNet
+    net = kind(n_embed, tuple(top.shape[1:]), args.channels or settings.channels, args.layers or settings.layers,
+               settings.passes_top, settings.head_channels, masks=args.share)
+    print(f"{kind.__name__}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters", flush=True)
     optimiser = torch.optim.AdamW(net.parameters(), lr=config.prior.lr, weight_decay=config.prior.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, config.prior.lr, total_steps=args.steps, pct_start=0.05)
     started = time.perf_counter()
@@ -76,6 +101,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--channels", type=int, default=0, help="the net's width (0: the prior's)")
     parser.add_argument("--layers", type=int, default=0, help="its residual convolutions (0: the prior's)")
+    parser.add_argument("--attention", action="store_true",
+                        help="transformer blocks (--layers of them) instead of convolutions (float only)")
     parser.add_argument("--draw-steps", type=int, nargs="+", default=[0, 8])
     parser.add_argument("--top-p", type=float, nargs="+", default=[sample_app.TOP_P])
     parser.add_argument("--threads", type=int, default=None)
