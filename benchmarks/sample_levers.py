@@ -41,27 +41,20 @@ from mrivq.data.cache import load_split
 from mrivq.data.preprocess import Preprocessing
 from mrivq.data.sources import data_splits
 from mrivq.engine.checkpoint import checkpoint_config, load_checkpoint, load_prior
-from mrivq.nn.pass_prior import PassPrior, draw
+from mrivq.nn.pass_prior import PassPrior, draw_in_passes
 
 
 def draw_passes(prior: PassPrior, n: int, schedule: list[float], temperature: float,
                 generator: torch.Generator | None, top: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` code pairs drawn pass by pass, pass k of all the levels' passes at ``schedule[k]``;
     ``top`` given: only the bottom grid is drawn, given it."""
-    grids, settings = [] if top is None else [top], iter(schedule)
-    if top is not None:
-        for _ in range(prior.top.passes):
-            next(settings)
-    for name, net in prior.levels()[len(grids):]:
-        condition, bias = prior.condition_for(name, grids[0] if grids else None), prior.logit_bias(name)
-        codes = torch.zeros(n, *net.grid, dtype=torch.long)
-        for step in range(net.passes):
-            here = (net.order == step).flatten()
-            logits = net.logits_at(codes, torch.full((n,), step), condition, here, bias)
-            drawn = draw(logits.reshape(-1, prior.n_embed), temperature, next(settings), generator).reshape(n, -1)
-            codes = codes.flatten(1).index_put((torch.arange(n)[:, None], here.nonzero()[:, 0][None]),
-                                               drawn).reshape(n, *net.grid)
-        grids.append(codes)
+    grids, first = [] if top is None else [top], 0
+    for name, net in prior.levels():
+        if name != "top" or top is None:
+            inputs = prior._inputs(name, grids[0] if grids else None, None)
+            grids.append(draw_in_passes(net, n, *inputs, temperature=temperature,
+                                        top_p=list(schedule[first:first + net.passes]), generator=generator))
+        first += net.passes
     return grids[0], grids[1]
 
 

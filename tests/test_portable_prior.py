@@ -187,6 +187,21 @@ def test_drawing_in_steps_keeps_what_one_early_code_says_where_the_first_pass_ca
         assert (later >= known).all() and torch.equal(codes[known], grids[known])
 
 
+def test_drawing_in_passes_takes_one_nucleus_setting_or_one_per_pass():
+    torch.manual_seed(0)
+    net = PassPrior(32, (8, 4), channels=8, layers=2, top_masks=0).eval().top
+
+    def drawn(top_p):
+        with torch.no_grad():
+            return draw_in_passes(net, 5, None, None, temperature=1.0, top_p=top_p,
+                                  generator=torch.Generator().manual_seed(0))
+
+    assert torch.equal(drawn(0.7), drawn([0.7] * net.passes))
+    assert not torch.equal(drawn(0.7), drawn([0.7, 0.7, 0.05]))  # the last pass's positions, nearly argmax
+    with pytest.raises(ValueError):
+        drawn([0.7, 0.7])
+
+
 def test_int8_products_are_exact_even_where_a_kernel_would_saturate():
     """Long sums of extreme products: oneDNN's int8 kernel for CPUs without VNNI saturates 16-bit
     pair sums on them, so there the products go through floating point, exactly."""

@@ -118,9 +118,10 @@ class PassNet(nn.Module):
             self.near_follow = nn.Embedding(len(NEAR) * (n_embed + 1), n_embed)
             nn.init.zeros_(self.near_follow.weight)
         self.register_buffer("order", pass_map(self.grid, passes), persistent=False)
-        before = self.order[None] < torch.arange(passes, device="cpu")[:, None, None]  # what each pass knows
-        rows = self.masked(before)[1] if self.masks else torch.arange(passes, device="cpu")
-        self.register_buffer("pass_row", rows, persistent=False)  # each pass's row of ``step``
+        rows = torch.arange(passes, device="cpu")  # each pass's row of ``step``: its own, or its known share's
+        if self.masks:
+            rows = self.masked(self.order[None] < rows[:, None, None])[1]
+        self.register_buffer("pass_row", rows, persistent=False)
 
     def masked(self, known: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What the methods take as ``step`` for the codes ``known`` ``(B, rows, cols)`` bool of a
@@ -432,15 +433,16 @@ def _draw_in_order(ordered: torch.Tensor, order: torch.Tensor, limit: torch.Tens
 
 
 def draw_in_passes(net: PassNet, n: int, condition: torch.Tensor | None, bias: torch.Tensor | None, *,
-                   temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+                   temperature: float, top_p, generator: torch.Generator | None) -> torch.Tensor:
     """``n`` grids ``(n, rows, cols)`` drawn as they are coded: pass by pass, every position of a
-    pass at once (only those are evaluated)."""
+    pass at once (only those are evaluated); ``top_p``: one setting, or a sequence of one per pass."""
     device = net.head.weight.device
     codes = torch.zeros(n, *net.grid, dtype=torch.long, device=device)
-    for step in range(net.passes):
+    settings = top_p if isinstance(top_p, (list, tuple)) else [top_p] * net.passes
+    for step, setting in zip(range(net.passes), settings, strict=True):
         here = (net.order == step).flatten()
         logits = net.logits_at(codes, torch.full((n,), step, device=device), condition, here, bias)
-        drawn = draw(logits.reshape(-1, net.n_embed), temperature, top_p, generator).reshape(n, -1)
+        drawn = draw(logits.reshape(-1, net.n_embed), temperature, setting, generator).reshape(n, -1)
         codes = codes.flatten(1).index_put((torch.arange(n, device=device)[:, None],
                                             here.nonzero()[:, 0][None]), drawn).reshape(n, *net.grid)
     return codes
