@@ -118,14 +118,15 @@ def test_golden_prior_coded_files_decode_the_same_with_every_float_result_one_ul
     assert np.array_equal(top, expected[f"{name}/top"]) and np.array_equal(bottom, expected[f"{name}/bottom"])
 
 
-@pytest.mark.parametrize("version", ["", "2", "3", "4"])
+@pytest.mark.parametrize("version", ["", "2", "3", "4", "5"])
 @pytest.mark.parametrize("name", ["lossless", "bounded2"])
 def test_residual_files_of_earlier_payload_versions_decode_to_the_values_they_held(name, version, tmp_path):
     """Files the residual layer's earlier payload versions wrote (``encode --max-error 0`` and ``2``):
     version 1 (before the weighted mean; the float64 picture) and version 2 (the weighted mean in
     1/256 and float16 coefficients; the first files on the decoder's integer copy, ``int8-v1``) and
     version 3 (9-bit coefficients, weights in 1/128, the middle slice coded given the other two) and
-    version 4 (the mean's weights in four contrast groups of every phase):
+    version 4 (the mean's weights in four contrast groups of every phase) and version 5 (four phases,
+    the picture's spread a scale feature; written by the mrivq of these tests' commit):
     ``mrivq decode`` writes exactly the stored values they held."""
     import nibabel as nib
     import numpy as np
@@ -141,7 +142,7 @@ def test_residual_files_of_earlier_payload_versions_decode_to_the_values_they_he
     for written, values in zip(expected["names"], expected[f"{name}/values"]):
         decoded = np.asarray(nib.load(out / f"{written}.nii.gz").dataobj.get_unscaled())
         assert np.array_equal(decoded, values), written
-    if version == "4":  # these files exercise the groups: every phase of every slice has four
+    if version in ("4", "5"):  # these files exercise the groups: every phase of every slice has four
         from mrivq.compression import residual
         from mrivq.compression.container import read_codes_file
 
