@@ -214,8 +214,13 @@ def _weights(cls: int, width: int) -> np.ndarray:
 
 
 def _shape_weights(cls: int, width: int, shape: int) -> np.ndarray:
-    """``_weights(cls, width)[shape]``, computing that one shape alone (what the coder needs)."""
-    return _shape_rows(cls, width, (shape,))[0]
+    """``_weights(cls, width)[shape]``, computing that one shape alone (what the coder needs): the
+    weights of |d| = 0..width, mirrored (the same products as :func:`_shape_rows`, so the same numbers)."""
+    blend, weight, offset, other = _composition(shape)
+    half = weight * _half_profile(cls, blend)[0][:width + 1]
+    if other:
+        half += other * _half_profile(min(max(cls + offset, 0), N_CLASSES - 1), 0)[0][:width + 1]
+    return np.concatenate([half[:0:-1], half, _exp_weights()[CAP:]])
 
 
 # -- integer context ---------------------------------------------------------------------------
@@ -240,20 +245,27 @@ class _Layout:
 THREE_PHASES = _Layout((((0, 0),), ((1, 1),), ((0, 1), (1, 0))), (None, DIAGONAL, DIRECT),
                        ((), DIAGONAL, DIRECT + KNIGHT), False)
 #: Version 5: the last half in two, the odd rows' quarter after the even rows', so that it has eight
-#: decoded neighbours (its four diagonal ones are the quarter before); and the picture's 5x5 spread as
-#: a scale feature. Measured on the 46 real test slices, lossless (ideal side information):
-#: -0.024 bits per voxel from the split, -0.011 more from the spread.
+#: decoded neighbours (its four diagonal ones are the quarter before; the knight's-move ones add
+#: nothing there); and the picture's 5x5 spread as a scale feature.
 FOUR_PHASES = _Layout((((0, 0),), ((1, 1),), ((0, 1),), ((1, 0),)), (None, DIAGONAL, DIRECT, DIRECT + DIAGONAL),
-                      ((), DIAGONAL, DIRECT + KNIGHT, DIRECT + DIAGONAL + KNIGHT), True)
+                      ((), DIAGONAL, DIRECT + KNIGHT, DIRECT + DIAGONAL), True)
 
 
 def _layout(version: int) -> _Layout:
     return FOUR_PHASES if version >= 5 else THREE_PHASES
 
 
-def _phase_masks(shape, layout: _Layout) -> list[np.ndarray]:
+def _phase_masks(shape, layout: _Layout) -> list[tuple[np.ndarray, tuple[int, int] | None]]:
+    """Each phase's voxels as a mask, and its place in every 2x2 cell where it has one (None:
+    several; :func:`_at` then gathers by the mask)."""
     rows, cols = np.indices(shape) % 2
-    return [np.logical_or.reduce([(rows == r) & (cols == c) for r, c in phase]) for phase in layout.phases]
+    return [(np.logical_or.reduce([(rows == r) & (cols == c) for r, c in phase]), phase[0] if len(phase) == 1 else None)
+            for phase in layout.phases]
+
+
+def _at(x: np.ndarray, where: np.ndarray, cell: tuple[int, int] | None) -> np.ndarray:
+    """``x`` at a phase's voxels, in raster order (a strided copy for a phase of one place a cell)."""
+    return x.ravel().take(np.flatnonzero(where)) if cell is None else x[cell[0]::2, cell[1]::2].ravel()
 
 
 def _contrast(prediction: np.ndarray) -> np.ndarray:
@@ -287,27 +299,34 @@ def _levels(prediction: np.ndarray, lo: int, hi: int) -> np.ndarray:
     return np.searchsorted(LEVEL_EDGES, (prediction - lo) // unit, side="right")
 
 
-def _neighbours(known: np.ndarray, offsets) -> tuple[np.ndarray, np.ndarray]:
-    """Sum of |q| and sum of q over each voxel's four neighbours at ``offsets`` (zero outside)."""
+def _neighbours(known: np.ndarray, offsets, where: np.ndarray,
+                cell: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Sum of |q| and sum of q over the neighbours at ``offsets`` (zero outside) of a phase's voxels
+    (:func:`_at`), in raster order."""
     p = np.pad(known, 1)
     height, width = known.shape
-    around = [p[1 + dy:1 + dy + height, 1 + dx:1 + dx + width] for dy, dx in offsets]
+    if cell is None:
+        around = [p[1 + dy:1 + dy + height, 1 + dx:1 + dx + width].ravel().take(np.flatnonzero(where))
+                  for dy, dx in offsets]
+    else:
+        around = [p[1 + cell[0] + dy:1 + dy + height:2, 1 + cell[1] + dx:1 + dx + width:2].ravel() for dy, dx in offsets]
     return sum(np.abs(a) for a in around), sum(around)
 
 
-def _phase_context(neighbours, where: np.ndarray, known: np.ndarray, levels: np.ndarray,
-                   picture: list[np.ndarray], apart: list[np.ndarray] = ()) -> tuple[_Features, np.ndarray]:
-    """The features of one phase's voxels (:func:`_features`) and the sums of their decoded
-    ``neighbours``' residuals (None: no such feature); ``picture``: :func:`_picture_features`;
-    ``apart``: given references, how far their mean is from the prediction and how far apart they
-    are from each other (in quantiser steps)."""
-    at = np.flatnonzero(where)
-    first = [feature.ravel().take(at) for feature in picture]
-    extra = [feature.ravel().take(at) for feature in apart]
+def _phase_context(neighbours, where: np.ndarray, cell: tuple[int, int] | None, known: np.ndarray,
+                   levels: np.ndarray, picture: list[np.ndarray],
+                   apart: list[np.ndarray] = ()) -> tuple[_Features, np.ndarray]:
+    """The features of one phase's voxels (``where``, ``cell``: :func:`_phase_masks`; :func:`_features`)
+    and the sums of their decoded ``neighbours``' residuals (None: no such feature); ``picture``:
+    :func:`_picture_features`; ``apart``: given references, how far their mean is from the
+    prediction and how far apart they are from each other (in quantiser steps)."""
+    first = [_at(feature, where, cell) for feature in picture]
+    extra = [_at(feature, where, cell) for feature in apart]
+    here = _at(levels, where, cell)
     if neighbours is None:
-        return _features(levels.ravel().take(at), *first, *extra), np.zeros(len(at), dtype=np.int64)
-    size, total = _neighbours(known, neighbours)
-    return _features(levels.ravel().take(at), *first, size.ravel().take(at), *extra), total.ravel().take(at)
+        return _features(here, *first, *extra), np.zeros(len(here), dtype=np.int64)
+    size, total = _neighbours(known, neighbours, where, cell)
+    return _features(here, *first, size, *extra), total
 
 
 @dataclass(frozen=True)
@@ -666,8 +685,8 @@ def _code_phases(q: np.ndarray, prediction: np.ndarray, levels: np.ndarray, quan
     categorical, queue = _coder()
     coder = queue.RangeEncoder()
     known, phases, escaped = np.zeros_like(q), [], []
-    for phase, where in enumerate(_phase_masks(q.shape, layout)):
-        features, _ = _phase_context(layout.neighbours[phase], where, known, levels, picture, apart)
+    for phase, (where, cell) in enumerate(_phase_masks(q.shape, layout)):
+        features, _ = _phase_context(layout.neighbours[phase], where, cell, known, levels, picture, apart)
         columns, order, bounds = _grouped_columns(layout.mean_offsets[phase], known, prediction, quantiser, where,
                                                   features.contrast, _group_count(len(features.levels)), reference)
         here = q[where]
@@ -958,8 +977,8 @@ def _decode_phases(part: _Payload, prediction: np.ndarray, levels: np.ndarray, q
     categorical, queue = _coder()
     decoder = queue.RangeDecoder(part.words)
     q = np.zeros(prediction.shape, dtype=np.int64)
-    for phase, where in enumerate(_phase_masks(q.shape, layout)):
-        features, total = _phase_context(layout.neighbours[phase], where, q, levels, picture, apart)
+    for phase, (where, cell) in enumerate(_phase_masks(q.shape, layout)):
+        features, total = _phase_context(layout.neighbours[phase], where, cell, q, levels, picture, apart)
         width, _, mean = part.phases[phase]
         if version == 1:
             mean = _mean_prediction(mean, total)
