@@ -36,16 +36,28 @@ def grouped(monkeypatch):
     monkeypatch.setattr(residual, "GROUP_VOXELS", 8)
 
 
+@pytest.fixture(params=["three phases", "four phases"])
+def layout(request, monkeypatch):
+    """Every slice coded in the layout the parameter names (the encoder's choice, read by the
+    decoder from the payload's flag), whatever :func:`residual._four_phases` would pick."""
+    four = request.param == "four phases"
+    monkeypatch.setattr(residual, "_four_phases", lambda *args: four)
+    return four
+
+
 @pytest.mark.parametrize("groups", ["one mean per phase", "contrast groups"])
 @pytest.mark.parametrize("delta", DELTAS)
 def test_every_voxel_decodes_within_the_bound_and_exactly_at_zero(work, test_files, delta, one_thread, groups,
-                                                                  request):
+                                                                  layout, request):
     if groups == "contrast groups":
         request.getfixturevalue("grouped")
     codec = load_codec(work["vqvae"])
     slices = CodecInput.read(test_files, codec.prep, originals=True)
     packed = codec.compress(slices, layers=("residual",), layer_options={"residual": {"max_error": delta}})
-    decoded = dict(codec.decompress(CodesFile.from_bytes(packed.blob)))
+    file = CodesFile.from_bytes(packed.blob)
+    assert all(len(residual._parse(p, s.values.shape).phases) == (4 if layout else 3)
+               for p, s in zip(file.layers["residual"], slices.originals))
+    decoded = dict(codec.decompress(file))
     errors = [np.abs(decoded[i].values.astype(np.float64) - _stored_of(path)).max() for i, path in enumerate(test_files)]
     assert max(errors) <= delta
     if delta == 0:
@@ -60,7 +72,8 @@ def test_every_voxel_decodes_within_the_bound_and_exactly_at_zero(work, test_fil
 
 @pytest.mark.parametrize("picture", ["integer copy", "float64"])
 def test_a_machine_whose_floating_point_rounds_otherwise_decodes_the_same_values(work, test_files, one_thread,
-                                                                                 picture, monkeypatch, grouped):
+                                                                                 picture, monkeypatch, grouped,
+                                                                                 layout):
     """Every float result of torch moved one ulp: a new file's picture (the decoder's integer copy)
     does not move at all; an older file's (float64, as files before the copy, and models without
     one, have it) moves, and the decoded values do not (at 0 and 2)."""
@@ -213,7 +226,7 @@ def test_the_float64_picture_is_the_float32_one_to_float32_precision(work, test_
     assert next(codec.model.parameters()).dtype == torch.float32  # the codec's own model is untouched
 
 
-def test_damaged_payloads_never_decode_to_other_values(grouped):
+def test_damaged_payloads_never_decode_to_other_values(grouped, layout):
     """Bytes flipped anywhere in a payload, or the payload cut short: a ValueError, or (a byte the
     decoder never reads) exactly the values encoded."""
     rng = np.random.default_rng(4)
@@ -463,3 +476,26 @@ def test_a_slice_refused_on_a_worker_process_is_named(monkeypatch):
     with pytest.raises(layers.SliceRefused) as refused:
         layers.code_slices([layer], {}, originals, [np.zeros((4, 4))] * 6, None)
     assert (refused.value.index, refused.value.label, refused.value.reason) == (3, "the refusing layer", "it is the third")
+
+
+def test_a_slice_is_coded_in_four_phases_where_its_odd_rows_follow_their_diagonal_neighbours():
+    """The encoder's choice of layout: a residual that is smooth across voxels (the odd rows' quarter
+    predicted far better once the even rows are decoded) gets four phases, and in fewer bytes than
+    three; white noise around the picture keeps three (a fourth phase's settings would buy
+    nothing). Both decode exactly, the decoder reading the choice from the payload."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(5)
+    picture = np.full((96, 80), 1000.0) + 0.3
+    fields = {"smooth": ndimage.zoom(rng.normal(0, 60, (24, 20)), 4, order=1), "white": rng.normal(0, 20, picture.shape)}
+    for name, field in fields.items():
+        values = np.round(picture + field).astype(np.int64)
+        payload = residual.encode(Stored(values, "int16"), picture)
+        four = len(residual._parse(payload, values.shape).phases) == 4
+        assert four == (name == "smooth"), name
+        assert np.array_equal(residual.decode(payload, picture).values, values)
+        if four:
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(residual, "_four_phases", lambda *args: False)
+                three = residual.encode(Stored(values, "int16"), picture)
+            assert len(payload) < 0.97 * len(three)
