@@ -125,8 +125,8 @@ def test_residual_files_of_earlier_payload_versions_decode_to_the_values_they_he
     version 1 (before the weighted mean; the float64 picture) and version 2 (the weighted mean in
     1/256 and float16 coefficients; the first files on the decoder's integer copy, ``int8-v1``) and
     version 3 (9-bit coefficients, weights in 1/128, the middle slice coded given the other two) and
-    version 4 (the mean's weights in four contrast groups of every phase) and version 5 (four phases,
-    the picture's spread a scale feature; written by the mrivq of these tests' commit):
+    version 4 (the mean's weights in four contrast groups of every phase) and version 5 (each slice in
+    four phases, the picture's spread a scale feature):
     ``mrivq decode`` writes exactly the stored values they held."""
     import nibabel as nib
     import numpy as np
@@ -147,4 +147,6 @@ def test_residual_files_of_earlier_payload_versions_decode_to_the_values_they_he
         from mrivq.compression.container import read_codes_file
 
         payloads = read_codes_file(path).layers["residual"]
-        assert all(len(mean) == 4 for p in payloads for _, _, mean in residual._parse(p, (64, 32)).phases)
+        parsed = [residual._parse(p, (64, 32)).phases for p in payloads]
+        assert all(len(mean) == 4 for phases in parsed for _, _, mean in phases)
+        assert all(len(phases) == (4 if version == "5" else 3) for phases in parsed)
