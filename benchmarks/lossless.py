@@ -5,7 +5,8 @@ For the test slices of a run (stored integers), at each maximum error δ (0 is l
 - **mrivq**: ``encode --max-error δ`` through the codec (the codes frequency-coded, or under
   ``--prior``), bits per voxel of the whole file and of its two parts (codes, residual), the
   largest error over every voxel (checked), SSIM / PSNR under the project's protocol, and the
-  coder's speed (encode and decode, slices per second, the VQ-VAE included);
+  coder's speed (encode and decode, slices per second, the VQ-VAE included), and after the table how
+  many slices the encoder coded in four phases at each bound (payload version 5);
 - **the lossless and near-lossless codecs** on the stored integers (imagecodecs): JPEG-LS at
   NEAR = δ, and at δ = 0 JPEG XL (lossless, at its strongest effort, 6), JPEG 2000 and HTJ2K (reversible) and PNG;
 - **the lossy codecs at mrivq's rate** of each δ, each slice at the best setting whose file fits
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mrivq.compression import codecs
+from mrivq.compression import codecs, residual
 from mrivq.compression.codec import CodecInput
 from mrivq.compression.container import CodesFile
 from mrivq.compression.layers import Stored
@@ -126,6 +127,7 @@ def main() -> None:
               f"(noise sd {least:.1f}-{most:.1f} stored units; {len(originals[0])}x{originals[0].shape[1]} slices)")
     print("| δ | coder | bits per voxel | codes / residual | largest error | SSIM | PSNR | encode / decode slices/s |")
     print("|---|---|---|---|---|---|---|---|")
+    four: dict[int, int] = {}  # by bound: the slices the encoder coded in four phases
     for delta in args.deltas:
         encode_s, decode_s = [], []
         for _ in range(max(1, args.repeat)):
@@ -138,6 +140,8 @@ def main() -> None:
         error = max(np.abs(d.astype(np.float64) - x).max() for d, x in zip(decoded, originals))
         assert error <= delta, f"the residual layer's error {error} is above {delta}"
         residual_bits = 8 * sum(len(p) for p in packed.file.layers["residual"])
+        four[delta] = sum(len(residual._parse(p, x.shape).phases) == 4
+                          for p, x in zip(packed.file.layers["residual"], originals))
         rate = 8 * len(packed.blob) / voxels
         ssim, psnr = scored(codec, decoded, slices)
         print(f"| {delta} | **mrivq** | **{rate:.3f}** | {rate - residual_bits / voxels:.3f} / "
@@ -160,6 +164,8 @@ def main() -> None:
             error = max(np.abs(v - x).max() for v, x in zip(values, originals))
             ssim, psnr = scored(codec, values, slices)
             print(f"| {delta} | {name} at mrivq's rate | ≤ {rate:.3f} | | {error:g} | {ssim:.4f} | {psnr:.2f} | |")
+    print("slices the residual layer coded in four phases (the rest in three): "
+          + ", ".join(f"δ = {delta}: {n} of {len(files)}" for delta, n in four.items()))
 
 
 if __name__ == "__main__":
