@@ -13,19 +13,20 @@ the input's, and exactly the input's at δ = 0 ("lossy plus residual" coding). P
    2δ + 1 (``q = sign(r) ((|r| + δ) // (2δ + 1))``), so ``P + q (2δ + 1)`` is within δ of every
    voxel. Float data that are not integers are first put on a grid of step just under 2δ
    (δ = 0 is refused for them).
-3. **Coding** in phases (:data:`FOUR_PHASES` since version 5; :data:`THREE_PHASES` before): a
-   quarter of the voxels, the quarter between them, then the other half, since version 5 in two
-   quarters (the odd rows' after the even rows'). Each symbol is predicted by a linear mean
+3. **Coding** in phases (:data:`THREE_PHASES`, or since version 5 :data:`FOUR_PHASES` where the
+   encoder finds they pay, :func:`_four_phases`): a quarter of the voxels, the quarter between
+   them, then the other half, or that half in two quarters (the odd rows' after the even rows').
+   Each symbol is predicted by a linear mean
    (versions 2 on; :attr:`_Layout.mean_offsets`): weights, fitted per phase and slice by least squares and
    stored (since version 4, one set per :data:`MEAN_GROUPS` groups of the phase's voxels by the
    picture's local contrast, :func:`_mean_groups`), on the residuals already decoded around it
    (the four diagonal neighbours in the second phase, the four direct and eight knight's-move
-   neighbours in the third, and the four diagonal ones too in version 5's fourth) and on the
+   neighbours in the third, all eight nearest in a fourth) and on the
    picture's differences to its 3x3 neighbours (so the mean also sharpens the picture); version
    1's mean, one weight on the four neighbours' mean residual, is still decoded. What is left is
    coded under a discretised Laplace-to-Gaussian blend or a mixture with a wider Laplace (one of
    :data:`SHAPES`, chosen per class) whose scale is a linear estimate from integer context: the
-   prediction's level (a one-hot of :data:`LEVELS` bins) and local contrast (and since version 5
+   prediction's level (a one-hot of :data:`LEVELS` bins) and local contrast (and in four phases
    its spread over 5x5, :func:`_spread`), and after the first
    phase the size of the nearest decoded neighbours' residuals. Each level's median
    residual is added to the prediction first. The estimate picks one of :data:`N_CLASSES` scale
@@ -79,8 +80,8 @@ CAP = 16 * LOGIT_UNITS  # the least probable symbols sit 16 nats below the most 
 #: The on-disk types a slice may be written back as (the payload stores the index).
 DTYPES = ("uint8", "int8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64")
 
-#: The payload version written: 5, four phases and the picture's spread (:data:`FOUR_PHASES`); 4,
-#: the mean's weights per contrast group; 3, one set per phase;
+#: The payload version written: 5, a slice in three phases or four (flag :data:`FOUR`); 4, the
+#: mean's weights per contrast group; 3, one set per phase;
 #: 2, weights in 1/256 and float16 coefficients; 1, one weight on the neighbours' mean residual.
 #: Every one of VERSIONS is still decoded.
 VERSION = 5
@@ -233,7 +234,7 @@ KNIGHT = ((-1, -2), (-1, 2), (1, -2), (1, 2), (-2, -1), (-2, 1), (2, -1), (2, 1)
 
 @dataclass(frozen=True)
 class _Layout:
-    """A payload version's coding order and context (part of the format)."""
+    """A payload's coding order and context (part of the format: :func:`_layout`)."""
 
     phases: tuple  # each phase's places (row, column) in every 2x2 cell of the slice
     neighbours: tuple  # per phase the decoded neighbours whose |q| sum is a scale feature (None: no feature)
@@ -292,7 +293,7 @@ def _spread(prediction: np.ndarray) -> np.ndarray:
 
 def _picture_features(prediction: np.ndarray, quantiser: int, layout: _Layout) -> list[np.ndarray]:
     """The scale features read from the picture alone, in quantiser steps: its local contrast
-    (first: version 4's mean groups are cut from it) and, in version 5, its spread."""
+    (first: version 4's mean groups are cut from it) and, in four phases, its spread."""
     features = [_contrast(prediction) // quantiser]
     return features + [_spread(prediction) // quantiser] if layout.spread else features
 
