@@ -295,7 +295,7 @@ def test_the_mean_is_fitted_from_the_decoded_neighbours_and_the_pictures_differe
 def test_a_phase_is_split_at_its_contrast_quantiles_and_each_group_gets_its_own_mean(monkeypatch, grouped):
     """A phase's voxels fall into groups by the picture's contrast (quantile bins, ties to the lower
     bin, in a stable order); where the residual follows its neighbours in flat parts of the picture
-    and alternates in sign from row to row in textured parts, one set of weights per group codes it
+    and alternates in sign across them in textured parts, one set of weights per group codes it
     in far fewer bits than one set for the whole phase, and both decode exactly."""
     contrast = np.array([5, 0, 0, 9, 2, 0, 7, 2, 2, 1, 0, 3])
     order, bounds = residual._mean_groups(contrast, 4)
@@ -312,7 +312,7 @@ def test_a_phase_is_split_at_its_contrast_quantiles_and_each_group_gets_its_own_
     picture = 800.0 + np.where(textured, 300 * ((rows + cols) % 3), 0) + 0.3
     from scipy import ndimage
     smooth = ndimage.gaussian_filter(rng.normal(0, 80, picture.shape), 2)
-    field = np.round(np.where(textured, np.where(rows % 2, 1, -1) * smooth, smooth)).astype(np.int64)
+    field = np.round(np.where(textured, np.where((rows + cols) % 2, 1, -1) * smooth, smooth)).astype(np.int64)
     values = np.round(picture).astype(np.int64) + field
     payloads = {}
     for groups in (4, 1):
