@@ -165,20 +165,6 @@ def _compositions() -> tuple[np.ndarray, ...]:
     return tuple(np.array(column) for column in zip(*(_composition(shape) for shape in range(SHAPES))))
 
 
-def _shape_rows(cls: int, width: int, shapes) -> np.ndarray:
-    """Integer weights (float64, exact) ``(len(shapes), 2 width + 2)`` of the symbols -width..width
-    and the escape under each of ``shapes`` of class ``cls`` (:func:`_composition`)."""
-    d = np.abs(np.arange(-width, width + 1))
-    rows = []
-    for shape in shapes:
-        blend, weight, offset, other = _composition(shape)
-        row = weight * _half_profile(cls, blend)[0][d]
-        if other:
-            row += other * _half_profile(min(max(cls + offset, 0), N_CLASSES - 1), 0)[0][d]
-        rows.append(row)
-    return np.concatenate([np.stack(rows), np.full((len(rows), 1), _exp_weights()[CAP])], axis=1)
-
-
 def _shape_costs(width: int, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The classes used in ``counts`` (``(N_CLASSES, 2 width + 2)``: each class's count of the
     symbols -width..width and the escape), and the bits of coding each one's counts under each
@@ -212,12 +198,13 @@ def _all_class_profiles() -> tuple[np.ndarray, np.ndarray]:
 def _weights(cls: int, width: int) -> np.ndarray:
     """Every shape's weights of class ``cls`` (``(SHAPES, 2 width + 2)``): the tables :func:`_shape_costs`
     prices without building them (tests check the two agree)."""
-    return _shape_rows(cls, width, range(SHAPES))
+    return np.stack([_shape_weights(cls, width, shape) for shape in range(SHAPES)])
 
 
 def _shape_weights(cls: int, width: int, shape: int) -> np.ndarray:
-    """``_weights(cls, width)[shape]``, computing that one shape alone (what the coder needs): the
-    weights of |d| = 0..width, mirrored (the same products as :func:`_shape_rows`, so the same numbers)."""
+    """Integer weights (float64, exact) of the symbols -width..width and the escape under shape
+    ``shape`` of class ``cls`` (:func:`_composition`; what the coder needs): those of |d| = 0..width,
+    mirrored, then the escape's."""
     blend, weight, offset, other = _composition(shape)
     half = weight * _half_profile(cls, blend)[0][:width + 1]
     if other:
@@ -311,8 +298,8 @@ def _neighbours(known: np.ndarray, offsets, where: np.ndarray,
     p = np.pad(known, 1)
     height, width = known.shape
     if cell is None:
-        around = [p[1 + dy:1 + dy + height, 1 + dx:1 + dx + width].ravel().take(np.flatnonzero(where))
-                  for dy, dx in offsets]
+        at = np.flatnonzero(where)
+        around = [p[1 + dy:1 + dy + height, 1 + dx:1 + dx + width].ravel().take(at) for dy, dx in offsets]
     else:
         around = [p[1 + cell[0] + dy:1 + dy + height:2, 1 + cell[1] + dx:1 + dx + width:2].ravel() for dy, dx in offsets]
     return sum(np.abs(a) for a in around), sum(around)
@@ -720,14 +707,13 @@ def _four_phases(q: np.ndarray, prediction: np.ndarray, quantiser: int, referenc
     (2026-12-07): it picks what codes each slice in fewer bits every time lossless (the 256x256
     slices of two real scans, four phases; the phantom's and the upsampled small slices of a
     third, three), and for 165 of the 166 at δ = 2."""
-    rows, cols = np.indices(q.shape) % 2
-    where = (rows == 1) & (cols == 0)
+    (first, _), (second, _), _, (where, _) = _phase_masks(q.shape, FOUR_PHASES)
     at = np.flatnonzero(where)
     if len(at) == 0:
         return False
     target = q.ravel().take(at).astype(np.float64)
     errors = []
-    for known, offsets in ((np.where(rows == cols, q, 0), DIRECT + KNIGHT), (np.where(where, 0, q), DIRECT + DIAGONAL)):
+    for known, offsets in ((np.where(first | second, q, 0), DIRECT + KNIGHT), (np.where(where, 0, q), DIRECT + DIAGONAL)):
         design = _mean_columns(offsets, known, prediction, quantiser, at, reference).astype(np.float64) / quantiser
         gram, moments = design @ design.T, design @ target
         solution = np.linalg.solve(gram + 1e-9 * (np.trace(gram) + 1) * np.eye(len(gram)), moments)
