@@ -14,6 +14,11 @@ For the test slices of a run (stored integers), at each maximum error δ (0 is l
   AVIF at 12 bits, monochrome (quality by bisection; values above 4,095 shifted down and back) and WebP at
   8 bits (all it takes), with the largest error and SSIM / PSNR each gives.
 
+With ``--by-scan`` it also splits each bound's file by scan (the slices of one volume, by their
+names): each scan's codes (its slices' own streams under a prior; an equal share of a
+frequency-coded stream), residual and whole, beside each lossless codec's, in bits per voxel of
+that scan (the file's header and tables, shared by every scan, are left out of these rows).
+
 With ``--phantom-floor`` it also prints the phantom's own floor: the entropy of its Rician noise
 given the noise-free picture (the generator's images before the noise, a few volumes of the
 test slices' size), which no coder of the stored values can beat.
@@ -21,7 +26,7 @@ test slices' size), which no coder of the stored values can beat.
 Usage::
 
     python benchmarks/lossless.py RUN_DIR [--prior PRIOR] [--split test] [--max-slices 60] [--deltas 0 1 2 4]
-                                  [--phantom-floor] [--size H W] [--no-lossy] [--repeat N]
+                                  [--phantom-floor] [--size H W] [--no-lossy] [--repeat N] [--by-scan]
 """
 
 from __future__ import annotations
@@ -34,12 +39,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mrivq.compression import codecs, residual
+from mrivq.compression import codecs, driver, residual
 from mrivq.compression.codec import CodecInput
 from mrivq.compression.container import CodesFile
 from mrivq.compression.layers import Stored
 from mrivq.config import load_config
 from mrivq.data.sources import data_splits
+from mrivq.data.volumes import volume_place
 from mrivq.engine.checkpoint import load_codec
 
 
@@ -47,6 +53,30 @@ def scored(codec, values: list[np.ndarray], slices: CodecInput) -> tuple[float, 
     """Mean SSIM and PSNR of slices given as stored values (:meth:`Codec.stored_scores`)."""
     stored = [Stored(v, o.dtype, o.slope, o.inter) for v, o in zip(values, slices.originals)]
     return tuple(float(np.mean(v)) for v in codec.stored_scores(slices, stored))
+
+
+def by_scan(file: CodesFile, originals: list[np.ndarray], delta: int) -> None:
+    """Print ``file``'s codes and residual bits and each lossless codec's, per scan (by slice names)."""
+    names = [source["name"] for source in file.header["sources"]]
+    if file.header["coder"] == "prior":  # each slice's stream and its length word
+        codes = 32.0 * np.array([len(stream) + 1 for stream in driver.split_streams(file.stream, file.n)])
+    else:
+        codes = np.full(file.n, 32.0 * len(file.stream) / file.n)
+    payload = np.array([8.0 * len(p) for p in file.layers["residual"]])
+    scans = np.array([(volume_place(name) or (name, 0))[0] for name in names])
+    print(f"| δ = {delta}, by scan | slices | voxels per slice | codes | residual | mrivq | lossless codecs |")
+    print("|---|---|---|---|---|---|---|")
+    for scan in dict.fromkeys(scans):
+        rows = np.flatnonzero(scans == scan)
+        voxels = sum(originals[i].size for i in rows)
+        sizes: dict[str, int] = {}
+        for i in rows:
+            for name, size in codecs.lossless_sizes(originals[i], delta).items():
+                sizes[name] = sizes.get(name, 0) + size
+        others = ", ".join(f"{name} {8 * size / voxels:.3f}" for name, size in sizes.items())
+        print(f"| {scan} | {len(rows)} | {'x'.join(map(str, originals[rows[0]].shape))} | "
+              f"{codes[rows].sum() / voxels:.3f} | {payload[rows].sum() / voxels:.3f} | "
+              f"{(codes[rows].sum() + payload[rows].sum()) / voxels:.3f} | {others} |")
 
 
 def speed(n: int, seconds: list[float]) -> str:
@@ -104,6 +134,7 @@ def main() -> None:
                         help="encode and decode each bound this many times: speeds as median (least-most)")
     parser.add_argument("--no-lossy", action="store_true", help="skip the lossy codecs' searches")
     parser.add_argument("--phantom-floor", action="store_true", help="also print the phantom's noise entropy")
+    parser.add_argument("--by-scan", action="store_true", help="also split each bound's file by scan")
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
                         help="resample the slices to H x W first (bilinear, rounded to int16): speed at a given size")
     args = parser.parse_args()
@@ -154,6 +185,8 @@ def main() -> None:
         for name, size in totals.items():
             label = f"{name} NEAR={delta}" if name == "JPEG-LS" and delta else name
             print(f"| {delta} | {label} | {8 * size / voxels:.3f} | | {delta} | | | |")
+        if args.by_scan:
+            by_scan(packed.file, originals, delta)
         if args.no_lossy:
             continue
         lossy: dict[str, list[np.ndarray]] = {}
