@@ -55,8 +55,9 @@ def scored(codec, values: list[np.ndarray], slices: CodecInput) -> tuple[float, 
     return tuple(float(np.mean(v)) for v in codec.stored_scores(slices, stored))
 
 
-def by_scan(file: CodesFile, originals: list[np.ndarray], delta: int) -> None:
-    """Print ``file``'s codes and residual bits and each lossless codec's, per scan (by slice names)."""
+def by_scan(file: CodesFile, originals: list[np.ndarray], sizes: list[dict[str, int]], delta: int) -> None:
+    """Print ``file``'s codes and residual bits and each lossless codec's (``sizes``: bytes per codec,
+    one dict per slice), per scan (by slice names)."""
     names = [source["name"] for source in file.header["sources"]]
     if file.header["coder"] == "prior":  # each slice's stream and its length word
         codes = 32.0 * np.array([len(stream) + 1 for stream in driver.split_streams(file.stream, file.n)])
@@ -69,11 +70,7 @@ def by_scan(file: CodesFile, originals: list[np.ndarray], delta: int) -> None:
     for scan in dict.fromkeys(scans):
         rows = np.flatnonzero(scans == scan)
         voxels = sum(originals[i].size for i in rows)
-        sizes: dict[str, int] = {}
-        for i in rows:
-            for name, size in codecs.lossless_sizes(originals[i], delta).items():
-                sizes[name] = sizes.get(name, 0) + size
-        others = ", ".join(f"{name} {8 * size / voxels:.3f}" for name, size in sizes.items())
+        others = ", ".join(f"{name} {8 * sum(sizes[i][name] for i in rows) / voxels:.3f}" for name in sizes[rows[0]])
         print(f"| {scan} | {len(rows)} | {'x'.join(map(str, originals[rows[0]].shape))} | "
               f"{codes[rows].sum() / voxels:.3f} | {payload[rows].sum() / voxels:.3f} | "
               f"{(codes[rows].sum() + payload[rows].sum()) / voxels:.3f} | {others} |")
@@ -178,15 +175,13 @@ def main() -> None:
         print(f"| {delta} | **mrivq** | **{rate:.3f}** | {rate - residual_bits / voxels:.3f} / "
               f"{residual_bits / voxels:.3f} | {error:g} | {ssim:.4f} | {psnr:.2f} | "
               f"{speed(len(files), encode_s)} / {speed(len(files), decode_s)} |")
-        totals: dict[str, int] = {}
-        for x in originals:
-            for name, size in codecs.lossless_sizes(x, delta).items():
-                totals[name] = totals.get(name, 0) + size
+        sizes = [codecs.lossless_sizes(x, delta) for x in originals]
+        totals = {name: sum(each[name] for each in sizes) for name in sizes[0]}
         for name, size in totals.items():
             label = f"{name} NEAR={delta}" if name == "JPEG-LS" and delta else name
             print(f"| {delta} | {label} | {8 * size / voxels:.3f} | | {delta} | | | |")
         if args.by_scan:
-            by_scan(packed.file, originals, delta)
+            by_scan(packed.file, originals, sizes, delta)
         if args.no_lossy:
             continue
         lossy: dict[str, list[np.ndarray]] = {}
