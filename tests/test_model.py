@@ -67,8 +67,8 @@ def test_tiny_model_output_shapes_follow_the_input_size(height, width):
 
 def test_default_model_maps_a_hipmri_slice_to_32x16_top_and_64x32_bottom_codes():
     model = VQVAE2().eval()
-    assert model.quantize_top.n_embed == 512 and model.quantize_top.embed_dim == 64
-    assert model.quantize_bottom.n_embed == 512 and model.quantize_bottom.embed_dim == 64
+    assert model.quantize_top.n_embed == 64 and model.quantize_top.embed_dim == 64
+    assert model.quantize_bottom.n_embed == 64 and model.quantize_bottom.embed_dim == 64
     with torch.no_grad():
         out = model(torch.rand(1, 1, 256, 128))
     assert out.reconstruction.shape == (1, 1, 256, 128)

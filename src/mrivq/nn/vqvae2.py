@@ -180,7 +180,7 @@ class VQVAE2(nn.Module):
         n_res_block: int = 2,
         n_res_channel: int = 32,
         embed_dim: int = 64,
-        n_embed: int = 512,
+        n_embed: int = 64,
         decay: float = 0.99,
         eps: float = 1e-5,
         init_from_data: bool = True,
