@@ -10,7 +10,7 @@ per pass, every quarter of the steps, for each design:
 - ``own``: each bottom position its own features (``prior.passes.condition_shuffle``);
 - ``wide``: ``repeated`` with 96 channels instead of 64 (2.25 times the convolutions' work);
 - ``table``: ``repeated`` plus a learnt table of log-odds of each bottom code given the top code
-  above it and its place under it (one 512-wide row per top code and place);
+  above it and its place under it (one n_embed-wide row per top code and place);
 - ``ffn``: ``own`` with a position-wise feed-forward step (1x1 convolutions to twice the
   channels and back) after each 3x3 convolution, as in a transformer block (1.9 times the work);
 - ``head``: ``own`` with a 1x1 convolution to four times the channels and a ReLU before the logits

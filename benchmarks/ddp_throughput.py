@@ -2,7 +2,7 @@
 
     python benchmarks/ddp_throughput.py [--steps 40] [--out /tmp/mrivq-ddp-bench]
 
-Runs `mrivq train` for a few steps (the report's model) three ways, with the machine's cores
+Runs `mrivq train` for a few steps (the default model) three ways, with the machine's cores
 shared out as threads: one process at batch 10; two processes at batch 5 each (the same
 global batch of 10); two processes at batch 10 each (global batch 20). Prints the training
 images/s that each run logged in metrics.csv (all ranks' images over rank 0's step time).
@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--out", type=Path, default=Path("/tmp/mrivq-ddp-bench"))
     args = parser.parse_args()
-    print(f"{os.cpu_count()} CPUs; {args.steps} steps of the report's model per run")
+    print(f"{os.cpu_count()} CPUs; {args.steps} steps of the default model per run")
     for nproc, batch in ((1, 10), (2, 5), (2, 10)):
         images_per_s, wall = run(nproc, batch, args.steps, args.out)
         print(f"{nproc} process(es) x batch {batch:2d} (global {nproc * batch:2d}): "

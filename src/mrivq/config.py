@@ -136,7 +136,7 @@ class DataConfig(_Section):
                     "costs (h x w)/(H x W) of a whole slice's and the same time buys that many more "
                     "steps; validation and test see whole slices. auto: 128 x 128 windows, a side "
                     "of the image shorter than 128 taken whole ([128, 128] of HipMRI's 256 x 128 "
-                    "slices, with train.epochs 10: docs/benchmarks.md). null: whole slices. A "
+                    "slices: docs/benchmarks.md). null: whole slices. A "
                     "stored config without it loads as null.")
 
     @field_validator("image_size")
@@ -212,8 +212,9 @@ class ModelConfig(_Section):
     embed_dim: int = Field(default=64, ge=1, le=4096, description="Length of a code vector, both levels.")
     n_embed: int = Field(
         default=64, ge=2, le=65536,
-        description="Codes per codebook (one codebook per level). 64 since 2026-12-07 (the report's "
-                    "512 before): a file 40 % smaller at about the same SSIM (docs/benchmarks.md).")
+        description="Codes per codebook (one codebook per level). 64 since 2026-12-07 (512, the "
+                    "report's, before): a volume file 39 % smaller at about the same SSIM on the "
+                    "phantom (docs/benchmarks.md).")
     decay: float = Field(default=0.99, gt=0, lt=1, description="EMA decay of the codebooks.")
     eps: float = Field(default=1e-5, gt=0, description="Laplace smoothing of the EMA cluster sizes.")
     init_from_data: bool = Field(

@@ -86,7 +86,7 @@ class PassNet(nn.Module):
     With ``neighbour_codes``, each position is also handed the codes of its eight nearest
     neighbours (:data:`NEAR`) that are known before the pass: each offset's own embedding added to
     the input, and each offset's own table of log-odds added to the logits (a neighbour's code
-    says much of this one's, and a 512-way map of a code onto itself is what a few dozen channels
+    says much of this one's, and an n_embed-way map of a code onto itself is what a few dozen channels
     cannot hold; the volume prior's ``follow`` tables do the same across slices).
 
     With ``masks`` > 0 the net also learns, that share of its training steps, to predict the
@@ -331,7 +331,7 @@ class VolumePrior(PassPrior):
     of the code at the same place of each reference (its own grid's; "none" where a slice has no
     such reference), so its convolutions see their neighbourhoods; and its logits get those
     codes' rows of a learnt table of log-odds (``follow_*``: what a count model of the pairs
-    would hold; the nets alone would need many channels to map 512 codes onto themselves).
+    would hold; the nets alone would need many channels to map every code onto itself).
 
     ``references``: ``(codes_top (B, 2, h, w), codes_bottom (B, 2, 2h, 2w))``, the slice before
     and the slice after, int64 with -1 where a slice has none; None: none has (key slices, and
