@@ -41,7 +41,8 @@ def test_validation_leaves_the_codebooks_unchanged(tiny_overrides):
     assert loop.task.model.training
 
 
-@pytest.mark.parametrize("average", [[], ["train.ema_decay=0.9"]], ids=["live", "average"])
+@pytest.mark.parametrize("average", [[], ["train.ema_decay=0.9"], ["train.restart_until=0.5"]],
+                         ids=["live", "average", "restarts-stop"])
 def test_resumed_run_ends_with_the_same_weights_and_metrics(tiny_overrides, tmp_path, monkeypatch, average):
     overrides = tiny_overrides + ["train.interval=3", "train.checkpoint_every=2"] + average
     straight = load_config(None, overrides + [f"output.dir={tmp_path / 'straight'}"])
@@ -66,12 +67,32 @@ def test_resumed_run_ends_with_the_same_weights_and_metrics(tiny_overrides, tmp_
     b = load_checkpoint(broken.model_dir / "last.pt")
     assert a["step"] == b["step"]
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert ("train_model" in a) == bool(average)
-    if average:  # the live weights and the average both resume
+    averaged = "train.ema_decay=0.9" in average
+    assert ("train_model" in a) == averaged
+    if averaged:  # the live weights and the average both resume
         assert all(torch.equal(a["train_model"][k], b["train_model"][k]) for k in a["train_model"])
 
     assert comparable(read_metrics(straight.run_dir / "metrics.csv")) == \
         comparable(read_metrics(broken.run_dir / "metrics.csv"))
+
+
+@pytest.mark.parametrize("until, restart, restarting_steps", [(0.5, True, 3), (1.0, True, 6), (0.5, False, 0)])
+def test_dead_codes_restart_only_in_the_first_restart_until_of_the_steps(tiny_overrides, until, restart,
+                                                                          restarting_steps):
+    # A bar no code clears: every code is dead at every step while restarts are due.
+    config = load_config(None, tiny_overrides + [f"train.restart_until={until}", "model.dead_code_threshold=1e9",
+                                                 f"model.restart_dead_codes={restart}"])
+    task = build_loop(config).task
+    task.state.total_steps = 6
+    task.model.train()
+    restarted = []
+    for _ in range(6):
+        assert task.train_step(torch.rand(2, 1, 64, 32))
+        task.state.step += 1
+        restarted.append([int(q.n_restarted) for q in (task.model.quantize_top, task.model.quantize_bottom)])
+    n_embed = config.model.n_embed
+    assert restarted == [[n_embed, n_embed]] * restarting_steps + [[0, 0]] * (6 - restarting_steps)
+    assert task.running.totals(task.dist)["top_restarts"] == restarting_steps * n_embed
 
 
 def test_the_weight_average_follows_the_live_weights_with_its_decay():

@@ -31,7 +31,7 @@ STORED_DEFAULTS = {
     "model": {"block": "relu", "lookup": "euclidean", "restart_from": "random", "kmeans_iters": 0,
               "bottom_dropout": 0.0},
     "data": {"train_crop": None},
-    "train": {"clamp_loss": False, "ema_decay": None},
+    "train": {"clamp_loss": False, "ema_decay": None, "restart_until": 1.0},
     "prior": {"neighbour_codes": False, "architecture": "transformer"},
 }
 

@@ -331,6 +331,11 @@ class TrainConfig(Optimisation):
                     "-0.002 test SSIM on the phantom (docs/benchmarks.md). false: the raw output, "
                     "as the report. Under data.normalize zscore (no fixed range) the loss stays "
                     "raw. " + stored_default("train", "clamp_loss"))
+    restart_until: float = Field(
+        default=1.0, gt=0, le=1,
+        description="Dead codes are restarted (model.restart_dead_codes) during this fraction of "
+                    "the training steps and not after, so that the codebooks settle for the rest "
+                    "of the run; 1: to the end. " + stored_default("train", "restart_until"))
     max_time: float | None = Field(
         default=None, gt=0,
         description="Wall-clock budget of the training loop in seconds (\"90s\", \"10m\", \"2h\" "

@@ -131,6 +131,7 @@ class VQVAETraining:
     def train_step(self, batch: torch.Tensor) -> torch.Tensor:
         """One optimiser step on ``batch`` ``(B, 1, H, W)``; returns ``applied`` (a () bool tensor):
         False, and nothing applied, when the loss or a gradient is NaN or Inf."""
+        self._restart_while_due()
         first_compiled = self.compile and not self.compiled_once
         before = {name: buf.clone() for name, buf in self.model.named_buffers()} if first_compiled else {}
         try:
@@ -170,6 +171,17 @@ class VQVAETraining:
         self.running.steps += 1
         self.running.items += len(batch)
         return ok
+
+    def _restart_while_due(self) -> None:
+        """Dead-code restarts (``model.restart_dead_codes``) only in the first ``train.restart_until``
+        of the steps: from there on the codebooks settle. Follows the loop's step, so a resumed
+        run restarts exactly where the uninterrupted one would."""
+        due = (self.config.model.restart_dead_codes
+               and self.state.step < self.config.train.restart_until * self.state.total_steps)
+        for quantizer in (self.model.quantize_top, self.model.quantize_bottom):
+            if quantizer.restart_dead_codes != due:
+                quantizer.restart_dead_codes = due
+                quantizer.n_restarted.zero_()
 
     def training_row(self) -> dict:
         sums = self.running.totals(self.dist)
