@@ -294,7 +294,8 @@ def test_report_preset_gives_the_report_model_and_an_explicit_key_wins():
     report = validate({"model": {"preset": "report"}}).model
     assert (report.channel, report.n_res_block, report.n_res_channel) == (128, 2, 32)
     assert (report.embed_dim, report.n_embed, report.decay) == (64, 512, 0.99)
-    assert report.block == "relu"
+    assert report.block == "relu" and report.restart_from == "random"
+    assert validate({}).model.restart_from == "worst"  # today's default: the preset keeps the report's
     mixed = validate({"model": {"preset": "report", "channel": 64, "block": "norm"}}).model
     assert (mixed.channel, mixed.block, mixed.n_res_channel) == (64, "norm", 32)
     assert "preset" not in validate({"model": {"preset": "report"}}).to_dict()["model"]

@@ -187,7 +187,7 @@ class VQVAE2(nn.Module):
         restart_dead_codes: bool = True,
         dead_code_threshold: float = 1.0,
         block: str = "relu",
-        restart_from: str = "random",
+        restart_from: str = "worst",
         kmeans_iters: int = 0,
         lookup: str = "cosine",
         bottom_dropout: float = 0.0,
