@@ -41,10 +41,10 @@ def test_validation_leaves_the_codebooks_unchanged(tiny_overrides):
     assert loop.task.model.training
 
 
-@pytest.mark.parametrize("average", [[], ["train.ema_decay=0.9"], ["train.restart_until=0.5"]],
+@pytest.mark.parametrize("extra", [[], ["train.ema_decay=0.9"], ["train.restart_until=0.5"]],
                          ids=["live", "average", "restarts-stop"])
-def test_resumed_run_ends_with_the_same_weights_and_metrics(tiny_overrides, tmp_path, monkeypatch, average):
-    overrides = tiny_overrides + ["train.interval=3", "train.checkpoint_every=2"] + average
+def test_resumed_run_ends_with_the_same_weights_and_metrics(tiny_overrides, tmp_path, monkeypatch, extra):
+    overrides = tiny_overrides + ["train.interval=3", "train.checkpoint_every=2"] + extra
     straight = load_config(None, overrides + [f"output.dir={tmp_path / 'straight'}"])
     train(straight)
 
@@ -67,7 +67,7 @@ def test_resumed_run_ends_with_the_same_weights_and_metrics(tiny_overrides, tmp_
     b = load_checkpoint(broken.model_dir / "last.pt")
     assert a["step"] == b["step"]
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    averaged = "train.ema_decay=0.9" in average
+    averaged = "train.ema_decay=0.9" in extra
     assert ("train_model" in a) == averaged
     if averaged:  # the live weights and the average both resume
         assert all(torch.equal(a["train_model"][k], b["train_model"][k]) for k in a["train_model"])
