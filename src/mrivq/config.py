@@ -315,7 +315,7 @@ class TrainConfig(Optimisation):
         default=480, ge=0,
         description="Steps of linear learning-rate warm-up (480: two thirds of the default run's "
                     "first epoch; with 50, one seed in four restarted dead top codes for longer "
-                    "and its file was larger than the AVIF sequence's at its SSIM).")
+                    "and trailed the AVIF sequence at its own file's rate).")
     latent_loss_weight: float = Field(
         default=0.25, ge=0, description="Weight of the commitment loss.")
     loss: Literal["mse", "l1", "ssim_l1"] = Field(
