@@ -116,6 +116,16 @@ def test_max_time_fits_the_schedule_to_the_budget_and_ends_with_checkpoints(tiny
     assert "train.max_time 30 s: 30 steps in all" in (config.log_dir / "training.log").read_text()
 
 
+def test_a_long_warm_up_does_not_hold_back_the_budget_fit(tiny_overrides, monkeypatch):
+    """Under torchrun the fit is what ends a budgeted run, so it comes 50 steps in even when the
+    warm-up is longer: a 70-second budget with a 480-step warm-up is fitted to 70 steps."""
+    config = load_config(None, tiny_overrides + ["train.max_time=70s", "train.epochs=1", "train.interval=100",
+                                                 "train.warmup_steps=480"])
+    one_second_per_step(monkeypatch)
+    assert train(config)["steps"] == 70
+    assert "train.max_time 70 s: 70 steps in all" in (config.log_dir / "training.log").read_text()
+
+
 def test_the_auto_learning_rate_follows_the_length_the_budget_fits(tiny_overrides, monkeypatch):
     """train.lr auto, with the rule's ends moved to 40 and 80 steps: a 60-step budget (fitted
     once the first steps are timed) peaks between the ends' rates and ends at its floor."""

@@ -349,8 +349,9 @@ class TrainConfig(Optimisation):
     max_time: float | None = Field(
         default=None, gt=0,
         description="Wall-clock budget of the training loop in seconds (\"90s\", \"10m\", \"2h\" "
-                    "read too): after the warm-up the steps are timed (evaluations included) and "
-                    "the schedule is fitted to the budget; epochs no longer cap the run.")
+                    "read too): after the warm-up (at least 20 steps, at most 50) the steps are timed "
+                    "(evaluations included) and the schedule is fitted to the budget, then refitted "
+                    "after every evaluation; epochs no longer cap the run.")
 
     _seconds = field_validator("max_time", mode="before")(lambda cls, value: _seconds(value))
     interval: int = Field(
