@@ -61,8 +61,9 @@ from mrivq.compression.codec import encode_images
 from mrivq.data.cache import load_split
 from mrivq.data.preprocess import Preprocessing
 from mrivq.data.sources import data_splits
+from mrivq.data.volumes import gap_shares, references
 from mrivq.engine.checkpoint import load_vqvae
-from mrivq.nn.pass_prior import DILATIONS, TopFeatures, draw
+from mrivq.nn.pass_prior import DILATIONS, TopFeatures, draw, referenced_grids
 from mrivq.nn.vqvae2 import code_grid_shapes
 
 DESIGNS = ("raster", "rows", "rows4")
@@ -106,9 +107,14 @@ class GridNet(nn.Module):
     its order knows, from the whole grid at once (teacher forcing)."""
 
     def __init__(self, design: str, n_embed: int, grid: tuple[int, int], channels: int = 64, layers: int = 6,
-                 head: int = 256, condition: bool = False) -> None:
+                 head: int = 256, condition: bool = False, volume: bool = False) -> None:
         super().__init__()
         self.design, self.n_embed = design, n_embed
+        self.seen = self.follow = None
+        if volume:  # the volume prior's tables of the codes at the same place of the two references
+            self.seen = nn.Embedding(2 * (n_embed + 1), channels)
+            self.follow = nn.Embedding(2 * (n_embed + 1), n_embed)
+            nn.init.zeros_(self.follow.weight)
         self.embed = nn.Embedding(n_embed, channels)
         self.above_first = nn.Conv2d(channels, channels, (1, 3), padding=(0, 1))  # on the row above
         self.row = nn.Parameter(torch.zeros(channels, grid[0], 1))
@@ -128,20 +134,27 @@ class GridNet(nn.Module):
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, head, 1), nn.ReLU(), nn.Conv2d(head, n_embed, 1))
         self.condition = TopFeatures(n_embed, channels, 2, shuffle=True) if condition else None
 
-    def forward(self, codes: torch.Tensor, top: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, codes: torch.Tensor, top: torch.Tensor | None = None,
+                refs: torch.Tensor | None = None) -> torch.Tensor:
+        """``refs``: a volume net's reference grids ``(B, 2, H, W)``, -1 where a slice has none."""
         e = self.embed(codes).permute(0, 3, 1, 2)
         start = self.row + self.col + (0 if self.condition is None else self.condition(top))
+        bias = 0
+        if self.seen is not None:
+            rows = torch.where(refs < 0, self.n_embed, refs) + (self.n_embed + 1) * torch.arange(2)[None, :, None, None]
+            start = start + self.seen(rows).sum(1).permute(0, 3, 1, 2)
+            bias = self.follow(rows).sum(1).permute(0, 3, 1, 2)
         above = shifted(self.above_first(e), rows=1) + start
         if self.design == "raster":
             left = shifted(self.left_first(e), rows=1) + shifted(self.left_code(e), cols=1) + start
             for conv_above, conv_left, link in zip(self.above, self.left, self.link):
                 above = above + conv_above(F.relu(above))
                 left = left + conv_left(F.relu(left)) + link(F.relu(above))
-            return self.head(left)
+            return self.head(left) + bias
         for conv in self.above:
             above = above + conv(F.relu(above))
         side, follow = self.beside(codes)
-        return self.head(above + side) + follow
+        return self.head(above + side) + follow + bias
 
     def beside(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The embeddings ``(B, C, H, W)`` and log-odds ``(B, K, H, W)`` of the codes beside each
@@ -164,23 +177,34 @@ class GridNet(nn.Module):
 
 
 def test_codes(vqvae, config) -> tuple:
-    """The test split's top and bottom codes under ``vqvae``, preprocessed as it was trained."""
+    """The test split's top and bottom codes under ``vqvae``, preprocessed as it was trained, and
+    the slices' file names."""
     test = load_split(data_splits(config.data, config.seed).test, Preprocessing.from_settings(config.data),
                       name="test", cache_dir=config.data.cache_dir)
-    return encode_images(vqvae, test.images, 16)
+    return (*encode_images(vqvae, test.images, 16), [Path(f).name for f in test.files])
 
 
-def bits_per_code(net: GridNet, level: str, top: torch.Tensor, bottom: torch.Tensor) -> float:
-    """Mean bits per code of ``level`` over the grids given (teacher forced, float)."""
+def bits_per_code(net: GridNet, level: str, top: torch.Tensor, bottom: torch.Tensor,
+                  refs: torch.Tensor | None = None, per_grid: bool = False):
+    """Mean bits per code of ``level`` over the grids given (teacher forced, float); ``refs``
+    ``(N, 2)``: each grid's references among them (a volume net); ``per_grid``: each grid's mean."""
     net.eval()
     nats = []
     with torch.no_grad():
         for lo in range(0, len(top), 16):
             t, b = top[lo:lo + 16], bottom[lo:lo + 16]
             codes = t if level == "top" else b
-            nats.append(F.cross_entropy(net(codes, t if level == "bottom" else None), codes, reduction="none").flatten())
+            grids = None if refs is None else referenced(refs[lo:lo + 16], top, bottom, level)
+            nats.append(F.cross_entropy(net(codes, t if level == "bottom" else None, grids), codes,
+                                        reduction="none").flatten(1))
     net.train()
-    return float(torch.cat(nats).mean()) / math.log(2)
+    nats = torch.cat(nats) / math.log(2)
+    return nats.mean(1) if per_grid else float(nats.mean())
+
+
+def referenced(refs: torch.Tensor, top: torch.Tensor, bottom: torch.Tensor, level: str) -> torch.Tensor:
+    """``level``'s reference grids ``(B, 2, H, W)`` of the indices ``refs`` ``(B, 2)`` (-1: none)."""
+    return referenced_grids(refs, top, bottom)[0 if level == "top" else 1]
 
 
 @torch.no_grad()
@@ -256,6 +280,8 @@ def main() -> None:
     parser.add_argument("--samples", nargs=2, metavar=("PRIOR", "OUT"), help="draw and score 16 slices")
     parser.add_argument("--top-p", type=float, default=0.8, help="the samples' nucleus setting")
     parser.add_argument("--speed", action="store_true", help="time a rows decode in integers instead")
+    parser.add_argument("--volume", action="store_true",
+                        help="nets that also see two reference slices, as the volume prior's (prior.volume.key_every)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -263,10 +289,19 @@ def main() -> None:
     if args.speed:
         decode_speed(list(code_grid_shapes(tuple(config.data.image_size))), n_embed=vqvae.quantize_top.n_embed)
         return
-    codes, _, _ = _encode_splits(config, config, vqvae)
+    codes, _, refs = _encode_splits(config, config, vqvae)  # refs: the default volume prior's gaps
     (top, bottom), (val_top, val_bottom) = (tuple(torch.as_tensor(a).long() for a in codes[name])
                                             for name in ("train", "validate"))
-    test_top, test_bottom = (torch.as_tensor(a).long() for a in test_codes(vqvae, config))
+    *test_grids, test_names = test_codes(vqvae, config)
+    test_top, test_bottom = (torch.as_tensor(a).long() for a in test_grids)
+    key_every = config.prior.volume.key_every
+    test_refs = val_refs = None
+    if args.volume:  # scored in the order encode codes a volume file in; training draws gaps as train-prior
+        test_refs = torch.as_tensor(references(test_names, key_every))
+        val_refs = torch.as_tensor(np.asarray(refs["validate"]))
+        shares = gap_shares(key_every)
+        gaps, weights = list(shares), torch.tensor(list(shares.values()))
+        gap_tables = {gap: torch.as_tensor(refs["train"][gap]) for gap in gaps if gap}
     pixels = math.prod(config.data.image_size)
     n_embed = vqvae.quantize_top.n_embed
     settings = config.prior
@@ -276,12 +311,12 @@ def main() -> None:
         for level in args.levels:
             torch.manual_seed(0)
             grid = tuple((top if level == "top" else bottom).shape[1:])
-            net = nets[level] = GridNet(design, n_embed, grid, condition=level == "bottom")
+            net = nets[level] = GridNet(design, n_embed, grid, condition=level == "bottom", volume=args.volume)
             saved = Path(args.save or ".") / f"{design}_{level}.pt"
             if args.steps == 0:
                 net.load_state_dict(torch.load(saved))
-                bits[level] = bits_per_code(net, level, test_top, test_bottom)
-                print(f"{design}, {level} grid, loaded: test {bits[level]:.3f} bits per code", flush=True)
+                bits[level] = bits_per_code(net, level, test_top, test_bottom, test_refs, per_grid=True)
+                print(f"{design}, {level} grid, loaded: test {float(bits[level].mean()):.3f} bits per code", flush=True)
                 continue
             optimiser = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
             schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, settings.lr, total_steps=args.steps,
@@ -290,22 +325,35 @@ def main() -> None:
             for step in range(1, args.steps + 1):
                 pick = torch.randint(len(top), (settings.batch_size,))
                 grids = top[pick] if level == "top" else bottom[pick]
-                loss = F.cross_entropy(net(grids, top[pick] if level == "bottom" else None), grids)
+                chosen = None
+                if args.volume:
+                    gap = [gaps[g] for g in torch.multinomial(weights, len(pick), replacement=True).tolist()]
+                    chosen = torch.stack([gap_tables[g][k] if g else torch.tensor([-1, -1])
+                                          for g, k in zip(gap, pick.tolist())])
+                    chosen = referenced(chosen, top, bottom, level)
+                loss = F.cross_entropy(net(grids, top[pick] if level == "bottom" else None, chosen), grids)
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
                 schedule.step()
                 if step % max(1, args.steps // 5) == 0 or step == args.steps:
-                    bits[level] = bits_per_code(net, level, test_top, test_bottom)
+                    bits[level] = bits_per_code(net, level, test_top, test_bottom, test_refs, per_grid=True)
                     print(f"{design}, {level} grid, step {step}: validation "
-                          f"{bits_per_code(net, level, val_top, val_bottom):.3f}, test {bits[level]:.3f} bits per "
-                          f"code; {time.perf_counter() - started:.0f} s", flush=True)
+                          f"{bits_per_code(net, level, val_top, val_bottom, val_refs):.3f}, test "
+                          f"{float(bits[level].mean()):.3f} bits per code; {time.perf_counter() - started:.0f} s",
+                          flush=True)
             if args.save and args.steps:
                 saved.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(net.state_dict(), saved)
         if len(bits) == 2:
-            per_slice = bits["top"] * test_top[0].numel() + bits["bottom"] * test_bottom[0].numel()
-            print(f"{design}: {per_slice / pixels:.4f} bits per pixel, a test slice coded alone (float)")
+            per_slice = (bits["top"] * test_top[0].numel() + bits["bottom"] * test_bottom[0].numel()) / pixels
+            if args.volume:
+                key = test_refs[:, 0] < 0
+                print(f"{design}: {float(per_slice.mean()):.4f} bits per pixel, the test split as a volume file "
+                      f"(float; key slices {float(per_slice[key].mean()):.4f}, the others "
+                      f"{float(per_slice[~key].mean()):.4f})")
+            else:
+                print(f"{design}: {float(per_slice.mean()):.4f} bits per pixel, a test slice coded alone (float)")
         if args.samples and len(nets) == 2:
             from sample_levers import scored  # benchmarks/, beside this script
 

@@ -74,7 +74,7 @@ def flat_prior(prior: dict) -> dict:
     the shared ``condition_blocks`` from the selected kind's section."""
     from mrivq.compat import PRIOR_MOVED
 
-    out = {key: value for key, value in prior.items() if key not in ("kind", "passes", "volume", "transformer", "copies")}
+    out = {key: value for key, value in prior.items() if key not in ("kind", "passes", "volume", "transformer", "rows", "copies")}
     for old, new in PRIOR_MOVED.items():
         key = next((key for key in new if key.startswith(f"{prior['kind']}.")), new[0])
         section, _, name = key.rpartition(".")

@@ -57,7 +57,7 @@ PRIOR_MOVED: dict[str, tuple[str, ...]] = {
 }
 
 #: Keys only today's nested prior section has: a stored prior section with any is read as is.
-_NESTED_PRIOR = {"kind", "passes", "volume", "transformer", "copies"}
+_NESTED_PRIOR = {"kind", "passes", "volume", "transformer", "rows", "copies"}
 
 
 def stored_config(raw: dict) -> dict:

@@ -460,6 +460,31 @@ class VolumePriorSettings(PassPriorSettings):
                     "2 log2(key_every) others.")
 
 
+class RowPriorSettings(_Section):
+    """The row prior (prior.kind: rows): causal convolutions coding each grid a row at a time."""
+
+    channels: int = Field(default=64, ge=8, le=1024, description="Width of the convolutions.")
+    layers: int = Field(
+        default=6, ge=1, le=32,
+        description="Residual 3x3 convolutions per grid (dilations 1, 2, 4 in turn), each reading the "
+                    "row its dilation above and its own row only.")
+    condition_blocks: int = Field(
+        default=2, ge=0, le=64,
+        description="Residual blocks over the top codes that condition the bottom prior.")
+    condition_shuffle: bool = Field(
+        default=True,
+        description="The top codes give each of the four bottom positions under them features of "
+                    "its own (a 1x1 convolution and depth to space); false: the same features repeated.")
+    head_channels: int = Field(
+        default=256, ge=0, le=1024,
+        description="A 1x1 convolution to this many features and a ReLU before each net's logits "
+                    "(0: the logits straight from the convolutions' channels).")
+    key_every: int = Field(
+        default=8, ge=1, le=1024,
+        description="As prior.volume.key_every: every this many consecutive slices of a volume (and "
+                    "its last) a key slice is coded alone, the slices between given two coded ones.")
+
+
 class TransformerPriorSettings(_Section):
     """The transformer prior (prior.kind: transformer): causal transformers over each grid."""
 
@@ -540,7 +565,7 @@ class PriorCopies(_Section):
 #: The settings section of each prior kind: ``prior.kind: NAME`` selects the kind, ``prior.NAME``
 #: holds its settings, validated by the class. More kinds: :func:`register_prior_section`.
 PRIOR_SECTIONS: dict[str, type[BaseModel]] = {"passes": PassPriorSettings, "volume": VolumePriorSettings,
-                                              "transformer": TransformerPriorSettings}
+                                              "transformer": TransformerPriorSettings, "rows": RowPriorSettings}
 
 #: The kinds PriorConfig declares a section for; registered kinds' sections are checked by
 #: PriorConfig._registered_sections.
@@ -595,13 +620,16 @@ class PriorConfig(Optimisation):
                     "single slices, 10-15 % faster coding. "
                     "transformer: causal transformers coding one code at a time in raster order "
                     "(sizes in prior.transformer): files about a fifth smaller, coding an order "
-                    "of magnitude slower. All code through an integer copy, so their files "
+                    "of magnitude slower. rows: causal convolutions coding each grid a row at a "
+                    "time, even columns then odd ones, slices of volumes as the volume prior does "
+                    "(sizes in prior.rows). All code through an integer copy, so their files "
                     "decode bit for bit on any machine, thread count or device. A kind "
                     "registered at run time (mrivq.compression.priors.register) takes its "
                     "settings from prior.<kind>. " + stored_default("prior", "architecture"))
     passes: PassPriorSettings = _nested("passes", PassPriorSettings)
     volume: VolumePriorSettings = _nested("volume", VolumePriorSettings)
     transformer: TransformerPriorSettings = _nested("transformer", TransformerPriorSettings)
+    rows: RowPriorSettings = _nested("rows", RowPriorSettings)
     copies: PriorCopies = _nested("copies", PriorCopies)
     steps: int = Field(default=2500, ge=1, description="Optimiser steps.")
     # Where the prior's optimisation differs from the VQ-VAE's (measured at these values):

@@ -24,6 +24,7 @@ from mrivq.compression.portable.passes import (
     pass_copy,
     pass_copy_problem,
 )
+from mrivq.compression.portable.rows import IntegerRowPrior, row_copy, row_copy_problem, row_memory
 from mrivq.compression.portable.transformer import (
     IntegerTransformerPrior,
     transformer_copy,
@@ -32,11 +33,13 @@ from mrivq.compression.portable.transformer import (
 from mrivq.config import (
     PassPriorSettings,
     PriorConfig,
+    RowPriorSettings,
     TransformerPriorSettings,
     VolumePriorSettings,
     register_prior_section,
 )
 from mrivq.nn.pass_prior import NEAR, PassPrior, VolumePrior
+from mrivq.nn.row_prior import RowPrior
 from mrivq.nn.transformer_prior import TransformerPrior
 
 
@@ -148,3 +151,9 @@ register(PriorKind(
         bottom_window_rows=s.bottom_window_rows, neighbours=s.neighbour_codes),
     make_copy=transformer_copy, copy_problem=transformer_copy_problem, load_copy=IntegerTransformerPrior,
     working_memory=_transformer_memory, calibration_grids=16, spread=True, threads_draw=False))
+
+register(PriorKind(
+    name="rows", label="a row prior", settings=RowPriorSettings,
+    build=lambda s, n_embed, top_grid: RowPrior(n_embed, top_grid, **_pass_sizes(s)),
+    make_copy=row_copy, copy_problem=row_copy_problem, load_copy=IntegerRowPrior,
+    working_memory=row_memory, calibration_grids=32))

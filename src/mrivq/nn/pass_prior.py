@@ -360,14 +360,8 @@ class VolumePrior(PassPrior):
             nn.init.zeros_(follow.weight)
 
     def _referenced(self, level: str, references, table: nn.Embedding) -> torch.Tensor:
-        """The sum of ``table``'s rows of the references' codes ``(B or 1, D, rows, cols)``."""
-        grid = (self.top if level == "top" else self.bottom).grid
-        slot = (self.n_embed + 1) * torch.arange(self.SLOTS, device=table.weight.device)
-        if references is None:
-            return table.weight[slot + self.n_embed].sum(0)[None, :, None, None].expand(1, -1, *grid)
-        codes = references[0 if level == "top" else 1].reshape(-1, self.SLOTS, *grid)
-        rows = torch.where(codes < 0, self.n_embed, codes) + slot[None, :, None, None]
-        return table(rows).sum(1).permute(0, 3, 1, 2)
+        return referenced_sum(references, level, (self.top if level == "top" else self.bottom).grid, self.n_embed,
+                              table)
 
     def logit_bias(self, level: str, references=None) -> torch.Tensor:
         return self._referenced(level, references, self.follow_top if level == "top" else self.follow_bottom)
@@ -376,6 +370,20 @@ class VolumePrior(PassPrior):
         seen = self._referenced(level, references, self.seen_top if level == "top" else self.seen_bottom)
         own = super().condition_for(level, codes_top)
         return seen if own is None else own + seen
+
+
+def referenced_sum(references, level: str, grid: tuple[int, int], n_embed: int, table: nn.Embedding,
+                   slots: int = 2) -> torch.Tensor:
+    """The sum of ``table``'s rows ``slot * (n_embed + 1) + code`` of the codes of ``level``'s grid
+    (``rows, cols``) in the ``slots`` references (``references`` as :class:`VolumePrior` takes them;
+    code ``n_embed`` where a slice has none, and for every slot where ``references`` is None):
+    ``(B or 1, D, rows, cols)``."""
+    slot = (n_embed + 1) * torch.arange(slots, device=table.weight.device)
+    if references is None:
+        return table.weight[slot + n_embed].sum(0)[None, :, None, None].expand(1, -1, *grid)
+    codes = references[0 if level == "top" else 1].reshape(-1, slots, *grid)
+    rows = torch.where(codes < 0, n_embed, codes) + slot[None, :, None, None]
+    return table(rows).sum(1).permute(0, 3, 1, 2)
 
 
 def referenced_grids(refs: torch.Tensor, codes_top: torch.Tensor, codes_bottom: torch.Tensor) -> tuple:
