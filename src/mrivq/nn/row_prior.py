@@ -10,8 +10,8 @@ three codes of the row above, so the features of row ``i`` depend on the codes o
 only. A whole row's features then come from one evaluation of that row, and the two codes beside
 an odd column reach it through an embedding each (added before the head) and a table of log-odds
 each (added to the logits), as the pass prior's ``neighbour_codes`` do. On the phantom's default
-model this costs 3 % more bits than the transformer for a slice coded alone, where the pass prior
-costs 13 % more (``benchmarks/row_prior.py``; docs/compression.md).
+model its nets cost 9 % fewer bits than the pass prior's for a slice coded alone
+(``benchmarks/row_prior.py``; docs/compression.md).
 
 A grid decodes in two steps a row (96 for a 256x128 slice), each over every slice decoded
 together; its integer copy (:mod:`mrivq.compression.portable.rows`) computes a row's features from
