@@ -80,3 +80,39 @@ def flat_prior(prior: dict) -> dict:
         section, _, name = key.rpartition(".")
         out[old] = (prior[section] if section else prior)[name]
     return out
+
+
+def fitted_to_runs(build, make_copy, seed: int = 0):
+    """The prior ``build()`` makes (8 codes, an 8x4 top grid, references as a volume prior takes
+    them) fitted to runs in which each grid repeats the one before it with a tenth of its codes
+    redrawn, so that it learns to lean on its neighbours, with its integer copy ``make_copy(prior,
+    top, bottom)``. Returns the prior, 13 held-back grids and their references (key slices 0, 8
+    and 12; the rest between them)."""
+    import numpy as np
+
+    from mrivq.data.volumes import references
+    from mrivq.nn.pass_prior import referenced_grids
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    grids = [rng.integers(0, 8, size=(8, 4))]
+    for _ in range(60):
+        grid = grids[-1].copy()
+        change = rng.random(grid.shape) < 0.1
+        grid[change] = rng.integers(0, 8, size=int(change.sum()))
+        grids.append(grid)
+    top = torch.as_tensor(np.stack(grids))
+    bottom = top.repeat_interleave(2, 1).repeat_interleave(2, 2)
+    prior = build()
+    optimizer = torch.optim.Adam(prior.parameters(), lr=1e-2)
+    for _ in range(100):
+        i = torch.as_tensor(rng.integers(4, 44, size=8))
+        gap = torch.as_tensor(rng.choice([0, 1, 2, 4], size=8))
+        refs = torch.where((gap > 0)[:, None], torch.stack([i - gap, i + gap], 1), -1)
+        nll_top, nll_bottom = prior.nll_bits(top[i], bottom[i], referenced_grids(refs, top, bottom))
+        optimizer.zero_grad()
+        (nll_top + 4 * nll_bottom).backward()
+        optimizer.step()
+    prior.eval()
+    prior.integer = make_copy(prior, top[:32], bottom[:32])
+    return prior, top[48:], bottom[48:], references([f"v_slice_{s}" for s in range(13)], key_every=8)

@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_main, set_args
-from prior_helpers import OneUlp, prior_overrides, use_step_clock
+from prior_helpers import OneUlp, fitted_to_runs, prior_overrides, use_step_clock
 
 from mrivq.apps import train_prior as train_prior_module
 from mrivq.compression import codec, driver
 from mrivq.compression.container import SourceEntry, read_codes_file, volume_problem
-from mrivq.compression.portable.passes import IntegerVolumePrior, pass_copy, pass_copy_problem
+from mrivq.compression.portable.passes import IntegerVolumePrior, pass_copy
+from mrivq.compression.portable.rows import row_copy
+from mrivq.compression.priors import kind_of
 from mrivq.data.volumes import (
     coding_depths,
     gap_shares,
@@ -27,6 +29,7 @@ from mrivq.data.volumes import (
 )
 from mrivq.engine.checkpoint import load_checkpoint
 from mrivq.nn.pass_prior import VolumePrior, referenced_grids
+from mrivq.nn.row_prior import RowPrior
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -67,47 +70,25 @@ def test_coding_depths_count_the_waves_before_each_slice():
     assert coding_depths([[-1, -1], [0, 2], [-1, -1], [1, 2], [1, 3]]).tolist() == [0, 1, 0, 2, 3]
 
 
-def fitted_volume_prior(seed: int = 0):
-    """A tiny volume prior (8 codes) fitted to runs in which each grid repeats the one before it
-    with a tenth of its codes redrawn: it learns to lean on its neighbours. Returns the prior, 13
-    held-back grids and their references (key slices 0, 8 and 12; the rest between them)."""
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    grids = [rng.integers(0, 8, size=(8, 4))]
-    for _ in range(60):
-        grid = grids[-1].copy()
-        change = rng.random(grid.shape) < 0.1
-        grid[change] = rng.integers(0, 8, size=int(change.sum()))
-        grids.append(grid)
-    top = torch.as_tensor(np.stack(grids))
-    bottom = top.repeat_interleave(2, 1).repeat_interleave(2, 2)
-    prior = VolumePrior(8, (8, 4), channels=16, layers=3, condition_layers=1)
-    optimizer = torch.optim.Adam(prior.parameters(), lr=1e-2)
-    for _ in range(100):
-        i = torch.as_tensor(rng.integers(4, 44, size=8))
-        gap = torch.as_tensor(rng.choice([0, 1, 2, 4], size=8))
-        refs = torch.where((gap > 0)[:, None], torch.stack([i - gap, i + gap], 1), -1)
-        nll_top, nll_bottom = prior.nll_bits(top[i], bottom[i], referenced_grids(refs, top, bottom))
-        optimizer.zero_grad()
-        (nll_top + 4 * nll_bottom).backward()
-        optimizer.step()
-    prior.eval()
-    prior.integer = pass_copy(prior, top[:32], bottom[:32])
-    refs = references([f"v_slice_{s}" for s in range(13)], key_every=8)
-    return prior, top[48:], bottom[48:], refs
+#: The priors that code volumes, each fitted to runs of grids (:func:`prior_helpers.fitted_to_runs`).
+VOLUME_PRIORS = {
+    "volume": (lambda: VolumePrior(8, (8, 4), channels=16, layers=3, condition_layers=1), pass_copy),
+    "rows": (lambda: RowPrior(8, (8, 4), channels=16, layers=3, condition_layers=1, head_channels=32), row_copy),
+}
 
 
-@pytest.fixture(scope="module")
-def fitted():
+@pytest.fixture(scope="module", params=list(VOLUME_PRIORS))
+def fitted(request):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield fitted_volume_prior()
+    yield fitted_to_runs(*VOLUME_PRIORS[request.param])
     torch.set_num_threads(threads)
 
 
 def test_a_slice_coded_between_its_neighbours_costs_less_than_alone(fitted):
     prior, top, bottom, refs = fitted
-    assert isinstance(prior.integer, IntegerVolumePrior) and pass_copy_problem(prior.integer.state, prior) is None
+    assert isinstance(prior.integer, IntegerVolumePrior)
+    assert kind_of(prior).copy_problem(prior.integer.state, prior) is None
     between = driver.encode(prior.integer, top.numpy(), bottom.numpy(), references=refs)
     alone = driver.encode(prior.integer, top.numpy(), bottom.numpy(), references=np.full((13, 2), -1))
     assert between.size < 0.85 * alone.size

@@ -403,6 +403,11 @@ class PredictConfig(_Section):
                     "show every rate either way.")
 
 
+#: Every prior kind's ``condition_blocks`` field.
+_CONDITION_BLOCKS = {"default": 2, "ge": 0, "le": 64,
+                     "description": "Residual blocks over the top codes that condition the bottom prior."}
+
+
 class PassPriorSettings(_Section):
     """The pass prior (prior.kind: passes): residual convolutions over each grid."""
 
@@ -418,9 +423,7 @@ class PassPriorSettings(_Section):
                     "coding than 5, measured in docs/compression.md).")
     passes_bottom: int = Field(
         default=2, ge=1, le=5, description="Passes over the bottom grid (2: a checkerboard).")
-    condition_blocks: int = Field(
-        default=2, ge=0, le=64,
-        description="Residual blocks over the top codes that condition the bottom prior.")
+    condition_blocks: int = Field(**_CONDITION_BLOCKS)
     condition_shuffle: bool = Field(
         default=True,
         description="The top codes give each of the four bottom positions under them features of "
@@ -468,9 +471,7 @@ class RowPriorSettings(_Section):
         default=6, ge=1, le=32,
         description="Residual 3x3 convolutions per grid (dilations 1, 2, 4 in turn), each reading the "
                     "row its dilation above and its own row only.")
-    condition_blocks: int = Field(
-        default=2, ge=0, le=64,
-        description="Residual blocks over the top codes that condition the bottom prior.")
+    condition_blocks: int = Field(**_CONDITION_BLOCKS)
     condition_shuffle: bool = Field(
         default=True,
         description="The top codes give each of the four bottom positions under them features of "
@@ -501,9 +502,7 @@ class TransformerPriorSettings(_Section):
         default=2, ge=1, le=4096,
         description="The bottom prior's attention sees this many code rows back; null: the whole "
                     "past.")
-    condition_blocks: int = Field(
-        default=2, ge=0, le=64,
-        description="Residual blocks over the top codes that condition the bottom prior.")
+    condition_blocks: int = Field(**_CONDITION_BLOCKS)
     neighbour_codes: bool = Field(
         default=True,
         description="Each position is also given the codes left, two left, above-left, above, "
